@@ -1,0 +1,1 @@
+"""corral.engine: everything that plans and runs the distributed model. Never imports Qt."""

@@ -1,0 +1,238 @@
+"""Runs the RPC worker child, restarts it with backoff when it dies, and reports every change.
+
+The worker binds 127.0.0.1 on a port chosen per start; the tunnel (Forwarder) listens on a
+port that stays the same across restarts, so a desktop can reconnect to the same endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from corral.engine.ggml.probe import RpcProbeError, probe_rpc
+from corral.engine.protocol import WorkerState
+
+from .forward import Forwarder
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_START = 0.5
+_BACKOFF_MAX = 30.0
+_STABLE_AFTER = 30.0  # a worker that ran this long resets the backoff
+_READY_TIMEOUT = 60.0  # CUDA init on a big box can take a while
+
+
+class WorkerStartError(Exception):
+    """The worker did not come up; the message carries its exit and last log lines."""
+
+
+def exit_text(returncode: int) -> str:
+    """Human form of a child's return code ("killed by SIGKILL", "exit code 3")."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, n: int = 15) -> tuple[str, ...]:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ()
+    return tuple(line for line in lines if line.strip())[-n:]
+
+
+class RpcSupervisor:
+    """Owns one RPC worker; `on_change(kind, state, message)` hears every transition."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        tunnel_host: str,
+        on_change: Callable[[str, WorkerState, str], None],
+    ) -> None:
+        self._state_dir = state_dir
+        self._tunnel_host = tunnel_host
+        self._on_change = on_change
+        self._forwarder = Forwarder(self._target)
+        self._tunnel_port = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._port = 0
+        self._want_running = False
+        self._devices: tuple[str, ...] = ()
+        self._threads = 0
+        self._cache = True
+        self._restarts = 0
+        self._last_exit = ""
+        self._status = "stopped"
+        self._watch: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.log_path = state_dir / "rpc-worker.log"
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def state(self) -> WorkerState:
+        return WorkerState(
+            state=self._status,
+            endpoint=f"{self._tunnel_host}:{self._tunnel_port}" if self._tunnel_port else "",
+            devices=self._devices,
+            threads=self._threads,
+            pid=self._proc.pid if self._proc and self._proc.returncode is None else 0,
+            restarts=self._restarts,
+            last_exit=self._last_exit,
+            log_tail=_tail(self.log_path) if self._status in ("crashed", "failed", "backoff") else (),
+        )
+
+    async def start(self, devices: tuple[str, ...], threads: int, cache: bool) -> WorkerState:
+        """Start the worker, or restart it when the settings changed; wait until it answers."""
+        async with self._lock:
+            same = (devices, threads, cache) == (self._devices, self._threads, self._cache)
+            if self._status == "running" and same:
+                return self.state
+            await self._stop_locked()
+            self._devices, self._threads, self._cache = devices, threads, cache
+            self._want_running = True
+            self._restarts = 0
+            if not self._tunnel_port:
+                self._tunnel_port = await self._forwarder.start(self._tunnel_host)
+            await self._spawn_and_wait()
+            return self.state
+
+    async def stop(self) -> WorkerState:
+        async with self._lock:
+            await self._stop_locked()
+            return self.state
+
+    async def close(self) -> None:
+        await self.stop()
+        await self._forwarder.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _target(self) -> tuple[str, int] | None:
+        return ("127.0.0.1", self._port) if self._status == "running" else None
+
+    def _set(self, status: str, kind: str = "", message: str = "") -> None:
+        self._status = status
+        if kind:
+            self._on_change(kind, self.state, message)
+
+    async def _spawn_and_wait(self) -> None:
+        self._port = _free_port()
+        cmd = [
+            sys.executable, "-m", "corral.engine.agent.worker", "serve",
+            "--endpoint", f"127.0.0.1:{self._port}",
+            "--devices", ",".join(self._devices),
+            "--threads", str(self._threads),
+        ]
+        if self._cache:
+            cache_dir = self._state_dir / "tensor-cache"
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            cmd += ["--cache-dir", str(cache_dir)]
+        self._set("starting")
+        with self.log_path.open("ab") as logf:
+            logf.write(f"--- starting worker: {' '.join(cmd[3:])}\n".encode())
+            logf.flush()
+            self._proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            )
+        proc = self._proc
+        deadline = time.monotonic() + _READY_TIMEOUT
+        loop = asyncio.get_running_loop()
+        while True:
+            if proc.returncode is not None:
+                self._last_exit = exit_text(proc.returncode)
+                self._set("failed", "failed", f"the RPC worker exited at start ({self._last_exit})")
+                self._want_running = False
+                raise WorkerStartError(
+                    f"the RPC worker exited at start ({self._last_exit}): "
+                    + " | ".join(_tail(self.log_path, 5))
+                )
+            try:
+                await loop.run_in_executor(None, probe_rpc, f"127.0.0.1:{self._port}", 1.0)
+                break
+            except RpcProbeError:
+                if time.monotonic() > deadline:
+                    await self._kill(proc)
+                    self._set("failed", "failed", "the RPC worker did not answer")
+                    raise WorkerStartError(
+                        f"the RPC worker did not answer within {_READY_TIMEOUT:.0f} s"
+                    ) from None
+                await asyncio.sleep(0.05)
+        started = time.monotonic()
+        self._set("running", "started", f"RPC worker on {', '.join(self._devices) or 'default'}")
+        self._watch = asyncio.get_running_loop().create_task(self._watch_proc(proc, started))
+
+    async def _watch_proc(self, proc: asyncio.subprocess.Process, started: float) -> None:
+        code = await proc.wait()
+        if proc is not self._proc or not self._want_running:
+            return
+        # The worker died on its own: every forwarded connection is now dead weight.
+        self._forwarder.drop_all()
+        self._last_exit = exit_text(code)
+        self._set("crashed", "crashed", f"the RPC worker died ({self._last_exit})")
+        log.warning("RPC worker died (%s); restarting", self._last_exit)
+        delay = _BACKOFF_START
+        if time.monotonic() - started < _STABLE_AFTER:
+            delay = min(_BACKOFF_MAX, _BACKOFF_START * 2 ** min(self._restarts, 8))
+        self._set("backoff")
+        await asyncio.sleep(delay)
+        async with self._lock:
+            if not self._want_running or proc is not self._proc:
+                return
+            self._restarts += 1
+            try:
+                await self._spawn_and_wait()
+                self._on_change("restarted", self.state, f"restart {self._restarts}")
+            except WorkerStartError as exc:
+                log.error("RPC worker restart failed: %s", exc)
+
+    async def _kill(self, proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is None:
+            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                await proc.wait()
+
+    async def _stop_locked(self) -> None:
+        self._want_running = False
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._forwarder.drop_all()
+        if self._proc is not None:
+            await self._kill(self._proc)
+            self._proc = None
+            if self._status != "stopped":
+                self._set("stopped", "stopped", "RPC worker stopped")
+        self._status = "stopped"
+
+
+def replace_host(state: WorkerState, host: str) -> WorkerState:
+    """The same state with the endpoint host the desktop actually reaches the agent on."""
+    if not state.endpoint:
+        return state
+    port = state.endpoint.rpartition(":")[2]
+    host = f"[{host}]" if ":" in host else host
+    return dataclasses.replace(state, endpoint=f"{host}:{port}")

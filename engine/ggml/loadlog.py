@@ -1,0 +1,50 @@
+"""Read what llama.cpp actually did at load from its log lines (pure; no llama_cpp import)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+_LAYER = re.compile(r"layer\s+(\d+) assigned to device ([^,\s]+)")
+_BUFFER = re.compile(r"\s(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """Layer → device name, and MiB per buffer kind per buffer name (as llama.cpp logged)."""
+
+    layers: dict[int, str] = field(default_factory=dict)
+    buffers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def layers_by_device(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for layer, dev in sorted(self.layers.items()):
+            out.setdefault(dev, []).append(layer)
+        return out
+
+
+def parse_load_log(lines: Iterable[str]) -> LoadReport:
+    """Collect layer assignments and buffer sizes; later lines for the same key win."""
+    layers: dict[int, str] = {}
+    buffers: dict[str, dict[str, float]] = {}
+    for line in lines:
+        m = _LAYER.search(line)
+        if m:
+            layers[int(m.group(1))] = m.group(2)
+            continue
+        b = _BUFFER.search(line)
+        if b:
+            buffers.setdefault(b.group(2), {})[b.group(1)] = float(b.group(3))
+    return LoadReport(layers=layers, buffers=buffers)
+
+
+def compact_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out: list[str] = []
+    for n in sorted(layers):
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)

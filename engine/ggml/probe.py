@@ -1,0 +1,53 @@
+"""Speak just enough ggml RPC (the HELLO command) to check an endpoint without llama.cpp.
+
+llama.cpp aborts the whole process when a registered RPC server is unreachable or speaks
+another protocol version, so the desktop asks each endpoint itself first.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+_CMD_HELLO = 14  # fixed forever by ggml-rpc ("RPC_CMD_HELLO must be always 14")
+_CAPS = 24  # RPC_CONN_CAPS_SIZE; all-zero caps asks for plain TCP
+_HELLO = bytes([_CMD_HELLO]) + struct.pack("<Q", _CAPS) + bytes(_CAPS)
+_REPLY = 4 + _CAPS
+
+
+class RpcProbeError(OSError):
+    """The endpoint is not a ggml RPC server we can use; the message says why."""
+
+
+def probe_rpc(endpoint: str, timeout: float = 3.0) -> tuple[int, int, int]:
+    """Connect to host:port, say HELLO, and return the server's RPC protocol version."""
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(_HELLO)
+            data = b""
+            while len(data) < 8 + _REPLY:
+                chunk = sock.recv(8 + _REPLY - len(data))
+                if not chunk:
+                    raise RpcProbeError(f"RPC endpoint {endpoint} closed the connection at HELLO")
+                data += chunk
+    except TimeoutError:
+        raise RpcProbeError(
+            f"RPC endpoint {endpoint} did not answer HELLO within {timeout:.0f} s "
+            "(busy serving another client, or not a ggml RPC server)"
+        ) from None
+    except ValueError:
+        raise RpcProbeError(f"bad RPC endpoint {endpoint!r}: expected HOST:PORT") from None
+    except OSError as exc:
+        if isinstance(exc, RpcProbeError):
+            raise
+        raise RpcProbeError(f"cannot reach RPC endpoint {endpoint}: {exc.strerror or exc}") from None
+    (size,) = struct.unpack_from("<Q", data)
+    if size != _REPLY:
+        raise RpcProbeError(
+            f"RPC endpoint {endpoint} answered HELLO with {size} bytes, expected {_REPLY}: "
+            "it runs another ggml RPC protocol"
+        )
+    return data[8], data[9], data[10]

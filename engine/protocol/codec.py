@@ -1,0 +1,114 @@
+"""Length-prefixed msgpack frames with a hard size cap, checked before anything is allocated."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import msgpack
+
+from .errors import ErrorCode, ProtocolError
+
+# 4 MiB: the largest legitimate frame is an inventory of a many-GPU host (a few KiB) or a
+# chat message; model bytes never travel on the control channel (they go over ggml RPC).
+# Anything larger is a bug or an attack, and is refused before it is buffered.
+MAX_FRAME = 4 * 1024 * 1024
+_HEADER = struct.Struct(">I")
+_READ_CHUNK = 256 * 1024  # StreamReader.readexactly is slow on large sizes; read in chunks
+
+
+def _unpackb(body: bytes) -> Any:
+    # The frame length is already capped; these limits bound what one frame may expand to.
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        ext_hook=_no_ext,
+        max_buffer_size=MAX_FRAME,
+        max_str_len=MAX_FRAME,
+        max_bin_len=MAX_FRAME,
+        max_array_len=65536,
+        max_map_len=65536,
+        max_ext_len=0,
+    )
+    try:
+        unpacker.feed(body)
+        obj = unpacker.unpack()
+        if unpacker.tell() != len(body):
+            raise ProtocolError(ErrorCode.BAD_FRAME, "trailing bytes after the msgpack object")
+        return obj
+    except msgpack.OutOfData:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "truncated msgpack object") from None
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"frame is not valid msgpack: {exc}") from None
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(ErrorCode.BAD_FRAME, f"msgpack ext type {code} is not allowed")
+
+
+def encode_frame(obj: Any) -> bytes:
+    """Header and body as one bytes object, so a frame is one write."""
+    body = msgpack.packb(obj, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _HEADER.pack(len(body)) + body
+
+
+def _check_length(n: int) -> None:
+    if n > MAX_FRAME:
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, f"frame length {n} exceeds the {MAX_FRAME}-byte limit"
+        )
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any | None:
+    """Next decoded frame, or None on a clean end of stream between frames."""
+    try:
+        header = await reader.readexactly(_HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "stream ended inside a frame header") from None
+        return None
+    (n,) = _HEADER.unpack(header)
+    _check_length(n)
+    parts = []
+    left = n
+    try:
+        while left:
+            chunk = await reader.readexactly(min(left, _READ_CHUNK))
+            parts.append(chunk)
+            left -= len(chunk)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "stream ended inside a frame") from None
+    return _unpackb(b"".join(parts))
+
+
+async def write_frame(writer: asyncio.StreamWriter, obj: Any) -> None:
+    """Encode and send one frame, waiting for the transport to drain."""
+    writer.write(encode_frame(obj))
+    await writer.drain()
+
+
+class FrameDecoder:
+    """Incremental decoder for blocking sockets and pipes (the inference child's side)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Add bytes; return every complete frame they finish."""
+        self._buf += data
+        out = []
+        while len(self._buf) >= _HEADER.size:
+            (n,) = _HEADER.unpack_from(self._buf)
+            _check_length(n)
+            if len(self._buf) < _HEADER.size + n:
+                break
+            body = bytes(self._buf[_HEADER.size : _HEADER.size + n])
+            del self._buf[: _HEADER.size + n]
+            out.append(_unpackb(body))
+        return out

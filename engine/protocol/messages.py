@@ -1,0 +1,274 @@
+"""Control-protocol messages: frozen, slotted dataclasses in a numbered registry.
+
+On the wire a message is ``[type_number, {field: value}]``. Numbers are never reused.
+Unknown fields are ignored and missing fields take their defaults, so an older reader
+tolerates a newer writer within one protocol major.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from .errors import ErrorCode, ProtocolError
+
+# major: incompatible change (closes the connection); minor: additive fields or messages.
+PROTOCOL_VERSION = (1, 0)
+
+
+class Message:
+    """Base of every wire message; TYPE is its registry number."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int]
+
+
+_REGISTRY: dict[int, type[Message]] = {}
+_HINTS: dict[type, dict[str, Any]] = {}
+M = TypeVar("M", bound=type[Message])
+
+
+def _register(number: int) -> typing.Callable[[M], M]:
+    def deco(cls: M) -> M:
+        if number in _REGISTRY:
+            raise RuntimeError(f"message number {number} is used twice")
+        cls.TYPE = number
+        _REGISTRY[number] = cls
+        return cls
+
+    return deco
+
+
+# ----------------------------------------------------------------- nested records
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """One NVIDIA GPU as NVML reports it (-1 where NVML has no reading)."""
+
+    index: int
+    name: str
+    uuid: str = ""
+    memory_total: int = 0
+    memory_free: int = 0
+    utilization_pct: int = -1
+    temperature_c: int = -1
+    power_w: float = -1.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """One ggml backend device as llama.cpp on the agent sees it."""
+
+    name: str
+    description: str = ""
+    backend: str = ""
+    type: str = ""  # cpu | gpu | igpu | accel
+    memory_free: int = 0
+    memory_total: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """The agent's RPC worker: what runs, where the desktop reaches it, how it last ended."""
+
+    state: str = "stopped"  # stopped | starting | running | crashed | backoff | failed
+    endpoint: str = ""  # host:port the desktop registers with llama.cpp
+    devices: tuple[str, ...] = ()
+    threads: int = 0
+    pid: int = 0
+    restarts: int = 0
+    last_exit: str = ""  # e.g. "killed by SIGKILL", "exit code 1"
+    log_tail: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------- messages
+
+
+@_register(1)
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First frame each way: versions and features; a major mismatch closes the connection."""
+
+    role: str  # "agent" | "desktop"
+    proto_major: int
+    proto_minor: int
+    corral_version: str = ""
+    llama_version: str = ""  # llama-cpp-python version
+    llama_commit: str = ""  # ggml commit the build vendors
+    rpc_proto: str = ""  # ggml RPC protocol, "major.minor.patch"
+    features: tuple[str, ...] = ()
+    agent_id: str = ""
+    hostname: str = ""
+
+
+@_register(2)
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Message):
+    """A request failed; req 0 means the error is about the connection itself."""
+
+    req: int
+    code: int
+    message: str
+
+
+@_register(3)
+@dataclass(frozen=True, slots=True)
+class OkReply(Message):
+    req: int
+
+
+@_register(4)
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    req: int
+
+
+@_register(5)
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    req: int
+
+
+@_register(6)
+@dataclass(frozen=True, slots=True)
+class InventoryRequest(Message):
+    req: int
+
+
+@_register(7)
+@dataclass(frozen=True, slots=True)
+class Inventory(Message):
+    """What a host has: GPUs (NVML), ggml devices, RAM and CPU, and its worker."""
+
+    req: int
+    agent_id: str
+    hostname: str
+    cpu_model: str = ""
+    cpu_count: int = 0
+    ram_total: int = 0
+    ram_free: int = 0
+    gpus: tuple[GpuInfo, ...] = ()
+    nvml: str = ""  # "ok", or why there is no GPU report (e.g. "no NVIDIA driver")
+    devices: tuple[DeviceInfo, ...] = ()
+    worker: WorkerState = field(default_factory=WorkerState)
+
+
+@_register(8)
+@dataclass(frozen=True, slots=True)
+class StartRpc(Message):
+    """Start (or restart with new settings) the RPC worker on the named ggml devices."""
+
+    req: int
+    devices: tuple[str, ...] = ()  # empty: every GPU, or the CPU when there is none
+    threads: int = 0  # 0: all cores
+    cache: bool = True  # let the worker keep a tensor cache in the agent's state dir
+
+
+@_register(9)
+@dataclass(frozen=True, slots=True)
+class WorkerReply(Message):
+    """Answer to StartRpc / StopRpc: the worker as it is now."""
+
+    req: int
+    worker: WorkerState
+
+
+@_register(10)
+@dataclass(frozen=True, slots=True)
+class StopRpc(Message):
+    req: int
+
+
+@_register(11)
+@dataclass(frozen=True, slots=True)
+class Subscribe(Message):
+    """Ask for AgentEvent pushes on this connection."""
+
+    req: int
+
+
+@_register(12)
+@dataclass(frozen=True, slots=True)
+class AgentEvent(Message):
+    """Pushed by the agent: the worker changed state (started, crashed, restarted, stopped)."""
+
+    kind: str
+    worker: WorkerState
+    message: str = ""
+
+
+# ----------------------------------------------------------------- conversion
+
+
+def to_wire(msg: Message) -> list[Any]:
+    """The msgpack-ready form of a message."""
+    return [msg.TYPE, _encode(msg)]
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_encode(v) for v in value]
+    return value
+
+
+def from_wire(obj: Any) -> Message:
+    """Validate and build a message from a decoded frame; ProtocolError if it is not one."""
+    if not (isinstance(obj, list) and len(obj) == 2 and type(obj[0]) is int):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message is [type, {fields}]")
+    cls = _REGISTRY.get(obj[0])
+    if cls is None:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown message type {obj[0]}")
+    result: Message = _decode(cls, obj[1], cls.__name__)
+    return result
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _bad(where: str, what: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_MESSAGE, f"{where}: {what}")
+
+
+def _decode(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise _bad(where, "expected a map")
+        hints = _hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kwargs[f.name] = _decode(hints[f.name], value[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise _bad(where, f"missing field {f.name!r}")
+        return tp(**kwargs)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _bad(where, "expected an array")
+        (item,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return tuple(_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _decode(inner, value, where)
+    if tp is float:
+        if type(value) in (int, float):
+            return float(value)
+        raise _bad(where, "expected a number")
+    if tp in (int, str, bool, bytes):
+        if type(value) is not tp:
+            raise _bad(where, f"expected {tp.__name__}, got {type(value).__name__}")
+        return value
+    raise TypeError(f"unsupported field type {tp!r} at {where}")  # a bug in this module

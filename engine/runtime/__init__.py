@@ -1,0 +1,1 @@
+"""Desktop side: agent clients, the supervised inference child, chat sessions, KV status."""

@@ -1,0 +1,283 @@
+"""The inference child process: llama-cpp-python with RPC devices, driven over a socket.
+
+llama.cpp aborts the whole process when an RPC server dies or a kernel is missing, so it runs
+here and nowhere near the GUI or the agent. The parent passes one end of a socketpair (--fd);
+frames are the control protocol's msgpack frames, each a dict with an "op":
+
+  parent → child  load {model, rpc, n_ctx, n_batch, n_threads, n_gpu_layers, tensor_split,
+                        flash_attn} · generate {messages | prompt, max_tokens, temp, top_k,
+                        top_p, seed} · cancel · exit
+  child → parent  ready {build} · loaded {...} · token {text, id, kv_used, n_ctx} ·
+                  done {content, stop, n_tokens, ...} · error {message}
+
+stdout and stderr carry llama.cpp's log; the parent keeps the tail for crash reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import ctypes
+import dataclasses
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from corral.engine.protocol import FrameDecoder, encode_frame
+
+N_CTX_ALIGN = 256  # llama.cpp pads n_ctx to this; llama-cpp-python keeps the unpadded size
+
+
+class _Channel:
+    """Blocking frame I/O on the socket; a reader thread queues frames and flags cancel."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.cancel = threading.Event()
+        threading.Thread(target=self._read, name="child-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        decoder = FrameDecoder()
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                for frame in decoder.feed(data):
+                    if isinstance(frame, dict) and frame.get("op") == "cancel":
+                        self.cancel.set()
+                    elif isinstance(frame, dict):
+                        self.inbox.put(frame)
+        except Exception:  # the parent went away or sent garbage: either way we are done
+            pass
+        self.inbox.put(None)
+
+    def send(self, op: str, **fields: Any) -> None:
+        self.sock.sendall(encode_frame({"op": op, **fields}))
+
+
+class _Engine:
+    """One loaded model and the tokens its KV cache holds (sequence 0)."""
+
+    def __init__(self, chan: _Channel) -> None:
+        import llama_cpp
+
+        self.L = llama_cpp
+        self.chan = chan
+        self.llm: Any = None
+        self.tokens: list[int] = []  # what the KV cache holds, in order
+        self.n_ctx = 0
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, req: dict[str, Any], capture: Any) -> None:
+        from corral.engine.ggml import add_rpc_server, list_devices, parse_load_log
+
+        for endpoint in req.get("rpc", []):
+            add_rpc_server(str(endpoint))
+        n_ctx = int(req.get("n_ctx", 2048))
+        n_ctx = max(N_CTX_ALIGN, (n_ctx + N_CTX_ALIGN - 1) // N_CTX_ALIGN * N_CTX_ALIGN)
+        mark = len(capture.snapshot())
+        t0 = time.perf_counter()
+        threads = int(req.get("n_threads") or 0) or (os.cpu_count() or 1)
+        self.llm = self.L.Llama(
+            model_path=str(req["model"]),
+            n_gpu_layers=int(req.get("n_gpu_layers", -1)),
+            tensor_split=req.get("tensor_split") or None,
+            n_ctx=n_ctx,
+            n_batch=int(req.get("n_batch", 512)),
+            n_threads=threads,
+            n_threads_batch=threads,
+            flash_attn=bool(req.get("flash_attn", False)),
+            verbose=True,  # verbose=False would point fds 1/2 at /dev/null during load
+        )
+        load_s = time.perf_counter() - t0
+        self.n_ctx = int(self.L.llama_n_ctx(self.llm.ctx))
+        self.tokens = []
+        report = parse_load_log(capture.snapshot()[mark:])
+        self.chan.send(
+            "loaded",
+            devices=[dataclasses.asdict(d) for d in list_devices()],
+            layers={str(k): v for k, v in report.layers.items()},
+            buffers=report.buffers,
+            n_ctx=self.n_ctx,
+            n_layer=int(self.L.llama_model_n_layer(self.llm.model)),
+            n_vocab=int(self.llm.n_vocab()),
+            load_s=load_s,
+        )
+
+    # ------------------------------------------------------------------ generate
+
+    def _prompt_tokens(self, req: dict[str, Any]) -> list[int]:
+        if "prompt" in req:
+            return list(self.llm.tokenize(str(req["prompt"]).encode(), add_bos=True, special=True))
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        messages = [
+            {"role": str(m["role"]), "content": str(m["content"])} for m in req["messages"]
+        ]
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return list(self.llm.tokenize(text.encode(), add_bos=True, special=True))
+        model = self.llm._model
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(self.llm.token_eos()),
+            bos_token=model.token_get_text(self.llm.token_bos()),
+            add_generation_prompt=True,
+        )
+        result = formatter(messages=messages)
+        return list(
+            self.llm.tokenize(
+                result.prompt.encode(), add_bos=not result.added_special, special=True
+            )
+        )
+
+    def _decode(self, tokens: list[int], n_batch: int) -> None:
+        L = self.L
+        for i in range(0, len(tokens), n_batch):
+            chunk = tokens[i : i + n_batch]
+            arr = (L.llama_token * len(chunk))(*chunk)
+            rc = L.llama_decode(self.llm.ctx, L.llama_batch_get_one(arr, len(chunk)))
+            if rc != 0:
+                raise _Refused(f"llama_decode returned {rc} (KV cache full or compute failed)")
+            self.tokens.extend(chunk)
+
+    def _sampler(self, req: dict[str, Any]) -> Any:
+        L = self.L
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        temp = float(req.get("temp", 0.0))
+        if temp <= 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        else:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(int(req.get("top_k", 40))))
+            L.llama_sampler_chain_add(
+                chain, L.llama_sampler_init_top_p(float(req.get("top_p", 0.95)), 1)
+            )
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(temp))
+            seed = int(req.get("seed", -1))
+            L.llama_sampler_chain_add(
+                chain, L.llama_sampler_init_dist(seed if seed >= 0 else 0xFFFFFFFF)
+            )
+        return chain
+
+    def kv_used(self) -> int:
+        mem = self.L.llama_get_memory(self.llm.ctx)
+        return int(self.L.llama_memory_seq_pos_max(mem, 0)) + 1
+
+    def generate(self, req: dict[str, Any]) -> None:
+        if self.llm is None:
+            raise _Refused("no model is loaded")
+        L = self.L
+        ctx = self.llm.ctx
+        vocab = L.llama_model_get_vocab(self.llm.model)
+        prompt = self._prompt_tokens(req)
+        if len(prompt) >= self.n_ctx:
+            raise _Refused(
+                f"the prompt is {len(prompt)} tokens, the context {self.n_ctx}: "
+                "start a new chat or load with a larger --ctx"
+            )
+        # Reuse the cached prefix of the previous turn; decode at least one token for logits.
+        keep = 0
+        limit = min(len(self.tokens), len(prompt) - 1)
+        while keep < limit and self.tokens[keep] == prompt[keep]:
+            keep += 1
+        L.llama_memory_seq_rm(L.llama_get_memory(ctx), 0, keep, -1)
+        del self.tokens[keep:]
+        n_batch = int(L.llama_n_batch(ctx))
+        max_tokens = int(req.get("max_tokens", 256))
+        self.chan.cancel.clear()
+        t0 = time.perf_counter()
+        self._decode(prompt[keep:], n_batch)
+        L.llama_synchronize(ctx)
+        t1 = time.perf_counter()
+        sampler = self._sampler(req)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        buf = ctypes.create_string_buffer(256)
+        pieces: list[str] = []
+        stop = "length"
+        n_gen = 0
+        try:
+            while n_gen < max_tokens:
+                if self.chan.cancel.is_set():
+                    stop = "cancelled"
+                    break
+                tok = int(L.llama_sampler_sample(sampler, ctx, -1))
+                if L.llama_vocab_is_eog(vocab, tok):
+                    stop = "eos"
+                    break
+                n = L.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
+                text = utf8.decode(buf.raw[: max(n, 0)])
+                if len(self.tokens) >= self.n_ctx:
+                    stop = "context_full"
+                    break
+                self._decode([tok], n_batch)
+                n_gen += 1
+                pieces.append(text)
+                self.chan.send("token", text=text, id=tok, kv_used=len(self.tokens), n_ctx=self.n_ctx)
+        finally:
+            L.llama_sampler_free(sampler)
+        L.llama_synchronize(ctx)
+        t2 = time.perf_counter()
+        tail = utf8.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+        self.chan.send(
+            "done",
+            content="".join(pieces),
+            stop=stop,
+            n_tokens=n_gen,
+            prompt_tokens=len(prompt),
+            cached_tokens=keep,
+            kv_used=self.kv_used(),
+            n_ctx=self.n_ctx,
+            prompt_s=t1 - t0,
+            gen_s=t2 - t1,
+        )
+
+
+class _Refused(Exception):
+    """A request this child cannot serve; reported to the parent, the child lives on."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="corral-inference")
+    parser.add_argument("--fd", type=int, required=True)
+    opts = parser.parse_args(argv)
+    sock = socket.socket(fileno=opts.fd)
+    chan = _Channel(sock)
+
+    from corral.engine.ggml import GgmlError, LogCapture, build_info
+
+    capture = LogCapture(mirror_fd=2)
+    capture.install()
+    engine = _Engine(chan)
+    chan.send("ready", build=dataclasses.asdict(build_info()), pid=os.getpid())
+    while True:
+        req = chan.inbox.get()
+        if req is None or req.get("op") == "exit":
+            return 0
+        op = req.get("op")
+        try:
+            if op == "load":
+                engine.load(req, capture)
+            elif op == "generate":
+                engine.generate(req)
+            else:
+                chan.send("error", message=f"unknown request {op!r}")
+        except (_Refused, GgmlError) as exc:
+            chan.send("error", message=str(exc))
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" etc.
+            chan.send("error", message=f"{exc}")
+        except (KeyError, TypeError) as exc:
+            chan.send("error", message=f"malformed {op} request: {exc}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Exception root of the desktop runtime; every message says what to do next."""
+
+from __future__ import annotations
+
+
+class RuntimeFailure(Exception):
+    """Base: something the desktop runtime could not do."""
+
+
+class AgentUnreachable(RuntimeFailure):
+    """No control connection to an agent (refused, timed out, wrong protocol)."""
+
+
+class AgentRequestFailed(RuntimeFailure):
+    """The agent answered a request with an error."""
+
+
+class WorkerUnavailable(RuntimeFailure):
+    """An RPC worker endpoint does not answer or speaks another ggml RPC protocol."""
+
+
+class InferenceCrashed(RuntimeFailure):
+    """The inference child died (llama.cpp aborted, was killed, or ran out of memory)."""
+
+    def __init__(self, message: str, exit_text: str, log_tail: list[str]) -> None:
+        super().__init__(message)
+        self.exit_text = exit_text
+        self.log_tail = log_tail
+
+
+class InferenceError(RuntimeFailure):
+    """The inference child refused a request (bad model file, context full, ...)."""

@@ -1,0 +1,151 @@
+"""Parent side of the inference child: start it, talk to it, survive and explain its death."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+from corral.engine.agent.supervisor import exit_text
+from corral.engine.protocol import ProtocolError, encode_frame, read_frame
+
+from .errors import InferenceCrashed, InferenceError
+
+_READY_TIMEOUT = 60.0
+_LOG_TAIL = 4000
+
+
+class InferenceProcess:
+    """One child process holding llama.cpp; one operation at a time."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
+        self.build: dict[str, Any] = {}
+        self._frames: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._writer: asyncio.StreamWriter | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dead: InferenceCrashed | None = None
+
+    async def start(self) -> dict[str, Any]:
+        """Spawn the child and wait for its `ready` (which carries its llama.cpp build)."""
+        ours, theirs = socket.socketpair()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "corral.engine.runtime.child", "--fd", str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            )
+        finally:
+            theirs.close()
+        reader, self._writer = await asyncio.open_connection(sock=ours)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._pump_log()),
+            loop.create_task(self._pump_frames(reader)),
+        ]
+        ready = await self._next(_READY_TIMEOUT)
+        if ready.get("op") != "ready":
+            raise InferenceError(f"the inference process said {ready.get('op')!r} instead of ready")
+        self.build = dict(ready.get("build", {}))
+        return ready
+
+    async def _pump_log(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.log.append(raw.decode(errors="replace").rstrip("\n"))
+
+    async def _pump_frames(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                frame = await read_frame(reader)
+                if frame is None:
+                    break
+                if isinstance(frame, dict):
+                    self._frames.put_nowait(frame)
+        except (ProtocolError, OSError):
+            pass
+        self._frames.put_nowait(None)
+
+    async def _crashed(self) -> InferenceCrashed:
+        if self._dead is None:
+            assert self.proc is not None
+            try:
+                code = await asyncio.wait_for(self.proc.wait(), 5)
+                how = exit_text(code)
+            except TimeoutError:
+                how = "closed its channel but is still running"
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(self._tasks[0], 1)  # let the last log lines arrive
+            tail = [line for line in self.log if line.strip()][-12:]
+            self._dead = InferenceCrashed(f"the inference process died ({how})", how, tail)
+        return self._dead
+
+    async def _next(self, timeout: float | None = None) -> dict[str, Any]:
+        if self._dead is not None:
+            raise self._dead
+        try:
+            frame = await asyncio.wait_for(self._frames.get(), timeout)
+        except TimeoutError:
+            raise InferenceError(f"the inference process did not answer within {timeout:.0f} s") from None
+        if frame is None:
+            raise await self._crashed()
+        if frame.get("op") == "error":
+            raise InferenceError(str(frame.get("message", "unknown error")))
+        return frame
+
+    def _send(self, op: str, **fields: Any) -> None:
+        if self._dead is not None:
+            raise self._dead
+        assert self._writer is not None
+        self._writer.write(encode_frame({"op": op, **fields}))
+
+    async def load(self, **params: Any) -> dict[str, Any]:
+        """Load a model (params as in the child's `load`); returns the `loaded` report."""
+        self._send("load", **params)
+        return await self._next()
+
+    async def generate(self, **params: Any) -> AsyncIterator[dict[str, Any]]:
+        """Yield `token` frames, then the final `done` frame."""
+        self._send("generate", **params)
+        while True:
+            frame = await self._next()
+            yield frame
+            if frame.get("op") == "done":
+                return
+
+    def cancel(self) -> None:
+        if self._dead is None and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(encode_frame({"op": "cancel"}))
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and self._dead is None
+
+    async def close(self) -> None:
+        """Ask the child to exit; kill it if it does not within 3 s."""
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                self._send("exit")
+            try:
+                await asyncio.wait_for(self.proc.wait(), 3)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._writer is not None:
+            self._writer.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
