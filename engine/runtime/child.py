@@ -192,6 +192,7 @@ class _Engine:
         del self.tokens[keep:]
         n_batch = int(L.llama_n_batch(ctx))
         max_tokens = int(req.get("max_tokens", 256))
+        ignore_eos = bool(req.get("ignore_eos", False))  # fixed-length runs for benchmarks
         self.chan.cancel.clear()
         t0 = time.perf_counter()
         self._decode(prompt[keep:], n_batch)
@@ -209,7 +210,7 @@ class _Engine:
                     stop = "cancelled"
                     break
                 tok = int(L.llama_sampler_sample(sampler, ctx, -1))
-                if L.llama_vocab_is_eog(vocab, tok):
+                if L.llama_vocab_is_eog(vocab, tok) and not ignore_eos:
                     stop = "eos"
                     break
                 n = L.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
