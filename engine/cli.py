@@ -103,7 +103,7 @@ async def _reply(session: ChatSession, out: _Out, text: str, opts: argparse.Name
         ):
             if frame["op"] == "token":
                 if out.json:
-                    out.event({"type": "token", "text": frame["text"]})
+                    out.event({"type": "token", "text": frame["text"], "id": frame["id"]})
                     out.event({"type": "kv", "used": frame["kv_used"], "n_ctx": frame["n_ctx"]})
                 else:
                     print(frame["text"], end="", flush=True)

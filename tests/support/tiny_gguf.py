@@ -8,8 +8,9 @@ like the original llama tokenizer): ``<unk>``, ``<s>``, ``</s>``, the 256 byte t
 The weights are chosen so that greedy decoding behaves well in tests: the rows of the
 special tokens are zero (their logit is exactly 0, so EOS is never the argmax and a
 generation runs to ``max_tokens``), byte-token rows are scaled down (generated text is
-plain ASCII letters and spaces), and the matrices have std ``1/sqrt(fan_in)`` so every
-layer changes the output (a broken layer shows up as different text).
+plain ASCII letters and spaces), the vocabulary rows have std 0.1 (tied logits are not
+dominated by the last token's own row, which would make greedy output repeat it) and the
+layer matrices have std ``1/sqrt(fan_in)`` so every layer changes the output.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 N_SPECIAL = 3  # <unk>, <s>, </s>
 MIN_VOCAB = N_SPECIAL + 256
+EMBD_STD = 0.1  # small, so tied logits are not dominated by the input token's own row
 BYTE_ROW_SCALE = 0.05
 
 
@@ -102,7 +104,7 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyLlama = TinyLlama()
         return m.astype(wtype)
 
     def vocab_matrix() -> np.ndarray:
-        m = rng.standard_normal((spec.n_vocab, e))
+        m = rng.standard_normal((spec.n_vocab, e)) * EMBD_STD
         m[:N_SPECIAL] = 0.0
         m[N_SPECIAL:MIN_VOCAB] *= BYTE_ROW_SCALE
         return m.astype(wtype)

@@ -1,0 +1,1 @@
+"""corral.discovery: zeroconf advertise (agent) and browse (desktop), and liveness. Qt-free."""

@@ -1,0 +1,1 @@
+"""corral.gui: the desktop app. The only package that imports PySide6."""

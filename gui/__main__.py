@@ -1,0 +1,5 @@
+import sys
+
+from corral.gui.app import main
+
+sys.exit(main())

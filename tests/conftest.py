@@ -1,0 +1,47 @@
+"""Shared fixtures: real agents, real models. Qt runs offscreen."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+from corral.engine.model import default_model_path  # noqa: E402
+from corral.engine.runtime.localagents import LocalAgents  # noqa: E402
+
+from tests.support.tiny_gguf import TinyLlama, write_tiny_llama  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    path = default_model_path()
+    if not path.exists():
+        pytest.fail(f"the default model is missing at {path}: run `make models` (make test does)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf", TinyLlama(n_layer=6))
+
+
+@pytest.fixture(scope="module")
+def two_agents() -> Iterator[LocalAgents]:
+    with LocalAgents(2) as agents:
+        yield agents
+
+
+def corral(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run the installed `corral` command line."""
+    return subprocess.run(
+        [sys.executable, "-m", "corral.engine.cli", *args],
+        capture_output=True, text=True, timeout=timeout, **kw,  # type: ignore[call-overload]
+    )
