@@ -77,8 +77,10 @@ def _model(text: str | None) -> Path:
 
 
 def describe_load(result: LoadResult, model: Path) -> list[str]:
-    lines = [f"loaded {model.name} in {result.load_s:.1f} s: {result.n_layer} layers "
-             f"(+ output layer), context {result.n_ctx}"]
+    lines = [
+        f"loaded {model.name} in {result.load_s:.1f} s: {result.n_layer} layers "
+        f"(+ output layer), context {result.n_ctx}"
+    ]
     lines += [f"  {p.describe()}" for p in result.placements]
     lines += [f"  warning: {w}" for w in result.warnings]
     return lines
@@ -91,14 +93,19 @@ def _devices_json(result: LoadResult) -> list[dict[str, Any]]:
     ]
 
 
-async def _reply(session: ChatSession, out: _Out, text: str, opts: argparse.Namespace) -> dict[str, Any]:
+async def _reply(
+    session: ChatSession, out: _Out, text: str, opts: argparse.Namespace
+) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGINT, session.cancel)
     done: dict[str, Any] = {}
     try:
         async for frame in session.ask(
-            text, max_tokens=opts.max_tokens, temp=opts.temp, seed=opts.seed,
+            text,
+            max_tokens=opts.max_tokens,
+            temp=opts.temp,
+            seed=opts.seed,
             ignore_eos=opts.ignore_eos,
         ):
             if frame["op"] == "token":
@@ -115,8 +122,10 @@ async def _reply(session: ChatSession, out: _Out, text: str, opts: argparse.Name
     if not out.json:
         print(flush=True)
         rate = done["n_tokens"] / done["gen_s"] if done.get("gen_s") else 0.0
-        out.info(f"[{done['n_tokens']} tokens, {rate:.1f} tok/s, stop: {done['stop']}, "
-                 f"KV {done['kv_used']}/{done['n_ctx']} cells]")
+        out.info(
+            f"[{done['n_tokens']} tokens, {rate:.1f} tok/s, stop: {done['stop']}, "
+            f"KV {done['kv_used']}/{done['n_ctx']} cells]"
+        )
     return done
 
 
@@ -124,17 +133,25 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
     model = _model(opts.model)
     session = ChatSession(opts.agent)
     try:
-        result = await session.open(LoadSettings(model=model, n_ctx=opts.ctx, n_threads=opts.threads))
+        result = await session.open(
+            LoadSettings(model=model, n_ctx=opts.ctx, n_threads=opts.threads)
+        )
         for line in describe_load(result, model):
             out.info(line)
         if opts.prompt is not None:
             done = await _reply(session, out, opts.prompt, opts)
-            out.event({
-                "type": "done", "content": done["content"], "stop": done["stop"],
-                "devices": _devices_json(result),
-                "kv": {"used": done["kv_used"], "n_ctx": done["n_ctx"]},
-                "tokens": done["n_tokens"], "gen_s": done["gen_s"], "prompt_s": done["prompt_s"],
-            })
+            out.event(
+                {
+                    "type": "done",
+                    "content": done["content"],
+                    "stop": done["stop"],
+                    "devices": _devices_json(result),
+                    "kv": {"used": done["kv_used"], "n_ctx": done["n_ctx"]},
+                    "tokens": done["n_tokens"],
+                    "gen_s": done["gen_s"],
+                    "prompt_s": done["prompt_s"],
+                }
+            )
             return 0
         loop = asyncio.get_running_loop()
         out.info("type a message; an empty line or Ctrl-D ends the chat, Ctrl-C stops a reply")
@@ -145,9 +162,15 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
             if not line.strip():
                 return 0
             done = await _reply(session, out, line.strip(), opts)
-            out.event({"type": "done", "content": done["content"], "stop": done["stop"],
-                       "devices": _devices_json(result),
-                       "kv": {"used": done["kv_used"], "n_ctx": done["n_ctx"]}})
+            out.event(
+                {
+                    "type": "done",
+                    "content": done["content"],
+                    "stop": done["stop"],
+                    "devices": _devices_json(result),
+                    "kv": {"used": done["kv_used"], "n_ctx": done["n_ctx"]},
+                }
+            )
     finally:
         await session.close()
 
@@ -171,26 +194,41 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
         if out.json:
             from corral.engine.protocol.messages import _encode
 
-            out.event({"type": "agent", "address": c.address, "hello": _encode(hello),
-                       "inventory": _encode(inv)})
+            out.event(
+                {
+                    "type": "agent",
+                    "address": c.address,
+                    "hello": _encode(hello),
+                    "inventory": _encode(inv),
+                }
+            )
             continue
         gib = 1 << 30
-        print(f"{inv.hostname} ({c.address})  agent {inv.agent_id[:8]}  corral {hello.corral_version}"
-              f"  llama.cpp {hello.llama_commit}  rpc {hello.rpc_proto}")
-        print(f"  CPU {inv.cpu_model} x{inv.cpu_count}, RAM {inv.ram_free / gib:.1f}/"
-              f"{inv.ram_total / gib:.1f} GiB free")
+        print(
+            f"{inv.hostname} ({c.address})  agent {inv.agent_id[:8]}  corral {hello.corral_version}"
+            f"  llama.cpp {hello.llama_commit}  rpc {hello.rpc_proto}"
+        )
+        print(
+            f"  CPU {inv.cpu_model} x{inv.cpu_count}, RAM {inv.ram_free / gib:.1f}/"
+            f"{inv.ram_total / gib:.1f} GiB free"
+        )
         if inv.gpus:
             for g in inv.gpus:
-                print(f"  GPU{g.index} {g.name}: {g.memory_free / gib:.1f}/{g.memory_total / gib:.1f} "
-                      f"GiB free, {g.utilization_pct}% busy, {g.temperature_c} °C, {g.power_w:.0f} W")
+                print(
+                    f"  GPU{g.index} {g.name}: {g.memory_free / gib:.1f}/"
+                    f"{g.memory_total / gib:.1f} GiB free, {g.utilization_pct}% busy, "
+                    f"{g.temperature_c} °C, {g.power_w:.0f} W"
+                )
         else:
             print(f"  no NVIDIA GPU ({inv.nvml})")
         for d in inv.devices:
             print(f"  ggml {d.name} [{d.type}] {d.description}: {d.memory_free / gib:.1f} GiB free")
         w = inv.worker
         extra = f", last exit {w.last_exit}" if w.last_exit else ""
-        print(f"  RPC worker: {w.state}{' at ' + w.endpoint if w.endpoint else ''}"
-              f"{', restarts ' + str(w.restarts) if w.restarts else ''}{extra}")
+        print(
+            f"  RPC worker: {w.state}{' at ' + w.endpoint if w.endpoint else ''}"
+            f"{', restarts ' + str(w.restarts) if w.restarts else ''}{extra}"
+        )
     return EXIT_FAILURE if failures else 0
 
 
@@ -202,24 +240,38 @@ def _models(opts: argparse.Namespace, out: _Out) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corral", description="Pool your LAN's GPUs into one llama.cpp model.")
+    parser = argparse.ArgumentParser(
+        prog="corral", description="Pool your LAN's GPUs into one llama.cpp model."
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    chat = sub.add_parser("chat", help="chat with a model split across agents (local without --agent)")
+    chat = sub.add_parser(
+        "chat", help="chat with a model split across agents (local without --agent)"
+    )
     chat.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct)")
-    chat.add_argument("--agent", action="append", type=_address, default=[], metavar="HOST:PORT",
-                      help="an agent whose RPC worker takes layers; repeat for several")
+    chat.add_argument(
+        "--agent",
+        action="append",
+        type=_address,
+        default=[],
+        metavar="HOST:PORT",
+        help="an agent whose RPC worker takes layers; repeat for several",
+    )
     chat.add_argument("--prompt", help="answer this one message and exit (interactive without it)")
     chat.add_argument("--max-tokens", type=_positive, default=256)
     chat.add_argument("--ctx", type=_positive, default=2048, help="context size in tokens")
     chat.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--seed", type=int, default=-1, help="sampling seed (-1 = random)")
     chat.add_argument("--threads", type=int, default=0, help="CPU threads of the local process")
-    chat.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens (benchmarks)")
+    chat.add_argument(
+        "--ignore-eos", action="store_true", help="generate exactly --max-tokens (benchmarks)"
+    )
     chat.add_argument("--json", action="store_true", help="one JSON object per line")
 
     agents = sub.add_parser("agents", help="inventory and worker state of agents")
-    agents.add_argument("--agent", action="append", type=_address, required=True, metavar="HOST:PORT")
+    agents.add_argument(
+        "--agent", action="append", type=_address, required=True, metavar="HOST:PORT"
+    )
     agents.add_argument("--json", action="store_true")
 
     models = sub.add_parser("models", help="install the default model into the cache dir")
@@ -256,9 +308,16 @@ def _demo(opts: argparse.Namespace, out: _Out) -> int:
     with LocalAgents(2) as agents:
         out.info(f"started 2 local agents: {', '.join(agents.addresses)}")
         chat_opts = argparse.Namespace(
-            model=str(model), agent=agents.addresses, prompt=opts.prompt,
-            max_tokens=opts.max_tokens, ctx=2048, temp=0.0, seed=-1, threads=0,
-            ignore_eos=False, json=opts.json,
+            model=str(model),
+            agent=agents.addresses,
+            prompt=opts.prompt,
+            max_tokens=opts.max_tokens,
+            ctx=2048,
+            temp=0.0,
+            seed=-1,
+            threads=0,
+            ignore_eos=False,
+            json=opts.json,
         )
         out.info(f"> {opts.prompt}")
         start = time.monotonic()

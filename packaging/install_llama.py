@@ -25,7 +25,7 @@ def _has_nvidia_gpu() -> bool:
 
 
 def cmake_args(cuda: str) -> str:
-    """The CMAKE_ARGS for this machine: RPC always; CUDA when asked, or when nvcc and a GPU exist."""
+    """CMAKE_ARGS for this machine: RPC always; CUDA when asked, or when nvcc and a GPU exist."""
     args = ["-DGGML_RPC=on"]
     want_cuda = cuda == "on" or (
         cuda == "auto" and shutil.which("nvcc") is not None and _has_nvidia_gpu()
@@ -70,17 +70,30 @@ def main() -> int:
         return 0
     wheels = sorted(target.glob("llama_cpp_python-*.whl"))
     if not wheels:
-        print(f"building llama-cpp-python {VERSION} with CMAKE_ARGS='{args}' "
-              f"(about 14 minutes on 2 cores; cached afterwards in {target})", flush=True)
+        print(
+            f"building llama-cpp-python {VERSION} with CMAKE_ARGS='{args}' "
+            f"(about 14 minutes on 2 cores; cached afterwards in {target})",
+            flush=True,
+        )
         tmp = target.with_name(target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         env = dict(os.environ, CMAKE_ARGS=args)
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         subprocess.run(
-            [python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir",
-             f"llama-cpp-python=={VERSION}", "-w", str(tmp)],
-            env=env, check=True,
+            [
+                python,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-cache-dir",
+                f"llama-cpp-python=={VERSION}",
+                "-w",
+                str(tmp),
+            ],
+            env=env,
+            check=True,
         )
         tmp.rename(target)
         wheels = sorted(target.glob("llama_cpp_python-*.whl"))

@@ -12,10 +12,9 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from corral.engine.model import default_model_path  # noqa: E402
-from corral.engine.runtime.localagents import LocalAgents  # noqa: E402
-
-from tests.support.tiny_gguf import TinyLlama, write_tiny_llama  # noqa: E402
+from corral.engine.model import default_model_path
+from corral.engine.runtime.localagents import LocalAgents
+from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,5 +42,8 @@ def corral(*args: str, timeout: float = 120, **kw: object) -> subprocess.Complet
     """Run the installed `corral` command line."""
     return subprocess.run(
         [sys.executable, "-m", "corral.engine.cli", *args],
-        capture_output=True, text=True, timeout=timeout, **kw,  # type: ignore[call-overload]
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,  # type: ignore[call-overload]
     )

@@ -105,8 +105,12 @@ async def probe_ggml(timeout: float = 120.0) -> GgmlProbe:
     """List ggml devices and build info in a child process (driver init can abort or hang)."""
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "corral.engine.agent.worker", "devices",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "corral.engine.agent.worker",
+            "devices",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
@@ -118,13 +122,19 @@ async def probe_ggml(timeout: float = 120.0) -> GgmlProbe:
         data = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
         tail = err.decode(errors="replace").strip().splitlines()[-3:]
-        return GgmlProbe(error=f"device listing failed (exit {proc.returncode}): {' | '.join(tail)}")
+        return GgmlProbe(
+            error=f"device listing failed (exit {proc.returncode}): {' | '.join(tail)}"
+        )
     if "error" in data:
         return GgmlProbe(error=str(data["error"]))
     devices = tuple(
         DeviceInfo(
-            name=d["name"], description=d["description"], backend=d["backend"], type=d["type"],
-            memory_free=d["memory_free"], memory_total=d["memory_total"],
+            name=d["name"],
+            description=d["description"],
+            backend=d["backend"],
+            type=d["type"],
+            memory_free=d["memory_free"],
+            memory_total=d["memory_total"],
         )
         for d in data["devices"]
     )

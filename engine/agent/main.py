@@ -28,7 +28,9 @@ async def _run(host: str, port: int, state_dir: Path) -> int:
     try:
         bound = await server.start()
     except OSError as exc:
-        print(f"corral-agent: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"corral-agent: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr
+        )
         return 2
     print(f"corral-agent {server.agent_id} listening on {host}:{bound}", flush=True)
     stop = asyncio.Event()
@@ -42,17 +44,29 @@ async def _run(host: str, port: int, state_dir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="corral-agent", description="Corral worker daemon: inventory and a llama.cpp RPC worker."
+        prog="corral-agent",
+        description="Corral worker daemon: inventory and a llama.cpp RPC worker.",
     )
-    parser.add_argument("--listen", type=parse_listen, default=("0.0.0.0", 7340),
-                        metavar="HOST:PORT", help="control address (default 0.0.0.0:7340)")
-    parser.add_argument("--state-dir", type=Path,
-                        default=Path(platformdirs.user_state_dir("corral-agent")),
-                        help="identity, worker log and tensor cache")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        default=("0.0.0.0", 7340),
+        metavar="HOST:PORT",
+        help="control address (default 0.0.0.0:7340)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(platformdirs.user_state_dir("corral-agent")),
+        help="identity, worker log and tensor cache",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     opts = parser.parse_args(argv)
-    logging.basicConfig(level=opts.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=opts.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         opts.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

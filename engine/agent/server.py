@@ -117,7 +117,9 @@ class AgentServer:
             pass
         except Exception:  # a bug must not take the agent down; log it, drop this connection
             log.exception("internal error serving %s", peer)
-            await self._send_error(writer, 0, ErrorCode.INTERNAL, "internal agent error; see its log")
+            await self._send_error(
+                writer, 0, ErrorCode.INTERNAL, "internal agent error; see its log"
+            )
         finally:
             self._connections.discard(task)
             self._subscribers.discard(writer)
@@ -127,7 +129,9 @@ class AgentServer:
         self, writer: asyncio.StreamWriter, req: int, code: ErrorCode, message: str
     ) -> None:
         with contextlib.suppress(Exception):
-            writer.write(encode_frame(to_wire(ErrorReply(req=req, code=int(code), message=message))))
+            writer.write(
+                encode_frame(to_wire(ErrorReply(req=req, code=int(code), message=message)))
+            )
             await asyncio.wait_for(writer.drain(), 2)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -191,7 +195,8 @@ class AgentServer:
             unknown = [d for d in msg.devices if d not in known]
             if unknown:
                 return ErrorReply(
-                    msg.req, int(ErrorCode.UNKNOWN_DEVICE),
+                    msg.req,
+                    int(ErrorCode.UNKNOWN_DEVICE),
                     f"no device {', '.join(unknown)} on {inventory.hostname()}; "
                     f"it has {', '.join(sorted(known)) or 'none'}",
                 )

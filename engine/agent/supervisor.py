@@ -101,7 +101,9 @@ class RpcSupervisor:
             pid=self._proc.pid if self._proc and self._proc.returncode is None else 0,
             restarts=self._restarts,
             last_exit=self._last_exit,
-            log_tail=_tail(self.log_path) if self._status in ("crashed", "failed", "backoff") else (),
+            log_tail=_tail(self.log_path)
+            if self._status in ("crashed", "failed", "backoff")
+            else (),
         )
 
     async def start(self, devices: tuple[str, ...], threads: int, cache: bool) -> WorkerState:
@@ -141,10 +143,16 @@ class RpcSupervisor:
     async def _spawn_and_wait(self) -> None:
         self._port = _free_port()
         cmd = [
-            sys.executable, "-m", "corral.engine.agent.worker", "serve",
-            "--endpoint", f"127.0.0.1:{self._port}",
-            "--devices", ",".join(self._devices),
-            "--threads", str(self._threads),
+            sys.executable,
+            "-m",
+            "corral.engine.agent.worker",
+            "serve",
+            "--endpoint",
+            f"127.0.0.1:{self._port}",
+            "--devices",
+            ",".join(self._devices),
+            "--threads",
+            str(self._threads),
         ]
         if self._cache:
             cache_dir = self._state_dir / "tensor-cache"
@@ -155,7 +163,10 @@ class RpcSupervisor:
             logf.write(f"--- starting worker: {' '.join(cmd[3:])}\n".encode())
             logf.flush()
             self._proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+                *cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
                 env=dict(os.environ, PYTHONUNBUFFERED="1"),
             )
         proc = self._proc

@@ -24,7 +24,10 @@ class BuildInfo:
 def _rpc_proto(lib_dir: Path) -> str:
     # The version is a header macro, not an exported symbol; the wheel ships the headers.
     # pip puts the headers in site-packages/include, beside the llama_cpp package
-    for header in (lib_dir.parent.parent / "include" / "ggml-rpc.h", lib_dir.parent / "include" / "ggml-rpc.h"):
+    for header in (
+        lib_dir.parent.parent / "include" / "ggml-rpc.h",
+        lib_dir.parent / "include" / "ggml-rpc.h",
+    ):
         if header.exists():
             text = header.read_text(errors="replace")
             parts = [

@@ -43,7 +43,9 @@ def probe_rpc(endpoint: str, timeout: float = 3.0) -> tuple[int, int, int]:
     except OSError as exc:
         if isinstance(exc, RpcProbeError):
             raise
-        raise RpcProbeError(f"cannot reach RPC endpoint {endpoint}: {exc.strerror or exc}") from None
+        raise RpcProbeError(
+            f"cannot reach RPC endpoint {endpoint}: {exc.strerror or exc}"
+        ) from None
     (size,) = struct.unpack_from("<Q", data)
     if size != _REPLY:
         raise RpcProbeError(

@@ -22,7 +22,10 @@ class ModelMissing(Exception):
 
 
 def models_dir() -> Path:
-    return Path(os.environ.get("CORRAL_MODELS_DIR") or Path(platformdirs.user_cache_dir("corral")) / "models")
+    return Path(
+        os.environ.get("CORRAL_MODELS_DIR")
+        or Path(platformdirs.user_cache_dir("corral")) / "models"
+    )
 
 
 def default_model_path() -> Path:

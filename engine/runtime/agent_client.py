@@ -53,7 +53,9 @@ def parse_address(text: str, default_port: int = 7340) -> tuple[str, int]:
 class AgentClient:
     """One connection; `request()` awaits the reply with the same number."""
 
-    def __init__(self, address: str, on_event: Callable[[AgentClient, AgentEvent], None] | None = None):
+    def __init__(
+        self, address: str, on_event: Callable[[AgentClient, AgentEvent], None] | None = None
+    ):
         self.address = address
         self.host, self.port = parse_address(address)
         self.hello: Hello | None = None
@@ -73,7 +75,7 @@ class AgentClient:
     async def connect(self, timeout: float = 5.0) -> Hello:
         """Open the connection and exchange hello; AgentUnreachable says why not."""
         try:
-            self._reader, self._writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port), timeout
             )
         except TimeoutError:
@@ -87,16 +89,21 @@ class AgentClient:
                 "is corral-agent running there and listening on that port?"
             ) from None
         ours = Hello(
-            role="desktop", proto_major=PROTOCOL_VERSION[0], proto_minor=PROTOCOL_VERSION[1],
+            role="desktop",
+            proto_major=PROTOCOL_VERSION[0],
+            proto_minor=PROTOCOL_VERSION[1],
             corral_version=corral.__version__,
         )
-        self._writer.write(encode_frame(to_wire(ours)))
+        self._reader, self._writer = reader, writer
+        writer.write(encode_frame(to_wire(ours)))
         try:
-            frame = await asyncio.wait_for(read_frame(self._reader), timeout)
+            frame = await asyncio.wait_for(read_frame(reader), timeout)
             theirs = from_wire(frame) if frame is not None else None
         except (TimeoutError, ProtocolError, OSError) as exc:
             await self.close()
-            raise AgentUnreachable(f"{self.address} did not answer as a Corral agent ({exc})") from None
+            raise AgentUnreachable(
+                f"{self.address} did not answer as a Corral agent ({exc})"
+            ) from None
         if isinstance(theirs, ErrorReply):
             await self.close()
             raise AgentUnreachable(f"agent {self.address} refused the connection: {theirs.message}")
@@ -142,8 +149,10 @@ class AgentClient:
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(
-                        AgentUnreachable(f"lost the connection to agent {self.address}: "
-                                         f"{self.closed_reason or 'closed'}")
+                        AgentUnreachable(
+                            f"lost the connection to agent {self.address}: "
+                            f"{self.closed_reason or 'closed'}"
+                        )
                     )
             self._pending.clear()
 
@@ -159,7 +168,9 @@ class AgentClient:
             reply = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             self._pending.pop(req, None)
-            raise AgentUnreachable(f"agent {self.address} did not answer within {timeout:.0f} s") from None
+            raise AgentUnreachable(
+                f"agent {self.address} did not answer within {timeout:.0f} s"
+            ) from None
         if isinstance(reply, ErrorReply):
             raise AgentRequestFailed(f"agent {self.name}: {reply.message}")
         return reply

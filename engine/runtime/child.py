@@ -118,9 +118,7 @@ class _Engine:
             return list(self.llm.tokenize(str(req["prompt"]).encode(), add_bos=True, special=True))
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        messages = [
-            {"role": str(m["role"]), "content": str(m["content"])} for m in req["messages"]
-        ]
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in req["messages"]]
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
@@ -221,7 +219,9 @@ class _Engine:
                 self._decode([tok], n_batch)
                 n_gen += 1
                 pieces.append(text)
-                self.chan.send("token", text=text, id=tok, kv_used=len(self.tokens), n_ctx=self.n_ctx)
+                self.chan.send(
+                    "token", text=text, id=tok, kv_used=len(self.tokens), n_ctx=self.n_ctx
+                )
         finally:
             L.llama_sampler_free(sampler)
         L.llama_synchronize(ctx)
@@ -275,7 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         except (_Refused, GgmlError) as exc:
             chan.send("error", message=str(exc))
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" etc.
-            chan.send("error", message=f"{exc}")
+            hint = ""
+            if op == "load":
+                hint = (
+                    ": the file may be truncated or damaged (download it again), or use a "
+                    "model architecture this llama.cpp build supports"
+                )
+            chan.send("error", message=f"{exc}{hint}")
         except (KeyError, TypeError) as exc:
             chan.send("error", message=f"malformed {op} request: {exc}")
 

@@ -37,7 +37,11 @@ class InferenceProcess:
         ours, theirs = socket.socketpair()
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "corral.engine.runtime.child", "--fd", str(theirs.fileno()),
+                sys.executable,
+                "-m",
+                "corral.engine.runtime.child",
+                "--fd",
+                str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -95,7 +99,9 @@ class InferenceProcess:
         try:
             frame = await asyncio.wait_for(self._frames.get(), timeout)
         except TimeoutError:
-            raise InferenceError(f"the inference process did not answer within {timeout:.0f} s") from None
+            raise InferenceError(
+                f"the inference process did not answer within {timeout:.0f} s"
+            ) from None
         if frame is None:
             raise await self._crashed()
         if frame.get("op") == "error":

@@ -44,9 +44,21 @@ class LocalAgents:
 
     def _start(self, i: int) -> None:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "corral.engine.agent.main", "--listen", f"{self.host}:0",
-             "--state-dir", str(self.state_dir(i)), "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, stderr=None, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            [
+                sys.executable,
+                "-m",
+                "corral.engine.agent.main",
+                "--listen",
+                f"{self.host}:0",
+                "--state-dir",
+                str(self.state_dir(i)),
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
             start_new_session=True,  # so stop() can end the agent and its worker together
         )
         self.procs.append(proc)
@@ -61,7 +73,9 @@ class LocalAgents:
                     self.addresses.append(m.group(1))
                     return
             if proc.poll() is not None:
-                raise RuntimeFailure(f"local agent {i} exited at start (exit code {proc.returncode})")
+                raise RuntimeFailure(
+                    f"local agent {i} exited at start (exit code {proc.returncode})"
+                )
         raise RuntimeFailure(f"local agent {i} did not start within {self.start_timeout:.0f} s")
 
     def stop(self) -> None:
@@ -85,6 +99,9 @@ class LocalAgents:
         shutil.rmtree(self._root, ignore_errors=True)
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()

@@ -195,7 +195,10 @@ class ChatSession:
         messages = [*self.history, {"role": "user", "content": text}]
         try:
             async for frame in self.child.generate(
-                messages=messages, max_tokens=max_tokens, temp=temp, seed=seed,
+                messages=messages,
+                max_tokens=max_tokens,
+                temp=temp,
+                seed=seed,
                 ignore_eos=ignore_eos,
             ):
                 if frame["op"] == "done":
@@ -218,7 +221,9 @@ class ChatSession:
         since = time.monotonic() - 10
         deadline = time.monotonic() + _CRASH_EVENT_WAIT
         while True:
-            crashed = [(c, e) for t, c, e in self._events if t >= since and e.kind in ("crashed", "failed")]
+            crashed = [
+                (c, e) for t, c, e in self._events if t >= since and e.kind in ("crashed", "failed")
+            ]
             lost = [c for c in self.clients if c.closed_reason]
             if crashed or lost or time.monotonic() >= deadline:
                 break

@@ -34,8 +34,11 @@ def agent() -> Iterator[str]:
 
 
 def _hello() -> bytes:
-    return encode_frame(to_wire(Hello(role="desktop", proto_major=PROTOCOL_VERSION[0],
-                                      proto_minor=PROTOCOL_VERSION[1])))
+    return encode_frame(
+        to_wire(
+            Hello(role="desktop", proto_major=PROTOCOL_VERSION[0], proto_minor=PROTOCOL_VERSION[1])
+        )
+    )
 
 
 async def _open(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -85,7 +88,7 @@ def test_unknown_device_is_refused_with_what_exists(agent: str) -> None:
     async def run() -> None:
         client = AgentClient(agent)
         await client.connect()
-        with pytest.raises(AgentRequestFailed, match="no device CUDA7.*it has CPU"):
+        with pytest.raises(AgentRequestFailed, match=r"no device CUDA7.*it has CPU"):
             await client.start_rpc(devices=("CUDA7",))
         await client.close()
 

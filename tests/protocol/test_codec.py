@@ -34,7 +34,9 @@ def _decode_one(data: bytes) -> object:
 
 def test_round_trip_with_nested_records() -> None:
     inv = Inventory(
-        req=7, agent_id="a", hostname="h",
+        req=7,
+        agent_id="a",
+        hostname="h",
         gpus=(GpuInfo(index=0, name="H200", memory_total=10, memory_free=5, power_w=300.5),),
         worker=WorkerState(state="running", endpoint="10.0.0.2:5000", devices=("CUDA0",)),
     )
