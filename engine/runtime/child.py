@@ -118,7 +118,9 @@ class _Engine:
             return list(self.llm.tokenize(str(req["prompt"]).encode(), add_bos=True, special=True))
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in req["messages"]]
+        messages: list[Any] = [
+            {"role": str(m["role"]), "content": str(m["content"])} for m in req["messages"]
+        ]
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
@@ -199,6 +201,7 @@ class _Engine:
         sampler = self._sampler(req)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         buf = ctypes.create_string_buffer(256)
+        one = (L.llama_token * 1)()  # reused: the per-token path allocates nothing in ctypes
         pieces: list[str] = []
         stop = "length"
         n_gen = 0
@@ -211,12 +214,15 @@ class _Engine:
                 if L.llama_vocab_is_eog(vocab, tok) and not ignore_eos:
                     stop = "eos"
                     break
-                n = L.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
-                text = utf8.decode(buf.raw[: max(n, 0)])
+                n = L.llama_token_to_piece(vocab, tok, buf, 256, 0, False)
+                text = utf8.decode(ctypes.string_at(buf, max(n, 0)))
                 if len(self.tokens) >= self.n_ctx:
                     stop = "context_full"
                     break
-                self._decode([tok], n_batch)
+                one[0] = tok
+                if L.llama_decode(ctx, L.llama_batch_get_one(one, 1)) != 0:
+                    raise _Refused("llama_decode failed during generation")
+                self.tokens.append(tok)
                 n_gen += 1
                 pieces.append(text)
                 self.chan.send(

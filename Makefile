@@ -1,0 +1,47 @@
+# The README's commands. Everything installs into .venv in this folder; llama-cpp-python is
+# built once per version and flags and cached in ~/.cache/corral/wheels (see packaging/).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEPS := $(VENV)/.corral-deps
+SOURCES := engine discovery gui tests bench packaging corral_pkg
+
+.PHONY: run test bench models install lint clean
+
+$(DEPS): pyproject.toml packaging/install_llama.py packaging/system-deps.sh
+	bash packaging/system-deps.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q ".[gui,dev]"
+	$(BIN)/python packaging/install_llama.py
+	touch $@
+
+# A regular (non-editable) install of this tree, so a package missing from pyproject fails.
+install: $(DEPS)
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall .
+
+models: install
+	$(BIN)/corral models
+
+lint: install
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/mypy
+
+test: lint models
+	$(BIN)/python -m pytest
+
+# With a display: the desktop app. Without one: the headless demo (two local agents).
+run: install models
+	@if [ -n "$${DISPLAY:-}$${WAYLAND_DISPLAY:-}" ]; then \
+		$(BIN)/python -m corral.gui; \
+	else \
+		$(BIN)/corral demo; \
+	fi
+
+bench: install models
+	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/failure.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,44 @@
+"""Baseline for bench/generation.py: the plainest llama-cpp-python low-level decode loop.
+
+Loads the model once, then for each line on stdin generates N greedy tokens and prints the
+seconds the loop took (decode + sample, synchronized), one line per round.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import llama_cpp as L
+
+
+def main() -> None:
+    model, n_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    llm = L.Llama(
+        model_path=model,
+        n_ctx=1024,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_gpu_layers=-1,
+        verbose=False,
+    )
+    ctx = llm.ctx
+    prompt = llm.tokenize(b"Write a long story about a lighthouse keeper.", add_bos=True)
+    sampler = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    L.llama_sampler_chain_add(sampler, L.llama_sampler_init_greedy())
+    for _ in sys.stdin:
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        arr = (L.llama_token * len(prompt))(*prompt)
+        L.llama_decode(ctx, L.llama_batch_get_one(arr, len(prompt)))
+        L.llama_synchronize(ctx)
+        one = (L.llama_token * 1)()
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            one[0] = L.llama_sampler_sample(sampler, ctx, -1)
+            L.llama_decode(ctx, L.llama_batch_get_one(one, 1))
+        L.llama_synchronize(ctx)
+        print(time.perf_counter() - t0, flush=True)
+
+
+if __name__ == "__main__":
+    main()

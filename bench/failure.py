@@ -1,0 +1,94 @@
+"""How fast a dead RPC worker is noticed: kill -9 mid-generation → `corral chat` exits.
+
+Median over rounds of: seconds from the kill to the chat process's exit (target < 5 s), and
+from the kill to the agent reporting the worker running again.
+
+    .venv/bin/python bench/failure.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+from corral.engine.model import default_model_path
+from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.localagents import LocalAgents
+
+
+async def _worker(address: str) -> tuple[int, str, int]:
+    client = AgentClient(address)
+    await client.connect()
+    inv = await client.inventory()
+    await client.close()
+    return inv.worker.pid, inv.worker.state, inv.worker.restarts
+
+
+def one_round(agents: LocalAgents) -> tuple[float, float]:
+    victim = agents.addresses[0]
+    chat = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "corral.engine.cli",
+            "chat",
+            str(default_model_path()),
+            "--json",
+            "--agent",
+            agents.addresses[0],
+            "--agent",
+            agents.addresses[1],
+            "--prompt",
+            "Count from one to one thousand.",
+            "--max-tokens",
+            "3000",
+            "--ctx",
+            "4096",
+            "--ignore-eos",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert chat.stdout is not None
+    chat.stdout.readline()  # first token: generation is under way
+    pid, _, restarts = asyncio.run(_worker(victim))
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    chat.wait(timeout=60)
+    exited = time.monotonic() - killed
+    assert chat.returncode == 1
+    while True:
+        _, state, new_restarts = asyncio.run(_worker(victim))
+        if state == "running" and new_restarts > restarts:
+            break
+        time.sleep(0.05)
+    return exited, time.monotonic() - killed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    opts = parser.parse_args()
+    exits, restarts = [], []
+    with LocalAgents(2) as agents:
+        for _ in range(opts.rounds):
+            e, r = one_round(agents)
+            exits.append(e)
+            restarts.append(r)
+    print(f"kill -9 of an RPC worker mid-generation, {opts.rounds} rounds (medians)")
+    print(f"| chat exits non-zero after | {statistics.median(exits):.2f} s | target < 5 s |")
+    print(f"| agent has the worker running again after | {statistics.median(restarts):.2f} s | |")
+    print(json.dumps({"exit_s": exits, "restart_s": restarts}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

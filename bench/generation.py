@@ -1,0 +1,133 @@
+"""Generation speed, side by side in one run (medians of interleaved rounds).
+
+1. The inference child (Corral's decode loop, streaming every token to the parent) vs the
+   plainest llama-cpp-python low-level loop, same model, same threads.  Target >= 0.97x.
+2. The model split over two local agents' RPC workers vs the same child running locally.
+
+    .venv/bin/python bench/generation.py [--model PATH] [--tokens 128] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from corral.engine.model import default_model_path
+from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.runtime.session import ChatSession, LoadSettings
+
+PROMPT = "Write a long story about a lighthouse keeper."
+
+
+async def _child_round(session: ChatSession, tokens: int) -> tuple[float, float]:
+    """(tokens/s inside the child, tokens/s as the parent receives them)."""
+    session.history = []
+    first = None
+    t_end = 0.0
+    done: dict = {}
+    async for frame in session.ask(PROMPT, max_tokens=tokens, ignore_eos=True):
+        now = time.perf_counter()
+        if frame["op"] == "token" and first is None:
+            first = now
+        if frame["op"] == "done":
+            done, t_end = frame, now
+    assert first is not None
+    return done["n_tokens"] / done["gen_s"], (done["n_tokens"] - 1) / (t_end - first)
+
+
+async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
+    bare = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("_bare_loop.py")),
+            str(model),
+            str(tokens),
+            str(threads),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert bare.stdin is not None and bare.stdout is not None
+    local = ChatSession([])
+    await local.open(LoadSettings(model=model, n_ctx=1024, n_threads=threads))
+    results: dict[str, list[float]] = {"bare": [], "child": [], "child_parent": [], "split": []}
+    with LocalAgents(2) as agents:
+        split = ChatSession(agents.addresses)
+        await split.open(
+            LoadSettings(model=model, n_ctx=1024, n_threads=threads, worker_threads=threads)
+        )
+        # one warm-up round each, not counted
+        bare.stdin.write("go\n")
+        bare.stdin.flush()
+        bare.stdout.readline()
+        await _child_round(local, tokens)
+        await _child_round(split, tokens)
+        for _ in range(rounds):
+            bare.stdin.write("go\n")
+            bare.stdin.flush()
+            results["bare"].append(tokens / float(bare.stdout.readline()))
+            inside, seen = await _child_round(local, tokens)
+            results["child"].append(inside)
+            results["child_parent"].append(seen)
+            results["split"].append((await _child_round(split, tokens))[0])
+        await split.close()
+    await local.close()
+    bare.stdin.close()
+    bare.wait()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    return {
+        "model": model.name,
+        "tokens": tokens,
+        "rounds": rounds,
+        "threads": threads,
+        "tok_s_median": med,
+        "runs": results,
+        "child_vs_bare": med["child"] / med["bare"],
+        "child_parent_vs_bare": med["child_parent"] / med["bare"],
+        "split2_vs_local": med["split"] / med["child"],
+        # each round's ratio, so noise between rounds is visible
+        "child_vs_bare_per_round": [
+            c / b for c, b in zip(results["child"], results["bare"], strict=True)
+        ],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=default_model_path())
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    opts = parser.parse_args()
+    res = asyncio.run(run(opts.model, opts.tokens, opts.rounds, opts.threads))
+    m = res["tok_s_median"]
+    print(
+        f"model {res['model']}, {opts.tokens} tokens x {opts.rounds} rounds, "
+        f"{opts.threads} threads (medians, tokens/s)"
+    )
+    print("| run | tok/s | ratio |")
+    print("|---|---|---|")
+    print(f"| bare llama-cpp-python loop | {m['bare']:.1f} | 1.00 |")
+    print(f"| inference child (inside) | {m['child']:.1f} | {res['child_vs_bare']:.3f}x bare |")
+    print(
+        f"| inference child (as streamed to parent) | {m['child_parent']:.1f} | "
+        f"{res['child_parent_vs_bare']:.3f}x bare |"
+    )
+    print(f"| split over 2 local agents | {m['split']:.1f} | {res['split2_vs_local']:.3f}x local |")
+    print("child/bare per round: " + ", ".join(f"{r:.3f}" for r in res["child_vs_bare_per_round"]))
+    if opts.json:
+        opts.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
