@@ -70,11 +70,15 @@ async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
         bare.stdout.readline()
         await _child_round(local, tokens)
         await _child_round(split, tokens)
-        for _ in range(rounds):
+        for i in range(rounds):
+            # alternate which runs first, so drift in machine load hits both alike
+            if i % 2:
+                inside, seen = await _child_round(local, tokens)
             bare.stdin.write("go\n")
             bare.stdin.flush()
             results["bare"].append(tokens / float(bare.stdout.readline()))
-            inside, seen = await _child_round(local, tokens)
+            if not i % 2:
+                inside, seen = await _child_round(local, tokens)
             results["child"].append(inside)
             results["child_parent"].append(seen)
             results["split"].append((await _child_round(split, tokens))[0])
@@ -104,7 +108,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=default_model_path())
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here")
     opts = parser.parse_args()

@@ -7,7 +7,7 @@ frames are the control protocol's msgpack frames, each a dict with an "op":
   parent → child  load {model, rpc, n_ctx, n_batch, n_threads, n_gpu_layers, tensor_split,
                         flash_attn} · generate {messages | prompt, max_tokens, temp, top_k,
                         top_p, seed} · cancel · exit
-  child → parent  ready {build} · loaded {...} · token {text, id, kv_used, n_ctx} ·
+  child → parent  ready {build} · loaded {...} · tokens {items: [[text, id, kv_used]], n_ctx} ·
                   done {content, stop, n_tokens, ...} · error {message}
 
 stdout and stderr carry llama.cpp's log; the parent keeps the tail for crash reports.
@@ -30,6 +30,7 @@ from typing import Any
 from corral.engine.protocol import FrameDecoder, encode_frame
 
 N_CTX_ALIGN = 256  # llama.cpp pads n_ctx to this; llama-cpp-python keeps the unpadded size
+_FLUSH_S = 0.03  # at most ~33 token frames a second: smooth to read, cheap to receive
 
 
 class _Channel:
@@ -203,6 +204,10 @@ class _Engine:
         buf = ctypes.create_string_buffer(256)
         one = (L.llama_token * 1)()  # reused: the per-token path allocates nothing in ctypes
         pieces: list[str] = []
+        # Tokens go out in small batches: a frame per token wakes the parent for each one,
+        # and on a small machine that wake-up competes with the compute threads.
+        batch: list[tuple[str, int, int]] = []
+        flushed = 0.0  # the first token is sent at once
         stop = "length"
         n_gen = 0
         try:
@@ -225,11 +230,15 @@ class _Engine:
                 self.tokens.append(tok)
                 n_gen += 1
                 pieces.append(text)
-                self.chan.send(
-                    "token", text=text, id=tok, kv_used=len(self.tokens), n_ctx=self.n_ctx
-                )
+                batch.append((text, tok, len(self.tokens)))
+                now = time.perf_counter()
+                if now - flushed >= _FLUSH_S:
+                    self.chan.send("tokens", items=batch, n_ctx=self.n_ctx)
+                    batch, flushed = [], now
         finally:
             L.llama_sampler_free(sampler)
+            if batch:
+                self.chan.send("tokens", items=batch, n_ctx=self.n_ctx)
         L.llama_synchronize(ctx)
         t2 = time.perf_counter()
         tail = utf8.decode(b"", final=True)

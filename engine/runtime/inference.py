@@ -120,10 +120,21 @@ class InferenceProcess:
         return await self._next()
 
     async def generate(self, **params: Any) -> AsyncIterator[dict[str, Any]]:
-        """Yield `token` frames, then the final `done` frame."""
+        """Yield one `token` event per token (with the KV cells in use), then `done`."""
         self._send("generate", **params)
         while True:
             frame = await self._next()
+            if frame.get("op") == "tokens":
+                n_ctx = frame["n_ctx"]
+                for text, token_id, kv_used in frame["items"]:
+                    yield {
+                        "op": "token",
+                        "text": text,
+                        "id": token_id,
+                        "kv_used": kv_used,
+                        "n_ctx": n_ctx,
+                    }
+                continue
             yield frame
             if frame.get("op") == "done":
                 return
