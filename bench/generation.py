@@ -116,7 +116,7 @@ def main() -> int:
     m = res["tok_s_median"]
     print(
         f"model {res['model']}, {opts.tokens} tokens x {opts.rounds} rounds, "
-        f"{opts.threads} threads (medians, tokens/s)"
+        f"{opts.threads} threads (median tok/s; ratio = median of per-round ratios)"
     )
     print("| run | tok/s | ratio |")
     print("|---|---|---|")
