@@ -87,6 +87,11 @@ async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
     bare.stdin.close()
     bare.wait()
     med = {k: statistics.median(v) for k, v in results.items()}
+
+    def paired(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(results[a], results[b], strict=True)]
+
+    # Ratios are medians of per-round (paired) ratios: both runs of a round saw the same load.
     return {
         "model": model.name,
         "tokens": tokens,
@@ -94,13 +99,10 @@ async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
         "threads": threads,
         "tok_s_median": med,
         "runs": results,
-        "child_vs_bare": med["child"] / med["bare"],
-        "child_parent_vs_bare": med["child_parent"] / med["bare"],
-        "split2_vs_local": med["split"] / med["child"],
-        # each round's ratio, so noise between rounds is visible
-        "child_vs_bare_per_round": [
-            c / b for c, b in zip(results["child"], results["bare"], strict=True)
-        ],
+        "child_vs_bare": statistics.median(paired("child", "bare")),
+        "child_parent_vs_bare": statistics.median(paired("child_parent", "bare")),
+        "split2_vs_local": statistics.median(paired("split", "child")),
+        "child_vs_bare_per_round": paired("child", "bare"),
     }
 
 

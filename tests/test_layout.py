@@ -93,3 +93,35 @@ def test_engine_and_discovery_import_no_qt_at_runtime() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# package → corral packages it must not import (DESIGN.md: protocol ← discovery ← runtime ← gui;
+# protocol ← agent). engine/procs.py and engine/ggml are shared leaves.
+_FORBIDDEN = {
+    "engine/protocol": (
+        "corral.engine.agent",
+        "corral.engine.runtime",
+        "corral.engine.ggml",
+        "corral.discovery",
+        "corral.engine.cli",
+    ),
+    "engine/ggml": (
+        "corral.engine.agent",
+        "corral.engine.runtime",
+        "corral.discovery",
+        "corral.engine.cli",
+    ),
+    "engine/agent": ("corral.engine.runtime", "corral.engine.cli", "corral.discovery"),
+    "engine/runtime": ("corral.engine.agent", "corral.engine.cli"),
+    "discovery": ("corral.engine.runtime", "corral.engine.agent", "corral.engine.cli"),
+}
+
+
+def test_dependency_direction() -> None:
+    offenders = []
+    for folder, banned in _FORBIDDEN.items():
+        for path in (REPO / folder).rglob("*.py"):
+            bad = [n for n in _imports(path) if n.startswith(banned)]
+            if bad:
+                offenders.append(f"{path.relative_to(REPO)} imports {', '.join(sorted(bad))}")
+    assert offenders == []

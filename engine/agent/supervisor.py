@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
+from corral.engine.procs import exit_text
 from corral.engine.protocol import WorkerState
 
 from .forward import Forwarder
@@ -33,16 +33,6 @@ _READY_TIMEOUT = 60.0  # CUDA init on a big box can take a while
 
 class WorkerStartError(Exception):
     """The worker did not come up; the message carries its exit and last log lines."""
-
-
-def exit_text(returncode: int) -> str:
-    """Human form of a child's return code ("killed by SIGKILL", "exit code 3")."""
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit code {returncode}"
 
 
 def _free_port() -> int:

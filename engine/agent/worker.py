@@ -48,6 +48,9 @@ def _devices() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from corral.engine.procs import die_with_parent
+
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="corral-worker")
     sub = parser.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve")

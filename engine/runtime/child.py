@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Any
 
+from corral.engine.procs import die_with_parent
 from corral.engine.protocol import FrameDecoder, encode_frame
 
 N_CTX_ALIGN = 256  # llama.cpp pads n_ctx to this; llama-cpp-python keeps the unpadded size
@@ -56,6 +57,7 @@ class _Channel:
                         self.inbox.put(frame)
         except Exception:  # the parent went away or sent garbage: either way we are done
             pass
+        self.cancel.set()  # stop a generation nobody will read
         self.inbox.put(None)
 
     def send(self, op: str, **fields: Any) -> None:
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="corral-inference")
     parser.add_argument("--fd", type=int, required=True)
     opts = parser.parse_args(argv)
+    die_with_parent()
     sock = socket.socket(fileno=opts.fd)
     chan = _Channel(sock)
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from corral.engine.agent.supervisor import exit_text
+from corral.engine.procs import exit_text
 from corral.engine.protocol import ProtocolError, encode_frame, read_frame
 
 from .errors import InferenceCrashed, InferenceError
