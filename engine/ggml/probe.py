@@ -27,12 +27,13 @@ def probe_rpc(endpoint: str, timeout: float = 3.0) -> tuple[int, int, int]:
         with socket.create_connection((host, int(port)), timeout=timeout) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(_HELLO)
-            data = b""
-            while len(data) < 8 + _REPLY:
-                chunk = sock.recv(8 + _REPLY - len(data))
-                if not chunk:
-                    raise RpcProbeError(f"RPC endpoint {endpoint} closed the connection at HELLO")
-                data += chunk
+            (size,) = struct.unpack("<Q", _recv_exactly(sock, 8, endpoint))
+            if size != _REPLY:
+                raise RpcProbeError(
+                    f"RPC endpoint {endpoint} answered HELLO with {size} bytes, expected "
+                    f"{_REPLY}: it runs another ggml RPC protocol generation"
+                )
+            data = _recv_exactly(sock, _REPLY, endpoint)
     except TimeoutError:
         raise RpcProbeError(
             f"RPC endpoint {endpoint} did not answer HELLO within {timeout:.0f} s "
@@ -46,10 +47,14 @@ def probe_rpc(endpoint: str, timeout: float = 3.0) -> tuple[int, int, int]:
         raise RpcProbeError(
             f"cannot reach RPC endpoint {endpoint}: {exc.strerror or exc}"
         ) from None
-    (size,) = struct.unpack_from("<Q", data)
-    if size != _REPLY:
-        raise RpcProbeError(
-            f"RPC endpoint {endpoint} answered HELLO with {size} bytes, expected {_REPLY}: "
-            "it runs another ggml RPC protocol"
-        )
-    return data[8], data[9], data[10]
+    return data[0], data[1], data[2]
+
+
+def _recv_exactly(sock: socket.socket, n: int, endpoint: str) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise RpcProbeError(f"RPC endpoint {endpoint} closed the connection at HELLO")
+        data += chunk
+    return data
