@@ -1,1 +1,29 @@
-"""corral.discovery: zeroconf advertise (agent) and browse (desktop), and liveness. Qt-free."""
+"""corral.discovery: zeroconf advertise (agent), browse (desktop), and the host registry.
+
+Qt-free. Liveness (the heartbeat on the control channel) lives in corral.engine.runtime.hosts,
+which feeds its verdicts into the same registry.
+"""
+
+from .advertise import Advertiser
+from .browse import Browser
+from .registry import Advertised, Event, Host, Hosts, ManualAdded, Offline, Online, Withdrawn, apply
+from .txt import SERVICE_TYPE, AgentHints, BadTxt, decode_txt, encode_txt
+
+__all__ = [
+    "SERVICE_TYPE",
+    "Advertised",
+    "Advertiser",
+    "AgentHints",
+    "BadTxt",
+    "Browser",
+    "Event",
+    "Host",
+    "Hosts",
+    "ManualAdded",
+    "Offline",
+    "Online",
+    "Withdrawn",
+    "apply",
+    "decode_txt",
+    "encode_txt",
+]

@@ -13,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from corral.discovery import Host, Hosts
 from corral.engine.model import ModelMissing, default_model_path, fetch_default_model
 from corral.engine.runtime.agent_client import AgentClient, parse_address
 from corral.engine.runtime.errors import RuntimeFailure
+from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
 
 EXIT_FAILURE = 1
@@ -232,6 +234,78 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
     return EXIT_FAILURE if failures else 0
 
 
+def _host_json(h: Host) -> dict[str, Any]:
+    hints = h.hints
+    return {
+        "key": h.key,
+        "agent_id": h.agent_id,
+        "hostname": h.hostname,
+        "service": h.name,
+        "address": h.address,
+        "addresses": list(h.addresses),
+        "port": h.port,
+        "status": h.status,
+        "reason": h.reason,
+        "manual": h.manual,
+        "advertised": h.advertised,
+        "gpus": hints.gpu_count if hints else None,
+        "vram_total": hints.vram_total if hints else None,
+        "corral_version": hints.corral_version if hints else None,
+    }
+
+
+async def _hosts(opts: argparse.Namespace, out: _Out) -> int:
+    from corral.discovery.interfaces import unknown_interfaces
+
+    missing = unknown_interfaces(tuple(opts.interface))
+    if missing:
+        return out.error(f"no network interface named {', '.join(missing)}")
+    start = time.monotonic()
+
+    def changed(hosts: Hosts, event: object) -> None:
+        if opts.watch:
+            out.event(
+                {
+                    "type": type(event).__name__.lower(),
+                    "t": time.monotonic() - start,
+                    "hosts": [_host_json(h) for h in hosts.values()],
+                }
+            )
+
+    directory = HostDirectory(
+        changed,
+        browse=not opts.no_browse,
+        interfaces=tuple(opts.interface),
+        allow_link_local=opts.allow_link_local,
+        allow_bridges=opts.allow_bridges,
+    )
+    for address in opts.agent:
+        directory.add_manual(address)
+    await directory.start()
+    try:
+        await asyncio.sleep(opts.wait)
+    finally:
+        hosts = list(directory.hosts.values())
+        await directory.close()
+    if opts.watch:
+        return 0
+    if out.json:
+        print(json.dumps({"type": "hosts", "hosts": [_host_json(h) for h in hosts]}), flush=True)
+        return 0
+    if not hosts:
+        print(f"no hosts found in {opts.wait:g} s (add one with --agent HOST:PORT)")
+        return 0
+    gib = 1 << 30
+    print(f"{'STATUS':<8} {'HOST':<24} {'ADDRESS':<26} {'GPUS':>4} {'VRAM':>9}  NOTE")
+    for h in sorted(hosts, key=lambda h: h.hostname or h.name):
+        gpus = str(h.hints.gpu_count) if h.hints else "?"
+        vram = f"{h.hints.vram_total / gib:.1f} GiB" if h.hints else "?"
+        note = h.reason or ("added by address" if h.manual and not h.advertised else "")
+        name = h.hostname or h.name.split("._corral")[0]
+        print(f"{h.status:<8} {name[:24]:<24} {h.address:<26} {gpus:>4} {vram:>9}  {note}")
+    return 0
+
+
 def _models(opts: argparse.Namespace, out: _Out) -> int:
     path = fetch_default_model()
     out.info(f"default model ready: {path}")
@@ -274,6 +348,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agents.add_argument("--json", action="store_true")
 
+    hosts = sub.add_parser("hosts", help="agents found on the LAN (mDNS) or added by address")
+    hosts.add_argument(
+        "--wait",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long to look before printing (default 2)",
+    )
+    hosts.add_argument(
+        "--agent",
+        action="append",
+        type=_address,
+        default=[],
+        metavar="HOST:PORT",
+        help="also check this agent (networks without multicast); repeatable",
+    )
+    hosts.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="browse only on this interface; repeatable",
+    )
+    hosts.add_argument(
+        "--allow-link-local",
+        action="store_true",
+        help="also use link-local addresses (169.254/16, fe80::/10)",
+    )
+    hosts.add_argument(
+        "--allow-bridges",
+        action="store_true",
+        help="also use container bridges (docker0, br-*, veth*, virbr*)",
+    )
+    hosts.add_argument("--no-browse", action="store_true", help="no mDNS: only --agent hosts")
+    hosts.add_argument(
+        "--watch", action="store_true", help="print every change as a JSON line until --wait ends"
+    )
+    hosts.add_argument("--json", action="store_true")
+
     models = sub.add_parser("models", help="install the default model into the cache dir")
     models.add_argument("--json", action="store_true")
 
@@ -290,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Callable[[], int]] = {
         "chat": lambda: asyncio.run(_chat(opts, out)),
         "agents": lambda: asyncio.run(_agents(opts, out)),
+        "hosts": lambda: asyncio.run(_hosts(opts, out)),
         "models": lambda: _models(opts, out),
         "demo": lambda: _demo(opts, out),
     }

@@ -96,7 +96,7 @@ def test_engine_and_discovery_import_no_qt_at_runtime() -> None:
 
 
 # package → corral packages it must not import (DESIGN.md: protocol ← discovery ← runtime ← gui;
-# protocol ← agent). engine/procs.py and engine/ggml are shared leaves.
+# protocol ← discovery ← agent: the agent advertises). engine/procs.py and engine/ggml are leaves.
 _FORBIDDEN = {
     "engine/protocol": (
         "corral.engine.agent",
@@ -111,7 +111,7 @@ _FORBIDDEN = {
         "corral.discovery",
         "corral.engine.cli",
     ),
-    "engine/agent": ("corral.engine.runtime", "corral.engine.cli", "corral.discovery"),
+    "engine/agent": ("corral.engine.runtime", "corral.engine.cli"),
     "engine/runtime": ("corral.engine.agent", "corral.engine.cli"),
     "discovery": ("corral.engine.runtime", "corral.engine.agent", "corral.engine.cli"),
 }

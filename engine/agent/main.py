@@ -23,8 +23,10 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-async def _run(host: str, port: int, state_dir: Path) -> int:
-    server = AgentServer(host, port, state_dir)
+async def _run(
+    host: str, port: int, state_dir: Path, advertise: bool, interfaces: tuple[str, ...]
+) -> int:
+    server = AgentServer(host, port, state_dir, advertise, interfaces)
     try:
         bound = await server.start()
     except OSError as exc:
@@ -61,6 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         help="identity, worker log and tensor cache",
     )
     parser.add_argument(
+        "--no-advertise", action="store_true", help="do not announce this agent on the LAN (mDNS)"
+    )
+    parser.add_argument(
+        "--advertise-interface",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="announce only on this interface (repeatable; default: every ordinary interface, "
+        "no container bridges)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     opts = parser.parse_args(argv)
@@ -72,8 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         parser.error(f"cannot use --state-dir {opts.state_dir}: {exc.strerror or exc}")
     host, port = opts.listen
+    if opts.advertise_interface:
+        from corral.discovery.interfaces import unknown_interfaces
+
+        missing = unknown_interfaces(tuple(opts.advertise_interface))
+        if missing:
+            parser.error(f"no network interface named {', '.join(missing)}")
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(_run(host, port, opts.state_dir))
+        return asyncio.run(
+            _run(host, port, opts.state_dir, not opts.no_advertise, tuple(opts.advertise_interface))
+        )
     return 0
 
 

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import corral
+from corral.discovery import Advertiser, AgentHints
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
     AgentEvent,
@@ -63,7 +64,14 @@ def load_agent_id(state_dir: Path) -> str:
 class AgentServer:
     """Serves any number of control connections on one asyncio loop."""
 
-    def __init__(self, host: str, port: int, state_dir: Path) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        state_dir: Path,
+        advertise: bool = True,
+        advertise_interfaces: tuple[str, ...] = (),
+    ) -> None:
         self.host = host
         self.port = port
         self.state_dir = state_dir
@@ -75,15 +83,50 @@ class AgentServer:
         self._subscribers: set[asyncio.StreamWriter] = set()
         self._connections: set[asyncio.Task[None]] = set()
         self._ggml: asyncio.Task[inventory.GgmlProbe] | None = None
+        self._advertise = advertise
+        self._advertise_interfaces = advertise_interfaces
+        self.advertiser: Advertiser | None = None
+        self._reannounce: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Bind and serve; return the port (useful with port 0)."""
         self._ggml = asyncio.get_running_loop().create_task(inventory.probe_ggml())
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = int(self._server.sockets[0].getsockname()[1])
+        if self._advertise:
+            self.advertiser = Advertiser(await self._hints(), self.host, self._advertise_interfaces)
+            await self.advertiser.start()
+            self._reannounce = asyncio.get_running_loop().create_task(self._watch_inventory())
         return self.port
 
+    async def _hints(self) -> AgentHints:
+        gpus, _ = await asyncio.get_running_loop().run_in_executor(None, inventory.read_gpus)
+        return AgentHints(
+            agent_id=self.agent_id,
+            corral_version=corral.__version__,
+            protocol=f"{PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}",
+            gpu_count=len(gpus),
+            vram_total=sum(g.memory_total for g in gpus),
+            port=self.port,
+        )
+
+    async def _watch_inventory(self, every: float = 30.0) -> None:
+        """Re-announce when the GPUs change (a card added, a driver loaded)."""
+        while True:
+            await asyncio.sleep(every)
+            if self.advertiser is not None:
+                try:
+                    await self.advertiser.update(await self._hints())
+                except Exception:  # a failed re-announce must not stop the agent
+                    log.exception("re-announcing failed")
+
     async def close(self) -> None:
+        # goodbye first, so desktops drop this host at once instead of seeing it offline
+        if self._reannounce is not None:
+            self._reannounce.cancel()
+        if self.advertiser is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.advertiser.close(), 3)
         if self._server is not None:
             self._server.close()
         for task in list(self._connections):

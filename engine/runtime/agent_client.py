@@ -30,7 +30,7 @@ from corral.engine.protocol import (
     to_wire,
 )
 
-from .errors import AgentRequestFailed, AgentUnreachable
+from .errors import AgentRequestFailed, AgentTimeout, AgentUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,8 @@ class AgentClient:
             reply = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             self._pending.pop(req, None)
-            raise AgentUnreachable(
-                f"agent {self.address} did not answer within {timeout:.0f} s"
+            raise AgentTimeout(
+                f"agent {self.address} did not answer within {timeout:g} s"
             ) from None
         if isinstance(reply, ErrorReply):
             raise AgentRequestFailed(f"agent {self.name}: {reply.message}")
@@ -194,7 +194,16 @@ class AgentClient:
         await self.request(lambda r: Subscribe(req=r))
 
     async def ping(self) -> None:
-        await self.request(lambda r: Ping(req=r), timeout=5)
+        await self.ping_within(5.0)
+
+    async def ping_within(self, timeout: float) -> None:
+        """A heartbeat: AgentUnreachable when no Pong comes back in time."""
+        try:
+            await self.request(lambda r: Ping(req=r), timeout=timeout)
+        except AgentTimeout:
+            raise AgentTimeout(
+                f"agent {self.address} missed a heartbeat (no answer within {timeout:g} s)"
+            ) from None
 
     async def close(self) -> None:
         if self._read_task is not None:

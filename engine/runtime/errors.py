@@ -11,6 +11,10 @@ class AgentUnreachable(RuntimeFailure):
     """No control connection to an agent (refused, timed out, wrong protocol)."""
 
 
+class AgentTimeout(AgentUnreachable):
+    """The agent did not answer a request in time (hung host, cut link)."""
+
+
 class AgentRequestFailed(RuntimeFailure):
     """The agent answered a request with an error."""
 

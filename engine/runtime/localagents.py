@@ -22,8 +22,15 @@ _LISTENING = re.compile(r"listening on (\S+)$")
 class LocalAgents:
     """N agents on 127.0.0.1 with throwaway state dirs; stopped (and their workers) on exit."""
 
-    def __init__(self, count: int, host: str = "127.0.0.1", start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        count: int,
+        host: str = "127.0.0.1",
+        start_timeout: float = 30.0,
+        advertise: bool = False,
+    ) -> None:
         self.count = count
+        self.advertise = advertise
         self.host = host
         self.start_timeout = start_timeout
         self.procs: list[subprocess.Popen[str]] = []
@@ -54,6 +61,7 @@ class LocalAgents:
                 str(self.state_dir(i)),
                 "--log-level",
                 "WARNING",
+                *(() if self.advertise else ("--no-advertise",)),
             ],
             stdout=subprocess.PIPE,
             stderr=None,

@@ -1,0 +1,169 @@
+"""The desktop's host registry: pure state, changed only by `apply(hosts, event)`.
+
+A host is keyed by agent id once known. Hosts added by address (networks without multicast)
+are keyed "manual:HOST:PORT" until their first hello tells us who they are; then a manual
+entry and a discovered one for the same agent become one host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .txt import AgentHints
+
+Hosts = Mapping[str, "Host"]
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    key: str
+    name: str  # hostname as the agent reports it, or the address typed in
+    addresses: tuple[str, ...]
+    port: int
+    agent_id: str = ""
+    hostname: str = ""  # from the agent's hello
+    manual: bool = False
+    advertised: bool = False
+    status: str = "discovered"  # discovered | online | offline
+    reason: str = ""  # why offline, in words
+    hints: AgentHints | None = None
+    since: float = 0.0  # when status last changed (time.monotonic())
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT for the first (best) address."""
+        host = self.addresses[0] if self.addresses else "?"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Advertised:
+    service: str  # mDNS instance name
+    hints: AgentHints
+    addresses: tuple[str, ...]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawn:
+    service: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ManualAdded:
+    host: str
+    port: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Online:
+    key: str
+    agent_id: str
+    hostname: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Offline:
+    key: str
+    reason: str
+    at: float
+
+
+Event = Advertised | Withdrawn | ManualAdded | Online | Offline
+
+
+def service_key(hosts: Hosts, service: str) -> str | None:
+    for h in hosts.values():
+        if h.advertised and h.name == service:
+            return h.key
+    return None
+
+
+def apply(hosts: Hosts, event: Event) -> dict[str, Host]:
+    """The registry after one event (the input is never modified)."""
+    out = dict(hosts)
+    if isinstance(event, Advertised):
+        key = event.hints.agent_id
+        old = out.get(key)
+        addrs = tuple(dict.fromkeys((*event.addresses, *(old.addresses if old else ()))))
+        if old is None:
+            out[key] = Host(
+                key=key,
+                name=event.service,
+                addresses=addrs,
+                port=event.hints.port,
+                agent_id=key,
+                advertised=True,
+                hints=event.hints,
+                since=event.at,
+            )
+        else:
+            out[key] = dataclasses.replace(
+                old,
+                addresses=addrs,
+                port=event.hints.port,
+                advertised=True,
+                hints=event.hints,
+                name=event.service if not old.manual else old.name,
+            )
+    elif isinstance(event, Withdrawn):
+        gone = service_key(out, event.service)
+        if gone is not None:
+            if out[gone].manual:
+                out[gone] = dataclasses.replace(out[gone], advertised=False)
+            else:
+                del out[gone]
+    elif isinstance(event, ManualAdded):
+        key = f"manual:{event.host}:{event.port}"
+        if key not in out and not any(
+            event.host in h.addresses and h.port == event.port for h in out.values()
+        ):
+            out[key] = Host(
+                key=key,
+                name=f"{event.host}:{event.port}",
+                addresses=(event.host,),
+                port=event.port,
+                manual=True,
+                since=event.at,
+            )
+    elif isinstance(event, Online):
+        host = out.get(event.key)
+        if host is None:
+            return out
+        if event.key != event.agent_id and event.agent_id in out:
+            # a manual entry turned out to be an agent we already know: one host
+            del out[event.key]
+            twin = out[event.agent_id]
+            host = dataclasses.replace(
+                twin,
+                manual=True,
+                addresses=tuple(dict.fromkeys((*twin.addresses, *host.addresses))),
+            )
+        elif event.key != event.agent_id:
+            del out[event.key]
+            host = dataclasses.replace(host, key=event.agent_id)
+        changed = host.status != "online"
+        out[event.agent_id] = dataclasses.replace(
+            host,
+            agent_id=event.agent_id,
+            hostname=event.hostname,
+            status="online",
+            reason="",
+            since=event.at if changed else host.since,
+        )
+    elif isinstance(event, Offline):
+        host = out.get(event.key)
+        if host is not None:
+            changed = host.status != "offline"
+            out[event.key] = dataclasses.replace(
+                host,
+                status="offline",
+                reason=event.reason,
+                since=event.at if changed else host.since,
+            )
+    return out

@@ -1,0 +1,150 @@
+"""The desktop's live view of hosts: mDNS discovery, hosts added by address, and heartbeats.
+
+A host is online while its control channel answers pings. A dead process closes its sockets
+(offline at once); a cut cable or a frozen host does not, so a ping unanswered within
+`timeout` marks it offline too. Offline hosts are retried every `retry` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from corral.discovery import (
+    Advertised,
+    Browser,
+    Event,
+    Host,
+    Hosts,
+    ManualAdded,
+    Offline,
+    Online,
+    Withdrawn,
+    apply,
+)
+
+from .agent_client import AgentClient, parse_address
+from .errors import RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+
+class _Heartbeat:
+    """Keeps one control connection to a host and reports online/offline."""
+
+    def __init__(self, directory: HostDirectory, key: str) -> None:
+        self.key = key
+        self.agent_id = ""
+        self._dir = directory
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def _host(self) -> Host | None:
+        return self._dir.hosts.get(self.key)
+
+    async def _run(self) -> None:
+        d = self._dir
+        while True:
+            host = self._host()
+            if host is None:
+                return
+            client, why = await self._connect(host)
+            if client is None:
+                d.emit(Offline(self.key, why, time.monotonic()))
+                await asyncio.sleep(d.retry)
+                continue
+            try:
+                assert client.hello is not None
+                self.agent_id = client.hello.agent_id
+                d.emit(
+                    Online(self.key, client.hello.agent_id, client.hello.hostname, time.monotonic())
+                )
+                while True:
+                    await asyncio.sleep(d.interval)
+                    await client.ping_within(d.timeout)
+            except RuntimeFailure as exc:
+                d.emit(Offline(self.key, str(exc), time.monotonic()))
+            finally:
+                await client.close()
+            await asyncio.sleep(d.retry)
+
+    async def _connect(self, host: Host) -> tuple[AgentClient | None, str]:
+        why = "no address"
+        for addr in host.addresses:
+            text = f"[{addr}]:{host.port}" if ":" in addr else f"{addr}:{host.port}"
+            client = AgentClient(text)
+            try:
+                await client.connect(timeout=self._dir.timeout)
+                return client, ""
+            except RuntimeFailure as exc:
+                why = str(exc)
+        return None, why
+
+
+class HostDirectory:
+    """Owns the Browser and the heartbeats; `hosts` is the registry, `on_change` hears it."""
+
+    def __init__(
+        self,
+        on_change: Callable[[Hosts, Event], None] | None = None,
+        *,
+        browse: bool = True,
+        interfaces: tuple[str, ...] = (),
+        ips: tuple[str, ...] = (),
+        allow_link_local: bool = False,
+        allow_bridges: bool = False,
+        interval: float = 1.0,
+        timeout: float = 2.0,
+        retry: float = 1.0,
+    ) -> None:
+        self.hosts: dict[str, Host] = {}
+        self.interval, self.timeout, self.retry = interval, timeout, retry
+        self._on_change = on_change
+        self._beats: dict[str, _Heartbeat] = {}
+        self.browser: Browser | None = (
+            Browser(self.emit, interfaces, ips, allow_link_local, allow_bridges) if browse else None
+        )
+
+    async def start(self) -> None:
+        if self.browser is not None:
+            await self.browser.start()
+
+    def add_manual(self, address: str) -> None:
+        """HOST:PORT of an agent mDNS cannot see; ValueError if the text is not one."""
+        host, port = parse_address(address)
+        self.emit(ManualAdded(host, port, time.monotonic()))
+
+    def emit(self, event: Event) -> None:
+        before = self.hosts
+        self.hosts = apply(self.hosts, event)
+        if isinstance(event, Online | Offline | Advertised | Withdrawn | ManualAdded):
+            self._reconcile()
+        if self._on_change is not None and self.hosts != before:
+            self._on_change(self.hosts, event)
+
+    def _reconcile(self) -> None:
+        for key, beat in list(self._beats.items()):
+            if key in self.hosts:
+                continue
+            del self._beats[key]
+            # a manual entry that turned out to be a known agent continues under its id
+            if beat.agent_id in self.hosts and beat.agent_id not in self._beats:
+                beat.key = beat.agent_id
+                self._beats[beat.agent_id] = beat
+            else:
+                beat.task.cancel()
+        for key in self.hosts:
+            if key not in self._beats:
+                self._beats[key] = _Heartbeat(self, key)
+
+    async def close(self) -> None:
+        for beat in self._beats.values():
+            beat.task.cancel()
+        for beat in self._beats.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await beat.task
+        self._beats.clear()
+        if self.browser is not None:
+            await self.browser.close()
