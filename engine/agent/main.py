@@ -26,6 +26,12 @@ def parse_listen(text: str) -> tuple[str, int]:
 async def _run(
     host: str, port: int, state_dir: Path, advertise: bool, interfaces: tuple[str, ...]
 ) -> int:
+    # Handlers first: a SIGTERM during start-up must still end in a clean stop (with goodbye
+    # packets), not in the default action.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     server = AgentServer(host, port, state_dir, advertise, interfaces)
     try:
         bound = await server.start()
@@ -33,12 +39,9 @@ async def _run(
         print(
             f"corral-agent: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr
         )
+        await server.close()
         return 2
     print(f"corral-agent {server.agent_id} listening on {host}:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.close()
     return 0
