@@ -135,6 +135,16 @@ def apply(hosts: Hosts, event: Event) -> dict[str, Host]:
         host = out.get(event.key)
         if host is None:
             return out
+        if host.agent_id and host.agent_id != event.agent_id:
+            # the address now answers as another agent (restarted with a new identity, or the
+            # address moved): this host is not there; the other one announces itself
+            out[event.key] = dataclasses.replace(
+                host,
+                status="offline",
+                since=event.at,
+                reason=f"{host.address} now answers as another agent ({event.agent_id[:12]})",
+            )
+            return out
         if event.key != event.agent_id and event.agent_id in out:
             # a manual entry turned out to be an agent we already know: one host
             del out[event.key]

@@ -193,6 +193,14 @@ class AgentClient:
     async def subscribe(self) -> None:
         await self.request(lambda r: Subscribe(req=r))
 
+    async def wait_lost(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the connection to end; True if it did (the reason is in
+        `closed_reason`). A heartbeat sleeps in here, so a dead agent is noticed at once."""
+        if self._read_task is None:
+            return True
+        done, _ = await asyncio.wait({self._read_task}, timeout=timeout)
+        return bool(done)
+
     async def ping(self) -> None:
         await self.ping_within(5.0)
 

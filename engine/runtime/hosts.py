@@ -27,7 +27,7 @@ from corral.discovery import (
 )
 
 from .agent_client import AgentClient, parse_address
-from .errors import RuntimeFailure
+from .errors import AgentUnreachable, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,15 @@ class _Heartbeat:
                 d.emit(
                     Online(self.key, client.hello.agent_id, client.hello.hostname, time.monotonic())
                 )
+                host = d.hosts.get(self.key)
+                if host is None or host.status != "online":  # another agent answered there
+                    continue  # (the finally closes the client; retry after the pause below)
                 while True:
-                    await asyncio.sleep(d.interval)
+                    if await client.wait_lost(d.interval):
+                        raise AgentUnreachable(
+                            f"lost the connection to agent {client.address}: "
+                            f"{client.closed_reason or 'closed'}"
+                        )
                     await client.ping_within(d.timeout)
             except RuntimeFailure as exc:
                 d.emit(Offline(self.key, str(exc), time.monotonic()))

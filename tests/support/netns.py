@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from types import TracebackType
 from typing import Any
 
@@ -32,6 +33,11 @@ class Lan:
         self.prefix = f"cr{os.getpid() % 100000}"
         self.bridge_ns = f"{self.prefix}br"
         self.procs: list[subprocess.Popen[Any]] = []
+        self._state = tempfile.mkdtemp(prefix=f"corral-{self.prefix}-")
+
+    def state_dir(self, i: int) -> str:
+        """Where host i's agent keeps its identity: the same across restarts, like a real host."""
+        return os.path.join(self._state, f"host{i}")
 
     def ns(self, i: int) -> str:
         return f"{self.prefix}n{i}"
@@ -106,6 +112,7 @@ class Lan:
                 except (ProcessLookupError, ValueError):
                     pass
             _ip("netns", "del", name, check=False)
+        shutil.rmtree(self._state, ignore_errors=True)
 
     def __exit__(
         self,

@@ -7,7 +7,6 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,11 +42,8 @@ class Watcher:
         self.events: list[Snapshot] = []
 
     def wait_for(self, pred: Callable[[list[Snapshot]], bool], timeout: float = 30) -> Snapshot:
-        """The first event (from now on, or already seen) whose host list satisfies pred."""
+        """The first event not yet read whose host list satisfies pred."""
         assert self.proc.stdout is not None
-        for event in self.events:
-            if pred(event["hosts"]):
-                return event
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
@@ -76,7 +72,6 @@ class Watcher:
 
 
 def start_agent(lan: Lan, i: int, listen: str | None = None) -> subprocess.Popen[str]:
-    state = tempfile.mkdtemp(prefix=f"corral-ns{i}-")
     return lan.spawn(
         i,
         [
@@ -86,7 +81,7 @@ def start_agent(lan: Lan, i: int, listen: str | None = None) -> subprocess.Popen
             "--listen",
             listen or f"{lan.address(i)}:7340",
             "--state-dir",
-            state,
+            lan.state_dir(i),
             "--log-level",
             "WARNING",
         ],
