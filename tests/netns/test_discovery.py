@@ -119,3 +119,18 @@ def test_a_host_on_two_interfaces_is_one_host(lan: Lan) -> None:
         assert len(watcher.events[-1]["hosts"]) == 1
     finally:
         watcher.stop()
+
+
+def test_an_ipv6_only_agent_is_found_and_watched_over_ipv6(lan: Lan) -> None:
+    agent_ip, _ = lan.add_ipv6(1), lan.add_ipv6(3)
+    watcher = Watcher(lan, 3)
+    try:
+        start_agent(lan, 1, listen=f"[{agent_ip}]:7340")
+        event = watcher.wait_for(
+            lambda hs: (by_address(hs, agent_ip) or {}).get("status") == "online"
+        )
+        host = by_address(event["hosts"], agent_ip)
+        assert host is not None and host["addresses"] == [agent_ip]
+        assert host["address"] == f"[{agent_ip}]:7340"
+    finally:
+        watcher.stop()

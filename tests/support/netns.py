@@ -88,6 +88,12 @@ class Lan:
         _ip("-n", self.ns(i), "link", "set", veth, "multicast", "on", "up")
         return veth
 
+    def add_ipv6(self, i: int) -> str:
+        """Give host i the address fd77::i (no duplicate-address wait); return it."""
+        address = f"fd77::{i}"
+        _ip("-n", self.ns(i), "-6", "addr", "add", f"{address}/64", "dev", self.veth(i), "nodad")
+        return address
+
     def link(self, i: int, up: bool) -> None:
         """Cable in or out: host i's interface up or down (a network partition)."""
         _ip("-n", self.ns(i), "link", "set", self.veth(i), "up" if up else "down")
