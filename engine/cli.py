@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from corral.discovery import Host, Hosts
+from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.model import ModelMissing, default_model_path, fetch_default_model
+from corral.engine.planner.kvtypes import KV_TYPES
+from corral.engine.planner.plan import STRATEGIES, MiB, Plan
 from corral.engine.runtime.agent_client import AgentClient, parse_address
-from corral.engine.runtime.errors import RuntimeFailure
+from corral.engine.runtime.errors import PlanRefused, RuntimeFailure
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
 
@@ -84,6 +87,13 @@ def describe_load(result: LoadResult, model: Path) -> list[str]:
         f"(+ output layer), context {result.n_ctx}"
     ]
     lines += [f"  {p.describe()}" for p in result.placements]
+    if result.comparison is not None:
+        lines.append("  memory, planned before the load vs reported by llama.cpp after it:")
+        for name, planned, actual, err in result.comparison.rows():
+            lines.append(
+                f"    {name:<36} {planned / MiB:8.1f} MiB  {actual / MiB:8.1f} MiB"
+                f"  ({err * 100:+.1f}%)"
+            )
     lines += [f"  warning: {w}" for w in result.warnings]
     return lines
 
@@ -131,13 +141,137 @@ async def _reply(
     return done
 
 
+def _load_settings(opts: argparse.Namespace, model: Path) -> LoadSettings:
+    return LoadSettings(
+        model=model,
+        n_ctx=opts.ctx,
+        n_threads=getattr(opts, "threads", 0),
+        flash_attn=opts.flash_attn == "on",
+        type_k=opts.cache_type_k,
+        type_v=opts.cache_type_v,
+        strategy=opts.strategy,
+        layers=opts.layers,
+        reserve_mib=opts.reserve,
+    )
+
+
+def plan_table(plan: Plan, analytic: Plan | None = None) -> list[str]:
+    """The layer map and the per-device memory table, as `corral plan` prints them."""
+    lines = [
+        f"strategy {plan.strategy}; tensor_split "
+        f"{', '.join(f'{x:.3f}' for x in plan.tensor_split) or '(none: local)'}"
+    ]
+    head = (
+        f"{'DEVICE':<7} {'HOST':<28} {'LAYERS':<12} {'WEIGHTS':>8} {'KV':>7} "
+        f"{'COMPUTE':>8} {'TOTAL':>8} {'FREE':>9}"
+    )
+    if analytic is not None:
+        head += f" {'ESTIMATE':>9}"
+    lines.append(head)
+
+    def mib(n: int) -> str:
+        return f"{n / MiB:.0f}M"
+
+    for i, (dev, use) in enumerate(zip(plan.devices, plan.usage, strict=True)):
+        layers = compact_ranges(plan.layers_of(i)) or "-"
+        row = (
+            f"{dev.name:<7} {dev.host[:28]:<28} {layers:<12} {mib(use.weights):>8} "
+            f"{mib(use.kv):>7} {mib(use.compute):>8} {mib(use.total):>8} "
+            f"{mib(max(dev.free - plan.settings.reserve, 0)):>9}"
+        )
+        if analytic is not None:
+            row += f" {mib(analytic.usage[i].total):>9}"
+        lines.append(row)
+    h = plan.host
+    host_layers = compact_ranges(plan.layers_of(-1)) or "embd"
+    row = (
+        f"{'host':<7} {'this desktop':<28} {host_layers:<12} {mib(h.weights):>8} "
+        f"{mib(h.kv):>7} {mib(h.compute + h.output):>8} {mib(h.total):>8} {'':>9}"
+    )
+    if analytic is not None:
+        row += f" {mib(analytic.host.total):>9}"
+    lines.append(row)
+    lines.append(
+        f"compute buffers from: {plan.compute_source}; the output layer is layer "
+        f"{len(plan.layer_device) - 1}; token embeddings stay in host memory"
+    )
+    return lines
+
+
+def _plan_json(plan: Plan) -> dict[str, Any]:
+    return {
+        "strategy": plan.strategy,
+        "tensor_split": list(plan.tensor_split),
+        "compute_source": plan.compute_source,
+        "fits": plan.fits,
+        "shortfalls": plan.shortfalls(),
+        "devices": [
+            {
+                "device": d.name,
+                "host": d.host,
+                "endpoint": d.endpoint,
+                "free": d.free,
+                "layers": plan.layers_of(i),
+                "weights": u.weights,
+                "kv": u.kv,
+                "compute": u.compute,
+                "total": u.total,
+            }
+            for i, (d, u) in enumerate(zip(plan.devices, plan.usage, strict=True))
+        ],
+        "host": {
+            "layers": plan.layers_of(-1),
+            "weights": plan.host.weights,
+            "kv": plan.host.kv,
+            "compute": plan.host.compute,
+            "output": plan.host.output,
+            "total": plan.host.total,
+        },
+    }
+
+
+async def _plan(opts: argparse.Namespace, out: _Out) -> int:
+    model = _model(opts.model)
+    session = ChatSession(opts.agent)
+    try:
+        await session.connect()
+        analytic, exact = await session.plan(_load_settings(opts, model))
+    finally:
+        await session.close()
+    if out.json:
+        print(
+            json.dumps(
+                {
+                    "type": "plan",
+                    "model": str(model),
+                    "exact": _plan_json(exact),
+                    "analytic": _plan_json(analytic),
+                }
+            ),
+            flush=True,
+        )
+    else:
+        print(
+            f"{model.name}: {len(exact.layer_device) - 1} layers + output layer, context "
+            f"{exact.settings.n_ctx_padded}, KV {opts.cache_type_k}/{opts.cache_type_v}, "
+            f"flash attention {opts.flash_attn}"
+        )
+        for line in plan_table(exact, analytic):
+            print(line)
+        for w in session.warnings:
+            print(f"warning: {w}")
+    if not exact.fits:
+        for reason in exact.shortfalls():
+            print(f"corral: does not fit: {reason}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
 async def _chat(opts: argparse.Namespace, out: _Out) -> int:
     model = _model(opts.model)
     session = ChatSession(opts.agent)
     try:
-        result = await session.open(
-            LoadSettings(model=model, n_ctx=opts.ctx, n_threads=opts.threads)
-        )
+        result = await session.open(_load_settings(opts, model))
         for line in describe_load(result, model):
             out.info(line)
         if opts.prompt is not None:
@@ -314,6 +448,56 @@ def _models(opts: argparse.Namespace, out: _Out) -> int:
     return 0
 
 
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of layer counts like 16,15"
+        ) from None
+    if any(c < 0 for c in counts):
+        raise argparse.ArgumentTypeError("layer counts cannot be negative")
+    return counts
+
+
+def _planning_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-type-k",
+        default="f16",
+        choices=list(KV_TYPES),
+        metavar="TYPE",
+        help=f"K cache type ({', '.join(KV_TYPES)})",
+    )
+    p.add_argument(
+        "--cache-type-v",
+        default="f16",
+        choices=list(KV_TYPES),
+        metavar="TYPE",
+        help="V cache type (quantized V needs --flash-attn on)",
+    )
+    p.add_argument("--flash-attn", choices=["on", "off"], default="off")
+    p.add_argument(
+        "--strategy",
+        choices=list(STRATEGIES),
+        default="balanced",
+        help="fewest: fewest hosts that fit; balanced: by free memory; speed: by device speed",
+    )
+    p.add_argument(
+        "--layers",
+        type=_layers,
+        metavar="N,N,...",
+        help="layers per device in order (RPC devices, then local GPUs); must add "
+        "up to the layer count + 1 (the output layer)",
+    )
+    p.add_argument(
+        "--reserve",
+        type=int,
+        default=256,
+        metavar="MiB",
+        help="memory left free on every device (default 256)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="corral", description="Pool your LAN's GPUs into one llama.cpp model."
@@ -342,6 +526,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore-eos", action="store_true", help="generate exactly --max-tokens (benchmarks)"
     )
     chat.add_argument("--json", action="store_true", help="one JSON object per line")
+    _planning_flags(chat)
+
+    plan = sub.add_parser("plan", help="where each layer would go and how much memory it needs")
+    plan.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct)")
+    plan.add_argument("--agent", action="append", type=_address, default=[], metavar="HOST:PORT")
+    plan.add_argument("--ctx", type=_positive, default=2048, help="context size in tokens")
+    plan.add_argument("--json", action="store_true")
+    _planning_flags(plan)
 
     agents = sub.add_parser("agents", help="inventory and worker state of agents")
     agents.add_argument(
@@ -404,12 +596,16 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Callable[[], int]] = {
         "chat": lambda: asyncio.run(_chat(opts, out)),
         "agents": lambda: asyncio.run(_agents(opts, out)),
+        "plan": lambda: asyncio.run(_plan(opts, out)),
         "hosts": lambda: asyncio.run(_hosts(opts, out)),
         "models": lambda: _models(opts, out),
         "demo": lambda: _demo(opts, out),
     }
     try:
         return runners[opts.cmd]()
+    except PlanRefused as exc:
+        out.error(str(exc))
+        return EXIT_USAGE
     except (RuntimeFailure, ModelMissing) as exc:
         return out.error(str(exc))
     except KeyboardInterrupt:
@@ -422,18 +618,10 @@ def _demo(opts: argparse.Namespace, out: _Out) -> int:
     model = _model(None)
     with LocalAgents(2) as agents:
         out.info(f"started 2 local agents: {', '.join(agents.addresses)}")
-        chat_opts = argparse.Namespace(
-            model=str(model),
-            agent=agents.addresses,
-            prompt=opts.prompt,
-            max_tokens=opts.max_tokens,
-            ctx=2048,
-            temp=0.0,
-            seed=-1,
-            threads=0,
-            ignore_eos=False,
-            json=opts.json,
-        )
+        args = ["chat", str(model), "--prompt", opts.prompt, "--max-tokens", str(opts.max_tokens)]
+        for address in agents.addresses:
+            args += ["--agent", address]
+        chat_opts = build_parser().parse_args([*args, *(["--json"] if opts.json else [])])
         out.info(f"> {opts.prompt}")
         start = time.monotonic()
         code = asyncio.run(_chat(chat_opts, out))

@@ -25,7 +25,7 @@ class LoadReport:
 
 
 def parse_load_log(lines: Iterable[str]) -> LoadReport:
-    """Collect layer assignments and buffer sizes; later lines for the same key win."""
+    """Collect layer assignments, and buffer sizes summed per kind and buffer name."""
     layers: dict[int, str] = {}
     buffers: dict[str, dict[str, float]] = {}
     for line in lines:
@@ -35,7 +35,8 @@ def parse_load_log(lines: Iterable[str]) -> LoadReport:
             continue
         b = _BUFFER.search(line)
         if b:
-            buffers.setdefault(b.group(2), {})[b.group(1)] = float(b.group(3))
+            kind = buffers.setdefault(b.group(2), {})
+            kind[b.group(1)] = kind.get(b.group(1), 0.0) + float(b.group(3))
     return LoadReport(layers=layers, buffers=buffers)
 
 

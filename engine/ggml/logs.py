@@ -22,6 +22,7 @@ class LogCapture:
 
     def __init__(self, mirror_fd: int | None = None, keep: int = 20000) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self.count = 0  # lines seen so far, including those the deque has dropped
         self._partial = ""
         self._mirror_fd = mirror_fd
         self._lock = threading.Lock()
@@ -38,6 +39,7 @@ class LogCapture:
             data = self._partial + chunk
             *done, self._partial = data.split("\n")
             self.lines.extend(done)
+            self.count += len(done)
         if self.on_line is not None:
             for line in done:
                 self.on_line(line)
@@ -52,3 +54,9 @@ class LogCapture:
     def snapshot(self) -> list[str]:
         with self._lock:
             return list(self.lines)
+
+    def since(self, mark: int) -> list[str]:
+        """Lines logged after `count` was `mark` (as many as are still kept)."""
+        with self._lock:
+            new = self.count - mark
+            return list(self.lines)[-new:] if new > 0 else []

@@ -74,35 +74,63 @@ class _Engine:
         self.chan = chan
         self.llm: Any = None
         self.tokens: list[int] = []  # what the KV cache holds, in order
+        self.registered: list[str] = []  # RPC endpoints this process's ggml knows
         self.n_ctx = 0
 
     # ------------------------------------------------------------------ load
 
-    def load(self, req: dict[str, Any], capture: Any) -> None:
-        from corral.engine.ggml import add_rpc_server, list_devices, parse_load_log
+    def _register(self, endpoints: list[str]) -> None:
+        from corral.engine.ggml import add_rpc_server
 
-        for endpoint in req.get("rpc", []):
-            add_rpc_server(str(endpoint))
+        for endpoint in endpoints:
+            # registering an endpoint twice would list its devices twice
+            if endpoint not in self.registered:
+                add_rpc_server(endpoint)
+                self.registered.append(endpoint)
+
+    @staticmethod
+    def _settings(req: dict[str, Any]) -> dict[str, Any]:
+        from corral.engine.planner.kvtypes import ggml_type
+
         n_ctx = int(req.get("n_ctx", 2048))
-        n_ctx = max(N_CTX_ALIGN, (n_ctx + N_CTX_ALIGN - 1) // N_CTX_ALIGN * N_CTX_ALIGN)
-        mark = len(capture.snapshot())
+        n_batch = int(req.get("n_batch", 512))
+        return {
+            "n_gpu_layers": int(req.get("n_gpu_layers", -1)),
+            "tensor_split": [float(x) for x in req.get("tensor_split") or []],
+            "n_ctx": max(N_CTX_ALIGN, (n_ctx + N_CTX_ALIGN - 1) // N_CTX_ALIGN * N_CTX_ALIGN),
+            "n_batch": n_batch,
+            "n_ubatch": int(req.get("n_ubatch", n_batch)),
+            "type_k": ggml_type(str(req.get("type_k", "f16"))),
+            "type_v": ggml_type(str(req.get("type_v", "f16"))),
+            "flash_attn": bool(req.get("flash_attn", False)),
+        }
+
+    def load(self, req: dict[str, Any], capture: Any) -> None:
+        from corral.engine.ggml import list_devices, parse_load_log
+
+        self._register([str(e) for e in req.get("rpc", [])])
+        cfg = self._settings(req)
+        mark = capture.count
         t0 = time.perf_counter()
         threads = int(req.get("n_threads") or 0) or (os.cpu_count() or 1)
         self.llm = self.L.Llama(
             model_path=str(req["model"]),
-            n_gpu_layers=int(req.get("n_gpu_layers", -1)),
-            tensor_split=req.get("tensor_split") or None,
-            n_ctx=n_ctx,
-            n_batch=int(req.get("n_batch", 512)),
+            n_gpu_layers=cfg["n_gpu_layers"],
+            tensor_split=cfg["tensor_split"] or None,
+            n_ctx=cfg["n_ctx"],
+            n_batch=cfg["n_batch"],
+            n_ubatch=cfg["n_ubatch"],
+            type_k=cfg["type_k"],
+            type_v=cfg["type_v"],
             n_threads=threads,
             n_threads_batch=threads,
-            flash_attn=bool(req.get("flash_attn", False)),
+            flash_attn=cfg["flash_attn"],
             verbose=True,  # verbose=False would point fds 1/2 at /dev/null during load
         )
         load_s = time.perf_counter() - t0
         self.n_ctx = int(self.L.llama_n_ctx(self.llm.ctx))
         self.tokens = []
-        report = parse_load_log(capture.snapshot()[mark:])
+        report = parse_load_log(capture.since(mark))
         self.chan.send(
             "loaded",
             devices=[dataclasses.asdict(d) for d in list_devices()],
@@ -112,6 +140,58 @@ class _Engine:
             n_layer=int(self.L.llama_model_n_layer(self.llm.model)),
             n_vocab=int(self.llm.n_vocab()),
             load_s=load_s,
+        )
+
+    def dry_run(self, req: dict[str, Any], capture: Any) -> None:
+        """llama.cpp's own allocation, simulated (no_alloc): layer map and buffer sizes.
+
+        Nothing is allocated on any device, so this is safe to run before a load that would
+        not fit; it does talk to the RPC workers (memory, alignment), so they must be up.
+        """
+        from corral.engine.ggml import list_devices, parse_load_log
+
+        L = self.L
+        self._register([str(e) for e in req.get("rpc", [])])
+        cfg = self._settings(req)
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = cfg["n_gpu_layers"]
+        split = cfg["tensor_split"]
+        if split:
+            arr = (ctypes.c_float * L.LLAMA_MAX_DEVICES)(*split)
+            mparams.tensor_split = arr
+        mparams.no_alloc = True
+        mparams.load_mode = L.LLAMA_LOAD_MODE_NONE  # a mapped load asserts under no_alloc
+        mark = capture.count
+        model = L.llama_model_load_from_file(str(req["model"]).encode(), mparams)
+        if not model:
+            raise _Refused("llama.cpp could not read the model for the dry run")
+        try:
+            cparams = L.llama_context_default_params()
+            cparams.n_ctx = cfg["n_ctx"]
+            cparams.n_batch = cfg["n_batch"]
+            cparams.n_ubatch = cfg["n_ubatch"]
+            cparams.type_k = cfg["type_k"]
+            cparams.type_v = cfg["type_v"]
+            cparams.flash_attn_type = (
+                L.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                if cfg["flash_attn"]
+                else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+            ctx = L.llama_init_from_model(model, cparams)
+            if not ctx:
+                raise _Refused(
+                    "llama.cpp refused this context (cache type, flash attention or size)"
+                )
+            L.llama_free(ctx)
+        finally:
+            L.llama_model_free(model)
+        report = parse_load_log(capture.since(mark))
+        self.chan.send(
+            "dry_run",
+            devices=[dataclasses.asdict(d) for d in list_devices()],
+            layers={str(k): v for k, v in report.layers.items()},
+            buffers=report.buffers,
+            n_ctx=cfg["n_ctx"],
         )
 
     # ------------------------------------------------------------------ generate
@@ -273,11 +353,20 @@ def main(argv: list[str] | None = None) -> int:
     chan = _Channel(sock)
 
     from corral.engine.ggml import GgmlError, LogCapture, build_info
+    from corral.engine.planner.kvtypes import UnknownCacheType
 
     capture = LogCapture(mirror_fd=2)
     capture.install()
     engine = _Engine(chan)
-    chan.send("ready", build=dataclasses.asdict(build_info()), pid=os.getpid())
+    from corral.engine.ggml import list_devices
+
+    chan.send(
+        "ready",
+        build=dataclasses.asdict(build_info()),
+        pid=os.getpid(),
+        # the desktop's own devices, before any RPC endpoint is registered
+        devices=[dataclasses.asdict(d) for d in list_devices()],
+    )
     while True:
         req = chan.inbox.get()
         if req is None or req.get("op") == "exit":
@@ -286,11 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if op == "load":
                 engine.load(req, capture)
+            elif op == "dry_run":
+                engine.dry_run(req, capture)
             elif op == "generate":
                 engine.generate(req)
             else:
                 chan.send("error", message=f"unknown request {op!r}")
-        except (_Refused, GgmlError) as exc:
+        except (_Refused, GgmlError, UnknownCacheType) as exc:
             chan.send("error", message=str(exc))
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" etc.
             hint = ""

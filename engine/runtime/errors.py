@@ -23,6 +23,10 @@ class WorkerUnavailable(RuntimeFailure):
     """An RPC worker endpoint does not answer or speaks another ggml RPC protocol."""
 
 
+class PlanRefused(RuntimeFailure):
+    """The plan would not fit (or cannot be made); nothing was loaded."""
+
+
 class InferenceCrashed(RuntimeFailure):
     """The inference child died (llama.cpp aborted, was killed, or ran out of memory)."""
 

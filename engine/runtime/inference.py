@@ -119,6 +119,11 @@ class InferenceProcess:
         self._send("load", **params)
         return await self._next()
 
+    async def dry_run(self, **params: Any) -> dict[str, Any]:
+        """llama.cpp's simulated allocation for these load params (nothing is allocated)."""
+        self._send("dry_run", **params)
+        return await self._next()
+
     async def generate(self, **params: Any) -> AsyncIterator[dict[str, Any]]:
         """Yield one `token` event per token (with the KV cells in use), then `done`."""
         self._send("generate", **params)

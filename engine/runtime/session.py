@@ -8,6 +8,7 @@ ourselves, and only then let the inference child register them and load.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,16 +17,20 @@ from typing import Any
 
 from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
-from corral.engine.protocol import AgentEvent, WorkerState
+from corral.engine.model.spec import ModelError, ModelSpec, read_model_spec
+from corral.engine.planner.plan import MiB, Plan, PlanError, Settings, make_plan
+from corral.engine.protocol import AgentEvent, Inventory, WorkerState
 
 from .agent_client import AgentClient
 from .errors import (
     AgentUnreachable,
     InferenceCrashed,
+    PlanRefused,
     RuntimeFailure,
     WorkerUnavailable,
 )
 from .inference import InferenceProcess
+from .planning import Comparison, compare, devices_from_agents, exact_plan, layer_map_matches
 
 _CRASH_EVENT_WAIT = 2.0  # how long to wait for an agent to report the worker that died
 
@@ -35,10 +40,38 @@ class LoadSettings:
     model: Path
     n_ctx: int = 2048
     n_threads: int = 0
-    n_gpu_layers: int = -1
-    tensor_split: tuple[float, ...] = ()
     flash_attn: bool = False
     worker_threads: int = 0
+    n_batch: int = 512
+    n_ubatch: int = 512
+    type_k: str = "f16"
+    type_v: str = "f16"
+    strategy: str = "balanced"
+    layers: tuple[int, ...] | None = None  # manual layer counts per device
+    reserve_mib: int = 256
+
+    def plan_settings(self) -> Settings:
+        return Settings(
+            n_ctx=self.n_ctx,
+            n_batch=self.n_batch,
+            n_ubatch=self.n_ubatch,
+            type_k=self.type_k,
+            type_v=self.type_v,
+            flash_attn=self.flash_attn,
+            reserve=self.reserve_mib * MiB,
+        )
+
+    def child_params(self) -> dict[str, Any]:
+        return {
+            "model": str(self.model),
+            "n_ctx": self.n_ctx,
+            "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch,
+            "type_k": self.type_k,
+            "type_v": self.type_v,
+            "flash_attn": self.flash_attn,
+            "n_threads": self.n_threads,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +96,9 @@ class LoadResult:
     load_s: float
     buffers: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    plan: Plan | None = None  # with llama.cpp's dry-run compute buffers
+    analytic: Plan | None = None  # the instant estimate, for comparison
+    comparison: Comparison | None = None  # planned vs what llama.cpp reported
 
 
 def _proto(text: str) -> tuple[int, int]:
@@ -83,35 +119,81 @@ class ChatSession:
         self.workers: list[WorkerState] = []
         self.result: LoadResult | None = None
         self._events: list[tuple[float, AgentClient, AgentEvent]] = []
+        self.local_devices: list[dict[str, Any]] = []
+        self.inventories: list[Inventory] = []
+        self.warnings: tuple[str, ...] = ()
+        self.spec: ModelSpec | None = None
         self._event_arrived = asyncio.Event()
 
     # ------------------------------------------------------------------ open
 
-    async def open(self, settings: LoadSettings) -> LoadResult:
+    async def connect(self, worker_threads: int = 0) -> None:
+        """Agents, the inference child, version checks, workers up and answering HELLO."""
         child_start = asyncio.ensure_future(self.child.start())
         try:
             await self._connect_agents()
-            build = await child_start
+            ready = await child_start
         except BaseException:
             child_start.cancel()
             raise
-        warnings = self._check_versions(build.get("build", {}))
+        self.local_devices = list(ready.get("devices", []))
+        self.warnings = self._check_versions(ready.get("build", {}))
         states = await asyncio.gather(
-            *(self._start_worker(c, settings.worker_threads) for c in self.clients)
+            *(self._start_worker(c, worker_threads) for c in self.clients)
         )
         self.workers = list(states)
-        endpoints = [s.endpoint for s in states]
-        await self._probe_endpoints(endpoints)
-        loaded = await self.child.load(
-            model=str(settings.model),
-            rpc=endpoints,
-            n_ctx=settings.n_ctx,
-            n_threads=settings.n_threads,
-            n_gpu_layers=settings.n_gpu_layers,
-            tensor_split=list(settings.tensor_split) or None,
-            flash_attn=settings.flash_attn,
+        await self._probe_endpoints(self.endpoints)
+        self.inventories = list(await asyncio.gather(*(c.inventory() for c in self.clients)))
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [w.endpoint for w in self.workers]
+
+    async def plan(self, settings: LoadSettings) -> tuple[Plan, Plan]:
+        """(analytic plan, exact plan): placement by strategy, then llama.cpp's dry run."""
+        loop = asyncio.get_running_loop()
+        try:
+            spec = await loop.run_in_executor(None, read_model_spec, settings.model)
+        except ModelError as exc:
+            raise PlanRefused(str(exc)) from None
+        self.spec = spec
+        devices = devices_from_agents(
+            [c.name for c in self.clients], self.inventories, self.endpoints, self.local_devices
         )
-        self.result = self._placements(loaded, warnings)
+        try:
+            analytic = make_plan(
+                spec, devices, settings.plan_settings(), settings.strategy, settings.layers
+            )
+        except PlanError as exc:
+            raise PlanRefused(str(exc)) from None
+        dry = await self.child.dry_run(
+            rpc=self.endpoints,
+            tensor_split=list(analytic.tensor_split) or None,
+            **settings.child_params(),
+        )
+        wrong = layer_map_matches(analytic, dry.get("layers", {}))
+        if wrong:  # the planner and llama.cpp disagree: trust llama.cpp, say so loudly
+            self.warnings = (*self.warnings, "plan differs from llama.cpp: " + "; ".join(wrong[:3]))
+        return analytic, exact_plan(analytic, spec, dry)
+
+    async def open(self, settings: LoadSettings) -> LoadResult:
+        """Connect, plan, refuse what would not fit, load, and compare plan with reality."""
+        await self.connect(settings.worker_threads)
+        analytic, exact = await self.plan(settings)
+        if not exact.fits:
+            raise PlanRefused("the model does not fit: " + "; ".join(exact.shortfalls()))
+        loaded = await self.child.load(
+            rpc=self.endpoints,
+            tensor_split=list(exact.tensor_split) or None,
+            **settings.child_params(),
+        )
+        result = self._placements(loaded, self.warnings)
+        self.result = dataclasses.replace(
+            result,
+            plan=exact,
+            analytic=analytic,
+            comparison=compare(exact, loaded.get("buffers", {})),
+        )
         return self.result
 
     async def _connect_agents(self) -> None:

@@ -1,0 +1,162 @@
+"""GGUF metadata → ModelSpec: what the planner needs to know about a model, read once.
+
+Read with the `gguf` package (llama.cpp's own reader): real per-tensor byte sizes, so a
+mixed-quant model's layers are sized as they are, not as the file type suggests.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+class ModelError(Exception):
+    """The file is not a model the planner can read; the message says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSpec:
+    index: int
+    weight_bytes: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    is_swa: bool = False
+
+    @property
+    def n_embd_k_gqa(self) -> int:
+        return self.head_dim_k * self.n_head_kv
+
+    @property
+    def n_embd_v_gqa(self) -> int:
+        return self.head_dim_v * self.n_head_kv
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    path: str
+    arch: str
+    name: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    layers: tuple[LayerSpec, ...]
+    token_embd_bytes: int
+    output_bytes: int  # output.weight; with tied embeddings, a copy of token_embd
+    output_norm_bytes: int
+    tied_embeddings: bool
+    other_bytes: int  # tensors outside blocks that are neither embeddings nor output
+    swa: bool
+    moe: bool
+    n_expert: int
+    file_bytes: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(layer.weight_bytes for layer in self.layers)
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    return value
+
+
+def _per_layer(value: Any, n_layer: int, name: str) -> list[int]:
+    if isinstance(value, list):
+        if len(value) != n_layer:
+            raise ModelError(f"{name} has {len(value)} entries for {n_layer} layers")
+        return [int(v) for v in value]
+    return [int(value)] * n_layer
+
+
+def read_model_spec(path: str | Path) -> ModelSpec:
+    """Read a GGUF file's metadata and tensor table (no weights are loaded)."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise ModelError(f"{path} is not a readable GGUF file ({exc})") from None
+    arch = str(_field(reader, "general.architecture", ""))
+    if not arch:
+        raise ModelError(f"{path} has no general.architecture: not a llama.cpp model")
+
+    def key(name: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{name}", default)
+
+    n_layer = key("block_count")
+    n_embd = key("embedding_length")
+    if n_layer is None or n_embd is None:
+        raise ModelError(f"{path} lacks {arch}.block_count or {arch}.embedding_length")
+    n_layer, n_embd = int(n_layer), int(n_embd)
+    heads = _per_layer(key("attention.head_count", 0), n_layer, "head_count")
+    heads_kv = _per_layer(key("attention.head_count_kv", heads), n_layer, "head_count_kv")
+    default_dim = n_embd // max(1, max(heads) if heads else 1)
+    dim_k = int(key("attention.key_length", default_dim))
+    dim_v = int(key("attention.value_length", default_dim))
+    window = key("attention.sliding_window")
+    n_expert = int(key("expert_count", 0) or 0)
+    n_ff_raw = key("feed_forward_length", 0)
+    n_ff = int(max(n_ff_raw) if isinstance(n_ff_raw, list) else n_ff_raw)
+
+    layer_bytes = [0] * n_layer
+    token_embd = output = output_norm = other = 0
+    n_vocab = 0
+    for t in reader.tensors:
+        nbytes = int(t.n_bytes)
+        m = _BLOCK.match(t.name)
+        if m:
+            il = int(m.group(1))
+            if il >= n_layer:
+                raise ModelError(f"tensor {t.name} names a layer past block_count {n_layer}")
+            layer_bytes[il] += nbytes
+        elif t.name == "token_embd.weight":
+            token_embd = nbytes
+            n_vocab = int(t.shape[-1]) if len(t.shape) > 1 else n_vocab
+        elif t.name == "output.weight":
+            output = nbytes
+        elif t.name == "output_norm.weight":
+            output_norm = nbytes
+        else:
+            other += nbytes
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        n_vocab = len(tokens.data)
+    tied = output == 0
+    layers = tuple(
+        LayerSpec(
+            il, layer_bytes[il], heads[il], heads_kv[il], dim_k, dim_v, is_swa=window is not None
+        )
+        for il in range(n_layer)
+    )
+    return ModelSpec(
+        path=str(path),
+        arch=arch,
+        name=str(_field(reader, "general.name", path.stem)),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_ff=n_ff,
+        n_vocab=n_vocab,
+        n_ctx_train=int(key("context_length", 0) or 0),
+        layers=layers,
+        token_embd_bytes=token_embd,
+        output_bytes=output if not tied else token_embd,
+        output_norm_bytes=output_norm,
+        tied_embeddings=tied,
+        other_bytes=other,
+        swa=window is not None,
+        moe=n_expert > 0,
+        n_expert=n_expert,
+        file_bytes=path.stat().st_size,
+    )

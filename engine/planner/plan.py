@@ -1,0 +1,272 @@
+"""Plans: the layer map, the tensor_split that produces it, and memory per device.
+
+Pure functions over frozen data. Weights and KV are exact (tensor bytes, the KV formula);
+the compute buffer is an analytic estimate from the graph's largest live tensors, good for
+the UI. Before a deploy, `apply_dry_run` replaces it with llama.cpp's own simulated
+allocation (engine.runtime), which is what the go/no-go decision uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from corral.engine.model.spec import ModelSpec
+
+from .kvtypes import row_bytes
+from .placement import HOST, assign_layers, split_for_counts, split_for_weights
+
+MiB = 1 << 20
+N_CTX_ALIGN = 256
+STRATEGIES = ("balanced", "fewest", "speed")
+
+
+class PlanError(ValueError):
+    """Settings the planner cannot work with (bad --layers, no devices...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One device llama.cpp will see, in its order (RPC devices first, then local GPUs)."""
+
+    name: str  # as llama.cpp will name it: RPC0, RPC1, CUDA0
+    host: str  # the agent's name, or "local"
+    endpoint: str  # RPC endpoint, "" for local devices
+    free: int
+    total: int
+    speed: float = 1.0  # relative tokens/s, for the speed strategy
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_ubatch: int = 512
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = False
+    reserve: int = 256 * MiB  # kept free on every device (driver, fragmentation, others)
+
+    @property
+    def n_ctx_padded(self) -> int:
+        return max(N_CTX_ALIGN, -(-self.n_ctx // N_CTX_ALIGN) * N_CTX_ALIGN)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    weights: int = 0
+    kv: int = 0
+    compute: int = 0
+    output: int = 0  # host only: the logits buffer
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute + self.output
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    devices: tuple[Device, ...]
+    settings: Settings
+    strategy: str
+    tensor_split: tuple[float, ...]
+    layer_device: tuple[int, ...]  # per layer 0..n_layer (n_layer = output); HOST = -1
+    usage: tuple[Usage, ...]  # per device
+    host: Usage  # the desktop's own memory: embeddings, layers left on the CPU, buffers
+    compute_source: str = "analytic"  # or "dry run"
+
+    def layers_of(self, device: int) -> list[int]:
+        return [il for il, d in enumerate(self.layer_device) if d == device]
+
+    def shortfalls(self) -> list[str]:
+        """One line per device that would run out of memory, naming the missing amount."""
+        out = []
+        for dev, use in zip(self.devices, self.usage, strict=True):
+            budget = dev.free - self.settings.reserve
+            if use.total > budget:
+                out.append(
+                    f"{dev.name} on {dev.host}: needs {use.total / MiB:.0f} MiB, has "
+                    f"{max(budget, 0) / MiB:.0f} MiB free after the "
+                    f"{self.settings.reserve / MiB:.0f} MiB reserve "
+                    f"(short by {(use.total - budget) / MiB:.0f} MiB)"
+                )
+        return out
+
+    @property
+    def fits(self) -> bool:
+        return not self.shortfalls()
+
+
+# ------------------------------------------------------------------ memory
+
+
+def kv_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings) -> int:
+    """Exact KV cache bytes for these layers (LLAMACPP.md's formula)."""
+    n = s.n_ctx_padded
+    return sum(
+        n
+        * (
+            row_bytes(s.type_k, spec.layers[il].n_embd_k_gqa)
+            + row_bytes(s.type_v, spec.layers[il].n_embd_v_gqa)
+        )
+        for il in layers
+        if il < spec.n_layer
+    )
+
+
+def weight_bytes(spec: ModelSpec, layers: Sequence[int]) -> int:
+    """Exact weight bytes: the blocks, plus output (and its norm) for the output layer."""
+    total = 0
+    for il in layers:
+        if il < spec.n_layer:
+            total += spec.layers[il].weight_bytes
+        else:
+            total += spec.output_bytes + spec.output_norm_bytes
+    return total
+
+
+def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: bool) -> int:
+    """Analytic compute-buffer estimate: the largest set of tensors alive at once.
+
+    Per ubatch token: attention scores and their softmax (n_head × n_ctx × 4 bytes each)
+    without flash attention, or the mask (8 bytes per context cell) with it; the FFN's
+    intermediates; on the output layer's device, the logits (n_vocab × 4).
+    """
+    if not layers and not host:
+        return 0
+    ub, n_ctx = s.n_ubatch, s.n_ctx_padded
+    n_head = max((spec.layers[il].n_head for il in layers if il < spec.n_layer), default=0)
+    embd = spec.n_embd * 4
+    if host:
+        per_ctx = 8 if s.flash_attn else 16
+        return ub * (n_ctx * per_ctx + 12 * embd)
+    if s.flash_attn:
+        attn = n_ctx * 8 + 24 * embd
+    else:
+        attn = n_ctx * (4 * n_head + 16) + 16 * embd
+    ffn = 3 * spec.n_ff * 4 + 4 * embd
+    part = max(attn, ffn) if any(il < spec.n_layer for il in layers) else 0
+    if spec.n_layer in layers:
+        part = max(part + 4 * embd, spec.n_vocab * 4 + n_ctx * (8 if s.flash_attn else 16))
+    return ub * part
+
+
+def estimate(
+    spec: ModelSpec,
+    devices: Sequence[Device],
+    s: Settings,
+    strategy: str,
+    tensor_split: Sequence[float],
+) -> Plan:
+    """Memory per device and on the host for one tensor_split."""
+    layer_device = (
+        assign_layers(spec.n_layer, tensor_split) if devices else [HOST] * (spec.n_layer + 1)
+    )
+    by_device: dict[int, list[int]] = {}
+    for il, dev in enumerate(layer_device):
+        by_device.setdefault(dev, []).append(il)
+    usage = []
+    for d in range(len(devices)):
+        layers = by_device.get(d, [])
+        usage.append(
+            Usage(
+                weight_bytes(spec, layers),
+                kv_bytes(spec, layers, s),
+                compute_bytes(spec, layers, s, host=False),
+            )
+        )
+    on_host = by_device.get(HOST, [])
+    host = Usage(
+        weights=spec.token_embd_bytes + spec.other_bytes + weight_bytes(spec, on_host),
+        kv=kv_bytes(spec, on_host, s),
+        compute=compute_bytes(spec, on_host, s, host=True),
+        output=spec.n_vocab * 4,
+    )
+    return Plan(
+        tuple(devices), s, strategy, tuple(tensor_split), tuple(layer_device), tuple(usage), host
+    )
+
+
+# ------------------------------------------------------------------ strategies
+
+
+def make_plan(
+    spec: ModelSpec,
+    devices: Sequence[Device],
+    settings: Settings = Settings(),
+    strategy: str = "balanced",
+    layers: Sequence[int] | None = None,
+) -> Plan:
+    """Place every layer (and the output layer) on the devices, by strategy or by hand."""
+    devices = tuple(devices)
+    if not devices:
+        return estimate(spec, devices, settings, "local", ())
+    if layers is not None:
+        if len(layers) != len(devices):
+            raise PlanError(
+                f"--layers gives {len(layers)} counts for {len(devices)} devices "
+                f"({', '.join(d.name for d in devices)})"
+            )
+        if any(c < 0 for c in layers) or sum(layers) != spec.n_layer + 1:
+            raise PlanError(
+                f"--layers must add up to {spec.n_layer + 1} ({spec.n_layer} layers and the "
+                f"output layer), got {sum(layers)}"
+            )
+        return estimate(spec, devices, settings, "manual", split_for_counts(layers))
+    budgets = [max(d.free - settings.reserve, 0) for d in devices]
+    if strategy == "balanced":
+        return estimate(spec, devices, settings, strategy, split_for_weights(spec.n_layer, budgets))
+    if strategy == "speed":
+        return estimate(
+            spec,
+            devices,
+            settings,
+            strategy,
+            split_for_weights(spec.n_layer, [d.speed for d in devices]),
+        )
+    if strategy == "fewest":
+        return _fewest(spec, devices, settings, budgets)
+    raise PlanError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+
+
+def _fewest(spec: ModelSpec, devices: tuple[Device, ...], s: Settings, budgets: list[int]) -> Plan:
+    """The fewest hosts that fit: every extra RPC hop costs generation speed."""
+    hosts: dict[str, int] = {}
+    for d, b in zip(devices, budgets, strict=True):
+        hosts[d.host] = hosts.get(d.host, 0) + b
+    order = sorted(hosts, key=lambda h: -hosts[h])
+
+    def with_hosts(n: int) -> Plan:
+        chosen = set(order[:n])
+        weights = [b if d.host in chosen else 0 for d, b in zip(devices, budgets, strict=True)]
+        if sum(weights) <= 0:
+            weights = [1 if d.host in chosen else 0 for d in devices]
+        return estimate(spec, devices, s, "fewest", split_for_weights(spec.n_layer, weights))
+
+    # More hosts (largest first) only add room, so the smallest count that fits is found by
+    # bisection: a handful of estimates even for 64 hosts.
+    low, high = 1, len(order)
+    if not with_hosts(high).fits:
+        return with_hosts(high)  # nothing fits: the plan that comes closest, with shortfalls
+    while low < high:
+        mid = (low + high) // 2
+        if with_hosts(mid).fits:
+            high = mid
+        else:
+            low = mid + 1
+    return with_hosts(low)
+
+
+def apply_dry_run(plan: Plan, compute_by_device: Sequence[int], host_compute: int) -> Plan:
+    """The same plan with llama.cpp's simulated compute buffers instead of the estimate."""
+    usage = tuple(
+        dataclasses.replace(u, compute=c)
+        for u, c in zip(plan.usage, compute_by_device, strict=True)
+    )
+    return dataclasses.replace(
+        plan,
+        usage=usage,
+        compute_source="dry run",
+        host=dataclasses.replace(plan.host, compute=host_compute),
+    )

@@ -1,0 +1,131 @@
+"""Desktop-side planning glue: devices from agents, buffers back to devices, plan vs actual.
+
+The planner (engine.planner) is pure; this module turns what agents and llama.cpp report
+into its inputs and reads llama.cpp's buffer lines back onto the plan's devices.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from corral.engine.model.spec import ModelSpec
+from corral.engine.planner.plan import Device, MiB, Plan, Usage, apply_dry_run
+from corral.engine.protocol import Inventory
+
+_RPC_BUFFER = re.compile(r"RPC(\d+)\[(.+)\]$")
+
+
+def devices_from_agents(
+    names: Sequence[str],
+    inventories: Sequence[Inventory],
+    endpoints: Sequence[str],
+    local: Sequence[Mapping[str, Any]] = (),
+) -> list[Device]:
+    """Devices in llama.cpp's order: each agent's worker devices (RPC0, RPC1, ... across
+    agents, in registration order), then the desktop's own GPUs."""
+    out = []
+    k = 0
+    for name, inv, endpoint in zip(names, inventories, endpoints, strict=True):
+        by_name = {d.name: d for d in inv.devices}
+        served = (
+            list(inv.worker.devices)
+            or [d.name for d in inv.devices if d.type in ("gpu", "igpu")]
+            or [d.name for d in inv.devices if d.type == "cpu"][:1]
+        )
+        for dev_name in served:
+            d = by_name.get(dev_name)
+            out.append(
+                Device(
+                    f"RPC{k}", name, endpoint, d.memory_free if d else 0, d.memory_total if d else 0
+                )
+            )
+            k += 1
+    for d in local:
+        if d.get("type") in ("gpu", "igpu") and not str(d.get("name", "")).startswith("RPC"):
+            out.append(
+                Device(str(d["name"]), "local", "", int(d["memory_free"]), int(d["memory_total"]))
+            )
+    return out
+
+
+def _device_of_buffer(buffer: str, devices: Sequence[Device]) -> int | None:
+    m = _RPC_BUFFER.match(buffer)
+    if m:
+        index, endpoint = int(m.group(1)), m.group(2)
+        same = [i for i, d in enumerate(devices) if d.endpoint == endpoint]
+        return same[index] if index < len(same) else None
+    for i, d in enumerate(devices):
+        if not d.endpoint and d.name == buffer:
+            return i
+    return None  # CPU, CPU_Mapped, CPU_REPACK, CUDA_Host: the desktop's memory
+
+
+def usage_from_buffers(
+    buffers: Mapping[str, Mapping[str, float]], devices: Sequence[Device]
+) -> tuple[list[Usage], Usage]:
+    """What llama.cpp logged after a load, per device and for the host."""
+    per = [dict(weights=0, kv=0, compute=0, output=0) for _ in devices]
+    host = dict(weights=0, kv=0, compute=0, output=0)
+    field = {"model": "weights", "KV": "kv", "compute": "compute", "output": "output"}
+    for kind, by_buffer in buffers.items():
+        for buffer, mib in by_buffer.items():
+            i = _device_of_buffer(buffer, devices)
+            target = host if i is None else per[i]
+            target[field[kind]] += round(mib * MiB)
+    return [Usage(**u) for u in per], Usage(**host)
+
+
+def exact_plan(plan: Plan, spec: ModelSpec, dry: Mapping[str, Any]) -> Plan:
+    """The plan with the compute buffers from llama.cpp's dry run.
+
+    llama.cpp's expectation for the device holding the output layer is 16 × n_embd ×
+    n_ubatch bytes more than it then allocates (LLAMACPP.md); we take that off.
+    """
+    usage, host = usage_from_buffers(
+        {"compute": dry.get("buffers", {}).get("compute", {})}, plan.devices
+    )
+    compute = [u.compute for u in usage]
+    out_dev = plan.layer_device[spec.n_layer]
+    over = 16 * spec.n_embd * plan.settings.n_ubatch
+    if out_dev >= 0:
+        compute[out_dev] = max(0, compute[out_dev] - over)
+    return apply_dry_run(plan, compute, host.compute)
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """Planned vs what llama.cpp reported, per device and for the host (bytes)."""
+
+    names: tuple[str, ...]
+    planned: tuple[Usage, ...]
+    actual: tuple[Usage, ...]
+
+    def rows(self) -> list[tuple[str, int, int, float]]:
+        out = []
+        for name, p, a in zip(self.names, self.planned, self.actual, strict=True):
+            err = (p.total - a.total) / a.total if a.total else 0.0
+            out.append((name, p.total, a.total, err))
+        return out
+
+    def worst(self) -> float:
+        return max((abs(r[3]) for r in self.rows()), default=0.0)
+
+
+def compare(plan: Plan, buffers: Mapping[str, Mapping[str, float]]) -> Comparison:
+    usage, host = usage_from_buffers(buffers, plan.devices)
+    names = (*(f"{d.name} {d.host}" for d in plan.devices), "host")
+    return Comparison(names, (*plan.usage, plan.host), (*usage, host))
+
+
+def layer_map_matches(plan: Plan, logged: Mapping[str, str]) -> list[str]:
+    """Layers whose device in llama.cpp's log differs from the plan (empty when equal)."""
+    wrong = []
+    for il, d in enumerate(plan.layer_device):
+        want = plan.devices[d].name if d >= 0 else "CPU"
+        got = logged.get(str(il))
+        if got != want:
+            wrong.append(f"layer {il}: planned {want}, llama.cpp {got}")
+    return wrong
