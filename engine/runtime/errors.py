@@ -23,6 +23,10 @@ class WorkerUnavailable(RuntimeFailure):
     """An RPC worker endpoint does not answer or speaks another ggml RPC protocol."""
 
 
+class ModelUnreadable(RuntimeFailure):
+    """The model file cannot be read (truncated, not GGUF, unknown layout)."""
+
+
 class PlanRefused(RuntimeFailure):
     """The plan would not fit (or cannot be made); nothing was loaded."""
 

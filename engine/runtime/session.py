@@ -25,6 +25,7 @@ from .agent_client import AgentClient
 from .errors import (
     AgentUnreachable,
     InferenceCrashed,
+    ModelUnreadable,
     PlanRefused,
     RuntimeFailure,
     WorkerUnavailable,
@@ -155,7 +156,7 @@ class ChatSession:
         try:
             spec = await loop.run_in_executor(None, read_model_spec, settings.model)
         except ModelError as exc:
-            raise PlanRefused(str(exc)) from None
+            raise ModelUnreadable(str(exc)) from None
         self.spec = spec
         devices = devices_from_agents(
             [c.name for c in self.clients], self.inventories, self.endpoints, self.local_devices
