@@ -127,29 +127,39 @@ def weight_bytes(spec: ModelSpec, layers: Sequence[int]) -> int:
 
 
 def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: bool) -> int:
-    """Analytic compute-buffer estimate: the largest set of tensors alive at once.
+    """Analytic compute-buffer estimate: the largest set of tensors alive at once, per token
+    of a ubatch.
 
-    Per ubatch token: attention scores and their softmax (n_head × n_ctx × 4 bytes each)
-    without flash attention, or the mask (8 bytes per context cell) with it; the FFN's
-    intermediates; on the output layer's device, the logits (n_vocab × 4).
+    The KQ mask lives through the whole graph (8 bytes per context cell with flash attention,
+    16 without); without flash attention the scores and their softmax add 4 x n_head bytes per
+    cell; the FFN stage holds 3 x n_ff floats; the device with the output layer also holds the
+    logits (n_vocab floats). The n_embd multiples were fitted to llama.cpp's own dry-run sizes
+    on the CPU backend over 6 shapes x 8 settings (bench/plan_accuracy.py reports the error).
     """
     if not layers and not host:
         return 0
-    ub, n_ctx = s.n_ubatch, s.n_ctx_padded
-    n_head = max((spec.layers[il].n_head for il in layers if il < spec.n_layer), default=0)
-    embd = spec.n_embd * 4
+    ub, ctx, e = s.n_ubatch, s.n_ctx_padded, spec.n_embd
+    blocks = [spec.layers[il] for il in layers if il < spec.n_layer]
+    first = spec.layers[0] if spec.layers else None
+    gqa = first.n_head_kv / first.n_head if first and first.n_head else 1.0
+    mask = 8 if s.flash_attn else 16
     if host:
-        per_ctx = 8 if s.flash_attn else 16
-        return ub * (n_ctx * per_ctx + 12 * embd)
-    if s.flash_attn:
-        attn = n_ctx * 8 + 24 * embd
+        per = mask * ctx + (20 + (0 if s.flash_attn else 32 * gqa)) * e
     else:
-        attn = n_ctx * (4 * n_head + 16) + 16 * embd
-    ffn = 3 * spec.n_ff * 4 + 4 * embd
-    part = max(attn, ffn) if any(il < spec.n_layer for il in layers) else 0
+        per = 0
+    if blocks:
+        n_head = max(layer.n_head for layer in blocks)
+        if s.flash_attn:
+            stage = mask * ctx + max(12 * spec.n_ff + 28 * e, 40 * e)
+        else:
+            stage = mask * ctx + max(
+                4 * n_head * ctx + (32 + 36 * gqa) * e, 12 * spec.n_ff + 32 * e
+            )
+        per = max(per, stage)
     if spec.n_layer in layers:
-        part = max(part + 4 * embd, spec.n_vocab * 4 + n_ctx * (8 if s.flash_attn else 16))
-    return ub * part
+        logits = 4 * spec.n_vocab + mask * ctx + 40 * e
+        per = max(per + 16 * e, logits) if blocks else logits
+    return int(ub * per)
 
 
 def estimate(

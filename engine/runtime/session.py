@@ -180,6 +180,10 @@ class ChatSession:
     async def open(self, settings: LoadSettings) -> LoadResult:
         """Connect, plan, refuse what would not fit, load, and compare plan with reality."""
         await self.connect(settings.worker_threads)
+        return await self.open_after_connect(settings)
+
+    async def open_after_connect(self, settings: LoadSettings) -> LoadResult:
+        """`open` for a session whose `connect` has run."""
         analytic, exact = await self.plan(settings)
         if not exact.fits:
             raise PlanRefused("the model does not fit: " + "; ".join(exact.shortfalls()))

@@ -1,0 +1,220 @@
+"""Planned vs real memory, and planned vs real layer map, over many model shapes.
+
+For each shape x split x context x flash attention: plan (analytic), dry-run (exact), load
+for real across two local agents, and compare per device and for host memory with what
+llama.cpp logged. Writes a markdown report.
+
+    .venv/bin/python bench/plan_accuracy.py [--out docs/PLANNER-results.md] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import platformdirs
+
+from corral.engine.ggml.quantize import quantize
+from corral.engine.model import default_model_path
+from corral.engine.planner.plan import MiB
+from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.runtime.planning import layer_map_matches
+from corral.engine.runtime.session import ChatSession, LoadSettings
+from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
+
+SHAPES: dict[str, tuple[TinyLlama | None, str]] = {
+    "SmolLM2-135M q4_1, tied": (None, ""),
+    "GQA 1, hd 64, 8 L, f16": (
+        TinyLlama(
+            n_layer=8, n_embd=512, n_head=8, n_head_kv=8, n_ff=1376, n_vocab=4000, dtype="f16"
+        ),
+        "f16",
+    ),
+    "GQA 4, hd 128, 16 L, q8_0": (
+        TinyLlama(
+            n_layer=16, n_embd=1024, n_head=8, n_head_kv=2, n_ff=2816, n_vocab=8000, dtype="f16"
+        ),
+        "q8_0",
+    ),
+    "GQA 8, hd 128, 32 L, q4_0": (
+        TinyLlama(
+            n_layer=32, n_embd=1024, n_head=8, n_head_kv=1, n_ff=2048, n_vocab=4000, dtype="f16"
+        ),
+        "q4_0",
+    ),
+    "GQA 4, hd 80, 12 L, q4_K": (
+        TinyLlama(
+            n_layer=12,
+            n_embd=640,
+            n_head=8,
+            n_head_kv=2,
+            head_dim=80,
+            n_ff=1792,
+            n_vocab=4000,
+            dtype="f16",
+        ),
+        "q4_k_m",
+    ),
+    "GQA 4, hd 64, 80 L, f16": (
+        TinyLlama(
+            n_layer=80, n_embd=256, n_head=4, n_head_kv=1, n_ff=512, n_vocab=1000, dtype="f16"
+        ),
+        "f16",
+    ),
+    "untied, GQA 4, hd 64, 10 L, q4_K": (
+        TinyLlama(
+            n_layer=10,
+            n_embd=512,
+            n_head=8,
+            n_head_kv=2,
+            n_ff=1536,
+            n_vocab=8000,
+            tied_embeddings=False,
+            dtype="f16",
+        ),
+        "q4_k_m",
+    ),
+    "GQA 4, hd 64, 64 L, q8_0": (
+        TinyLlama(
+            n_layer=64, n_embd=512, n_head=8, n_head_kv=2, n_ff=1024, n_vocab=2000, dtype="f16"
+        ),
+        "q8_0",
+    ),
+}
+
+
+def model_file(name: str, spec: TinyLlama | None, ftype: str, cache: Path) -> Path:
+    if spec is None:
+        return default_model_path()
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    out = cache / f"{slug}.gguf"
+    if not out.exists():
+        src = cache / f"{slug}.src.gguf"
+        write_tiny_llama(src, spec)
+        if ftype == "f16":
+            src.rename(out)
+        else:
+            quantize(src, out, ftype)
+            src.unlink()
+    return out
+
+
+@dataclass
+class Row:
+    case: str
+    device: str
+    analytic: int
+    exact: int
+    actual: int
+    layers_ok: bool
+
+
+async def run_case(
+    agents: list[str], model: Path, n_layer_hint: int | None, split: str, n_ctx: int, fa: bool
+) -> tuple[list[Row], int, str]:
+    settings = LoadSettings(model=model, n_ctx=n_ctx, flash_attn=fa, worker_threads=1)
+    session = ChatSession(agents)
+    try:
+        await session.connect(1)
+        if split == "uneven":
+            analytic, _ = await session.plan(settings)
+            total = len(analytic.layer_device)
+            first = max(1, total // 4)
+            settings = LoadSettings(
+                model=model,
+                n_ctx=n_ctx,
+                flash_attn=fa,
+                worker_threads=1,
+                layers=(first, total - first),
+            )
+        result = await session.open_after_connect(settings)
+    finally:
+        await session.close()
+    assert result.plan is not None and result.analytic is not None
+    assert result.comparison is not None
+    logged = {str(il): p.device for p in result.placements for il in p.layers}
+    ok = not layer_map_matches(result.plan, logged)
+    rows = []
+    plan, analytic, comp = result.plan, result.analytic, result.comparison
+    for i, name in enumerate(comp.names):
+        a = analytic.usage[i] if i < len(plan.devices) else analytic.host
+        rows.append(
+            Row("", name.split(" ")[0], a.total, comp.planned[i].total, comp.actual[i].total, ok)
+        )
+    return (
+        rows,
+        len(plan.layer_device),
+        ",".join(str(len(plan.layers_of(i))) for i in range(len(plan.devices))),
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/PLANNER-results.md"))
+    parser.add_argument("--quick", action="store_true", help="two shapes only")
+    opts = parser.parse_args()
+    cache = Path(platformdirs.user_cache_dir("corral")) / "bench-models"
+    cache.mkdir(parents=True, exist_ok=True)
+    shapes = list(SHAPES.items())[: 2 if opts.quick else None]
+    all_rows: list[Row] = []
+    lines = [
+        "| case | device | analytic MiB | exact MiB | actual MiB | analytic err | "
+        "exact err | layer map |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    with LocalAgents(2) as agents:
+        for name, (spec, ftype) in shapes:
+            model = model_file(name, spec, ftype, cache)
+            for split, n_ctx, fa in itertools.product(
+                ("even", "uneven"), (512, 4096), (False, True)
+            ):
+                rows, _, counts = asyncio.run(
+                    run_case(agents.addresses, model, None, split, n_ctx, fa)
+                )
+                case = f"{name}; {split} {counts}; ctx {n_ctx}; FA {'on' if fa else 'off'}"
+                for r in rows:
+                    r.case = case
+                    ae = (r.analytic - r.actual) / r.actual
+                    ee = (r.exact - r.actual) / r.actual
+                    lines.append(
+                        f"| {case} | {r.device} | {r.analytic / MiB:.2f} | {r.exact / MiB:.2f} "
+                        f"| {r.actual / MiB:.2f} | {ae * 100:+.1f}% | {ee * 100:+.2f}% | "
+                        f"{'equal' if r.layers_ok else 'DIFFERS'} |"
+                    )
+                    case = ""
+                all_rows.extend(rows)
+                print(lines[-len(rows)].split("|")[1].strip() or name, flush=True)
+    exact_err = [abs(r.exact - r.actual) / r.actual for r in all_rows]
+    analytic_err = [abs(r.analytic - r.actual) / r.actual for r in all_rows]
+    bad_exact = [
+        r
+        for r in all_rows
+        if abs(r.exact - r.actual) > max(0.01 * r.actual, 2 * MiB) or r.actual - r.exact > MiB
+    ]
+    summary = [
+        f"{len(all_rows)} device rows over {len({r.case for r in all_rows if r.case})} loads; "
+        f"layer map equal to llama.cpp's log in "
+        f"{sum(r.layers_ok for r in all_rows)}/{len(all_rows)} rows.",
+        f"exact (dry run) vs actual: median {statistics.median(exact_err) * 100:.2f}%, "
+        f"worst {max(exact_err) * 100:.2f}%; rows outside max(1%, 2 MiB) or under by more "
+        f"than 1 MiB: {len(bad_exact)}.",
+        f"analytic vs actual: median {statistics.median(analytic_err) * 100:.1f}%, worst "
+        f"{max(analytic_err) * 100:.1f}%; rows within 5%: "
+        f"{sum(e <= 0.05 for e in analytic_err)}/{len(analytic_err)}.",
+    ]
+    opts.out.write_text(
+        "\n".join(["<!-- written by bench/plan_accuracy.py -->", "", *summary, "", *lines, ""])
+    )
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
