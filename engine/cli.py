@@ -608,8 +608,28 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (RuntimeFailure, ModelMissing) as exc:
         return out.error(str(exc))
+    except Exception as exc:  # a bug: the user gets one line and where the details are
+        report = _save_traceback()
+        return out.error(
+            f"internal error ({type(exc).__name__}: {exc}); this is a bug in "
+            f"Corral; the details are in {report}"
+        )
     except KeyboardInterrupt:
         return 130
+
+
+def _save_traceback() -> str:
+    import traceback
+
+    import platformdirs
+
+    path = Path(platformdirs.user_state_dir("corral")) / "last-error.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(traceback.format_exc())
+    except OSError:
+        return "(could not be saved)"
+    return str(path)
 
 
 def _demo(opts: argparse.Namespace, out: _Out) -> int:

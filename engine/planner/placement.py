@@ -63,6 +63,6 @@ def split_for_counts(counts: Sequence[int]) -> list[float]:
 def split_for_weights(n_layer: int, weights: Sequence[float]) -> list[float]:
     """A tensor_split proportional to weights (balanced: free memory; speed: device speed)."""
     total = sum(weights)
-    if total <= 0:
-        raise ValueError("no device has capacity")
+    if total <= 0:  # nothing has room: split evenly, and let the plan report the shortfall
+        return [1.0 / len(weights)] * len(weights)
     return [w / total for w in weights]

@@ -1,0 +1,154 @@
+"""The planner's pure functions: llama.cpp's placement rule, strategies, memory arithmetic."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from corral.engine.model.spec import LayerSpec, ModelSpec
+from corral.engine.planner.kvtypes import row_bytes
+from corral.engine.planner.placement import HOST, assign_layers, split_for_counts
+from corral.engine.planner.plan import (
+    Device,
+    MiB,
+    PlanError,
+    Settings,
+    kv_bytes,
+    make_plan,
+)
+
+GiB = 1 << 30
+
+
+def spec(n_layer: int = 30, layer_bytes: int = 100 * MiB, tied: bool = True) -> ModelSpec:
+    layers = tuple(LayerSpec(i, layer_bytes, 9, 3, 64, 64) for i in range(n_layer))
+    return ModelSpec(
+        "m",
+        "llama",
+        "m",
+        n_layer,
+        576,
+        1536,
+        49152,
+        8192,
+        layers,
+        token_embd_bytes=30 * MiB,
+        output_bytes=30 * MiB,
+        output_norm_bytes=2304,
+        tied_embeddings=tied,
+        other_bytes=0,
+        swa=False,
+        moe=False,
+        n_expert=0,
+        file_bytes=0,
+    )
+
+
+def test_even_split_of_smollm2_matches_llama_cpps_log() -> None:
+    # measured: RPC0 layers 0-15, RPC1 layers 16-30 (30 = output) with equal free memory
+    got = assign_layers(30, [0.5, 0.5])
+    assert got == [0] * 16 + [1] * 15
+
+
+def test_partial_offload_leaves_the_first_layers_on_the_host() -> None:
+    got = assign_layers(10, [1.0, 1.0], n_gpu_layers=5)
+    assert got[:6] == [HOST] * 6 and set(got[6:]) == {0, 1}
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_manual_counts_become_a_split_that_gives_exactly_those_counts(seed: int) -> None:
+    rng = random.Random(seed)
+    n_dev = rng.randint(1, 9)
+    total = rng.randint(n_dev, 130)
+    cuts = sorted(rng.sample(range(1, total), n_dev - 1)) if n_dev > 1 else []
+    counts = [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
+    got = assign_layers(total - 1, split_for_counts(counts))
+    assert [got.count(d) for d in range(n_dev)] == counts
+
+
+def test_float32_matters() -> None:
+    """A float64 reimplementation puts some layer elsewhere for some split: search for one,
+    so the float32 arithmetic stays for a reason."""
+    import bisect
+
+    def float64(n_layer: int, split: list[float]) -> list[int]:
+        total, acc, pts = n_layer + 1, 0.0, []
+        for x in split:
+            acc += x
+            pts.append(acc)
+        pts = [p / acc for p in pts]
+        return [min(bisect.bisect_right(pts, il / total), len(split) - 1) for il in range(total)]
+
+    rng = random.Random(1)
+    differs = 0
+    for _ in range(3000):
+        split = [rng.choice([0.1, 0.2, 0.3, 1 / 3, 0.7, 1.1, 3.0]) for _ in range(3)]
+        n = rng.randint(8, 100)
+        differs += float64(n, split) != assign_layers(n, split)
+    assert differs > 0
+
+
+def test_kv_bytes_match_llama_cpp() -> None:
+    # SmolLM2: 16 layers at n_ctx 1024, f16 K and V: llama.cpp logged 12.00 MiB
+    assert kv_bytes(spec(), range(16), Settings(n_ctx=1024)) == 12 * MiB
+    assert row_bytes("q8_0", 192) == 204 and row_bytes("q4_0", 64) == 36
+
+
+def test_n_ctx_is_padded_to_256() -> None:
+    assert Settings(n_ctx=1000).n_ctx_padded == 1024 and Settings(n_ctx=1).n_ctx_padded == 256
+
+
+def _devices(*free_gib: float, per_host: int = 1) -> list[Device]:
+    return [
+        Device(f"RPC{i}", f"h{i // per_host}", f"10.0.0.{i}:1", int(f * GiB), 80 * GiB)
+        for i, f in enumerate(free_gib)
+    ]
+
+
+def test_balanced_follows_free_memory() -> None:
+    plan = make_plan(spec(), _devices(10, 30), Settings(reserve=0))
+    assert len(plan.layers_of(1)) > 2 * len(plan.layers_of(0)) and plan.fits
+
+
+def test_fewest_uses_one_host_when_one_is_enough() -> None:
+    plan = make_plan(spec(), _devices(2, 40, 5), strategy="fewest")
+    assert {plan.devices[d].host for d in plan.layer_device} == {"h1"} and plan.fits
+
+
+def test_fewest_takes_the_smallest_set_of_hosts_that_fits() -> None:
+    plan = make_plan(spec(n_layer=40), _devices(2, 2, 2, 2, per_host=2), strategy="fewest")
+    hosts = {plan.devices[d].host for d in plan.layer_device}
+    assert hosts == {"h0", "h1"} and plan.fits
+    small = make_plan(spec(n_layer=8), _devices(2, 2, 2, 2, per_host=2), strategy="fewest")
+    assert {small.devices[d].host for d in small.layer_device} == {"h0"}
+
+
+def test_output_layer_carries_the_tied_embedding_copy() -> None:
+    plan = make_plan(spec(n_layer=4), _devices(10, 10), Settings(reserve=0), layers=[3, 2])
+    assert plan.usage[1].weights == 1 * 100 * MiB + 30 * MiB + 2304
+    assert plan.host.weights == 30 * MiB  # token embeddings stay in host memory
+
+
+def test_manual_layers_must_add_up() -> None:
+    with pytest.raises(PlanError, match="add up to 31"):
+        make_plan(spec(), _devices(10, 10), layers=[10, 10])
+    with pytest.raises(PlanError, match="2 counts for 3 devices"):
+        make_plan(spec(), _devices(10, 10, 10), layers=[16, 15])
+
+
+def test_a_plan_that_does_not_fit_names_every_short_device() -> None:
+    plan = make_plan(spec(), _devices(1, 1), Settings(reserve=256 * MiB))
+    assert not plan.fits
+    lines = plan.shortfalls()
+    assert len(lines) == 2 and "short by" in lines[0] and "RPC0 on h0" in lines[0]
+
+
+def test_speed_strategy_follows_declared_speed() -> None:
+    devices = [
+        Device("RPC0", "a", "e:1", 40 * GiB, 80 * GiB, speed=3.0),
+        Device("RPC1", "b", "e:2", 40 * GiB, 80 * GiB, speed=1.0),
+    ]
+    plan = make_plan(spec(), devices, strategy="speed")
+    # split points 0.75 / 1.0: layer il goes to RPC0 while il / 31 < 0.75
+    assert (len(plan.layers_of(0)), len(plan.layers_of(1))) == (24, 7)
