@@ -157,8 +157,10 @@ def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: boo
             )
         per = max(per, stage)
     if spec.n_layer in layers:
-        logits = 4 * spec.n_vocab + mask * ctx + 40 * e
-        per = max(per + 16 * e, logits) if blocks else logits
+        # fitted on dry runs, less the 16 x n_embd per token that llama.cpp's dry run expects
+        # on this device but does not allocate (engine.runtime.planning.exact_plan)
+        logits = 4 * spec.n_vocab + mask * ctx + 24 * e
+        per = max(per, logits) if blocks else logits
     return int(ub * per)
 
 
