@@ -1,7 +1,8 @@
 """GGUF metadata → ModelSpec: what the planner needs to know about a model, read once.
 
-Read with the `gguf` package (llama.cpp's own reader): real per-tensor byte sizes, so a
-mixed-quant model's layers are sized as they are, not as the file type suggests.
+Read with our lean header reader over the `gguf` package's type tables (gguf_header.py):
+real per-tensor byte sizes, so a mixed-quant model's layers are sized as they are, not as
+the file type suggests.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .gguf_header import ArrayInfo, HeaderError, read_header
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")
 
@@ -63,14 +66,6 @@ class ModelSpec:
         return sum(layer.weight_bytes for layer in self.layers)
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
-
-
 def _per_layer(value: Any, n_layer: int, name: str) -> list[int]:
     if isinstance(value, list):
         if len(value) != n_layer:
@@ -81,19 +76,17 @@ def _per_layer(value: Any, n_layer: int, name: str) -> list[int]:
 
 def read_model_spec(path: str | Path) -> ModelSpec:
     """Read a GGUF file's metadata and tensor table (no weights are loaded)."""
-    import gguf
-
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError, KeyError, IndexError) as exc:
+        meta, tensors = read_header(path)
+    except (OSError, HeaderError) as exc:
         raise ModelError(f"{path} is not a readable GGUF file ({exc})") from None
-    arch = str(_field(reader, "general.architecture", ""))
+    arch = str(meta.get("general.architecture", ""))
     if not arch:
         raise ModelError(f"{path} has no general.architecture: not a llama.cpp model")
 
     def key(name: str, default: Any = None) -> Any:
-        return _field(reader, f"{arch}.{name}", default)
+        return meta.get(f"{arch}.{name}", default)
 
     n_layer = key("block_count")
     n_embd = key("embedding_length")
@@ -113,8 +106,8 @@ def read_model_spec(path: str | Path) -> ModelSpec:
     layer_bytes = [0] * n_layer
     token_embd = output = output_norm = other = 0
     n_vocab = 0
-    for t in reader.tensors:
-        nbytes = int(t.n_bytes)
+    for t in tensors:
+        nbytes = t.n_bytes
         m = _BLOCK.match(t.name)
         if m:
             il = int(m.group(1))
@@ -130,9 +123,9 @@ def read_model_spec(path: str | Path) -> ModelSpec:
             output_norm = nbytes
         else:
             other += nbytes
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is not None:
-        n_vocab = len(tokens.data)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, ArrayInfo):
+        n_vocab = tokens.count
     tied = output == 0
     layers = tuple(
         LayerSpec(
@@ -143,7 +136,7 @@ def read_model_spec(path: str | Path) -> ModelSpec:
     return ModelSpec(
         path=str(path),
         arch=arch,
-        name=str(_field(reader, "general.name", path.stem)),
+        name=str(meta.get("general.name", path.stem)),
         n_layer=n_layer,
         n_embd=n_embd,
         n_ff=n_ff,

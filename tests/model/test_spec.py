@@ -1,0 +1,72 @@
+"""ModelSpec from real GGUF files, checked against the gguf package's own reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import pytest
+
+from corral.engine.model import ModelError, read_model_spec
+from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
+
+
+def _reference(path: Path) -> tuple[list[int], int, int]:
+    reader = gguf.GGUFReader(str(path))
+    n_layer = int(reader.fields["llama.block_count"].contents())
+    per = [0] * n_layer
+    for t in reader.tensors:
+        if t.name.startswith("blk."):
+            per[int(t.name.split(".")[1])] += int(t.n_bytes)
+    embd = next(int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
+    out = sum(int(t.n_bytes) for t in reader.tensors if t.name == "output.weight")
+    return per, embd, out
+
+
+def test_smollm2(smollm2: Path) -> None:
+    spec = read_model_spec(smollm2)
+    per, embd, _ = _reference(smollm2)
+    assert [layer.weight_bytes for layer in spec.layers] == per
+    assert spec.token_embd_bytes == embd and spec.tied_embeddings
+    assert spec.output_bytes == embd  # tied: the output device holds a copy
+    assert (spec.n_layer, spec.n_embd, spec.n_vocab, spec.n_ctx_train) == (30, 576, 49152, 8192)
+    assert (spec.layers[0].n_head, spec.layers[0].n_head_kv, spec.layers[0].head_dim_k) == (
+        9,
+        3,
+        64,
+    )
+    assert not spec.swa and not spec.moe
+
+
+def test_untied_gqa_and_odd_head_dims(tmp_path: Path) -> None:
+    path = write_tiny_llama(
+        tmp_path / "m.gguf",
+        TinyLlama(
+            n_layer=5,
+            n_embd=256,
+            n_head=4,
+            n_head_kv=1,
+            head_dim=80,
+            n_ff=512,
+            tied_embeddings=False,
+            dtype="f16",
+        ),
+    )
+    spec = read_model_spec(path)
+    per, embd, out = _reference(path)
+    assert [layer.weight_bytes for layer in spec.layers] == per
+    assert not spec.tied_embeddings and spec.output_bytes == out > 0 and embd > 0
+    assert spec.layers[0].head_dim_k == 80 and spec.layers[0].n_embd_k_gqa == 80
+
+
+@pytest.mark.parametrize("cut", [3, 100, 5000])
+def test_truncated_or_foreign_files_are_a_model_error(
+    tmp_path: Path, tiny_model: Path, cut: int
+) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(tiny_model.read_bytes()[:cut])
+    with pytest.raises(ModelError, match="not a readable GGUF file"):
+        read_model_spec(bad)
+    bad.write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    with pytest.raises(ModelError, match="bad magic"):
+        read_model_spec(bad)
