@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -246,6 +247,7 @@ async def _plan(opts: argparse.Namespace, out: _Out) -> int:
                     "model": str(model),
                     "exact": _plan_json(exact),
                     "analytic": _plan_json(analytic),
+                    "verdicts": [dataclasses.asdict(v) for v in session.verdicts],
                 }
             ),
             flush=True,
@@ -260,9 +262,17 @@ async def _plan(opts: argparse.Namespace, out: _Out) -> int:
             print(line)
         for w in session.warnings:
             print(f"warning: {w}")
+        for v in session.verdicts:
+            if v.level == "warning":
+                print(f"warning: {v}")
+    refused = [v for v in session.verdicts if v.level == "error"]
+    for v in refused:
+        print(f"corral: refused: {v}", file=sys.stderr)
     if not exact.fits:
         for reason in exact.shortfalls():
             print(f"corral: does not fit: {reason}", file=sys.stderr)
+    if refused:
+        return EXIT_USAGE
         return EXIT_USAGE
     return 0
 

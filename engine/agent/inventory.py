@@ -141,5 +141,39 @@ async def probe_ggml(timeout: float = 120.0) -> GgmlProbe:
     return GgmlProbe(devices=devices, build=data["build"])
 
 
+async def ask_capabilities(
+    device: str, questions: list[tuple[str, str, int, bool]], timeout: float = 120.0
+) -> list[bool]:
+    """Run the capability probe in a child (driver code can abort); raises RuntimeError."""
+    arg = ",".join(f"{k}:{v}:{hd}:{int(fa)}" for k, v, hd, fa in questions)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "corral.engine.agent.worker",
+        "capabilities",
+        "--device",
+        device,
+        "--questions",
+        arg,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(f"the capability probe on {device} took over {timeout:.0f} s") from None
+    try:
+        data = json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
+        raise RuntimeError(
+            f"the capability probe on {device} failed (exit {proc.returncode}): {tail}"
+        ) from None
+    if "error" in data:
+        raise RuntimeError(str(data["error"]))
+    return [bool(a) for a in data["answers"]]
+
+
 def cpu_count() -> int:
     return os.cpu_count() or 1

@@ -14,6 +14,8 @@ from corral.discovery import Advertiser, AgentHints
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
     AgentEvent,
+    CapabilityReply,
+    CapabilityRequest,
     ErrorCode,
     ErrorReply,
     Hello,
@@ -83,6 +85,7 @@ class AgentServer:
         self._subscribers: set[asyncio.StreamWriter] = set()
         self._connections: set[asyncio.Task[None]] = set()
         self._ggml: asyncio.Task[inventory.GgmlProbe] | None = None
+        self._capability_cache: dict[tuple[str, str], dict[tuple[str, str, int, bool], bool]] = {}
         self._advertise = advertise
         self._advertise_interfaces = advertise_interfaces
         self.advertiser: Advertiser | None = None
@@ -253,9 +256,38 @@ class AgentServer:
         if isinstance(msg, Subscribe):
             self._subscribers.add(writer)
             return OkReply(req=msg.req)
+        if isinstance(msg, CapabilityRequest):
+            return await self._capabilities(msg)
         if isinstance(msg, Hello):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "hello was already exchanged")
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{type(msg).__name__} is not a request")
+
+    async def _capabilities(self, msg: CapabilityRequest) -> Message:
+        """Answers from this host's own backend, cached per llama.cpp build and device."""
+        probe = await self._probe()
+        if msg.device not in {d.name for d in probe.devices}:
+            return ErrorReply(
+                msg.req,
+                int(ErrorCode.UNKNOWN_DEVICE),
+                f"no device {msg.device} on {inventory.hostname()}",
+            )
+        build = (
+            str(probe.build.get("ggml_commit", "")) + "/" + str(probe.build.get("system_info", ""))
+        )
+        keys = [(q.type_k, q.type_v, q.head_dim, q.flash_attn) for q in msg.questions]
+        cache = self._capability_cache.setdefault((build, msg.device), {})
+        missing = sorted({k for k in keys if k not in cache})
+        if missing:
+            try:
+                answers = await inventory.ask_capabilities(msg.device, missing)
+            except RuntimeError as exc:
+                return ErrorReply(msg.req, int(ErrorCode.INTERNAL), str(exc))
+            except ValueError as exc:
+                return ErrorReply(msg.req, int(ErrorCode.BAD_MESSAGE), str(exc))
+            cache.update(zip(missing, answers, strict=True))
+        return CapabilityReply(
+            req=msg.req, device=msg.device, answers=tuple(cache[k] for k in keys)
+        )
 
     async def _inventory(self, req: int, local_host: str) -> Inventory:
         loop = asyncio.get_running_loop()
@@ -274,6 +306,7 @@ class AgentServer:
             nvml=nvml,
             devices=probe.devices,
             worker=replace_host(self.supervisor.state, local_host),
+            system_info=str(probe.build.get("system_info", "")),
         )
 
     # ------------------------------------------------------------------ events

@@ -5,6 +5,7 @@ agent process. `serve` never returns while healthy: ggml_backend_rpc_start_serve
 
     python -m corral.engine.agent.worker serve --endpoint 127.0.0.1:PORT --devices CPU ...
     python -m corral.engine.agent.worker devices      # prints one JSON object
+    python -m corral.engine.agent.worker capabilities --device CUDA0 --questions q8_0:q8_0:128:1
 """
 
 from __future__ import annotations
@@ -47,6 +48,22 @@ def _devices() -> int:
     return 0
 
 
+def _capabilities(device: str, questions: str) -> int:
+    from corral.engine.ggml import GgmlError
+    from corral.engine.ggml.capabilities import Question, ask
+    from corral.engine.planner.kvtypes import ggml_type
+
+    try:
+        qs = [
+            Question(ggml_type(k), ggml_type(v), int(hd), fa == "1")
+            for k, v, hd, fa in (item.split(":") for item in questions.split(",") if item)
+        ]
+        print(json.dumps({"answers": ask(device, qs)}))
+    except (GgmlError, ValueError) as exc:
+        print(json.dumps({"error": str(exc)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from corral.engine.procs import die_with_parent
 
@@ -59,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--threads", type=int, default=0)
     serve.add_argument("--cache-dir", default="")
     sub.add_parser("devices")
+    caps = sub.add_parser("capabilities")
+    caps.add_argument("--device", required=True)
+    caps.add_argument("--questions", required=True, help="K:V:HEAD_DIM:FA,...")
     opts = parser.parse_args(argv)
+    if opts.cmd == "capabilities":
+        return _capabilities(opts.device, opts.questions)
     if opts.cmd == "serve":
         if opts.threads <= 0:
             import os

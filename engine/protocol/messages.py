@@ -85,6 +85,16 @@ class WorkerState:
     log_tail: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class CapabilityQuestion:
+    """Can a device write this K/V cache and (with flash_attn) run attention over it?"""
+
+    type_k: str
+    type_v: str
+    head_dim: int
+    flash_attn: bool
+
+
 # ----------------------------------------------------------------- messages
 
 
@@ -155,6 +165,7 @@ class Inventory(Message):
     nvml: str = ""  # "ok", or why there is no GPU report (e.g. "no NVIDIA driver")
     devices: tuple[DeviceInfo, ...] = ()
     worker: WorkerState = field(default_factory=WorkerState)
+    system_info: str = ""  # llama.cpp's feature line (e.g. CUDA FA_QUANTS, CPU AVX2)
 
 
 @_register(8)
@@ -199,6 +210,24 @@ class AgentEvent(Message):
     kind: str
     worker: WorkerState
     message: str = ""
+
+
+@_register(13)
+@dataclass(frozen=True, slots=True)
+class CapabilityRequest(Message):
+    """Ask the agent's own ggml backend about one device (answers are cached per build)."""
+
+    req: int
+    device: str
+    questions: tuple[CapabilityQuestion, ...]
+
+
+@_register(14)
+@dataclass(frozen=True, slots=True)
+class CapabilityReply(Message):
+    req: int
+    device: str
+    answers: tuple[bool, ...]
 
 
 # ----------------------------------------------------------------- conversion

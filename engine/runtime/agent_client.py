@@ -12,6 +12,9 @@ import corral
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
     AgentEvent,
+    CapabilityQuestion,
+    CapabilityReply,
+    CapabilityRequest,
     ErrorReply,
     Hello,
     Inventory,
@@ -189,6 +192,15 @@ class AgentClient:
         reply = await self.request(lambda r: StopRpc(req=r))
         assert isinstance(reply, WorkerReply)
         return reply.worker
+
+    async def capabilities(
+        self, device: str, questions: tuple[CapabilityQuestion, ...]
+    ) -> tuple[bool, ...]:
+        reply = await self.request(
+            lambda r: CapabilityRequest(req=r, device=device, questions=questions), 150
+        )
+        assert isinstance(reply, CapabilityReply)
+        return reply.answers
 
     async def subscribe(self) -> None:
         await self.request(lambda r: Subscribe(req=r))

@@ -375,6 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if op == "load":
                 engine.load(req, capture)
+            elif op == "capabilities":
+                from corral.engine.ggml.capabilities import Question, ask
+                from corral.engine.planner.kvtypes import ggml_type
+
+                qs = [
+                    Question(ggml_type(k), ggml_type(v), int(hd), bool(fa))
+                    for k, v, hd, fa in req["questions"]
+                ]
+                chan.send("capabilities", answers=ask(str(req["device"]), qs))
             elif op == "dry_run":
                 engine.dry_run(req, capture)
             elif op == "generate":

@@ -124,6 +124,13 @@ class InferenceProcess:
         self._send("dry_run", **params)
         return await self._next()
 
+    async def capabilities(
+        self, device: str, asked: list[tuple[str, str, int, bool]]
+    ) -> list[bool]:
+        """Ask one of the desktop's own devices (see engine.ggml.capabilities)."""
+        self._send("capabilities", device=device, questions=[list(q) for q in asked])
+        return [bool(a) for a in (await self._next())["answers"]]
+
     async def generate(self, **params: Any) -> AsyncIterator[dict[str, Any]]:
         """Yield one `token` event per token (with the KV cells in use), then `done`."""
         self._send("generate", **params)

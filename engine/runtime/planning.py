@@ -13,9 +13,20 @@ from typing import Any
 
 from corral.engine.model.spec import ModelSpec
 from corral.engine.planner.plan import Device, MiB, Plan, Usage, apply_dry_run
-from corral.engine.protocol import Inventory
+from corral.engine.protocol import DeviceInfo, Inventory
 
 _RPC_BUFFER = re.compile(r"RPC(\d+)\[(.+)\]$")
+
+
+def served_devices(inv: Inventory) -> list[DeviceInfo]:
+    """The devices an agent's RPC worker serves, in the worker's order."""
+    by_name = {d.name: d for d in inv.devices}
+    names = (
+        list(inv.worker.devices)
+        or [d.name for d in inv.devices if d.type in ("gpu", "igpu")]
+        or [d.name for d in inv.devices if d.type == "cpu"][:1]
+    )
+    return [by_name.get(n, DeviceInfo(name=n)) for n in names]
 
 
 def devices_from_agents(
@@ -26,23 +37,10 @@ def devices_from_agents(
 ) -> list[Device]:
     """Devices in llama.cpp's order: each agent's worker devices (RPC0, RPC1, ... across
     agents, in registration order), then the desktop's own GPUs."""
-    out = []
-    k = 0
+    out: list[Device] = []
     for name, inv, endpoint in zip(names, inventories, endpoints, strict=True):
-        by_name = {d.name: d for d in inv.devices}
-        served = (
-            list(inv.worker.devices)
-            or [d.name for d in inv.devices if d.type in ("gpu", "igpu")]
-            or [d.name for d in inv.devices if d.type == "cpu"][:1]
-        )
-        for dev_name in served:
-            d = by_name.get(dev_name)
-            out.append(
-                Device(
-                    f"RPC{k}", name, endpoint, d.memory_free if d else 0, d.memory_total if d else 0
-                )
-            )
-            k += 1
+        for d in served_devices(inv):
+            out.append(Device(f"RPC{len(out)}", name, endpoint, d.memory_free, d.memory_total))
     for d in local:
         if d.get("type") in ("gpu", "igpu") and not str(d.get("name", "")).startswith("RPC"):
             out.append(

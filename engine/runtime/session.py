@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,18 @@ from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.model.spec import ModelError, ModelSpec, read_model_spec
 from corral.engine.planner.plan import MiB, Plan, PlanError, Settings, make_plan
-from corral.engine.protocol import AgentEvent, Inventory, WorkerState
+from corral.engine.planner.validate import (
+    BuildFacts,
+    DeviceFacts,
+    Verdict,
+    check_builds,
+    check_cache,
+    check_context,
+    check_plan,
+    errors,
+    questions,
+)
+from corral.engine.protocol import AgentEvent, CapabilityQuestion, Inventory, WorkerState
 
 from .agent_client import AgentClient
 from .errors import (
@@ -31,7 +42,14 @@ from .errors import (
     WorkerUnavailable,
 )
 from .inference import InferenceProcess
-from .planning import Comparison, compare, devices_from_agents, exact_plan, layer_map_matches
+from .planning import (
+    Comparison,
+    compare,
+    devices_from_agents,
+    exact_plan,
+    layer_map_matches,
+    served_devices,
+)
 
 _CRASH_EVENT_WAIT = 2.0  # how long to wait for an agent to report the worker that died
 
@@ -102,14 +120,6 @@ class LoadResult:
     comparison: Comparison | None = None  # planned vs what llama.cpp reported
 
 
-def _proto(text: str) -> tuple[int, int]:
-    parts = text.split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (ValueError, IndexError):
-        return -1, -1
-
-
 class ChatSession:
     """Agents, their workers and the inference child for one loaded model; keeps the history."""
 
@@ -123,6 +133,8 @@ class ChatSession:
         self.local_devices: list[dict[str, Any]] = []
         self.inventories: list[Inventory] = []
         self.warnings: tuple[str, ...] = ()
+        self.verdicts: list[Verdict] = []
+        self.desktop_build: BuildFacts | None = None
         self.spec: ModelSpec | None = None
         self._event_arrived = asyncio.Event()
 
@@ -138,7 +150,26 @@ class ChatSession:
             child_start.cancel()
             raise
         self.local_devices = list(ready.get("devices", []))
-        self.warnings = self._check_versions(ready.get("build", {}))
+        build = ready.get("build", {})
+        self.desktop_build = BuildFacts(
+            "this desktop",
+            str(build.get("llama_cpp_python", "")),
+            str(build.get("ggml_commit", "")),
+            str(build.get("rpc_proto", "")),
+            str(build.get("system_info", "")),
+        )
+        # before any worker starts, so a mismatched build is never asked to connect
+        mismatched = check_builds(
+            self.desktop_build,
+            [
+                BuildFacts(c.name, c.hello.llama_version, c.hello.llama_commit, c.hello.rpc_proto)
+                for c in self.clients
+                if c.hello is not None
+            ],
+        )
+        if mismatched:
+            self.verdicts = mismatched
+            raise PlanRefused("; ".join(str(v) for v in mismatched))
         states = await asyncio.gather(
             *(self._start_worker(c, worker_threads) for c in self.clients)
         )
@@ -150,8 +181,51 @@ class ChatSession:
     def endpoints(self) -> list[str]:
         return [w.endpoint for w in self.workers]
 
+    async def _device_facts(self, spec: ModelSpec, s: Settings) -> list[DeviceFacts]:
+        """Ask every device (through its agent, or the child for local GPUs) about this cache."""
+        asked = questions(spec, s)
+        wire = tuple(CapabilityQuestion(*q) for q in asked)
+        jobs: list[tuple[str, str, str, str, Awaitable[Sequence[bool]]]] = []
+        for client, inv in zip(self.clients, self.inventories, strict=True):
+            for dev in served_devices(inv):
+                jobs.append(
+                    (
+                        client.name,
+                        dev.name,
+                        dev.backend,
+                        inv.system_info,
+                        client.capabilities(dev.name, wire),
+                    )
+                )
+        for d in self.local_devices:
+            if d.get("type") in ("gpu", "igpu") and not str(d["name"]).startswith("RPC"):
+                jobs.append(
+                    (
+                        "this desktop",
+                        str(d["name"]),
+                        str(d.get("backend", "")),
+                        "",
+                        self.child.capabilities(str(d["name"]), asked),
+                    )
+                )
+        answers = await asyncio.gather(*(j[4] for j in jobs))
+        facts = []
+        k = 0
+        for (host, name, backend, info, _), got in zip(jobs, answers, strict=True):
+            shown = name
+            if host != "this desktop":
+                shown, k = f"RPC{k} ({name})", k + 1
+            facts.append(
+                DeviceFacts(host, shown, backend, info, dict(zip(asked, got, strict=True)))
+            )
+        return facts
+
     async def plan(self, settings: LoadSettings) -> tuple[Plan, Plan]:
-        """(analytic plan, exact plan): placement by strategy, then llama.cpp's dry run."""
+        """(analytic plan, exact plan): placement by strategy, then llama.cpp's dry run.
+
+        Validation verdicts land in `self.verdicts`; with an error among them there is no
+        dry run (llama.cpp would refuse or abort on it) and the exact plan is the analytic.
+        """
         loop = asyncio.get_running_loop()
         try:
             spec = await loop.run_in_executor(None, read_model_spec, settings.model)
@@ -167,6 +241,13 @@ class ChatSession:
             )
         except PlanError as exc:
             raise PlanRefused(str(exc)) from None
+        facts = await self._device_facts(spec, analytic.settings)
+        self.verdicts = [
+            *check_cache(spec, analytic.settings, facts),
+            *check_context(spec, analytic.settings),
+        ]
+        if errors(self.verdicts):
+            return analytic, analytic
         dry = await self.child.dry_run(
             rpc=self.endpoints,
             tensor_split=list(analytic.tensor_split) or None,
@@ -175,7 +256,9 @@ class ChatSession:
         wrong = layer_map_matches(analytic, dry.get("layers", {}))
         if wrong:  # the planner and llama.cpp disagree: trust llama.cpp, say so loudly
             self.warnings = (*self.warnings, "plan differs from llama.cpp: " + "; ".join(wrong[:3]))
-        return analytic, exact_plan(analytic, spec, dry)
+        exact = exact_plan(analytic, spec, dry)
+        self.verdicts += check_plan(exact)
+        return analytic, exact
 
     async def open(self, settings: LoadSettings) -> LoadResult:
         """Connect, plan, refuse what would not fit, load, and compare plan with reality."""
@@ -185,8 +268,10 @@ class ChatSession:
     async def open_after_connect(self, settings: LoadSettings) -> LoadResult:
         """`open` for a session whose `connect` has run."""
         analytic, exact = await self.plan(settings)
-        if not exact.fits:
-            raise PlanRefused("the model does not fit: " + "; ".join(exact.shortfalls()))
+        refused = errors(self.verdicts)
+        if refused:
+            raise PlanRefused("refused before loading: " + "; ".join(str(v) for v in refused))
+        self.warnings = (*self.warnings, *(str(v) for v in self.verdicts))
         loaded = await self.child.load(
             rpc=self.endpoints,
             tensor_split=list(exact.tensor_split) or None,
@@ -206,26 +291,6 @@ class ChatSession:
         errors = [str(r) for r in results if isinstance(r, BaseException)]
         if errors:
             raise AgentUnreachable("; ".join(errors))
-
-    def _check_versions(self, build: dict[str, Any]) -> tuple[str, ...]:
-        ours = str(build.get("rpc_proto", ""))
-        warnings = []
-        for c in self.clients:
-            assert c.hello is not None
-            theirs = c.hello.rpc_proto
-            (maj, minor), (their_maj, their_minor) = _proto(ours), _proto(theirs)
-            # ggml's client aborts unless majors are equal and the server's minor <= ours
-            if their_maj != maj or their_minor > minor:
-                raise WorkerUnavailable(
-                    f"agent {c.name} runs ggml RPC protocol {theirs or 'unknown'}, this desktop "
-                    f"{ours}: install llama-cpp-python {build.get('llama_cpp_python', '')} there"
-                )
-            if c.hello.llama_commit and c.hello.llama_commit != build.get("ggml_commit"):
-                warnings.append(
-                    f"agent {c.name} runs llama.cpp {c.hello.llama_commit}, this desktop "
-                    f"{build.get('ggml_commit')}: kernels may differ"
-                )
-        return tuple(warnings)
 
     async def _start_worker(self, client: AgentClient, threads: int) -> WorkerState:
         await client.subscribe()
