@@ -79,19 +79,29 @@ class Plan:
     def layers_of(self, device: int) -> list[int]:
         return [il for il, d in enumerate(self.layer_device) if d == device]
 
-    def shortfalls(self) -> list[str]:
-        """One line per device that would run out of memory, naming the missing amount."""
+    def short(self) -> list[tuple[int, str]]:
+        """(device index, what is missing) for every device that would run out of memory."""
         out = []
-        for dev, use in zip(self.devices, self.usage, strict=True):
-            budget = dev.free - self.settings.reserve
+        reserve = self.settings.reserve
+        for i, (dev, use) in enumerate(zip(self.devices, self.usage, strict=True)):
+            budget = dev.free - reserve
             if use.total > budget:
                 out.append(
-                    f"{dev.name} on {dev.host}: needs {use.total / MiB:.0f} MiB, has "
-                    f"{max(budget, 0) / MiB:.0f} MiB free after the "
-                    f"{self.settings.reserve / MiB:.0f} MiB reserve "
-                    f"(short by {(use.total - budget) / MiB:.0f} MiB)"
+                    (
+                        i,
+                        f"does not fit: needs {use.total / MiB:.0f} MiB, has "
+                        f"{max(budget, 0) / MiB:.0f} MiB free after the "
+                        f"{reserve / MiB:.0f} MiB reserve "
+                        f"(short by {(use.total - budget) / MiB:.0f} MiB)",
+                    )
                 )
         return out
+
+    def shortfalls(self) -> list[str]:
+        """One line per device that would run out of memory, naming the missing amount."""
+        return [
+            f"{self.devices[i].name} on {self.devices[i].host}: {why}" for i, why in self.short()
+        ]
 
     @property
     def fits(self) -> bool:

@@ -205,16 +205,13 @@ def check_plan(plan: Plan) -> list[Verdict]:
     return [
         Verdict(
             "error",
-            dev.host,
-            dev.name,
+            plan.devices[i].host,
+            plan.devices[i].name,
             "memory",
-            f"needs {(u.total) >> 20} MiB, has "
-            f"{max(dev.free - plan.settings.reserve, 0) >> 20} MiB after the reserve",
-            "use --strategy balanced, more hosts, a smaller --ctx, a quantized cache, "
-            "or a smaller --reserve",
+            why,
+            "use more hosts, a smaller --ctx, a quantized cache, or a smaller --reserve",
         )
-        for dev, u in zip(plan.devices, plan.usage, strict=True)
-        if u.total > dev.free - plan.settings.reserve
+        for i, why in plan.short()
     ]
 
 
