@@ -25,7 +25,7 @@ from corral.engine.ggml.quantize import quantize
 from corral.engine.model import default_model_path
 from corral.engine.planner.plan import MiB
 from corral.engine.runtime.localagents import LocalAgents
-from corral.engine.runtime.planning import layer_map_matches
+from corral.engine.runtime.planning import layer_map_matches, overcounted_device
 from corral.engine.runtime.session import ChatSession, LoadSettings
 from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
 
@@ -143,7 +143,7 @@ async def run_case(
     rows = []
     plan, analytic, comp = result.plan, result.analytic, result.comparison
     assert session.spec is not None
-    out_dev = plan.layer_device[-1]
+    out_dev = overcounted_device(plan)
     over = 16 * session.spec.n_embd * plan.settings.n_ubatch
     for i, name in enumerate(comp.names):
         a = analytic.usage[i] if i < len(plan.devices) else analytic.host

@@ -76,20 +76,28 @@ def usage_from_buffers(
     return [Usage(**u) for u in per], Usage(**host)
 
 
-def exact_plan(plan: Plan, spec: ModelSpec, dry: Mapping[str, Any]) -> Plan:
-    """The plan with the compute buffers from llama.cpp's dry run.
+def overcounted_device(plan: Plan) -> int:
+    """The device whose dry-run compute buffer llama.cpp overstates.
 
-    llama.cpp's expectation for the device holding the output layer is 16 × n_embd ×
-    n_ubatch bytes more than it then allocates (LLAMACPP.md); we take that off.
+    Measured: the expectation exceeds the allocation by 16 x n_embd x n_ubatch bytes on the
+    last RPC device (on the CPU machine that is also the output layer's device; on an H200
+    with RPC0, RPC1 and the local CUDA0 holding the output layer, it was RPC1 and CUDA0 was
+    exact). Without RPC devices we assume the output layer's device, as llama-fit-params'
+    known overcount suggests.
     """
+    rpc = [i for i, d in enumerate(plan.devices) if d.endpoint]
+    return rpc[-1] if rpc else plan.layer_device[-1]
+
+
+def exact_plan(plan: Plan, spec: ModelSpec, dry: Mapping[str, Any]) -> Plan:
+    """The plan with the compute buffers from llama.cpp's dry run, less its overcount."""
     usage, host = usage_from_buffers(
         {"compute": dry.get("buffers", {}).get("compute", {})}, plan.devices
     )
     compute = [u.compute for u in usage]
-    out_dev = plan.layer_device[spec.n_layer]
-    over = 16 * spec.n_embd * plan.settings.n_ubatch
-    if out_dev >= 0:
-        compute[out_dev] = max(0, compute[out_dev] - over)
+    dev = overcounted_device(plan)
+    if dev >= 0:
+        compute[dev] = max(0, compute[dev] - 16 * spec.n_embd * plan.settings.n_ubatch)
     return apply_dry_run(plan, compute, host.compute)
 
 
