@@ -77,16 +77,17 @@ def usage_from_buffers(
 
 
 def overcounted_device(plan: Plan) -> int:
-    """The device whose dry-run compute buffer llama.cpp overstates.
+    """The device whose dry-run compute buffer llama.cpp overstates, or -1 if not known.
 
-    Measured: the expectation exceeds the allocation by 16 x n_embd x n_ubatch bytes on the
-    last RPC device (on the CPU machine that is also the output layer's device; on an H200
-    with RPC0, RPC1 and the local CUDA0 holding the output layer, it was RPC1 and CUDA0 was
-    exact). Without RPC devices we assume the output layer's device, as llama-fit-params'
-    known overcount suggests.
+    Measured: with only RPC devices, the expectation exceeds the allocation by exactly
+    16 x n_embd x n_ubatch bytes on the output layer's device (192 of 192 rows, CPU
+    workers). With a local GPU in the mix (an H200 run), the same excess appeared on one
+    device that we could not predict (the middle RPC device in one split, the local GPU in
+    another), so there we keep llama.cpp's figure: over by at most that much, never under.
     """
-    rpc = [i for i, d in enumerate(plan.devices) if d.endpoint]
-    return rpc[-1] if rpc else plan.layer_device[-1]
+    if plan.devices and all(d.endpoint for d in plan.devices):
+        return plan.layer_device[-1]
+    return -1
 
 
 def exact_plan(plan: Plan, spec: ModelSpec, dry: Mapping[str, Any]) -> Plan:
