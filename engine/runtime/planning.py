@@ -76,18 +76,16 @@ def usage_from_buffers(
     return [Usage(**u) for u in per], Usage(**host)
 
 
-def overcounted_device(plan: Plan) -> int:
-    """The device whose dry-run compute buffer llama.cpp overstates, or -1 if not known.
+def overcounted_devices(plan: Plan) -> list[int]:
+    """The devices whose dry-run compute buffer llama.cpp overstates.
 
-    Measured: with only RPC devices, the expectation exceeds the allocation by exactly
-    16 x n_embd x n_ubatch bytes on the output layer's device (192 of 192 rows, CPU
-    workers). With a local GPU in the mix (an H200 run), the same excess appeared on one
-    device that we could not predict (the middle RPC device in one split, the local GPU in
-    another), so there we keep llama.cpp's figure: over by at most that much, never under.
+    Measured: the expectation exceeds the allocation by exactly 16 x n_embd x n_ubatch bytes
+    on every device that takes its input from another device — all but the first in layer
+    order (CPU workers: the second RPC device, 192 of 192 rows; H200 with RPC0, RPC1 and the
+    local CUDA0: RPC1 and CUDA0, 64 of 64 rows).
     """
-    if plan.devices and all(d.endpoint for d in plan.devices):
-        return plan.layer_device[-1]
-    return -1
+    order = list(dict.fromkeys(d for d in plan.layer_device if d >= 0))
+    return order[1:]
 
 
 def exact_plan(plan: Plan, spec: ModelSpec, dry: Mapping[str, Any]) -> Plan:
@@ -96,8 +94,7 @@ def exact_plan(plan: Plan, spec: ModelSpec, dry: Mapping[str, Any]) -> Plan:
         {"compute": dry.get("buffers", {}).get("compute", {})}, plan.devices
     )
     compute = [u.compute for u in usage]
-    dev = overcounted_device(plan)
-    if dev >= 0:
+    for dev in overcounted_devices(plan):
         compute[dev] = max(0, compute[dev] - 16 * spec.n_embd * plan.settings.n_ubatch)
     return apply_dry_run(plan, compute, host.compute)
 
