@@ -214,7 +214,8 @@ def main() -> int:
         f"than 1 MiB: {len(bad_exact)}.",
         f"llama.cpp's own dry run as reported (llama-fit-params' method) vs actual: median "
         f"{statistics.median(abs(e) for e in raw_err) * 100:.2f}%, worst "
-        f"{max(raw_err, key=abs) * 100:+.2f}% (16 x n_embd x n_ubatch on every device after the first).",
+        f"{max(raw_err, key=abs) * 100:+.2f}% (16 x n_embd x n_ubatch too much on every "
+        "device after the first).",
         f"analytic vs actual: median {statistics.median(analytic_err) * 100:.1f}%, worst "
         f"{max(analytic_err) * 100:.1f}%; rows within 5%: "
         f"{sum(e <= 0.05 for e in analytic_err)}/{len(analytic_err)}.",
