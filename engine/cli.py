@@ -18,7 +18,7 @@ from corral.discovery import Host, Hosts
 from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.model import ModelMissing, default_model_path, fetch_default_model
 from corral.engine.planner.kvtypes import KV_TYPES
-from corral.engine.planner.plan import STRATEGIES, MiB, Plan
+from corral.engine.planner.plan import STRATEGIES, MiB, Plan, Usage
 from corral.engine.runtime.agent_client import AgentClient, parse_address
 from corral.engine.runtime.errors import PlanRefused, RuntimeFailure
 from corral.engine.runtime.hosts import HostDirectory
@@ -173,25 +173,36 @@ def plan_table(plan: Plan, analytic: Plan | None = None) -> list[str]:
     def mib(n: int) -> str:
         return f"{n / MiB:.0f}M"
 
-    for i, (dev, use) in enumerate(zip(plan.devices, plan.usage, strict=True)):
-        layers = compact_ranges(plan.layers_of(i)) or "-"
-        row = (
-            f"{dev.name:<7} {dev.host[:28]:<28} {layers:<12} {mib(use.weights):>8} "
-            f"{mib(use.kv):>7} {mib(use.compute):>8} {mib(use.total):>8} "
-            f"{mib(max(dev.free - plan.settings.reserve, 0)):>9}"
+    def row(name: str, host: str, layers: str, use: Usage, free: str, estimate: Usage) -> str:
+        text = (
+            f"{name:<7} {host[:28]:<28} {layers:<12} {mib(use.weights):>8} "
+            f"{mib(use.kv):>7} {mib(use.compute + use.output):>8} {mib(use.total):>8} "
+            f"{free:>9}"
         )
-        if analytic is not None:
-            row += f" {mib(analytic.usage[i].total):>9}"
-        lines.append(row)
-    h = plan.host
-    host_layers = compact_ranges(plan.layers_of(-1)) or "embd"
-    row = (
-        f"{'host':<7} {'this desktop':<28} {host_layers:<12} {mib(h.weights):>8} "
-        f"{mib(h.kv):>7} {mib(h.compute + h.output):>8} {mib(h.total):>8} {'':>9}"
+        return text + (f" {mib(estimate.total):>9}" if analytic is not None else "")
+
+    guess = analytic or plan
+    for i, (dev, use) in enumerate(zip(plan.devices, plan.usage, strict=True)):
+        lines.append(
+            row(
+                dev.name,
+                dev.host,
+                compact_ranges(plan.layers_of(i)) or "-",
+                use,
+                mib(max(dev.free - plan.settings.reserve, 0)),
+                guess.usage[i],
+            )
+        )
+    lines.append(
+        row(
+            "host",
+            "this desktop",
+            compact_ranges(plan.layers_of(-1)) or "embd",
+            plan.host,
+            "",
+            guess.host,
+        )
     )
-    if analytic is not None:
-        row += f" {mib(analytic.host.total):>9}"
-    lines.append(row)
     lines.append(
         f"compute buffers from: {plan.compute_source}; the output layer is layer "
         f"{len(plan.layer_device) - 1}; token embeddings stay in host memory"
