@@ -372,7 +372,8 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
         if inv.gpus:
             for g in inv.gpus:
                 print(
-                    f"  GPU{g.index} {g.name}: {g.memory_free / gib:.1f}/"
+                    f"  GPU{g.index} {g.name} (sm {g.compute_capability or '?'}): "
+                    f"{g.memory_free / gib:.1f}/"
                     f"{g.memory_total / gib:.1f} GiB free, {g.utilization_pct}% busy, "
                     f"{g.temperature_c} °C, {g.power_w:.0f} W"
                 )

@@ -52,6 +52,12 @@ def read_gpus() -> tuple[tuple[GpuInfo, ...], str]:
                     utilization_pct=_try(lambda h=h: pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
                     temperature_c=_try(lambda h=h: pynvml.nvmlDeviceGetTemperature(h, 0)),
                     power_w=_try(lambda h=h: pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0, -1.0),
+                    compute_capability=_try(
+                        lambda h=h: ".".join(
+                            map(str, pynvml.nvmlDeviceGetCudaComputeCapability(h))
+                        ),
+                        "",
+                    ),
                 )
             )
         return tuple(gpus), "ok"

@@ -57,6 +57,7 @@ class GpuInfo:
     utilization_pct: int = -1
     temperature_c: int = -1
     power_w: float = -1.0
+    compute_capability: str = ""  # "9.0" for an H100/H200
 
 
 @dataclass(frozen=True, slots=True)
