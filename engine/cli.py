@@ -113,6 +113,7 @@ async def _reply(
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGINT, session.cancel)
     done: dict[str, Any] = {}
+    shifts = 0
     try:
         async for frame in session.ask(
             text,
@@ -120,13 +121,36 @@ async def _reply(
             temp=opts.temp,
             seed=opts.seed,
             ignore_eos=opts.ignore_eos,
+            system=opts.system or "",
+            n_keep=opts.n_keep,
         ):
             if frame["op"] == "token":
                 if out.json:
                     out.event({"type": "token", "text": frame["text"], "id": frame["id"]})
-                    out.event({"type": "kv", "used": frame["kv_used"], "n_ctx": frame["n_ctx"]})
+                    out.event(
+                        {
+                            "type": "kv",
+                            "used": frame["kv_used"],
+                            "n_ctx": frame["n_ctx"],
+                            "shifts": shifts,
+                        }
+                    )
                 else:
                     print(frame["text"], end="", flush=True)
+            elif frame["op"] == "shift":
+                shifts = frame["shifts"]
+                out.event(
+                    {
+                        "type": "shift",
+                        "n_keep": frame["n_keep"],
+                        "n_discard": frame["n_discard"],
+                        "shifts": shifts,
+                    }
+                )
+                out.info(
+                    f"[context full: kept {frame['n_keep']} tokens, dropped "
+                    f"{frame['n_discard']}; shift {shifts}]"
+                )
             elif frame["op"] == "done":
                 done = frame
     finally:
@@ -303,10 +327,18 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
                     "content": done["content"],
                     "stop": done["stop"],
                     "devices": _devices_json(result),
-                    "kv": {"used": done["kv_used"], "n_ctx": done["n_ctx"]},
+                    "kv": {
+                        "used": done["kv_used"],
+                        "n_ctx": done["n_ctx"],
+                        "shifts": done.get("shifts", 0),
+                    },
                     "tokens": done["n_tokens"],
                     "gen_s": done["gen_s"],
                     "prompt_s": done["prompt_s"],
+                    "shifts": done.get("shifts", 0),
+                    "n_keep": done.get("n_keep", 0),
+                    "kv_head": done.get("kv_head", []),
+                    "kv_pos_min": done.get("kv_pos_min", 0),
                 }
             )
             return 0
@@ -325,7 +357,11 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
                     "content": done["content"],
                     "stop": done["stop"],
                     "devices": _devices_json(result),
-                    "kv": {"used": done["kv_used"], "n_ctx": done["n_ctx"]},
+                    "kv": {
+                        "used": done["kv_used"],
+                        "n_ctx": done["n_ctx"],
+                        "shifts": done.get("shifts", 0),
+                    },
                 }
             )
     finally:
@@ -544,6 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--seed", type=int, default=-1, help="sampling seed (-1 = random)")
     chat.add_argument("--threads", type=int, default=0, help="CPU threads of the local process")
+    chat.add_argument("--system", help="system prompt (kept through context shifts)")
+    chat.add_argument(
+        "--n-keep",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="tokens a context shift keeps (default: the system prompt)",
+    )
     chat.add_argument(
         "--ignore-eos", action="store_true", help="generate exactly --max-tokens (benchmarks)"
     )

@@ -75,6 +75,7 @@ class _Engine:
         self.llm: Any = None
         self.tokens: list[int] = []  # what the KV cache holds, in order
         self.registered: list[str] = []  # RPC endpoints this process's ggml knows
+        self.shifts = 0  # context shifts since the model was loaded
         self.n_ctx = 0
 
     # ------------------------------------------------------------------ load
@@ -213,7 +214,7 @@ class _Engine:
             template=template,
             eos_token=model.token_get_text(self.llm.token_eos()),
             bos_token=model.token_get_text(self.llm.token_bos()),
-            add_generation_prompt=True,
+            add_generation_prompt=bool(req.get("add_generation_prompt", True)),
         )
         result = formatter(messages=messages)
         return list(
@@ -250,6 +251,39 @@ class _Engine:
             )
         return chain
 
+    def _n_keep(self, req: dict[str, Any], prompt: list[int]) -> int:
+        """Tokens a context shift keeps: --n-keep, or by default the system prompt."""
+        if int(req.get("n_keep", -1)) >= 0:
+            return min(int(req["n_keep"]), len(prompt))
+        messages = req.get("messages") or []
+        if not messages or messages[0].get("role") != "system":
+            return 0
+        head = self._prompt_tokens({"messages": messages[:1], "add_generation_prompt": False})
+        n = 0
+        while n < min(len(head), len(prompt)) and head[n] == prompt[n]:
+            n += 1
+        return n
+
+    def _shift(self, n_keep: int) -> None:
+        """Drop half of what follows the kept prefix and slide the rest down (llama-server's
+        n_discard), so the chat goes on past n_ctx; works over RPC buffers too."""
+        L = self.L
+        mem = L.llama_get_memory(self.llm.ctx)
+        n_past = len(self.tokens)
+        n_discard = (n_past - n_keep) // 2
+        L.llama_memory_seq_rm(mem, 0, n_keep, n_keep + n_discard)
+        L.llama_memory_seq_add(mem, 0, n_keep + n_discard, n_past, -n_discard)
+        del self.tokens[n_keep : n_keep + n_discard]
+        self.shifts += 1
+        self.chan.send(
+            "shift",
+            n_keep=n_keep,
+            n_discard=n_discard,
+            shifts=self.shifts,
+            kv_used=len(self.tokens),
+            n_ctx=self.n_ctx,
+        )
+
     def kv_used(self) -> int:
         mem = self.L.llama_get_memory(self.llm.ctx)
         return int(self.L.llama_memory_seq_pos_max(mem, 0)) + 1
@@ -261,6 +295,8 @@ class _Engine:
         ctx = self.llm.ctx
         vocab = L.llama_model_get_vocab(self.llm.model)
         prompt = self._prompt_tokens(req)
+        n_keep = self._n_keep(req, prompt)
+        can_shift = bool(L.llama_memory_can_shift(L.llama_get_memory(ctx)))
         if len(prompt) >= self.n_ctx:
             raise _Refused(
                 f"the prompt is {len(prompt)} tokens, the context {self.n_ctx}: "
@@ -304,8 +340,13 @@ class _Engine:
                 n = L.llama_token_to_piece(vocab, tok, buf, 256, 0, False)
                 text = utf8.decode(ctypes.string_at(buf, max(n, 0)))
                 if len(self.tokens) >= self.n_ctx:
-                    stop = "context_full"
-                    break
+                    if not can_shift or len(self.tokens) - n_keep < 2:
+                        stop = "context_full"
+                        break
+                    if batch:
+                        self.chan.send("tokens", items=batch, n_ctx=self.n_ctx)
+                        batch = []
+                    self._shift(n_keep)
                 one[0] = tok
                 if L.llama_decode(ctx, L.llama_batch_get_one(one, 1)) != 0:
                     raise _Refused("llama_decode failed during generation")
@@ -333,6 +374,10 @@ class _Engine:
             n_tokens=n_gen,
             prompt_tokens=len(prompt),
             cached_tokens=keep,
+            shifts=self.shifts,
+            n_keep=n_keep,
+            kv_head=self.tokens[:n_keep],
+            kv_pos_min=int(L.llama_memory_seq_pos_min(L.llama_get_memory(ctx), 0)),
             kv_used=self.kv_used(),
             n_ctx=self.n_ctx,
             prompt_s=t1 - t0,

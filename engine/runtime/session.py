@@ -342,8 +342,12 @@ class ChatSession:
         temp: float = 0.0,
         seed: int = -1,
         ignore_eos: bool = False,
+        system: str = "",
+        n_keep: int = -1,
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream the reply to a user message; the exchange joins the history when done."""
+        if system and not self.history:
+            self.history = [{"role": "system", "content": system}]
         messages = [*self.history, {"role": "user", "content": text}]
         try:
             async for frame in self.child.generate(
@@ -352,6 +356,7 @@ class ChatSession:
                 temp=temp,
                 seed=seed,
                 ignore_eos=ignore_eos,
+                n_keep=n_keep,
             ):
                 if frame["op"] == "done":
                     self.history = [*messages, {"role": "assistant", "content": frame["content"]}]
