@@ -22,6 +22,7 @@ from corral.engine.planner.plan import STRATEGIES, MiB, Plan, Usage
 from corral.engine.runtime.agent_client import AgentClient, parse_address
 from corral.engine.runtime.errors import PlanRefused, RuntimeFailure
 from corral.engine.runtime.hosts import HostDirectory
+from corral.engine.runtime.kvstatus import kv_status
 from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
 
 EXIT_FAILURE = 1
@@ -114,6 +115,8 @@ async def _reply(
         loop.add_signal_handler(signal.SIGINT, session.cancel)
     done: dict[str, Any] = {}
     shifts = 0
+    plan = session.result.plan if session.result else None
+    first, n_seen = 0.0, 0
     try:
         async for frame in session.ask(
             text,
@@ -127,14 +130,12 @@ async def _reply(
             if frame["op"] == "token":
                 if out.json:
                     out.event({"type": "token", "text": frame["text"], "id": frame["id"]})
-                    out.event(
-                        {
-                            "type": "kv",
-                            "used": frame["kv_used"],
-                            "n_ctx": frame["n_ctx"],
-                            "shifts": shifts,
-                        }
-                    )
+                    now = time.perf_counter()
+                    first = first or now
+                    n_seen += 1
+                    rate = (n_seen - 1) / (now - first) if now > first else 0.0
+                    status = kv_status(plan, frame["kv_used"], frame["n_ctx"], shifts, rate)
+                    out.event({"type": "kv", **status.to_json()})
                 else:
                     print(frame["text"], end="", flush=True)
             elif frame["op"] == "shift":

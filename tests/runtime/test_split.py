@@ -28,7 +28,12 @@ def _run(model: Path, agents: list[str], prompt: str, tokens: int = 32) -> tuple
     assert done.returncode == 0, done.stdout + done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines()]
     ids = [e["id"] for e in events if e["type"] == "token"]
-    assert [e for e in events if e["type"] == "kv"], "KV status is reported while streaming"
+    kvs = [e for e in events if e["type"] == "kv"]
+    assert kvs, "KV status is reported while streaming"
+    assert 0 < kvs[-1]["fill"] <= 1 and kvs[-1]["type_k"] == "f16"
+    if agents:  # the cache in use, per device that holds layers
+        assert set(kvs[-1]["device_bytes"]) == {"RPC0", "RPC1"}
+        assert all(v > 0 for v in kvs[-1]["device_bytes"].values())
     return ids, events[-1]
 
 
