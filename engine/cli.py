@@ -313,6 +313,34 @@ async def _plan(opts: argparse.Namespace, out: _Out) -> int:
     return 0
 
 
+async def _serve(opts: argparse.Namespace, out: _Out) -> int:
+    from corral.engine.runtime.serve import ApiServer
+
+    model = _model(opts.model)
+    session = ChatSession(opts.agent)
+    try:
+        result = await session.open(_load_settings(opts, model))
+        for line in describe_load(result, model):
+            out.info(line)
+        api = ApiServer(session, model.stem, opts.api_key or None)
+        try:
+            port = await api.start(opts.host, opts.port)
+        except OSError as exc:
+            return out.error(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror or exc}")
+        print(f"serving {model.stem} on http://{opts.host}:{port}/v1", flush=True)
+        if opts.host not in ("127.0.0.1", "localhost", "::1") and not opts.api_key:
+            out.info("warning: listening beyond this machine without --api-key")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await api.close()
+        return 0
+    finally:
+        await session.close()
+
+
 async def _chat(opts: argparse.Namespace, out: _Out) -> int:
     model = _model(opts.model)
     session = ChatSession(opts.agent)
@@ -595,6 +623,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--json", action="store_true", help="one JSON object per line")
     _planning_flags(chat)
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible API (/v1) for the split model")
+    serve.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--agent", action="append", type=_address, default=[], metavar="HOST:PORT")
+    serve.add_argument("--ctx", type=_positive, default=4096, help="context size in tokens")
+    serve.add_argument("--threads", type=int, default=0, help="CPU threads of the local process")
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="listen port (0: any free one)")
+    serve.add_argument("--api-key", default="", help="require 'Authorization: Bearer KEY'")
+    _planning_flags(serve)
+
     plan = sub.add_parser("plan", help="where each layer would go and how much memory it needs")
     plan.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct)")
     plan.add_argument("--agent", action="append", type=_address, default=[], metavar="HOST:PORT")
@@ -664,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         "chat": lambda: asyncio.run(_chat(opts, out)),
         "agents": lambda: asyncio.run(_agents(opts, out)),
         "plan": lambda: asyncio.run(_plan(opts, out)),
+        "serve": lambda: asyncio.run(_serve(opts, out)),
         "hosts": lambda: asyncio.run(_hosts(opts, out)),
         "models": lambda: _models(opts, out),
         "demo": lambda: _demo(opts, out),

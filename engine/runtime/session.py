@@ -349,17 +349,24 @@ class ChatSession:
         if system and not self.history:
             self.history = [{"role": "system", "content": system}]
         messages = [*self.history, {"role": "user", "content": text}]
+        async for frame in self.complete(
+            messages,
+            max_tokens=max_tokens,
+            temp=temp,
+            seed=seed,
+            ignore_eos=ignore_eos,
+            n_keep=n_keep,
+        ):
+            if frame["op"] == "done":
+                self.history = [*messages, {"role": "assistant", "content": frame["content"]}]
+            yield frame
+
+    async def complete(
+        self, messages: list[dict[str, str]], **sampling: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream a reply to these messages (the history is the caller's: the HTTP API)."""
         try:
-            async for frame in self.child.generate(
-                messages=messages,
-                max_tokens=max_tokens,
-                temp=temp,
-                seed=seed,
-                ignore_eos=ignore_eos,
-                n_keep=n_keep,
-            ):
-                if frame["op"] == "done":
-                    self.history = [*messages, {"role": "assistant", "content": frame["content"]}]
+            async for frame in self.child.generate(messages=messages, **sampling):
                 yield frame
         except InferenceCrashed as crash:
             raise await self.explain(crash) from None

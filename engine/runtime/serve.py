@@ -1,0 +1,264 @@
+"""An OpenAI-compatible HTTP endpoint for the loaded model, for other tools.
+
+`GET /v1/models`, `POST /v1/chat/completions` (streamed as server-sent events, or whole).
+Plain asyncio on the engine's loop; one generation at a time (the model has one KV cache);
+bound to 127.0.0.1 unless told otherwise; an optional API key (Bearer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from .errors import RuntimeFailure
+from .session import ChatSession
+
+log = logging.getLogger(__name__)
+
+_MAX_HEAD = 64 * 1024
+_MAX_BODY = 4 * 1024 * 1024  # a long chat history, not a file upload
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _text(content: Any) -> str:
+    """OpenAI content: a string, or a list of parts of which we take the text ones."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    raise _HttpError(400, "message content must be a string or a list of text parts")
+
+
+class ApiServer:
+    def __init__(self, session: ChatSession, model_id: str, api_key: str | None = None):
+        self.session = session
+        self.model_id = model_id
+        self.api_key = api_key
+        self._lock = asyncio.Lock()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8080) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            method, path, headers, body = await self._read_request(reader)
+            await self._route(method, path, headers, body, writer)
+        except _HttpError as exc:
+            await self._json(
+                writer, exc.status, {"error": {"message": exc.message, "type": exc.kind}}
+            )
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except RuntimeFailure as exc:
+            await self._json(writer, 503, {"error": {"message": str(exc), "type": "server_error"}})
+        except Exception:  # a bug: answer 500, keep serving
+            log.exception("internal error in the HTTP API")
+            with contextlib.suppress(Exception):
+                await self._json(
+                    writer, 500, {"error": {"message": "internal error", "type": "server_error"}}
+                )
+        finally:
+            writer.close()
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader
+    ) -> tuple[str, str, dict[str, str], bytes]:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            raise _HttpError(413, "request headers too large") from None
+        if len(head) > _MAX_HEAD:
+            raise _HttpError(413, "request headers too large")
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            method, target, _ = lines[0].split(" ", 2)
+        except ValueError:
+            raise _HttpError(400, "malformed request line") from None
+        headers = {}
+        for line in lines[1:]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+        length = int(headers.get("content-length", "0") or 0)
+        if length > _MAX_BODY:
+            raise _HttpError(413, f"request body over {_MAX_BODY} bytes")
+        body = await reader.readexactly(length) if length else b""
+        return method, target.split("?", 1)[0], headers, body
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        if not self.api_key:
+            return True
+        given = headers.get("authorization", "")
+        return secrets.compare_digest(given, f"Bearer {self.api_key}")
+
+    async def _route(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        if not self._authorized(headers):
+            raise _HttpError(401, "missing or wrong API key", "authentication_error")
+        if path == "/v1/models":
+            if method != "GET":
+                raise _HttpError(405, "use GET")
+            await self._json(
+                writer,
+                200,
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": self.model_id, "object": "model", "created": 0, "owned_by": "corral"}
+                    ],
+                },
+            )
+        elif path == "/v1/chat/completions":
+            if method != "POST":
+                raise _HttpError(405, "use POST")
+            await self._chat(json_body(body), writer)
+        else:
+            raise _HttpError(404, f"no route {path}")
+
+    async def _json(self, writer: asyncio.StreamWriter, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        writer.write(
+            f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+            + data
+        )
+        await writer.drain()
+
+    # ------------------------------------------------------------------ chat
+
+    async def _chat(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        messages = req.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _HttpError(400, "messages must be a non-empty list")
+        chat = []
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise _HttpError(400, "each message needs a role: system, user or assistant")
+            chat.append({"role": m["role"], "content": _text(m.get("content", ""))})
+        limit = req.get("max_completion_tokens", req.get("max_tokens", 256))
+        temp = req.get("temperature", 1.0)
+        seed = req.get("seed", -1)
+        if not isinstance(limit, int) or limit <= 0 or not isinstance(temp, int | float):
+            raise _HttpError(400, "max_tokens must be a positive integer, temperature a number")
+        sampling = {
+            "max_tokens": limit,
+            "temp": float(temp),
+            "seed": seed if isinstance(seed, int) else -1,
+            "top_p": float(req.get("top_p", 0.95) or 0.95),
+        }
+        ident = f"chatcmpl-{secrets.token_hex(12)}"
+        created = int(time.time())
+        async with self._lock:
+            if req.get("stream"):
+                await self._stream(chat, sampling, writer, ident, created)
+            else:
+                done: dict[str, Any] = {}
+                async for frame in self.session.complete(chat, **sampling):
+                    if frame["op"] == "done":
+                        done = frame
+                await self._json(
+                    writer,
+                    200,
+                    {
+                        "id": ident,
+                        "object": "chat.completion",
+                        "created": created,
+                        "model": self.model_id,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": _finish(done["stop"]),
+                                "message": {"role": "assistant", "content": done["content"]},
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": done["prompt_tokens"],
+                            "completion_tokens": done["n_tokens"],
+                            "total_tokens": done["prompt_tokens"] + done["n_tokens"],
+                        },
+                    },
+                )
+
+    async def _stream(
+        self,
+        chat: list[dict[str, str]],
+        sampling: dict[str, Any],
+        writer: asyncio.StreamWriter,
+        ident: str,
+        created: int,
+    ) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+        )
+
+        def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
+            obj = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            return f"data: {json.dumps(obj)}\n\n".encode()
+
+        writer.write(chunk({"role": "assistant", "content": ""}))
+        stop = "stop"
+        async for frame in self.session.complete(chat, **sampling):
+            if frame["op"] == "token":
+                writer.write(chunk({"content": frame["text"]}))
+                await writer.drain()
+            elif frame["op"] == "done":
+                stop = _finish(frame["stop"])
+        writer.write(chunk({}, stop) + b"data: [DONE]\n\n")
+        await writer.drain()
+
+
+def _finish(stop: str) -> str:
+    return "length" if stop in ("length", "context_full") else "stop"
+
+
+def json_body(body: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(body or b"{}")
+    except ValueError:
+        raise _HttpError(400, "the body is not JSON") from None
+    if not isinstance(obj, dict):
+        raise _HttpError(400, "the body must be a JSON object")
+    return obj

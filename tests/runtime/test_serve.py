@@ -1,0 +1,94 @@
+"""`corral serve`: the official openai client streams a chat from the split model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from corral.engine.runtime.localagents import LocalAgents
+
+
+@pytest.fixture(scope="module")
+def server(smollm2: Path) -> Iterator[str]:
+    with LocalAgents(2) as agents:
+        args = [
+            sys.executable,
+            "-m",
+            "corral.engine.cli",
+            "serve",
+            str(smollm2),
+            "--port",
+            "0",
+            "--api-key",
+            "sekret",
+            "--ctx",
+            "2048",
+        ]
+        for a in agents.addresses:
+            args += ["--agent", a]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith("serving"), line + (proc.stderr.read() if proc.stderr else "")
+            yield line.split()[-1]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_openai_client_streams_a_chat(server: str) -> None:
+    client = openai.OpenAI(base_url=server, api_key="sekret")
+    assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct.Q4_1"]
+    stream = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        stream=True,
+        max_tokens=16,
+        temperature=0,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+        ],
+    )
+    parts = [c.choices[0].delta.content or "" for c in stream]
+    text = "".join(parts)
+    assert len(parts) > 3 and text.strip()
+    whole = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        max_tokens=16,
+        temperature=0,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+        ],
+    )
+    assert whole.choices[0].message.content == text  # greedy: the same reply both ways
+    assert whole.usage is not None and whole.usage.completion_tokens <= 16
+
+
+def test_wrong_key_and_bad_requests(server: str) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server, api_key="wrong").models.list()
+    req = urllib.request.Request(
+        server + "/chat/completions",
+        data=b"{not json",
+        headers={"Authorization": "Bearer sekret"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 400
+    assert "not JSON" in json.loads(err.value.read())["error"]["message"]
