@@ -20,7 +20,7 @@ from corral.engine.model import ModelMissing, default_model_path, fetch_default_
 from corral.engine.planner.kvtypes import KV_TYPES
 from corral.engine.planner.plan import STRATEGIES, MiB, Plan, Usage
 from corral.engine.runtime.agent_client import AgentClient, parse_address
-from corral.engine.runtime.errors import PlanRefused, RuntimeFailure
+from corral.engine.runtime.errors import InferenceCrashed, PlanRefused, RuntimeFailure
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import kv_status
 from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
@@ -379,7 +379,26 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
             line = await loop.run_in_executor(None, sys.stdin.readline)
             if not line.strip():
                 return 0
-            done = await _reply(session, out, line.strip(), opts)
+            if line.strip() == "/reload":
+                result = await session.reload()
+                for text in describe_load(result, model):
+                    out.info(text)
+                out.event(
+                    {
+                        "type": "reloaded",
+                        "devices": _devices_json(result),
+                        "dropped": session.dropped,
+                        "history": len(session.history),
+                    }
+                )
+                continue
+            try:
+                done = await _reply(session, out, line.strip(), opts)
+            except InferenceCrashed as crash:
+                # the history stays in this process; the user decides when to load again
+                out.event({"type": "crash", "message": str(crash)})
+                out.info(f"corral: {crash}\ntype /reload to load again on the hosts still up")
+                continue
             out.event(
                 {
                     "type": "done",

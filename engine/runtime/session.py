@@ -136,6 +136,8 @@ class ChatSession:
         self.verdicts: list[Verdict] = []
         self.desktop_build: BuildFacts | None = None
         self.spec: ModelSpec | None = None
+        self.settings: LoadSettings | None = None
+        self.dropped: list[str] = []  # agents left out by a reload
         self._event_arrived = asyncio.Event()
 
     # ------------------------------------------------------------------ open
@@ -262,8 +264,37 @@ class ChatSession:
 
     async def open(self, settings: LoadSettings) -> LoadResult:
         """Connect, plan, refuse what would not fit, load, and compare plan with reality."""
+        self.settings = settings
         await self.connect(settings.worker_threads)
         return await self.open_after_connect(settings)
+
+    def add_agent(self, address: str) -> None:
+        """Take another agent into the next `reload` (a host that came back, or a new one)."""
+        self.clients.append(AgentClient(address, on_event=self._on_event))
+
+    async def reload(self) -> LoadResult:
+        """After a crash: load again, re-planned over the agents that still answer.
+
+        The history stays; agents whose connection is gone and cannot be reopened are left
+        out (the plan then says whether the model still fits on the rest).
+        """
+        assert self.settings is not None, "reload needs a session that was opened"
+        await self.child.close()
+        self.child = InferenceProcess()
+        kept = []
+        for c in self.clients:
+            if c.closed_reason:
+                await c.close()
+                c = AgentClient(c.address, on_event=self._on_event)
+                try:
+                    await c.connect()
+                except RuntimeFailure:
+                    self.dropped.append(c.address)
+                    continue
+            kept.append(c)
+        self.clients = kept
+        self._events.clear()
+        return await self.open(self.settings)
 
     async def open_after_connect(self, settings: LoadSettings) -> LoadResult:
         """`open` for a session whose `connect` has run."""
@@ -287,10 +318,11 @@ class ChatSession:
         return self.result
 
     async def _connect_agents(self) -> None:
-        results = await asyncio.gather(*(c.connect() for c in self.clients), return_exceptions=True)
-        errors = [str(r) for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise AgentUnreachable("; ".join(errors))
+        waiting = [c for c in self.clients if c.hello is None]
+        results = await asyncio.gather(*(c.connect() for c in waiting), return_exceptions=True)
+        failures = [str(r) for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise AgentUnreachable("; ".join(failures))
 
     async def _start_worker(self, client: AgentClient, threads: int) -> WorkerState:
         await client.subscribe()
