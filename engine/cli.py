@@ -19,6 +19,7 @@ from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.model import ModelMissing, default_model_path, fetch_default_model
 from corral.engine.planner.kvtypes import KV_TYPES
 from corral.engine.planner.plan import STRATEGIES, MiB, Plan, Usage
+from corral.engine.runtime import history
 from corral.engine.runtime.agent_client import AgentClient, parse_address
 from corral.engine.runtime.errors import InferenceCrashed, PlanRefused, RuntimeFailure
 from corral.engine.runtime.hosts import HostDirectory
@@ -344,12 +345,18 @@ async def _serve(opts: argparse.Namespace, out: _Out) -> int:
 async def _chat(opts: argparse.Namespace, out: _Out) -> int:
     model = _model(opts.model)
     session = ChatSession(opts.agent)
+    if opts.session:
+        session.history = history.load(opts.session)
+        if session.history:
+            out.info(f"resuming chat {opts.session!r}: {len(session.history)} messages")
     try:
         result = await session.open(_load_settings(opts, model))
         for line in describe_load(result, model):
             out.info(line)
         if opts.prompt is not None:
             done = await _reply(session, out, opts.prompt, opts)
+            if opts.session:
+                history.save(opts.session, session.history)
             out.event(
                 {
                     "type": "done",
@@ -394,6 +401,8 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
                 continue
             try:
                 done = await _reply(session, out, line.strip(), opts)
+                if opts.session:
+                    history.save(opts.session, session.history)
             except InferenceCrashed as crash:
                 # the history stays in this process; the user decides when to load again
                 out.event({"type": "crash", "message": str(crash)})
@@ -547,6 +556,21 @@ async def _hosts(opts: argparse.Namespace, out: _Out) -> int:
     return 0
 
 
+def _chats(opts: argparse.Namespace, out: _Out) -> int:
+    if not opts.name:
+        for name in history.names():
+            print(name)
+        return 0
+    messages = history.load(opts.name)
+    if not messages:
+        return out.error(f"no saved chat named {opts.name!r} (see `corral chats`)")
+    if opts.format == "json":
+        print(json.dumps({"name": opts.name, "messages": messages}, ensure_ascii=False, indent=1))
+    else:
+        print(history.to_markdown(opts.name, messages))
+    return 0
+
+
 def _models(opts: argparse.Namespace, out: _Out) -> int:
     path = fetch_default_model()
     out.info(f"default model ready: {path}")
@@ -630,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--threads", type=int, default=0, help="CPU threads of the local process")
     chat.add_argument("--system", help="system prompt (kept through context shifts)")
     chat.add_argument(
+        "--session", metavar="NAME", help="keep this chat's history on disk and resume it next time"
+    )
+    chat.add_argument(
         "--n-keep",
         type=int,
         default=-1,
@@ -704,6 +731,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hosts.add_argument("--json", action="store_true")
 
+    chats = sub.add_parser("chats", help="saved chats: list them, or export one")
+    chats.add_argument("name", nargs="?", help="the chat to export")
+    chats.add_argument("--format", choices=["md", "json"], default="md")
+    chats.add_argument("--json", action="store_true")
+
     models = sub.add_parser("models", help="install the default model into the cache dir")
     models.add_argument("--json", action="store_true")
 
@@ -724,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": lambda: asyncio.run(_serve(opts, out)),
         "hosts": lambda: asyncio.run(_hosts(opts, out)),
         "models": lambda: _models(opts, out),
+        "chats": lambda: _chats(opts, out),
         "demo": lambda: _demo(opts, out),
     }
     try:
@@ -731,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     except PlanRefused as exc:
         out.error(str(exc))
         return EXIT_USAGE
-    except (RuntimeFailure, ModelMissing) as exc:
+    except (RuntimeFailure, ModelMissing, history.HistoryError) as exc:
         return out.error(str(exc))
     except Exception as exc:  # a bug: the user gets one line and where the details are
         report = _save_traceback()

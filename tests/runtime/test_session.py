@@ -126,3 +126,28 @@ def test_interactive_chat_keeps_the_conversation(smollm2: Path) -> None:
     ]
     assert len(finals) == 2
     assert finals[1]["kv"]["used"] > finals[0]["kv"]["used"]
+
+
+def test_a_named_chat_is_saved_resumed_and_exported(smollm2: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, CORRAL_STATE_DIR=str(tmp_path))
+    base = [sys.executable, "-m", "corral.engine.cli"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args], capture_output=True, text=True, env=env, timeout=120)
+
+    first = run("chat", "--session", "ada", "--prompt", "My name is Ada.", "--max-tokens", "4")
+    assert first.returncode == 0, first.stderr
+    second = run(
+        "chat", "--session", "ada", "--prompt", "What is my name?", "--max-tokens", "4", "--json"
+    )
+    assert second.returncode == 0, second.stderr
+    exported = json.loads(run("chats", "ada", "--format", "json").stdout)
+    assert [m["role"] for m in exported["messages"]] == ["user", "assistant"] * 2
+    assert exported["messages"][0]["content"] == "My name is Ada."
+    assert "**user**" in run("chats", "ada").stdout and run("chats").stdout.split() == ["ada"]
+    (tmp_path / "chats" / "ada.json").write_text("{broken")
+    broken = run("chat", "--session", "ada", "--prompt", "hi")
+    assert broken.returncode == 1 and "is damaged" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    bad = run("chat", "--session", "../etc", "--prompt", "hi")
+    assert bad.returncode == 1 and "is not a chat name" in bad.stderr
