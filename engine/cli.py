@@ -379,13 +379,22 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
             )
             return 0
         loop = asyncio.get_running_loop()
-        out.info("type a message; an empty line or Ctrl-D ends the chat, Ctrl-C stops a reply")
+        out.info(
+            "type a message; an empty line or Ctrl-D ends the chat, Ctrl-C stops a reply, "
+            "/regen answers the last message again, /reload loads again after a crash"
+        )
         while True:
             if not out.json:
                 print("> ", end="", flush=True)
             line = await loop.run_in_executor(None, sys.stdin.readline)
             if not line.strip():
                 return 0
+            if line.strip() == "/regen":
+                try:
+                    line = session.take_back()
+                except RuntimeFailure as exc:
+                    out.info(str(exc))
+                    continue
             if line.strip() == "/reload":
                 result = await session.reload()
                 for text in describe_load(result, model):

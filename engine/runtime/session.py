@@ -393,6 +393,14 @@ class ChatSession:
                 self.history = [*messages, {"role": "assistant", "content": frame["content"]}]
             yield frame
 
+    def take_back(self) -> str:
+        """Drop the last exchange and return its user message, to be answered again."""
+        if len(self.history) < 2 or self.history[-1]["role"] != "assistant":
+            raise RuntimeFailure("nothing to regenerate yet: ask something first")
+        *earlier, last_user, _ = self.history
+        self.history = earlier
+        return last_user["content"]
+
     async def complete(
         self, messages: list[dict[str, str]], **sampling: Any
     ) -> AsyncIterator[dict[str, Any]]:

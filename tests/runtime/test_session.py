@@ -115,7 +115,7 @@ def _alive(pid: int) -> bool:
 def test_interactive_chat_keeps_the_conversation(smollm2: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "corral.engine.cli", "chat", "--max-tokens", "6", "--json"],
-        input="My name is Ada.\nWhat is my name?\n\n",
+        input="My name is Ada.\nWhat is my name?\n/regen\n\n",
         capture_output=True,
         text=True,
         timeout=120,
@@ -124,8 +124,11 @@ def test_interactive_chat_keeps_the_conversation(smollm2: Path) -> None:
     finals = [
         json.loads(line) for line in done.stdout.splitlines() if json.loads(line)["type"] == "done"
     ]
-    assert len(finals) == 2
+    assert len(finals) == 3
     assert finals[1]["kv"]["used"] > finals[0]["kv"]["used"]
+    # /regen answers the same message again: greedy, so the same reply and cache fill
+    assert finals[2]["content"] == finals[1]["content"]
+    assert finals[2]["kv"]["used"] == finals[1]["kv"]["used"]
 
 
 def test_a_named_chat_is_saved_resumed_and_exported(smollm2: Path, tmp_path: Path) -> None:
