@@ -41,6 +41,24 @@ async def _child_round(session: ChatSession, tokens: int) -> tuple[float, float]
     return done["n_tokens"] / done["gen_s"], (done["n_tokens"] - 1) / (t_end - first)
 
 
+LONG = " ".join(["The keeper climbed the stairs, trimmed the wick and watched the sea."] * 20)
+
+
+async def _prompt_round(session: ChatSession, i: int) -> tuple[float, float]:
+    """(time to first token as the parent sees it, prompt tokens/s in the child) for a long
+    prompt whose start differs per round, so no cached prefix helps."""
+    session.history = []
+    t0 = time.perf_counter()
+    ttft = 0.0
+    async for frame in session.ask(LONG, max_tokens=2, system=f"Round {i}. Be brief."):
+        if frame["op"] == "token" and not ttft:
+            ttft = time.perf_counter() - t0
+        if frame["op"] == "done":
+            done = frame
+    fresh = done["prompt_tokens"] - done["cached_tokens"]
+    return ttft, fresh / done["prompt_s"]
+
+
 async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
     bare = subprocess.Popen(
         [
@@ -58,7 +76,16 @@ async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
     assert bare.stdin is not None and bare.stdout is not None
     local = ChatSession([])
     await local.open(LoadSettings(model=model, n_ctx=1024, n_threads=threads))
-    results: dict[str, list[float]] = {"bare": [], "child": [], "child_parent": [], "split": []}
+    results: dict[str, list[float]] = {
+        "bare": [],
+        "child": [],
+        "child_parent": [],
+        "split": [],
+        "ttft_local": [],
+        "pp_local": [],
+        "ttft_split": [],
+        "pp_split": [],
+    }
     with LocalAgents(2) as agents:
         split = ChatSession(agents.addresses)
         await split.open(
@@ -82,6 +109,10 @@ async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
             results["child"].append(inside)
             results["child_parent"].append(seen)
             results["split"].append((await _child_round(split, tokens))[0])
+            for name, sess in (("local", local), ("split", split)):
+                ttft, pp = await _prompt_round(sess, i)
+                results[f"ttft_{name}"].append(ttft)
+                results[f"pp_{name}"].append(pp)
         await split.close()
     await local.close()
     bare.stdin.close()
@@ -129,6 +160,14 @@ def main() -> int:
         f"{res['child_parent_vs_bare']:.3f}x bare |"
     )
     print(f"| split over 2 local agents | {m['split']:.1f} | {res['split2_vs_local']:.3f}x local |")
+    print(
+        f"| prompt ({len(LONG.split())} words), local | {m['pp_local']:.0f} tok/s | "
+        f"first token after {m['ttft_local'] * 1000:.0f} ms |"
+    )
+    print(
+        f"| prompt, split over 2 local agents | {m['pp_split']:.0f} tok/s | "
+        f"first token after {m['ttft_split'] * 1000:.0f} ms |"
+    )
     print("child/bare per round: " + ", ".join(f"{r:.3f}" for r in res["child_vs_bare_per_round"]))
     if opts.json:
         opts.json.write_text(json.dumps(res, indent=2))
