@@ -254,7 +254,7 @@ class _Engine:
     def _n_keep(self, req: dict[str, Any], prompt: list[int]) -> int:
         """Tokens a context shift keeps: --n-keep, or by default the system prompt."""
         if int(req.get("n_keep", -1)) >= 0:
-            return min(int(req["n_keep"]), len(prompt))
+            return min(int(req["n_keep"]), self.n_ctx)
         messages = req.get("messages") or []
         if not messages or messages[0].get("role") != "system":
             return 0

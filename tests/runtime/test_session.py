@@ -46,12 +46,20 @@ def test_cancel_stops_a_reply_and_the_session_goes_on(smollm2: Path) -> None:
     asyncio.run(run())
 
 
-def test_context_full_stops_cleanly(smollm2: Path) -> None:
+def test_a_full_context_shifts_or_stops_cleanly(smollm2: Path) -> None:
     async def run() -> None:
         session = ChatSession([])
         await session.open(LoadSettings(model=smollm2, n_ctx=256))
         try:
-            async for frame in session.ask("Go on forever.", max_tokens=1000, ignore_eos=True):
+            async for frame in session.ask("Go on forever.", max_tokens=600, ignore_eos=True):
+                if frame["op"] == "done":
+                    assert frame["stop"] == "length" and frame["shifts"] >= 2
+                    assert frame["kv_used"] <= 256
+            # keeping everything leaves nothing to drop: the reply stops at the limit
+            session.history = []
+            async for frame in session.ask(
+                "Go on forever.", max_tokens=600, ignore_eos=True, n_keep=10_000
+            ):
                 if frame["op"] == "done":
                     assert frame["stop"] == "context_full"
                     assert frame["kv_used"] == 256
