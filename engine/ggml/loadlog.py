@@ -17,12 +17,6 @@ class LoadReport:
     layers: dict[int, str] = field(default_factory=dict)
     buffers: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def layers_by_device(self) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
-        for layer, dev in sorted(self.layers.items()):
-            out.setdefault(dev, []).append(layer)
-        return out
-
 
 def parse_load_log(lines: Iterable[str]) -> LoadReport:
     """Collect layer assignments, and buffer sizes summed per kind and buffer name."""

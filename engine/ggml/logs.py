@@ -51,10 +51,6 @@ class LogCapture:
         _keep.append(callback)
         llama.llama_log_set(callback, ctypes.c_void_p(0))
 
-    def snapshot(self) -> list[str]:
-        with self._lock:
-            return list(self.lines)
-
     def since(self, mark: int) -> list[str]:
         """Lines logged after `count` was `mark` (as many as are still kept)."""
         with self._lock:

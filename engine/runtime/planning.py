@@ -114,9 +114,6 @@ class Comparison:
             out.append((name, p.total, a.total, err))
         return out
 
-    def worst(self) -> float:
-        return max((abs(r[3]) for r in self.rows()), default=0.0)
-
 
 def compare(plan: Plan, buffers: Mapping[str, Mapping[str, float]]) -> Comparison:
     usage, host = usage_from_buffers(buffers, plan.devices)

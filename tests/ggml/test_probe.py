@@ -80,7 +80,7 @@ def test_load_log_parsing() -> None:
             "llama_context:        CPU  output buffer size =     0.19 MiB",
         ]
     )
-    assert report.layers_by_device() == {"RPC0": [0], "RPC1": [1]}
+    assert report.layers == {0: "RPC0", 1: "RPC1"}
     assert report.buffers["model"] == {"RPC0[127.0.0.1:5000]": 40.5}
     assert report.buffers["KV"] == {"RPC1[127.0.0.1:5001]": 11.25}
     assert report.buffers["compute"]["CPU"] == 98.25 and report.buffers["output"]["CPU"] == 0.19
