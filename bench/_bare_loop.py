@@ -1,6 +1,7 @@
 """Baseline for bench/generation.py: the plainest llama-cpp-python low-level decode loop.
 
-Loads the model once, then for each line on stdin generates N greedy tokens and prints the
+Loads the model once (split evenly over the RPC endpoints given after the first three
+arguments, if any), then for each line on stdin generates N greedy tokens and prints the
 seconds the loop took (decode + sample, synchronized), one line per round.
 """
 
@@ -14,12 +15,19 @@ import llama_cpp as L
 
 def main() -> None:
     model, n_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    endpoints = sys.argv[4:]  # RPC workers to split over, like the engine's split run
+    if endpoints:
+        from corral.engine.ggml import add_rpc_server
+
+        for endpoint in endpoints:
+            add_rpc_server(endpoint)
     llm = L.Llama(
         model_path=model,
         n_ctx=1024,
         n_threads=threads,
         n_threads_batch=threads,
         n_gpu_layers=-1,
+        tensor_split=[1.0] * len(endpoints) or None,
         verbose=False,
     )
     ctx = llm.ctx
