@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from corral.engine.model import default_model_path
+from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
 
@@ -81,12 +82,38 @@ async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
         "child": [],
         "child_parent": [],
         "split": [],
+        "bare_split": [],
         "ttft_local": [],
         "pp_local": [],
         "ttft_split": [],
         "pp_split": [],
     }
-    with LocalAgents(2) as agents:
+    # The bare loop gets its own two agents: a ggml RPC worker serves one client at a time.
+    with LocalAgents(2) as agents, LocalAgents(2) as bare_agents:
+        endpoints = []
+        for address in bare_agents.addresses:
+            client = AgentClient(address)
+            await client.connect()
+            endpoints.append((await client.start_rpc(threads=threads)).endpoint)
+            await client.close()
+        bare_split = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("_bare_loop.py")),
+                str(model),
+                str(tokens),
+                str(threads),
+                *endpoints,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert bare_split.stdin is not None and bare_split.stdout is not None
+        bare_split.stdin.write("go\n")
+        bare_split.stdin.flush()
+        bare_split.stdout.readline()  # warm-up
         split = ChatSession(agents.addresses)
         await split.open(
             LoadSettings(model=model, n_ctx=1024, n_threads=threads, worker_threads=threads)
@@ -109,11 +136,16 @@ async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
             results["child"].append(inside)
             results["child_parent"].append(seen)
             results["split"].append((await _child_round(split, tokens))[0])
+            bare_split.stdin.write("go\n")
+            bare_split.stdin.flush()
+            results["bare_split"].append(tokens / float(bare_split.stdout.readline()))
             for name, sess in (("local", local), ("split", split)):
                 ttft, pp = await _prompt_round(sess, i)
                 results[f"ttft_{name}"].append(ttft)
                 results[f"pp_{name}"].append(pp)
         await split.close()
+        bare_split.stdin.close()
+        bare_split.wait()
     await local.close()
     bare.stdin.close()
     bare.wait()
@@ -133,6 +165,7 @@ async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
         "child_vs_bare": statistics.median(paired("child", "bare")),
         "child_parent_vs_bare": statistics.median(paired("child_parent", "bare")),
         "split2_vs_local": statistics.median(paired("split", "child")),
+        "split_vs_bare_split": statistics.median(paired("split", "bare_split")),
         "child_vs_bare_per_round": paired("child", "bare"),
     }
 
@@ -167,6 +200,10 @@ def main() -> int:
     print(
         f"| prompt, split over 2 local agents | {m['pp_split']:.0f} tok/s | "
         f"first token after {m['ttft_split'] * 1000:.0f} ms |"
+    )
+    print(
+        f"| bare loop over the same 2-agent split | {m['bare_split']:.1f} | "
+        f"engine split {res['split_vs_bare_split']:.3f}x bare split |"
     )
     print("child/bare per round: " + ", ".join(f"{r:.3f}" for r in res["child_vs_bare_per_round"]))
     if opts.json:
