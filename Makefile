@@ -39,9 +39,14 @@ run: install models
 		$(BIN)/corral demo; \
 	fi
 
+# Every figure in docs/ (about 15 minutes on 2 cores; discovery needs root for namespaces).
 bench: install models
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/failure.py
+	$(BIN)/python bench/agent_kill.py
+	$(BIN)/python bench/discovery.py
+	$(BIN)/python bench/planner_speed.py
+	$(BIN)/python bench/plan_accuracy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
