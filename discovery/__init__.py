@@ -6,7 +6,18 @@ which feeds its verdicts into the same registry.
 
 from .advertise import Advertiser
 from .browse import Browser
-from .registry import Advertised, Event, Host, Hosts, ManualAdded, Offline, Online, Withdrawn, apply
+from .registry import (
+    Advertised,
+    Event,
+    Host,
+    Hosts,
+    Inventoried,
+    ManualAdded,
+    Offline,
+    Online,
+    Withdrawn,
+    apply,
+)
 from .txt import SERVICE_TYPE, AgentHints, BadTxt, decode_txt, encode_txt
 
 __all__ = [
@@ -19,6 +30,7 @@ __all__ = [
     "Event",
     "Host",
     "Hosts",
+    "Inventoried",
     "ManualAdded",
     "Offline",
     "Online",

@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from corral.engine.protocol import Inventory
+
 from .txt import AgentHints
 
 Hosts = Mapping[str, "Host"]
@@ -29,6 +31,7 @@ class Host:
     status: str = "discovered"  # discovered | online | offline
     reason: str = ""  # why offline, in words
     hints: AgentHints | None = None
+    inventory: Inventory | None = None  # the latest, while online (live VRAM and the rest)
     since: float = 0.0  # when status last changed (time.monotonic())
 
     @property
@@ -74,7 +77,16 @@ class Offline:
     at: float
 
 
-Event = Advertised | Withdrawn | ManualAdded | Online | Offline
+@dataclass(frozen=True, slots=True)
+class Inventoried:
+    """A fresh inventory from the host's control channel (GPUs, VRAM, worker)."""
+
+    key: str
+    inventory: Inventory
+    at: float
+
+
+Event = Advertised | Withdrawn | ManualAdded | Online | Offline | Inventoried
 
 
 def service_key(hosts: Hosts, service: str) -> str | None:
@@ -166,6 +178,10 @@ def apply(hosts: Hosts, event: Event) -> dict[str, Host]:
             reason="",
             since=event.at if changed else host.since,
         )
+    elif isinstance(event, Inventoried):
+        host = out.get(event.key)
+        if host is not None:
+            out[event.key] = dataclasses.replace(host, inventory=event.inventory)
     elif isinstance(event, Offline):
         host = out.get(event.key)
         if host is not None:

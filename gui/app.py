@@ -56,6 +56,7 @@ class MainWindow(QMainWindow):
         self.directory = HostDirectory(
             lambda hosts, _e: self.bridge.post(self.hosts_model.set_hosts, dict(hosts)),
             browse=browse,
+            inventory_every=2.0,
         )
         self.engine.submit(self._start_directory(agents))
 

@@ -8,7 +8,8 @@ from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelInd
 
 from corral.discovery import Host
 
-_COLUMNS = ("Status", "Host", "Address", "GPUs", "VRAM", "Note")
+_COLUMNS = ("Status", "Host", "Address", "GPUs", "Memory (live)", "Note")
+GiB = 1 << 30
 Index = QModelIndex | QPersistentModelIndex
 
 
@@ -42,16 +43,37 @@ class HostsModel(QAbstractTableModel):
         if not index.isValid() or role != Qt.ItemDataRole.DisplayRole:
             return None
         h = self.hosts[index.row()]
-        hints = h.hints
         values = (
             h.status,
             h.hostname or h.name.split("._corral")[0],
             h.address,
-            str(hints.gpu_count) if hints else "?",
-            f"{hints.vram_total / (1 << 30):.1f} GiB" if hints else "?",
+            gpus_text(h),
+            memory_text(h),
             h.reason or ("added by address" if h.manual and not h.advertised else ""),
         )
         return values[index.column()]
 
     def online_addresses(self) -> list[str]:
         return [h.address for h in self.hosts if h.status == "online"]
+
+
+def gpus_text(h: Host) -> str:
+    inv = h.inventory
+    if inv is not None:
+        return f"{len(inv.gpus)} × {inv.gpus[0].name}" if inv.gpus else "none"
+    return str(h.hints.gpu_count) if h.hints else "?"
+
+
+def memory_text(h: Host) -> str:
+    """Live VRAM (used / total, busiest GPU's load and temperature) from the last inventory;
+    RAM for a CPU-only host; the announcement's hint before the first inventory."""
+    inv = h.inventory
+    if inv is not None and inv.gpus:
+        total = sum(g.memory_total for g in inv.gpus)
+        used = total - sum(g.memory_free for g in inv.gpus)
+        util = max(g.utilization_pct for g in inv.gpus)
+        temp = max(g.temperature_c for g in inv.gpus)
+        return f"VRAM {used / GiB:.1f}/{total / GiB:.1f} GiB used, {util}% busy, {temp} °C"
+    if inv is not None:
+        return f"CPU only; RAM {inv.ram_free / GiB:.1f}/{inv.ram_total / GiB:.1f} GiB free"
+    return f"{h.hints.vram_total / GiB:.1f} GiB VRAM" if h.hints else "?"

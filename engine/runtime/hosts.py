@@ -14,15 +14,14 @@ import time
 from collections.abc import Callable
 
 from corral.discovery import (
-    Advertised,
     Browser,
     Event,
     Host,
     Hosts,
+    Inventoried,
     ManualAdded,
     Offline,
     Online,
-    Withdrawn,
     apply,
 )
 
@@ -64,15 +63,21 @@ class _Heartbeat:
                 host = d.hosts.get(self.key)
                 if host is None or host.status != "online":  # another agent answered there
                     continue  # (the finally closes the client; retry after the pause below)
+                next_inventory = 0.0
                 while True:
+                    if d.inventory_every and time.monotonic() >= next_inventory:
+                        # an inventory answers like a ping, and carries the live VRAM
+                        inv = await asyncio.wait_for(client.inventory(), d.timeout * 5)
+                        d.emit(Inventoried(self.key, inv, time.monotonic()))
+                        next_inventory = time.monotonic() + d.inventory_every
                     if await client.wait_lost(d.interval):
                         raise AgentUnreachable(
                             f"lost the connection to agent {client.address}: "
                             f"{client.closed_reason or 'closed'}"
                         )
                     await client.ping_within(d.timeout)
-            except RuntimeFailure as exc:
-                d.emit(Offline(self.key, str(exc), time.monotonic()))
+            except (RuntimeFailure, TimeoutError) as exc:
+                d.emit(Offline(self.key, str(exc) or "no inventory in time", time.monotonic()))
             finally:
                 await client.close()
             await asyncio.sleep(d.retry)
@@ -105,9 +110,11 @@ class HostDirectory:
         interval: float = 1.0,
         timeout: float = 2.0,
         retry: float = 1.0,
+        inventory_every: float = 0.0,
     ) -> None:
         self.hosts: dict[str, Host] = {}
         self.interval, self.timeout, self.retry = interval, timeout, retry
+        self.inventory_every = inventory_every  # seconds; 0: heartbeats only
         self._on_change = on_change
         self._beats: dict[str, _Heartbeat] = {}
         self.browser: Browser | None = (
@@ -126,7 +133,7 @@ class HostDirectory:
     def emit(self, event: Event) -> None:
         before = self.hosts
         self.hosts = apply(self.hosts, event)
-        if isinstance(event, Online | Offline | Advertised | Withdrawn | ManualAdded):
+        if not isinstance(event, Inventoried):
             self._reconcile()
         if self._on_change is not None and self.hosts != before:
             self._on_change(self.hosts, event)

@@ -117,3 +117,19 @@ def test_address_choice() -> None:
     got = choose_addresses(["fe80::1%eth0", "169.254.3.4", "2001:db8::5", "10.1.2.3", "10.1.2.3"])
     assert got == ["10.1.2.3", "2001:db8::5"]
     assert "169.254.3.4" in choose_addresses(["169.254.3.4"], allow_link_local=True)
+
+
+def test_inventory_updates_the_host_it_names() -> None:
+    from corral.discovery import Inventoried
+    from corral.engine.protocol import GpuInfo, Inventory
+
+    hosts = apply({}, _adv("w._corral._tcp.local."))
+    inv = Inventory(
+        req=0,
+        agent_id=A,
+        hostname="w",
+        gpus=(GpuInfo(index=0, name="H200", memory_total=10, memory_free=4),),
+    )
+    hosts = apply(hosts, Inventoried(A, inv, 1.0))
+    assert hosts[A].inventory == inv
+    assert apply(hosts, Inventoried("nobody", inv, 2.0)) == hosts

@@ -34,6 +34,11 @@ def test_hosts_load_chat_kv_and_a_killed_agent(
     assert window.windowTitle().startswith("Corral")
     qtbot.waitUntil(lambda: len(window.hosts_model.online_addresses()) == 2, timeout=20000)
     assert window.hosts_model.rowCount() == 2
+    # live memory from each host's inventory (this machine has no NVIDIA GPU)
+    qtbot.waitUntil(lambda: all(h.inventory for h in window.hosts_model.hosts), timeout=20000)
+    model = window.hosts_model
+    assert model.data(model.index(0, 4)).startswith("CPU only; RAM")
+    assert model.data(model.index(0, 3)) == "none"
 
     window.model_edit.setText(str(smollm2))
     window.load_button.click()
