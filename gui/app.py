@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (
     QApplication,
     QFileDialog,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QMainWindow,
@@ -46,7 +47,7 @@ class MainWindow(QMainWindow):
     def __init__(self, browse: bool = True, agents: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.setWindowTitle(f"Corral {corral.__version__}")
-        self.resize(1100, 680)
+        self.resize(1360, 720)
         self.bridge = Bridge()
         self.engine = EngineThread()
         self.session: ChatSession | None = None
@@ -69,7 +70,10 @@ class MainWindow(QMainWindow):
         self.hosts_model = HostsModel()
         self.hosts_view = QTableView()
         self.hosts_view.setModel(self.hosts_model)
-        self.hosts_view.horizontalHeader().setStretchLastSection(True)
+        header = self.hosts_view.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
+        self.hosts_view.verticalHeader().setVisible(False)
         lv.addWidget(self.hosts_view)
         add_row = QHBoxLayout()
         self.add_edit = QLineEdit()
@@ -123,7 +127,7 @@ class MainWindow(QMainWindow):
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(left)
         split.addWidget(right)
-        split.setSizes([420, 680])
+        split.setSizes([700, 660])
         self.setCentralWidget(split)
 
     # ------------------------------------------------------------------ hosts
