@@ -60,20 +60,28 @@ async def _prompt_round(session: ChatSession, i: int) -> tuple[float, float]:
     return ttft, fresh / done["prompt_s"]
 
 
-async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
-    bare = subprocess.Popen(
+def _start_bare(
+    model: Path, tokens: int, threads: int, endpoints: list[str] | None = None
+) -> subprocess.Popen[str]:
+    """The bare-loop baseline in its own process (split over endpoints, if given)."""
+    return subprocess.Popen(
         [
             sys.executable,
             str(Path(__file__).with_name("_bare_loop.py")),
             str(model),
             str(tokens),
             str(threads),
+            *(endpoints or []),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
+
+
+async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
+    bare = _start_bare(model, tokens, threads)
     assert bare.stdin is not None and bare.stdout is not None
     local = ChatSession([])
     await local.open(LoadSettings(model=model, n_ctx=1024, n_threads=threads))
@@ -96,20 +104,7 @@ async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
             await client.connect()
             endpoints.append((await client.start_rpc(threads=threads)).endpoint)
             await client.close()
-        bare_split = subprocess.Popen(
-            [
-                sys.executable,
-                str(Path(__file__).with_name("_bare_loop.py")),
-                str(model),
-                str(tokens),
-                str(threads),
-                *endpoints,
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        bare_split = _start_bare(model, tokens, threads, endpoints)
         assert bare_split.stdin is not None and bare_split.stdout is not None
         bare_split.stdin.write("go\n")
         bare_split.stdin.flush()

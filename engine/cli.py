@@ -108,6 +108,24 @@ def _devices_json(result: LoadResult) -> list[dict[str, Any]]:
     ]
 
 
+def _done_event(done: dict[str, Any], result: LoadResult) -> dict[str, Any]:
+    """The last JSON object of a reply: the text, where the layers are, and the cache."""
+    return {
+        "type": "done",
+        "content": done["content"],
+        "stop": done["stop"],
+        "devices": _devices_json(result),
+        "kv": {"used": done["kv_used"], "n_ctx": done["n_ctx"], "shifts": done.get("shifts", 0)},
+        "tokens": done["n_tokens"],
+        "gen_s": done["gen_s"],
+        "prompt_s": done["prompt_s"],
+        "shifts": done.get("shifts", 0),
+        "n_keep": done.get("n_keep", 0),
+        "kv_head": done.get("kv_head", []),
+        "kv_pos_min": done.get("kv_pos_min", 0),
+    }
+
+
 async def _reply(
     session: ChatSession, out: _Out, text: str, opts: argparse.Namespace
 ) -> dict[str, Any]:
@@ -357,26 +375,7 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
             done = await _reply(session, out, opts.prompt, opts)
             if opts.session:
                 history.save(opts.session, session.history)
-            out.event(
-                {
-                    "type": "done",
-                    "content": done["content"],
-                    "stop": done["stop"],
-                    "devices": _devices_json(result),
-                    "kv": {
-                        "used": done["kv_used"],
-                        "n_ctx": done["n_ctx"],
-                        "shifts": done.get("shifts", 0),
-                    },
-                    "tokens": done["n_tokens"],
-                    "gen_s": done["gen_s"],
-                    "prompt_s": done["prompt_s"],
-                    "shifts": done.get("shifts", 0),
-                    "n_keep": done.get("n_keep", 0),
-                    "kv_head": done.get("kv_head", []),
-                    "kv_pos_min": done.get("kv_pos_min", 0),
-                }
-            )
+            out.event(_done_event(done, result))
             return 0
         loop = asyncio.get_running_loop()
         out.info(
@@ -417,19 +416,7 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
                 out.event({"type": "crash", "message": str(crash)})
                 out.info(f"corral: {crash}\ntype /reload to load again on the hosts still up")
                 continue
-            out.event(
-                {
-                    "type": "done",
-                    "content": done["content"],
-                    "stop": done["stop"],
-                    "devices": _devices_json(result),
-                    "kv": {
-                        "used": done["kv_used"],
-                        "n_ctx": done["n_ctx"],
-                        "shifts": done.get("shifts", 0),
-                    },
-                }
-            )
+            out.event(_done_event(done, result))
     finally:
         await session.close()
 
