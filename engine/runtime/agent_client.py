@@ -233,4 +233,4 @@ class AgentClient:
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
+                await asyncio.wait_for(self._writer.wait_closed(), 2)

@@ -30,6 +30,8 @@ from .errors import AgentUnreachable, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
+_HELLO_TIMEOUT = 10.0
+
 
 class _Heartbeat:
     """Keeps one control connection to a host and reports online/offline."""
@@ -44,6 +46,18 @@ class _Heartbeat:
         return self._dir.hosts.get(self.key)
 
     async def _run(self) -> None:
+        while self._host() is not None:
+            try:
+                await self._watch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not end the heartbeat silently
+                log.exception("heartbeat for %s failed", self.key)
+                self._dir.emit(Offline(self.key, f"internal error: {exc}", time.monotonic()))
+                await asyncio.sleep(self._dir.retry)
+
+    async def _watch(self) -> None:
+        """Connect, say the host is online, and wait on the connection until it fails."""
         d = self._dir
         while True:
             host = self._host()
@@ -88,7 +102,9 @@ class _Heartbeat:
             text = f"[{addr}]:{host.port}" if ":" in addr else f"{addr}:{host.port}"
             client = AgentClient(text)
             try:
-                await client.connect(timeout=self._dir.timeout)
+                # a cold agent answers hello only after listing its devices: give it longer
+                # than a heartbeat (a dead link still shows within `timeout` of going down)
+                await client.connect(timeout=max(self._dir.timeout, _HELLO_TIMEOUT))
                 return client, ""
             except RuntimeFailure as exc:
                 why = str(exc)
