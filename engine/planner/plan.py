@@ -18,8 +18,13 @@ from .kvtypes import row_bytes
 from .placement import HOST, assign_layers, split_for_counts, split_for_weights
 
 MiB = 1 << 20
-N_CTX_ALIGN = 256
+N_CTX_ALIGN = 256  # llama.cpp pads n_ctx to this; llama-cpp-python keeps the unpadded size
 STRATEGIES = ("balanced", "fewest", "speed")
+
+
+def pad_ctx(n_ctx: int) -> int:
+    """The context size llama.cpp will really use."""
+    return max(N_CTX_ALIGN, -(-n_ctx // N_CTX_ALIGN) * N_CTX_ALIGN)
 
 
 class PlanError(ValueError):
@@ -50,7 +55,7 @@ class Settings:
 
     @property
     def n_ctx_padded(self) -> int:
-        return max(N_CTX_ALIGN, -(-self.n_ctx // N_CTX_ALIGN) * N_CTX_ALIGN)
+        return pad_ctx(self.n_ctx)
 
 
 @dataclass(frozen=True, slots=True)

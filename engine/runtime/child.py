@@ -30,7 +30,6 @@ from typing import Any
 from corral.engine.procs import die_with_parent
 from corral.engine.protocol import FrameDecoder, encode_frame
 
-N_CTX_ALIGN = 256  # llama.cpp pads n_ctx to this; llama-cpp-python keeps the unpadded size
 _FLUSH_S = 0.03  # at most ~33 token frames a second: smooth to read, cheap to receive
 
 
@@ -92,13 +91,14 @@ class _Engine:
     @staticmethod
     def _settings(req: dict[str, Any]) -> dict[str, Any]:
         from corral.engine.planner.kvtypes import ggml_type
+        from corral.engine.planner.plan import pad_ctx
 
         n_ctx = int(req.get("n_ctx", 2048))
         n_batch = int(req.get("n_batch", 512))
         return {
             "n_gpu_layers": int(req.get("n_gpu_layers", -1)),
             "tensor_split": [float(x) for x in req.get("tensor_split") or []],
-            "n_ctx": max(N_CTX_ALIGN, (n_ctx + N_CTX_ALIGN - 1) // N_CTX_ALIGN * N_CTX_ALIGN),
+            "n_ctx": pad_ctx(n_ctx),
             "n_batch": n_batch,
             "n_ubatch": int(req.get("n_ubatch", n_batch)),
             "type_k": ggml_type(str(req.get("type_k", "f16"))),

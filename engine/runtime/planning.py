@@ -29,6 +29,15 @@ def served_devices(inv: Inventory) -> list[DeviceInfo]:
     return [by_name.get(n, DeviceInfo(name=n)) for n in names]
 
 
+def local_gpus(local: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The desktop's own GPUs among the devices its inference child listed."""
+    return [
+        d
+        for d in local
+        if d.get("type") in ("gpu", "igpu") and not str(d.get("name", "")).startswith("RPC")
+    ]
+
+
 def devices_from_agents(
     names: Sequence[str],
     inventories: Sequence[Inventory],
@@ -41,11 +50,10 @@ def devices_from_agents(
     for name, inv, endpoint in zip(names, inventories, endpoints, strict=True):
         for d in served_devices(inv):
             out.append(Device(f"RPC{len(out)}", name, endpoint, d.memory_free, d.memory_total))
-    for d in local:
-        if d.get("type") in ("gpu", "igpu") and not str(d.get("name", "")).startswith("RPC"):
-            out.append(
-                Device(str(d["name"]), "local", "", int(d["memory_free"]), int(d["memory_total"]))
-            )
+    for d in local_gpus(local):
+        out.append(
+            Device(str(d["name"]), "local", "", int(d["memory_free"]), int(d["memory_total"]))
+        )
     return out
 
 

@@ -48,6 +48,7 @@ from .planning import (
     devices_from_agents,
     exact_plan,
     layer_map_matches,
+    local_gpus,
     served_devices,
 )
 
@@ -199,17 +200,17 @@ class ChatSession:
                         client.capabilities(dev.name, wire),
                     )
                 )
-        for d in self.local_devices:
-            if d.get("type") in ("gpu", "igpu") and not str(d["name"]).startswith("RPC"):
-                jobs.append(
-                    (
-                        "this desktop",
-                        str(d["name"]),
-                        str(d.get("backend", "")),
-                        "",
-                        self.child.capabilities(str(d["name"]), asked),
-                    )
+        for d in local_gpus(self.local_devices):
+            name = str(d["name"])
+            jobs.append(
+                (
+                    "this desktop",
+                    name,
+                    str(d.get("backend", "")),
+                    "",
+                    self.child.capabilities(name, asked),
                 )
+            )
         answers = await asyncio.gather(*(j[4] for j in jobs))
         facts = []
         k = 0
