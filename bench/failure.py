@@ -9,65 +9,35 @@ from the kill to the agent reporting the worker running again.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from corral.engine.model import default_model_path
-from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.localagents import LocalAgents
-
-
-async def _worker(address: str) -> tuple[int, str, int]:
-    client = AgentClient(address)
-    await client.connect()
-    inv = await client.inventory()
-    await client.close()
-    return inv.worker.pid, inv.worker.state, inv.worker.restarts
+from tests.runtime.test_failures import inventory, start_long_chat
 
 
 def one_round(agents: LocalAgents) -> tuple[float, float]:
     victim = agents.addresses[0]
-    chat = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "corral.engine.cli",
-            "chat",
-            str(default_model_path()),
-            "--json",
-            "--agent",
-            agents.addresses[0],
-            "--agent",
-            agents.addresses[1],
-            "--prompt",
-            "Count from one to one thousand.",
-            "--max-tokens",
-            "3000",
-            "--ctx",
-            "4096",
-            "--ignore-eos",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    chat = start_long_chat(default_model_path(), agents.addresses)
     assert chat.stdout is not None
     chat.stdout.readline()  # first token: generation is under way
-    pid, _, restarts = asyncio.run(_worker(victim))
+    before = inventory(victim).worker
     killed = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    chat.wait(timeout=60)
+    os.kill(before.pid, signal.SIGKILL)
+    chat.communicate(timeout=60)
     exited = time.monotonic() - killed
     assert chat.returncode == 1
     while True:
-        _, state, new_restarts = asyncio.run(_worker(victim))
-        if state == "running" and new_restarts > restarts:
+        now = inventory(victim).worker
+        if now.state == "running" and now.restarts > before.restarts:
             break
         time.sleep(0.05)
     return exited, time.monotonic() - killed

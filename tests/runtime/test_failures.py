@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.engine.protocol import Inventory
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.localagents import LocalAgents
 from tests.conftest import corral
@@ -26,61 +27,53 @@ def fresh_agents() -> Iterator[LocalAgents]:
         yield agents
 
 
-def _worker_pid(address: str) -> int:
-    async def run() -> int:
+def inventory(address: str) -> Inventory:
+    """One agent's inventory, over a connection of its own."""
+
+    async def run() -> Inventory:
         client = AgentClient(address)
         await client.connect()
-        inv = await client.inventory()
-        await client.close()
-        return inv.worker.pid
+        try:
+            return await client.inventory()
+        finally:
+            await client.close()
 
     return asyncio.run(run())
 
 
-def _inventory(address: str):  # type: ignore[no-untyped-def]
-    async def run():  # type: ignore[no-untyped-def]
-        client = AgentClient(address)
-        await client.connect()
-        inv = await client.inventory()
-        await client.close()
-        return inv
-
-    return asyncio.run(run())
+def start_long_chat(model: Path, agents: list[str]) -> subprocess.Popen[str]:
+    """`corral chat --json` generating 3000 tokens over these agents (long enough to kill a
+    worker in the middle); read its first line to know generation is under way."""
+    args = [
+        sys.executable,
+        "-m",
+        "corral.engine.cli",
+        "chat",
+        str(model),
+        "--json",
+        "--prompt",
+        "Count from one to one thousand.",
+        "--max-tokens",
+        "3000",
+        "--ctx",
+        "4096",
+        "--ignore-eos",
+    ]
+    for a in agents:
+        args += ["--agent", a]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_kill_9_of_a_worker_mid_generation(smollm2: Path, fresh_agents: LocalAgents) -> None:
     victim = fresh_agents.addresses[0]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "corral.engine.cli",
-            "chat",
-            str(smollm2),
-            "--json",
-            "--agent",
-            fresh_agents.addresses[0],
-            "--agent",
-            fresh_agents.addresses[1],
-            "--prompt",
-            "Count from one to one thousand.",
-            "--max-tokens",
-            "3000",
-            "--ctx",
-            "4096",
-            "--ignore-eos",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_long_chat(smollm2, fresh_agents.addresses)
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()  # generation is under way once a token arrives
         assert json.loads(first)["type"] == "token", first + (
             proc.stderr.read() if proc.stderr else ""
         )
-        pid = _worker_pid(victim)
+        pid = inventory(victim).worker.pid
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)  # a hang fails here instead of blocking CI
@@ -98,7 +91,7 @@ def test_kill_9_of_a_worker_mid_generation(smollm2: Path, fresh_agents: LocalAge
     # the agent saw the crash and brought the worker back
     deadline = time.monotonic() + 30
     while True:
-        inv = _inventory(victim)
+        inv = inventory(victim)
         if inv.worker.state == "running" and inv.worker.restarts >= 1:
             break
         assert time.monotonic() < deadline, inv.worker
@@ -118,7 +111,7 @@ def test_hung_worker_is_caught_before_llama_cpp_connects(
 ) -> None:
     address = fresh_agents.addresses[1]
     asyncio.run(_start_worker(address))
-    pid = _worker_pid(address)
+    pid = inventory(address).worker.pid
     os.kill(pid, signal.SIGSTOP)  # alive to the agent, silent on the wire
     try:
         done = corral(
