@@ -155,10 +155,6 @@ class InferenceProcess:
         if self._dead is None and self._writer is not None and not self._writer.is_closing():
             self._writer.write(encode_frame({"op": "cancel"}))
 
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None and self._dead is None
-
     async def close(self) -> None:
         """Ask the child to exit; kill it if it does not within 3 s."""
         if self.proc is None:

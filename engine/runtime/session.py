@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,6 @@ class LoadResult:
     n_layer: int
     n_ctx: int
     load_s: float
-    buffers: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     plan: Plan | None = None  # with llama.cpp's dry-run compute buffers
     analytic: Plan | None = None  # the instant estimate, for comparison
@@ -361,7 +360,6 @@ class ChatSession:
             n_layer=int(loaded.get("n_layer", 0)),
             n_ctx=int(loaded.get("n_ctx", 0)),
             load_s=float(loaded.get("load_s", 0.0)),
-            buffers=loaded.get("buffers", {}),
             warnings=warnings,
         )
 
