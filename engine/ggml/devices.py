@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ._lib import load
@@ -77,8 +78,14 @@ def device_handles(names: list[str]) -> list[int]:
     return [by_name[n] for n in names]
 
 
+def pick_worker_devices(devices: Iterable[tuple[str, str]]) -> list[str]:
+    """What an RPC worker serves when not told, from (name, type) pairs: every GPU, else the
+    CPU. Pure: the agent's worker and the desktop's planner both apply it."""
+    devices = list(devices)
+    gpus = [n for n, t in devices if t in ("gpu", "igpu") and not n.startswith("RPC")]
+    return gpus or [n for n, t in devices if t == "cpu"][:1]
+
+
 def default_worker_devices() -> list[str]:
-    """What an RPC worker serves when not told: every GPU, else the CPU."""
-    devices = list_devices()
-    gpus = [d.name for d in devices if d.type in ("gpu", "igpu") and not d.name.startswith("RPC")]
-    return gpus or [d.name for d in devices if d.type == "cpu"][:1]
+    """pick_worker_devices over this process's ggml devices."""
+    return pick_worker_devices((d.name, d.type) for d in list_devices())

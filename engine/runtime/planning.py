@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from corral.engine.ggml.devices import pick_worker_devices
 from corral.engine.model.spec import ModelSpec
 from corral.engine.planner.plan import Device, MiB, Plan, Usage, apply_dry_run
 from corral.engine.protocol import DeviceInfo, Inventory
@@ -21,11 +22,7 @@ _RPC_BUFFER = re.compile(r"RPC(\d+)\[(.+)\]$")
 def served_devices(inv: Inventory) -> list[DeviceInfo]:
     """The devices an agent's RPC worker serves, in the worker's order."""
     by_name = {d.name: d for d in inv.devices}
-    names = (
-        list(inv.worker.devices)
-        or [d.name for d in inv.devices if d.type in ("gpu", "igpu")]
-        or [d.name for d in inv.devices if d.type == "cpu"][:1]
-    )
+    names = list(inv.worker.devices) or pick_worker_devices((d.name, d.type) for d in inv.devices)
     return [by_name.get(n, DeviceInfo(name=n)) for n in names]
 
 
