@@ -42,6 +42,7 @@ run: install models
 # Every figure in docs/ (about 15 minutes on 2 cores; discovery needs root for namespaces).
 bench: install models
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/tunnel.py
 	$(BIN)/python bench/failure.py
 	$(BIN)/python bench/agent_kill.py
 	$(BIN)/python bench/discovery.py

@@ -99,11 +99,14 @@ async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
     # The bare loop gets its own two agents: a ggml RPC worker serves one client at a time.
     with LocalAgents(2) as agents, LocalAgents(2) as bare_agents:
         endpoints = []
+        holders = []  # hold the leases (and the tunnels) while the bare loop uses the workers
         for address in bare_agents.addresses:
             client = AgentClient(address)
             await client.connect()
-            endpoints.append((await client.start_rpc(threads=threads)).endpoint)
-            await client.close()
+            await client.start_rpc(threads=threads)
+            tunnel = client.open_tunnel()
+            holders.append((client, tunnel))
+            endpoints.append(tunnel.endpoint)
         bare_split = _start_bare(model, tokens, threads, endpoints)
         assert bare_split.stdin is not None and bare_split.stdout is not None
         bare_split.stdin.write("go\n")
@@ -141,6 +144,9 @@ async def run(model: Path, tokens: int, rounds: int, threads: int) -> dict:
         await split.close()
         bare_split.stdin.close()
         bare_split.wait()
+        for client, tunnel in holders:
+            tunnel.close()
+            await client.close()
     await local.close()
     bare.stdin.close()
     bare.wait()

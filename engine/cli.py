@@ -25,6 +25,9 @@ from corral.engine.runtime.errors import InferenceCrashed, PlanRefused, RuntimeF
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import kv_status
 from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
+from corral.engine.security.desktop import desktop_keys
+from corral.engine.security.files import SecurityFileError
+from corral.engine.security.identity import short
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -479,6 +482,85 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
     return EXIT_FAILURE if failures else 0
 
 
+async def _pair(opts: argparse.Namespace, out: _Out) -> int:
+    client = AgentClient(opts.address)
+    code = opts.code
+    if code is None:
+        if not sys.stdin.isatty():
+            return out.error("give the agent's code with --code (run `corral-agent pair` there)")
+        code = await asyncio.get_running_loop().run_in_executor(
+            None, input, f"pairing code shown by the agent at {opts.address}: "
+        )
+    peer = await client.pair(code)
+    out.event(
+        {
+            "type": "paired",
+            "address": opts.address,
+            "name": peer.name,
+            "agent_id": peer.peer_id,
+            "fingerprint": peer.fingerprint,
+        }
+    )
+    out.info(
+        f"paired with {peer.name} ({opts.address}), agent certificate {short(peer.fingerprint)}"
+    )
+    if not out.json:
+        print(f"paired with {peer.name}")
+    return 0
+
+
+async def _unpair(opts: argparse.Namespace, out: _Out) -> int:
+    keys = desktop_keys()
+    peers = [p for p in keys.pins.peers() if p.matches(opts.who)]
+    if not peers:
+        return out.error(f"no paired agent is named {opts.who!r}: `corral paired` lists them")
+    for peer in peers:
+        client = AgentClient(peer.address or opts.who, keys=keys)
+        told = False
+        try:
+            await client.connect(timeout=3)
+            await client.unpair()
+            told = True
+        except RuntimeFailure:
+            keys.pins.remove(peer.fingerprint)
+        finally:
+            await client.close()
+        where = (
+            "on both sides"
+            if told
+            else "here (the agent was not reachable: run "
+            f"`corral-agent unpair {keys.identity.name}` there too)"
+        )
+        out.event({"type": "unpaired", "name": peer.name, "both_sides": told})
+        if not out.json:
+            print(f"unpaired {peer.name} {where}")
+    return 0
+
+
+def _paired(opts: argparse.Namespace, out: _Out) -> int:
+    keys = desktop_keys()
+    peers = keys.pins.peers()
+    for p in peers:
+        out.event(
+            {
+                "type": "agent",
+                "name": p.name,
+                "address": p.address,
+                "agent_id": p.peer_id,
+                "fingerprint": p.fingerprint,
+                "paired_at": p.paired_at,
+            }
+        )
+        if not out.json:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(p.paired_at))
+            print(f"{short(p.fingerprint)}  {p.name:<24} {p.address:<22} paired {when}")
+    if not peers and not out.json:
+        print("no paired agents: `corral pair HOST:PORT --code CODE` pairs one")
+    if not out.json:
+        print(f"this desktop: {keys.identity.name}, certificate {short(keys.identity.fingerprint)}")
+    return 0
+
+
 def _host_json(h: Host) -> dict[str, Any]:
     hints = h.hints
     return {
@@ -727,6 +809,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hosts.add_argument("--json", action="store_true")
 
+    pair = sub.add_parser(
+        "pair",
+        help="pair this desktop with an agent, using the one-time code the agent shows",
+        description="Pair with an agent: `corral-agent pair` on the worker prints a code valid "
+        "for 5 minutes; the code never crosses the network.",
+    )
+    pair.add_argument("address", type=_address, help="the agent's HOST:PORT")
+    pair.add_argument("--code", help="the agent's pairing code (asked for when omitted)")
+    pair.add_argument("--json", action="store_true")
+    unpair = sub.add_parser("unpair", help="forget an agent here and, when reachable, there too")
+    unpair.add_argument("who", help="the agent's name, address or fingerprint (8+ hex digits)")
+    unpair.add_argument("--json", action="store_true")
+    paired = sub.add_parser("paired", help="the agents this desktop has paired with")
+    paired.add_argument("--json", action="store_true")
+
     chats = sub.add_parser("chats", help="saved chats: list them, or export one")
     chats.add_argument("name", nargs="?", help="the chat to export")
     chats.add_argument("--format", choices=["md", "json"], default="md")
@@ -752,6 +849,9 @@ def main(argv: list[str] | None = None) -> int:
         "serve": lambda: asyncio.run(_serve(opts, out)),
         "hosts": lambda: asyncio.run(_hosts(opts, out)),
         "models": lambda: _models(opts, out),
+        "pair": lambda: asyncio.run(_pair(opts, out)),
+        "unpair": lambda: asyncio.run(_unpair(opts, out)),
+        "paired": lambda: _paired(opts, out),
         "chats": lambda: _chats(opts, out),
         "demo": lambda: _demo(opts, out),
     }
@@ -760,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     except PlanRefused as exc:
         out.error(str(exc))
         return EXIT_USAGE
-    except (RuntimeFailure, ModelMissing, history.HistoryError) as exc:
+    except (RuntimeFailure, ModelMissing, history.HistoryError, SecurityFileError) as exc:
         return out.error(str(exc))
     except Exception as exc:  # a bug: the user gets one line and where the details are
         report = _save_traceback()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +20,12 @@ from corral.engine.runtime.localagents import LocalAgents
 from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
+
+# one throwaway desktop identity (and its pairings) for the whole run, inherited by every
+# `corral` the tests start; the user's own pairings are never touched
+_DESKTOP_DIR = tempfile.mkdtemp(prefix="corral-test-desktop-")
+os.environ.setdefault("CORRAL_STATE_DIR", _DESKTOP_DIR)
+atexit.register(shutil.rmtree, _DESKTOP_DIR, True)
 
 
 @pytest.fixture(scope="session")

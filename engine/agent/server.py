@@ -1,12 +1,24 @@
-"""The agent's control server: hello, inventory, worker control, and a status stream."""
+"""The agent's control server: TLS with pinned desktops, pairing, leases, the RPC tunnel.
+
+Every connection is TLS 1.3. A desktop with a pinned certificate gets the full protocol; a
+desktop without a certificate may only say hello and pair; an unknown certificate fails the
+handshake. One desktop connection at a time holds the lease on the worker (StartRpc takes
+it; StopRpc, closing that connection, or `LEASE_TIMEOUT` of silence releases it), and only
+the holder's desktop may open tunnels to the worker.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
+import socket
+import threading
+import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import corral
@@ -23,28 +35,50 @@ from corral.engine.protocol import (
     InventoryRequest,
     Message,
     OkReply,
+    OpenTunnel,
+    PairChallenge,
+    PairConfirm,
+    PairDone,
+    PairStart,
     Ping,
     Pong,
     ProtocolError,
     StartRpc,
     StopRpc,
     Subscribe,
+    Unpair,
     WorkerReply,
     WorkerState,
     encode_frame,
     from_wire,
-    read_frame,
     to_wire,
 )
+from corral.engine.security import identity as ident
+from corral.engine.security.channel import TlsConnection
+from corral.engine.security.pairing import (
+    PairingGate,
+    PairingRefused,
+    agent_confirm,
+    desktop_confirm,
+)
+from corral.engine.security.pins import Peer, PinStore
+from corral.engine.security.tls import server_context
+from corral.engine.security.tunnel import TlsPump
 
 from . import inventory
+from .admin import AdminServer
 from .supervisor import RpcSupervisor, WorkerStartError, replace_host
 
 log = logging.getLogger(__name__)
 
-_HELLO_TIMEOUT = 10.0
-_MAX_CONNECTIONS = 64
+HANDSHAKE_TIMEOUT = 3.0  # a TLS 1.3 handshake is one round trip; anything slower is not a desktop
+CLIENT_HELLO_TIMEOUT = 0.75  # a client sends its whole ClientHello with its first write
+_HELLO_TIMEOUT = 10.0  # a paired desktop's first frame
+_PAIRING_STEP_TIMEOUT = 5.0  # each step of an unpaired connection (the code is typed before)
+_MAX_PAIRED = 64
+_MAX_UNPAIRED = 32  # strangers cannot crowd out paired desktops
 _SUBSCRIBER_BACKLOG = 1024 * 1024  # drop a subscriber that stops reading this much
+LEASE_TIMEOUT = 15.0  # a lease holder silent this long has lost its lease
 
 
 def load_agent_id(state_dir: Path) -> str:
@@ -63,8 +97,22 @@ def load_agent_id(state_dir: Path) -> str:
     return value
 
 
+@dataclass(eq=False)
+class _Conn:
+    """One control connection; `peer` is the paired desktop, None while it only may pair."""
+
+    proto: TlsConnection
+    peer: Peer | None
+    last_seen: float = field(default_factory=time.monotonic)
+    since: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return self.peer.name if self.peer else "an unpaired desktop"
+
+
 class AgentServer:
-    """Serves any number of control connections on one asyncio loop."""
+    """Serves control connections and tunnels on one asyncio loop (pumps run in threads)."""
 
     def __init__(
         self,
@@ -73,33 +121,55 @@ class AgentServer:
         state_dir: Path,
         advertise: bool = True,
         advertise_interfaces: tuple[str, ...] = (),
+        pairing_code: str = "",
+        trusted_network: bool = False,
     ) -> None:
         self.host = host
         self.port = port
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.agent_id = load_agent_id(state_dir)
-        tunnel_host = host if host not in ("", "0.0.0.0", "::") else "0.0.0.0"
-        self.supervisor = RpcSupervisor(state_dir, tunnel_host, self._worker_changed)
+        self.identity = ident.load_or_create(state_dir / "identity", "agent")
+        self.pins = PinStore(state_dir / "paired-desktops.json")
+        self.gate = PairingGate(inventory.hostname())
+        self._initial_code = pairing_code
+        self.trusted_network = trusted_network
+        direct = None
+        if trusted_network:
+            direct = host if host not in ("", "0.0.0.0", "::") else "0.0.0.0"
+        self.supervisor = RpcSupervisor(
+            state_dir, direct, self._worker_changed, drop_tunnels=self._drop_tunnels
+        )
+        self._ctx = server_context(self.identity, [p.cert_der for p in self.pins.peers()])
         self._server: asyncio.Server | None = None
-        self._subscribers: set[asyncio.StreamWriter] = set()
-        self._connections: set[asyncio.Task[None]] = set()
+        self._conns: set[_Conn] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unpaired = 0
+        self._subscribers: set[_Conn] = set()
+        self._lease: _Conn | None = None
+        self._pumps: set[TlsPump] = set()
+        self._pumps_lock = threading.Lock()
         self._ggml: asyncio.Task[inventory.GgmlProbe] | None = None
         self._capability_cache: dict[tuple[str, str], dict[tuple[str, str, int, bool], bool]] = {}
         self._advertise = advertise
         self._advertise_interfaces = advertise_interfaces
         self.advertiser: Advertiser | None = None
-        self._reannounce: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self.admin = AdminServer(self)
+        self.stats = {"handshake_failed": 0, "refused_unpaired": 0, "served": 0}
 
     async def start(self) -> int:
         """Bind and serve; return the port (useful with port 0)."""
-        self._ggml = asyncio.get_running_loop().create_task(inventory.probe_ggml())
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        loop = asyncio.get_running_loop()
+        self._ggml = loop.create_task(inventory.probe_ggml())
+        self._server = await loop.create_server(self._accept, self.host, self.port)
         self.port = int(self._server.sockets[0].getsockname()[1])
+        await self.admin.start()
+        self._background.append(loop.create_task(self._watch_lease()))
         if self._advertise:
             self.advertiser = Advertiser(await self._hints(), self.host, self._advertise_interfaces)
             await self.advertiser.start()
-            self._reannounce = asyncio.get_running_loop().create_task(self._watch_inventory())
+            self._background.append(loop.create_task(self._watch_inventory()))
         return self.port
 
     async def _hints(self) -> AgentHints:
@@ -125,15 +195,17 @@ class AgentServer:
 
     async def close(self) -> None:
         # goodbye first, so desktops drop this host at once instead of seeing it offline
-        if self._reannounce is not None:
-            self._reannounce.cancel()
+        for task in self._background:
+            task.cancel()
         if self.advertiser is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.advertiser.close(), 3)
+        await self.admin.close()
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
+        for task in list(self._tasks):
             task.cancel()
+        self._drop_tunnels()
         await self.supervisor.close()
         if self._ggml is not None:
             self._ggml.cancel()
@@ -141,77 +213,204 @@ class AgentServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
+    # ------------------------------------------------------------------ trust
+
+    def reload_pins(self) -> None:
+        """New connections check against the current pins (after pairing or unpairing)."""
+        self._ctx = server_context(self.identity, [p.cert_der for p in self.pins.peers()])
+
+    def forget(self, who: str) -> list[Peer]:
+        """Unpair the desktops `who` names; their connections and tunnels end now."""
+        gone = self.pins.remove(who)
+        if gone:
+            self.reload_pins()
+            fps = {p.fingerprint for p in gone}
+            for conn in list(self._conns):
+                if conn.peer is not None and conn.peer.fingerprint in fps:
+                    if conn is self._lease:
+                        self._release("unpaired")
+                    conn.proto.abort()
+        return gone
+
     # ------------------------------------------------------------------ connections
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._connections) >= _MAX_CONNECTIONS:
-            await self._send_error(writer, 0, ErrorCode.BUSY, "too many connections")
-            writer.close()
-            return
-        self._connections.add(task)
-        peer = writer.get_extra_info("peername")
+    def _accept(self) -> TlsConnection:
+        proto = TlsConnection(
+            self._ctx,
+            server_side=True,
+            handshake_timeout=HANDSHAKE_TIMEOUT,
+            hello_timeout=CLIENT_HELLO_TIMEOUT,
+        )
+        task = asyncio.get_running_loop().create_task(self._serve(proto))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return proto
+
+    async def _serve(self, proto: TlsConnection) -> None:
+        counted = False
+        conn: _Conn | None = None
         try:
-            await self._session(reader, writer)
+            paired = sum(1 for c in self._conns if c.peer is not None)
+            if self._unpaired >= _MAX_UNPAIRED or paired >= _MAX_PAIRED:
+                await asyncio.sleep(0)  # let connection_made run, then drop
+                proto.abort()
+                return
+            self._unpaired += 1
+            counted = True
+            try:
+                await proto.handshake
+            except (ConnectionError, OSError):
+                self.stats["handshake_failed"] += 1
+                return
+            fp = proto.peer_fingerprint
+            peer = self.pins.find(fp) if fp else None
+            if fp and peer is None:  # verified by OpenSSL, but unpaired since
+                self.stats["handshake_failed"] += 1
+                proto.abort()
+                return
+            conn = _Conn(proto, peer)
+            if peer is not None:
+                self._unpaired -= 1
+                counted = False
+            self._conns.add(conn)
+            await self._session(conn)
         except ProtocolError as exc:
-            log.warning("closing %s: %s", peer, exc.message)
-            await self._send_error(writer, 0, exc.code, exc.message)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            pass
-        except asyncio.CancelledError:
+            log.warning("closing %s: %s", proto.peername, exc.message)
+            self._send_error(proto, 0, exc.code, exc.message)
+        except (ConnectionError, OSError, TimeoutError, asyncio.CancelledError):
             pass
         except Exception:  # a bug must not take the agent down; log it, drop this connection
-            log.exception("internal error serving %s", peer)
-            await self._send_error(
-                writer, 0, ErrorCode.INTERNAL, "internal agent error; see its log"
-            )
+            log.exception("internal error serving %s", proto.peername)
+            self._send_error(proto, 0, ErrorCode.INTERNAL, "internal agent error; see its log")
         finally:
-            self._connections.discard(task)
-            self._subscribers.discard(writer)
-            writer.close()
+            if counted:
+                self._unpaired -= 1
+            if conn is not None:
+                self._conns.discard(conn)
+                self._subscribers.discard(conn)
+                if conn is self._lease:
+                    self._release(f"{conn.name} disconnected")
+            proto.close()
 
-    async def _send_error(
-        self, writer: asyncio.StreamWriter, req: int, code: ErrorCode, message: str
-    ) -> None:
+    def _send_error(self, proto: TlsConnection, req: int, code: ErrorCode, message: str) -> None:
         with contextlib.suppress(Exception):
-            writer.write(
-                encode_frame(to_wire(ErrorReply(req=req, code=int(code), message=message)))
-            )
-            await asyncio.wait_for(writer.drain(), 2)
+            proto.send(to_wire(ErrorReply(req=req, code=int(code), message=message)))
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first = await asyncio.wait_for(read_frame(reader), _HELLO_TIMEOUT)
+    async def _next(self, conn: _Conn, timeout: float) -> Message | None:
+        frame = await asyncio.wait_for(conn.proto.recv(), timeout)
+        if frame is None:
+            return None
+        conn.last_seen = time.monotonic()
+        return from_wire(frame)
+
+    async def _session(self, conn: _Conn) -> None:
+        first = await self._next(conn, _HELLO_TIMEOUT if conn.peer else _PAIRING_STEP_TIMEOUT)
         if first is None:
             return
-        hello = from_wire(first)
-        if not isinstance(hello, Hello):
+        if not isinstance(first, Hello):
             raise ProtocolError(ErrorCode.NOT_READY, "the first message must be hello")
-        writer.write(encode_frame(to_wire(await self._hello())))
-        await writer.drain()
-        if hello.proto_major != PROTOCOL_VERSION[0]:
+        conn.proto.send(to_wire(await self._hello()))
+        if first.proto_major != PROTOCOL_VERSION[0]:
             raise ProtocolError(
                 ErrorCode.VERSION_MISMATCH,
                 f"this agent speaks Corral protocol {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}, "
-                f"the peer {hello.proto_major}.{hello.proto_minor}: upgrade the older side",
+                f"the peer {first.proto_major}.{first.proto_minor}: upgrade the older side",
             )
-        sockname = writer.get_extra_info("sockname")
+        if conn.peer is None:
+            await self._pairing(conn)
+            return
+        self.stats["served"] += 1
+        sockname = conn.proto.transport.get_extra_info("sockname") if conn.proto.transport else None
         local_host = str(sockname[0]) if sockname else self.host
         while True:
-            frame = await read_frame(reader)
+            frame = await conn.proto.recv()
             if frame is None:
                 return
+            conn.last_seen = time.monotonic()
             try:
                 msg = from_wire(frame)
-                reply = await self._handle(msg, writer, local_host)
+                if isinstance(msg, OpenTunnel):
+                    if await self._open_tunnel(conn, msg):
+                        return  # the connection now belongs to a pump
+                    continue
+                reply = await self._handle(msg, conn, local_host)
             except ProtocolError as exc:
                 # framing is intact: answer and keep the connection
                 reply = ErrorReply(req=_req_of(frame), code=int(exc.code), message=exc.message)
-            writer.write(encode_frame(to_wire(reply)))
-            await writer.drain()
+            conn.proto.send(to_wire(reply))
+
+    # ------------------------------------------------------------------ pairing
+
+    async def _pairing(self, conn: _Conn) -> None:
+        """An unpaired desktop: PairStart → PairChallenge → PairConfirm → PairDone, or out."""
+        start = await self._next(conn, _PAIRING_STEP_TIMEOUT)
+        if start is None:
+            return
+        if not isinstance(start, PairStart):
+            self.stats["refused_unpaired"] += 1
+            req = getattr(start, "req", 0)
+            self._send_error(
+                conn.proto,
+                req,
+                ErrorCode.NOT_PAIRED,
+                f"{inventory.hostname()} has not paired with this desktop: run "
+                f"`corral pair {inventory.hostname()}:{self.port} --code CODE` with the code "
+                "`corral-agent pair` prints on that host",
+            )
+            return
+        try:
+            spake_b, key = self.gate.begin(start.spake)
+        except PairingRefused as exc:
+            log.warning("pairing from %s refused: %s", conn.proto.peername, exc)
+            self._send_error(conn.proto, start.req, ErrorCode.PAIRING_REFUSED, str(exc))
+            return
+        fp_desktop = ident.fingerprint(start.cert)
+        fp_agent = self.identity.fingerprint
+        conn.proto.send(
+            to_wire(
+                PairChallenge(
+                    req=start.req, spake=spake_b, confirm=agent_confirm(key, fp_agent, fp_desktop)
+                )
+            )
+        )
+        confirm = await self._next(conn, _PAIRING_STEP_TIMEOUT)
+        if not isinstance(confirm, PairConfirm):
+            log.warning("pairing from %s abandoned (wrong code?)", conn.proto.peername)
+            return
+        wrong = "wrong pairing code: check it and try again"
+        if self.gate.locked:
+            wrong = f"wrong pairing code; pairing is now locked: {self.gate.fix}"
+        if not hmac.compare_digest(confirm.confirm, desktop_confirm(key, fp_agent, fp_desktop)):
+            log.warning("pairing from %s failed: wrong code", conn.proto.peername)
+            self._send_error(conn.proto, confirm.req, ErrorCode.PAIRING_REFUSED, wrong)
+            return
+        if not _valid_cert(start.cert):
+            self._send_error(
+                conn.proto,
+                confirm.req,
+                ErrorCode.BAD_MESSAGE,
+                "the desktop's certificate is not valid",
+            )
+            return
+        self.gate.succeeded()
+        name = start.name.strip()[:128] or "desktop"
+        self.pins.add(Peer(fingerprint=fp_desktop, name=name, cert_der=start.cert))
+        self.reload_pins()
+        log.info("paired with %s (%s)", name, ident.short(fp_desktop))
+        conn.proto.send(
+            to_wire(
+                PairDone(req=confirm.req, agent_id=self.agent_id, hostname=inventory.hostname())
+            )
+        )
+        await conn.proto.drain(2.0)
+
+    # ------------------------------------------------------------------ requests
 
     async def _hello(self) -> Hello:
         probe = await self._probe()
+        features = ["tls-pinned", "pairing-spake2", "rpc-tunnel"]
+        if self.trusted_network:
+            features.append("rpc-direct")
         return Hello(
             role="agent",
             proto_major=PROTOCOL_VERSION[0],
@@ -220,7 +419,7 @@ class AgentServer:
             llama_version=str(probe.build.get("llama_cpp_python", "")),
             llama_commit=str(probe.build.get("ggml_commit", "")),
             rpc_proto=str(probe.build.get("rpc_proto", "")),
-            features=("rpc-tunnel-plain",),
+            features=tuple(features),
             agent_id=self.agent_id,
             hostname=inventory.hostname(),
         )
@@ -229,12 +428,31 @@ class AgentServer:
         assert self._ggml is not None
         return await asyncio.shield(self._ggml)
 
-    async def _handle(self, msg: Message, writer: asyncio.StreamWriter, local_host: str) -> Message:
+    def _in_use(self, conn: _Conn, req: int) -> ErrorReply | None:
+        """The refusal for `conn` when another session holds the lease."""
+        holder = self._lease
+        if holder is None or holder is conn:
+            return None
+        since = time.strftime("%H:%M", time.localtime(holder.since))
+        same = holder.peer is not None and conn.peer is not None
+        same = same and holder.peer.fingerprint == conn.peer.fingerprint  # type: ignore[union-attr]
+        who = holder.name + (" (another Corral session on that desktop)" if same else "")
+        return ErrorReply(
+            req,
+            int(ErrorCode.IN_USE),
+            f"the workers of {inventory.hostname()} are in use by {who} since {since}; "
+            "they are free when that session ends",
+        )
+
+    async def _handle(self, msg: Message, conn: _Conn, local_host: str) -> Message:
         if isinstance(msg, Ping):
             return Pong(req=msg.req)
         if isinstance(msg, InventoryRequest):
             return await self._inventory(msg.req, local_host)
         if isinstance(msg, StartRpc):
+            refused = self._in_use(conn, msg.req)
+            if refused is not None:
+                return refused
             if msg.threads < 0:
                 return ErrorReply(msg.req, int(ErrorCode.BAD_MESSAGE), "threads must be >= 0")
             known = {d.name for d in (await self._probe()).devices}
@@ -246,21 +464,129 @@ class AgentServer:
                     f"no device {', '.join(unknown)} on {inventory.hostname()}; "
                     f"it has {', '.join(sorted(known)) or 'none'}",
                 )
+            refused = self._in_use(conn, msg.req)  # taken while the probe ran
+            if refused is not None:
+                return refused
+            self._lease = conn
+            conn.since = time.time()
             try:
                 state = await self.supervisor.start(msg.devices, msg.threads, msg.cache)
             except WorkerStartError as exc:
                 return ErrorReply(msg.req, int(ErrorCode.WORKER_FAILED), str(exc))
             return WorkerReply(req=msg.req, worker=replace_host(state, local_host))
         if isinstance(msg, StopRpc):
+            refused = self._in_use(conn, msg.req)
+            if refused is not None:
+                return refused
+            self._release("stopped by its holder")
             return WorkerReply(req=msg.req, worker=await self.supervisor.stop())
         if isinstance(msg, Subscribe):
-            self._subscribers.add(writer)
+            self._subscribers.add(conn)
             return OkReply(req=msg.req)
         if isinstance(msg, CapabilityRequest):
             return await self._capabilities(msg)
+        if isinstance(msg, Unpair):
+            assert conn.peer is not None
+            log.info("%s unpaired itself", conn.peer.name)
+            conn.proto.send(to_wire(OkReply(req=msg.req)))
+            self.forget(conn.peer.fingerprint)
+            raise ConnectionResetError("unpaired")
         if isinstance(msg, Hello):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "hello was already exchanged")
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{type(msg).__name__} is not a request")
+
+    async def _open_tunnel(self, conn: _Conn, msg: OpenTunnel) -> bool:
+        """Turn `conn` into an RPC tunnel to the worker; False (after an error reply) if not."""
+        holder = self._lease
+        assert conn.peer is not None
+        if (
+            holder is None
+            or holder.peer is None
+            or holder.peer.fingerprint != conn.peer.fingerprint
+        ):
+            refused = self._in_use(conn, msg.req) or ErrorReply(
+                msg.req,
+                int(ErrorCode.NOT_READY),
+                "no worker is started for this desktop: start it (StartRpc) first",
+            )
+            conn.proto.send(to_wire(refused))
+            return False
+        port = self.supervisor.worker_port
+        if not port:
+            conn.proto.send(
+                to_wire(
+                    ErrorReply(
+                        msg.req, int(ErrorCode.WORKER_FAILED), "the RPC worker is not running"
+                    )
+                )
+            )
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            plain = await loop.run_in_executor(
+                None, socket.create_connection, ("127.0.0.1", port), 5.0
+            )
+        except OSError as exc:
+            conn.proto.send(
+                to_wire(
+                    ErrorReply(
+                        msg.req,
+                        int(ErrorCode.WORKER_FAILED),
+                        f"the RPC worker does not answer: {exc}",
+                    )
+                )
+            )
+            return False
+        sock, obj, inc, out, rest = await conn.proto.detach()
+        self._conns.discard(conn)
+        obj.write(encode_frame(to_wire(OkReply(req=msg.req))))
+        try:
+            sock.sendall(out.read())
+        except OSError:
+            sock.close()
+            plain.close()
+            return True
+        pump = TlsPump(sock, obj, inc, out, plain, to_plain=rest, on_close=self._pump_closed)
+        with self._pumps_lock:
+            self._pumps.add(pump)
+        pump.start()
+        return True
+
+    def _pump_closed(self, pump: TlsPump) -> None:  # called from a pump thread
+        with self._pumps_lock:
+            self._pumps.discard(pump)
+
+    def _drop_tunnels(self) -> None:
+        """Close every tunnel (the worker behind them is gone, or the lease ended)."""
+        with self._pumps_lock:
+            pumps = list(self._pumps)
+        for pump in pumps:
+            pump.close()
+
+    def _release(self, why: str) -> None:
+        if self._lease is not None:
+            log.info("lease of %s released: %s", self._lease.name, why)
+            self._lease = None
+            self._drop_tunnels()
+
+    async def _watch_lease(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            holder = self._lease
+            if holder is not None and time.monotonic() - holder.last_seen > LEASE_TIMEOUT:
+                self._release(f"{holder.name} silent for {LEASE_TIMEOUT:.0f} s")
+                holder.proto.abort()
+
+    @property
+    def tunnels(self) -> int:
+        with self._pumps_lock:
+            return len(self._pumps)
+
+    def lease_holder(self) -> str:
+        return self._lease.peer.fingerprint if self._lease and self._lease.peer else ""
+
+    def connected(self) -> set[str]:
+        return {c.peer.fingerprint for c in self._conns if c.peer is not None}
 
     async def _capabilities(self, msg: CapabilityRequest) -> Message:
         """Answers from this host's own backend, cached per llama.cpp build and device."""
@@ -313,20 +639,31 @@ class AgentServer:
 
     def _worker_changed(self, kind: str, state: WorkerState, message: str) -> None:
         log.info("worker %s: %s", kind, message)
-        for writer in list(self._subscribers):
-            if writer.is_closing():
-                self._subscribers.discard(writer)
+        for conn in list(self._subscribers):
+            proto = conn.proto
+            if proto.closed:
+                self._subscribers.discard(conn)
                 continue
-            transport = writer.transport
-            if transport.get_write_buffer_size() > _SUBSCRIBER_BACKLOG:
+            if proto.write_buffer_size() > _SUBSCRIBER_BACKLOG:
                 log.warning("dropping a subscriber that stopped reading")
-                self._subscribers.discard(writer)
-                writer.close()
+                self._subscribers.discard(conn)
+                proto.abort()
                 continue
-            sockname = writer.get_extra_info("sockname")
+            sockname = proto.transport.get_extra_info("sockname") if proto.transport else None
             host = str(sockname[0]) if sockname else self.host
             event = AgentEvent(kind=kind, worker=replace_host(state, host), message=message)
-            writer.write(encode_frame(to_wire(event)))
+            with contextlib.suppress(ConnectionError):
+                proto.send(to_wire(event))
+
+
+def _valid_cert(der: bytes) -> bool:
+    from cryptography import x509
+
+    try:
+        x509.load_der_x509_certificate(der)
+    except ValueError:
+        return False
+    return True
 
 
 def _req_of(frame: object) -> int:

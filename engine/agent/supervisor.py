@@ -1,7 +1,9 @@
 """Runs the RPC worker child, restarts it with backoff when it dies, and reports every change.
 
-The worker binds 127.0.0.1 on a port chosen per start; the tunnel (Forwarder) listens on a
-port that stays the same across restarts, so a desktop can reconnect to the same endpoint.
+The worker binds 127.0.0.1 on a port chosen per start and is reached only through the
+authenticated tunnel on the control port (the server hands those connections to
+`worker_port`). With --trusted-network, a plain Forwarder also exposes it on a port that stays
+the same across restarts; that is the explicit, warned opt-in.
 """
 
 from __future__ import annotations
@@ -58,13 +60,15 @@ class RpcSupervisor:
     def __init__(
         self,
         state_dir: Path,
-        tunnel_host: str,
+        direct_host: str | None,
         on_change: Callable[[str, WorkerState, str], None],
+        drop_tunnels: Callable[[], None] = lambda: None,
     ) -> None:
         self._state_dir = state_dir
-        self._tunnel_host = tunnel_host
+        self._tunnel_host = direct_host or ""
         self._on_change = on_change
-        self._forwarder = Forwarder(self._target)
+        self._drop_tunnels = drop_tunnels
+        self._forwarder = Forwarder(self._target) if direct_host is not None else None
         self._tunnel_port = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._port = 0
@@ -106,7 +110,7 @@ class RpcSupervisor:
             self._devices, self._threads, self._cache = devices, threads, cache
             self._want_running = True
             self._restarts = 0
-            if not self._tunnel_port:
+            if not self._tunnel_port and self._forwarder is not None:
                 self._tunnel_port = await self._forwarder.start(self._tunnel_host)
             await self._spawn_and_wait()
             return self.state
@@ -118,9 +122,20 @@ class RpcSupervisor:
 
     async def close(self) -> None:
         await self.stop()
-        await self._forwarder.close()
+        if self._forwarder is not None:
+            await self._forwarder.close()
 
     # ------------------------------------------------------------------ internals
+
+    @property
+    def worker_port(self) -> int:
+        """The running worker's loopback port, 0 when it is not running."""
+        return self._port if self._status == "running" else 0
+
+    def _drop_all(self) -> None:
+        self._drop_tunnels()
+        if self._forwarder is not None:
+            self._forwarder.drop_all()
 
     def _target(self) -> tuple[str, int] | None:
         return ("127.0.0.1", self._port) if self._status == "running" else None
@@ -191,7 +206,7 @@ class RpcSupervisor:
         if proc is not self._proc or not self._want_running:
             return
         # The worker died on its own: every forwarded connection is now dead weight.
-        self._forwarder.drop_all()
+        self._drop_all()
         self._last_exit = exit_text(code)
         self._set("crashed", "crashed", f"the RPC worker died ({self._last_exit})")
         log.warning("RPC worker died (%s); restarting", self._last_exit)
@@ -221,7 +236,7 @@ class RpcSupervisor:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        self._forwarder.drop_all()
+        self._drop_all()
         if self._proc is not None:
             await self._kill(self._proc)
             self._proc = None

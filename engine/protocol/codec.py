@@ -112,3 +112,9 @@ class FrameDecoder:
             del self._buf[: _HEADER.size + n]
             out.append(_unpackb(body))
         return out
+
+    def take_rest(self) -> bytes:
+        """The bytes after the last complete frame (the start of a stream that follows)."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest

@@ -16,6 +16,9 @@ class ErrorCode(IntEnum):
     UNKNOWN_DEVICE = 6  # a device name the agent does not have
     BUSY = 7  # leased to another desktop session
     INTERNAL = 8  # a bug on the remote side; its log has the details
+    NOT_PAIRED = 9  # a request from a desktop this agent has not paired with
+    PAIRING_REFUSED = 10  # no code, expired, locked after wrong tries, or a wrong code
+    IN_USE = 11  # the workers are leased to another desktop session
 
 
 class ProtocolError(Exception):

@@ -16,7 +16,8 @@ from typing import Any, ClassVar, TypeVar
 from .errors import ErrorCode, ProtocolError
 
 # major: incompatible change (closes the connection); minor: additive fields or messages.
-PROTOCOL_VERSION = (1, 0)
+# 2.0: control connections are TLS 1.3 with pinned certificates; RPC goes through them.
+PROTOCOL_VERSION = (2, 0)
 
 
 class Message:
@@ -229,6 +230,105 @@ class CapabilityReply(Message):
     req: int
     device: str
     answers: tuple[bool, ...]
+
+
+@_register(15)
+@dataclass(frozen=True, slots=True)
+class PairStart(Message):
+    """desktop → agent on a connection without a client certificate: SPAKE2 message A."""
+
+    req: int
+    name: str  # the desktop's name, shown in the agent's list of paired desktops
+    cert: bytes  # the desktop's certificate (DER), pinned when the exchange succeeds
+    spake: bytes
+
+
+@_register(16)
+@dataclass(frozen=True, slots=True)
+class PairChallenge(Message):
+    """agent → desktop: SPAKE2 message B and the agent's key confirmation."""
+
+    req: int
+    spake: bytes
+    confirm: bytes
+
+
+@_register(17)
+@dataclass(frozen=True, slots=True)
+class PairConfirm(Message):
+    """desktop → agent: the desktop's key confirmation (proves it knew the code)."""
+
+    req: int
+    confirm: bytes
+
+
+@_register(18)
+@dataclass(frozen=True, slots=True)
+class PairDone(Message):
+    req: int
+    agent_id: str
+    hostname: str
+
+
+@_register(19)
+@dataclass(frozen=True, slots=True)
+class OpenTunnel(Message):
+    """desktop → agent: from the reply on, this connection carries raw ggml RPC bytes to the
+    worker. Only for the desktop holding the lease (taken by StartRpc)."""
+
+    req: int
+
+
+@_register(20)
+@dataclass(frozen=True, slots=True)
+class Unpair(Message):
+    """Forget a peer. Desktop → agent over a paired connection: forget me. Local admin →
+    agent: forget the desktops `who` names (fingerprint prefix or name)."""
+
+    req: int
+    who: str = ""
+
+
+@_register(21)
+@dataclass(frozen=True, slots=True)
+class PairCodeRequest(Message):
+    """Local admin → agent (owner-only unix socket): make a new pairing code, or set `code`."""
+
+    req: int
+    code: str = ""
+    ttl: float = 0.0  # seconds the code is valid; 0 or more than 300: 300
+
+
+@_register(22)
+@dataclass(frozen=True, slots=True)
+class PairCodeReply(Message):
+    req: int
+    code: str
+    expires_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A paired desktop, as the agent's owner sees it."""
+
+    fingerprint: str
+    name: str
+    paired_at: float = 0.0
+    connected: bool = False
+    lease: bool = False
+
+
+@_register(23)
+@dataclass(frozen=True, slots=True)
+class PeersRequest(Message):
+    req: int
+
+
+@_register(24)
+@dataclass(frozen=True, slots=True)
+class Peers(Message):
+    req: int
+    peers: tuple[PeerInfo, ...] = ()
 
 
 # ----------------------------------------------------------------- conversion

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hmac
 import itertools
 import logging
+import ssl
 from collections.abc import Callable
 
 import corral
@@ -20,20 +23,43 @@ from corral.engine.protocol import (
     Inventory,
     InventoryRequest,
     Message,
+    OpenTunnel,
+    PairChallenge,
+    PairConfirm,
+    PairDone,
+    PairStart,
     Ping,
     ProtocolError,
     StartRpc,
     StopRpc,
     Subscribe,
+    Unpair,
     WorkerReply,
     WorkerState,
-    encode_frame,
     from_wire,
-    read_frame,
     to_wire,
 )
+from corral.engine.security import channel
+from corral.engine.security.channel import TlsConnection, TlsFailed
+from corral.engine.security.desktop import DesktopKeys, desktop_keys
+from corral.engine.security.identity import short
+from corral.engine.security.pairing import (
+    agent_confirm,
+    desktop_confirm,
+    desktop_finish,
+    desktop_start,
+)
+from corral.engine.security.pins import Peer
+from corral.engine.security.tunnel import BlockingTls, DesktopTunnel, open_tunnel_channel
 
-from .errors import AgentRequestFailed, AgentTimeout, AgentUnreachable
+from .errors import (
+    AgentRequestFailed,
+    AgentTimeout,
+    AgentUnreachable,
+    NotPaired,
+    PairingFailed,
+    RuntimeFailure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,82 +79,234 @@ def parse_address(text: str, default_port: int = 7340) -> tuple[str, int]:
     return host, int(port)
 
 
+_NOT_ACCEPTED = (
+    "CERTIFICATE_REQUIRED",
+    "BAD_CERTIFICATE",
+    "UNKNOWN_CA",
+    "CERTIFICATE_UNKNOWN",
+    "DECRYPT_ERROR",
+)
+_KEEPALIVE = 5.0  # well inside the agent's lease timeout
+
+
+def _pair_command(address: str) -> str:
+    return (
+        f"run `corral-agent pair` on that host and then `corral pair {address} --code CODE` "
+        "here (or pair it in the app)"
+    )
+
+
 class AgentClient:
-    """One connection; `request()` awaits the reply with the same number."""
+    """One TLS connection to a paired agent; `request()` awaits the reply with the same number."""
 
     def __init__(
-        self, address: str, on_event: Callable[[AgentClient, AgentEvent], None] | None = None
+        self,
+        address: str,
+        on_event: Callable[[AgentClient, AgentEvent], None] | None = None,
+        keys: DesktopKeys | None = None,
     ):
         self.address = address
         self.host, self.port = parse_address(address)
         self.hello: Hello | None = None
+        self.peer: Peer | None = None  # the pinned agent this connection proved to be
+        self._keys = keys
         self._on_event = on_event
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._conn: TlsConnection | None = None
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._numbers = itertools.count(1)
         self._read_task: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
         self.closed_reason = ""
+
+    @property
+    def keys(self) -> DesktopKeys:
+        if self._keys is None:
+            self._keys = desktop_keys()
+        return self._keys
 
     @property
     def name(self) -> str:
         host = self.hello.hostname if self.hello and self.hello.hostname else ""
         return f"{host} ({self.address})" if host else self.address
 
-    async def connect(self, timeout: float = 5.0) -> Hello:
-        """Open the connection and exchange hello; AgentUnreachable says why not."""
+    def _desktop_hello(self) -> Hello:
+        return Hello(
+            role="desktop",
+            proto_major=PROTOCOL_VERSION[0],
+            proto_minor=PROTOCOL_VERSION[1],
+            corral_version=corral.__version__,
+            hostname=self.keys.identity.name,
+        )
+
+    async def _open(self, ctx: ssl.SSLContext, timeout: float) -> TlsConnection:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), timeout
-            )
+            return await channel.connect(ctx, self.host, self.port, timeout)
         except TimeoutError:
             raise AgentUnreachable(
                 f"agent {self.address} did not accept a connection within {timeout:.0f} s: "
                 "check the address and that the host is up"
+            ) from None
+        except TlsFailed as exc:
+            raise AgentUnreachable(
+                f"{self.address} did not complete a TLS handshake ({exc.reason}): is it a "
+                f"Corral agent of version {corral.__version__}?"
             ) from None
         except OSError as exc:
             raise AgentUnreachable(
                 f"cannot reach agent {self.address}: {exc.strerror or exc}; "
                 "is corral-agent running there and listening on that port?"
             ) from None
-        ours = Hello(
-            role="desktop",
-            proto_major=PROTOCOL_VERSION[0],
-            proto_minor=PROTOCOL_VERSION[1],
-            corral_version=corral.__version__,
-        )
-        self._reader, self._writer = reader, writer
-        writer.write(encode_frame(to_wire(ours)))
+
+    async def _exchange_hello(self, conn: TlsConnection, timeout: float) -> Hello:
+        conn.send(to_wire(self._desktop_hello()))
         try:
-            frame = await asyncio.wait_for(read_frame(reader), timeout)
+            frame = await asyncio.wait_for(conn.recv(), timeout)
             theirs = from_wire(frame) if frame is not None else None
+        except TlsFailed as exc:
+            if any(k in exc.reason.upper() for k in _NOT_ACCEPTED):
+                raise NotPaired(
+                    f"the agent at {self.address} does not accept this desktop (it was never "
+                    f"paired, or was unpaired there): {_pair_command(self.address)}"
+                ) from None
+            raise AgentUnreachable(f"{self.address}: TLS failed ({exc.reason})") from None
         except (TimeoutError, ProtocolError, OSError) as exc:
-            await self.close()
             raise AgentUnreachable(
-                f"{self.address} did not answer as a Corral agent ({exc})"
+                f"{self.address} did not answer as a Corral agent ({exc or 'no answer'})"
             ) from None
         if isinstance(theirs, ErrorReply):
-            await self.close()
             raise AgentUnreachable(f"agent {self.address} refused the connection: {theirs.message}")
         if not isinstance(theirs, Hello):
-            await self.close()
             raise AgentUnreachable(f"{self.address} did not answer as a Corral agent")
         if theirs.proto_major != PROTOCOL_VERSION[0]:
-            await self.close()
             raise AgentUnreachable(
                 f"agent {self.address} speaks Corral protocol {theirs.proto_major}."
                 f"{theirs.proto_minor}, this desktop {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}: "
                 "install the same Corral version on both"
             )
-        self.hello = theirs
-        self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
         return theirs
 
+    async def connect(self, timeout: float = 5.0) -> Hello:
+        """Open the connection, check the agent is one this desktop paired with, exchange
+        hello. AgentUnreachable (or NotPaired) says why not."""
+        conn = await self._open(self.keys.ctx, timeout)
+        try:
+            fp = conn.peer_fingerprint
+            peer = self.keys.agent(fp)
+            if peer is None:
+                raise NotPaired(
+                    f"this desktop has not paired with the agent at {self.address} "
+                    f"(certificate {short(fp)}): {_pair_command(self.address)}"
+                )
+            theirs = await self._exchange_hello(conn, timeout)
+        except BaseException:
+            conn.abort()
+            raise
+        self.peer = peer
+        self._conn = conn
+        # the pinned id wins: mDNS and hello are not trusted for identity
+        self.hello = dataclasses.replace(theirs, agent_id=peer.peer_id or theirs.agent_id)
+        loop = asyncio.get_running_loop()
+        self._read_task = loop.create_task(self._read_loop())
+        self._keepalive = loop.create_task(self._keep_alive())
+        return self.hello
+
+    async def pair(self, code: str, timeout: float = 10.0) -> Peer:
+        """Pair with the agent using the code it shows; pin it and return the pin."""
+        try:
+            side, spake_a = desktop_start(code)
+        except ValueError as exc:
+            raise PairingFailed(str(exc)) from None
+        keys = self.keys
+        conn = await self._open(keys.pairing_ctx, timeout)
+        try:
+            fp_agent = conn.peer_fingerprint
+            agent_der = conn.peer_der
+            fp_desktop = keys.identity.fingerprint
+            theirs = await self._exchange_hello(conn, timeout)
+            conn.send(
+                to_wire(
+                    PairStart(
+                        req=1, name=keys.identity.name, cert=keys.identity.cert_der, spake=spake_a
+                    )
+                )
+            )
+            challenge = await self._reply(conn, timeout)
+            if not isinstance(challenge, PairChallenge):
+                raise PairingFailed(f"agent {self.address} answered pairing with {challenge}")
+            try:
+                key = desktop_finish(side, challenge.spake)
+            except ValueError as exc:
+                raise PairingFailed(str(exc)) from None
+            if not hmac.compare_digest(challenge.confirm, agent_confirm(key, fp_agent, fp_desktop)):
+                raise PairingFailed(
+                    f"pairing with {self.address} failed: the code is wrong (or someone between "
+                    "this desktop and the agent is intercepting); check the code and try again"
+                )
+            conn.send(
+                to_wire(PairConfirm(req=2, confirm=desktop_confirm(key, fp_agent, fp_desktop)))
+            )
+            done = await self._reply(conn, timeout)
+            if not isinstance(done, PairDone):
+                raise PairingFailed(f"agent {self.address} answered pairing with {done}")
+        finally:
+            conn.close()
+        peer = Peer(
+            fingerprint=fp_agent,
+            name=done.hostname or theirs.hostname,
+            cert_der=agent_der,
+            peer_id=done.agent_id,
+            address=self.address,
+        )
+        keys.pins.add(peer)
+        return peer
+
+    async def _reply(self, conn: TlsConnection, timeout: float) -> Message:
+        try:
+            frame = await asyncio.wait_for(conn.recv(), timeout)
+        except (TimeoutError, TlsFailed, OSError) as exc:
+            raise PairingFailed(f"agent {self.address} stopped answering ({exc})") from None
+        if frame is None:
+            raise PairingFailed(f"agent {self.address} closed the connection during pairing")
+        msg = from_wire(frame)
+        if isinstance(msg, ErrorReply):
+            raise PairingFailed(f"agent {self.address}: {msg.message}")
+        return msg
+
+    async def unpair(self) -> None:
+        """Ask the agent to forget this desktop (when reachable), then forget it here."""
+        fp = self.peer.fingerprint if self.peer else ""
+        if self._conn is not None:
+            with contextlib.suppress(RuntimeFailure):
+                await self.request(lambda r: Unpair(req=r), timeout=5)
+        if fp:
+            self.keys.pins.remove(fp)
+
+    def open_tunnel(self) -> DesktopTunnel:
+        """A loopback endpoint for the inference child that reaches this agent's worker
+        through the authenticated channel (the worker must be started by this client)."""
+        assert self.peer is not None, "connect first"
+        keys, peer, host, port = self.keys, self.peer, self.host, self.port
+        hello = self._desktop_hello()
+
+        def open_channel() -> BlockingTls:
+            return open_tunnel_channel(
+                keys.ctx, host, port, peer.fingerprint, hello, OpenTunnel(req=1)
+            )
+
+        return DesktopTunnel(open_channel, self.name)
+
+    async def _keep_alive(self) -> None:
+        """A ping now and then, so the agent knows this session (and its lease) is alive."""
+        while True:
+            await asyncio.sleep(_KEEPALIVE)
+            with contextlib.suppress(RuntimeFailure):
+                await self.request(lambda r: Ping(req=r), timeout=_KEEPALIVE)
+
     async def _read_loop(self) -> None:
-        assert self._reader is not None
+        assert self._conn is not None
         try:
             while True:
-                frame = await read_frame(self._reader)
+                frame = await self._conn.recv()
                 if frame is None:
                     self.closed_reason = "the agent closed the connection"
                     break
@@ -143,8 +321,14 @@ class AgentClient:
                     fut.set_result(msg)
                 elif isinstance(msg, ErrorReply):
                     self.closed_reason = msg.message
+        except TlsFailed as exc:
+            self.closed_reason = (
+                "the agent no longer accepts this desktop (unpaired there)"
+                if any(k in exc.reason.upper() for k in _NOT_ACCEPTED)
+                else f"TLS failed ({exc.reason})"
+            )
         except (ProtocolError, OSError) as exc:
-            self.closed_reason = str(exc)
+            self.closed_reason = str(exc) or type(exc).__name__
         except asyncio.CancelledError:
             self.closed_reason = "closed"
             raise
@@ -161,12 +345,19 @@ class AgentClient:
 
     async def request(self, build: Callable[[int], Message], timeout: float = 30.0) -> Message:
         """Send `build(req)` and await its reply; an ErrorReply raises AgentRequestFailed."""
-        if self._writer is None or self._read_task is None or self._read_task.done():
-            raise AgentUnreachable(f"not connected to agent {self.address}")
+        if self._conn is None or self._read_task is None or self._read_task.done():
+            raise AgentUnreachable(
+                f"not connected to agent {self.address}"
+                + (f": {self.closed_reason}" if self.closed_reason else "")
+            )
         req = next(self._numbers)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[req] = fut
-        self._writer.write(encode_frame(to_wire(build(req))))
+        try:
+            self._conn.send(to_wire(build(req)))
+        except ConnectionError:
+            self._pending.pop(req, None)
+            raise AgentUnreachable(f"lost the connection to agent {self.address}") from None
         try:
             reply = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
@@ -226,11 +417,10 @@ class AgentClient:
             ) from None
 
     async def close(self) -> None:
-        if self._read_task is not None:
-            self._read_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._read_task
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._writer.wait_closed(), 2)
+        for task in (self._keepalive, self._read_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._conn is not None:
+            self._conn.close()

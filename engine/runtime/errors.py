@@ -11,6 +11,14 @@ class AgentUnreachable(RuntimeFailure):
     """No control connection to an agent (refused, timed out, wrong protocol)."""
 
 
+class NotPaired(AgentUnreachable):
+    """The agent and this desktop have not paired (or one side unpaired the other)."""
+
+
+class PairingFailed(RuntimeFailure):
+    """Pairing did not complete: wrong, expired or locked code, or a man in the middle."""
+
+
 class AgentTimeout(AgentUnreachable):
     """The agent did not answer a request in time (hung host, cut link)."""
 

@@ -1,7 +1,12 @@
-"""Start corral-agent processes on this machine (the demo, tests and benches use this)."""
+"""Start corral-agent processes on this machine (the demo, tests and benches use this).
+
+Each agent gets a throwaway state dir and a scripted pairing code; this desktop pairs with
+every one of them through the real pairing exchange, and forgets them again on stop.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import select
@@ -10,9 +15,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+from corral.engine.security.desktop import DesktopKeys, desktop_keys
+from corral.engine.security.pairing import new_code
 
 from .errors import RuntimeFailure
 
@@ -28,6 +39,8 @@ class LocalAgents:
         host: str = "127.0.0.1",
         start_timeout: float = 30.0,
         advertise: bool = False,
+        pair: bool = True,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.count = count
         self.advertise = advertise
@@ -35,6 +48,9 @@ class LocalAgents:
         self.start_timeout = start_timeout
         self.procs: list[subprocess.Popen[str]] = []
         self.addresses: list[str] = []
+        self.pair = pair
+        self.extra_args = extra_args
+        self._paired: list[DesktopKeys] = []
         self._root = Path(tempfile.mkdtemp(prefix="corral-agents-"))
 
     def state_dir(self, i: int) -> Path:
@@ -44,6 +60,8 @@ class LocalAgents:
         try:
             for i in range(self.count):
                 self._start(i)
+            if self.pair:
+                self.pair_with(desktop_keys())
         except BaseException:
             self.stop()
             raise
@@ -62,6 +80,7 @@ class LocalAgents:
                 "--log-level",
                 "WARNING",
                 *(() if self.advertise else ("--no-advertise",)),
+                *self.extra_args,
             ],
             stdout=subprocess.PIPE,
             stderr=None,
@@ -86,7 +105,31 @@ class LocalAgents:
                 )
         raise RuntimeFailure(f"local agent {i} did not start within {self.start_timeout:.0f} s")
 
+    def pair_with(self, keys: DesktopKeys) -> None:
+        """Pair the desktop with `keys` with every agent (a fresh code each, asked for on the
+        agent's admin socket as its owner would)."""
+        from corral.engine.protocol import PairCodeRequest
+
+        from ..agent.admin import ask
+        from .agent_client import AgentClient
+
+        async def go() -> None:
+            for i, address in enumerate(self.addresses):
+                code = new_code()
+                await ask(self.state_dir(i), PairCodeRequest(req=1, code=code))
+                await AgentClient(address, keys=keys).pair(code)
+
+        _run_apart(go())
+        self._paired.append(keys)
+
     def stop(self) -> None:
+        for keys in self._paired:  # forget the throwaway agents again
+            for address in self.addresses:
+                try:
+                    keys.pins.remove(address)
+                except Exception:
+                    pass
+        self._paired.clear()
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -113,3 +156,20 @@ class LocalAgents:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _run_apart(coro: Coroutine[Any, Any, None]) -> None:
+    """Run `coro` to the end on a loop of its own (the caller may be inside a loop)."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(coro)
+        except BaseException as exc:
+            failure.append(exc)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]

@@ -31,6 +31,7 @@ from corral.engine.planner.validate import (
     questions,
 )
 from corral.engine.protocol import AgentEvent, CapabilityQuestion, Inventory, WorkerState
+from corral.engine.security.tunnel import DesktopTunnel
 
 from .agent_client import AgentClient
 from .errors import (
@@ -138,6 +139,7 @@ class ChatSession:
         self.spec: ModelSpec | None = None
         self.settings: LoadSettings | None = None
         self.dropped: list[str] = []  # agents left out by a reload
+        self.tunnels: dict[str, DesktopTunnel] = {}  # by agent address
         self._event_arrived = asyncio.Event()
 
     # ------------------------------------------------------------------ open
@@ -281,6 +283,9 @@ class ChatSession:
         assert self.settings is not None, "reload needs a session that was opened"
         await self.child.close()
         self.child = InferenceProcess()
+        for tunnel in self.tunnels.values():
+            tunnel.close()
+        self.tunnels.clear()
         kept = []
         for c in self.clients:
             if c.closed_reason:
@@ -325,8 +330,20 @@ class ChatSession:
             raise AgentUnreachable("; ".join(failures))
 
     async def _start_worker(self, client: AgentClient, threads: int) -> WorkerState:
+        """Start the worker (taking the agent's lease) and give it an endpoint for llama.cpp:
+        a loopback tunnel through the authenticated channel, or, where the agent's owner
+        opted into --trusted-network, its direct address."""
         await client.subscribe()
-        return await client.start_rpc(threads=threads)
+        state = await client.start_rpc(threads=threads)
+        direct = client.hello is not None and "rpc-direct" in client.hello.features
+        if direct and state.endpoint:
+            return state
+        old = self.tunnels.pop(client.address, None)
+        if old is not None:
+            old.close()
+        tunnel = client.open_tunnel()
+        self.tunnels[client.address] = tunnel
+        return dataclasses.replace(state, endpoint=tunnel.endpoint)
 
     async def _probe_endpoints(self, endpoints: list[str]) -> None:
         loop = asyncio.get_running_loop()
@@ -335,7 +352,9 @@ class ChatSession:
             try:
                 await loop.run_in_executor(None, probe_rpc, endpoint, 5.0)
             except RpcProbeError as exc:
-                raise WorkerUnavailable(f"the RPC worker of agent {client.name}: {exc}") from None
+                tunnel = self.tunnels.get(client.address)
+                why = tunnel.last_error if tunnel is not None and tunnel.last_error else str(exc)
+                raise WorkerUnavailable(f"the RPC worker of agent {client.name}: {why}") from None
 
         await asyncio.gather(*(one(c, e) for c, e in zip(self.clients, endpoints, strict=True)))
 
@@ -452,6 +471,9 @@ class ChatSession:
 
     async def close(self, stop_workers: bool = False) -> None:
         await self.child.close()
+        for tunnel in self.tunnels.values():
+            tunnel.close()
+        self.tunnels.clear()
         for c in self.clients:
             if stop_workers:
                 try:

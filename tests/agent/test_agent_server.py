@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
 from collections.abc import Iterator
 
 import msgpack
 import pytest
 
+from corral.engine.ggml.probe import probe_rpc
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -25,6 +27,7 @@ from corral.engine.protocol import (
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.errors import AgentRequestFailed, AgentUnreachable
 from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.security.desktop import desktop_keys
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,10 @@ def _hello() -> bytes:
 
 
 async def _open(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TLS connection with this (paired) desktop's certificate: hostile input from a
+    desktop the agent trusts still must not hurt it."""
     host, _, port = address.rpartition(":")
-    return await asyncio.open_connection(host, int(port))
+    return await asyncio.open_connection(host, int(port), ssl=desktop_keys().ctx)
 
 
 async def _handshake(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -74,7 +79,11 @@ def test_worker_starts_answers_and_stops(agent: str) -> None:
         client = AgentClient(agent)
         await client.connect()
         state = await client.start_rpc(threads=1)
-        assert state.state == "running" and state.endpoint.startswith("127.0.0.1:")
+        # no endpoint on the network: the worker is reached only through the tunnel
+        assert state.state == "running" and state.endpoint == ""
+        tunnel = client.open_tunnel()
+        assert probe_rpc(tunnel.endpoint)[0] == 7
+        tunnel.close()
         again = await client.start_rpc(threads=1)
         assert again.pid == state.pid  # same settings: the running worker is reused
         stopped = await client.stop_rpc()
@@ -163,12 +172,13 @@ def test_protocol_major_mismatch_names_both_versions(agent: str) -> None:
 def test_raw_msgpack_without_a_frame_header_is_refused(agent: str) -> None:
     host, _, port = agent.rpartition(":")
     data = b""
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    raw = socket.create_connection((host, int(port)), timeout=10)
+    with desktop_keys().ctx.wrap_socket(raw) as sock:
         try:
             sock.sendall(msgpack.packb([1, {"role": "desktop"}]) * 100000)  # ~1.7 MB of junk
             while chunk := sock.recv(65536):
                 data += chunk
-        except (ConnectionResetError, BrokenPipeError):
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
             pass  # the agent hung up while we were still sending: also a refusal
     assert data == b"" or b"exceeds" in data
 

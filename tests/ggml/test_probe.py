@@ -15,15 +15,20 @@ from corral.engine.runtime.localagents import LocalAgents
 
 
 def test_a_real_worker_answers_with_its_protocol_version() -> None:
-    async def endpoint(address: str) -> str:
+    async def version(address: str) -> int:
         client = AgentClient(address)
         await client.connect()
-        state = await client.start_rpc(threads=1)
-        await client.close()
-        return state.endpoint
+        await client.start_rpc(threads=1)
+        tunnel = client.open_tunnel()  # the worker is reachable only through this
+        try:
+            got = await asyncio.get_running_loop().run_in_executor(None, probe_rpc, tunnel.endpoint)
+            return got[0]
+        finally:
+            tunnel.close()
+            await client.close()
 
     with LocalAgents(1) as agents:
-        assert probe_rpc(asyncio.run(endpoint(agents.addresses[0])))[0] == 7
+        assert asyncio.run(version(agents.addresses[0])) == 7
 
 
 def test_nothing_listening() -> None:

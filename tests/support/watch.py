@@ -71,8 +71,15 @@ class Watcher:
         return str(err)
 
 
-def start_agent(lan: Lan, i: int, listen: str | None = None) -> subprocess.Popen[str]:
-    return lan.spawn(
+_CODE = "7340-7340"
+
+
+def start_agent(
+    lan: Lan, i: int, listen: str | None = None, desktop: int = 3
+) -> subprocess.Popen[str]:
+    """Start host i's agent; the first time, pair the desktop in host `desktop` with it
+    (the real exchange, over the LAN), as a user would before using it."""
+    proc = lan.spawn(
         i,
         [
             sys.executable,
@@ -84,11 +91,45 @@ def start_agent(lan: Lan, i: int, listen: str | None = None) -> subprocess.Popen
             lan.state_dir(i),
             "--log-level",
             "WARNING",
+            "--pairing-code",
+            _CODE,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    paired: set[int] = lan.__dict__.setdefault("paired", set())
+    if i not in paired:
+        address = (
+            listen if listen and not listen.startswith("0.0.0.0") else f"{lan.address(i)}:7340"
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            done = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    lan.ns(desktop),
+                    sys.executable,
+                    "-m",
+                    "corral.engine.cli",
+                    "pair",
+                    address,
+                    "--code",
+                    _CODE,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if done.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pairing with {address} failed: {done.stderr}")
+            time.sleep(0.3)
+        paired.add(i)
+    return proc
 
 
 def by_address(hosts: list[Snapshot], address: str) -> Snapshot | None:

@@ -10,8 +10,11 @@ from tests.conftest import corral
 
 _FAKE = r"""
 import asyncio, sys
+from pathlib import Path
 from corral.engine.protocol import (PROTOCOL_VERSION, Hello, encode_frame, from_wire, read_frame,
     to_wire, ErrorReply)
+from corral.engine.security.identity import load_or_create
+from corral.engine.security.tls import server_context
 
 async def serve(reader, writer):
     await read_frame(reader)
@@ -24,7 +27,9 @@ async def serve(reader, writer):
         writer.write(encode_frame(to_wire(ErrorReply(req=msg.req, code=8, message="fake"))))
 
 async def main():
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    me = load_or_create(Path(sys.argv[2]), "agent", "old-box")
+    ctx = server_context(me, [Path(sys.argv[3]).read_bytes()])
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
     print(server.sockets[0].getsockname()[1], flush=True)
     await asyncio.sleep(60)
 
@@ -32,19 +37,38 @@ asyncio.run(main())
 """
 
 
-def _run_fake(rpc_proto: str) -> tuple[object, int]:
+def _run_fake(rpc_proto: str, tmp: Path) -> tuple[object, int]:
+    """A fake agent with a real identity, paired with this test run's desktop."""
     import subprocess
 
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from corral.engine.security.desktop import desktop_keys
+    from corral.engine.security.identity import load_or_create
+    from corral.engine.security.pins import Peer
+
+    tmp.mkdir(parents=True)
+    keys = desktop_keys()
+    der = x509.load_pem_x509_certificate(keys.identity.cert_path.read_bytes()).public_bytes(
+        Encoding.DER
+    )
+    (tmp / "desktop.der").write_bytes(der)
+    fake = load_or_create(tmp / "fake", "agent", "old-box")
     proc = subprocess.Popen(
-        [sys.executable, "-c", _FAKE, rpc_proto], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _FAKE, rpc_proto, str(tmp / "fake"), str(tmp / "desktop.der")],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
-    return proc, int(proc.stdout.readline())
+    port = int(proc.stdout.readline())
+    keys.pins.add(Peer(fake.fingerprint, "old-box", fake.cert_der, "ab" * 16, f"127.0.0.1:{port}"))
+    return proc, port
 
 
-def test_other_build_is_refused_before_any_worker_request(smollm2: Path) -> None:
+def test_other_build_is_refused_before_any_worker_request(smollm2: Path, tmp_path: Path) -> None:
     for proto in ("7.0.0", "6.2.0"):
-        proc, port = _run_fake(proto)
+        proc, port = _run_fake(proto, tmp_path / proto)
         try:
             done = corral(
                 "chat", str(smollm2), "--agent", f"127.0.0.1:{port}", "--prompt", "hi", "--json"

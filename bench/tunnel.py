@@ -1,0 +1,208 @@
+"""RPC through Corral's authenticated tunnel vs straight to the worker, same split, same run.
+
+1. Generation: SmolLM2 split over two local agents' workers. llama.cpp registers either the
+   desktop's loopback tunnel ports (TLS 1.3, mutual auth, agent-side hand-off to the worker:
+   what every Corral session uses) or the workers' own loopback ports (no forwarding at all:
+   the best any setup could do). Two pairs of agents, one per path, both models loaded;
+   rounds alternate which generates first. Reported: median tok/s per path, the median of
+   per-round ratios (target >= 0.95x), and the load time of each (model upload included).
+2. Round trip per RPC message: ggml-rpc's DEVICE_COUNT command (1 + 8 bytes out, written in
+   two pieces as ggml-rpc does, 12 bytes back), ping-pong on one connection, tunnel vs direct.
+
+    .venv/bin/python bench/tunnel.py [--rounds 7] [--tokens 128] [--threads 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+
+from corral.engine.model import default_model_path
+from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.inference import InferenceProcess
+from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.runtime.session import LoadSettings
+
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+def worker_endpoint(state_dir: Path) -> str:
+    """The loopback endpoint of the RPC worker the agent with `state_dir` runs (from /proc)."""
+    marker = str(state_dir / "tensor-cache")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if "corral.engine.agent.worker" in argv and marker in argv:
+            return argv[argv.index("--endpoint") + 1]
+    raise RuntimeError(f"no worker process for {state_dir}")
+
+
+async def loaded_child(
+    endpoints: list[str], settings: LoadSettings
+) -> tuple[InferenceProcess, float]:
+    child = InferenceProcess()
+    await child.start()
+    t0 = time.perf_counter()
+    await child.load(rpc=endpoints, tensor_split=None, **settings.child_params())
+    return child, time.perf_counter() - t0
+
+
+async def tok_s(child: InferenceProcess, tokens: int) -> float:
+    done: dict = {}
+    async for frame in child.generate(
+        messages=PROMPT, max_tokens=tokens, temp=0.0, seed=1, ignore_eos=True, n_keep=-1
+    ):
+        if frame["op"] == "done":
+            done = frame
+    return float(done["n_tokens"] / done["gen_s"])
+
+
+_HELLO = bytes([14]) + struct.pack("<Q", 24) + bytes(24)
+_COUNT_CMD, _COUNT_SIZE = bytes([15]), struct.pack("<Q", 0)
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def rtt_us(endpoint: str, count: int) -> float:
+    """Mean microseconds per DEVICE_COUNT round trip on one connection."""
+    host, _, port = endpoint.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(_HELLO)
+        _recv(sock, 8 + 28)
+        for _ in range(50):  # warm-up
+            sock.sendall(_COUNT_CMD)
+            sock.sendall(_COUNT_SIZE)
+            _recv(sock, 12)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            sock.sendall(_COUNT_CMD)
+            sock.sendall(_COUNT_SIZE)
+            _recv(sock, 12)
+        return (time.perf_counter() - t0) / count * 1e6
+
+
+async def run(opts: argparse.Namespace) -> dict:
+    settings = LoadSettings(model=opts.model, n_ctx=1024, n_threads=opts.threads)
+    # Two pairs of agents, one per path, both models loaded: a ggml RPC worker serves one
+    # client at a time, and reloading per round would add more noise than it measures.
+    with LocalAgents(2) as via_tunnel, LocalAgents(2) as via_direct:
+        clients, tunnels, direct = [], [], []
+        for agents in (via_tunnel, via_direct):
+            for i, address in enumerate(agents.addresses):
+                client = AgentClient(address)
+                await client.connect()
+                await client.start_rpc(threads=opts.threads)  # holds the lease
+                clients.append(client)
+                if agents is via_tunnel:
+                    tunnels.append(client.open_tunnel())
+                else:
+                    direct.append(worker_endpoint(agents.state_dir(i)))
+        endpoints = {"tunnel": [t.endpoint for t in tunnels], "direct": direct}
+        res: dict[str, list[float]] = {"tunnel": [], "direct": [], "ratio": []}
+        loads: dict[str, float] = {}
+        children = {}
+        for mode in ("direct", "tunnel"):
+            children[mode], loads[mode] = await loaded_child(endpoints[mode], settings)
+            await tok_s(children[mode], 16)  # warm-up
+        for r in range(opts.rounds):
+            order = ["tunnel", "direct"] if r % 2 == 0 else ["direct", "tunnel"]
+            got = {mode: await tok_s(children[mode], opts.tokens) for mode in order}
+            for mode, v in got.items():
+                res[mode].append(v)
+            res["ratio"].append(got["tunnel"] / got["direct"])
+            print(
+                f"round {r + 1}: tunnel {got['tunnel']:.1f} tok/s, direct {got['direct']:.1f} "
+                f"tok/s, ratio {res['ratio'][-1]:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        for child in children.values():
+            await child.close()
+        loop = asyncio.get_running_loop()
+        rtt: dict[str, list[float]] = {"tunnel": [], "direct": []}
+        for r in range(opts.rounds):
+            order = ["tunnel", "direct"] if r % 2 == 0 else ["direct", "tunnel"]
+            for mode in order:
+                us = await loop.run_in_executor(None, rtt_us, endpoints[mode][0], opts.pings)
+                rtt[mode].append(us)
+        for t in tunnels:
+            t.close()
+        for c in clients:
+            await c.close()
+    med = {
+        "tok_s_tunnel": statistics.median(res["tunnel"]),
+        "tok_s_direct": statistics.median(res["direct"]),
+        "ratio": statistics.median(res["ratio"]),
+        "load_s_tunnel": loads["tunnel"],
+        "load_s_direct": loads["direct"],
+        "rtt_tunnel": statistics.median(rtt["tunnel"]),
+        "rtt_direct": statistics.median(rtt["direct"]),
+    }
+    med["rtt_added"] = med["rtt_tunnel"] - med["rtt_direct"]
+    return {
+        "model": str(opts.model),
+        "rounds": opts.rounds,
+        "tokens": opts.tokens,
+        "threads": opts.threads,
+        "median": med,
+        "raw": {**res, "rtt": rtt},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=default_model_path())
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pings", type=int, default=2000)
+    parser.add_argument("--json", action="store_true")
+    opts = parser.parse_args()
+    out = asyncio.run(run(opts))
+    if opts.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    m = out["median"]
+    print(
+        f"model {Path(out['model']).name}, split over 2 local agents, {opts.tokens} tokens x "
+        f"{opts.rounds} rounds, {opts.threads} threads (medians)"
+    )
+    print("| path | generation tok/s | load s | RPC round trip |")
+    print("|---|---|---|---|")
+    print(
+        f"| direct to the workers' loopback ports | {m['tok_s_direct']:.1f} | "
+        f"{m['load_s_direct']:.2f} | {m['rtt_direct']:.0f} µs |"
+    )
+    print(
+        f"| Corral tunnel (TLS 1.3, mutual auth) | {m['tok_s_tunnel']:.1f} | "
+        f"{m['load_s_tunnel']:.2f} | {m['rtt_tunnel']:.0f} µs |"
+    )
+    print(
+        f"tunnel / direct: {m['ratio']:.3f}x (median of per-round ratios; target >= 0.95x); "
+        f"added per RPC round trip: {m['rtt_added']:.0f} µs"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The agent's local admin socket: new pairing codes, the paired list, unpairing.
+
+A unix socket in the agent's state dir (owner-only), so only the agent's owner on that host
+may ask; nothing here is reachable over the network. `corral-agent pair|paired|unpair`
+are its clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from corral.engine.protocol import (
+    ErrorCode,
+    ErrorReply,
+    Message,
+    OkReply,
+    PairCodeReply,
+    PairCodeRequest,
+    PeerInfo,
+    Peers,
+    PeersRequest,
+    ProtocolError,
+    Unpair,
+    encode_frame,
+    from_wire,
+    read_frame,
+    to_wire,
+)
+from corral.engine.security.pairing import CODE_TTL
+
+if TYPE_CHECKING:
+    from .server import AgentServer
+
+log = logging.getLogger(__name__)
+
+_MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
+
+
+def admin_socket_path(state_dir: Path) -> Path:
+    """state_dir/admin.sock, or a short owner-only path when that one is too long to bind."""
+    path = state_dir.resolve() / "admin.sock"
+    if len(os.fsencode(path)) <= _MAX_UNIX_PATH:
+        return path
+    import hashlib
+
+    tag = hashlib.sha256(os.fsencode(state_dir.resolve())).hexdigest()[:16]
+    return Path(f"/tmp/corral-{os.getuid()}") / f"agent-{tag}.sock"
+
+
+class AdminServer:
+    def __init__(self, agent: AgentServer) -> None:
+        self.agent = agent
+        self.path = admin_socket_path(agent.state_dir)
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.path.parent, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a stale socket of a killed agent
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            frame = await asyncio.wait_for(read_frame(reader), 5)
+            if frame is None:
+                return
+            try:
+                reply = self._handle(from_wire(frame))
+            except ProtocolError as exc:
+                reply = ErrorReply(0, int(exc.code), exc.message)
+            writer.write(encode_frame(to_wire(reply)))
+            await writer.drain()
+        except (ConnectionError, TimeoutError, ProtocolError):
+            pass
+        finally:
+            writer.close()
+
+    def _handle(self, msg: Message) -> Message:
+        agent = self.agent
+        if isinstance(msg, PairCodeRequest):
+            try:
+                ttl = CODE_TTL if not 0 < msg.ttl < CODE_TTL else msg.ttl
+                code = agent.gate.issue(msg.code, ttl)
+            except ValueError as exc:
+                return ErrorReply(msg.req, int(ErrorCode.BAD_MESSAGE), str(exc))
+            log.info("a new pairing code was made (valid %.0f s)", agent.gate.expires_in())
+            return PairCodeReply(req=msg.req, code=code, expires_in=agent.gate.expires_in())
+        if isinstance(msg, PeersRequest):
+            connected, holder = agent.connected(), agent.lease_holder()
+            return Peers(
+                req=msg.req,
+                peers=tuple(
+                    PeerInfo(
+                        p.fingerprint,
+                        p.name,
+                        p.paired_at,
+                        p.fingerprint in connected,
+                        p.fingerprint == holder,
+                    )
+                    for p in agent.pins.peers()
+                ),
+            )
+        if isinstance(msg, Unpair):
+            gone = agent.forget(msg.who)
+            if not gone:
+                return ErrorReply(
+                    msg.req,
+                    int(ErrorCode.BAD_MESSAGE),
+                    f"no paired desktop is named {msg.who!r}: `corral-agent paired` lists them",
+                )
+            return OkReply(req=msg.req)
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{type(msg).__name__} is not an admin request")
+
+
+async def ask(state_dir: Path, msg: Message, timeout: float = 5.0) -> Message:
+    """Send one admin request to the agent running with `state_dir`; ConnectionError if none."""
+    path = admin_socket_path(state_dir)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ConnectionError(
+            f"no corral-agent is running with state dir {state_dir} (no {path}): start it "
+            "first (it prints a pairing code when it starts)"
+        ) from None
+    except PermissionError:
+        raise ConnectionError(
+            f"{path} belongs to another user: run this as the user the agent runs as"
+        ) from None
+    try:
+        writer.write(encode_frame(to_wire(msg)))
+        await writer.drain()
+        frame = await asyncio.wait_for(read_frame(reader), timeout)
+        if frame is None:
+            raise ConnectionError("the agent closed the admin connection without an answer")
+        return from_wire(frame)
+    finally:
+        writer.close()

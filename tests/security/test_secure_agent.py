@@ -1,0 +1,318 @@
+"""A real corral-agent behind TLS: pairing, refusals, leases, unpairing, hostile strangers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.engine.ggml.probe import RpcProbeError, probe_rpc
+from corral.engine.protocol import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    ErrorReply,
+    FrameDecoder,
+    Hello,
+    InventoryRequest,
+    OpenTunnel,
+    PairChallenge,
+    PairConfirm,
+    PairStart,
+    Ping,
+    StartRpc,
+    encode_frame,
+    from_wire,
+    to_wire,
+)
+from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.errors import AgentRequestFailed, NotPaired, PairingFailed
+from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.security.desktop import DesktopKeys
+from corral.engine.security.identity import fingerprint
+from corral.engine.security.pairing import (
+    agent_confirm,
+    desktop_confirm,
+    desktop_finish,
+    desktop_start,
+)
+from corral.engine.security.tls import client_context
+from tests.conftest import corral
+
+
+def _agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "corral.engine.agent.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture()
+def unpaired() -> Iterator[LocalAgents]:
+    with LocalAgents(1, pair=False) as agents:
+        yield agents
+
+
+def _new_code(agents: LocalAgents, *extra: str) -> str:
+    out = _agent_cli("pair", "--state-dir", str(agents.state_dir(0)), *extra)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("pairing code: ")[1].split()[0]
+
+
+def test_pair_with_the_cli_use_and_unpair_on_both_sides(
+    unpaired: LocalAgents, tmp_path: Path
+) -> None:
+    env = dict(os.environ, CORRAL_STATE_DIR=str(tmp_path / "desktop"))
+    address = unpaired.addresses[0]
+    before = corral("agents", "--agent", address, env=env)
+    assert before.returncode == 1 and "has not paired with the agent" in before.stderr
+    assert "corral pair" in before.stderr and "Traceback" not in before.stderr
+    paired = corral("pair", address, "--code", _new_code(unpaired), env=env)
+    assert paired.returncode == 0, paired.stderr
+    assert corral("agents", "--agent", address, env=env).returncode == 0
+    listed = _agent_cli("paired", "--state-dir", str(unpaired.state_dir(0)))
+    assert "connected" not in listed.stdout and len(listed.stdout.splitlines()) == 1
+    gone = corral("unpair", address, env=env)
+    assert gone.returncode == 0 and "on both sides" in gone.stdout, gone.stderr
+    assert (
+        "no paired desktops"
+        in _agent_cli("paired", "--state-dir", str(unpaired.state_dir(0))).stdout
+    )
+    after = corral("agents", "--agent", address, env=env)
+    assert after.returncode == 1 and "has not paired" in after.stderr
+
+
+def test_wrong_codes_lock_pairing_and_an_expired_code_is_refused(
+    unpaired: LocalAgents, tmp_path: Path
+) -> None:
+    keys = DesktopKeys(tmp_path / "desktop")
+    address = unpaired.addresses[0]
+    right = _new_code(unpaired)
+
+    async def attempt(code: str) -> str:
+        try:
+            await AgentClient(address, keys=keys).pair(code)
+        except PairingFailed as exc:
+            return str(exc)
+        return "paired"
+
+    async def run() -> None:
+        for _ in range(5):
+            assert "the code is wrong" in await attempt("0000-0000")
+        assert "locked after 5 wrong codes" in await attempt(right)
+        short = _new_code(unpaired, "--valid", "1")
+        await asyncio.sleep(1.5)
+        assert "expired" in await attempt(short)
+        assert await attempt(_new_code(unpaired)) == "paired"
+
+    asyncio.run(run())
+    assert keys.pins.peers()[0].address == address
+
+
+def _raw_pairing(address: str, frames: list[bytes] | None, code: str) -> tuple[list[bytes], object]:
+    """Pair by hand over TLS; with `frames`, replay those bytes instead of computing them.
+    Returns (what was sent, the agent's last answer)."""
+    host, _, port = address.rpartition(":")
+    keys_dir = Path(os.environ["CORRAL_STATE_DIR"])
+    me = DesktopKeys(keys_dir / "replayer")
+    ctx = client_context(None)
+    sock = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10))
+    decoder = FrameDecoder()
+    sent: list[bytes] = []
+
+    def recv() -> object:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return None
+            got = decoder.feed(data)
+            if got:
+                return from_wire(got[0])
+
+    def send(frame: bytes) -> None:
+        sent.append(frame)
+        sock.sendall(frame)
+
+    hello = Hello(role="desktop", proto_major=PROTOCOL_VERSION[0], proto_minor=PROTOCOL_VERSION[1])
+    if frames is None:
+        fp_agent = fingerprint(sock.getpeercert(binary_form=True) or b"")
+        side, a = desktop_start(code)
+        send(encode_frame(to_wire(hello)))
+        recv()
+        send(encode_frame(to_wire(PairStart(1, me.identity.name, me.identity.cert_der, a))))
+        challenge = recv()
+        assert isinstance(challenge, PairChallenge)
+        key = desktop_finish(side, challenge.spake)
+        assert challenge.confirm == agent_confirm(key, fp_agent, me.identity.fingerprint)
+        send(
+            encode_frame(
+                to_wire(PairConfirm(2, desktop_confirm(key, fp_agent, me.identity.fingerprint)))
+            )
+        )
+    else:
+        send(frames[0])
+        recv()
+        send(frames[1])
+        recv()  # a fresh challenge: the agent's half is new every time
+        send(frames[2])
+    last = recv()
+    sock.close()
+    return sent, last
+
+
+def test_a_replayed_pairing_exchange_is_refused(unpaired: LocalAgents) -> None:
+    address = unpaired.addresses[0]
+    code = _new_code(unpaired, "--code", "5555-1234")
+    recorded, answer = _raw_pairing(address, None, code)
+    assert type(answer).__name__ == "PairDone"
+    # the same code made valid again, and the recorded bytes replayed: refused
+    _new_code(unpaired, "--code", "5555-1234")
+    _, answer = _raw_pairing(address, recorded, code)
+    assert isinstance(answer, ErrorReply) and answer.code == ErrorCode.PAIRING_REFUSED
+    assert "wrong pairing code" in answer.message
+    # and once a code is used up, replaying gets nowhere either
+    _, answer = _raw_pairing(address, recorded, code)
+    assert isinstance(answer, ErrorReply) and "wrong pairing code" in answer.message
+
+
+_SERVED = {"Inventory", "Pong", "WorkerReply", "CapabilityReply", "OkReply", "PairDone", "Peers"}
+
+
+def _stranger(address: str, kind: str, stranger_ctx: ssl.SSLContext) -> tuple[float, list[str]]:
+    """One connection attempt without a paired certificate: (seconds until the agent closed
+    it, the message types it answered with)."""
+    host, _, port = address.rpartition(":")
+    hello = encode_frame(
+        to_wire(
+            Hello(role="desktop", proto_major=PROTOCOL_VERSION[0], proto_minor=PROTOCOL_VERSION[1])
+        )
+    )
+    asks = b"".join(
+        encode_frame(to_wire(m)) for m in (InventoryRequest(2), StartRpc(3), Ping(4), OpenTunnel(5))
+    )
+    start = time.monotonic()
+    raw = socket.create_connection((host, int(port)), timeout=5)
+    got: list[str] = []
+    decoder = FrameDecoder()
+    try:
+        if kind == "plain-hello":
+            raw.sendall(hello + asks)
+            sock: socket.socket | ssl.SSLSocket = raw
+        elif kind == "garbage":
+            raw.sendall(os.urandom(512))
+            sock = raw
+        else:
+            ctx = stranger_ctx if kind == "unknown-cert" else client_context(None)
+            sock = ctx.wrap_socket(raw)
+            sock.sendall(hello + asks)
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            if sock is raw:  # the agent answers a non-TLS peer with a TLS alert record, if at all
+                got.append("tls-alert" if data[0] == 0x15 else f"raw {data[:8]!r}")
+            else:
+                got += [type(from_wire(f)).__name__ for f in decoder.feed(data)]
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        pass
+    finally:
+        raw.close()
+    return time.monotonic() - start, got
+
+
+def test_1000_strangers_are_served_nothing_and_closed_fast(
+    two_agents: LocalAgents, tmp_path: Path
+) -> None:
+    address = two_agents.addresses[0]
+    stranger = DesktopKeys(tmp_path / "stranger")  # a real certificate, never paired
+    kinds = ["plain-hello", "garbage", "unknown-cert", "no-cert"]
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    answers: set[str] = set()
+    for n in range(1000):
+        kind = kinds[n % 4]
+        took, got = _stranger(address, kind, stranger.ctx)
+        times[kind].append(took)
+        answers.update(got)
+    assert not answers & _SERVED, answers
+    assert answers <= {
+        "Hello",
+        "ErrorReply",
+        "tls-alert",
+    }  # an unpaired desktop may learn versions, no more
+    worst = {k: max(v) for k, v in times.items()}
+    assert max(worst.values()) < 1.0, worst
+
+    async def paired_still_served() -> None:
+        client = AgentClient(address)
+        await client.connect()
+        await client.ping()
+        await client.close()
+
+    asyncio.run(paired_still_served())
+
+
+def test_a_second_desktop_gets_in_use_by_name_until_the_first_lets_go(
+    two_agents: LocalAgents, tmp_path: Path
+) -> None:
+    other = DesktopKeys(tmp_path / "other")
+    two_agents.pair_with(other)
+    address = two_agents.addresses[1]
+
+    async def run() -> None:
+        first = AgentClient(address)
+        await first.connect()
+        await first.start_rpc(threads=1)
+        second = AgentClient(address, keys=other)
+        await second.connect()
+        with pytest.raises(AgentRequestFailed, match="in use by " + first.keys.identity.name):
+            await second.start_rpc(threads=1)
+        tunnel = second.open_tunnel()  # and no tunnel either
+        loop = asyncio.get_running_loop()
+        with pytest.raises(RpcProbeError):
+            await loop.run_in_executor(None, probe_rpc, tunnel.endpoint, 5.0)
+        assert "in use by" in tunnel.last_error
+        tunnel.close()
+        mine = first.open_tunnel()
+        assert (await loop.run_in_executor(None, probe_rpc, mine.endpoint, 5.0))[0] == 7
+        mine.close()
+        await first.close()  # disconnect releases the lease
+        for _ in range(50):
+            try:
+                await second.start_rpc(threads=1)
+                break
+            except AgentRequestFailed:
+                await asyncio.sleep(0.1)
+        theirs = second.open_tunnel()
+        assert (await loop.run_in_executor(None, probe_rpc, theirs.endpoint, 5.0))[0] == 7
+        theirs.close()
+        await second.close()
+
+    asyncio.run(run())
+
+
+def test_an_agent_side_unpair_ends_the_desktops_session(tmp_path: Path) -> None:
+    with LocalAgents(1) as agents:
+        keys = DesktopKeys(tmp_path / "d")
+        agents.pair_with(keys)
+
+        async def run() -> None:
+            client = AgentClient(agents.addresses[0], keys=keys)
+            await client.connect()
+            out = _agent_cli("unpair", "--state-dir", str(agents.state_dir(0)), keys.identity.name)
+            assert out.returncode == 0, out.stderr
+            assert await client.wait_lost(5)
+            await client.close()
+            again = AgentClient(agents.addresses[0], keys=keys)
+            with pytest.raises(NotPaired, match="does not accept this desktop"):
+                await again.connect()
+
+        asyncio.run(run())
