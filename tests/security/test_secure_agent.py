@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -21,13 +21,9 @@ from corral.engine.protocol import (
     ErrorReply,
     FrameDecoder,
     Hello,
-    InventoryRequest,
-    OpenTunnel,
     PairChallenge,
     PairConfirm,
     PairStart,
-    Ping,
-    StartRpc,
     encode_frame,
     from_wire,
     to_wire,
@@ -45,6 +41,7 @@ from corral.engine.security.pairing import (
 )
 from corral.engine.security.tls import client_context
 from tests.conftest import corral
+from tests.support.strangers import KINDS, SERVED, attempt
 
 
 def _agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -184,70 +181,28 @@ def test_a_replayed_pairing_exchange_is_refused(unpaired: LocalAgents) -> None:
     assert isinstance(answer, ErrorReply) and "wrong pairing code" in answer.message
 
 
-_SERVED = {"Inventory", "Pong", "WorkerReply", "CapabilityReply", "OkReply", "PairDone", "Peers"}
-
-
-def _stranger(address: str, kind: str, stranger_ctx: ssl.SSLContext) -> tuple[float, list[str]]:
-    """One connection attempt without a paired certificate: (seconds until the agent closed
-    it, the message types it answered with)."""
-    host, _, port = address.rpartition(":")
-    hello = encode_frame(
-        to_wire(
-            Hello(role="desktop", proto_major=PROTOCOL_VERSION[0], proto_minor=PROTOCOL_VERSION[1])
-        )
-    )
-    asks = b"".join(
-        encode_frame(to_wire(m)) for m in (InventoryRequest(2), StartRpc(3), Ping(4), OpenTunnel(5))
-    )
-    start = time.monotonic()
-    raw = socket.create_connection((host, int(port)), timeout=5)
-    got: list[str] = []
-    decoder = FrameDecoder()
-    try:
-        if kind == "plain-hello":
-            raw.sendall(hello + asks)
-            sock: socket.socket | ssl.SSLSocket = raw
-        elif kind == "garbage":
-            raw.sendall(os.urandom(512))
-            sock = raw
-        else:
-            ctx = stranger_ctx if kind == "unknown-cert" else client_context(None)
-            sock = ctx.wrap_socket(raw)
-            sock.sendall(hello + asks)
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            if sock is raw:  # the agent answers a non-TLS peer with a TLS alert record, if at all
-                got.append("tls-alert" if data[0] == 0x15 else f"raw {data[:8]!r}")
-            else:
-                got += [type(from_wire(f)).__name__ for f in decoder.feed(data)]
-    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
-        pass
-    finally:
-        raw.close()
-    return time.monotonic() - start, got
-
-
 def test_1000_strangers_are_served_nothing_and_closed_fast(
     two_agents: LocalAgents, tmp_path: Path
 ) -> None:
     address = two_agents.addresses[0]
     stranger = DesktopKeys(tmp_path / "stranger")  # a real certificate, never paired
-    kinds = ["plain-hello", "garbage", "unknown-cert", "no-cert"]
-    times: dict[str, list[float]] = {k: [] for k in kinds}
+    times: dict[str, list[float]] = {k: [] for k in KINDS}
     answers: set[str] = set()
     for n in range(1000):
-        kind = kinds[n % 4]
-        took, got = _stranger(address, kind, stranger.ctx)
+        kind = KINDS[n % 4]
+        took, got = attempt(address, kind, stranger.ctx)
         times[kind].append(took)
         answers.update(got)
-    assert not answers & _SERVED, answers
+    assert not answers & SERVED, answers
     assert answers <= {
         "Hello",
         "ErrorReply",
         "tls-alert",
     }  # an unpaired desktop may learn versions, no more
+    for _ in range(3):  # one that never speaks is dropped too (no ClientHello in 0.75 s)
+        took, got = attempt(address, "silent", stranger.ctx)
+        times.setdefault("silent", []).append(took)
+        answers.update(got)
     worst = {k: max(v) for k, v in times.items()}
     assert max(worst.values()) < 1.0, worst
 
@@ -316,3 +271,55 @@ def test_an_agent_side_unpair_ends_the_desktops_session(tmp_path: Path) -> None:
                 await again.connect()
 
         asyncio.run(run())
+
+
+_HOLDER = r"""
+import asyncio, sys
+from corral.engine.runtime.agent_client import AgentClient
+async def main():
+    client = AgentClient(sys.argv[1])
+    await client.connect()
+    await client.start_rpc(threads=1)
+    print("held", flush=True)
+    await asyncio.sleep(120)
+asyncio.run(main())
+"""
+
+
+def test_a_frozen_lease_holder_loses_the_lease_after_the_timeout(
+    two_agents: LocalAgents, tmp_path: Path
+) -> None:
+    """A desktop that stops talking (frozen, or its link cut) without closing: after
+    LEASE_TIMEOUT of silence another desktop may use the workers."""
+    address = two_agents.addresses[0]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, address], stdout=subprocess.PIPE, text=True
+    )
+    other = DesktopKeys(tmp_path / "other")
+    two_agents.pair_with(other)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGSTOP)  # its socket stays open; its pings stop
+        stopped = time.monotonic()
+
+        async def run() -> float:
+            client = AgentClient(address, keys=other)
+            await client.connect()
+            try:
+                while True:
+                    try:
+                        await client.start_rpc(threads=1)
+                        return time.monotonic() - stopped
+                    except AgentRequestFailed as exc:
+                        assert "in use by" in str(exc)
+                        assert time.monotonic() - stopped < 40, "the lease never timed out"
+                        await asyncio.sleep(0.5)
+            finally:
+                await client.stop_rpc()
+                await client.close()
+
+        waited = asyncio.run(run())
+        assert 10 < waited < 25, waited  # LEASE_TIMEOUT is 15 s, the keepalive 5 s
+    finally:
+        holder.kill()
+        holder.wait()
