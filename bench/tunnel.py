@@ -111,7 +111,8 @@ async def run(opts: argparse.Namespace) -> dict:
             for i, address in enumerate(agents.addresses):
                 client = AgentClient(address)
                 await client.connect()
-                await client.start_rpc(threads=opts.threads)  # holds the lease
+                devices = tuple(opts.devices.split(",")) if opts.devices else ()
+                await client.start_rpc(devices=devices, threads=opts.threads)  # the lease
                 clients.append(client)
                 if agents is via_tunnel:
                     tunnels.append(client.open_tunnel())
@@ -176,6 +177,11 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pings", type=int, default=2000)
+    parser.add_argument(
+        "--devices",
+        default="",
+        help="the workers' devices, e.g. CPU or CUDA0 (default: the agent's)",
+    )
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args()
     out = asyncio.run(run(opts))
