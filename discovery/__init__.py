@@ -15,6 +15,7 @@ from .registry import (
     ManualAdded,
     Offline,
     Online,
+    Unpaired,
     Withdrawn,
     apply,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ManualAdded",
     "Offline",
     "Online",
+    "Unpaired",
     "Withdrawn",
     "apply",
     "decode_txt",

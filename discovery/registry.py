@@ -28,7 +28,7 @@ class Host:
     hostname: str = ""  # from the agent's hello
     manual: bool = False
     advertised: bool = False
-    status: str = "discovered"  # discovered | online | offline
+    status: str = "discovered"  # discovered | online | offline | unpaired
     reason: str = ""  # why offline, in words
     hints: AgentHints | None = None
     inventory: Inventory | None = None  # the latest, while online (live VRAM and the rest)
@@ -78,6 +78,15 @@ class Offline:
 
 
 @dataclass(frozen=True, slots=True)
+class Unpaired:
+    """The host answers, but it and this desktop have not paired (or one side unpaired)."""
+
+    key: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Inventoried:
     """A fresh inventory from the host's control channel (GPUs, VRAM, worker)."""
 
@@ -86,7 +95,7 @@ class Inventoried:
     at: float
 
 
-Event = Advertised | Withdrawn | ManualAdded | Online | Offline | Inventoried
+Event = Advertised | Withdrawn | ManualAdded | Online | Offline | Unpaired | Inventoried
 
 
 def service_key(hosts: Hosts, service: str) -> str | None:
@@ -182,13 +191,15 @@ def apply(hosts: Hosts, event: Event) -> dict[str, Host]:
         host = out.get(event.key)
         if host is not None:
             out[event.key] = dataclasses.replace(host, inventory=event.inventory)
-    elif isinstance(event, Offline):
+    elif isinstance(event, Offline | Unpaired):
         host = out.get(event.key)
+        status = "offline" if isinstance(event, Offline) else "unpaired"
         if host is not None:
-            changed = host.status != "offline"
+            changed = host.status != status
             out[event.key] = dataclasses.replace(
                 host,
-                status="offline",
+                status=status,
+                inventory=None if status == "unpaired" else host.inventory,
                 reason=event.reason,
                 since=event.at if changed else host.since,
             )

@@ -44,7 +44,7 @@ class HostsModel(QAbstractTableModel):
             return None
         h = self.hosts[index.row()]
         values = (
-            h.status,
+            "not paired" if h.status == "unpaired" else h.status,
             h.hostname or h.name.split("._corral")[0],
             h.address,
             gpus_text(h),

@@ -158,7 +158,9 @@ class AgentClient:
             ) from None
 
     async def _exchange_hello(self, conn: TlsConnection, timeout: float) -> Hello:
-        conn.send(to_wire(self._desktop_hello()))
+        with contextlib.suppress(ConnectionError):
+            # may already be refused (the agent's alert came first): recv says why
+            conn.send(to_wire(self._desktop_hello()))
         try:
             frame = await asyncio.wait_for(conn.recv(), timeout)
             theirs = from_wire(frame) if frame is not None else None

@@ -22,15 +22,17 @@ from corral.discovery import (
     ManualAdded,
     Offline,
     Online,
+    Unpaired,
     apply,
 )
 
 from .agent_client import AgentClient, parse_address
-from .errors import AgentUnreachable, RuntimeFailure
+from .errors import AgentUnreachable, NotPaired, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
 _HELLO_TIMEOUT = 10.0
+_NOT_PAIRED = "\0not-paired:"
 
 
 class _Heartbeat:
@@ -65,8 +67,12 @@ class _Heartbeat:
                 return
             client, why = await self._connect(host)
             if client is None:
-                d.emit(Offline(self.key, why, time.monotonic()))
-                await asyncio.sleep(d.retry)
+                if why.startswith(_NOT_PAIRED):
+                    d.emit(Unpaired(self.key, why[len(_NOT_PAIRED) :], time.monotonic()))
+                    await asyncio.sleep(d.retry * 3)  # until someone pairs: no hurry
+                else:
+                    d.emit(Offline(self.key, why, time.monotonic()))
+                    await asyncio.sleep(d.retry)
                 continue
             try:
                 assert client.hello is not None
@@ -106,6 +112,8 @@ class _Heartbeat:
                 # than a heartbeat (a dead link still shows within `timeout` of going down)
                 await client.connect(timeout=max(self._dir.timeout, _HELLO_TIMEOUT))
                 return client, ""
+            except NotPaired as exc:
+                return None, _NOT_PAIRED + str(exc)
             except RuntimeFailure as exc:
                 why = str(exc)
         return None, why
@@ -136,6 +144,33 @@ class HostDirectory:
         self.browser: Browser | None = (
             Browser(self.emit, interfaces, ips, allow_link_local, allow_bridges) if browse else None
         )
+
+    async def pair(self, key: str, code: str) -> str:
+        """Pair with host `key` using the code its agent shows; returns its name. The
+        heartbeat then finds it paired on its next try."""
+        host = self.hosts.get(key)
+        if host is None:
+            raise AgentUnreachable(f"no host {key} in the list")
+        peer = await AgentClient(host.address).pair(code)
+        beat = self._beats.get(key)
+        if beat is not None:  # do not wait out the unpaired back-off
+            beat.task.cancel()
+            self._beats[key] = _Heartbeat(self, key)
+        return peer.name
+
+    async def unpair(self, key: str) -> None:
+        """Forget host `key` here and, while it is reachable, there too."""
+        host = self.hosts.get(key)
+        if host is None:
+            raise AgentUnreachable(f"no host {key} in the list")
+        client = AgentClient(host.address)
+        try:
+            await client.connect(timeout=3)
+            await client.unpair()
+        except RuntimeFailure:  # not reachable (or it already forgot us): forget it here
+            client.keys.pins.remove(host.agent_id or host.address)
+        finally:
+            await client.close()
 
     async def start(self) -> None:
         if self.browser is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,3 +63,74 @@ def test_hosts_load_chat_kv_and_a_killed_agent(
     window.send_button.click()
     qtbot.waitUntil(lambda: victim in window.banner.text(), timeout=30000)
     assert "load again" in window.banner.text()
+
+
+def test_an_unpaired_host_is_paired_from_the_window(
+    qtbot: QtBot, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from PySide6.QtWidgets import QInputDialog
+
+    from corral.engine.security.pairing import new_code
+
+    with LocalAgents(1, pair=False) as agents:
+        win = MainWindow(browse=False, agents=tuple(agents.addresses))
+        qtbot.addWidget(win)
+        try:
+            model = win.hosts_model
+            qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["unpaired"], timeout=20000)
+            assert model.data(model.index(0, 0)) == "not paired"
+            assert "corral pair" in model.data(model.index(0, 5))
+            # a wrong code: a banner that says so, still not paired
+            monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: ("0000-0000", True))
+            code = new_code()
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "corral.engine.agent.main",
+                    "pair",
+                    "--state-dir",
+                    str(agents.state_dir(0)),
+                    "--code",
+                    code,
+                ],
+                check=True,
+                capture_output=True,
+            )
+            win.pair_button.click()
+            qtbot.waitUntil(lambda: "code is wrong" in win.banner.text(), timeout=20000)
+            monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: (code, True))
+            win.pair_button.click()
+            qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["online"], timeout=20000)
+            assert "paired with" in win.status.text()
+            win.hosts_view.selectRow(0)
+            win.unpair_button.click()
+            qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["unpaired"], timeout=20000)
+        finally:
+            win.close()
+
+
+def test_the_plan_shows_follows_settings_and_refuses_what_would_crash(
+    window: MainWindow, qtbot: QtBot, smollm2: Path
+) -> None:
+    qtbot.waitUntil(lambda: len(window.hosts_model.online_addresses()) == 2, timeout=20000)
+    window.model_edit.setText(str(smollm2))
+    window.plan_button.click()
+    qtbot.waitUntil(lambda: window.layer_map.plan is not None, timeout=60000)
+    plan = window.layer_map.plan
+    assert plan is not None and {d.name for d in plan.devices} == {"RPC0", "RPC1"}
+    assert len(window.device_bars.rows()) == 2 and window.load_button.isEnabled()
+    assert "RPC0" in window.layer_map.describe()
+    # a quantized V cache without flash attention would fail at load: refused, beside V
+    form = window.settings_form
+    form.type_v.setCurrentText("q4_0")
+    qtbot.waitUntil(lambda: form.messages["cache-type-v"].isVisible(), timeout=60000)
+    qtbot.waitUntil(window.plan_button.isEnabled, timeout=60000)
+    assert not window.load_button.isEnabled()
+    assert "flash" in form.messages["cache-type-v"].text().lower()
+    form.flash.setChecked(True)  # the fix: the plan follows, the message goes
+    qtbot.waitUntil(lambda: not form.messages["cache-type-v"].isVisible(), timeout=60000)
+    qtbot.waitUntil(window.load_button.isEnabled, timeout=60000)
+    window.load_button.click()
+    qtbot.waitUntil(window.send_button.isEnabled, timeout=60000)
+    assert "planned" in window.plan_text.toPlainText() or window.result is not None
