@@ -34,7 +34,7 @@ test: lint models
 # With a display: the desktop app. Without one: the headless demo (two local agents).
 run: install models
 	@if [ -n "$${DISPLAY:-}$${WAYLAND_DISPLAY:-}" ]; then \
-		$(BIN)/python -m corral.gui; \
+		$(BIN)/corral; \
 	else \
 		$(BIN)/corral demo; \
 	fi

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt
-from PySide6.QtGui import QCloseEvent
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtGui import QCloseEvent, QGuiApplication, QKeySequence, QShortcut, QTextCursor
 from PySide6.QtWidgets import (
     QApplication,
     QFileDialog,
@@ -28,12 +29,13 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSplitter,
     QTableView,
+    QTextBrowser,
     QVBoxLayout,
     QWidget,
 )
 
 import corral
-from corral.discovery import Hosts
+from corral.discovery import Hosts, Inventoried
 from corral.engine.model import default_model_path
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import kv_status
@@ -43,6 +45,7 @@ from .bridge import Bridge
 from .engine_thread import EngineThread
 from .models import HostsModel
 from .plan import DeviceBars, LayerMap, SettingsForm
+from .plots import LivePlot
 
 
 class MainWindow(QMainWindow):
@@ -58,9 +61,14 @@ class MainWindow(QMainWindow):
         self._replan = False
         self.verdicts: list[Any] = []
         self._shifts = 0
+        self.messages: list[tuple[str, str]] = []
+        self.max_tokens = 256
+        self._reply_started = 0.0
+        self._reply_tokens = 0
+        self.load_progress = 0.0
         self._build()
         self.directory = HostDirectory(
-            lambda hosts, _e: self.bridge.post(self.hosts_model.set_hosts, dict(hosts)),
+            lambda hosts, e: self.bridge.post(self._hosts_changed, dict(hosts), e),
             browse=browse,
             inventory_every=2.0,
         )
@@ -76,8 +84,11 @@ class MainWindow(QMainWindow):
         self.hosts_view = QTableView()
         self.hosts_view.setModel(self.hosts_model)
         header = self.hosts_view.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        # sized when hosts come and go, not on every live update (measuring every cell of
+        # every row at each inventory stalled the window with 16 hosts)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         header.setStretchLastSection(True)
+        self.hosts_model.modelReset.connect(self.hosts_view.resizeColumnsToContents)
         self.hosts_view.verticalHeader().setVisible(False)
         self.hosts_view.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
         self.hosts_view.setSelectionMode(QTableView.SelectionMode.SingleSelection)
@@ -102,6 +113,11 @@ class MainWindow(QMainWindow):
         pair_row.addWidget(self.unpair_button)
         pair_row.addStretch(1)
         lv.addLayout(pair_row)
+        lv.addWidget(QLabel("Events"))
+        self.events = QPlainTextEdit()
+        self.events.setReadOnly(True)
+        self.events.setMaximumBlockCount(500)
+        lv.addWidget(self.events)
 
         right = QWidget()
         rv = QVBoxLayout(right)
@@ -140,6 +156,7 @@ class MainWindow(QMainWindow):
         self.banner.setStyleSheet("color: #b00020;")
         rv.addWidget(self.banner)
         self.layer_map = LayerMap()
+        self.layer_map.counts_chosen.connect(self.settings_form.set_counts)
         rv.addWidget(self.layer_map)
         self.device_bars = DeviceBars()
         rv.addWidget(self.device_bars)
@@ -147,9 +164,15 @@ class MainWindow(QMainWindow):
         self.plan_text.setReadOnly(True)
         self.plan_text.setMaximumHeight(110)
         rv.addWidget(self.plan_text)
-        self.transcript = QPlainTextEdit()
-        self.transcript.setReadOnly(True)
+        self.transcript = QTextBrowser()
+        self.transcript.setOpenExternalLinks(True)
         rv.addWidget(self.transcript, 1)
+        plots = QHBoxLayout()
+        self.speed_plot = LivePlot("tokens/s", "")
+        self.vram_plot = LivePlot("memory used", "%", fixed_max=100.0)
+        plots.addWidget(self.speed_plot)
+        plots.addWidget(self.vram_plot)
+        rv.addLayout(plots)
         self.kv_bar = QProgressBar()
         self.kv_bar.setFormat("KV cache %p%")
         rv.addWidget(self.kv_bar)
@@ -162,15 +185,38 @@ class MainWindow(QMainWindow):
         self.send_button.setEnabled(False)
         send_row.addWidget(self.input, 1)
         send_row.addWidget(self.send_button)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.stop_button.clicked.connect(self._stop)
+        self.regen_button = QPushButton("Regenerate")
+        self.regen_button.setEnabled(False)
+        self.regen_button.clicked.connect(self._regenerate)
+        self.copy_button = QPushButton("Copy")
+        self.copy_button.clicked.connect(self._copy)
+        self.new_button = QPushButton("New chat")
+        self.new_button.clicked.connect(self._new_chat)
+        for b in (self.stop_button, self.regen_button, self.copy_button, self.new_button):
+            send_row.addWidget(b)
         rv.addLayout(send_row)
+        QShortcut(QKeySequence("Ctrl+Return"), self, self._send)
+        QShortcut(QKeySequence("Escape"), self, self._stop)
+        QShortcut(QKeySequence("Ctrl+N"), self, self._new_chat)
         self.status = QLabel("Hosts running corral-agent appear on the left.")
         rv.addWidget(self.status)
 
-        split = QSplitter(Qt.Orientation.Horizontal)
-        split.addWidget(left)
-        split.addWidget(right)
-        split.setSizes([700, 660])
-        self.setCentralWidget(split)
+        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter.addWidget(left)
+        self.splitter.addWidget(right)
+        self.splitter.setSizes([620, 740])
+        self.setCentralWidget(self.splitter)
+        # where the user left the window (geometry, splitter), per user (QSettings)
+        state = QSettings("Corral", "Corral")
+        geometry = state.value("window/geometry")
+        if geometry is not None:
+            self.restoreGeometry(geometry)  # type: ignore[arg-type]
+        split_state = state.value("window/splitter")
+        if split_state is not None:
+            self.splitter.restoreState(split_state)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ hosts
 
@@ -273,6 +319,7 @@ class MainWindow(QMainWindow):
 
     def _idle(self) -> None:
         self.busy.setRange(0, 1)
+        self.busy.setTextVisible(False)
         self.plan_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
 
@@ -291,7 +338,11 @@ class MainWindow(QMainWindow):
             self._plan()
 
     def _plan(self) -> None:
-        settings = self._current()
+        try:
+            settings = self._current()
+        except ValueError as exc:  # a malformed layer list
+            self.banner.setText(str(exc))
+            return
         self._working("planning…")
 
         async def plan() -> tuple[Any, list[Any]]:
@@ -328,15 +379,41 @@ class MainWindow(QMainWindow):
         self.status.setText("cancelled")
 
     def _load(self) -> None:
-        settings = self._current()
+        try:
+            settings = self._current()
+        except ValueError as exc:
+            self.banner.setText(str(exc))
+            return
         self._working(f"deploying on {len(self.hosts_model.online_addresses()) or 'no'} host(s)…")
+
+        size = settings.model.stat().st_size if settings.model.is_file() else 0
+        started = time.monotonic()
+        self.load_progress = 0.0
+
+        def progress(fraction: float) -> None:  # engine thread
+            self.bridge.post(self._on_progress, fraction, size, started)
 
         async def load() -> LoadResult:
             # a model already loaded (or crashed) is replaced by a fresh session
             session = await self._connected(fresh=self.result is not None)
-            return await session.open_after_connect(settings)
+            return await session.open_after_connect(settings, on_progress=progress)
 
         self.bridge.deliver(self.engine.submit(load()), self._loaded, self._failed)
+
+    def _on_progress(self, fraction: float, size: int, started: float) -> None:
+        """Bytes of the model read and sent to the devices, the rate, and what is left."""
+        self.load_progress = max(self.load_progress, fraction)
+        elapsed = max(time.monotonic() - started, 1e-3)
+        done = fraction * size
+        rate = done / elapsed
+        eta = (size - done) / rate if rate > 0 else 0.0
+        self.busy.setRange(0, 1000)
+        self.busy.setValue(round(fraction * 1000))
+        self.busy.setTextVisible(True)
+        self.busy.setFormat(
+            f"{fraction:.0%} of {size / 2**20:.0f} MiB, {rate / 2**20:.0f} MiB/s, {eta:.0f} s left"
+        )
+        self.status.setText(f"loading: {self.busy.format()}")
 
     def _loaded(self, result: Any) -> None:
         self._idle()
@@ -363,45 +440,146 @@ class MainWindow(QMainWindow):
         self.banner.setText(str(error))
         self.status.setText("")
 
-    def _send(self) -> None:
-        text = self.input.text().strip()
+    def _send(self, text: str = "") -> None:
+        text = text or self.input.text().strip()
         if not text or self.session is None or not self.send_button.isEnabled():
             return
         self.input.clear()
         self.send_button.setEnabled(False)
-        self.transcript.appendPlainText(f"you: {text}\nassistant: ")
+        self.regen_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        self.messages.append(("you", text))
+        self.messages.append(("assistant", ""))
+        self._render()
         session, bridge, plan = self.session, self.bridge, self.result.plan if self.result else None
 
         async def reply() -> dict[str, Any]:
             done: dict[str, Any] = {}
-            async for frame in session.ask(text, max_tokens=256):
+            async for frame in session.ask(text, max_tokens=self.max_tokens):
                 if frame["op"] == "token":
                     bridge.post(self._on_token, frame["text"])
                     bridge.post(self._on_kv, kv_status(plan, frame["kv_used"], frame["n_ctx"]))
+                elif frame["op"] == "shift":
+                    bridge.post(self._on_shift, frame)
                 elif frame["op"] == "done":
                     done = frame
             return done
 
+        self._reply_started = time.monotonic()
+        self._reply_tokens = 0
         self.bridge.deliver(self.engine.submit(reply()), self._replied, self._crashed)
 
+    def _render(self) -> None:
+        """The whole chat as Markdown (a reply is re-rendered when it is complete)."""
+        parts = [f"**{who}:** {text}" for who, text in self.messages]
+        self.transcript.setMarkdown("\n\n".join(parts))
+        self.transcript.moveCursor(QTextCursor.MoveOperation.End)
+
     def _on_token(self, text: str) -> None:
+        who, sofar = self.messages[-1]
+        self.messages[-1] = (who, sofar + text)
         cursor = self.transcript.textCursor()
-        cursor.movePosition(cursor.MoveOperation.End)
+        cursor.movePosition(QTextCursor.MoveOperation.End)
         cursor.insertText(text)
         self.transcript.setTextCursor(cursor)
+        self._reply_tokens += 1
+        elapsed = time.monotonic() - self._reply_started
+        if self._reply_tokens % 8 == 0 and elapsed > 0:
+            self.speed_plot.add("chat", self._reply_tokens / elapsed)
 
     def _on_kv(self, status: Any) -> None:
         self.kv_bar.setValue(round(status.fill * 100))
-        self.kv_bar.setFormat(f"KV cache %p% ({status.used}/{status.n_ctx} cells)")
+        per_device = ", ".join(
+            f"{name} {used / 2**20:.1f} MiB" for name, used in status.device_bytes.items()
+        )
+        self.kv_bar.setFormat(
+            f"KV cache %p% ({status.used}/{status.n_ctx} cells"
+            + (f"; {per_device}" if per_device else "")
+            + (f"; {self._shifts} context shifts" if self._shifts else "")
+            + ")"
+        )
+
+    def _on_shift(self, frame: Any) -> None:
+        self._shifts += 1
+        self.messages.append(("context shift", f"dropped {frame.get('n_discard', '?')} tokens"))
+        self.log(f"context shift: dropped {frame.get('n_discard', '?')} tokens to keep going")
 
     def _replied(self, done: Any) -> None:
         self.send_button.setEnabled(True)
+        self.regen_button.setEnabled(True)
+        self.stop_button.setEnabled(False)
+        reply = [i for i, (who, _) in enumerate(self.messages) if who == "assistant"]
+        if done.get("content") is not None and reply:
+            self.messages[reply[-1]] = ("assistant", done["content"])
+        self._render()
         rate = done["n_tokens"] / done["gen_s"] if done.get("gen_s") else 0.0
+        if rate:
+            self.speed_plot.add("chat", rate)
         self.status.setText(f"{done['n_tokens']} tokens, {rate:.1f} tok/s, stop: {done['stop']}")
 
     def _crashed(self, error: Any) -> None:
         self.banner.setText(f"{error} — press “Deploy” to load again")
         self.send_button.setEnabled(False)
+        self.stop_button.setEnabled(False)
+        self.log(f"chat failed: {error}")
+
+    def _stop(self) -> None:
+        session = self.session
+        if session is not None and self.stop_button.isEnabled():
+            self.engine.loop.call_soon_threadsafe(session.cancel)
+
+    def _regenerate(self) -> None:
+        session = self.session
+        if session is None or not self.regen_button.isEnabled():
+            return
+        try:
+            text = session.take_back()
+        except Exception as exc:  # nothing to take back yet
+            self.banner.setText(str(exc))
+            return
+        last_you = max(i for i, (who, _) in enumerate(self.messages) if who == "you")
+        self.messages = self.messages[:last_you]
+        self._send(text)
+
+    def _copy(self) -> None:
+        replies = [text for who, text in self.messages if who == "assistant" and text]
+        if replies:
+            QGuiApplication.clipboard().setText(replies[-1])
+            self.status.setText("copied the last reply")
+
+    def _new_chat(self) -> None:
+        if self.stop_button.isEnabled():
+            return  # a reply is streaming: stop it first
+        if self.session is not None:
+            self.session.history = []
+        self.messages = []
+        self._shifts = 0
+        self._render()
+        self.kv_bar.setValue(0)
+        self.regen_button.setEnabled(False)
+        self.status.setText("new chat")
+
+    def log(self, text: str) -> None:
+        self.events.appendPlainText(f"{time.strftime('%H:%M:%S')}  {text}")
+
+    def _hosts_changed(self, hosts: dict[str, Any], event: Any) -> None:
+        before = {h.key: h.status for h in self.hosts_model.hosts}
+        self.hosts_model.set_hosts(hosts)
+        names = [h.hostname for h in hosts.values()]
+        for key, h in hosts.items():
+            # the address too when two hosts share a hostname
+            name = h.hostname if h.hostname and names.count(h.hostname) == 1 else h.address
+            if before.get(key) != h.status:
+                self.log(f"{name}: {h.status}" + (f" ({h.reason})" if h.reason else ""))
+            inv = h.inventory
+            if inv is None or not isinstance(event, Inventoried) or event.key != key:
+                continue
+            for g in inv.gpus:
+                if g.memory_total:
+                    used = 100.0 * (g.memory_total - g.memory_free) / g.memory_total
+                    self.vram_plot.add(f"{name}/GPU{g.index}", used)
+            if not inv.gpus and inv.ram_total:
+                self.vram_plot.add(f"{name} RAM", 100.0 * (1 - inv.ram_free / inv.ram_total))
 
     # ------------------------------------------------------------------ shutdown
 
@@ -409,6 +587,9 @@ class MainWindow(QMainWindow):
         if not self.engine.loop.is_running():  # closed before (tests close twice)
             super().closeEvent(event)
             return
+        state = QSettings("Corral", "Corral")
+        state.setValue("window/geometry", self.saveGeometry())
+        state.setValue("window/splitter", self.splitter.saveState())
 
         async def shutdown() -> None:
             if self.session is not None:

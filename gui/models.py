@@ -19,9 +19,20 @@ class HostsModel(QAbstractTableModel):
         self.hosts: list[Host] = []
 
     def set_hosts(self, hosts: dict[str, Host]) -> None:
-        self.beginResetModel()
-        self.hosts = sorted(hosts.values(), key=lambda h: (h.hostname or h.name, h.address))
-        self.endResetModel()
+        """Show `hosts`. The usual update (same hosts, fresher inventories, once a second per
+        host) only repaints the rows that changed; a reset, which makes the view measure
+        every cell again, is kept for hosts coming and going."""
+        new = sorted(hosts.values(), key=lambda h: (h.hostname or h.name, h.address))
+        if [h.key for h in new] != [h.key for h in self.hosts]:
+            self.beginResetModel()
+            self.hosts = new
+            self.endResetModel()
+            return
+        old, self.hosts = self.hosts, new
+        last = len(_COLUMNS) - 1
+        for row, (a, b) in enumerate(zip(old, new, strict=True)):
+            if a is not b and a != b:
+                self.dataChanged.emit(self.index(row, 0), self.index(row, last))
 
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
         return 0 if parent.isValid() else len(self.hosts)

@@ -8,12 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import QRectF, QSize, Qt, Signal
-from PySide6.QtGui import QColor, QPainter, QPaintEvent
+from PySide6.QtGui import QColor, QMouseEvent, QPainter, QPaintEvent
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
     QLabel,
+    QLineEdit,
     QSpinBox,
     QWidget,
 )
@@ -35,17 +36,70 @@ def device_color(i: int) -> QColor:
 
 
 class LayerMap(QWidget):
-    """One cell per layer (the last is the output layer), colored by the device holding it."""
+    """One cell per layer (the last is the output layer), colored by the device holding it.
+
+    Drag a boundary between two devices' runs to move layers from one to the other:
+    `counts_chosen` then gives the per-device layer counts, which the settings turn into a
+    hand-made plan (`--layers`).
+    """
+
+    counts_chosen = Signal(list)
 
     def __init__(self) -> None:
         super().__init__()
         self.plan: Plan | None = None
+        self.cells: list[int] = []  # device per layer, as drawn (a drag edits this)
+        self._drag: int | None = None  # index of the boundary being dragged
         self.setMinimumHeight(34)
+        self.setMouseTracking(True)
 
     def set_plan(self, plan: Plan | None) -> None:
         self.plan = plan
-        self.setToolTip(self.describe())
+        self.cells = list(plan.layer_device) if plan else []
+        self.setToolTip(self.describe() + "\n(drag a boundary to move layers)")
         self.update()
+
+    def counts(self) -> list[int]:
+        n = len(self.plan.devices) if self.plan else 0
+        return [self.cells.count(i) for i in range(n)]
+
+    def boundaries(self) -> list[int]:
+        """Indices where a new device's run starts."""
+        return [i for i in range(1, len(self.cells)) if self.cells[i] != self.cells[i - 1]]
+
+    def _cell_at(self, x: float) -> int:
+        w = self.width() / max(1, len(self.cells))
+        return max(0, min(len(self.cells) - 1, int(x / w)))
+
+    def mousePressEvent(self, event: QMouseEvent) -> None:
+        if not self.cells or -1 in self.cells:
+            return
+        w = self.width() / len(self.cells)
+        x = event.position().x()
+        near = [b for b in self.boundaries() if abs(b * w - x) <= max(4.0, w / 2)]
+        self._drag = near[0] if near else None
+
+    def mouseMoveEvent(self, event: QMouseEvent) -> None:
+        if self._drag is None:
+            return
+        bounds = self.boundaries()
+        if self._drag not in bounds:
+            return
+        k = bounds.index(self._drag)
+        start = bounds[k - 1] if k > 0 else 0  # where the left device's run begins
+        end = bounds[k + 1] if k + 1 < len(bounds) else len(self.cells)  # right run's end
+        w = self.width() / len(self.cells)
+        new = max(start + 1, min(end - 1, round(event.position().x() / w)))
+        left, right = self.cells[self._drag - 1], self.cells[self._drag]
+        self.cells[start:new] = [left] * (new - start)
+        self.cells[new:end] = [right] * (end - new)
+        self._drag = new
+        self.update()
+
+    def mouseReleaseEvent(self, event: QMouseEvent) -> None:
+        if self._drag is not None:
+            self._drag = None
+            self.counts_chosen.emit(self.counts())
 
     def describe(self) -> str:
         if self.plan is None:
@@ -64,7 +118,7 @@ class LayerMap(QWidget):
         if self.plan is None:
             return
         p = QPainter(self)
-        cells = self.plan.layer_device
+        cells = self.cells
         w = self.width() / max(1, len(cells))
         for i, dev in enumerate(cells):
             p.fillRect(QRectF(i * w, 4, max(1.0, w - 1), self.height() - 8), device_color(dev))
@@ -82,6 +136,10 @@ class DeviceBars(QWidget):
 
     def set_plan(self, plan: Plan | None) -> None:
         self.plan = plan
+        self.setToolTip(
+            "per device: weights (blue), KV cache (green), compute and output buffers "
+            "(orange); the line is what the device has free"
+        )
         self.setMinimumHeight(self.ROW * (len(plan.devices) if plan else 0) + 4)
         self.updateGeometry()
         self.update()
@@ -147,6 +205,12 @@ class SettingsForm(QWidget):
         self.strategy = QComboBox()
         self.strategy.addItems(list(STRATEGIES))
         self.strategy.setCurrentText("balanced")
+        self.layers = QLineEdit()
+        self.layers.setPlaceholderText("by strategy (or per-device counts: 16,15)")
+        self.layers.setToolTip(
+            "Layers per device in llama.cpp's device order, the output layer included; "
+            "drag a boundary in the layer map to set them"
+        )
         self.messages: dict[str, QLabel] = {}
         for key, label, widget in (
             ("ctx", "Context", self.ctx),
@@ -154,6 +218,7 @@ class SettingsForm(QWidget):
             ("cache-type-v", "V cache", self.type_v),
             ("flash-attn", "", self.flash),
             ("strategy", "Strategy", self.strategy),
+            ("layers", "Layers", self.layers),
         ):
             form.addRow(label, widget)
             note = QLabel("")
@@ -166,6 +231,22 @@ class SettingsForm(QWidget):
         self.type_v.currentTextChanged.connect(self.changed)
         self.flash.toggled.connect(self.changed)
         self.strategy.currentTextChanged.connect(self.changed)
+        self.layers.editingFinished.connect(self.changed)
+
+    def set_counts(self, counts: list[int]) -> None:
+        self.layers.setText(",".join(str(c) for c in counts))
+        self.changed.emit()
+
+    def counts(self) -> tuple[int, ...] | None:
+        """The hand-made layer counts, None to let the strategy decide; ValueError if the
+        text is not a list of whole numbers."""
+        text = self.layers.text().strip()
+        if not text:
+            return None
+        try:
+            return tuple(int(x) for x in text.replace(" ", "").split(","))
+        except ValueError:
+            raise ValueError(f"layers {text!r}: give whole numbers, like 16,15") from None
 
     def settings(self, model: Path) -> LoadSettings:
         return LoadSettings(
@@ -175,6 +256,7 @@ class SettingsForm(QWidget):
             type_v=self.type_v.currentText(),
             flash_attn=self.flash.isChecked(),
             strategy=self.strategy.currentText(),
+            layers=self.counts(),
         )
 
     def show_verdicts(self, verdicts: list[Verdict]) -> list[Verdict]:

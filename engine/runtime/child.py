@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import ctypes
 import dataclasses
 import os
@@ -25,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from corral.engine.procs import die_with_parent
@@ -107,13 +109,47 @@ class _Engine:
         }
 
     def load(self, req: dict[str, Any], capture: Any) -> None:
-        from corral.engine.ggml import list_devices, parse_load_log
 
         self._register([str(e) for e in req.get("rpc", [])])
         cfg = self._settings(req)
         mark = capture.count
         t0 = time.perf_counter()
         threads = int(req.get("n_threads") or 0) or (os.cpu_count() or 1)
+        with self._progress_reports():
+            self._construct(req, cfg, threads)
+        load_s = time.perf_counter() - t0
+        self._loaded(capture, mark, load_s)
+
+    @contextlib.contextmanager
+    def _progress_reports(self) -> Iterator[None]:
+        """llama.cpp's load progress (tensors read and uploaded to every device, RPC workers
+        included) as `progress` frames, at most one per percent."""
+        import llama_cpp.llama_cpp as low
+
+        last = [-1]
+
+        def report(fraction: float, _user: Any) -> bool:
+            pct = int(fraction * 100)
+            if pct != last[0]:
+                last[0] = pct
+                self.chan.send("progress", fraction=float(fraction))
+            return True  # go on
+
+        callback = low.llama_progress_callback(report)
+        original = low.llama_model_default_params
+
+        def params() -> Any:
+            p = original()
+            p.progress_callback = callback
+            return p
+
+        low.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
+
+    def _construct(self, req: dict[str, Any], cfg: dict[str, Any], threads: int) -> None:
         self.llm = self.L.Llama(
             model_path=str(req["model"]),
             n_gpu_layers=cfg["n_gpu_layers"],
@@ -128,7 +164,10 @@ class _Engine:
             flash_attn=cfg["flash_attn"],
             verbose=True,  # verbose=False would point fds 1/2 at /dev/null during load
         )
-        load_s = time.perf_counter() - t0
+
+    def _loaded(self, capture: Any, mark: int, load_s: float) -> None:
+        from corral.engine.ggml import list_devices, parse_load_log
+
         self.n_ctx = int(self.L.llama_n_ctx(self.llm.ctx))
         self.tokens = []
         report = parse_load_log(capture.since(mark))

@@ -8,7 +8,7 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from corral.engine.procs import exit_text
@@ -114,10 +114,18 @@ class InferenceProcess:
         assert self._writer is not None
         self._writer.write(encode_frame({"op": op, **fields}))
 
-    async def load(self, **params: Any) -> dict[str, Any]:
-        """Load a model (params as in the child's `load`); returns the `loaded` report."""
+    async def load(
+        self, on_progress: Callable[[float], None] | None = None, **params: Any
+    ) -> dict[str, Any]:
+        """Load a model (params as in the child's `load`); returns the `loaded` report.
+        `on_progress(fraction)` hears llama.cpp's load progress (upload to workers included)."""
         self._send("load", **params)
-        return await self._next()
+        while True:
+            frame = await self._next()
+            if frame.get("op") != "progress":
+                return frame
+            if on_progress is not None:
+                on_progress(float(frame["fraction"]))
 
     async def dry_run(self, **params: Any) -> dict[str, Any]:
         """llama.cpp's simulated allocation for these load params (nothing is allocated)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,14 +301,18 @@ class ChatSession:
         self._events.clear()
         return await self.open(self.settings)
 
-    async def open_after_connect(self, settings: LoadSettings) -> LoadResult:
-        """`open` for a session whose `connect` has run."""
+    async def open_after_connect(
+        self, settings: LoadSettings, on_progress: Callable[[float], None] | None = None
+    ) -> LoadResult:
+        """`open` for a session whose `connect` has run; `on_progress(fraction)` hears the
+        load (tensors read and sent to every device)."""
         analytic, exact = await self.plan(settings)
         refused = errors(self.verdicts)
         if refused:
             raise PlanRefused("refused before loading: " + "; ".join(str(v) for v in refused))
         self.warnings = (*self.warnings, *(str(v) for v in self.verdicts))
         loaded = await self.child.load(
+            on_progress=on_progress,
             rpc=self.endpoints,
             tensor_split=list(exact.tensor_split) or None,
             **settings.child_params(),

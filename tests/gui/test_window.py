@@ -133,4 +133,34 @@ def test_the_plan_shows_follows_settings_and_refuses_what_would_crash(
     qtbot.waitUntil(window.load_button.isEnabled, timeout=60000)
     window.load_button.click()
     qtbot.waitUntil(window.send_button.isEnabled, timeout=60000)
-    assert "planned" in window.plan_text.toPlainText() or window.result is not None
+    assert window.result is not None and window.load_progress == 1.0  # progress reached 100 %
+    assert "planned" in window.plan_text.toPlainText()
+
+
+def test_dragging_a_boundary_in_the_layer_map_moves_layers(
+    window: MainWindow, qtbot: QtBot, smollm2: Path
+) -> None:
+    from PySide6.QtCore import QPoint, Qt
+
+    qtbot.waitUntil(lambda: len(window.hosts_model.online_addresses()) == 2, timeout=20000)
+    window.model_edit.setText(str(smollm2))
+    window.plan_button.click()
+    qtbot.waitUntil(lambda: window.layer_map.plan is not None, timeout=60000)
+    qtbot.waitUntil(window.plan_button.isEnabled, timeout=60000)
+    lm = window.layer_map
+    before = lm.counts()
+    (b,) = lm.boundaries()
+    w = lm.width() / len(lm.cells)
+    y = lm.height() // 2
+    qtbot.mousePress(lm, Qt.MouseButton.LeftButton, pos=QPoint(int(b * w), y))
+    qtbot.mouseMove(lm, QPoint(int((b - 4) * w), y))
+    qtbot.mouseRelease(lm, Qt.MouseButton.LeftButton, pos=QPoint(int((b - 4) * w), y))
+    want = [before[0] - 4, before[1] + 4]
+    assert window.settings_form.layers.text() == f"{want[0]},{want[1]}"
+    # the plan follows: llama.cpp's own dry run now puts 4 layers more on the second device
+    qtbot.waitUntil(
+        lambda: window.layer_map.plan is not None and window.layer_map.counts() == want,
+        timeout=60000,
+    )
+    qtbot.waitUntil(window.plan_button.isEnabled, timeout=60000)
+    assert window.load_button.isEnabled()
