@@ -13,16 +13,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QSettings, Qt
-from PySide6.QtGui import QCloseEvent, QGuiApplication, QKeySequence, QShortcut, QTextCursor
+from PySide6.QtCore import QSettings, QStringListModel, Qt
+from PySide6.QtGui import (
+    QCloseEvent,
+    QDragEnterEvent,
+    QDropEvent,
+    QGuiApplication,
+    QKeySequence,
+    QShortcut,
+    QTextCursor,
+)
 from PySide6.QtWidgets import (
     QApplication,
+    QCompleter,
     QFileDialog,
     QHBoxLayout,
     QHeaderView,
     QInputDialog,
     QLabel,
     QLineEdit,
+    QListWidget,
+    QListWidgetItem,
     QMainWindow,
     QPlainTextEdit,
     QProgressBar,
@@ -37,13 +48,14 @@ from PySide6.QtWidgets import (
 import corral
 from corral.discovery import Hosts, Inventoried
 from corral.engine.model import default_model_path
+from corral.engine.runtime import history
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import kv_status
 from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
 
 from .bridge import Bridge
 from .engine_thread import EngineThread
-from .models import HostsModel
+from .models import HostsModel, VramDelegate
 from .plan import DeviceBars, LayerMap, SettingsForm
 from .plots import LivePlot
 
@@ -83,6 +95,7 @@ class MainWindow(QMainWindow):
         self.hosts_model = HostsModel()
         self.hosts_view = QTableView()
         self.hosts_view.setModel(self.hosts_model)
+        self.hosts_view.setItemDelegateForColumn(4, VramDelegate(self.hosts_view))
         header = self.hosts_view.horizontalHeader()
         # sized when hosts come and go, not on every live update (measuring every cell of
         # every row at each inventory stalled the window with 16 hosts)
@@ -113,6 +126,12 @@ class MainWindow(QMainWindow):
         pair_row.addWidget(self.unpair_button)
         pair_row.addStretch(1)
         lv.addLayout(pair_row)
+        lv.addWidget(QLabel("Saved chats (double-click to continue one)"))
+        self.chats = QListWidget()
+        self.chats.setMaximumHeight(120)
+        self.chats.itemDoubleClicked.connect(self._open_chat)
+        lv.addWidget(self.chats)
+        self._refresh_chats()
         lv.addWidget(QLabel("Events"))
         self.events = QPlainTextEdit()
         self.events.setReadOnly(True)
@@ -123,6 +142,13 @@ class MainWindow(QMainWindow):
         rv = QVBoxLayout(right)
         model_row = QHBoxLayout()
         self.model_edit = QLineEdit(str(default_model_path()))
+        self.model_edit.setToolTip("A GGUF file: type, pick with …, or drop one on the window")
+        recent = QSettings("Corral", "Corral").value("models/recent") or []
+        self._recent = QStringListModel([str(p) for p in recent])
+        completer = QCompleter(self._recent, self)
+        completer.setCompletionMode(QCompleter.CompletionMode.UnfilteredPopupCompletion)
+        self.model_edit.setCompleter(completer)
+        self.setAcceptDrops(True)
         browse = QPushButton("…")
         browse.clicked.connect(self._pick_model)
         model_row.addWidget(QLabel("Model"))
@@ -193,9 +219,17 @@ class MainWindow(QMainWindow):
         self.regen_button.clicked.connect(self._regenerate)
         self.copy_button = QPushButton("Copy")
         self.copy_button.clicked.connect(self._copy)
+        self.save_button = QPushButton("Save…")
+        self.save_button.clicked.connect(self._save_chat)
         self.new_button = QPushButton("New chat")
         self.new_button.clicked.connect(self._new_chat)
-        for b in (self.stop_button, self.regen_button, self.copy_button, self.new_button):
+        for b in (
+            self.stop_button,
+            self.regen_button,
+            self.copy_button,
+            self.save_button,
+            self.new_button,
+        ):
             send_row.addWidget(b)
         rv.addLayout(send_row)
         QShortcut(QKeySequence("Ctrl+Return"), self, self._send)
@@ -285,7 +319,7 @@ class MainWindow(QMainWindow):
     def _pick_model(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open a GGUF model", "", "GGUF (*.gguf)")
         if path:
-            self.model_edit.setText(path)
+            self.set_model(path)
 
     def _current(self) -> LoadSettings:
         return self.settings_form.settings(Path(self.model_edit.text().strip()))
@@ -558,6 +592,69 @@ class MainWindow(QMainWindow):
         self.kv_bar.setValue(0)
         self.regen_button.setEnabled(False)
         self.status.setText("new chat")
+
+    # ------------------------------------------------------------------ saved chats
+
+    def _refresh_chats(self) -> None:
+        self.chats.clear()
+        try:
+            self.chats.addItems(history.names())
+        except OSError as exc:
+            self.log(f"cannot list saved chats: {exc}")
+
+    def _save_chat(self) -> None:
+        if self.session is None or not self.session.history:
+            self.banner.setText("Nothing to save yet: chat first.")
+            return
+        name, ok = QInputDialog.getText(self, "Save chat", "Name (letters, digits, . _ -):")
+        if not ok or not name.strip():
+            return
+        try:
+            path = history.save(name.strip(), list(self.session.history))
+        except (history.HistoryError, OSError) as exc:
+            self.banner.setText(str(exc))
+            return
+        self.status.setText(f"saved to {path}")
+        self._refresh_chats()
+
+    def _open_chat(self, item: QListWidgetItem) -> None:
+        """Continue a saved chat on the loaded model (its history becomes the context)."""
+        try:
+            messages = history.load(item.text())
+        except (history.HistoryError, OSError) as exc:
+            self.banner.setText(str(exc))
+            return
+        if self.session is None or self.result is None:
+            self.banner.setText("Deploy a model first, then open the chat to continue it.")
+            return
+        self.session.history = list(messages)
+        self.messages = [
+            ("you" if m["role"] == "user" else m["role"], m["content"]) for m in messages
+        ]
+        self._render()
+        self.status.setText(f"continuing {item.text()}")
+
+    # ------------------------------------------------------------------ model files
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        urls = event.mimeData().urls() if event.mimeData().hasUrls() else []
+        if any(u.toLocalFile().endswith(".gguf") for u in urls):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        for u in event.mimeData().urls():
+            if u.toLocalFile().endswith(".gguf"):
+                self.set_model(u.toLocalFile())
+                event.acceptProposedAction()
+                return
+
+    def set_model(self, path: str) -> None:
+        """Use this GGUF, and remember it among the recent ones (the model field's completer)."""
+        self.model_edit.setText(path)
+        state = QSettings("Corral", "Corral")
+        recent = [path, *[p for p in (state.value("models/recent") or []) if p != path]][:10]
+        state.setValue("models/recent", recent)
+        self._recent.setStringList(recent)
 
     def log(self, text: str) -> None:
         self.events.appendPlainText(f"{time.strftime('%H:%M:%S')}  {text}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt
+from PySide6.QtGui import QColor, QPainter
+from PySide6.QtWidgets import QStyledItemDelegate, QStyleOptionViewItem
 
 from corral.discovery import Host
 
@@ -88,3 +90,26 @@ def memory_text(h: Host) -> str:
     if inv is not None:
         return f"CPU only; RAM {inv.ram_free / GiB:.1f}/{inv.ram_total / GiB:.1f} GiB free"
     return f"{h.hints.vram_total / GiB:.1f} GiB VRAM" if h.hints else "?"
+
+
+class VramDelegate(QStyledItemDelegate):
+    """The memory column as bars: one per GPU (used, free), the text on top; RAM for a
+    CPU-only host."""
+
+    def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: Index) -> None:
+        model = index.model()
+        host = model.hosts[index.row()] if isinstance(model, HostsModel) else None
+        inv = host.inventory if host is not None else None
+        rect = option.rect.adjusted(2, 3, -2, -3)  # type: ignore[attr-defined]
+        if inv is not None:
+            bars = [(g.memory_total - g.memory_free, g.memory_total) for g in inv.gpus]
+            if not bars and inv.ram_total:
+                bars = [(inv.ram_total - inv.ram_free, inv.ram_total)]
+            h = max(2, rect.height() // max(1, len(bars)))
+            for i, (used, total) in enumerate(bars):
+                y = rect.top() + i * h
+                painter.fillRect(rect.left(), y, rect.width(), h - 1, QColor("#e3eaf2"))
+                width = int(rect.width() * used / total) if total else 0
+                painter.fillRect(rect.left(), y, width, h - 1, QColor("#7fa7d1"))
+        painter.setPen(option.palette.text().color())  # type: ignore[attr-defined]
+        painter.drawText(rect, Qt.AlignmentFlag.AlignVCenter, str(index.data() or ""))

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PySide6.QtCore import Qt
 from pytestqt.qtbot import QtBot
 
 from corral.engine.runtime.localagents import LocalAgents
@@ -140,7 +141,7 @@ def test_the_plan_shows_follows_settings_and_refuses_what_would_crash(
 def test_dragging_a_boundary_in_the_layer_map_moves_layers(
     window: MainWindow, qtbot: QtBot, smollm2: Path
 ) -> None:
-    from PySide6.QtCore import QPoint, Qt
+    from PySide6.QtCore import QPoint
 
     qtbot.waitUntil(lambda: len(window.hosts_model.online_addresses()) == 2, timeout=20000)
     window.model_edit.setText(str(smollm2))
@@ -164,3 +165,29 @@ def test_dragging_a_boundary_in_the_layer_map_moves_layers(
     )
     qtbot.waitUntil(window.plan_button.isEnabled, timeout=60000)
     assert window.load_button.isEnabled()
+
+
+def test_a_chat_is_saved_listed_and_continued(
+    window: MainWindow, qtbot: QtBot, smollm2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PySide6.QtWidgets import QInputDialog
+
+    qtbot.waitUntil(lambda: len(window.hosts_model.online_addresses()) == 2, timeout=20000)
+    window.set_model(str(smollm2))
+    window.load_button.click()
+    qtbot.waitUntil(window.send_button.isEnabled, timeout=60000)
+    window.max_tokens = 8
+    window.input.setText("My name is Ada.")
+    window.send_button.click()
+    qtbot.waitUntil(lambda: "tok/s" in window.status.text(), timeout=60000)
+    name = f"gui-{os.getpid()}"
+    monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: (name, True))
+    window.save_button.click()
+    items = window.chats.findItems(name, Qt.MatchFlag.MatchExactly)
+    assert items, "the saved chat is listed"
+    window._new_chat()
+    assert window.messages == [] and window.session is not None and not window.session.history
+    window._open_chat(items[0])
+    assert window.messages[0] == ("you", "My name is Ada.")
+    assert "My name is Ada." in window.transcript.toPlainText()
+    assert [m["role"] for m in window.session.history] == ["user", "assistant"]
