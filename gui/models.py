@@ -86,15 +86,17 @@ def memory_text(h: Host) -> str:
         used = total - sum(g.memory_free for g in inv.gpus)
         util = max(g.utilization_pct for g in inv.gpus)
         temp = max(g.temperature_c for g in inv.gpus)
-        return f"VRAM {used / GiB:.1f}/{total / GiB:.1f} GiB used, {util}% busy, {temp} °C"
+        ours = sum(g.corral_used for g in inv.gpus)
+        mine = f" ({ours / GiB:.1f} Corral)" if ours else ""
+        return f"VRAM {used / GiB:.1f}{mine}/{total / GiB:.1f} GiB used, {util}% busy, {temp} °C"
     if inv is not None:
         return f"CPU only; RAM {inv.ram_free / GiB:.1f}/{inv.ram_total / GiB:.1f} GiB free"
     return f"{h.hints.vram_total / GiB:.1f} GiB VRAM" if h.hints else "?"
 
 
 class VramDelegate(QStyledItemDelegate):
-    """The memory column as bars: one per GPU (used, free), the text on top; RAM for a
-    CPU-only host."""
+    """The memory column as bars: one per GPU, used by Corral's worker (green), used by
+    others (blue-grey), free (light); the text on top; RAM for a CPU-only host."""
 
     def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: Index) -> None:
         model = index.model()
@@ -102,14 +104,22 @@ class VramDelegate(QStyledItemDelegate):
         inv = host.inventory if host is not None else None
         rect = option.rect.adjusted(2, 3, -2, -3)  # type: ignore[attr-defined]
         if inv is not None:
-            bars = [(g.memory_total - g.memory_free, g.memory_total) for g in inv.gpus]
+            # (used by Corral's worker, used by others, total)
+            bars = [
+                (g.corral_used, g.memory_total - g.memory_free - g.corral_used, g.memory_total)
+                for g in inv.gpus
+            ]
             if not bars and inv.ram_total:
-                bars = [(inv.ram_total - inv.ram_free, inv.ram_total)]
+                bars = [(0, inv.ram_total - inv.ram_free, inv.ram_total)]
             h = max(2, rect.height() // max(1, len(bars)))
-            for i, (used, total) in enumerate(bars):
+            for i, (ours, others, total) in enumerate(bars):
                 y = rect.top() + i * h
                 painter.fillRect(rect.left(), y, rect.width(), h - 1, QColor("#e3eaf2"))
-                width = int(rect.width() * used / total) if total else 0
-                painter.fillRect(rect.left(), y, width, h - 1, QColor("#7fa7d1"))
+                if not total:
+                    continue
+                w_ours = int(rect.width() * ours / total)
+                w_others = int(rect.width() * max(0, others) / total)
+                painter.fillRect(rect.left(), y, w_ours, h - 1, QColor("#59a14f"))
+                painter.fillRect(rect.left() + w_ours, y, w_others, h - 1, QColor("#9fb6cf"))
         painter.setPen(option.palette.text().color())  # type: ignore[attr-defined]
         painter.drawText(rect, Qt.AlignmentFlag.AlignVCenter, str(index.data() or ""))

@@ -27,8 +27,9 @@ class GgmlProbe:
     error: str = ""
 
 
-def read_gpus() -> tuple[tuple[GpuInfo, ...], str]:
-    """NVML's view of the GPUs, and "ok" or why there is none (no driver is not an error)."""
+def read_gpus(corral_pids: frozenset[int] = frozenset()) -> tuple[tuple[GpuInfo, ...], str]:
+    """NVML's view of the GPUs, and "ok" or why there is none (no driver is not an error).
+    `corral_pids` (the RPC worker) are counted apart: memory used by Corral vs by others."""
     try:
         import pynvml
     except ImportError:
@@ -58,6 +59,9 @@ def read_gpus() -> tuple[tuple[GpuInfo, ...], str]:
                         ),
                         "",
                     ),
+                    corral_used=_try(lambda h=h: _used_by(pynvml, h, corral_pids), 0)
+                    if corral_pids
+                    else 0,
                 )
             )
         return tuple(gpus), "ok"
@@ -68,6 +72,15 @@ def read_gpus() -> tuple[tuple[GpuInfo, ...], str]:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+
+
+def _used_by(pynvml: Any, handle: Any, pids: frozenset[int]) -> int:
+    """GPU memory that processes in `pids` hold on this device (0 where NVML cannot say)."""
+    total = 0
+    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if proc.pid in pids and proc.usedGpuMemory:
+            total += int(proc.usedGpuMemory)
+    return total
 
 
 def _text(v: Any) -> str:

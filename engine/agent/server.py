@@ -617,7 +617,9 @@ class AgentServer:
 
     async def _inventory(self, req: int, local_host: str) -> Inventory:
         loop = asyncio.get_running_loop()
-        gpus, nvml = await loop.run_in_executor(None, inventory.read_gpus)
+        pid = self.supervisor.state.pid
+        pids = frozenset({pid}) if pid else frozenset()
+        gpus, nvml = await loop.run_in_executor(None, inventory.read_gpus, pids)
         total, free = inventory.read_memory()
         probe = await self._probe()
         return Inventory(

@@ -59,6 +59,7 @@ class GpuInfo:
     temperature_c: int = -1
     power_w: float = -1.0
     compute_capability: str = ""  # "9.0" for an H100/H200
+    corral_used: int = 0  # bytes held by this agent's RPC worker (the rest of used: others)
 
 
 @dataclass(frozen=True, slots=True)
