@@ -8,7 +8,6 @@ user sees. Each step waits for the window to reach its state, then grabs the scr
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +17,6 @@ from PySide6.QtWidgets import QApplication, QInputDialog
 
 from corral.engine.model import default_model_path
 from corral.engine.runtime.localagents import LocalAgents
-from corral.engine.security.pairing import new_code
 
 from .app import MainWindow
 
@@ -57,21 +55,7 @@ def main(argv: list[str]) -> int:
         model = win.hosts_model
         _wait(app, lambda: sorted(h.status for h in model.hosts) == ["online", "unpaired"])
         _shot(app, win, out, "1-hosts-unpaired")
-        code = new_code()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "corral.engine.agent.main",
-                "pair",
-                "--state-dir",
-                str(fresh.state_dir(0)),
-                "--code",
-                code,
-            ],
-            check=True,
-            capture_output=True,
-        )
+        code = fresh.issue_code(0)
         QInputDialog.getText = lambda *a, **k: (code, True)  # type: ignore[method-assign]
         win.pair_button.click()
         _wait(app, lambda: [h.status for h in model.hosts] == ["online", "online"])

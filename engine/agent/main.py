@@ -126,11 +126,10 @@ async def _admin(opts: argparse.Namespace) -> int:
                 if not reply.peers:
                     print("no paired desktops")
                 for p in reply.peers:
-                    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(p.paired_at))
                     flags = ("connected" if p.connected else "") + (
                         ", holds the workers" if p.lease else ""
                     )
-                    print(f"{short(p.fingerprint)}  {p.name:<30} paired {when}  {flags}".rstrip())
+                    print(_peer_line(p.fingerprint, p.name, p.paired_at, flags))
                 return 0
         else:
             reply = await ask(opts.state_dir, Unpair(req=1, who=opts.who))
@@ -147,6 +146,11 @@ async def _admin(opts: argparse.Namespace) -> int:
         return 2
 
 
+def _peer_line(fingerprint: str, name: str, paired_at: float, flags: str = "") -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(paired_at))
+    return f"{short(fingerprint)}  {name:<30} paired {when}  {flags}".rstrip()
+
+
 def _offline_admin(opts: argparse.Namespace) -> int:
     """`paired` and `unpair` work on the pin list directly while no agent runs."""
     from corral.engine.security.pins import PinStore
@@ -158,8 +162,7 @@ def _offline_admin(opts: argparse.Namespace) -> int:
             if not peers:
                 print("no paired desktops")
             for p in peers:
-                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(p.paired_at))
-                print(f"{short(p.fingerprint)}  {p.name:<30} paired {when}")
+                print(_peer_line(p.fingerprint, p.name, p.paired_at))
             return 0
         if not pins.remove(opts.who):
             print(f"corral-agent: no paired desktop is named {opts.who!r}", file=sys.stderr)

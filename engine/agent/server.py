@@ -156,7 +156,6 @@ class AgentServer:
         self.advertiser: Advertiser | None = None
         self._background: list[asyncio.Task[None]] = []
         self.admin = AdminServer(self)
-        self.stats = {"handshake_failed": 0, "refused_unpaired": 0, "served": 0}
 
     async def start(self) -> int:
         """Bind and serve; return the port (useful with port 0)."""
@@ -260,12 +259,10 @@ class AgentServer:
             try:
                 await proto.handshake
             except (ConnectionError, OSError):
-                self.stats["handshake_failed"] += 1
                 return
             fp = proto.peer_fingerprint
             peer = self.pins.find(fp) if fp else None
             if fp and peer is None:  # verified by OpenSSL, but unpaired since
-                self.stats["handshake_failed"] += 1
                 proto.abort()
                 return
             conn = _Conn(proto, peer)
@@ -319,7 +316,6 @@ class AgentServer:
         if conn.peer is None:
             await self._pairing(conn)
             return
-        self.stats["served"] += 1
         sockname = conn.proto.transport.get_extra_info("sockname") if conn.proto.transport else None
         local_host = str(sockname[0]) if sockname else self.host
         while True:
@@ -347,7 +343,6 @@ class AgentServer:
         if start is None:
             return
         if not isinstance(start, PairStart):
-            self.stats["refused_unpaired"] += 1
             req = getattr(start, "req", 0)
             self._send_error(
                 conn.proto,
@@ -576,11 +571,6 @@ class AgentServer:
             if holder is not None and time.monotonic() - holder.last_seen > LEASE_TIMEOUT:
                 self._release(f"{holder.name} silent for {LEASE_TIMEOUT:.0f} s")
                 holder.proto.abort()
-
-    @property
-    def tunnels(self) -> int:
-        with self._pumps_lock:
-            return len(self._pumps)
 
     def lease_holder(self) -> str:
         return self._lease.peer.fingerprint if self._lease and self._lease.peer else ""

@@ -32,7 +32,6 @@ from .errors import AgentUnreachable, NotPaired, RuntimeFailure
 log = logging.getLogger(__name__)
 
 _HELLO_TIMEOUT = 10.0
-_NOT_PAIRED = "\0not-paired:"
 
 
 class _Heartbeat:
@@ -65,13 +64,13 @@ class _Heartbeat:
             host = self._host()
             if host is None:
                 return
-            client, why = await self._connect(host)
+            client, failure = await self._connect(host)
             if client is None:
-                if why.startswith(_NOT_PAIRED):
-                    d.emit(Unpaired(self.key, why[len(_NOT_PAIRED) :], time.monotonic()))
+                if isinstance(failure, NotPaired):
+                    d.emit(Unpaired(self.key, str(failure), time.monotonic()))
                     await asyncio.sleep(d.retry * 3)  # until someone pairs: no hurry
                 else:
-                    d.emit(Offline(self.key, why, time.monotonic()))
+                    d.emit(Offline(self.key, str(failure or "no address"), time.monotonic()))
                     await asyncio.sleep(d.retry)
                 continue
             try:
@@ -102,8 +101,9 @@ class _Heartbeat:
                 await client.close()
             await asyncio.sleep(d.retry)
 
-    async def _connect(self, host: Host) -> tuple[AgentClient | None, str]:
-        why = "no address"
+    async def _connect(self, host: Host) -> tuple[AgentClient | None, RuntimeFailure | None]:
+        """A connected client, or why not (a NotPaired ends the search: the host answered)."""
+        failure: RuntimeFailure | None = None
         for addr in host.addresses:
             text = f"[{addr}]:{host.port}" if ":" in addr else f"{addr}:{host.port}"
             client = AgentClient(text)
@@ -111,12 +111,12 @@ class _Heartbeat:
                 # a cold agent answers hello only after listing its devices: give it longer
                 # than a heartbeat (a dead link still shows within `timeout` of going down)
                 await client.connect(timeout=max(self._dir.timeout, _HELLO_TIMEOUT))
-                return client, ""
+                return client, None
             except NotPaired as exc:
-                return None, _NOT_PAIRED + str(exc)
+                return None, exc
             except RuntimeFailure as exc:
-                why = str(exc)
-        return None, why
+                failure = exc
+        return None, failure
 
 
 class HostDirectory:

@@ -105,19 +105,33 @@ class LocalAgents:
                 )
         raise RuntimeFailure(f"local agent {i} did not start within {self.start_timeout:.0f} s")
 
-    def pair_with(self, keys: DesktopKeys) -> None:
-        """Pair the desktop with `keys` with every agent (a fresh code each, asked for on the
-        agent's admin socket as its owner would)."""
+    async def _issue_code(self, i: int) -> str:
         from corral.engine.protocol import PairCodeRequest
 
         from ..agent.admin import ask
+
+        code = new_code()
+        await ask(self.state_dir(i), PairCodeRequest(req=1, code=code))
+        return code
+
+    def issue_code(self, i: int) -> str:
+        """A fresh pairing code on agent i, asked for on its admin socket as its owner would
+        (what `corral-agent pair` does)."""
+        codes: list[str] = []
+
+        async def go() -> None:
+            codes.append(await self._issue_code(i))
+
+        _run_apart(go())
+        return codes[0]
+
+    def pair_with(self, keys: DesktopKeys) -> None:
+        """Pair the desktop with `keys` with every agent (a fresh code each)."""
         from .agent_client import AgentClient
 
         async def go() -> None:
             for i, address in enumerate(self.addresses):
-                code = new_code()
-                await ask(self.state_dir(i), PairCodeRequest(req=1, code=code))
-                await AgentClient(address, keys=keys).pair(code)
+                await AgentClient(address, keys=keys).pair(await self._issue_code(i))
 
         _run_apart(go())
         self._paired.append(keys)

@@ -160,13 +160,9 @@ class TlsConnection(asyncio.Protocol):
         self._wake()
 
     def _no_client_hello(self) -> None:
-        if not self.handshake.done() and not self._answered:
+        # cancelled by `_flush` once the server answers a whole ClientHello
+        if not self.handshake.done():
             self._fail(TlsFailed("no TLS ClientHello in time"))
-
-    @property
-    def _answered(self) -> bool:
-        """The server has answered the ClientHello (so the client did send a whole one)."""
-        return self._hello_timer is None
 
     def _flush(self) -> None:
         if self._out.pending and self._hello_timer is not None:

@@ -42,7 +42,3 @@ def peer_fingerprint(obj: ssl.SSLObject) -> str:
     """The fingerprint of the certificate the peer proved it holds; "" when it sent none."""
     der = obj.getpeercert(binary_form=True)
     return fingerprint(der) if der else ""
-
-
-def peer_cert(obj: ssl.SSLObject) -> bytes:
-    return obj.getpeercert(binary_form=True) or b""

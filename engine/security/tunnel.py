@@ -156,10 +156,6 @@ class TlsPump:
         if self._on_close is not None:
             self._on_close(self)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
 
 class BlockingTls:
     """A client TLS connection on a blocking socket with memory BIOs (so it can be pumped)."""
@@ -272,11 +268,6 @@ class DesktopTunnel:
     def _gone(self, pump: TlsPump) -> None:
         with self._lock:
             self._pumps.discard(pump)
-
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return len(self._pumps)
 
     def close(self) -> None:
         self._stopped = True

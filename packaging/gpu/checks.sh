@@ -1,22 +1,7 @@
 #!/usr/bin/env bash
-# On a GPU host (see README.md here): CUDA+RPC build, then checks on a real GPU: NVML vs nvidia-smi, memory used by
-# Corral's worker, context shift on a CUDA RPC worker (f16 and q8_0), capability refusals.
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-mkdir -p /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devsrc/*.whl 2>&1 | tail -2
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site --upgrade . 2>&1 | tail -2
-if [ ! -d /tmp/site/llama_cpp ]; then
-  tar xzf .devsrc/llsrc.tgz -C /tmp
-  setsid nohup bash -c 'CMAKE_ARGS="-DGGML_RPC=on -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=off" CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip wheel --no-build-isolation --no-deps /tmp/llama_cpp_python-0.3.36 -w /tmp/wh > /tmp/build.log 2>&1; echo $? > /tmp/build.done' >/dev/null 2>&1 < /dev/null &
-  python3 - <<'PY'
-from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
-write_tiny_llama("/tmp/big.gguf", TinyLlama(n_layer=16, n_embd=2048, n_head=16, n_head_kv=4, n_ff=5632, n_vocab=32000, dtype="f16"))
-PY
-  for _ in $(seq 1 420); do [ -f /tmp/build.done ] && break; sleep 1; done
-  [ -f /tmp/build.done ] || { echo "build still running"; exit 0; }
-  python3 -m pip install -q --no-deps --target /tmp/site /tmp/wh/*.whl
-fi
+# On a GPU host (see README.md here): NVML vs nvidia-smi, memory used by Corral's worker,
+# context shift on a CUDA RPC worker (f16 and q8_0), capability refusals.
+. packaging/gpu/setup.sh "${1:-420}"
 python3 - <<'PY' 2>&1 | tee $OUT/gpu4.txt
 import json, subprocess, sys, time
 from corral.engine.runtime.localagents import LocalAgents

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,8 +69,6 @@ def test_an_unpaired_host_is_paired_from_the_window(
 ) -> None:
     from PySide6.QtWidgets import QInputDialog
 
-    from corral.engine.security.pairing import new_code
-
     with LocalAgents(1, pair=False) as agents:
         win = MainWindow(browse=False, agents=tuple(agents.addresses))
         qtbot.addWidget(win)
@@ -83,21 +79,7 @@ def test_an_unpaired_host_is_paired_from_the_window(
             assert "corral pair" in model.data(model.index(0, 5))
             # a wrong code: a banner that says so, still not paired
             monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: ("0000-0000", True))
-            code = new_code()
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "corral.engine.agent.main",
-                    "pair",
-                    "--state-dir",
-                    str(agents.state_dir(0)),
-                    "--code",
-                    code,
-                ],
-                check=True,
-                capture_output=True,
-            )
+            code = agents.issue_code(0)
             win.pair_button.click()
             qtbot.waitUntil(lambda: "code is wrong" in win.banner.text(), timeout=20000)
             monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: (code, True))
@@ -111,13 +93,19 @@ def test_an_unpaired_host_is_paired_from_the_window(
             win.close()
 
 
+def _plan_on_both(window: MainWindow, qtbot: QtBot, model: Path) -> None:
+    """Both agents online, `model` chosen, Plan pressed, and the plan shown."""
+    qtbot.waitUntil(lambda: len(window.hosts_model.online_addresses()) == 2, timeout=20000)
+    window.model_edit.setText(str(model))
+    window.plan_button.click()
+    qtbot.waitUntil(lambda: window.layer_map.plan is not None, timeout=60000)
+    qtbot.waitUntil(window.plan_button.isEnabled, timeout=60000)
+
+
 def test_the_plan_shows_follows_settings_and_refuses_what_would_crash(
     window: MainWindow, qtbot: QtBot, smollm2: Path
 ) -> None:
-    qtbot.waitUntil(lambda: len(window.hosts_model.online_addresses()) == 2, timeout=20000)
-    window.model_edit.setText(str(smollm2))
-    window.plan_button.click()
-    qtbot.waitUntil(lambda: window.layer_map.plan is not None, timeout=60000)
+    _plan_on_both(window, qtbot, smollm2)
     plan = window.layer_map.plan
     assert plan is not None and {d.name for d in plan.devices} == {"RPC0", "RPC1"}
     assert len(window.device_bars.rows()) == 2 and window.load_button.isEnabled()
@@ -143,11 +131,7 @@ def test_dragging_a_boundary_in_the_layer_map_moves_layers(
 ) -> None:
     from PySide6.QtCore import QPoint
 
-    qtbot.waitUntil(lambda: len(window.hosts_model.online_addresses()) == 2, timeout=20000)
-    window.model_edit.setText(str(smollm2))
-    window.plan_button.click()
-    qtbot.waitUntil(lambda: window.layer_map.plan is not None, timeout=60000)
-    qtbot.waitUntil(window.plan_button.isEnabled, timeout=60000)
+    _plan_on_both(window, qtbot, smollm2)
     lm = window.layer_map
     before = lm.counts()
     (b,) = lm.boundaries()
