@@ -22,8 +22,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from corral.engine.security.desktop import DesktopKeys, desktop_keys
+from corral.engine.security.desktop import DesktopKeys, desktop_dir, desktop_keys
 from corral.engine.security.pairing import new_code
+from corral.engine.security.pins import PinStore
 
 from .errors import RuntimeFailure
 
@@ -137,10 +138,16 @@ class LocalAgents:
         self._paired.append(keys)
 
     def stop(self) -> None:
-        for keys in self._paired:  # forget the throwaway agents again
+        # forget the throwaway agents again: in every desktop paired here, and in this
+        # desktop's own list even when something else paired it (the app's Pair button)
+        stores = [keys.pins for keys in self._paired]
+        own = PinStore(desktop_dir() / "paired-agents.json")
+        if own.path.exists():
+            stores.append(own)
+        for store in stores:
             for address in self.addresses:
                 try:
-                    keys.pins.remove(address)
+                    store.remove(address)
                 except Exception:
                     pass
         self._paired.clear()
