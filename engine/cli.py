@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -862,6 +863,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (RuntimeFailure, ModelMissing, history.HistoryError, SecurityFileError) as exc:
         return out.error(str(exc))
+    except BrokenPipeError:  # the reader went away (`corral paired | head`): not a bug
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # a bug: the user gets one line and where the details are
         report = _save_traceback()
         return out.error(
