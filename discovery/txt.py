@@ -41,7 +41,8 @@ def encode_txt(h: AgentHints) -> dict[str, str]:
 
 def _int(props: dict[str, str], key: str, low: int, high: int) -> int:
     text = props.get(key, "")
-    if not text.isdigit() or not low <= int(text) <= high:
+    # isdigit() alone takes "²" and other digits int() refuses
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise BadTxt(f"TXT key {key!r} is {text[:40]!r}, expected a number in {low}..{high}")
     return int(text)
 

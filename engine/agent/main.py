@@ -34,7 +34,7 @@ _TRUSTED_WARNING = (
 def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT (IPv6 as [::1]:PORT); port 0 picks a free one."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (for example 0.0.0.0:7340)")
     return host.strip("[]") or "0.0.0.0", int(port)
 

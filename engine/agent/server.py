@@ -75,8 +75,11 @@ HANDSHAKE_TIMEOUT = 3.0  # a TLS 1.3 handshake is one round trip; anything slowe
 CLIENT_HELLO_TIMEOUT = 0.75  # a client sends its whole ClientHello with its first write
 _HELLO_TIMEOUT = 10.0  # a paired desktop's first frame
 _PAIRING_STEP_TIMEOUT = 5.0  # each step of an unpaired connection (the code is typed before)
-_MAX_PAIRED = 64
-_MAX_UNPAIRED = 32  # strangers cannot crowd out paired desktops
+# Every connection counts as unpaired until its handshake proves otherwise, so this cap also
+# bounds a burst of paired desktops connecting at once (100 at once is tested); strangers
+# are closed within 0.75-3 s, so a flood of them holds at most this many slots.
+_MAX_PAIRED = 256
+_MAX_UNPAIRED = 128
 _SUBSCRIBER_BACKLOG = 1024 * 1024  # drop a subscriber that stops reading this much
 LEASE_TIMEOUT = 15.0  # a lease holder silent this long has lost its lease
 

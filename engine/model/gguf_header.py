@@ -86,9 +86,14 @@ class _Cursor:
                 self.pos += struct.calcsize(_SCALARS[etype]) * count
             elif etype == _STRING:
                 for _ in range(count):
-                    self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+                    n = self.unpack("<Q")  # moves pos past the length first
+                    self.pos += n
+                    if self.pos > len(self.buf):
+                        break
             else:
                 raise HeaderError(f"nested arrays of type {etype} are not supported")
+            if self.pos > len(self.buf):
+                raise HeaderError("the file ends inside its header (truncated?)")
             return ArrayInfo(etype, count)
         raise HeaderError(f"unknown metadata value type {vtype}")
 

@@ -74,7 +74,7 @@ def parse_address(text: str, default_port: int = 7340) -> tuple[str, int]:
         host, _, port = text.partition(":")
     else:
         host, port = text, str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"{text!r} is not HOST:PORT (for example 192.168.1.20:7340)")
     return host, int(port)
 
@@ -86,7 +86,12 @@ _NOT_ACCEPTED = (
     "CERTIFICATE_UNKNOWN",
     "DECRYPT_ERROR",
 )
-_KEEPALIVE = 5.0  # well inside the agent's lease timeout
+# A ping every second, each with 3 s to answer: a host that went silent (a pulled cable, a
+# firewall that drops) is declared lost within 4 s, well inside the agent's 15 s lease and
+# the 10 s a user waits before calling it a hang. A busy agent answers pings from its own
+# event loop, apart from the worker, so load does not delay them.
+_KEEPALIVE = 1.0
+HEARTBEAT_DEADLINE = 3.0
 
 
 def _pair_command(address: str) -> str:
@@ -104,6 +109,7 @@ class AgentClient:
         address: str,
         on_event: Callable[[AgentClient, AgentEvent], None] | None = None,
         keys: DesktopKeys | None = None,
+        on_lost: Callable[[AgentClient], None] | None = None,
     ):
         self.address = address
         self.host, self.port = parse_address(address)
@@ -111,6 +117,7 @@ class AgentClient:
         self.peer: Peer | None = None  # the pinned agent this connection proved to be
         self._keys = keys
         self._on_event = on_event
+        self._on_lost = on_lost
         self._conn: TlsConnection | None = None
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._numbers = itertools.count(1)
@@ -298,11 +305,30 @@ class AgentClient:
         return DesktopTunnel(open_channel, self.name)
 
     async def _keep_alive(self) -> None:
-        """A ping now and then, so the agent knows this session (and its lease) is alive."""
+        """A ping now and then, so the agent knows this session (and its lease) is alive, and
+        this desktop knows the agent is: a missed deadline ends the connection, as a closed
+        one would (TCP alone takes many minutes to give up on a silent peer)."""
         while True:
             await asyncio.sleep(_KEEPALIVE)
-            with contextlib.suppress(RuntimeFailure):
-                await self.request(lambda r: Ping(req=r), timeout=_KEEPALIVE)
+            try:
+                await self.request(lambda r: Ping(req=r), timeout=HEARTBEAT_DEADLINE)
+            except AgentTimeout:
+                self._lose(
+                    f"no answer to a heartbeat within {HEARTBEAT_DEADLINE:g} s "
+                    "(the host or the network between went silent)"
+                )
+                return
+            except RuntimeFailure:
+                return  # the read loop saw the end and says why
+
+    def _lose(self, reason: str) -> None:
+        """Give up on the connection now: pending requests fail with `reason`."""
+        if not self.closed_reason:
+            self.closed_reason = reason
+        if self._read_task is not None:
+            self._read_task.cancel()
+        if self._conn is not None:
+            self._conn.abort()
 
     async def _read_loop(self) -> None:
         assert self._conn is not None
@@ -332,9 +358,11 @@ class AgentClient:
         except (ProtocolError, OSError) as exc:
             self.closed_reason = str(exc) or type(exc).__name__
         except asyncio.CancelledError:
-            self.closed_reason = "closed"
+            self.closed_reason = self.closed_reason or "closed"
             raise
         finally:
+            if self._on_lost is not None:
+                self._on_lost(self)
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(

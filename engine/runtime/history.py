@@ -9,6 +9,8 @@ from pathlib import Path
 
 import platformdirs
 
+from corral.engine.security.files import SecurityFileError, write_private
+
 Messages = list[dict[str, str]]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -31,10 +33,13 @@ def _path(name: str) -> Path:
 
 def save(name: str, messages: Messages) -> Path:
     path = _path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": 1, "messages": messages}, ensure_ascii=False, indent=1))
-    os.replace(tmp, path)
+    data = json.dumps({"version": 1, "messages": messages}, ensure_ascii=False, indent=1)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # atomic and owner-only: a full disk or a crash leaves the previous save whole
+        write_private(path, data.encode())
+    except (OSError, SecurityFileError) as exc:
+        raise HistoryError(f"could not save the chat {name!r}: {exc}") from None
     return path
 
 
@@ -53,7 +58,7 @@ def load(name: str) -> Messages:
             for m in messages
         ):
             raise ValueError("messages are not role/content pairs")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise HistoryError(
             f"the saved chat {path} is damaged ({exc}); move it away to start "
             "over, the file is left as it is"

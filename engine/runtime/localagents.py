@@ -7,6 +7,7 @@ every one of them through the real pairing exchange, and forgets them again on s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import select
@@ -60,7 +61,9 @@ class LocalAgents:
     def __enter__(self) -> LocalAgents:
         try:
             for i in range(self.count):
-                self._start(i)
+                proc, address = self._start(i, f"{self.host}:0")
+                self.procs.append(proc)
+                self.addresses.append(address)
             if self.pair:
                 self.pair_with(desktop_keys())
         except BaseException:
@@ -68,14 +71,34 @@ class LocalAgents:
             raise
         return self
 
-    def _start(self, i: int) -> None:
+    def restart(self, i: int) -> None:
+        """kill -9 agent i (and its worker) if it runs, then start it again with the same
+        state dir on the same address: a host rebooting, as the desktop sees it."""
+        old = self.procs[i]
+        if old.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(old.pid, signal.SIGKILL)
+        old.wait()
+        if old.stdout is not None:
+            old.stdout.close()
+        deadline = time.monotonic() + self.start_timeout
+        while True:  # the old socket may linger a moment
+            try:
+                self.procs[i], _ = self._start(i, self.addresses[i])
+                return
+            except RuntimeFailure:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _start(self, i: int, listen: str) -> tuple[subprocess.Popen[str], str]:
         proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "corral.engine.agent.main",
                 "--listen",
-                f"{self.host}:0",
+                listen,
                 "--state-dir",
                 str(self.state_dir(i)),
                 "--log-level",
@@ -89,7 +112,6 @@ class LocalAgents:
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
             start_new_session=True,  # so stop() can end the agent and its worker together
         )
-        self.procs.append(proc)
         assert proc.stdout is not None
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -98,12 +120,13 @@ class LocalAgents:
                 line = proc.stdout.readline()
                 m = _LISTENING.search(line.strip())
                 if m:
-                    self.addresses.append(m.group(1))
-                    return
+                    return proc, m.group(1)
             if proc.poll() is not None:
+                proc.stdout.close()
                 raise RuntimeFailure(
                     f"local agent {i} exited at start (exit code {proc.returncode})"
                 )
+        self.procs.append(proc)  # stop() ends it
         raise RuntimeFailure(f"local agent {i} did not start within {self.start_timeout:.0f} s")
 
     async def _issue_code(self, i: int) -> str:

@@ -125,7 +125,7 @@ class ChatSession:
     """Agents, their workers and the inference child for one loaded model; keeps the history."""
 
     def __init__(self, agents: list[str]) -> None:
-        self.clients = [AgentClient(a, on_event=self._on_event) for a in agents]
+        self.clients = [self._client(a) for a in agents]
         self.child = InferenceProcess()
         self.history: list[dict[str, str]] = []
         self.workers: list[WorkerState] = []
@@ -141,6 +141,17 @@ class ChatSession:
         self.dropped: list[str] = []  # agents left out by a reload
         self.tunnels: dict[str, DesktopTunnel] = {}  # by agent address
         self._event_arrived = asyncio.Event()
+
+    def _client(self, address: str) -> AgentClient:
+        return AgentClient(address, on_event=self._on_event, on_lost=self._on_lost)
+
+    def _on_lost(self, client: AgentClient) -> None:
+        """An agent's control connection ended (closed, or silent past the heartbeat): its
+        tunnel goes too, so llama.cpp, perhaps waiting on that worker, fails now instead of
+        waiting for TCP to give up (many minutes on a dropped link)."""
+        tunnel = self.tunnels.pop(client.address, None)
+        if tunnel is not None:
+            tunnel.close()
 
     # ------------------------------------------------------------------ open
 
@@ -264,17 +275,19 @@ class ChatSession:
         self.verdicts += check_plan(exact)
         return analytic, exact
 
-    async def open(self, settings: LoadSettings) -> LoadResult:
+    async def open(
+        self, settings: LoadSettings, on_progress: Callable[[float], None] | None = None
+    ) -> LoadResult:
         """Connect, plan, refuse what would not fit, load, and compare plan with reality."""
         self.settings = settings
         await self.connect(settings.worker_threads)
-        return await self.open_after_connect(settings)
+        return await self.open_after_connect(settings, on_progress)
 
     def add_agent(self, address: str) -> None:
         """Take another agent into the next `reload` (a host that came back, or a new one)."""
-        self.clients.append(AgentClient(address, on_event=self._on_event))
+        self.clients.append(self._client(address))
 
-    async def reload(self) -> LoadResult:
+    async def reload(self, on_progress: Callable[[float], None] | None = None) -> LoadResult:
         """After a crash: load again, re-planned over the agents that still answer.
 
         The history stays; agents whose connection is gone and cannot be reopened are left
@@ -290,7 +303,7 @@ class ChatSession:
         for c in self.clients:
             if c.closed_reason:
                 await c.close()
-                c = AgentClient(c.address, on_event=self._on_event)
+                c = self._client(c.address)
                 try:
                     await c.connect()
                 except RuntimeFailure:
@@ -299,7 +312,7 @@ class ChatSession:
             kept.append(c)
         self.clients = kept
         self._events.clear()
-        return await self.open(self.settings)
+        return await self.open(self.settings, on_progress)
 
     async def open_after_connect(
         self, settings: LoadSettings, on_progress: Callable[[float], None] | None = None
@@ -311,12 +324,15 @@ class ChatSession:
         if refused:
             raise PlanRefused("refused before loading: " + "; ".join(str(v) for v in refused))
         self.warnings = (*self.warnings, *(str(v) for v in self.verdicts))
-        loaded = await self.child.load(
-            on_progress=on_progress,
-            rpc=self.endpoints,
-            tensor_split=list(exact.tensor_split) or None,
-            **settings.child_params(),
-        )
+        try:
+            loaded = await self.child.load(
+                on_progress=on_progress,
+                rpc=self.endpoints,
+                tensor_split=list(exact.tensor_split) or None,
+                **settings.child_params(),
+            )
+        except InferenceCrashed as crash:  # a worker or agent died while tensors went out
+            raise await self.explain(crash) from None
         result = self._placements(loaded, self.warnings)
         self.result = dataclasses.replace(
             result,

@@ -43,7 +43,7 @@ class PinStore:
 
     def peers(self) -> list[Peer]:
         try:
-            raw = self.path.read_text()
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -70,7 +70,7 @@ class PinStore:
                     )
                 )
             return out
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise SecurityFileError(f"{self.path} is damaged ({exc}): {fix}") from None
 
     def find(self, fp: str) -> Peer | None:

@@ -98,6 +98,15 @@ class Lan:
         """Cable in or out: host i's interface up or down (a network partition)."""
         _ip("-n", self.ns(i), "link", "set", self.veth(i), "up" if up else "down")
 
+    def drop(self, i: int, on: bool) -> None:
+        """A silent partition: host i's link stays up, but the bridge no longer carries its
+        frames (its port is taken off the bridge), so packets vanish without an error."""
+        port = f"{self.prefix}p{i}"[:15]
+        if on:
+            _ip("-n", self.bridge_ns, "link", "set", port, "nomaster")
+        else:
+            _ip("-n", self.bridge_ns, "link", "set", port, "master", "br0")
+
     def spawn(self, i: int, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start a process inside host i."""
         proc = subprocess.Popen(["ip", "netns", "exec", self.ns(i), *argv], **kw)
