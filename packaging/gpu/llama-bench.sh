@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# On a host with 2 GPUs (see README.md here): Corral's engine vs llama-bench from the same
+# llama.cpp build (bench/llama_bench_compare.py) on a random-weight 7.24B llama, Q4_K_M.
+#
+#   packaging/gpu/llama-bench.sh [WAIT_S]
+#
+# Builds (setup.sh), writes the f16 model, quantizes it with llama-quantize, then runs the
+# comparison (one GPU and the split, ~4 min), the one-GPU part again alone (~1 min) and
+# bench/llama_decode_costs.py. Every step runs detached, so when WAIT_S seconds (default 560)
+# have passed the script just reports where it is: run it again on the same machine (within
+# the 30 s it stays warm) and it carries on. On a fresh 2 x H200 host all of it takes ~9 min.
+# Results (results*.json, bench*.log, machine, build, model and rpc-server logs) go to $OUT.
+START=$SECONDS
+WAIT=${1:-560}
+left() { echo $((WAIT - (SECONDS - START))); }
+M=/tmp/7b-q4_k_m.gguf
+B=/tmp/llb/bin
+detached() {  # NAME COMMAND: run once, detached; /tmp/NAME.done gets its exit status
+  [ -f /tmp/$1.started ] && return
+  touch /tmp/$1.started
+  setsid nohup bash -c "{ $2; } > /tmp/$1.log 2>&1; echo \$? > /tmp/$1.done" >/dev/null 2>&1 < /dev/null &
+}
+wait_for() {  # NAME: until /tmp/NAME.done or out of time
+  while [ ! -f /tmp/$1.done ] && [ "$(left)" -gt 5 ]; do sleep 1; done
+  [ -f /tmp/$1.done ] || { echo "$1 still running"; tail -5 /tmp/$1.log; return 1; }
+}
+report() {
+  mkdir -p "$OUT"
+  { nproc; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+    nvidia-smi topo -m; } > "$OUT/machine.txt" 2>&1
+  tail -50 /tmp/build.log > "$OUT/build-tail.log" 2>/dev/null
+  cat /tmp/models.log /tmp/quant.log > "$OUT/model-quant.log" 2>/dev/null
+  cp /tmp/bench.log "$OUT/" 2>/dev/null
+  cp /tmp/results/results.json "$OUT/" 2>/dev/null
+  cp /tmp/results1/results.json "$OUT/results-1gpu.json" 2>/dev/null
+  { cat /tmp/bench1.log; grep "tok/s median" /tmp/costs.log; } > "$OUT/bench-1gpu.log" 2>/dev/null
+  tail -c 200000 /tmp/results/rpc-server-*.log > "$OUT/rpc-servers.log" 2>/dev/null
+}
+trap report EXIT
+python3 --version
+export CORRAL_MODELS=7b
+. packaging/gpu/setup.sh "$(left)"
+detached quant "$B/llama-quantize /tmp/7b.gguf $M.part Q4_K_M 32 && mv $M.part $M"
+wait_for quant || exit 0
+[ "$(cat /tmp/quant.done)" = 0 ] || { tail -20 /tmp/quant.log; exit 1; }
+ls -la $M
+detached bench "python3 bench/llama_bench_compare.py --bin $B --model $M --out /tmp/results \
+  --rounds ${ROUNDS:-7} --tokens 128 --reps 3 --threads 4 --gpus 0,1 --flash-attn on"
+wait_for bench || exit 0
+echo "bench rc=$(cat /tmp/bench.done)"
+grep -v "^round" /tmp/bench.log | tail -60
+# The one-GPU comparison again with nothing else loaded (during the run above the other runs'
+# models stay loaded and their processes up), then the per-token cost of sampling in Python (llama_decode_costs.py)
+detached bench1 "python3 bench/llama_bench_compare.py --bin $B --model $M --out /tmp/results1 \
+  --parts 1gpu --rounds 9 --tokens 128 --reps 3 --threads 4 --gpus 0,1 --flash-attn on"
+wait_for bench1 || exit 0
+grep -v "^round" /tmp/bench1.log | head -12
+detached costs "cd /tmp/llb && CUDA_VISIBLE_DEVICES=0 python3 $PWD/bench/llama_decode_costs.py $M"
+wait_for costs || exit 0
+grep "tok/s median" /tmp/costs.log
