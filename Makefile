@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEPS := $(VENV)/.corral-deps
 SOURCES := engine discovery gui tests bench packaging corral_pkg
 
-.PHONY: run test bench models install lint clean
+.PHONY: run test bench reliability models install lint clean
 
 $(DEPS): pyproject.toml packaging/install_llama.py packaging/system-deps.sh
 	bash packaging/system-deps.sh
@@ -48,6 +48,13 @@ bench: install models
 	$(BIN)/python bench/discovery.py
 	$(BIN)/python bench/planner_speed.py
 	$(BIN)/python bench/plan_accuracy.py
+
+# docs/RELIABILITY.md: 100,000+ fuzz cases, every fault 20 times, load, and a 30-minute soak
+# (about 75 minutes on 2 cores; the partition trials need root for network namespaces).
+# `make test` runs one trial of each (tests/reliability).
+reliability: install models
+	$(BIN)/python bench/fuzz.py --cases 100000
+	$(BIN)/python bench/reliability.py --trials 20 --soak-minutes 30
 
 clean:
 	rm -rf $(VENV) build *.egg-info

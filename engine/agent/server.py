@@ -81,7 +81,10 @@ _PAIRING_STEP_TIMEOUT = 5.0  # each step of an unpaired connection (the code is 
 _MAX_PAIRED = 256
 _MAX_UNPAIRED = 128
 _SUBSCRIBER_BACKLOG = 1024 * 1024  # drop a subscriber that stops reading this much
-LEASE_TIMEOUT = 15.0  # a lease holder silent this long has lost its lease
+# A lease holder silent this long has lost its lease (and its tunnels): desktops ping every
+# second, so this is eight missed pings; a desktop cut off by a partition frees the workers
+# for others within 10 s.
+LEASE_TIMEOUT = 8.0
 
 
 def load_agent_id(state_dir: Path) -> str:

@@ -87,7 +87,7 @@ _NOT_ACCEPTED = (
     "DECRYPT_ERROR",
 )
 # A ping every second, each with 3 s to answer: a host that went silent (a pulled cable, a
-# firewall that drops) is declared lost within 4 s, well inside the agent's 15 s lease and
+# firewall that drops) is declared lost within 4 s, inside the agent's 8 s lease timeout and
 # the 10 s a user waits before calling it a hang. A busy agent answers pings from its own
 # event loop, apart from the worker, so load does not delay them.
 _KEEPALIVE = 1.0

@@ -29,6 +29,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from corral.engine.procs import die_with_parent
 from corral.engine.protocol import FrameDecoder, encode_frame
 
@@ -357,6 +359,11 @@ class _Engine:
         L.llama_synchronize(ctx)
         t1 = time.perf_counter()
         sampler = self._sampler(req)
+        # Greedy: the first largest logit, read in place (what llama.cpp's greedy sampler
+        # picks, without building its candidate array: ~40 us a token on a 32k vocabulary,
+        # 1 % of a token on a GPU)
+        greedy = float(req.get("temp", 0.0)) <= 0
+        n_vocab = int(L.llama_vocab_n_tokens(vocab))
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         buf = ctypes.create_string_buffer(256)
         one = (L.llama_token * 1)()  # reused: the per-token path allocates nothing in ctypes
@@ -372,7 +379,11 @@ class _Engine:
                 if self.chan.cancel.is_set():
                     stop = "cancelled"
                     break
-                tok = int(L.llama_sampler_sample(sampler, ctx, -1))
+                if greedy:
+                    logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), (n_vocab,))
+                    tok = int(logits.argmax())
+                else:
+                    tok = int(L.llama_sampler_sample(sampler, ctx, -1))
                 if L.llama_vocab_is_eog(vocab, tok) and not ignore_eos:
                     stop = "eos"
                     break

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.engine.agent.server import LEASE_TIMEOUT
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
@@ -319,7 +320,7 @@ def test_a_frozen_lease_holder_loses_the_lease_after_the_timeout(
                 await client.close()
 
         waited = asyncio.run(run())
-        assert 10 < waited < 25, waited  # LEASE_TIMEOUT is 15 s, the keepalive 5 s
+        assert waited > LEASE_TIMEOUT - 1, waited  # not taken away while it may still talk
     finally:
         holder.kill()
         holder.wait()
