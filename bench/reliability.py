@@ -94,7 +94,7 @@ def main() -> int:
     # pairings, keys and saved chats of this run stay apart from the user's own
     os.environ.setdefault("CORRAL_STATE_DIR", tempfile.mkdtemp(prefix="corral-reliability-"))
     n, only = opts.trials, set(opts.only)
-    before = set(faults.our_processes())
+    faults.mark_run()
     results: dict[str, Any] = {}
     rows: list[str] = []
 
@@ -146,7 +146,7 @@ def main() -> int:
         with LocalAgents(2) as agents:
             results["soak"] = asyncio.run(faults.soak(agents, opts.soak_minutes))
         print(json.dumps(results["soak"]), flush=True)
-    leaked = sorted(set(faults.our_processes()) - before)
+    leaked = faults.left_behind()
     results["leaked_processes"] = leaked
     print()
     print(

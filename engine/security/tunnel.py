@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from corral.engine.protocol import (
     ErrorReply,
@@ -40,25 +40,30 @@ log = logging.getLogger(__name__)
 _BUF = 256 * 1024
 
 
-def _recv_all(sock: socket.socket) -> bytes:
-    """Block for the next bytes, then take whatever else is already there: ggml-rpc sends a
-    command as three writes (1 byte, 8 bytes, payload), and one TLS record and one wake-up
-    of the far side for all three is what keeps the per-message cost down."""
-    data = sock.recv(_BUF)
-    if not data:
-        return data
-    parts = [data]
-    size = len(data)
-    while size < _BUF:
-        try:
-            more = sock.recv(_BUF - size, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            break
-        if not more:
-            break  # EOF: the next blocking recv says so
-        parts.append(more)
-        size += len(more)
-    return data if len(parts) == 1 else b"".join(parts)
+class _Reader:
+    """Reads a socket into one buffer of its own, reused for every message: a fresh 256 KiB
+    bytes object per recv cost a large malloc and a shrinking realloc per RPC message, and
+    the arenas of the pump threads kept growing with each tunnel (the soak found it)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.view = memoryview(bytearray(_BUF))
+
+    def next(self) -> memoryview:
+        """Block for the next bytes, then take whatever else is already there: ggml-rpc
+        sends a command as three writes (1 byte, 8 bytes, payload), and one TLS record and
+        one wake-up of the far side for all three is what keeps the per-message cost down.
+        Empty at EOF; valid until the next call."""
+        size = self.sock.recv_into(self.view)
+        while 0 < size < _BUF:
+            try:
+                more = self.sock.recv_into(self.view[size:], 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not more:
+                break  # EOF: the next blocking recv says so
+            size += more
+        return self.view[:size]
 
 
 class TlsPump:
@@ -76,6 +81,7 @@ class TlsPump:
     ) -> None:
         self.tls, self.obj, self.inc, self.out, self.plain = tls, obj, inc, out, plain
         self._to_plain = to_plain
+        self._clear = memoryview(bytearray(_BUF))  # decrypted bytes on their way out
         self._lock = threading.Lock()
         self._on_close = on_close
         self._closed = threading.Event()
@@ -95,8 +101,9 @@ class TlsPump:
             # records that arrived with the handshake or the opening frames
             if not self._decrypt_and_send():
                 return
+            reader = _Reader(self.tls)
             while True:
-                data = _recv_all(self.tls)
+                data = reader.next()
                 if not data:
                     return
                 self.inc.write(data)
@@ -109,30 +116,34 @@ class TlsPump:
 
     def _decrypt_and_send(self) -> bool:
         """False when the peer closed the TLS session."""
-        parts = []
-        with self._lock:
-            while self.inc.pending:
-                try:
-                    chunk = self.obj.read(_BUF)
-                except ssl.SSLWantReadError:
-                    break  # a partial record: wait for the rest
-                except ssl.SSLZeroReturnError:
-                    return False
-                if not chunk:
-                    return False
-                parts.append(chunk)
-            # pending plaintext OpenSSL already decrypted but did not hand out
-            while self.obj.pending():
-                parts.append(self.obj.read(_BUF))
-        if parts:
-            self.plain.sendall(b"".join(parts) if len(parts) > 1 else parts[0])
+        size, done = 0, False
+        while not done:
+            with self._lock:
+                # until the incoming BIO is empty, and the plaintext OpenSSL already
+                # decrypted but did not hand out, or the buffer is full
+                while size < _BUF and (self.inc.pending or self.obj.pending()):
+                    try:
+                        # given a buffer, read returns a count (typeshed says bytes)
+                        n = cast(int, self.obj.read(_BUF - size, self._clear[size:]))
+                    except ssl.SSLWantReadError:
+                        break  # a partial record: wait for the rest
+                    except ssl.SSLZeroReturnError:
+                        return False
+                    if not n:
+                        return False
+                    size += n
+                done = size < _BUF
+            if size:
+                self.plain.sendall(self._clear[:size])
+                size = 0
         return True
 
     def _up(self) -> None:
         """Plaintext in from the plain socket, TLS records out."""
         try:
+            reader = _Reader(self.plain)
             while True:
-                data = _recv_all(self.plain)
+                data = reader.next()
                 if not data:
                     return
                 with self._lock:

@@ -72,12 +72,14 @@ def test_connection_flood_leaves_the_paired_session_alone(agents: LocalAgents) -
     assert got["agent_rss_mib"]["peak"] < got["agent_rss_mib"]["before"] + 64, got
 
 
-def test_soak_briefly(tmp_path: Path) -> None:
+def test_soak_briefly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(faults.RUN_MARK, f"soak-{time.time_ns()}")
     with LocalAgents(2) as fresh:
         got = asyncio.run(faults.soak(fresh, minutes=0.4, restart_every=10))
         assert got["agents_alive"] == 2, got
     print(got)
     assert got["restarts"] >= 1 and got["replies"] > 0 and not got["errors"], got
+    assert faults.left_behind() == []  # agents, workers and inference children all ended
 
 
 @pytest.fixture(scope="module")

@@ -302,15 +302,29 @@ def disk_full(tmp: Path) -> Trial:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def our_processes() -> list[str]:
-    """Corral processes alive on this machine besides this one (agents, workers, children)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    mine = str(os.getpid())
+RUN_MARK = "CORRAL_RELIABILITY_RUN"
+
+
+def mark_run() -> str:
+    """Tag this process's environment, so every process it starts (agents, their workers,
+    inference children, however reparented) can be found again by `left_behind`."""
+    os.environ[RUN_MARK] = os.environ.get(RUN_MARK) or f"{os.getpid()}-{time.time_ns()}"
+    return os.environ[RUN_MARK]
+
+
+def left_behind() -> list[str]:
+    """Processes started by this run (they carry its mark) still alive, besides this one."""
+    tag = f"{RUN_MARK}={os.environ.get(RUN_MARK, '')}".encode()
     found = []
-    for line in out.splitlines()[1:]:
-        pid, _, args = line.strip().partition(" ")
-        if pid != mine and "corral" in args and sys.executable in args:
-            found.append(line.strip())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if tag in (entry / "environ").read_bytes().split(b"\0"):
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{entry.name} {cmd.strip()}")
+        except OSError:
+            continue
     return found
 
 
