@@ -82,9 +82,7 @@ def _private_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_the_bundle_starts_and_shows_its_window(
-    bundle: Path, display: str, tmp_path: Path
-) -> None:
+def test_the_bundle_starts_and_shows_its_window(bundle: Path, display: str, tmp_path: Path) -> None:
     app = subprocess.Popen(
         [str(bundle)],
         env=_private_env(tmp_path, DISPLAY=display),
