@@ -106,7 +106,7 @@ if [ ! -e "$config" ]; then
   say "writing $config (docs/OPERATIONS.md lists every setting)"
   mkdir -p "$(dirname "$config")"
   {
-    echo "# corral-agent settings; command-line flags override them. Reload: systemctl reload corral-agent"
+    echo "# corral-agent settings (docs/OPERATIONS.md); flags override them; SIGHUP (systemctl reload) re-reads them"
     echo 'listen = "0.0.0.0:7340"'
     echo '# interfaces = ["eth0"]        # announce (mDNS) only here'
     echo '# devices = ["CUDA0"]          # share only these (corral-agent doctor lists them)'
