@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from importlib.metadata import requires
+from importlib.metadata import metadata, requires
 
 
 def _requirements() -> list[tuple[str, str]]:
@@ -18,6 +18,7 @@ def _requirements() -> list[tuple[str, str]]:
 
 
 def test_the_agent_extra_and_the_base_pull_no_qt() -> None:
+    assert "agent" in (metadata("corral").get_all("Provides-Extra") or [])
     reqs = _requirements()
     worker = [name for name, extra in reqs if extra in ("", "agent")]
     assert "msgpack" in worker and "zeroconf" in worker
