@@ -119,8 +119,8 @@ fi
 
 say "checking the result (corral-agent doctor)"
 doctor_args=()
-[ -n "$state" ] && doctor_args=(--state-dir "$state")
-"$venv/bin/corral-agent" --config "$config" doctor "${doctor_args[@]}" || true
+[ -n "$state" ] && doctor_args=(--state-dir "$state" --log-dir /var/log/corral-agent)
+"$venv/bin/corral-agent" --config "$config" "${doctor_args[@]}" doctor || true
 
 case "$service" in
   system)
