@@ -481,7 +481,7 @@ class AgentServer:
                     msg.req,
                     int(ErrorCode.UNKNOWN_DEVICE),
                     f"no device {', '.join(unknown)} on {inventory.hostname()}; "
-                    f"it shares {', '.join(sorted(known)) or 'none'}",
+                    f"it has {', '.join(sorted(known)) or 'none'}",
                 )
             refused = self._in_use(conn, msg.req)  # taken while the probe ran
             if refused is not None:
