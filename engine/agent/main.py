@@ -88,13 +88,17 @@ async def _run(opts: argparse.Namespace) -> int:
     except SecurityFileError as exc:
         print(f"corral-agent: {exc}", file=sys.stderr)
         return 2
+    # from here on a SIGHUP reloads the config instead of ending the agent
+    loop.add_signal_handler(signal.SIGHUP, _reload, opts, server)
     if opts.trusted_network:
         print(_TRUSTED_WARNING, file=sys.stderr, flush=True)
     try:
         bound = await server.start()
     except OSError as exc:
         print(
-            f"corral-agent: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr
+            f"corral-agent: cannot listen on {host}:{port}: {exc.strerror or exc} "
+            "(`corral-agent doctor` says what holds the port)",
+            file=sys.stderr,
         )
         await server.close()
         return 2
@@ -117,7 +121,6 @@ async def _run(opts: argparse.Namespace) -> int:
             "config": opts.config_text,
         },
     )
-    loop.add_signal_handler(signal.SIGHUP, _reload, opts, server)
     await stop.wait()
     log.info("stopping")
     await server.close()
