@@ -104,6 +104,8 @@ def test_the_bundle_starts_and_shows_its_window(bundle: Path, display: str, tmp_
         width = int(info.split("Width:")[1].split()[0])
         height = int(info.split("Height:")[1].split()[0])
         assert width >= 640 and height >= 400
+        # the app keeps its log in the platform's log dir ($XDG_STATE_HOME/corral/log)
+        assert (tmp_path / "state" / "corral" / "log" / "corral.log").exists()
     finally:
         app.terminate()
         try:
