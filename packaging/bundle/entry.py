@@ -11,16 +11,15 @@ import runpy
 import sys
 
 
-def main() -> int:
+def main() -> None:
+    """`-m MODULE ARGS` runs MODULE, as Python would; anything else is `corral ARGS`."""
     if len(sys.argv) >= 3 and sys.argv[1] == "-m":
-        module = sys.argv[2]
-        sys.argv = [sys.argv[0], *sys.argv[3:]]
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-        return 0
-    from corral.gui.launch import main as launch
-
-    return launch(sys.argv[1:])
+        module, args = sys.argv[2], sys.argv[3:]
+    else:
+        module, args = "corral.gui.launch", sys.argv[1:]
+    sys.argv = [sys.argv[0], *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
