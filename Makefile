@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEPS := $(VENV)/.corral-deps
 SOURCES := engine discovery gui tests bench packaging corral_pkg
 
-.PHONY: run test bench reliability models install lint clean
+.PHONY: run test bench reliability models install lint clean bundle
 
 $(DEPS): pyproject.toml packaging/install_llama.py packaging/system-deps.sh
 	bash packaging/system-deps.sh
@@ -56,5 +56,9 @@ reliability: install models
 	$(BIN)/python bench/fuzz.py --cases 100000
 	$(BIN)/python bench/reliability.py --trials 20 --soak-minutes 30
 
+# The desktop app as one folder, dist/corral/ (PyInstaller; docs/OPERATIONS.md).
+bundle: install
+	bash packaging/bundle/build.sh dist
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

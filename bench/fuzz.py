@@ -27,8 +27,9 @@ _SHARE = {
     "txt": 0.1,
     "address": 0.05,
     "gguf": 0.1,
-    "pins": 0.075,
-    "chats": 0.075,
+    "pins": 0.05,
+    "chats": 0.05,
+    "config": 0.05,
 }
 
 

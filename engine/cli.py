@@ -833,6 +833,21 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="install the default model into the cache dir")
     models.add_argument("--json", action="store_true")
 
+    doctor = sub.add_parser(
+        "doctor",
+        help="check this desktop and every paired agent; each problem with its fix",
+        description="Checks llama.cpp (build, RPC support, devices), NVML, the clock, mDNS, "
+        "and every paired agent: reachable, its port held by the agent, versions that match.",
+    )
+    doctor.add_argument(
+        "--wait",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="how long to listen for agents' mDNS announcements (default 3)",
+    )
+    doctor.add_argument("--json", action="store_true", help="one JSON object per check")
+
     demo = sub.add_parser("demo", help="start two local agents, split the default model, chat")
     demo.add_argument("--prompt", default="Name three things people do with a GPU cluster.")
     demo.add_argument("--max-tokens", type=_positive, default=48)
@@ -855,6 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         "paired": lambda: _paired(opts, out),
         "chats": lambda: _chats(opts, out),
         "demo": lambda: _demo(opts, out),
+        "doctor": lambda: _doctor(opts),
     }
     try:
         return runners[opts.cmd]()
@@ -888,6 +904,12 @@ def _save_traceback() -> str:
     except OSError:
         return "(could not be saved)"
     return str(path)
+
+
+def _doctor(opts: argparse.Namespace) -> int:
+    from corral.engine.doctor.desktop import run_desktop_doctor
+
+    return run_desktop_doctor(opts)
 
 
 def _demo(opts: argparse.Namespace, out: _Out) -> int:

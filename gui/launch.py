@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from corral.engine.logfile import setup_logging
+
+    # the app's log: JSON lines in the platform's log dir (~/.local/state/corral/log)
+    level = os.environ.get("CORRAL_LOG_LEVEL", "INFO").upper()
+    setup_logging(
+        "corral", level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO", None
+    )
     return window_main([sys.argv[0], *args])
 
 

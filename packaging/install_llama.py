@@ -4,7 +4,13 @@ pip's own wheel cache ignores CMAKE_ARGS, so a wheel built once without RPC woul
 silently. We build into ~/.cache/corral/wheels/<version>-<flags key>/ instead, install from
 there, and check `llama_supports_rpc()` afterwards.
 
-Usage: python packaging/install_llama.py [--cuda auto|on|off] [--print-key]
+Usage: python packaging/install_llama.py [--backend auto|cuda|metal|cpu] [--portable]
+                                         [--print-args] [--print-key]
+
+--backend auto picks CUDA when nvcc and an NVIDIA GPU are there, Metal on macOS, else the CPU.
+--portable turns GGML_NATIVE off: the build then runs on any CPU of the architecture, not
+only on this one's instruction set; use it for anything copied to other machines (a wheel
+for several workers, the desktop bundle).
 """
 
 from __future__ import annotations
@@ -24,14 +30,26 @@ def _has_nvidia_gpu() -> bool:
     return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
 
 
-def cmake_args(cuda: str) -> str:
-    """CMAKE_ARGS for this machine: RPC always; CUDA when asked, or when nvcc and a GPU exist."""
+def detect_backend() -> str:
+    """cuda when nvcc and an NVIDIA GPU are both there, metal on macOS, else cpu."""
+    if sys.platform == "darwin":
+        return "metal"
+    if shutil.which("nvcc") is not None and _has_nvidia_gpu():
+        return "cuda"
+    return "cpu"
+
+
+def cmake_args(backend: str, portable: bool = False) -> str:
+    """CMAKE_ARGS: RPC always, the backend's switch, and GGML_NATIVE off when portable."""
     args = ["-DGGML_RPC=on"]
-    want_cuda = cuda == "on" or (
-        cuda == "auto" and shutil.which("nvcc") is not None and _has_nvidia_gpu()
-    )
-    if want_cuda:
+    if backend == "auto":
+        backend = detect_backend()
+    if backend == "cuda":
         args.append("-DGGML_CUDA=on")
+    elif backend == "metal":
+        args.append("-DGGML_METAL=on")
+    if portable:
+        args.append("-DGGML_NATIVE=off")
     extra = os.environ.get("CORRAL_LLAMA_CMAKE_ARGS", "").strip()
     if extra:
         args.extend(extra.split())
@@ -56,11 +74,18 @@ def _installed_ok(python: str) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cuda", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--backend", choices=["auto", "cuda", "metal", "cpu"], default="auto")
+    parser.add_argument(
+        "--portable", action="store_true", help="GGML_NATIVE off: for builds copied elsewhere"
+    )
+    parser.add_argument("--print-args", action="store_true", help="print CMAKE_ARGS and exit")
     parser.add_argument("--print-key", action="store_true", help="print the wheel folder and exit")
     opts = parser.parse_args()
-    args = cmake_args(opts.cuda)
+    args = cmake_args(opts.backend, opts.portable)
     target = wheel_dir(args)
+    if opts.print_args:
+        print(args)
+        return 0
     if opts.print_key:
         print(target)
         return 0

@@ -1,9 +1,13 @@
 """`corral-agent`: the worker daemon, and its local pairing commands.
 
-corral-agent [--listen HOST:PORT] [--state-dir DIR] [--pairing-code CODE] ...
+corral-agent [--config FILE] [--listen HOST:PORT] [--state-dir DIR] [--pairing-code CODE] ...
 corral-agent pair      a new one-time pairing code (from the running agent)
 corral-agent paired    the desktops this agent has paired with
 corral-agent unpair X  forget a desktop (name or fingerprint prefix)
+corral-agent doctor    check this worker: llama.cpp build, devices, NVML, port, mDNS, clock
+
+Settings come from the command line, then the config file (--config, else
+~/.config/corral-agent/agent.toml when it exists), then defaults. SIGHUP reloads the file.
 """
 
 from __future__ import annotations
@@ -19,10 +23,21 @@ from pathlib import Path
 
 import platformdirs
 
+from corral.engine.logfile import setup_logging
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.identity import short
 
+from .config import (
+    DEFAULT_PORT,
+    LOG_LEVELS,
+    AgentConfig,
+    ConfigError,
+    default_config_path,
+    load_config,
+)
 from .server import AgentServer
+
+log = logging.getLogger("corral.agent")
 
 _TRUSTED_WARNING = (
     "corral-agent: WARNING: --trusted-network exposes the llama.cpp RPC worker, which has no "
@@ -33,10 +48,12 @@ _TRUSTED_WARNING = (
 
 def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT (IPv6 as [::1]:PORT); port 0 picks a free one."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (for example 0.0.0.0:7340)")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    from .config import parse_listen as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _code_arg(text: str) -> str:
@@ -66,17 +83,22 @@ async def _run(opts: argparse.Namespace) -> int:
             tuple(opts.advertise_interface),
             pairing_code=opts.pairing_code or "",
             trusted_network=opts.trusted_network,
+            settings=opts.config.worker,
         )
     except SecurityFileError as exc:
         print(f"corral-agent: {exc}", file=sys.stderr)
         return 2
+    # from here on a SIGHUP reloads the config instead of ending the agent
+    loop.add_signal_handler(signal.SIGHUP, _reload, opts, server)
     if opts.trusted_network:
         print(_TRUSTED_WARNING, file=sys.stderr, flush=True)
     try:
         bound = await server.start()
     except OSError as exc:
         print(
-            f"corral-agent: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr
+            f"corral-agent: cannot listen on {host}:{port}: {exc.strerror or exc} "
+            "(`corral-agent doctor` says what holds the port)",
+            file=sys.stderr,
         )
         await server.close()
         return 2
@@ -91,9 +113,50 @@ async def _run(opts: argparse.Namespace) -> int:
         "`corral-agent pair` makes a new one)",
         flush=True,
     )
+    log.info(
+        "started",
+        extra={
+            "agent_id": server.agent_id,
+            "listen": f"{host}:{bound}",
+            "config": opts.config_text,
+        },
+    )
     await stop.wait()
+    log.info("stopping")
     await server.close()
     return 0
+
+
+def _reload(opts: argparse.Namespace, server: AgentServer) -> None:
+    """SIGHUP: read the config file again; a file that cannot be used changes nothing."""
+    path = opts.config.path
+    if path is None:
+        log.warning("SIGHUP: no config file to reload (start with --config FILE)")
+        return
+    try:
+        new = load_config(path, required=True)
+    except ConfigError as exc:
+        log.error("config not reloaded, keeping the current settings: %s", exc)
+        return
+    server.apply(new.worker)
+    if new.log_level and not opts.log_level_flag:
+        logging.getLogger().setLevel(new.log_level)
+    old = opts.config
+    later = [
+        name
+        for name, a, b in (
+            ("listen", old.listen, new.listen),
+            ("advertise", old.advertise, new.advertise),
+            ("interfaces", old.interfaces, new.interfaces),
+            ("state_dir", old.state_dir, new.state_dir),
+            ("log_dir", old.log_dir, new.log_dir),
+        )
+        if a != b
+    ]
+    if later:
+        log.warning("config: %s change only when the agent restarts", ", ".join(later))
+    opts.config = new
+    log.warning("config reloaded from %s", path, extra={"config": str(path)})
 
 
 async def _admin(opts: argparse.Namespace) -> int:
@@ -174,28 +237,32 @@ def _offline_admin(opts: argparse.Namespace) -> int:
         return 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    default_state = Path(platformdirs.user_state_dir("corral-agent"))
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="corral-agent",
         description="Corral worker daemon: inventory and a llama.cpp RPC worker, for paired "
-        "desktops only.",
+        "desktops only. Flags override the config file.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"TOML settings (default: {default_config_path()} when it exists); SIGHUP reloads it",
     )
     parser.add_argument(
         "--listen",
         type=parse_listen,
-        default=("0.0.0.0", 7340),
         metavar="HOST:PORT",
-        help="control address (default 0.0.0.0:7340); the only port the agent opens",
+        help=f"control address (default 0.0.0.0:{DEFAULT_PORT}); the only port the agent opens",
     )
     parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=default_state,
-        help="identity, pairings, worker log and tensor cache",
+        "--state-dir", type=Path, help="identity, pairings, worker log and tensor cache"
     )
     parser.add_argument(
-        "--no-advertise", action="store_true", help="do not announce this agent on the LAN (mDNS)"
+        "--no-advertise",
+        action="store_true",
+        default=None,
+        help="do not announce this agent on the LAN (mDNS)",
     )
     parser.add_argument(
         "--advertise-interface",
@@ -218,14 +285,19 @@ def main(argv: list[str] | None = None) -> int:
         help="ALSO expose the RPC worker directly on the network, unauthenticated (faster; "
         "only on a network where every machine is trusted)",
     )
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-dir",
+        type=Path,
+        metavar="DIR",
+        help="where corral-agent.log (JSON lines, rotated) goes (default: the platform's log dir)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in (
         ("pair", "print a new one-time pairing code from the running agent"),
         ("paired", "list the desktops this agent has paired with"),
         ("unpair", "forget a desktop: its connections close and it must pair again"),
+        ("doctor", "check this worker and say how to fix what is wrong"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS)
@@ -240,11 +312,51 @@ def main(argv: list[str] | None = None) -> int:
             )
         if name == "unpair":
             p.add_argument("who", help="the desktop's name or fingerprint (8+ hex digits)")
-    opts = parser.parse_args(argv)
-    logging.basicConfig(
-        level=opts.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if name == "doctor":
+            p.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE")
+            p.add_argument(
+                "--listen", type=parse_listen, default=argparse.SUPPRESS, metavar="HOST:PORT"
+            )
+            p.add_argument("--json", action="store_true", help="one JSON object per check")
+    return parser
+
+
+def _settle(opts: argparse.Namespace, config: AgentConfig) -> None:
+    """Flags, else the config file, else the defaults, into `opts`."""
+    opts.listen = opts.listen or config.listen or ("0.0.0.0", DEFAULT_PORT)
+    opts.state_dir = (
+        opts.state_dir or config.state_dir or Path(platformdirs.user_state_dir("corral-agent"))
     )
+    if opts.no_advertise is None:
+        opts.no_advertise = config.advertise is False
+    opts.advertise_interface = opts.advertise_interface or list(config.interfaces or ())
+    opts.log_level_flag = opts.log_level is not None
+    opts.log_level = opts.log_level or config.log_level or "INFO"
+    opts.log_dir = opts.log_dir or config.log_dir
+    opts.config = config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    explicit = opts.config is not None
+    path = opts.config or default_config_path()
+    opts.config_error = None
+    try:
+        config = load_config(path, required=explicit)
+    except ConfigError as exc:
+        if opts.command != "doctor":  # the doctor reports it with the other checks
+            print(f"corral-agent: config refused: {exc}", file=sys.stderr)
+            return 2
+        config, opts.config_error = AgentConfig(path=path), exc
+    opts.config_text = str(path) if config.path else ""
+    _settle(opts, config)
+    if opts.command == "doctor":
+        from corral.engine.doctor.worker import run_worker_doctor
+
+        return run_worker_doctor(opts)
     if opts.command:
+        logging.basicConfig(level=opts.log_level, format="%(levelname)s %(name)s: %(message)s")
         return asyncio.run(_admin(opts))
     try:
         opts.state_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = unknown_interfaces(tuple(opts.advertise_interface))
         if missing:
             parser.error(f"no network interface named {', '.join(missing)}")
+    setup_logging("corral-agent", opts.log_level, opts.log_dir)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_run(opts))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import os
@@ -28,6 +29,7 @@ from corral.engine.protocol import (
     AgentEvent,
     CapabilityReply,
     CapabilityRequest,
+    DeviceInfo,
     ErrorCode,
     ErrorReply,
     Hello,
@@ -67,6 +69,7 @@ from corral.engine.security.tunnel import TlsPump
 
 from . import inventory
 from .admin import AdminServer
+from .config import WorkerSettings
 from .supervisor import RpcSupervisor, WorkerStartError, replace_host
 
 log = logging.getLogger(__name__)
@@ -129,8 +132,10 @@ class AgentServer:
         advertise_interfaces: tuple[str, ...] = (),
         pairing_code: str = "",
         trusted_network: bool = False,
+        settings: WorkerSettings | None = None,
     ) -> None:
         self.host = host
+        self.settings = settings or WorkerSettings()
         self.port = port
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +151,7 @@ class AgentServer:
         self.supervisor = RpcSupervisor(
             state_dir, direct, self._worker_changed, drop_tunnels=self._drop_tunnels
         )
+        self.supervisor.configure(self.settings)
         self._ctx = server_context(self.identity, [p.cert_der for p in self.pins.peers()])
         self._server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
@@ -217,6 +223,23 @@ class AgentServer:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    def apply(self, settings: WorkerSettings) -> None:
+        """New worker settings (a reloaded config): inventories show them at once; a running
+        worker keeps its devices and threads until its holder starts it again."""
+        if settings != self.settings:
+            log.info("worker settings now %s", settings)
+        self.settings = settings
+        self.supervisor.configure(settings)
+
+    async def _shared_devices(self) -> tuple[DeviceInfo, ...]:
+        """The ggml devices this agent offers, with the configured reserve taken off."""
+        s = self.settings
+        return tuple(
+            dataclasses.replace(d, memory_free=max(0, d.memory_free - s.reserve_bytes(d.name)))
+            for d in (await self._probe()).devices
+            if s.shares(d.name)
+        )
 
     # ------------------------------------------------------------------ trust
 
@@ -456,8 +479,9 @@ class AgentServer:
                 return refused
             if msg.threads < 0:
                 return ErrorReply(msg.req, int(ErrorCode.BAD_MESSAGE), "threads must be >= 0")
-            known = {d.name for d in (await self._probe()).devices}
-            unknown = [d for d in msg.devices if d not in known]
+            known = {d.name for d in await self._shared_devices()}
+            devices = msg.devices or self.settings.devices
+            unknown = [d for d in devices if d not in known]
             if unknown:
                 return ErrorReply(
                     msg.req,
@@ -471,7 +495,10 @@ class AgentServer:
             self._lease = conn
             conn.since = time.time()
             try:
-                state = await self.supervisor.start(msg.devices, msg.threads, msg.cache)
+                threads = msg.threads or self.settings.rpc_threads
+                state = await self.supervisor.start(
+                    devices, threads, msg.cache and self.settings.cache
+                )
             except WorkerStartError as exc:
                 return ErrorReply(msg.req, int(ErrorCode.WORKER_FAILED), str(exc))
             return WorkerReply(req=msg.req, worker=replace_host(state, local_host))
@@ -628,7 +655,7 @@ class AgentServer:
             ram_free=free,
             gpus=gpus,
             nvml=nvml,
-            devices=probe.devices,
+            devices=await self._shared_devices(),
             worker=replace_host(self.supervisor.state, local_host),
             system_info=str(probe.build.get("system_info", "")),
         )

@@ -23,6 +23,7 @@ from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.procs import exit_text
 from corral.engine.protocol import WorkerState
 
+from .config import WorkerSettings
 from .forward import Forwarder
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,13 @@ class RpcSupervisor:
         self._watch: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.log_path = state_dir / "rpc-worker.log"
+        self.cache_dir = state_dir / "tensor-cache"
+        self._cache_max = 0
+
+    def configure(self, settings: WorkerSettings) -> None:
+        """Where the tensor cache lives and how big it may grow (from the next start)."""
+        self.cache_dir = settings.cache_dir or self._state_dir / "tensor-cache"
+        self._cache_max = settings.cache_max_mib * 1024 * 1024
 
     # ------------------------------------------------------------------ public
 
@@ -160,9 +168,11 @@ class RpcSupervisor:
             str(self._threads),
         ]
         if self._cache:
-            cache_dir = self._state_dir / "tensor-cache"
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            cmd += ["--cache-dir", str(cache_dir)]
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            removed = prune_cache(self.cache_dir, self._cache_max)
+            if removed:
+                log.info("tensor cache over its cap: removed %d old files", removed)
+            cmd += ["--cache-dir", str(self.cache_dir)]
         self._set("starting")
         with self.log_path.open("ab") as logf:
             logf.write(f"--- starting worker: {' '.join(cmd[3:])}\n".encode())
@@ -243,6 +253,32 @@ class RpcSupervisor:
             if self._status != "stopped":
                 self._set("stopped", "stopped", "RPC worker stopped")
         self._status = "stopped"
+
+
+def prune_cache(folder: Path, cap: int) -> int:
+    """Delete the least recently used files until `folder` holds at most `cap` bytes.
+
+    The RPC worker keeps one file per tensor it was sent (named by hash) and never deletes
+    any; the oldest by access (else modification) time go first. Returns how many went.
+    """
+    entries = []
+    for path in folder.rglob("*"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if path.is_file():
+            entries.append((max(st.st_atime, st.st_mtime), st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    removed = 0
+    for _, size, path in sorted(entries):
+        if total <= cap:
+            break
+        with contextlib.suppress(OSError):
+            path.unlink()
+            total -= size
+            removed += 1
+    return removed
 
 
 def replace_host(state: WorkerState, host: str) -> WorkerState:

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from corral.discovery.txt import AgentHints, BadTxt, decode_txt, encode_txt
+from corral.engine.agent.config import ConfigError, parse_config
 from corral.engine.model.spec import ModelError, read_model_spec
 from corral.engine.protocol import FrameDecoder, ProtocolError, encode_frame, read_frame
 from corral.engine.protocol.messages import _REGISTRY, from_wire, to_wire
@@ -300,6 +301,36 @@ def _chat(content: bytes) -> bool:
     return True
 
 
+_GOOD_CONFIG = """listen = "0.0.0.0:7340"
+interfaces = ["eth0"]
+devices = ["CUDA0"]
+reserve_mib = { CUDA0 = 2048, default = 256 }
+rpc_threads = 8
+cache_dir = "/var/cache/corral"
+cache_max_mib = 51200
+log_level = "INFO"
+"""
+
+
+def _config_texts() -> st.SearchStrategy[str]:
+    """Any text, and the documented example with a line replaced or cut."""
+    lines = _GOOD_CONFIG.splitlines()
+    edited = st.tuples(st.integers(0, len(lines) - 1), st.text(max_size=60)).map(
+        lambda t: "\n".join([*lines[: t[0]], t[1], *lines[t[0] + 1 :]])
+    )
+    cut = st.integers(0, len(_GOOD_CONFIG)).map(lambda n: _GOOD_CONFIG[:n])
+    return st.text(max_size=300) | edited | cut
+
+
+def _config(text: str) -> bool:
+    try:
+        parse_config(text, Path("agent.toml"))
+    except ConfigError as exc:
+        assert ":" in str(exc)  # FILE:LINE: reason
+        return False
+    return True
+
+
 def targets() -> list[Target]:
     return [
         Target(
@@ -322,6 +353,7 @@ def targets() -> list[Target]:
         Target("gguf", "GGUF header reader on corrupted model files", _gguf_edits(), _gguf),
         Target("pins", "the desktop's paired-agents.json", _file_contents(), _pins),
         Target("chats", "saved chat files", _file_contents(), _chat),
+        Target("config", "the agent's TOML config file", _config_texts(), _config),
     ]
 
 

@@ -1,0 +1,264 @@
+"""The agent's config file: parsed with the line and reason of every refusal, applied by a
+real agent (shared devices, reserve, RPC threads, cache dir), overridden by flags, reloaded
+on SIGHUP, and a bad reload changes nothing. Plus its JSON-lines log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from corral.engine.agent.config import ConfigError, WorkerSettings, load_config, parse_config
+from corral.engine.agent.supervisor import prune_cache
+from corral.engine.protocol import Inventory
+from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.localagents import LocalAgents
+
+FILE = Path("/etc/corral/agent.toml")
+
+
+def _refusal(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, FILE)
+    return caught.value
+
+
+def test_a_full_file_is_read() -> None:
+    config = parse_config(
+        """
+listen = "10.0.0.5:7400"
+advertise = false
+interfaces = ["eth0", "eth1"]
+devices = ["CUDA0", "CUDA1"]
+reserve_mib = { CUDA0 = 2048, default = 256 }
+rpc_threads = 6
+cache_dir = "/var/cache/corral-agent"
+cache_max_mib = 4096
+state_dir = "/var/lib/corral-agent"
+log_dir = "/var/log/corral-agent"
+log_level = "debug"
+""",
+        FILE,
+    )
+    assert config.listen == ("10.0.0.5", 7400) and config.advertise is False
+    assert config.interfaces == ("eth0", "eth1") and config.log_level == "DEBUG"
+    w = config.worker
+    assert w.devices == ("CUDA0", "CUDA1") and w.rpc_threads == 6
+    assert w.reserve_bytes("CUDA0") == 2048 << 20 and w.reserve_bytes("CUDA1") == 256 << 20
+    assert w.cache_dir == Path("/var/cache/corral-agent") and w.cache_max_mib == 4096
+    assert w.shares("CUDA1") and not w.shares("CPU")
+
+
+def test_nothing_set_is_the_defaults_and_flags_decide() -> None:
+    config = parse_config("# all defaults\n", FILE)
+    assert config.listen is None and config.state_dir is None
+    assert config.worker == WorkerSettings()
+    assert WorkerSettings().shares("anything")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "reason"),
+    [
+        ('listen = "0.0.0.0:7340"\nrpc_threads = "eight"\n', 2, "rpc_threads must be a whole"),
+        ("\n\nrpc_thread = 4\n", 3, "unknown setting 'rpc_thread' (did you mean rpc_threads?)"),
+        ('listen = "nowhere"\n', 1, "'nowhere' is not HOST:PORT"),
+        ("listen = 0.0.0.0:7340\n", 1, "not valid TOML"),
+        ('devices = "CUDA0"\n', 1, "devices must be a list of names"),
+        ('devices = ["CUDA 0"]\n', 1, "is not a ggml device name"),
+        ("reserve_mib = { CUDA0 = -1 }\n", 1, "reserve_mib CUDA0: must be a whole number"),
+        ('log_level = "LOUD"\n', 1, "log_level must be one of DEBUG, INFO, WARNING, ERROR"),
+        ('advertise = "yes"\n', 1, "advertise must be true or false"),
+        ('# c\n[reserve_mib]\nCUDA0 = "lots"\n', 2, "reserve_mib CUDA0: must be a whole"),
+        ("cache = true\ncache = false\n", 2, "not valid TOML"),
+    ],
+)
+def test_a_bad_file_is_refused_with_its_line_and_reason(text: str, line: int, reason: str) -> None:
+    error = _refusal(text)
+    assert error.line == line, str(error)
+    assert reason in error.reason
+    assert str(error).startswith(f"{FILE}:{line}: ")
+
+
+def test_a_missing_file_is_fine_unless_named(tmp_path: Path) -> None:
+    assert load_config(tmp_path / "none.toml", required=False).path is None
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "none.toml", required=True)
+
+
+def test_the_cache_is_pruned_oldest_first(tmp_path: Path) -> None:
+    for i in range(5):
+        f = tmp_path / f"{i:02x}"
+        f.write_bytes(b"x" * 1000)
+        t = 1_700_000_000 + i
+        os.utime(f, (t, t))
+    assert prune_cache(tmp_path, 2500) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["03", "04"]
+
+
+# ---------------------------------------------------------------- a real agent
+
+
+def _inventory(address: str) -> Inventory:
+    async def go() -> Inventory:
+        client = AgentClient(address)
+        await client.connect()
+        try:
+            return await client.inventory()
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def _until(read: Callable[[], Inventory], ok: Callable[[Inventory], bool]) -> Inventory:
+    """Poll until the agent shows the state (the SIGHUP is handled on its own loop)."""
+    deadline = time.monotonic() + 60  # a safety stop, not a measurement
+    while True:
+        inv = read()
+        if ok(inv) or time.monotonic() > deadline:
+            return inv
+        time.sleep(0.1)
+
+
+def _log_entry(folder: Path, match: Callable[[dict[str, object]], bool]) -> dict[str, object]:
+    """The first JSON line of the agent's log that `match`es (polled: the agent writes it)."""
+    deadline = time.monotonic() + 60  # a safety stop, not a measurement
+    path = folder / "corral-agent.log"
+    while time.monotonic() < deadline:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)  # every line is one JSON object
+                if match(entry):
+                    return dict(entry)
+        time.sleep(0.1)
+    raise AssertionError(f"no such entry in {path}")
+
+
+def _cpu_free(inv: Inventory) -> int:
+    return next(d.memory_free for d in inv.devices if d.name == "CPU")
+
+
+@pytest.mark.slow
+def test_an_agent_applies_the_file_flags_win_and_sighup_reloads(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    taken = 7  # the file says a port; the flag (LocalAgents passes --listen :0) wins
+    config.write_text(
+        f'listen = "127.0.0.1:{taken}"\n'
+        'devices = ["CPU"]\n'
+        "reserve_mib = 100000000\n"  # more than any host has: CPU shows 0 bytes free
+        "rpc_threads = 3\n"
+        f'cache_dir = "{tmp_path / "cache"}"\n'
+        f'log_dir = "{tmp_path / "log"}"\n'
+    )
+    with LocalAgents(1, extra_args=("--config", str(config))) as agents:
+        address = agents.addresses[0]
+        assert not address.endswith(f":{taken}")
+        inv = _inventory(address)
+        assert [d.name for d in inv.devices] == ["CPU"] and _cpu_free(inv) == 0
+
+        async def start_worker() -> tuple[int, tuple[str, ...]]:
+            client = AgentClient(address)
+            await client.connect()
+            try:
+                state = await client.start_rpc()  # threads 0: the agent's rpc_threads
+                return state.threads, state.devices
+            finally:
+                await client.stop_rpc()
+                await client.close()
+
+        assert asyncio.run(start_worker()) == (3, ("CPU",))
+        assert (tmp_path / "cache").is_dir()
+
+        # a broken file on SIGHUP: refused with its line, the agent keeps its settings
+        config.write_text('devices = ["CPU"]\nreserve_mib = "lots"\n')
+        agents.procs[0].send_signal(signal.SIGHUP)
+        refused = _log_entry(tmp_path / "log", lambda e: "config not reloaded" in e["msg"])
+        assert refused["level"] == "ERROR"
+        assert f"{config}:2: reserve_mib must be MiB" in refused["msg"]
+        assert _cpu_free(_inventory(address)) == 0
+        # a good file: the reserve goes, the CPU shows free memory again
+        config.write_text('devices = ["CPU"]\nreserve_mib = 0\n')
+        agents.procs[0].send_signal(signal.SIGHUP)
+        inv = _until(lambda: _inventory(address), lambda i: _cpu_free(i) > 0)
+        assert _cpu_free(inv) > 0
+        config.write_text('devices = ["CUDA7"]\n')  # a device this host lacks: nothing shared
+        agents.procs[0].send_signal(signal.SIGHUP)
+        inv = _until(lambda: _inventory(address), lambda i: not i.devices)
+        assert inv.devices == ()
+
+
+def _agent(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "corral.engine.agent.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_an_agent_refuses_to_start_on_a_bad_file(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('listen = "127.0.0.1:0"\nrpc_threads = -2\n')
+    done = _agent("--config", str(config), "--state-dir", str(tmp_path / "state"))
+    assert done.returncode == 2
+    assert f"{config}:2: rpc_threads must be a whole number" in done.stderr
+    assert "Traceback" not in done.stderr
+    # the doctor reports it as a failed check instead
+    doctor = _agent("--config", str(config), "doctor", "--json")
+    checks = [json.loads(line) for line in doctor.stdout.splitlines()]
+    found = next(c for c in checks if c.get("name") == "config")
+    assert found["status"] == "fail" and f"{config}:2:" in found["detail"]
+
+
+def test_the_log_file_rotates(tmp_path: Path) -> None:
+    """Past its size cap the log moves to corral-agent.log.1 and so on, keeping four."""
+    code = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from corral.engine import logfile\n"
+        "logfile.MAX_BYTES = 2000\n"
+        "logfile.setup_logging('corral-agent', 'INFO', Path(sys.argv[1]))\n"
+        "for i in range(200):\n"
+        "    logging.getLogger('corral.agent').info('line %d', i, extra={'n': i})\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"corral-agent.log{s}" for s in ("", ".1", ".2", ".3", ".4")]
+    last = json.loads((tmp_path / "corral-agent.log").read_text().splitlines()[-1])
+    assert last["msg"] == "line 199" and last["n"] == 199 and last["level"] == "INFO"
+
+
+def test_the_agent_logs_json_lines_at_its_log_level(tmp_path: Path) -> None:
+    args = ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"), "--no-advertise"]
+    args += ["--log-dir", str(tmp_path / "log"), "--log-level", "debug"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.engine.agent.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        address = next(line for line in proc.stdout if " listening on " in line).split()[-1]
+        started = _log_entry(tmp_path / "log", lambda e: e["msg"] == "started")
+        assert started["level"] == "INFO" and started["listen"] == address
+        assert {"ts", "logger", "pid", "agent_id", "config"} <= set(started)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    stopping = _log_entry(tmp_path / "log", lambda e: e["msg"] == "stopping")
+    assert stopping["pid"] == proc.pid

@@ -1,0 +1,70 @@
+"""Other installs to check the doctor against, made for real from the installed ones.
+
+`without_rpc`: a copy of the installed llama.cpp libraries whose RPC backend library is
+replaced by one that registers no backend. libggml's only use of libggml-rpc is
+`ggml_backend_rpc_reg()` at start-up; returning NULL there is exactly what a build made
+without GGML_RPC looks like from outside: `llama_supports_rpc()` is false, and the RPC device
+is missing. Selected with LLAMA_CPP_LIB_PATH, which llama-cpp-python honours.
+
+`corral_of_version`: a second Corral install, the installed package copied with another
+`__version__`; put first on PYTHONPATH, an agent started with it reports that version
+because it is that install, not because of a test switch in the agent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+_STUB = "void *ggml_backend_rpc_reg(void) { return 0; }\n"
+
+
+def installed_llama_lib() -> Path:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        pytest.fail("llama-cpp-python is not installed: run `make install`")
+    return Path(spec.origin).parent / "lib"
+
+
+def without_rpc(dest: Path) -> Path:
+    """A llama.cpp lib folder like the installed one, but built as if without GGML_RPC."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler to build the stand-in RPC library")
+    shutil.copytree(installed_llama_lib(), dest, symlinks=True)
+    source = dest / "no_rpc.c"
+    source.write_text(_STUB)
+    for name in ("libggml-rpc.so.0", "libggml-rpc.so"):
+        (dest / name).unlink(missing_ok=True)
+    subprocess.run(
+        [
+            cc,
+            "-shared",
+            "-fPIC",
+            "-Wl,-soname,libggml-rpc.so.0",
+            "-o",
+            str(dest / "libggml-rpc.so.0"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    shutil.copy(dest / "libggml-rpc.so.0", dest / "libggml-rpc.so")
+    return dest
+
+
+def corral_of_version(dest: Path, version: str) -> Path:
+    """A folder holding a copy of the installed `corral` package that says `version`."""
+    spec = importlib.util.find_spec("corral")
+    assert spec is not None and spec.origin is not None
+    package = Path(spec.origin).parent
+    shutil.copytree(package, dest / "corral", ignore=shutil.ignore_patterns("__pycache__"))
+    init = dest / "corral" / "__init__.py"
+    text = init.read_text()
+    init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"', text))
+    return dest
