@@ -26,6 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 _DESKTOP_DIR = tempfile.mkdtemp(prefix="corral-test-desktop-")
 os.environ.setdefault("CORRAL_STATE_DIR", _DESKTOP_DIR)
 atexit.register(shutil.rmtree, _DESKTOP_DIR, True)
+# agents' default state, logs and config file, and the app's settings, apart from the user's
+# too (the model cache, ~/.cache, is shared on purpose)
+for _xdg in ("XDG_STATE_HOME", "XDG_CONFIG_HOME"):
+    os.environ[_xdg] = os.path.join(_DESKTOP_DIR, _xdg.lower())
 
 
 @pytest.fixture(scope="session")

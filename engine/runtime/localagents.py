@@ -101,6 +101,8 @@ class LocalAgents:
                 listen,
                 "--state-dir",
                 str(self.state_dir(i)),
+                "--log-dir",  # throwaway agents keep their logs with their state
+                str(self.state_dir(i) / "log"),
                 "--log-level",
                 "WARNING",
                 *(() if self.advertise else ("--no-advertise",)),

@@ -89,6 +89,8 @@ def start_agent(
             listen or f"{lan.address(i)}:7340",
             "--state-dir",
             lan.state_dir(i),
+            "--log-dir",
+            f"{lan.state_dir(i)}/log",
             "--log-level",
             "WARNING",
             "--pairing-code",
