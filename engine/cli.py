@@ -415,6 +415,8 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
                 done = await _reply(session, out, line.strip(), opts)
                 if opts.session:
                     history.save(opts.session, session.history)
+            except history.HistoryError as exc:  # a full disk: the chat goes on in memory
+                out.info(f"corral: {exc}")
             except InferenceCrashed as crash:
                 # the history stays in this process; the user decides when to load again
                 out.event({"type": "crash", "message": str(crash)})
