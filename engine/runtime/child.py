@@ -29,8 +29,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-
 from corral.engine.procs import die_with_parent
 from corral.engine.protocol import FrameDecoder, encode_frame
 
@@ -364,6 +362,9 @@ class _Engine:
         # 1 % of a token on a GPU)
         greedy = float(req.get("temp", 0.0)) <= 0
         n_vocab = int(L.llama_vocab_n_tokens(vocab))
+        # numpy only now, after llama.cpp's libraries: imported first, it made CUDA model
+        # loads crash (SIGSEGV) in this process on an H200 (docs/GPU.md)
+        import numpy as np
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         buf = ctypes.create_string_buffer(256)
         one = (L.llama_token * 1)()  # reused: the per-token path allocates nothing in ctypes
