@@ -4,7 +4,7 @@ Faults (tests/support/faults.py): kill -9 of an RPC worker and of an agent, each
 and during generation; the desktop's inference child killed; an agent restarted on the same
 host; the desktop's state dir on a full disk; a network partition (link down, silent drop)
 in network namespaces (root). Load: 100 control clients at once, 10,000 connection attempts
-a minute. Soak: continuous chat over two agents with a worker killed every 2 minutes.
+a minute. Soak: continuous chat over two agents with a worker killed every minute.
 Prints docs/RELIABILITY.md's table.
 
     .venv/bin/python bench/reliability.py [--trials 20] [--soak-minutes 30] [--only NAME ...]
@@ -86,6 +86,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--soak-minutes", type=float, default=30)
+    parser.add_argument(
+        "--restart-every", type=float, default=60, help="seconds between worker kills in the soak"
+    )
     parser.add_argument("--only", nargs="*", choices=NAMES, default=list(NAMES))
     parser.add_argument("--json", type=Path, help="write every trial and figure here too")
     opts = parser.parse_args()
@@ -144,7 +147,9 @@ def main() -> int:
             print(f"partition: skipped ({exc})")
     if "soak" in only:
         with LocalAgents(2) as agents:
-            results["soak"] = asyncio.run(faults.soak(agents, opts.soak_minutes))
+            results["soak"] = asyncio.run(
+                faults.soak(agents, opts.soak_minutes, opts.restart_every)
+            )
         print(json.dumps(results["soak"]), flush=True)
     leaked = faults.left_behind()
     results["leaked_processes"] = leaked
