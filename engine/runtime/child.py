@@ -365,6 +365,7 @@ class _Engine:
         # numpy only now, after llama.cpp's libraries: imported first, it made CUDA model
         # loads crash (SIGSEGV) in this process on an H200 (docs/GPU.md)
         import numpy as np
+
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         buf = ctypes.create_string_buffer(256)
         one = (L.llama_token * 1)()  # reused: the per-token path allocates nothing in ctypes
