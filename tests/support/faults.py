@@ -312,8 +312,18 @@ def mark_run() -> str:
     return os.environ[RUN_MARK]
 
 
-def left_behind() -> list[str]:
-    """Processes started by this run (they carry its mark) still alive, besides this one."""
+def left_behind(grace: float = 10.0) -> list[str]:
+    """Processes started by this run (they carry its mark) still alive, besides this one,
+    after `grace` seconds for those already killed to finish dying."""
+    deadline = time.monotonic() + grace
+    while True:
+        found = _marked()
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _marked() -> list[str]:
     tag = f"{RUN_MARK}={os.environ.get(RUN_MARK, '')}".encode()
     found = []
     for entry in Path("/proc").iterdir():
