@@ -16,8 +16,6 @@
 #
 # Every step runs detached (as llama-bench.sh): when WAIT_S seconds (default 560) have passed
 # the script reports where it is; run it again on the same machine and it carries on.
-# PRELOAD_LLAMA=1 puts packaging/gpu/preload first on PYTHONPATH (its sitecustomize loads
-# llama.cpp's libraries before numpy: see there why).
 # $OUT gets summary.txt (what ran, medians, ratios) and raw.tgz (every log and JSON).
 START=$SECONDS
 WAIT=${1:-560}
@@ -68,7 +66,6 @@ PY
 trap report EXIT
 python3 --version
 . packaging/gpu/setup.sh "$(left)"
-[ "${PRELOAD_LLAMA:-0}" = 1 ] && export PYTHONPATH=$PWD/packaging/gpu/preload:$PYTHONPATH
 if [ -f $OLD ] && [ ! -d /tmp/site_old/corral ]; then
   mkdir -p /tmp/site_old && cp -r /tmp/site/corral /tmp/site_old/corral
   cp $OLD /tmp/site_old/corral/engine/security/tunnel.py
