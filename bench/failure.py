@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from corral.engine.model import default_model_path
 from corral.engine.runtime.localagents import LocalAgents
-from tests.runtime.test_failures import inventory, start_long_chat
+from tests.support.agents import inventory, start_long_chat
 
 
 def one_round(agents: LocalAgents) -> tuple[float, float]:

@@ -21,6 +21,7 @@ from corral.engine.agent.supervisor import prune_cache
 from corral.engine.protocol import Inventory
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.localagents import LocalAgents
+from tests.support.agents import inventory
 
 FILE = Path("/etc/corral/agent.toml")
 
@@ -106,18 +107,6 @@ def test_the_cache_is_pruned_oldest_first(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- a real agent
 
 
-def _inventory(address: str) -> Inventory:
-    async def go() -> Inventory:
-        client = AgentClient(address)
-        await client.connect()
-        try:
-            return await client.inventory()
-        finally:
-            await client.close()
-
-    return asyncio.run(go())
-
-
 def _until(read: Callable[[], Inventory], ok: Callable[[Inventory], bool]) -> Inventory:
     """Poll until the agent shows the state (the SIGHUP is handled on its own loop)."""
     deadline = time.monotonic() + 60  # a safety stop, not a measurement
@@ -149,7 +138,9 @@ def _cpu_free(inv: Inventory) -> int:
 @pytest.mark.slow
 def test_an_agent_applies_the_file_flags_win_and_sighup_reloads(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
-    taken = 7  # the file says a port; the flag (LocalAgents passes --listen :0) wins
+    # the file names a port and a log dir; LocalAgents passes --listen :0 and --log-dir
+    # (in its state dir): the flags win
+    taken = 7
     config.write_text(
         f'listen = "127.0.0.1:{taken}"\n'
         'devices = ["CPU"]\n'
@@ -161,7 +152,7 @@ def test_an_agent_applies_the_file_flags_win_and_sighup_reloads(tmp_path: Path) 
     with LocalAgents(1, extra_args=("--config", str(config))) as agents:
         address = agents.addresses[0]
         assert not address.endswith(f":{taken}")
-        inv = _inventory(address)
+        inv = inventory(address)
         assert [d.name for d in inv.devices] == ["CPU"] and _cpu_free(inv) == 0
 
         async def start_worker() -> tuple[int, tuple[str, ...]]:
@@ -175,23 +166,24 @@ def test_an_agent_applies_the_file_flags_win_and_sighup_reloads(tmp_path: Path) 
                 await client.close()
 
         assert asyncio.run(start_worker()) == (3, ("CPU",))
-        assert (tmp_path / "cache").is_dir()
+        assert (tmp_path / "cache").is_dir() and not (tmp_path / "log").exists()
 
         # a broken file on SIGHUP: refused with its line, the agent keeps its settings
         config.write_text('devices = ["CPU"]\nreserve_mib = "lots"\n')
         agents.procs[0].send_signal(signal.SIGHUP)
-        refused = _log_entry(tmp_path / "log", lambda e: "config not reloaded" in e["msg"])
+        log_dir = agents.state_dir(0) / "log"
+        refused = _log_entry(log_dir, lambda e: "config not reloaded" in e["msg"])
         assert refused["level"] == "ERROR"
         assert f"{config}:2: reserve_mib must be MiB" in refused["msg"]
-        assert _cpu_free(_inventory(address)) == 0
+        assert _cpu_free(inventory(address)) == 0
         # a good file: the reserve goes, the CPU shows free memory again
         config.write_text('devices = ["CPU"]\nreserve_mib = 0\n')
         agents.procs[0].send_signal(signal.SIGHUP)
-        inv = _until(lambda: _inventory(address), lambda i: _cpu_free(i) > 0)
+        inv = _until(lambda: inventory(address), lambda i: _cpu_free(i) > 0)
         assert _cpu_free(inv) > 0
         config.write_text('devices = ["CUDA7"]\n')  # a device this host lacks: nothing shared
         agents.procs[0].send_signal(signal.SIGHUP)
-        inv = _until(lambda: _inventory(address), lambda i: not i.devices)
+        inv = _until(lambda: inventory(address), lambda i: not i.devices)
         assert inv.devices == ()
 
 

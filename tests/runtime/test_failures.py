@@ -7,61 +7,22 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from corral.engine.protocol import Inventory
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.localagents import LocalAgents
 from tests.conftest import corral
+from tests.support.agents import inventory, start_long_chat
 
 
 @pytest.fixture()
 def fresh_agents() -> Iterator[LocalAgents]:
     with LocalAgents(2) as agents:
         yield agents
-
-
-def inventory(address: str) -> Inventory:
-    """One agent's inventory, over a connection of its own."""
-
-    async def run() -> Inventory:
-        client = AgentClient(address)
-        await client.connect()
-        try:
-            return await client.inventory()
-        finally:
-            await client.close()
-
-    return asyncio.run(run())
-
-
-def start_long_chat(model: Path, agents: list[str]) -> subprocess.Popen[str]:
-    """`corral chat --json` generating 3000 tokens over these agents (long enough to kill a
-    worker in the middle); read its first line to know generation is under way."""
-    args = [
-        sys.executable,
-        "-m",
-        "corral.engine.cli",
-        "chat",
-        str(model),
-        "--json",
-        "--prompt",
-        "Count from one to one thousand.",
-        "--max-tokens",
-        "3000",
-        "--ctx",
-        "4096",
-        "--ignore-eos",
-    ]
-    for a in agents:
-        args += ["--agent", a]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_kill_9_of_a_worker_mid_generation(smollm2: Path, fresh_agents: LocalAgents) -> None:

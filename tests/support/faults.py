@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +28,7 @@ from corral.engine.runtime.errors import RuntimeFailure
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
 from corral.engine.security.desktop import desktop_dir
-
-LONG_PROMPT = "Count from one to one thousand."
+from tests.support.agents import LONG_PROMPT, chat_args
 
 
 @dataclass
@@ -338,26 +336,6 @@ def _marked() -> list[str]:
     return found
 
 
-def _chat_args(model: Path, agents: list[str], long: bool) -> list[str]:
-    args = [
-        sys.executable,
-        "-m",
-        "corral.engine.cli",
-        "chat",
-        str(model),
-        "--json",
-        "--ctx",
-        "2048",
-    ]
-    if long:
-        args += ["--prompt", LONG_PROMPT, "--max-tokens", "3000", "--ignore-eos"]
-    else:
-        args += ["--prompt", "Hello!", "--max-tokens", "4"]
-    for a in agents:
-        args += ["--agent", a]
-    return args
-
-
 def partition(lan: Any, mode: str, model: Path, desktop: int = 3) -> Trial:
     """`corral chat` in host 3 over the agents of hosts 1 and 2; host 2 is cut off mid-reply
     ("link down": its interface goes down; "silent drop": frames vanish, the link stays up).
@@ -365,7 +343,7 @@ def partition(lan: Any, mode: str, model: Path, desktop: int = 3) -> Trial:
     agents = [f"{lan.address(1)}:7340", f"{lan.address(2)}:7340"]
     proc = lan.spawn(
         desktop,
-        _chat_args(model, agents, long=True),
+        chat_args(model, agents, long=True),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -397,7 +375,7 @@ def partition(lan: Any, mode: str, model: Path, desktop: int = 3) -> Trial:
     t1 = time.monotonic()
     while True:
         again = subprocess.run(
-            ["ip", "netns", "exec", lan.ns(desktop), *_chat_args(model, agents, long=False)],
+            ["ip", "netns", "exec", lan.ns(desktop), *chat_args(model, agents, long=False)],
             capture_output=True,
             text=True,
             timeout=120,
