@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,11 +53,27 @@ def two_agents() -> Iterator[LocalAgents]:
 
 
 def corral(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
-    """Run the installed `corral` command line."""
-    return subprocess.run(
+    """Run the installed `corral` command line. One that runs past `timeout` is stopped
+    with SIGABRT, so faulthandler prints where each of its threads was into the failure."""
+    env = dict(kw.pop("env", None) or os.environ, PYTHONFAULTHANDLER="1")  # type: ignore[call-overload]
+    proc = subprocess.Popen(
         [sys.executable, "-m", "corral.engine.cli", *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        env=env,
         **kw,  # type: ignore[call-overload]
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise AssertionError(
+            f"corral {' '.join(args[:2])} ran past {timeout:g} s; its stacks:\n{err[-6000:]}"
+        ) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
