@@ -3,7 +3,9 @@
 Per target: cases run, how many parsed, the slowest case (limit 1 s), and the process's
 peak memory after it (bounded: it must not grow with the number of cases).
 
-    .venv/bin/python bench/fuzz.py [--cases 100000] [--json out.json]
+    .venv/bin/python bench/fuzz.py [--cases 100000] [--json out.json] [--only TARGET]
+
+With --only, each target still gets its share of --cases (gguf: 10 %).
 """
 
 from __future__ import annotations
@@ -41,11 +43,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100_000, help="total over all targets")
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--only", action="append", help="this target only (repeatable)")
     opts = parser.parse_args()
+    names = [t.name for t in fuzz.targets()]
+    for name in opts.only or ():
+        if name not in names:
+            parser.error(f"no target {name!r}; the targets are {', '.join(names)}")
     rows, failed = [], 0
     print("| target | cases | parsed | slowest case | peak RSS after | result |")
     print("|---|---|---|---|---|---|")
     for target in fuzz.targets():
+        if opts.only and target.name not in opts.only:
+            continue
         n = max(100, int(opts.cases * _SHARE.get(target.name, 0.1)))
         t0 = time.monotonic()
         try:

@@ -28,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from corral.engine.model import default_model_path
+from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime.localagents import LocalAgents
 from tests.support import faults
 from tests.support.faults import Trial
@@ -83,6 +84,7 @@ def row(trials: list[Trial]) -> str:
 
 
 def main() -> int:
+    cap_malloc_arenas()  # this process is the desktop here: start it as `corral` starts
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--soak-minutes", type=float, default=30)

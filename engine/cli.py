@@ -20,6 +20,7 @@ from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.model import ModelMissing, default_model_path, fetch_default_model
 from corral.engine.planner.kvtypes import KV_TYPES
 from corral.engine.planner.plan import STRATEGIES, MiB, Plan, Usage
+from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
 from corral.engine.runtime.agent_client import AgentClient, parse_address
 from corral.engine.runtime.errors import InferenceCrashed, PlanRefused, RuntimeFailure
@@ -858,6 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cap_malloc_arenas()  # before any thread starts (engine/procs.py says why)
     opts = build_parser().parse_args(argv)
     out = _Out(getattr(opts, "json", False))
     runners: dict[str, Callable[[], int]] = {

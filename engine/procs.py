@@ -36,3 +36,25 @@ def die_with_parent() -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+ARENAS = 2
+
+
+def cap_malloc_arenas(arenas: int = ARENAS) -> bool:
+    """Cap glibc's malloc arenas; True if it took. Call first thing in a process's main().
+
+    The desktop and the agent start two pump threads per RPC tunnel and end them when the
+    model is unloaded or a worker dies. glibc gives threads their own arenas, up to 8 per
+    core, and an arena keeps the ~1.5 MiB its thread touched after the thread ends: the soak
+    saw the desktop grow by one arena every reload or two (+7.8 % in 30 minutes on 2 cores,
+    and it would reach ~190 MiB on a 16-core desktop). The pumps allocate almost nothing
+    once running (their buffers are reused), so two shared arenas cost no speed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt arenas)
+        return False

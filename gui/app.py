@@ -48,6 +48,7 @@ from PySide6.QtWidgets import (
 import corral
 from corral.discovery import Hosts, Inventoried
 from corral.engine.model import default_model_path
+from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import kv_status
@@ -702,6 +703,7 @@ class MainWindow(QMainWindow):
 
 
 def main(argv: list[str] | None = None) -> int:
+    cap_malloc_arenas()  # before any thread starts (engine/procs.py says why)
     args = argv if argv is not None else sys.argv
     app = QApplication.instance() or QApplication(args)
     agents = tuple(a.split("=", 1)[1] for a in args[1:] if a.startswith("--agent="))

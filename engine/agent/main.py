@@ -24,6 +24,7 @@ from pathlib import Path
 import platformdirs
 
 from corral.engine.logfile import setup_logging
+from corral.engine.procs import cap_malloc_arenas
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.identity import short
 
@@ -337,6 +338,7 @@ def _settle(opts: argparse.Namespace, config: AgentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cap_malloc_arenas()  # before any thread starts (engine/procs.py says why)
     parser = build_parser()
     opts = parser.parse_args(argv)
     explicit = opts.config is not None

@@ -66,6 +66,11 @@ class ModelSpec:
         return sum(layer.weight_bytes for layer in self.layers)
 
 
+# far above any released model (405B llamas have 126 blocks, embeddings of 16384)
+MAX_LAYERS = 4096
+MAX_EMBD = 1 << 20
+
+
 def _per_layer(value: Any, n_layer: int, name: str) -> list[int]:
     if isinstance(value, list):
         if len(value) != n_layer:
@@ -81,6 +86,13 @@ def read_model_spec(path: str | Path) -> ModelSpec:
         meta, tensors = read_header(path)
     except (OSError, HeaderError) as exc:
         raise ModelError(f"{path} is not a readable GGUF file ({exc})") from None
+    try:
+        return _spec(path, meta, tensors)
+    except (TypeError, ValueError, OverflowError) as exc:  # a value of the wrong kind
+        raise ModelError(f"{path} has a damaged header ({exc}): download the model again") from None
+
+
+def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
     arch = str(meta.get("general.architecture", ""))
     if not arch:
         raise ModelError(f"{path} has no general.architecture: not a llama.cpp model")
@@ -92,7 +104,19 @@ def read_model_spec(path: str | Path) -> ModelSpec:
     n_embd = key("embedding_length")
     if n_layer is None or n_embd is None:
         raise ModelError(f"{path} lacks {arch}.block_count or {arch}.embedding_length")
-    n_layer, n_embd = int(n_layer), int(n_embd)
+    try:
+        n_layer, n_embd = int(n_layer), int(n_embd)
+    except (TypeError, ValueError):
+        raise ModelError(
+            f"{path}: {arch}.block_count and embedding_length must be numbers "
+            f"(not {n_layer!r}, {n_embd!r}): the file is damaged; download it again"
+        ) from None
+    # bounds before anything is sized by them: a damaged count must not allocate gigabytes
+    if not (0 < n_layer <= MAX_LAYERS and 0 < n_embd <= MAX_EMBD):
+        raise ModelError(
+            f"{path}: {arch}.block_count {n_layer} or embedding_length {n_embd} is out of "
+            f"range (1-{MAX_LAYERS}, 1-{MAX_EMBD}): the file is damaged; download it again"
+        )
     heads = _per_layer(key("attention.head_count", 0), n_layer, "head_count")
     heads_kv = _per_layer(key("attention.head_count_kv", heads), n_layer, "head_count_kv")
     default_dim = n_embd // max(1, max(heads) if heads else 1)

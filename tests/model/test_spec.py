@@ -70,3 +70,19 @@ def test_truncated_or_foreign_files_are_a_model_error(
     bad.write_bytes(b"PK\x03\x04" + b"\x00" * 100)
     with pytest.raises(ModelError, match="bad magic"):
         read_model_spec(bad)
+
+
+def test_a_damaged_layer_count_is_refused_before_anything_is_sized_by_it(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """The fuzzer's find: block_count overwritten with 2**32-1 made the reader build lists
+    of four billion layers (gigabytes, seconds). Now a ModelError, at once."""
+    data = bytearray(tiny_model.read_bytes())
+    key = b"llama.block_count"
+    at = data.index(key) + len(key)
+    assert int.from_bytes(data[at : at + 4], "little") == 4  # GGUF_TYPE_UINT32
+    data[at + 4 : at + 8] = (2**32 - 1).to_bytes(4, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"block_count 4294967295 .* out of range.*download"):
+        read_model_spec(bad)
