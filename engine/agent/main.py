@@ -24,7 +24,7 @@ from pathlib import Path
 import platformdirs
 
 from corral.engine.logfile import setup_logging
-from corral.engine.procs import cap_malloc_arenas
+from corral.engine.procs import cap_malloc_arenas, die_with_parent
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.identity import short
 
@@ -286,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ALSO expose the RPC worker directly on the network, unauthenticated (faster; "
         "only on a network where every machine is trusted)",
     )
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help=argparse.SUPPRESS,  # agents a desktop process starts for itself (LocalAgents)
+    )
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")
     parser.add_argument(
         "--log-dir",
@@ -341,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     cap_malloc_arenas()  # before any thread starts (engine/procs.py says why)
     parser = build_parser()
     opts = parser.parse_args(argv)
+    if opts.exit_with_parent:
+        die_with_parent()  # a kill -9 of the process that started it takes it (and its worker)
     explicit = opts.config is not None
     path = opts.config or default_config_path()
     opts.config_error = None

@@ -105,6 +105,7 @@ class LocalAgents:
                 str(self.state_dir(i) / "log"),
                 "--log-level",
                 "WARNING",
+                "--exit-with-parent",  # a kill -9 of this process leaves no agent behind
                 *(() if self.advertise else ("--no-advertise",)),
                 *self.extra_args,
             ],
