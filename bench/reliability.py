@@ -43,6 +43,7 @@ NAMES = (
     "child",
     "restart",
     "disk",
+    "agent-disk",
     "partition",
     "clients",
     "flood",
@@ -136,6 +137,12 @@ def main() -> int:
     if "disk" in only:
         with tempfile.TemporaryDirectory() as tmp:
             run("disk", _repeat(n, lambda: faults.disk_full(Path(tempfile.mkdtemp(dir=tmp)))))
+    if "agent-disk" in only:
+        with tempfile.TemporaryDirectory() as tmp:
+            run(
+                "agent-disk",
+                _repeat(n, lambda: faults.agent_disk_full(Path(tempfile.mkdtemp(dir=tmp)))),
+            )
     if "partition" in only:
         try:
             with Lan(3) as lan:

@@ -57,6 +57,7 @@ from corral.engine.protocol import (
 )
 from corral.engine.security import identity as ident
 from corral.engine.security.channel import TlsConnection
+from corral.engine.security.files import SecurityFileError
 from corral.engine.security.pairing import (
     PairingGate,
     PairingRefused,
@@ -416,9 +417,20 @@ class AgentServer:
                 "the desktop's certificate is not valid",
             )
             return
-        self.gate.succeeded()
         name = start.name.strip()[:128] or "desktop"
-        self.pins.add(Peer(fingerprint=fp_desktop, name=name, cert_der=start.cert))
+        try:
+            self.pins.add(Peer(fingerprint=fp_desktop, name=name, cert_der=start.cert))
+        except SecurityFileError as exc:  # a full disk: nothing was paired, the code stays
+            log.error("pairing with %s not saved: %s", name, exc)
+            self._send_error(
+                conn.proto,
+                confirm.req,
+                ErrorCode.INTERNAL,
+                f"{inventory.hostname()} could not save the pairing: {exc}. Free space "
+                "there, then pair again with the same code",
+            )
+            return
+        self.gate.succeeded()
         self.reload_pins()
         log.info("paired with %s (%s)", name, ident.short(fp_desktop))
         conn.proto.send(

@@ -54,6 +54,13 @@ def test_disk_full_loses_nothing(tmp_path: Path) -> None:
         pytest.skip(f"cannot mount a small filesystem here: {exc}")
 
 
+def test_disk_full_on_an_agent_loses_nothing(tmp_path: Path) -> None:
+    try:
+        _ok(faults.agent_disk_full(tmp_path))
+    except PermissionError as exc:  # pragma: no cover - needs root for mount
+        pytest.skip(f"cannot mount a small filesystem here: {exc}")
+
+
 def test_hundred_control_clients(agents: LocalAgents) -> None:
     got = asyncio.run(faults.many_clients(agents.addresses[0], 100, rounds=1))
     print(got)

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -297,6 +298,94 @@ def disk_full(tmp: Path) -> Trial:
             os.environ.pop("CORRAL_STATE_DIR", None)
         else:
             os.environ["CORRAL_STATE_DIR"] = old_env
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def agent_disk_full(tmp: Path) -> Trial:
+    """A real agent whose state dir is on a full filesystem: a desktop that pairs gets a
+    message naming the host and the disk, the agent keeps serving the desktop it already
+    paired with, its pin file is unchanged, and the same code pairs once there is space."""
+    mnt = tmp / "agent-full"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    code = "7340-7341"
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "corral.engine.agent.main",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(mnt / "agent"),
+            "--log-dir",
+            str(tmp / "agent-log"),
+            "--no-advertise",
+            "--exit-with-parent",
+            "--pairing-code",
+            code,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+    def corral(desktop: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, CORRAL_STATE_DIR=str(tmp / desktop))
+        return subprocess.run(
+            [sys.executable, "-m", "corral.engine.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+
+    try:
+        assert agent.stdout is not None
+        address = agent.stdout.readline().strip().rsplit(" ", 1)[-1]
+        first = corral("first", "pair", address, "--code", code)
+        if first.returncode != 0:
+            raise TrialFailed(f"the first desktop could not pair: {first.stderr[-300:]}")
+        state = str(mnt / "agent")
+        new_code = subprocess.run(
+            [sys.executable, "-m", "corral.engine.agent.main", "pair", "--state-dir", state],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        code = new_code.stdout.split("pairing code: ")[1].split()[0]
+        pins = {p: p.read_bytes() for p in (mnt / "agent").rglob("*") if p.is_file()}
+        with contextlib.suppress(OSError), open(mnt / "filler", "wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+        problems = []
+        t0 = time.monotonic()
+        second = corral("second", "pair", address, "--code", code)
+        took = time.monotonic() - t0
+        said = second.stdout + second.stderr
+        if second.returncode == 0:
+            problems.append("pairing on a full disk succeeded")
+        elif "No space left" not in said or "free space" not in said.lower() or "Traceback" in said:
+            problems.append(f"unclear message: {said[-400:]}")
+        if agent.poll() is not None:
+            problems.append("the agent exited")
+        if corral("first", "agents", "--agent", address).returncode != 0:
+            problems.append("the desktop paired before was not served")
+        now = {p: p.read_bytes() for p in (mnt / "agent").rglob("*") if p.is_file()}
+        if now != pins:
+            problems.append("the agent's files changed")
+        (mnt / "filler").unlink()
+        again = corral("second", "pair", address, "--code", code)
+        if again.returncode != 0:
+            problems.append(f"the same code did not pair once there was space: {again.stderr}")
+        return Trial(
+            "disk full in the agent's state dir", not problems, took, None, "; ".join(problems)
+        )
+    finally:
+        agent.kill()
+        agent.wait()
+        if agent.stdout is not None:
+            agent.stdout.close()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
