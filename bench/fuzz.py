@@ -71,6 +71,7 @@ def main() -> int:
                 "cases": s.cases,
                 "parsed": s.accepted,
                 "slowest_s": s.slowest_s,
+                "slowest_input": s.slowest_input,
                 "rss_mib": _rss_mib(),
                 "wall_s": time.monotonic() - t0,
                 "result": result,
