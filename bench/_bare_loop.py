@@ -1,12 +1,16 @@
 """Baseline for bench/generation.py: the plainest llama-cpp-python low-level decode loop.
 
-Loads the model once (split evenly over the RPC endpoints given after the first three
-arguments, if any), then for each line on stdin generates N greedy tokens and prints the
-seconds the loop took (decode + sample, synchronized), one line per round.
+    python3 bench/_bare_loop.py MODEL TOKENS THREADS [RPC_ENDPOINT ...] [--flash-attn on|off]
+
+Loads the model once (split evenly over the RPC endpoints, if any), then for each line on
+stdin generates TOKENS greedy tokens and prints the seconds the loop took (decode + sample,
+synchronized), one line per round. bench/generation.py and bench/llama_bench_compare.py
+both run it.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -14,8 +18,14 @@ import llama_cpp as L
 
 
 def main() -> None:
-    model, n_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    endpoints = sys.argv[4:]  # RPC workers to split over, like the engine's split run
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("tokens", type=int)
+    parser.add_argument("threads", type=int)
+    parser.add_argument("endpoints", nargs="*", help="RPC workers to split over")
+    parser.add_argument("--flash-attn", choices=["on", "off"], default="off")
+    opts = parser.parse_args()
+    model, n_tokens, threads, endpoints = opts.model, opts.tokens, opts.threads, opts.endpoints
     if endpoints:
         from corral.engine.ggml import add_rpc_server
 
@@ -28,6 +38,7 @@ def main() -> None:
         n_threads_batch=threads,
         n_gpu_layers=-1,
         tensor_split=[1.0] * len(endpoints) or None,
+        flash_attn=opts.flash_attn == "on",
         verbose=False,
     )
     ctx = llm.ctx

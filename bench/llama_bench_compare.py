@@ -197,19 +197,15 @@ class Engine:
 
 
 class BareLoop:
-    """The plainest llama-cpp-python loop in its own process (see `bare_loop`)."""
+    """The plainest llama-cpp-python loop in its own process (bench/_bare_loop.py)."""
 
     def __init__(self, opts: argparse.Namespace, gpus: str) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
-                __file__,
-                "--bare-loop",
-                "--model",
+                str(Path(__file__).with_name("_bare_loop.py")),
                 str(opts.model),
-                "--tokens",
                 str(opts.tokens),
-                "--threads",
                 str(opts.threads),
                 "--flash-attn",
                 opts.flash_attn,
@@ -235,37 +231,6 @@ class BareLoop:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         self.proc.wait()
-
-
-def bare_loop(opts: argparse.Namespace) -> None:
-    """For each line on stdin: greedy-sample and decode `--tokens` tokens, print the seconds."""
-    import llama_cpp as L
-
-    llm = L.Llama(
-        model_path=str(opts.model),
-        n_ctx=1024,
-        n_threads=opts.threads,
-        n_threads_batch=opts.threads,
-        n_gpu_layers=-1,
-        flash_attn=opts.flash_attn == "on",
-        verbose=False,
-    )
-    ctx = llm.ctx
-    prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
-    sampler = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-    L.llama_sampler_chain_add(sampler, L.llama_sampler_init_greedy())
-    for _ in sys.stdin:
-        L.llama_memory_clear(L.llama_get_memory(ctx), True)
-        arr = (L.llama_token * len(prompt))(*prompt)
-        L.llama_decode(ctx, L.llama_batch_get_one(arr, len(prompt)))
-        L.llama_synchronize(ctx)
-        one = (L.llama_token * 1)()
-        t0 = time.perf_counter()
-        for _ in range(opts.tokens):
-            one[0] = L.llama_sampler_sample(sampler, ctx, -1)
-            L.llama_decode(ctx, L.llama_batch_get_one(one, 1))
-        L.llama_synchronize(ctx)
-        print(time.perf_counter() - t0, flush=True)
 
 
 def _placements(result: Any) -> list[str]:
@@ -435,11 +400,7 @@ def main() -> int:
     parser.add_argument(
         "--parts", default="1gpu,split", help="1gpu (engine vs llama-bench), split, or both"
     )
-    parser.add_argument("--bare-loop", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    if opts.bare_loop:
-        bare_loop(opts)
-        return 0
     if opts.bin is None:
         parser.error("--bin is required")
     res = asyncio.run(run(opts))
