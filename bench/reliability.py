@@ -110,39 +110,27 @@ def main() -> int:
         print(rows[-1], flush=True)
 
     with LocalAgents(2) as agents:
-        if "worker-gen" in only:
-            run(
-                "worker-gen",
-                _repeat(n, lambda: asyncio.run(faults.worker_kill(agents, "generation"))),
-            )
-        if "worker-load" in only:
-            run("worker-load", _repeat(n, lambda: asyncio.run(faults.worker_kill(agents, "load"))))
-        if "agent-gen" in only:
-            run(
-                "agent-gen",
-                _repeat(n, lambda: asyncio.run(faults.agent_kill(agents, "generation"))),
-            )
-        if "agent-load" in only:
-            run("agent-load", _repeat(n, lambda: asyncio.run(faults.agent_kill(agents, "load"))))
-        if "child" in only:
-            run("child", _repeat(n, lambda: asyncio.run(faults.child_kill(agents))))
-        if "restart" in only:
-            run("restart", _repeat(n, lambda: asyncio.run(faults.agent_restart(agents))))
+        on_agents = {
+            "worker-gen": lambda: faults.worker_kill(agents, "generation"),
+            "worker-load": lambda: faults.worker_kill(agents, "load"),
+            "agent-gen": lambda: faults.agent_kill(agents, "generation"),
+            "agent-load": lambda: faults.agent_kill(agents, "load"),
+            "child": lambda: faults.child_kill(agents),
+            "restart": lambda: faults.agent_restart(agents),
+        }
+        for name, trial in on_agents.items():
+            if name in only:
+                run(name, _repeat(n, lambda trial=trial: asyncio.run(trial())))
         if "clients" in only:
             results["clients"] = asyncio.run(faults.many_clients(agents.addresses[0], 100))
             print(json.dumps(results["clients"]), flush=True)
         if "flood" in only:
             results["flood"] = faults.flood(agents.addresses[0], agents.procs[0].pid)
             print(json.dumps(results["flood"]), flush=True)
-    if "disk" in only:
-        with tempfile.TemporaryDirectory() as tmp:
-            run("disk", _repeat(n, lambda: faults.disk_full(Path(tempfile.mkdtemp(dir=tmp)))))
-    if "agent-disk" in only:
-        with tempfile.TemporaryDirectory() as tmp:
-            run(
-                "agent-disk",
-                _repeat(n, lambda: faults.agent_disk_full(Path(tempfile.mkdtemp(dir=tmp)))),
-            )
+    for name, on_disk in (("disk", faults.disk_full), ("agent-disk", faults.agent_disk_full)):
+        if name in only:
+            with tempfile.TemporaryDirectory() as tmp:
+                run(name, _repeat(n, lambda f=on_disk: f(Path(tempfile.mkdtemp(dir=tmp)))))
     if "partition" in only:
         try:
             with Lan(3) as lan:
