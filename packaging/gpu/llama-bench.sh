@@ -12,18 +12,9 @@
 # Results (results*.json, bench*.log, machine, build, model and rpc-server logs) go to $OUT.
 START=$SECONDS
 WAIT=${1:-560}
-left() { echo $((WAIT - (SECONDS - START))); }
 M=/tmp/7b-q4_k_m.gguf
 B=/tmp/llb/bin
-detached() {  # NAME COMMAND: run once, detached; /tmp/NAME.done gets its exit status
-  [ -f /tmp/$1.started ] && return
-  touch /tmp/$1.started
-  setsid nohup bash -c "{ $2; } > /tmp/$1.log 2>&1; echo \$? > /tmp/$1.done" >/dev/null 2>&1 < /dev/null &
-}
-wait_for() {  # NAME: until /tmp/NAME.done or out of time
-  while [ ! -f /tmp/$1.done ] && [ "$(left)" -gt 5 ]; do sleep 1; done
-  [ -f /tmp/$1.done ] || { echo "$1 still running"; tail -5 /tmp/$1.log; return 1; }
-}
+. packaging/gpu/steps.sh
 report() {
   mkdir -p "$OUT"
   { nproc; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader

@@ -19,19 +19,10 @@
 # $OUT gets summary.txt (what ran, medians, ratios) and raw.tgz (every log and JSON).
 START=$SECONDS
 WAIT=${1:-560}
-left() { echo $((WAIT - (SECONDS - START))); }
 B=/tmp/llb/bin
 OLD=.devsrc/tunnel_before_76dd662.py
-detached() {  # NAME COMMAND: run once, detached; /tmp/NAME.done gets its exit status
-  [ -f /tmp/$1.started ] && return
-  touch /tmp/$1.started
-  setsid nohup bash -c "{ $2; } > /tmp/$1.log 2>&1; echo \$? > /tmp/$1.done" >/dev/null 2>&1 < /dev/null &
-}
-wait_for() {  # NAME: until /tmp/NAME.done or out of time
-  while [ ! -f /tmp/$1.done ] && [ "$(left)" -gt 8 ]; do sleep 1; done
-  [ -f /tmp/$1.done ] || { echo "$1 still running"; tail -3 /tmp/$1.log; return 1; }
-  echo "$1 rc=$(cat /tmp/$1.done) at $((SECONDS - START)) s"
-}
+WAIT_MARGIN=8 WAIT_TAIL=3 WAIT_SAY_RC=1
+. packaging/gpu/steps.sh
 STEPS=()
 report() {
   mkdir -p "$OUT" /tmp/raw
