@@ -119,6 +119,15 @@ def _kill(pid: int) -> Callable[[], None]:
     return lambda: os.kill(pid, signal.SIGKILL)
 
 
+async def _fail_during(
+    during: str, session: ChatSession, fault: Callable[[], None]
+) -> tuple[float, str]:
+    """`fault` while loading ("load") or while generating; (seconds to the error, its text)."""
+    if during == "load":
+        return await fail_while_loading(session, fault)
+    return await fail_while_generating(session, fault)
+
+
 async def _checked(
     name: str,
     session: ChatSession,
@@ -152,10 +161,7 @@ async def worker_kill(agents: LocalAgents, during: str) -> Trial:
         await session.open(settings())
 
         async def inject(s: ChatSession) -> tuple[float, str]:
-            fault = _kill(s.workers[0].pid)
-            if during == "load":
-                return await fail_while_loading(s, fault)
-            return await fail_while_generating(s, fault)
+            return await _fail_during(during, s, _kill(s.workers[0].pid))
 
         return await _checked(
             f"worker kill -9 during {during}", session, agents.addresses[0], inject
@@ -172,10 +178,7 @@ async def agent_kill(stays: LocalAgents, during: str) -> Trial:
             await session.open(settings())
 
             async def inject(s: ChatSession) -> tuple[float, str]:
-                fault = _kill(goes.procs[0].pid)
-                if during == "load":
-                    return await fail_while_loading(s, fault)
-                return await fail_while_generating(s, fault)
+                return await _fail_during(during, s, _kill(goes.procs[0].pid))
 
             trial = await _checked(
                 f"agent kill -9 during {during}", session, goes.addresses[0], inject
