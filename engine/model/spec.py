@@ -104,13 +104,7 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
     n_embd = key("embedding_length")
     if n_layer is None or n_embd is None:
         raise ModelError(f"{path} lacks {arch}.block_count or {arch}.embedding_length")
-    try:
-        n_layer, n_embd = int(n_layer), int(n_embd)
-    except (TypeError, ValueError):
-        raise ModelError(
-            f"{path}: {arch}.block_count and embedding_length must be numbers "
-            f"(not {n_layer!r}, {n_embd!r}): the file is damaged; download it again"
-        ) from None
+    n_layer, n_embd = int(n_layer), int(n_embd)  # not numbers: read_model_spec says "damaged"
     # bounds before anything is sized by them: a damaged count must not allocate gigabytes
     if not (0 < n_layer <= MAX_LAYERS and 0 < n_embd <= MAX_EMBD):
         raise ModelError(
