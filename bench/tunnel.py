@@ -9,13 +9,18 @@
 2. Round trip per RPC message: ggml-rpc's DEVICE_COUNT command (1 + 8 bytes out, written in
    two pieces as ggml-rpc does, 12 bytes back), ping-pong on one connection, tunnel vs direct.
 
-    .venv/bin/python bench/tunnel.py [--rounds 7] [--tokens 128] [--threads 2] [--json]
+   With --python-tunnel, a third path: the tunnel with the Python TLS pumps (what tunnels use
+   where the native relay is not built), so the relay's gain is measured in the same run.
+
+    .venv/bin/python bench/tunnel.py [--rounds 7] [--tokens 128] [--threads 2]
+                                     [--python-tunnel] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 import statistics
@@ -101,72 +106,96 @@ def rtt_us(endpoint: str, count: int) -> float:
         return (time.perf_counter() - t0) / count * 1e6
 
 
+# the paths compared: each gets its own two agents (a ggml RPC worker serves one client)
+PATHS = {
+    "direct": "direct to the workers' loopback ports",
+    "tunnel": "Corral tunnel, native relay (AES-256-GCM keyed by TLS 1.3 mutual auth)",
+    "python": "Corral tunnel, Python TLS pumps (CORRAL_RELAY=off)",
+}
+
+
 async def run(opts: argparse.Namespace) -> dict:
     settings = LoadSettings(model=opts.model, n_ctx=1024, n_threads=opts.threads)
-    # Two pairs of agents, one per path, both models loaded: a ggml RPC worker serves one
-    # client at a time, and reloading per round would add more noise than it measures.
-    with LocalAgents(2) as via_tunnel, LocalAgents(2) as via_direct:
-        clients, tunnels, direct = [], [], []
-        for agents in (via_tunnel, via_direct):
-            for i, address in enumerate(agents.addresses):
+    paths = ["direct", "tunnel"] + (["python"] if opts.python_tunnel else [])
+    # One pair of agents per path, all models loaded: a ggml RPC worker serves one client at
+    # a time, and reloading per round would add more noise than it measures. The "python"
+    # path's agents run with CORRAL_RELAY=off, so they answer OpenTunnel without a relay
+    # share and both ends keep TLS records.
+    with contextlib.ExitStack() as stack:
+        agents = {
+            path: stack.enter_context(
+                LocalAgents(2, env={"CORRAL_RELAY": "off"} if path == "python" else None)
+            )
+            for path in paths
+        }
+        clients, tunnels = [], []
+        endpoints: dict[str, list[str]] = {path: [] for path in paths}
+        for path in paths:
+            for i, address in enumerate(agents[path].addresses):
                 client = AgentClient(address)
                 await client.connect()
                 devices = tuple(opts.devices.split(",")) if opts.devices else ()
                 await client.start_rpc(devices=devices, threads=opts.threads)  # the lease
                 clients.append(client)
-                if agents is via_tunnel:
-                    tunnels.append(client.open_tunnel())
+                if path == "direct":
+                    endpoints[path].append(worker_endpoint(agents[path].state_dir(i)))
                 else:
-                    direct.append(worker_endpoint(agents.state_dir(i)))
-        endpoints = {"tunnel": [t.endpoint for t in tunnels], "direct": direct}
-        res: dict[str, list[float]] = {"tunnel": [], "direct": [], "ratio": []}
+                    tunnels.append(client.open_tunnel())
+                    endpoints[path].append(tunnels[-1].endpoint)
+        res: dict[str, list[float]] = {p: [] for p in paths}
+        ratios: dict[str, list[float]] = {p: [] for p in paths if p != "direct"}
         loads: dict[str, float] = {}
         children = {}
-        for mode in ("direct", "tunnel"):
-            children[mode], loads[mode] = await loaded_child(endpoints[mode], settings)
-            await tok_s(children[mode], 16)  # warm-up
+        for path in paths:
+            children[path], loads[path] = await loaded_child(endpoints[path], settings)
+            await tok_s(children[path], 16)  # warm-up
+        modes = {t.label: t.mode for t in tunnels}
         for r in range(opts.rounds):
-            order = ["tunnel", "direct"] if r % 2 == 0 else ["direct", "tunnel"]
-            got = {mode: await tok_s(children[mode], opts.tokens) for mode in order}
-            for mode, v in got.items():
-                res[mode].append(v)
-            res["ratio"].append(got["tunnel"] / got["direct"])
+            order = paths[r % len(paths) :] + paths[: r % len(paths)]  # rotate who goes first
+            got = {path: await tok_s(children[path], opts.tokens) for path in order}
+            for path, v in got.items():
+                res[path].append(v)
+            for path in ratios:
+                ratios[path].append(got[path] / got["direct"])
             print(
-                f"round {r + 1}: tunnel {got['tunnel']:.1f} tok/s, direct {got['direct']:.1f} "
-                f"tok/s, ratio {res['ratio'][-1]:.3f}",
+                f"round {r + 1}: "
+                + ", ".join(f"{p} {got[p]:.1f} tok/s" for p in paths)
+                + ", ratios "
+                + ", ".join(f"{p} {ratios[p][-1]:.3f}" for p in ratios),
                 file=sys.stderr,
                 flush=True,
             )
         for child in children.values():
             await child.close()
         loop = asyncio.get_running_loop()
-        rtt: dict[str, list[float]] = {"tunnel": [], "direct": []}
+        rtt: dict[str, list[float]] = {p: [] for p in paths}
         for r in range(opts.rounds):
-            order = ["tunnel", "direct"] if r % 2 == 0 else ["direct", "tunnel"]
-            for mode in order:
-                us = await loop.run_in_executor(None, rtt_us, endpoints[mode][0], opts.pings)
-                rtt[mode].append(us)
+            for path in paths[r % len(paths) :] + paths[: r % len(paths)]:
+                us = await loop.run_in_executor(None, rtt_us, endpoints[path][0], opts.pings)
+                rtt[path].append(us)
         for t in tunnels:
             t.close()
         for c in clients:
             await c.close()
-    med = {
-        "tok_s_tunnel": statistics.median(res["tunnel"]),
-        "tok_s_direct": statistics.median(res["direct"]),
-        "ratio": statistics.median(res["ratio"]),
-        "load_s_tunnel": loads["tunnel"],
-        "load_s_direct": loads["direct"],
-        "rtt_tunnel": statistics.median(rtt["tunnel"]),
-        "rtt_direct": statistics.median(rtt["direct"]),
-    }
-    med["rtt_added"] = med["rtt_tunnel"] - med["rtt_direct"]
+    med: dict[str, float] = {}
+    for path in paths:
+        med[f"tok_s_{path}"] = statistics.median(res[path])
+        med[f"load_s_{path}"] = loads[path]
+        med[f"rtt_{path}"] = statistics.median(rtt[path])
+        if path != "direct":
+            med[f"ratio_{path}" if path != "tunnel" else "ratio"] = statistics.median(ratios[path])
+            med[f"rtt_added_{path}" if path != "tunnel" else "rtt_added"] = (
+                med[f"rtt_{path}"] - med["rtt_direct"]
+            )
     return {
         "model": str(opts.model),
         "rounds": opts.rounds,
         "tokens": opts.tokens,
         "threads": opts.threads,
+        "paths": paths,
+        "tunnel_modes": sorted(set(modes.values())),
         "median": med,
-        "raw": {**res, "rtt": rtt},
+        "raw": {**res, "ratios": ratios, "rtt": rtt},
     }
 
 
@@ -182,6 +211,11 @@ def main() -> int:
         default="",
         help="the workers' devices, e.g. CPU or CUDA0 (default: the agent's)",
     )
+    parser.add_argument(
+        "--python-tunnel",
+        action="store_true",
+        help="also measure the tunnel with the Python TLS pumps (a third pair of agents)",
+    )
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args()
     out = asyncio.run(run(opts))
@@ -193,19 +227,18 @@ def main() -> int:
         f"model {Path(out['model']).name}, split over 2 local agents, {opts.tokens} tokens x "
         f"{opts.rounds} rounds, {opts.threads} threads (medians)"
     )
-    print("| path | generation tok/s | load s | RPC round trip |")
-    print("|---|---|---|---|")
-    print(
-        f"| direct to the workers' loopback ports | {m['tok_s_direct']:.1f} | "
-        f"{m['load_s_direct']:.2f} | {m['rtt_direct']:.0f} µs |"
-    )
-    print(
-        f"| Corral tunnel (TLS 1.3, mutual auth) | {m['tok_s_tunnel']:.1f} | "
-        f"{m['load_s_tunnel']:.2f} | {m['rtt_tunnel']:.0f} µs |"
-    )
+    print("| path | generation tok/s | vs direct | load s | RPC round trip |")
+    print("|---|---|---|---|---|")
+    for path in out["paths"]:
+        ratio = {"direct": 1.0, "tunnel": m.get("ratio"), "python": m.get("ratio_python")}[path]
+        print(
+            f"| {PATHS[path]} | {m[f'tok_s_{path}']:.1f} | {ratio:.3f}x | "
+            f"{m[f'load_s_{path}']:.2f} | {m[f'rtt_{path}']:.0f} µs |"
+        )
     print(
         f"tunnel / direct: {m['ratio']:.3f}x (median of per-round ratios; target >= 0.95x); "
-        f"added per RPC round trip: {m['rtt_added']:.0f} µs"
+        f"added per RPC round trip: {m['rtt_added']:.0f} µs; tunnel data path: "
+        + ", ".join(out["tunnel_modes"])
     )
     return 0
 

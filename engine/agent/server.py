@@ -48,6 +48,7 @@ from corral.engine.protocol import (
     StartRpc,
     StopRpc,
     Subscribe,
+    TunnelOpen,
     Unpair,
     WorkerReply,
     WorkerState,
@@ -66,7 +67,7 @@ from corral.engine.security.pairing import (
 )
 from corral.engine.security.pins import Peer, PinStore
 from corral.engine.security.tls import server_context
-from corral.engine.security.tunnel import TlsPump
+from corral.engine.security.tunnel import NativePump, TlsPump, relay_keys, relay_share
 
 from . import inventory
 from .admin import AdminServer
@@ -160,7 +161,7 @@ class AgentServer:
         self._unpaired = 0
         self._subscribers: set[_Conn] = set()
         self._lease: _Conn | None = None
-        self._pumps: set[TlsPump] = set()
+        self._pumps: set[TlsPump | NativePump] = set()
         self._pumps_lock = threading.Lock()
         self._ggml: asyncio.Task[inventory.GgmlProbe] | None = None
         self._capability_cache: dict[tuple[str, str], dict[tuple[str, str, int, bool], bool]] = {}
@@ -579,20 +580,28 @@ class AgentServer:
             return False
         sock, obj, inc, out, rest = await conn.proto.detach()
         self._conns.discard(conn)
-        obj.write(encode_frame(to_wire(OkReply(req=msg.req))))
+        # the native relay when both ends have it: the desktop sends nothing more through
+        # TLS after OpenTunnel, so there is no plaintext left over to carry across
+        ours = relay_share() if msg.relay and not rest else b""
+        obj.write(encode_frame(to_wire(TunnelOpen(req=msg.req, relay=ours))))
         try:
             sock.sendall(out.read())
         except OSError:
             sock.close()
             plain.close()
             return True
-        pump = TlsPump(sock, obj, inc, out, plain, to_plain=rest, on_close=self._pump_closed)
+        pump: TlsPump | NativePump
+        if ours:
+            keys = relay_keys(msg.relay, ours, "agent")
+            pump = NativePump(sock, plain, keys, inc.read(), on_close=self._pump_closed)
+        else:
+            pump = TlsPump(sock, obj, inc, out, plain, to_plain=rest, on_close=self._pump_closed)
         with self._pumps_lock:
             self._pumps.add(pump)
         pump.start()
         return True
 
-    def _pump_closed(self, pump: TlsPump) -> None:  # called from a pump thread
+    def _pump_closed(self, pump: TlsPump | NativePump) -> None:  # called from a pump thread
         with self._pumps_lock:
             self._pumps.discard(pump)
 

@@ -17,7 +17,8 @@ from .errors import ErrorCode, ProtocolError
 
 # major: incompatible change (closes the connection); minor: additive fields or messages.
 # 2.0: control connections are TLS 1.3 with pinned certificates; RPC goes through them.
-PROTOCOL_VERSION = (2, 0)
+# 2.1: OpenTunnel.relay / TunnelOpen: the native relay for RPC bytes (TLS records remain).
+PROTOCOL_VERSION = (2, 1)
 
 
 class Message:
@@ -275,9 +276,22 @@ class PairDone(Message):
 @dataclass(frozen=True, slots=True)
 class OpenTunnel(Message):
     """desktop → agent: from the reply on, this connection carries raw ggml RPC bytes to the
-    worker. Only for the desktop holding the lease (taken by StartRpc)."""
+    worker. Only for the desktop holding the lease (taken by StartRpc). `relay` is the
+    desktop's 32-byte key share when it can run the native relay (empty: TLS records)."""
 
     req: int
+    relay: bytes = b""
+
+
+@_register(25)
+@dataclass(frozen=True, slots=True)
+class TunnelOpen(Message):
+    """agent → desktop, the answer to OpenTunnel: from here on the connection carries RPC
+    bytes. With `relay` (the agent's 32-byte share) both ends switch from TLS records to the
+    native relay's AES-GCM records under keys derived from both shares; empty: TLS stays."""
+
+    req: int
+    relay: bytes = b""
 
 
 @_register(20)

@@ -23,7 +23,6 @@ from corral.engine.protocol import (
     Inventory,
     InventoryRequest,
     Message,
-    OpenTunnel,
     PairChallenge,
     PairConfirm,
     PairDone,
@@ -298,9 +297,7 @@ class AgentClient:
         hello = self._desktop_hello()
 
         def open_channel() -> BlockingTls:
-            return open_tunnel_channel(
-                keys.ctx, host, port, peer.fingerprint, hello, OpenTunnel(req=1)
-            )
+            return open_tunnel_channel(keys.ctx, host, port, peer.fingerprint, hello)
 
         return DesktopTunnel(open_channel, self.name)
 

@@ -43,8 +43,10 @@ class LocalAgents:
         advertise: bool = False,
         pair: bool = True,
         extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.count = count
+        self.env = env or {}
         self.advertise = advertise
         self.host = host
         self.start_timeout = start_timeout
@@ -112,7 +114,7 @@ class LocalAgents:
             stdout=subprocess.PIPE,
             stderr=None,
             text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **self.env),
             start_new_session=True,  # so stop() can end the agent and its worker together
         )
         assert proc.stdout is not None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -27,6 +28,8 @@ from corral.engine.protocol import (
     FrameDecoder,
     Hello,
     Message,
+    OpenTunnel,
+    TunnelOpen,
     encode_frame,
     from_wire,
     to_wire,
@@ -172,6 +175,125 @@ class TlsPump:
             self._on_close(self)
 
 
+def _load_relay() -> Any:
+    """The native data path (`_relay.c`), or None where it was not built or is turned off
+    (CORRAL_RELAY=off: the Python TLS pumps, for comparison or to rule the relay out)."""
+    if os.environ.get("CORRAL_RELAY", "").strip().lower() in ("off", "0", "no", "python"):
+        return None
+    try:
+        from . import _relay  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _relay
+
+
+def relay_mode() -> str:
+    """What this process's tunnels use for their data: 'native' or 'python'."""
+    return "native" if _load_relay() is not None else "python"
+
+
+RELAY_SHARE = 32  # bytes of key material each end contributes
+
+
+def relay_share() -> bytes:
+    """This end's fresh key material for a tunnel; empty where it cannot run the relay."""
+    return os.urandom(RELAY_SHARE) if _load_relay() is not None else b""
+
+
+def relay_keys(desktop: bytes, agent: bytes, side: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """(tx_key, tx_iv, rx_key, rx_iv) for `side` ('desktop' or 'agent'), from both ends'
+    shares. The shares travelled inside the mutually authenticated TLS channel, so only the
+    two paired ends know them; HKDF-SHA256 gives each direction its own key and IV."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    if len(desktop) != RELAY_SHARE or len(agent) != RELAY_SHARE:
+        raise ValueError("a relay key share must be 32 bytes")
+    okm = HKDF(
+        algorithm=hashes.SHA256(), length=2 * 44, salt=None, info=b"corral rpc relay v1"
+    ).derive(desktop + agent)
+    up, down = okm[:44], okm[44:]  # desktop -> agent, agent -> desktop
+    tx, rx = (up, down) if side == "desktop" else (down, up)
+    return tx[:32], tx[32:], rx[:32], rx[32:]
+
+
+def _spin_us() -> int:
+    try:
+        return max(0, int(os.environ.get("CORRAL_RELAY_SPIN_US", "0")))
+    except ValueError:
+        return 0
+
+
+class NativePump:
+    """Forwards between `plain` and `net` in native code (`_relay.c`): AES-256-GCM records
+    under keys from `relay_keys`, two threads that never take the GIL per message. `pending`
+    is ciphertext that arrived with the channel's last TLS record."""
+
+    def __init__(
+        self,
+        net: socket.socket,
+        plain: socket.socket,
+        keys: tuple[bytes, bytes, bytes, bytes],
+        pending: bytes = b"",
+        on_close: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.net, self.plain, self._keys, self._pending = net, plain, keys, pending
+        self._on_close = on_close
+        self._closed = threading.Event()
+        self.ended = ""  # why the relay ended, once it has ("" for a clean end)
+        self._started = False
+        for s in (net, plain):
+            s.setblocking(True)
+            set_nodelay(s)
+
+    def start(self) -> None:
+        self._started = True
+        threading.Thread(target=self._run, name="tunnel-relay", daemon=True).start()
+
+    def _run(self) -> None:
+        relay = _load_relay()
+        try:
+            if relay is None:
+                self.ended = "the native relay is not available"
+            else:
+                tx_key, tx_iv, rx_key, rx_iv = self._keys
+                self.ended = relay.run(
+                    self.plain.fileno(),
+                    self.net.fileno(),
+                    tx_key,
+                    tx_iv,
+                    rx_key,
+                    rx_iv,
+                    self._pending,
+                    _spin_us(),
+                )
+            if self.ended:
+                log.debug("tunnel relay ended: %s", self.ended)
+        finally:
+            self._keys = (b"", b"", b"", b"")
+            # only now are the descriptors free: the relay's threads have returned
+            self._closed.set()
+            for s in (self.net, self.plain):
+                with contextlib.suppress(OSError):
+                    s.close()
+            if self._on_close is not None:
+                self._on_close(self)
+
+    def close(self) -> None:
+        """End the relay: shut the sockets down (the relay wakes, ends and closes them)."""
+        if self._closed.is_set():
+            return
+        if not self._started:  # never ran: nothing else will close them
+            self._closed.set()
+            for s in (self.net, self.plain):
+                with contextlib.suppress(OSError):
+                    s.close()
+            return
+        for s in (self.net, self.plain):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
 class BlockingTls:
     """A client TLS connection on a blocking socket with memory BIOs (so it can be pumped)."""
 
@@ -182,6 +304,7 @@ class BlockingTls:
         self.obj = ctx.wrap_bio(self.inc, self.out, server_side=False)
         self._decoder = FrameDecoder()
         self._frames: list[Any] = []
+        self.relay_keys: tuple[bytes, bytes, bytes, bytes] | None = None
         try:
             while True:
                 try:
@@ -226,6 +349,10 @@ class BlockingTls:
             self._frames.extend(self._decoder.feed(chunk))
         return from_wire(self._frames.pop(0))
 
+    def leftover(self) -> bytes:
+        """Bytes read from the socket that TLS has not consumed (the relay's first records)."""
+        return self.inc.read()
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -246,10 +373,11 @@ class DesktopTunnel:
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
         self.port = int(self._listener.getsockname()[1])
-        self._pumps: set[TlsPump] = set()
+        self._pumps: set[TlsPump | NativePump] = set()
         self._lock = threading.Lock()
         self._stopped = False
         self.last_error = ""
+        self.mode = ""  # the data path of the last connection: 'native' or 'python'
         threading.Thread(target=self._accept, name=f"tunnel-accept {label}", daemon=True).start()
 
     @property
@@ -272,7 +400,12 @@ class DesktopTunnel:
             log.warning("tunnel to %s: %s", self.label, exc)
             local.close()
             return
-        pump = TlsPump(chan.sock, chan.obj, chan.inc, chan.out, local, on_close=self._gone)
+        pump: TlsPump | NativePump
+        if chan.relay_keys is not None:
+            pump = NativePump(chan.sock, local, chan.relay_keys, chan.leftover(), self._gone)
+        else:
+            pump = TlsPump(chan.sock, chan.obj, chan.inc, chan.out, local, on_close=self._gone)
+        self.mode = "native" if chan.relay_keys is not None else "python"
         with self._lock:
             if self._stopped:
                 pump.close()
@@ -280,7 +413,7 @@ class DesktopTunnel:
             self._pumps.add(pump)
         pump.start()
 
-    def _gone(self, pump: TlsPump) -> None:
+    def _gone(self, pump: TlsPump | NativePump) -> None:
         with self._lock:
             self._pumps.discard(pump)
 
@@ -302,11 +435,11 @@ def open_tunnel_channel(
     port: int,
     expect_fp: str,
     hello: Hello,
-    open_msg: Message,
     timeout: float = 10.0,
 ) -> BlockingTls:
-    """TLS to the agent, pinned to `expect_fp`, hello, then `open_msg`; the channel is ready
-    to carry RPC bytes when this returns."""
+    """TLS to the agent, pinned to `expect_fp`, hello, then OpenTunnel; the channel is ready
+    to carry RPC bytes when this returns. Its `relay_keys` are set when both ends run the
+    native relay (the bytes then leave TLS for the relay's records), else None."""
     chan = BlockingTls(ctx, host, port, timeout)
     try:
         if peer_fingerprint(chan.obj) != expect_fp:
@@ -315,10 +448,13 @@ def open_tunnel_channel(
         theirs = chan.recv()
         if isinstance(theirs, ErrorReply):
             raise ConnectionRefusedError(theirs.message)
-        chan.send(open_msg)
+        ours = relay_share()
+        chan.send(OpenTunnel(req=1, relay=ours))
         reply = chan.recv()
         if isinstance(reply, ErrorReply):
             raise ConnectionRefusedError(reply.message)
+        if isinstance(reply, TunnelOpen) and reply.relay and ours:
+            chan.relay_keys = relay_keys(ours, reply.relay, "desktop")
         chan.sock.settimeout(None)
         return chan
     except BaseException:

@@ -1,0 +1,215 @@
+"""The tunnel's native relay (engine/security/_relay.c) on real sockets, and its wire format
+checked against an independent AES-GCM (the `cryptography` package), so a record the relay
+accepts is exactly what the format says: length, ciphertext, tag, nonce = IV ^ sequence."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from corral.engine.security import tunnel
+from corral.engine.security.tunnel import NativePump, relay_keys
+
+relay = tunnel._load_relay()
+
+
+def test_the_native_relay_is_built() -> None:
+    """`make test` installs with a compiler and OpenSSL headers: the relay must be there
+    (elsewhere the install goes on without it and tunnels use the Python pumps)."""
+    assert relay is not None, "engine/security/_relay.c was not built: see setup.py"
+    assert tunnel.relay_mode() == "native"
+
+
+def test_relay_keys_pair_up_and_differ_per_direction() -> None:
+    d, a = os.urandom(32), os.urandom(32)
+    desk, agent = relay_keys(d, a, "desktop"), relay_keys(d, a, "agent")
+    assert desk[:2] == agent[2:] and desk[2:] == agent[:2]
+    assert desk[0] != desk[2]
+    assert [len(x) for x in desk] == [32, 12, 32, 12]
+    assert relay_keys(os.urandom(32), a, "desktop") != desk
+    with pytest.raises(ValueError, match="32 bytes"):
+        relay_keys(b"short", a, "desktop")
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    return a, b
+
+
+@dataclass
+class Ends:
+    """client ⇄ [desktop relay] ⇄ TCP ⇄ [agent relay] ⇄ server, all real sockets."""
+
+    client: socket.socket
+    server: socket.socket
+    pumps: list[NativePump] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@pytest.fixture()
+def ends() -> Iterator[Ends]:
+    d, a = os.urandom(32), os.urandom(32)
+    client, desk_plain = socket.socketpair()
+    server, agent_plain = socket.socketpair()
+    desk_net, agent_net = _tcp_pair()
+    gone: list[NativePump] = []
+    e = Ends(client, server)
+
+    def closed(p: NativePump) -> None:
+        gone.append(p)
+        if len(gone) == 2:
+            e.done.set()
+
+    e.pumps = [
+        NativePump(desk_net, desk_plain, relay_keys(d, a, "desktop"), on_close=closed),
+        NativePump(agent_net, agent_plain, relay_keys(d, a, "agent"), on_close=closed),
+    ]
+    for p in e.pumps:
+        p.start()
+    yield e
+    client.close()
+    server.close()
+    assert e.done.wait(10), "a relay did not end after its client closed"
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"EOF after {len(out)} of {n} bytes"
+        out += chunk
+    return bytes(out)
+
+
+def test_bytes_cross_both_ways_intact_in_every_size(ends: Ends) -> None:
+    rng = random.Random(7)
+    sizes = [1, 9, 4096, 256 * 1024 - 1, 256 * 1024, 256 * 1024 + 1, 3 * 1024 * 1024]
+    sizes += [rng.randrange(1, 70_000) for _ in range(40)]
+    for size in sizes:
+        data = rng.randbytes(size)
+        # the server echoes in its own thread, so large payloads do not deadlock on buffers
+        echo = threading.Thread(
+            target=lambda n=size: ends.server.sendall(_recv_exactly(ends.server, n))
+        )
+        echo.start()
+        ends.client.sendall(data)
+        assert _recv_exactly(ends.client, size) == data, f"{size} bytes came back changed"
+        echo.join()
+    ends.client.close()
+    assert ends.done.wait(10)
+    assert [p.ended for p in ends.pumps] == ["", ""]
+    assert ends.server.recv(1) == b""  # the end travelled through
+
+
+def test_closing_a_pump_ends_both_relays(ends: Ends) -> None:
+    ends.client.sendall(b"x")
+    assert _recv_exactly(ends.server, 1) == b"x"
+    ends.pumps[1].close()
+    assert ends.done.wait(10)
+    assert ends.client.recv(1) == b""
+
+
+def _record(key: bytes, iv: bytes, seq: int, data: bytes) -> bytes:
+    head = struct.pack(">I", len(data))
+    nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq.to_bytes(8, "big"), strict=True))
+    return head + AESGCM(key).encrypt(nonce, data, head)
+
+
+Keys = tuple[bytes, bytes, bytes, bytes]
+
+
+def _one_relay() -> tuple[socket.socket, socket.socket, NativePump, Keys]:
+    """A desktop-side relay whose network side is a socket this test writes records into."""
+    keys = relay_keys(os.urandom(32), os.urandom(32), "desktop")
+    plain_app, plain = socket.socketpair()
+    net, peer = _tcp_pair()
+    pump = NativePump(net, plain, keys)
+    pump.start()
+    return plain_app, peer, pump, keys
+
+
+def _ended(pump: NativePump, *socks: socket.socket) -> str:
+    for _ in range(200):
+        if pump._closed.is_set():
+            break
+        threading.Event().wait(0.05)
+    for s in socks:
+        s.close()
+    return pump.ended
+
+
+def test_records_from_an_independent_aes_gcm_are_accepted_in_order() -> None:
+    plain_app, peer, pump, (tx_key, tx_iv, rx_key, rx_iv) = _one_relay()
+    try:
+        for seq, msg in enumerate([b"hello", b"", b"x" * 100_000, b"end"]):
+            peer.sendall(_record(rx_key, rx_iv, seq, msg))
+        assert _recv_exactly(plain_app, 5 + 100_000 + 3) == b"hello" + b"x" * 100_000 + b"end"
+        plain_app.sendall(b"reply")
+        head = _recv_exactly(peer, 4)
+        (n,) = struct.unpack(">I", head)
+        body = _recv_exactly(peer, n + 16)
+        nonce = bytes(a ^ b for a, b in zip(tx_iv, bytes(12), strict=True))
+        assert AESGCM(tx_key).decrypt(nonce, body, head) == b"reply"
+    finally:
+        plain_app.close()
+        peer.close()
+        _ended(pump)
+
+
+def test_ciphertext_that_came_with_the_handshake_is_relayed_first() -> None:
+    keys = relay_keys(os.urandom(32), os.urandom(32), "desktop")
+    first = _record(keys[2], keys[3], 0, b"early")
+    plain_app, plain = socket.socketpair()
+    net, peer = _tcp_pair()
+    pump = NativePump(net, plain, keys, pending=first)
+    pump.start()
+    peer.sendall(_record(keys[2], keys[3], 1, b" late"))
+    assert _recv_exactly(plain_app, 10) == b"early late"
+    plain_app.close()
+    assert _ended(pump, peer) == ""
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("flip", "failed authentication"),
+        ("replay", "failed authentication"),
+        ("wrong_key", "failed authentication"),
+        ("huge", "larger than the protocol allows"),
+        ("cut", "in the middle of a record"),
+    ],
+)
+def test_a_damaged_or_forged_record_ends_the_tunnel_and_delivers_nothing(
+    damage: str, reason: str
+) -> None:
+    plain_app, peer, pump, (_, _, rx_key, rx_iv) = _one_relay()
+    good = _record(rx_key, rx_iv, 0, b"first")
+    peer.sendall(good)
+    assert _recv_exactly(plain_app, 5) == b"first"
+    bad = {
+        "flip": lambda: (
+            _record(rx_key, rx_iv, 1, b"second")[:6]
+            + bytes([_record(rx_key, rx_iv, 1, b"second")[6] ^ 1])
+            + _record(rx_key, rx_iv, 1, b"second")[7:]
+        ),
+        "replay": lambda: good,  # sequence 0 again: the nonce no longer matches
+        "wrong_key": lambda: _record(os.urandom(32), rx_iv, 1, b"second"),
+        "huge": lambda: struct.pack(">I", 256 * 1024 + 1) + bytes(64),
+        "cut": lambda: _record(rx_key, rx_iv, 1, b"second")[:10],
+    }[damage]()
+    peer.sendall(bad)
+    if damage == "cut":
+        peer.shutdown(socket.SHUT_WR)
+    plain_app.settimeout(10)
+    assert plain_app.recv(100) == b"", "bytes of a bad record reached the plain side"
+    assert reason in _ended(pump, plain_app, peer)
