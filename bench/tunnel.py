@@ -10,10 +10,11 @@
    two pieces as ggml-rpc does, 12 bytes back), ping-pong on one connection, tunnel vs direct.
 
    With --python-tunnel, a third path: the tunnel with the Python TLS pumps (what tunnels use
-   where the native relay is not built), so the relay's gain is measured in the same run.
+   where the native relay is not built), so the relay's gain is measured in the same run;
+   with --spin-us N, another: the native relay polling N µs before each sleep.
 
     .venv/bin/python bench/tunnel.py [--rounds 7] [--tokens 128] [--threads 2]
-                                     [--python-tunnel] [--json]
+                                     [--python-tunnel] [--spin-us N] [--json]
 """
 
 from __future__ import annotations
@@ -111,23 +112,21 @@ PATHS = {
     "direct": "direct to the workers' loopback ports",
     "tunnel": "Corral tunnel, native relay (AES-256-GCM keyed by TLS 1.3 mutual auth)",
     "python": "Corral tunnel, Python TLS pumps (CORRAL_RELAY=off)",
+    "spin": "Corral tunnel, native relay polling before it sleeps (CORRAL_RELAY_SPIN_US)",
 }
 
 
 async def run(opts: argparse.Namespace) -> dict:
     settings = LoadSettings(model=opts.model, n_ctx=1024, n_threads=opts.threads)
     paths = ["direct", "tunnel"] + (["python"] if opts.python_tunnel else [])
+    paths += ["spin"] if opts.spin_us else []
+    env = {"python": {"CORRAL_RELAY": "off"}, "spin": {"CORRAL_RELAY_SPIN_US": str(opts.spin_us)}}
     # One pair of agents per path, all models loaded: a ggml RPC worker serves one client at
     # a time, and reloading per round would add more noise than it measures. The "python"
     # path's agents run with CORRAL_RELAY=off, so they answer OpenTunnel without a relay
     # share and both ends keep TLS records.
     with contextlib.ExitStack() as stack:
-        agents = {
-            path: stack.enter_context(
-                LocalAgents(2, env={"CORRAL_RELAY": "off"} if path == "python" else None)
-            )
-            for path in paths
-        }
+        agents = {path: stack.enter_context(LocalAgents(2, env=env.get(path))) for path in paths}
         clients, tunnels = [], []
         endpoints: dict[str, list[str]] = {path: [] for path in paths}
         for path in paths:
@@ -140,7 +139,8 @@ async def run(opts: argparse.Namespace) -> dict:
                 if path == "direct":
                     endpoints[path].append(worker_endpoint(agents[path].state_dir(i)))
                 else:
-                    tunnels.append(client.open_tunnel())
+                    spin = opts.spin_us if path == "spin" else 0
+                    tunnels.append(client.open_tunnel(spin_us=spin))
                     endpoints[path].append(tunnels[-1].endpoint)
         res: dict[str, list[float]] = {p: [] for p in paths}
         ratios: dict[str, list[float]] = {p: [] for p in paths if p != "direct"}
@@ -216,6 +216,12 @@ def main() -> int:
         action="store_true",
         help="also measure the tunnel with the Python TLS pumps (a third pair of agents)",
     )
+    parser.add_argument(
+        "--spin-us",
+        type=int,
+        default=0,
+        help="also measure the native relay polling this many µs before it sleeps",
+    )
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args()
     out = asyncio.run(run(opts))
@@ -230,7 +236,7 @@ def main() -> int:
     print("| path | generation tok/s | vs direct | load s | RPC round trip |")
     print("|---|---|---|---|---|")
     for path in out["paths"]:
-        ratio = {"direct": 1.0, "tunnel": m.get("ratio"), "python": m.get("ratio_python")}[path]
+        ratio = 1.0 if path == "direct" else m["ratio" if path == "tunnel" else f"ratio_{path}"]
         print(
             f"| {PATHS[path]} | {m[f'tok_s_{path}']:.1f} | {ratio:.3f}x | "
             f"{m[f'load_s_{path}']:.2f} | {m[f'rtt_{path}']:.0f} µs |"

@@ -289,9 +289,10 @@ class AgentClient:
         if fp:
             self.keys.pins.remove(fp)
 
-    def open_tunnel(self) -> DesktopTunnel:
+    def open_tunnel(self, spin_us: int | None = None) -> DesktopTunnel:
         """A loopback endpoint for the inference child that reaches this agent's worker
-        through the authenticated channel (the worker must be started by this client)."""
+        through the authenticated channel (the worker must be started by this client).
+        `spin_us`: the native relay's polling before it sleeps (default CORRAL_RELAY_SPIN_US)."""
         assert self.peer is not None, "connect first"
         keys, peer, host, port = self.keys, self.peer, self.host, self.port
         hello = self._desktop_hello()
@@ -299,7 +300,7 @@ class AgentClient:
         def open_channel() -> BlockingTls:
             return open_tunnel_channel(keys.ctx, host, port, peer.fingerprint, hello)
 
-        return DesktopTunnel(open_channel, self.name)
+        return DesktopTunnel(open_channel, self.name, spin_us)
 
     async def _keep_alive(self) -> None:
         """A ping now and then, so the agent knows this session (and its lease) is alive, and

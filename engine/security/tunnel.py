@@ -218,6 +218,7 @@ def relay_keys(desktop: bytes, agent: bytes, side: str) -> tuple[bytes, bytes, b
 
 
 def _spin_us() -> int:
+    """CORRAL_RELAY_SPIN_US: microseconds a relay thread polls before it sleeps (0: never)."""
     try:
         return max(0, int(os.environ.get("CORRAL_RELAY_SPIN_US", "0")))
     except ValueError:
@@ -236,8 +237,10 @@ class NativePump:
         keys: tuple[bytes, bytes, bytes, bytes],
         pending: bytes = b"",
         on_close: Callable[[Any], None] | None = None,
+        spin_us: int | None = None,
     ) -> None:
         self.net, self.plain, self._keys, self._pending = net, plain, keys, pending
+        self.spin_us = _spin_us() if spin_us is None else spin_us
         self._on_close = on_close
         self._closed = threading.Event()
         self.ended = ""  # why the relay ended, once it has ("" for a clean end)
@@ -265,7 +268,7 @@ class NativePump:
                     rx_key,
                     rx_iv,
                     self._pending,
-                    _spin_us(),
+                    self.spin_us,
                 )
             if self.ended:
                 log.debug("tunnel relay ended: %s", self.ended)
@@ -365,9 +368,12 @@ class DesktopTunnel:
     (it raises with the agent's message when the agent refuses, e.g. leased elsewhere).
     """
 
-    def __init__(self, open_channel: Callable[[], BlockingTls], label: str) -> None:
+    def __init__(
+        self, open_channel: Callable[[], BlockingTls], label: str, spin_us: int | None = None
+    ) -> None:
         self._open = open_channel
         self.label = label
+        self.spin_us = _spin_us() if spin_us is None else spin_us
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -402,7 +408,9 @@ class DesktopTunnel:
             return
         pump: TlsPump | NativePump
         if chan.relay_keys is not None:
-            pump = NativePump(chan.sock, local, chan.relay_keys, chan.leftover(), self._gone)
+            pump = NativePump(
+                chan.sock, local, chan.relay_keys, chan.leftover(), self._gone, self.spin_us
+            )
         else:
             pump = TlsPump(chan.sock, chan.obj, chan.inc, chan.out, local, on_close=self._gone)
         self.mode = "native" if chan.relay_keys is not None else "python"

@@ -18,7 +18,15 @@ SRC=/tmp/llama_cpp_python-0.3.36
 mkdir -p /tmp/site
 if [ ! -f /tmp/site.done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devsrc/*.whl 2>&1 | tail -2
-  python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site --upgrade . 2>&1 | tail -2
+  # the tunnel's native relay (setup.py's optional extension) needs OpenSSL's headers (carried
+  # in .devsrc/openssl-include where the host has none) and an unversioned libcrypto.so
+  [ -f /usr/include/openssl/evp.h ] || export CFLAGS="-I$PWD/.devsrc/openssl-include"
+  if ! ldconfig -p | grep -q 'libcrypto\.so '; then
+    mkdir -p /tmp/sslib && ln -sf "$(ldconfig -p | awk '/libcrypto\.so\.3 /{print $NF; exit}')" /tmp/sslib/libcrypto.so
+    export LDFLAGS="-L/tmp/sslib"
+  fi
+  python3 -m pip install --no-deps --no-build-isolation --target /tmp/site --upgrade . > /tmp/pip-corral.log 2>&1
+  grep -i -B2 -A8 "error\|optional" /tmp/pip-corral.log | head -30
   touch /tmp/site.done
 fi
 [ -d $SRC ] || tar xzf .devsrc/llsrc.tgz -C /tmp
@@ -67,3 +75,4 @@ if [ ! -e /tmp/site/llama_cpp/lib ]; then
   mkdir -p /tmp/site/include && cp $SRC/vendor/llama.cpp/ggml/include/*.h $SRC/vendor/llama.cpp/include/*.h /tmp/site/include/
 fi
 python3 -c "import llama_cpp; assert llama_cpp.llama_supports_rpc(), 'no RPC'; print('llama_cpp', llama_cpp.__version__, 'RPC ok')" || exit 1
+python3 -c "from corral.engine.security import tunnel; print('tunnel data path:', tunnel.relay_mode())"
