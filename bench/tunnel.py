@@ -10,11 +10,10 @@
    two pieces as ggml-rpc does, 12 bytes back), ping-pong on one connection, tunnel vs direct.
 
    With --python-tunnel, a third path: the tunnel with the Python TLS pumps (what tunnels use
-   where the native relay is not built), so the relay's gain is measured in the same run;
-   with --spin-us N, another: the native relay polling N µs before each sleep.
+   where the native relay is not built), so the relay's gain is measured in the same run.
 
     .venv/bin/python bench/tunnel.py [--rounds 7] [--tokens 128] [--threads 2]
-                                     [--python-tunnel] [--spin-us N] [--json]
+                                     [--python-tunnel] [--json]
 """
 
 from __future__ import annotations
@@ -112,15 +111,13 @@ PATHS = {
     "direct": "direct to the workers' loopback ports",
     "tunnel": "Corral tunnel, native relay (AES-256-GCM keyed by TLS 1.3 mutual auth)",
     "python": "Corral tunnel, Python TLS pumps (CORRAL_RELAY=off)",
-    "spin": "Corral tunnel, native relay polling before it sleeps (CORRAL_RELAY_SPIN_US)",
 }
 
 
 async def run(opts: argparse.Namespace) -> dict:
     settings = LoadSettings(model=opts.model, n_ctx=1024, n_threads=opts.threads)
     paths = ["direct", "tunnel"] + (["python"] if opts.python_tunnel else [])
-    paths += ["spin"] if opts.spin_us else []
-    env = {"python": {"CORRAL_RELAY": "off"}, "spin": {"CORRAL_RELAY_SPIN_US": str(opts.spin_us)}}
+    env = {"python": {"CORRAL_RELAY": "off"}}
     # One pair of agents per path, all models loaded: a ggml RPC worker serves one client at
     # a time, and reloading per round would add more noise than it measures. The "python"
     # path's agents run with CORRAL_RELAY=off, so they answer OpenTunnel without a relay
@@ -139,8 +136,7 @@ async def run(opts: argparse.Namespace) -> dict:
                 if path == "direct":
                     endpoints[path].append(worker_endpoint(agents[path].state_dir(i)))
                 else:
-                    spin = opts.spin_us if path == "spin" else 0
-                    tunnels.append(client.open_tunnel(spin_us=spin))
+                    tunnels.append(client.open_tunnel())
                     endpoints[path].append(tunnels[-1].endpoint)
         res: dict[str, list[float]] = {p: [] for p in paths}
         ratios: dict[str, list[float]] = {p: [] for p in paths if p != "direct"}
@@ -215,12 +211,6 @@ def main() -> int:
         "--python-tunnel",
         action="store_true",
         help="also measure the tunnel with the Python TLS pumps (a third pair of agents)",
-    )
-    parser.add_argument(
-        "--spin-us",
-        type=int,
-        default=0,
-        help="also measure the native relay polling this many µs before it sleeps",
     )
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args()

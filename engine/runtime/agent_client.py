@@ -289,10 +289,9 @@ class AgentClient:
         if fp:
             self.keys.pins.remove(fp)
 
-    def open_tunnel(self, spin_us: int | None = None) -> DesktopTunnel:
+    def open_tunnel(self) -> DesktopTunnel:
         """A loopback endpoint for the inference child that reaches this agent's worker
-        through the authenticated channel (the worker must be started by this client).
-        `spin_us`: the native relay's polling before it sleeps (default CORRAL_RELAY_SPIN_US)."""
+        through the authenticated channel (the worker must be started by this client)."""
         assert self.peer is not None, "connect first"
         keys, peer, host, port = self.keys, self.peer, self.host, self.port
         hello = self._desktop_hello()
@@ -300,7 +299,7 @@ class AgentClient:
         def open_channel() -> BlockingTls:
             return open_tunnel_channel(keys.ctx, host, port, peer.fingerprint, hello)
 
-        return DesktopTunnel(open_channel, self.name, spin_us)
+        return DesktopTunnel(open_channel, self.name)
 
     async def _keep_alive(self) -> None:
         """A ping now and then, so the agent knows this session (and its lease) is alive, and

@@ -14,12 +14,15 @@
  * no nonce repeats under one key. A record that fails authentication, or announces more
  * than RELAY_MAX bytes, ends the connection.
  *
- * relay.run(plain_fd, net_fd, tx_key, tx_iv, rx_key, rx_iv, pending, spin_us) blocks (with
- * the GIL released) until either side ends, shuts both sockets down (it does not close
- * them) and returns "" for a clean end or the reason. `pending` is ciphertext already read
- * from net_fd (it came in with the channel's last TLS record). spin_us > 0 polls a socket
- * that many microseconds without sleeping before blocking on it: it trades a core for the
- * wake-up latency, for a bench to measure; 0 (the default) never spins.
+ * relay.run(plain_fd, net_fd, tx_key, tx_iv, rx_key, rx_iv, pending) blocks (with the GIL
+ * released) until either side ends, shuts both sockets down (it does not close them) and
+ * returns "" for a clean end or the reason. `pending` is ciphertext already read from net_fd
+ * (it came in with the channel's last TLS record).
+ *
+ * Measured on 2 x H200 (docs/PERFORMANCE.md): +56 us per RPC round trip over direct, where
+ * the Python pumps add +109 us. That is about the cost of the two extra loopback TCP legs
+ * each way (direct is 30 us for two); polling 100 us before sleeping gained nothing, so the
+ * threads simply block.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,7 +34,6 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <time.h>
 
 #define RELAY_MAX (256 * 1024)
 #define HDR 4
@@ -44,30 +46,13 @@ typedef struct {
     int src, dst;
     unsigned char key[KEY], iv[IVLEN];
     uint64_t seq;
-    long spin_ns;
     const unsigned char *pending;
     size_t npending;
     const char *error; /* a static string; NULL for a clean end */
 } half_t;
 
-static long now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000000000L + ts.tv_nsec;
-}
-
-/* recv that first polls for spin_ns without sleeping, then blocks; -1 with errno on error */
+/* a blocking recv; -1 with errno on error */
 static ssize_t recv_some(half_t *h, unsigned char *buf, size_t cap) {
-    if (h->spin_ns > 0) {
-        long until = now_ns() + h->spin_ns;
-        do {
-            ssize_t n = recv(h->src, buf, cap, MSG_DONTWAIT);
-            if (n >= 0)
-                return n;
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-                return -1;
-        } while (now_ns() < until);
-    }
     for (;;) {
         ssize_t n = recv(h->src, buf, cap, 0);
         if (n >= 0 || errno != EINTR)
@@ -246,12 +231,11 @@ static int take_key(PyObject *o, unsigned char *dst, Py_ssize_t want, const char
 
 static PyObject *relay_run(PyObject *self, PyObject *args) {
     int plain_fd, net_fd;
-    long spin_us;
     PyObject *tx_key, *tx_iv, *rx_key, *rx_iv;
     Py_buffer pending;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iiSSSSy*l", &plain_fd, &net_fd, &tx_key, &tx_iv, &rx_key,
-                          &rx_iv, &pending, &spin_us))
+    if (!PyArg_ParseTuple(args, "iiSSSSy*", &plain_fd, &net_fd, &tx_key, &tx_iv, &rx_key,
+                          &rx_iv, &pending))
         return NULL;
     relay_t *r = calloc(1, sizeof *r);
     unsigned char *pend = NULL;
@@ -263,7 +247,6 @@ static PyObject *relay_run(PyObject *self, PyObject *args) {
     r->up.dst = net_fd;
     r->down.src = net_fd;
     r->down.dst = plain_fd;
-    r->up.spin_ns = r->down.spin_ns = spin_us > 0 ? spin_us * 1000L : 0;
     if (take_key(tx_key, r->up.key, KEY, "tx_key") < 0 ||
         take_key(tx_iv, r->up.iv, IVLEN, "tx_iv") < 0 ||
         take_key(rx_key, r->down.key, KEY, "rx_key") < 0 ||
@@ -312,7 +295,7 @@ fail:
 
 static PyMethodDef methods[] = {
     {"run", relay_run, METH_VARARGS,
-     "run(plain_fd, net_fd, tx_key, tx_iv, rx_key, rx_iv, pending, spin_us) -> str\n"
+     "run(plain_fd, net_fd, tx_key, tx_iv, rx_key, rx_iv, pending) -> str\n"
      "Relay until either side ends; returns '' or why it ended. Shuts both sockets down."},
     {NULL, NULL, 0, NULL},
 };

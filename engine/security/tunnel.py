@@ -217,14 +217,6 @@ def relay_keys(desktop: bytes, agent: bytes, side: str) -> tuple[bytes, bytes, b
     return tx[:32], tx[32:], rx[:32], rx[32:]
 
 
-def _spin_us() -> int:
-    """CORRAL_RELAY_SPIN_US: microseconds a relay thread polls before it sleeps (0: never)."""
-    try:
-        return max(0, int(os.environ.get("CORRAL_RELAY_SPIN_US", "0")))
-    except ValueError:
-        return 0
-
-
 class NativePump:
     """Forwards between `plain` and `net` in native code (`_relay.c`): AES-256-GCM records
     under keys from `relay_keys`, two threads that never take the GIL per message. `pending`
@@ -237,10 +229,8 @@ class NativePump:
         keys: tuple[bytes, bytes, bytes, bytes],
         pending: bytes = b"",
         on_close: Callable[[Any], None] | None = None,
-        spin_us: int | None = None,
     ) -> None:
         self.net, self.plain, self._keys, self._pending = net, plain, keys, pending
-        self.spin_us = _spin_us() if spin_us is None else spin_us
         self._on_close = on_close
         self._closed = threading.Event()
         self.ended = ""  # why the relay ended, once it has ("" for a clean end)
@@ -268,7 +258,6 @@ class NativePump:
                     rx_key,
                     rx_iv,
                     self._pending,
-                    self.spin_us,
                 )
             if self.ended:
                 log.debug("tunnel relay ended: %s", self.ended)
@@ -368,12 +357,9 @@ class DesktopTunnel:
     (it raises with the agent's message when the agent refuses, e.g. leased elsewhere).
     """
 
-    def __init__(
-        self, open_channel: Callable[[], BlockingTls], label: str, spin_us: int | None = None
-    ) -> None:
+    def __init__(self, open_channel: Callable[[], BlockingTls], label: str) -> None:
         self._open = open_channel
         self.label = label
-        self.spin_us = _spin_us() if spin_us is None else spin_us
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -408,9 +394,7 @@ class DesktopTunnel:
             return
         pump: TlsPump | NativePump
         if chan.relay_keys is not None:
-            pump = NativePump(
-                chan.sock, local, chan.relay_keys, chan.leftover(), self._gone, self.spin_us
-            )
+            pump = NativePump(chan.sock, local, chan.relay_keys, chan.leftover(), self._gone)
         else:
             pump = TlsPump(chan.sock, chan.obj, chan.inc, chan.out, local, on_close=self._gone)
         self.mode = "native" if chan.relay_keys is not None else "python"

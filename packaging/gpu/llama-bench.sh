@@ -6,9 +6,8 @@
 #
 # Builds (setup.sh), writes the f16 model, quantizes it with llama-quantize, then runs the
 # comparison (one GPU and the split, ~4 min), the one-GPU part again alone (~1 min), the
-# tunnel's data paths side by side (bench/tunnel.py: direct, native relay, Python pumps, relay
-# polling $SPIN_US µs, default 100), the split again with the relay polling, and with COSTS=1
-# bench/llama_decode_costs.py. Every step runs detached, so when WAIT_S seconds (default 560)
+# tunnel's data paths side by side (bench/tunnel.py: direct, native relay, Python pumps) and,
+# with COSTS=1, bench/llama_decode_costs.py. Every step runs detached, so when WAIT_S seconds (default 560)
 # have passed the script just reports where it is: run it again on the same machine (within
 # the 30 s it stays warm) and it carries on. On a fresh 2 x H200 host all of it takes ~9 min.
 # Results (results*.json, bench*.log, machine, build, model and rpc-server logs) go to $OUT.
@@ -26,8 +25,7 @@ report() {
   cp /tmp/bench.log "$OUT/" 2>/dev/null
   cp /tmp/results/results.json "$OUT/" 2>/dev/null
   cp /tmp/results1/results.json "$OUT/results-1gpu.json" 2>/dev/null
-  cp /tmp/results-spin/results.json "$OUT/results-spin.json" 2>/dev/null
-  cp /tmp/tunnel7b.json /tmp/tunnel7b.log /tmp/spin.log /tmp/pip-corral.log "$OUT/" 2>/dev/null
+  cp /tmp/tunnel7b.json /tmp/pip-corral.log "$OUT/" 2>/dev/null
   { cat /tmp/bench1.log; grep "tok/s median" /tmp/costs.log; } > "$OUT/bench-1gpu.log" 2>/dev/null
   tail -c 200000 /tmp/results/rpc-server-*.log > "$OUT/rpc-servers.log" 2>/dev/null
 }
@@ -51,18 +49,11 @@ detached bench1 "python3 bench/llama_bench_compare.py --bin $B --model $M --out 
 wait_for bench1 || exit 0
 grep -v "^round" /tmp/bench1.log | head -12
 # The tunnel's data paths side by side on the 7B, both workers on GPU 0 (bench/tunnel.py):
-# direct, the native relay, the Python TLS pumps, and the relay polling SPIN_US before it sleeps
+# direct, the native relay, and the Python TLS pumps
 detached tunnel7b "CUDA_VISIBLE_DEVICES=0 python3 bench/tunnel.py --devices CUDA0 --model $M \
-  --threads 4 --rounds 7 --tokens 128 --pings 1000 --python-tunnel --spin-us ${SPIN_US:-100} \
-  --json > /tmp/tunnel7b.json"
+  --threads 4 --rounds 7 --tokens 128 --pings 1000 --python-tunnel --json > /tmp/tunnel7b.json"
 wait_for tunnel7b || exit 0
 python3 -c "import json; m = json.load(open('/tmp/tunnel7b.json'))['median']; print({k: round(v, 3) for k, v in m.items()})"
-# The split again with every relay polling SPIN_US before it sleeps (desktop and agents)
-detached spin "CORRAL_RELAY_SPIN_US=${SPIN_US:-100} python3 bench/llama_bench_compare.py --bin $B \
-  --model $M --out /tmp/results-spin --parts split --rounds 5 --tokens 128 --reps 3 --threads 4 \
-  --gpus 0,1 --flash-attn on"
-wait_for spin || exit 0
-grep -v "^round" /tmp/spin.log | tail -30
 if [ -n "${COSTS:-}" ]; then
   detached costs "cd /tmp/llb && CUDA_VISIBLE_DEVICES=0 python3 $PWD/bench/llama_decode_costs.py $M"
   wait_for costs || exit 0
