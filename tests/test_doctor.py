@@ -147,6 +147,22 @@ def test_a_healthy_desktop_and_agent_pass(
     assert agent["status"] == "pass" and agents[0].address in agent["detail"]
     version = [c for n, c in checks.items() if n.endswith(" version")]
     assert version and version[0]["status"] == "pass"
+    assert checks["tunnel"]["status"] == "pass", checks["tunnel"]
+    assert not [n for n in checks if n.endswith(" tunnel")]  # the agent has the relay too
+
+
+def test_hosts_without_the_native_relay_are_warned(
+    desktop: Path, tmp_path: Path, agents: list[Agent]
+) -> None:
+    off = dict(os.environ, CORRAL_RELAY="off")
+    agents.append(Agent(tmp_path / "agent", env=off))
+    checks = corral_doctor("--wait", "0", env=off)
+    assert checks["tunnel"]["status"] == "warn" and "CORRAL_RELAY" in checks["tunnel"]["fix"]
+    theirs = [c for n, c in checks.items() if n.endswith(" tunnel") and n != "tunnel"]
+    assert len(theirs) == 1 and theirs[0]["status"] == "warn"
+    assert "Python TLS pumps" in theirs[0]["detail"] and "libssl-dev" in theirs[0]["fix"]
+    worker = agent_doctor("--state-dir", str(tmp_path / "agent2"), env=off)
+    assert worker["tunnel"]["status"] == "warn"
 
 
 def test_no_rpc_support_in_the_build(desktop: Path, tmp_path: Path) -> None:

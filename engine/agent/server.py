@@ -67,7 +67,13 @@ from corral.engine.security.pairing import (
 )
 from corral.engine.security.pins import Peer, PinStore
 from corral.engine.security.tls import server_context
-from corral.engine.security.tunnel import NativePump, TlsPump, relay_keys, relay_share
+from corral.engine.security.tunnel import (
+    NativePump,
+    TlsPump,
+    relay_keys,
+    relay_mode,
+    relay_share,
+)
 
 from . import inventory
 from .admin import AdminServer
@@ -446,6 +452,8 @@ class AgentServer:
     async def _hello(self) -> Hello:
         probe = await self._probe()
         features = ["tls-pinned", "pairing-spake2", "rpc-tunnel"]
+        if relay_mode() == "native":
+            features.append("rpc-relay")
         if self.trusted_network:
             features.append("rpc-direct")
         return Hello(

@@ -29,6 +29,7 @@ from .checks import (
     nvml_check,
     port_owner,
     print_report,
+    relay_check,
 )
 
 _TCP_TIMEOUT = 3.0
@@ -103,6 +104,15 @@ def version_checks(name: str, theirs: Hello, local: LocalBuild) -> list[Check]:
                 f"{name} llama.cpp",
                 PASS,
                 f"llama-cpp-python {theirs.llama_version or '?'}, RPC {theirs.rpc_proto or '?'}",
+            )
+        )
+    if "rpc-relay" not in theirs.features and "rpc-direct" not in theirs.features:
+        checks.append(
+            Check(
+                f"{name} tunnel",
+                WARN,
+                "that agent has no native relay: tunnels to it use the slower Python TLS pumps",
+                "on that host: apt install gcc libssl-dev, then run install-worker.sh again",
             )
         )
     return checks
@@ -201,7 +211,7 @@ async def desktop_checks(wait: float) -> list[Check]:
     try:
         local = await local_build()
         cert = keys.root / "identity" / "cert.pem"
-        checks = [*build_checks(local), nvml_check(), clock_check(cert)]
+        checks = [*build_checks(local), nvml_check(), relay_check(), clock_check(cert)]
         peers = keys.pins.peers()
         results = await asyncio.gather(*(agent_checks(p, local) for p in peers))
         hellos = [h for _, h in results if h is not None]

@@ -21,6 +21,7 @@ from .checks import (
     mdns_self_test,
     nvml_check,
     print_report,
+    relay_check,
 )
 
 
@@ -74,7 +75,7 @@ async def worker_checks(opts: argparse.Namespace) -> list[Check]:
         local_build(),
         mdns_self_test(ips) if not opts.no_advertise else asyncio.sleep(0, None),
     )
-    checks = [_config_check(opts), *build_checks(local), nvml_check()]
+    checks = [_config_check(opts), *build_checks(local), nvml_check(), relay_check()]
     checks.append(listen_port_check(host, port, running))
     if mdns is None:
         checks.append(Check("mDNS", PASS, "announcing is off (advertise = false)"))
