@@ -68,6 +68,7 @@ from corral.engine.security.pairing import (
 from corral.engine.security.pins import Peer, PinStore
 from corral.engine.security.tls import server_context
 from corral.engine.security.tunnel import (
+    RELAY_SHARE,
     NativePump,
     TlsPump,
     relay_keys,
@@ -570,6 +571,17 @@ class AgentServer:
                 )
             )
             return False
+        if msg.relay and len(msg.relay) != RELAY_SHARE:
+            conn.proto.send(
+                to_wire(
+                    ErrorReply(
+                        msg.req,
+                        int(ErrorCode.BAD_MESSAGE),
+                        f"a relay key share is {RELAY_SHARE} bytes, this one {len(msg.relay)}",
+                    )
+                )
+            )
+            return False
         loop = asyncio.get_running_loop()
         try:
             plain = await loop.run_in_executor(
@@ -590,8 +602,10 @@ class AgentServer:
         self._conns.discard(conn)
         # the native relay when both ends have it: the desktop sends nothing more through
         # TLS after OpenTunnel, so there is no plaintext left over to carry across
-        ours = relay_share() if msg.relay and not rest else b""
-        obj.write(encode_frame(to_wire(TunnelOpen(req=msg.req, relay=ours))))
+        ours = relay_share() if msg.relay and not rest and not obj.pending() else b""
+        # a desktop that offered no share may be a 2.0 one, which knows OkReply, not TunnelOpen
+        answer = TunnelOpen(req=msg.req, relay=ours) if msg.relay else OkReply(req=msg.req)
+        obj.write(encode_frame(to_wire(answer)))
         try:
             sock.sendall(out.read())
         except OSError:

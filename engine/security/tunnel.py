@@ -220,7 +220,10 @@ def relay_keys(desktop: bytes, agent: bytes, side: str) -> tuple[bytes, bytes, b
 class NativePump:
     """Forwards between `plain` and `net` in native code (`_relay.c`): AES-256-GCM records
     under keys from `relay_keys`, two threads that never take the GIL per message. `pending`
-    is ciphertext that arrived with the channel's last TLS record."""
+    is ciphertext that arrived with the channel's last TLS record.
+
+    Only the relay's own thread closes the sockets once it runs (close() shuts them down,
+    which wakes it), so the descriptors it works on stay valid until it has returned."""
 
     def __init__(
         self,
@@ -232,16 +235,25 @@ class NativePump:
     ) -> None:
         self.net, self.plain, self._keys, self._pending = net, plain, keys, pending
         self._on_close = on_close
-        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._running = False
+        self._closed = False
+        self._done = threading.Event()
         self.ended = ""  # why the relay ended, once it has ("" for a clean end)
-        self._started = False
         for s in (net, plain):
             s.setblocking(True)
             set_nodelay(s)
 
     def start(self) -> None:
-        self._started = True
+        with self._lock:
+            if self._closed:  # closed before it ran
+                return
+            self._running = True
         threading.Thread(target=self._run, name="tunnel-relay", daemon=True).start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the relay has ended and its sockets are closed."""
+        return self._done.wait(timeout)
 
     def _run(self) -> None:
         relay = _load_relay()
@@ -263,27 +275,29 @@ class NativePump:
                 log.debug("tunnel relay ended: %s", self.ended)
         finally:
             self._keys = (b"", b"", b"", b"")
-            # only now are the descriptors free: the relay's threads have returned
-            self._closed.set()
+            self._finish()
+
+    def _finish(self) -> None:
+        with self._lock:
+            self._closed = True
             for s in (self.net, self.plain):
                 with contextlib.suppress(OSError):
                     s.close()
-            if self._on_close is not None:
-                self._on_close(self)
+        self._done.set()
+        if self._on_close is not None:
+            self._on_close(self)
 
     def close(self) -> None:
         """End the relay: shut the sockets down (the relay wakes, ends and closes them)."""
-        if self._closed.is_set():
-            return
-        if not self._started:  # never ran: nothing else will close them
-            self._closed.set()
-            for s in (self.net, self.plain):
-                with contextlib.suppress(OSError):
-                    s.close()
-            return
-        for s in (self.net, self.plain):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            if self._closed:
+                return
+            if self._running:
+                for s in (self.net, self.plain):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+                return
+        self._finish()  # never ran: nothing else will close them
 
 
 class BlockingTls:
@@ -340,6 +354,10 @@ class BlockingTls:
                 raise ConnectionResetError("the agent closed the connection")
             self._frames.extend(self._decoder.feed(chunk))
         return from_wire(self._frames.pop(0))
+
+    def has_frames(self) -> bool:
+        """Whether decrypted bytes are waiting beyond the last message returned."""
+        return bool(self._frames) or bool(self._decoder.take_rest())
 
     def leftover(self) -> bytes:
         """Bytes read from the socket that TLS has not consumed (the relay's first records)."""
@@ -446,6 +464,8 @@ def open_tunnel_channel(
         if isinstance(reply, ErrorReply):
             raise ConnectionRefusedError(reply.message)
         if isinstance(reply, TunnelOpen) and reply.relay and ours:
+            if chan.obj.pending() or chan.has_frames():
+                raise TlsFailed("the agent sent more than its answer before the relay started")
             chan.relay_keys = relay_keys(ours, reply.relay, "desktop")
         chan.sock.settimeout(None)
         return chan

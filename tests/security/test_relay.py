@@ -139,10 +139,7 @@ def _one_relay() -> tuple[socket.socket, socket.socket, NativePump, Keys]:
 
 
 def _ended(pump: NativePump, *socks: socket.socket) -> str:
-    for _ in range(200):
-        if pump._closed.is_set():
-            break
-        threading.Event().wait(0.05)
+    assert pump.wait(10), "the relay did not end"
     for s in socks:
         s.close()
     return pump.ended
@@ -213,3 +210,18 @@ def test_a_damaged_or_forged_record_ends_the_tunnel_and_delivers_nothing(
     plain_app.settimeout(10)
     assert plain_app.recv(100) == b"", "bytes of a bad record reached the plain side"
     assert reason in _ended(pump, plain_app, peer)
+
+
+def test_a_pump_closed_before_it_starts_closes_its_sockets_and_never_runs() -> None:
+    keys = relay_keys(os.urandom(32), os.urandom(32), "desktop")
+    plain_app, plain = socket.socketpair()
+    net, peer = _tcp_pair()
+    gone: list[NativePump] = []
+    pump = NativePump(net, plain, keys, on_close=gone.append)
+    pump.close()
+    pump.start()  # too late: nothing runs on the closed descriptors
+    assert pump.wait(1) and gone == [pump]
+    assert plain.fileno() == -1 and net.fileno() == -1
+    assert plain_app.recv(1) == b"" and peer.recv(1) == b""
+    plain_app.close()
+    peer.close()

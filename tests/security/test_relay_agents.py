@@ -11,26 +11,36 @@ import subprocess
 
 import pytest
 
-from corral.engine.ggml.probe import probe_rpc
+from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.model import default_model_path
+from corral.engine.protocol import messages
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.security import tunnel as tunnel_mod
 from tests.support.agents import chat_args
 
 OFF = {"CORRAL_RELAY": "off"}
 
 
-@pytest.mark.parametrize(("agent_env", "mode"), [(None, "native"), (OFF, "python")])
-def test_a_tunnel_takes_the_native_relay_only_when_the_agent_has_it(
-    agent_env: dict[str, str] | None, mode: str
+@pytest.mark.parametrize(
+    ("agent_env", "desktop_off", "mode"),
+    [(None, False, "native"), (OFF, False, "python"), (None, True, "python")],
+)
+def test_a_tunnel_takes_the_native_relay_only_when_both_ends_have_it(
+    agent_env: dict[str, str] | None,
+    desktop_off: bool,
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with LocalAgents(1, env=agent_env) as agents:
+        if desktop_off:  # after the agents started: they keep theirs
+            monkeypatch.setenv("CORRAL_RELAY", "off")
 
         async def run() -> None:
             client = AgentClient(agents.addresses[0])
             await client.connect()
             features = client.hello.features if client.hello else ()
-            assert ("rpc-relay" in features) == (mode == "native")
+            assert ("rpc-relay" in features) == (agent_env is None)
             await client.start_rpc(threads=1)
             tunnel = client.open_tunnel()
             loop = asyncio.get_running_loop()
@@ -44,6 +54,46 @@ def test_a_tunnel_takes_the_native_relay_only_when_the_agent_has_it(
                 await client.close()
 
         asyncio.run(run())
+
+
+def _open_and_probe(agents: LocalAgents) -> tuple[str, str]:
+    """(the tunnel's data path, its last error) after one HELLO through a fresh tunnel."""
+
+    async def run() -> tuple[str, str]:
+        client = AgentClient(agents.addresses[0])
+        await client.connect()
+        await client.start_rpc(threads=1)
+        tunnel = client.open_tunnel()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, probe_rpc, tunnel.endpoint, 10.0)
+        except RpcProbeError:
+            pass
+        finally:
+            tunnel.close()
+            await client.close()
+        return tunnel.mode, tunnel.last_error
+
+    return asyncio.run(run())
+
+
+def test_a_desktop_of_protocol_2_0_still_opens_tunnels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2.0 desktop offers no relay share and does not know TunnelOpen (type 25): the agent
+    must answer it with OkReply, as 2.0 agents did, and carry TLS records."""
+    monkeypatch.setattr(
+        messages, "_REGISTRY", {k: v for k, v in messages._REGISTRY.items() if k != 25}
+    )
+    monkeypatch.setattr(tunnel_mod, "relay_share", lambda: b"")
+    with LocalAgents(1) as agents:
+        assert _open_and_probe(agents) == ("python", "")
+
+
+def test_a_relay_share_of_the_wrong_length_is_refused_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tunnel_mod, "relay_share", lambda: b"12345")
+    with LocalAgents(1) as agents:
+        mode, error = _open_and_probe(agents)
+    assert mode == "" and "relay key share is 32 bytes, this one 5" in error
 
 
 def _reply(agents: LocalAgents, desktop_env: dict[str, str]) -> dict:
