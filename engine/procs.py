@@ -10,6 +10,13 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
+# A llama.cpp built where libibverbs exists (GGML_RPC_RDMA, on by default then) upgrades an
+# RPC connection to RDMA after HELLO when both ends can, and RDMA traffic would leave Corral's
+# authenticated tunnel. Every process that speaks ggml RPC (the inference child, the agent's
+# worker) runs with ggml's switch for it set: both ends then advertise no RDMA.
+RPC_PROCESS_ENV = {"GGML_RPC_NO_RDMA": "1"}
+
+
 def exit_text(returncode: int) -> str:
     """Human form of a child's return code ("killed by SIGKILL", "exit code 3")."""
     if returncode < 0:

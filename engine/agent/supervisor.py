@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
-from corral.engine.procs import exit_text
+from corral.engine.procs import RPC_PROCESS_ENV, exit_text
 from corral.engine.protocol import WorkerState
 
 from .config import WorkerSettings
@@ -182,7 +182,7 @@ class RpcSupervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                env=dict(os.environ, PYTHONUNBUFFERED="1", **RPC_PROCESS_ENV),
             )
         proc = self._proc
         deadline = time.monotonic() + _READY_TIMEOUT

@@ -11,7 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from corral.engine.procs import exit_text
+from corral.engine.procs import RPC_PROCESS_ENV, exit_text
 from corral.engine.protocol import ProtocolError, encode_frame, read_frame
 
 from .errors import InferenceCrashed, InferenceError
@@ -46,7 +46,7 @@ class InferenceProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                env=dict(os.environ, PYTHONUNBUFFERED="1", **RPC_PROCESS_ENV),
             )
         finally:
             theirs.close()

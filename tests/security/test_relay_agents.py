@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.model import default_model_path
 from corral.engine.protocol import messages
 from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.inference import InferenceProcess
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.security import tunnel as tunnel_mod
 from tests.support.agents import chat_args
@@ -117,3 +119,46 @@ def test_a_split_chat_answers_the_same_through_the_relay_and_the_python_pumps() 
     assert via_relay["tokens"] == via_pumps["tokens"] == desktop_off["tokens"] == 24
     assert via_relay["content"] == via_pumps["content"] == desktop_off["content"]
     assert [d["device"] for d in via_relay["devices"]] == ["RPC0", "RPC1"]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().partition("=")[::2] for item in raw if item)
+
+
+def test_processes_that_speak_ggml_rpc_keep_rdma_off() -> None:
+    """A llama.cpp built with libibverbs would move an RPC connection to RDMA after HELLO,
+    out of the tunnel: the agent's worker and the inference child run with it off."""
+    with LocalAgents(1) as agents:
+
+        async def run() -> None:
+            client = AgentClient(agents.addresses[0])
+            await client.connect()
+            await client.start_rpc(threads=1)
+            child = InferenceProcess()
+            await child.start()
+            try:
+                assert child.proc is not None
+                assert _environ(child.proc.pid).get("GGML_RPC_NO_RDMA") == "1"
+                marker = str(agents.state_dir(0))
+                workers = [
+                    int(p.name)
+                    for p in Path("/proc").iterdir()
+                    if p.name.isdigit()
+                    and b"corral.engine.agent.worker" in _cmdline(p)
+                    and marker.encode() in _cmdline(p)
+                ]
+                assert len(workers) == 1
+                assert _environ(workers[0]).get("GGML_RPC_NO_RDMA") == "1"
+            finally:
+                await child.close()
+                await client.close()
+
+        asyncio.run(run())
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
