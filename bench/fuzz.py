@@ -32,6 +32,7 @@ _SHARE = {
     "pins": 0.05,
     "chats": 0.05,
     "config": 0.05,
+    "relay": 0.05,
 }
 
 

@@ -9,12 +9,16 @@ type that parser documents (the caller turns that into a message), each case wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
 import os
 import random
+import socket
+import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +42,7 @@ from corral.engine.runtime.agent_client import parse_address
 from corral.engine.runtime.history import HistoryError
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.pins import PinStore
+from corral.engine.security.tunnel import NativePump, relay_keys
 from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
 
 CASE_LIMIT_S = 1.0  # a case slower than this is a hang
@@ -333,6 +340,96 @@ def _config(text: str) -> bool:
     return True
 
 
+# ---------------------------------------------------------------- the tunnel's native relay
+
+_RELAY_KEYS = relay_keys(bytes(range(32)), bytes(range(32, 64)), "desktop")
+_RELAY_MAX = 256 * 1024
+
+
+def _sealed(seq: int, data: bytes) -> bytes:
+    _, _, key, iv = _RELAY_KEYS
+    head = struct.pack(">I", len(data))
+    nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq.to_bytes(8, "big"), strict=True))
+    return head + AESGCM(key).encrypt(nonce, data, head)
+
+
+def _relay_model(stream: bytes) -> tuple[bytes, bool]:
+    """What the relay must deliver for this ciphertext stream: the plaintext of the leading
+    records that authenticate, in order; and whether the whole stream was such records."""
+    _, _, key, iv = _RELAY_KEYS
+    out, at, seq = bytearray(), 0, 0
+    while at < len(stream):
+        if len(stream) - at < 4:
+            return bytes(out), False
+        (n,) = struct.unpack_from(">I", stream, at)
+        if n > _RELAY_MAX or len(stream) - at < 4 + n + 16:
+            return bytes(out), False
+        nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq.to_bytes(8, "big"), strict=True))
+        try:
+            out += AESGCM(key).decrypt(nonce, stream[at + 4 : at + 4 + n + 16], stream[at : at + 4])
+        except InvalidTag:
+            return bytes(out), False
+        at, seq = at + 4 + n + 16, seq + 1
+    return bytes(out), True
+
+
+def _relay(stream: bytes) -> bool:
+    """Feed a ciphertext stream to a real relay (engine/security/_relay.c) and compare what
+    reaches the plain side with the Python model: byte for byte, nothing after a bad record."""
+    plain_app, plain = socket.socketpair()
+    net, peer = socket.socketpair()
+    pump = NativePump(net, plain, _RELAY_KEYS)
+    pump.start()
+
+    def feed() -> None:
+        with contextlib.suppress(OSError):  # the relay may end (and close) before all is sent
+            peer.sendall(stream)
+            peer.shutdown(socket.SHUT_WR)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    got = bytearray()
+    plain_app.settimeout(CASE_LIMIT_S)
+    while chunk := plain_app.recv(65536):
+        got += chunk
+    feeder.join()
+    assert pump.wait(CASE_LIMIT_S), "the relay did not end"
+    plain_app.close()
+    peer.close()
+    want, whole = _relay_model(stream)
+    assert bytes(got) == want, f"delivered {len(got)} bytes, the model {len(want)}"
+    assert (pump.ended == "") == whole, pump.ended
+    return whole
+
+
+def _relay_streams() -> st.SearchStrategy[bytes]:
+    """Records in order, then damage: a changed byte, a cut, a replayed or skipped record,
+    a huge length, or plain garbage."""
+    plaintexts = st.lists(st.binary(max_size=300), min_size=0, max_size=5)
+    good = plaintexts.map(lambda ps: b"".join(_sealed(i, p) for i, p in enumerate(ps)))
+    edits = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3)
+
+    def damage(pair: tuple[bytes, list[tuple[int, int]]]) -> bytes:
+        data = bytearray(pair[0])
+        for pos, byte in pair[1]:
+            if data:
+                data[pos % len(data)] = byte
+        return bytes(data)
+
+    skipped = plaintexts.map(lambda ps: b"".join(_sealed(i * 2, p) for i, p in enumerate(ps)))
+    replayed = plaintexts.map(lambda ps: b"".join(_sealed(0, p) for p in ps))
+    huge = st.integers(_RELAY_MAX + 1, 2**32 - 1).map(lambda n: struct.pack(">I", n) + bytes(16))
+    return (
+        good
+        | st.tuples(good, edits).map(damage)
+        | st.tuples(good, st.integers(0, 2000)).map(lambda g: g[0][: g[1]])
+        | skipped
+        | replayed
+        | st.tuples(good, huge).map(lambda g: g[0] + g[1])
+        | st.binary(max_size=600)
+    )
+
+
 def targets() -> list[Target]:
     return [
         Target(
@@ -356,6 +453,12 @@ def targets() -> list[Target]:
         Target("pins", "the desktop's paired-agents.json", _file_contents(), _pins),
         Target("chats", "saved chat files", _file_contents(), _chat),
         Target("config", "the agent's TOML config file", _config_texts(), _config),
+        Target(
+            "relay",
+            "the tunnel's native relay on damaged record streams (vs a Python model)",
+            _relay_streams(),
+            _relay,
+        ),
     ]
 
 
