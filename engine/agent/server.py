@@ -70,6 +70,7 @@ from corral.engine.security.tls import server_context
 from corral.engine.security.tunnel import (
     RELAY_SHARE,
     NativePump,
+    Pump,
     TlsPump,
     relay_keys,
     relay_mode,
@@ -168,7 +169,7 @@ class AgentServer:
         self._unpaired = 0
         self._subscribers: set[_Conn] = set()
         self._lease: _Conn | None = None
-        self._pumps: set[TlsPump | NativePump] = set()
+        self._pumps: set[Pump] = set()
         self._pumps_lock = threading.Lock()
         self._ggml: asyncio.Task[inventory.GgmlProbe] | None = None
         self._capability_cache: dict[tuple[str, str], dict[tuple[str, str, int, bool], bool]] = {}
@@ -612,7 +613,7 @@ class AgentServer:
             sock.close()
             plain.close()
             return True
-        pump: TlsPump | NativePump
+        pump: Pump
         if ours:
             keys = relay_keys(msg.relay, ours, "agent")
             pump = NativePump(sock, plain, keys, inc.read(), on_close=self._pump_closed)
@@ -623,7 +624,7 @@ class AgentServer:
         pump.start()
         return True
 
-    def _pump_closed(self, pump: TlsPump | NativePump) -> None:  # called from a pump thread
+    def _pump_closed(self, pump: Pump) -> None:  # called from a pump thread
         with self._pumps_lock:
             self._pumps.discard(pump)
 
