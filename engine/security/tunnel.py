@@ -426,10 +426,12 @@ class DesktopTunnel:
             pump = TlsPump(chan.sock, chan.obj, chan.inc, chan.out, local, on_close=self._gone)
         self.mode = "native" if chan.relay_keys is not None else "python"
         with self._lock:
-            if self._stopped:
-                pump.close()
-                return
-            self._pumps.add(pump)
+            stopped = self._stopped
+            if not stopped:
+                self._pumps.add(pump)
+        if stopped:
+            pump.close()  # outside the lock: close() calls _gone, which takes it
+            return
         pump.start()
 
     def _gone(self, pump: Pump) -> None:

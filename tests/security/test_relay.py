@@ -11,12 +11,14 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from corral.engine.security import tunnel
-from corral.engine.security.tunnel import NativePump, relay_keys
+from corral.engine.security.tunnel import DesktopTunnel, NativePump, relay_keys
 
 relay = tunnel._load_relay()
 
@@ -225,3 +227,38 @@ def test_a_pump_closed_before_it_starts_closes_its_sockets_and_never_runs() -> N
     assert plain_app.recv(1) == b"" and peer.recv(1) == b""
     plain_app.close()
     peer.close()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["relay", "python-pumps"])
+def test_a_connection_accepted_as_the_tunnel_closes_is_dropped_without_a_deadlock(
+    native: bool,
+) -> None:
+    """The channel opens while the tunnel is being closed: the new pump is closed at once,
+    and its close (which reports back to the tunnel) must not wait on the tunnel's lock."""
+    opening, release = threading.Event(), threading.Event()
+    ends: list[socket.socket] = []
+
+    def open_channel() -> Any:
+        opening.set()
+        release.wait(10)
+        net, peer = _tcp_pair()
+        ends.append(peer)
+        keys = relay_keys(os.urandom(32), os.urandom(32), "desktop") if native else None
+        return SimpleNamespace(
+            sock=net, obj=None, inc=None, out=None, relay_keys=keys, leftover=lambda: b""
+        )
+
+    tunnel = DesktopTunnel(open_channel, "test")
+    app = socket.create_connection(("127.0.0.1", tunnel.port))
+    assert opening.wait(10)
+    tunnel.close()
+    release.set()
+    app.settimeout(10)
+    assert app.recv(1) == b"", "the pump was not closed"
+    assert ends[0].recv(1) == b""
+    # the thread that served the connection has let go of the tunnel's lock
+    assert tunnel._lock.acquire(timeout=5), "deadlock: the tunnel's lock is still held"
+    tunnel._lock.release()
+    assert not tunnel._pumps
+    app.close()
+    ends[0].close()
