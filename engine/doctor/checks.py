@@ -70,13 +70,17 @@ _REINSTALL = (
 )
 
 
+# how a host gets the tunnel's native relay (engine/security/_relay.c)
+RELAY_FIX = "install a C compiler and OpenSSL's headers (apt install gcc libssl-dev), then "
+
+
 def relay_check() -> Check:
     """Is the tunnel's native relay built here (engine/security/_relay.c)?"""
-    from corral.engine.security.tunnel import relay_mode
+    from corral.engine.security.tunnel import relay_mode, relay_turned_off
 
     if relay_mode() == "native":
         return Check("tunnel", PASS, "native relay (AES-256-GCM records keyed over TLS 1.3)")
-    if os.environ.get("CORRAL_RELAY", "").strip():
+    if relay_turned_off():
         return Check(
             "tunnel",
             WARN,
@@ -88,8 +92,7 @@ def relay_check() -> Check:
         WARN,
         "Python TLS pumps: the native relay was not built, so each RPC message costs about "
         "twice as much (+109 vs +56 µs a round trip on an H200 host, docs/PERFORMANCE.md)",
-        "install a C compiler and OpenSSL's headers (apt install gcc libssl-dev), then "
-        "reinstall Corral (make install, or packaging/install-worker.sh again)",
+        RELAY_FIX + "reinstall Corral (make install, or packaging/install-worker.sh again)",
     )
 
 

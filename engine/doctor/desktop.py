@@ -20,6 +20,7 @@ from corral.engine.security.pins import Peer
 from .checks import (
     FAIL,
     PASS,
+    RELAY_FIX,
     WARN,
     Check,
     LocalBuild,
@@ -112,7 +113,7 @@ def version_checks(name: str, theirs: Hello, local: LocalBuild) -> list[Check]:
                 f"{name} tunnel",
                 WARN,
                 "that agent has no native relay: tunnels to it use the slower Python TLS pumps",
-                "on that host: apt install gcc libssl-dev, then run install-worker.sh again",
+                f"on that host: {RELAY_FIX}run packaging/install-worker.sh again",
             )
         )
     return checks

@@ -52,9 +52,9 @@ typedef struct {
 } half_t;
 
 /* a blocking recv; -1 with errno on error */
-static ssize_t recv_some(half_t *h, unsigned char *buf, size_t cap) {
+static ssize_t recv_some(int fd, unsigned char *buf, size_t cap) {
     for (;;) {
-        ssize_t n = recv(h->src, buf, cap, 0);
+        ssize_t n = recv(fd, buf, cap, 0);
         if (n >= 0 || errno != EINTR)
             return n;
     }
@@ -101,7 +101,7 @@ static void seal_loop(half_t *h) {
         goto done;
     }
     for (;;) {
-        ssize_t got = recv_some(h, in, RELAY_MAX);
+        ssize_t got = recv_some(h->src, in, RELAY_MAX);
         if (got <= 0) {
             if (got < 0)
                 h->error = "the local side failed";
@@ -148,7 +148,8 @@ static void open_loop(half_t *h) {
         h->error = "too many bytes before the first record";
         goto done;
     }
-    memcpy(buf, h->pending, h->npending);
+    if (h->npending)
+        memcpy(buf, h->pending, h->npending);
     have = h->npending;
     for (;;) {
         size_t at = 0;
@@ -184,7 +185,7 @@ static void open_loop(half_t *h) {
             memmove(buf, buf + at, have - at);
             have -= at;
         }
-        ssize_t got = recv_some(h, buf + have, NET_CAP - have);
+        ssize_t got = recv_some(h->src, buf + have, NET_CAP - have);
         if (got <= 0) {
             if (got < 0)
                 h->error = "the connection to the peer failed";

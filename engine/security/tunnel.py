@@ -181,10 +181,15 @@ class TlsPump:
             self._on_close(self)
 
 
+def relay_turned_off() -> bool:
+    """CORRAL_RELAY=off (or 0, no, python): the Python TLS pumps, for comparison or to rule
+    the relay out."""
+    return os.environ.get("CORRAL_RELAY", "").strip().lower() in ("off", "0", "no", "python")
+
+
 def _load_relay() -> Any:
-    """The native data path (`_relay.c`), or None where it was not built or is turned off
-    (CORRAL_RELAY=off: the Python TLS pumps, for comparison or to rule the relay out)."""
-    if os.environ.get("CORRAL_RELAY", "").strip().lower() in ("off", "0", "no", "python"):
+    """The native data path (`_relay.c`), or None where it was not built or is turned off."""
+    if relay_turned_off():
         return None
     try:
         from . import _relay  # type: ignore[attr-defined]

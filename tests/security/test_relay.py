@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from corral.engine.security import tunnel
 from corral.engine.security.tunnel import DesktopTunnel, NativePump, relay_keys
+from tests.support.relay import nonce, seal
 
 relay = tunnel._load_relay()
 
@@ -121,12 +122,6 @@ def test_closing_a_pump_ends_both_relays(ends: Ends) -> None:
     assert ends.client.recv(1) == b""
 
 
-def _record(key: bytes, iv: bytes, seq: int, data: bytes) -> bytes:
-    head = struct.pack(">I", len(data))
-    nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq.to_bytes(8, "big"), strict=True))
-    return head + AESGCM(key).encrypt(nonce, data, head)
-
-
 Keys = tuple[bytes, bytes, bytes, bytes]
 
 
@@ -151,14 +146,13 @@ def test_records_from_an_independent_aes_gcm_are_accepted_in_order() -> None:
     plain_app, peer, pump, (tx_key, tx_iv, rx_key, rx_iv) = _one_relay()
     try:
         for seq, msg in enumerate([b"hello", b"", b"x" * 100_000, b"end"]):
-            peer.sendall(_record(rx_key, rx_iv, seq, msg))
+            peer.sendall(seal(rx_key, rx_iv, seq, msg))
         assert _recv_exactly(plain_app, 5 + 100_000 + 3) == b"hello" + b"x" * 100_000 + b"end"
         plain_app.sendall(b"reply")
         head = _recv_exactly(peer, 4)
         (n,) = struct.unpack(">I", head)
         body = _recv_exactly(peer, n + 16)
-        nonce = bytes(a ^ b for a, b in zip(tx_iv, bytes(12), strict=True))
-        assert AESGCM(tx_key).decrypt(nonce, body, head) == b"reply"
+        assert AESGCM(tx_key).decrypt(nonce(tx_iv, 0), body, head) == b"reply"
     finally:
         plain_app.close()
         peer.close()
@@ -167,12 +161,12 @@ def test_records_from_an_independent_aes_gcm_are_accepted_in_order() -> None:
 
 def test_ciphertext_that_came_with_the_handshake_is_relayed_first() -> None:
     keys = relay_keys(os.urandom(32), os.urandom(32), "desktop")
-    first = _record(keys[2], keys[3], 0, b"early")
+    first = seal(keys[2], keys[3], 0, b"early")
     plain_app, plain = socket.socketpair()
     net, peer = _tcp_pair()
     pump = NativePump(net, plain, keys, pending=first)
     pump.start()
-    peer.sendall(_record(keys[2], keys[3], 1, b" late"))
+    peer.sendall(seal(keys[2], keys[3], 1, b" late"))
     assert _recv_exactly(plain_app, 10) == b"early late"
     plain_app.close()
     assert _ended(pump, peer) == ""
@@ -192,19 +186,16 @@ def test_a_damaged_or_forged_record_ends_the_tunnel_and_delivers_nothing(
     damage: str, reason: str
 ) -> None:
     plain_app, peer, pump, (_, _, rx_key, rx_iv) = _one_relay()
-    good = _record(rx_key, rx_iv, 0, b"first")
+    good = seal(rx_key, rx_iv, 0, b"first")
     peer.sendall(good)
     assert _recv_exactly(plain_app, 5) == b"first"
+    second = seal(rx_key, rx_iv, 1, b"second")
     bad = {
-        "flip": lambda: (
-            _record(rx_key, rx_iv, 1, b"second")[:6]
-            + bytes([_record(rx_key, rx_iv, 1, b"second")[6] ^ 1])
-            + _record(rx_key, rx_iv, 1, b"second")[7:]
-        ),
+        "flip": lambda: second[:6] + bytes([second[6] ^ 1]) + second[7:],
         "replay": lambda: good,  # sequence 0 again: the nonce no longer matches
-        "wrong_key": lambda: _record(os.urandom(32), rx_iv, 1, b"second"),
+        "wrong_key": lambda: seal(os.urandom(32), rx_iv, 1, b"second"),
         "huge": lambda: struct.pack(">I", 256 * 1024 + 1) + bytes(64),
-        "cut": lambda: _record(rx_key, rx_iv, 1, b"second")[:10],
+        "cut": lambda: second[:10],
     }[damage]()
     peer.sendall(bad)
     if damage == "cut":

@@ -43,6 +43,7 @@ from corral.engine.runtime.history import HistoryError
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.pins import PinStore
 from corral.engine.security.tunnel import NativePump, relay_keys
+from tests.support import relay as relay_format
 from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
 
 CASE_LIMIT_S = 1.0  # a case slower than this is a hang
@@ -348,9 +349,7 @@ _RELAY_MAX = 256 * 1024
 
 def _sealed(seq: int, data: bytes) -> bytes:
     _, _, key, iv = _RELAY_KEYS
-    head = struct.pack(">I", len(data))
-    nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq.to_bytes(8, "big"), strict=True))
-    return head + AESGCM(key).encrypt(nonce, data, head)
+    return relay_format.seal(key, iv, seq, data)
 
 
 def _relay_model(stream: bytes) -> tuple[bytes, bool]:
@@ -364,9 +363,10 @@ def _relay_model(stream: bytes) -> tuple[bytes, bool]:
         (n,) = struct.unpack_from(">I", stream, at)
         if n > _RELAY_MAX or len(stream) - at < 4 + n + 16:
             return bytes(out), False
-        nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq.to_bytes(8, "big"), strict=True))
         try:
-            out += AESGCM(key).decrypt(nonce, stream[at + 4 : at + 4 + n + 16], stream[at : at + 4])
+            out += AESGCM(key).decrypt(
+                relay_format.nonce(iv, seq), stream[at + 4 : at + 4 + n + 16], stream[at : at + 4]
+            )
         except InvalidTag:
             return bytes(out), False
         at, seq = at + 4 + n + 16, seq + 1
