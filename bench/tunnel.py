@@ -114,6 +114,12 @@ PATHS = {
 }
 
 
+def _rotated(paths: list[str], r: int) -> list[str]:
+    """Round r's order: who goes first rotates, so no path always runs after another."""
+    k = r % len(paths)
+    return paths[k:] + paths[:k]
+
+
 async def run(opts: argparse.Namespace) -> dict:
     settings = LoadSettings(model=opts.model, n_ctx=1024, n_threads=opts.threads)
     paths = ["direct", "tunnel"] + (["python"] if opts.python_tunnel else [])
@@ -124,20 +130,20 @@ async def run(opts: argparse.Namespace) -> dict:
     # share and both ends keep TLS records.
     with contextlib.ExitStack() as stack:
         agents = {path: stack.enter_context(LocalAgents(2, env=env.get(path))) for path in paths}
-        clients, tunnels = [], []
+        clients, tunnels = [], {path: [] for path in paths if path != "direct"}
         endpoints: dict[str, list[str]] = {path: [] for path in paths}
+        devices = tuple(opts.devices.split(",")) if opts.devices else ()
         for path in paths:
             for i, address in enumerate(agents[path].addresses):
                 client = AgentClient(address)
                 await client.connect()
-                devices = tuple(opts.devices.split(",")) if opts.devices else ()
                 await client.start_rpc(devices=devices, threads=opts.threads)  # the lease
                 clients.append(client)
                 if path == "direct":
                     endpoints[path].append(worker_endpoint(agents[path].state_dir(i)))
                 else:
-                    tunnels.append(client.open_tunnel())
-                    endpoints[path].append(tunnels[-1].endpoint)
+                    tunnels[path].append(client.open_tunnel())
+                    endpoints[path].append(tunnels[path][-1].endpoint)
         res: dict[str, list[float]] = {p: [] for p in paths}
         ratios: dict[str, list[float]] = {p: [] for p in paths if p != "direct"}
         loads: dict[str, float] = {}
@@ -145,10 +151,10 @@ async def run(opts: argparse.Namespace) -> dict:
         for path in paths:
             children[path], loads[path] = await loaded_child(endpoints[path], settings)
             await tok_s(children[path], 16)  # warm-up
-        modes = {t.label: t.mode for t in tunnels}
+        # the data path each tunnel took (set when llama.cpp connected, at the load)
+        modes = {path: sorted({t.mode for t in ts}) for path, ts in tunnels.items()}
         for r in range(opts.rounds):
-            order = paths[r % len(paths) :] + paths[: r % len(paths)]  # rotate who goes first
-            got = {path: await tok_s(children[path], opts.tokens) for path in order}
+            got = {path: await tok_s(children[path], opts.tokens) for path in _rotated(paths, r)}
             for path, v in got.items():
                 res[path].append(v)
             for path in ratios:
@@ -166,11 +172,12 @@ async def run(opts: argparse.Namespace) -> dict:
         loop = asyncio.get_running_loop()
         rtt: dict[str, list[float]] = {p: [] for p in paths}
         for r in range(opts.rounds):
-            for path in paths[r % len(paths) :] + paths[: r % len(paths)]:
+            for path in _rotated(paths, r):
                 us = await loop.run_in_executor(None, rtt_us, endpoints[path][0], opts.pings)
                 rtt[path].append(us)
-        for t in tunnels:
-            t.close()
+        for ts in tunnels.values():
+            for t in ts:
+                t.close()
         for c in clients:
             await c.close()
     med: dict[str, float] = {}
@@ -189,7 +196,7 @@ async def run(opts: argparse.Namespace) -> dict:
         "tokens": opts.tokens,
         "threads": opts.threads,
         "paths": paths,
-        "tunnel_modes": sorted(set(modes.values())),
+        "tunnel_modes": modes,
         "median": med,
         "raw": {**res, "ratios": ratios, "rtt": rtt},
     }
@@ -233,8 +240,8 @@ def main() -> int:
         )
     print(
         f"tunnel / direct: {m['ratio']:.3f}x (median of per-round ratios; target >= 0.95x); "
-        f"added per RPC round trip: {m['rtt_added']:.0f} µs; tunnel data path: "
-        + ", ".join(out["tunnel_modes"])
+        f"added per RPC round trip: {m['rtt_added']:.0f} µs; data paths taken: "
+        + ", ".join(f"{p} {'/'.join(ms)}" for p, ms in out["tunnel_modes"].items())
     )
     return 0
 
