@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,43 @@ from tests.support.agents import chat_args
 OFF = {"CORRAL_RELAY": "off"}
 
 
+@dataclass
+class Probed:
+    features: tuple[str, ...]  # the agent's hello
+    versions: list[tuple[int, int, int]]  # the RPC version each HELLO got back
+    modes: list[str]  # the tunnel's data path after each
+    error: str  # the tunnel's last error
+    mode: str  # its data path at the end ("" when no connection got one)
+
+
+def _open_and_probe(agents: LocalAgents, probes: int = 1) -> Probed:
+    """Lease the worker, open a tunnel and send ggml-rpc HELLOs through it, each on a new
+    connection (so each picks its data path anew); stops at the first that gets no answer."""
+
+    async def run() -> Probed:
+        client = AgentClient(agents.addresses[0])
+        await client.connect()
+        got = Probed(client.hello.features if client.hello else (), [], [], "", "")
+        await client.start_rpc(threads=1)
+        tunnel = client.open_tunnel()
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(probes):
+                got.versions.append(
+                    await loop.run_in_executor(None, probe_rpc, tunnel.endpoint, 10.0)
+                )
+                got.modes.append(tunnel.mode)
+        except RpcProbeError:
+            pass
+        finally:
+            tunnel.close()
+            await client.close()
+        got.error, got.mode = tunnel.last_error, tunnel.mode
+        return got
+
+    return asyncio.run(run())
+
+
 @pytest.mark.parametrize(
     ("agent_env", "desktop_off", "mode"),
     [(None, False, "native"), (OFF, False, "python"), (None, True, "python")],
@@ -37,45 +75,10 @@ def test_a_tunnel_takes_the_native_relay_only_when_both_ends_have_it(
     with LocalAgents(1, env=agent_env) as agents:
         if desktop_off:  # after the agents started: they keep theirs
             monkeypatch.setenv("CORRAL_RELAY", "off")
-
-        async def run() -> None:
-            client = AgentClient(agents.addresses[0])
-            await client.connect()
-            features = client.hello.features if client.hello else ()
-            assert ("rpc-relay" in features) == (agent_env is None)
-            await client.start_rpc(threads=1)
-            tunnel = client.open_tunnel()
-            loop = asyncio.get_running_loop()
-            try:
-                for _ in range(3):  # a new connection, and data path, each time
-                    version = await loop.run_in_executor(None, probe_rpc, tunnel.endpoint, 10.0)
-                    assert version[0] >= 2
-                    assert tunnel.mode == mode
-            finally:
-                tunnel.close()
-                await client.close()
-
-        asyncio.run(run())
-
-
-def _open_and_probe(agents: LocalAgents) -> tuple[str, str]:
-    """(the tunnel's data path, its last error) after one HELLO through a fresh tunnel."""
-
-    async def run() -> tuple[str, str]:
-        client = AgentClient(agents.addresses[0])
-        await client.connect()
-        await client.start_rpc(threads=1)
-        tunnel = client.open_tunnel()
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, probe_rpc, tunnel.endpoint, 10.0)
-        except RpcProbeError:
-            pass
-        finally:
-            tunnel.close()
-            await client.close()
-        return tunnel.mode, tunnel.last_error
-
-    return asyncio.run(run())
+        got = _open_and_probe(agents, probes=3)
+    assert ("rpc-relay" in got.features) == (agent_env is None)
+    assert len(got.versions) == 3 and all(v[0] >= 2 for v in got.versions)
+    assert got.modes == [mode] * 3
 
 
 def test_a_desktop_of_protocol_2_0_still_opens_tunnels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,7 +89,8 @@ def test_a_desktop_of_protocol_2_0_still_opens_tunnels(monkeypatch: pytest.Monke
     )
     monkeypatch.setattr(tunnel_mod, "relay_share", lambda: b"")
     with LocalAgents(1) as agents:
-        assert _open_and_probe(agents) == ("python", "")
+        got = _open_and_probe(agents)
+    assert got.modes == ["python"] and got.error == ""
 
 
 def test_a_relay_share_of_the_wrong_length_is_refused_with_a_reason(
@@ -94,8 +98,8 @@ def test_a_relay_share_of_the_wrong_length_is_refused_with_a_reason(
 ) -> None:
     monkeypatch.setattr(tunnel_mod, "relay_share", lambda: b"12345")
     with LocalAgents(1) as agents:
-        mode, error = _open_and_probe(agents)
-    assert mode == "" and "relay key share is 32 bytes, this one 5" in error
+        got = _open_and_probe(agents)
+    assert got.mode == "" and "relay key share is 32 bytes, this one 5" in got.error
 
 
 def _reply(agents: LocalAgents, desktop_env: dict[str, str]) -> dict:
