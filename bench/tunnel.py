@@ -1,19 +1,22 @@
 """RPC through Corral's authenticated tunnel vs straight to the worker, same split, same run.
 
 1. Generation: SmolLM2 split over two local agents' workers. llama.cpp registers either the
-   desktop's loopback tunnel ports (TLS 1.3, mutual auth, agent-side hand-off to the worker:
-   what every Corral session uses) or the workers' own loopback ports (no forwarding at all:
-   the best any setup could do). Two pairs of agents, one per path, both models loaded;
-   rounds alternate which generates first. Reported: median tok/s per path, the median of
-   per-round ratios (target >= 0.95x), and the load time of each (model upload included).
+   desktop's loopback tunnel ports (TLS 1.3 mutual auth, then the connection handed over to
+   ggml-rpc's own sockets at both ends: what every Corral session uses) or the workers' own
+   loopback ports (no tunnel at all: the best any setup could do). A pair of agents per
+   path, all models loaded; rounds rotate which generates first. Reported: median tok/s
+   per path, the median of per-round ratios (target >= 0.95x), and the load time of each
+   (model upload included).
 2. Round trip per RPC message: ggml-rpc's DEVICE_COUNT command (1 + 8 bytes out, written in
-   two pieces as ggml-rpc does, 12 bytes back), ping-pong on one connection, tunnel vs direct.
+   two pieces as ggml-rpc does, 12 bytes back), ping-pong on one connection, tunnel vs direct,
+   from a child process started as the inference child is (so the tunnel's is handed over).
 
-   With --python-tunnel, a third path: the tunnel with the Python TLS pumps (what tunnels use
-   where the native relay is not built), so the relay's gain is measured in the same run.
+   More paths, each measured in the same run: --relay-tunnel, the tunnel with the native
+   relay in both desktop and agent (CORRAL_RELAY=relay: two relays forward each message);
+   --python-tunnel, with the Python TLS pumps (CORRAL_RELAY=off: where nothing was built).
 
     .venv/bin/python bench/tunnel.py [--rounds 7] [--tokens 128] [--threads 2]
-                                     [--python-tunnel] [--json]
+                                     [--relay-tunnel] [--python-tunnel] [--json]
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from corral.engine.model import default_model_path
@@ -34,6 +40,7 @@ from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.inference import InferenceProcess
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import LoadSettings
+from corral.engine.security.tunnel import shim_env
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
@@ -53,11 +60,24 @@ def worker_endpoint(state_dir: Path) -> str:
     raise RuntimeError(f"no worker process for {state_dir}")
 
 
+@contextlib.contextmanager
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """This process's environment with `env` added, for what it starts meanwhile."""
+    before = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 async def loaded_child(
-    endpoints: list[str], settings: LoadSettings
+    endpoints: list[str], settings: LoadSettings, env: dict[str, str] | None = None
 ) -> tuple[InferenceProcess, float]:
     child = InferenceProcess()
-    await child.start()
+    with environ(env or {}):  # what the child's data path is decided by
+        await child.start()
     t0 = time.perf_counter()
     await child.load(rpc=endpoints, tensor_split=None, **settings.child_params())
     return child, time.perf_counter() - t0
@@ -91,6 +111,7 @@ def rtt_us(endpoint: str, count: int) -> float:
     """Mean microseconds per DEVICE_COUNT round trip on one connection."""
     host, _, port = endpoint.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.settimeout(None)  # blocking, as ggml-rpc's sockets are
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(_HELLO)
         _recv(sock, 8 + 28)
@@ -106,10 +127,25 @@ def rtt_us(endpoint: str, count: int) -> float:
         return (time.perf_counter() - t0) / count * 1e6
 
 
+def rtt_us_apart(endpoint: str, count: int, env: dict[str, str]) -> float:
+    """rtt_us from a child process with `env` (the shim's, for the tunnel: its connection is
+    then handed over as the inference child's are)."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--ping", endpoint, "--pings", str(count)],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return float(done.stdout.split()[-1])
+
+
 # the paths compared: each gets its own two agents (a ggml RPC worker serves one client)
 PATHS = {
     "direct": "direct to the workers' loopback ports",
-    "tunnel": "Corral tunnel, native relay (AES-256-GCM keyed by TLS 1.3 mutual auth)",
+    "tunnel": "Corral tunnel, handed over (AES-256-GCM keyed by TLS 1.3 mutual auth)",
+    "relay": "Corral tunnel, native relays (CORRAL_RELAY=relay)",
     "python": "Corral tunnel, Python TLS pumps (CORRAL_RELAY=off)",
 }
 
@@ -122,12 +158,17 @@ def _rotated(paths: list[str], r: int) -> list[str]:
 
 async def run(opts: argparse.Namespace) -> dict:
     settings = LoadSettings(model=opts.model, n_ctx=1024, n_threads=opts.threads)
-    paths = ["direct", "tunnel"] + (["python"] if opts.python_tunnel else [])
-    env = {"python": {"CORRAL_RELAY": "off"}}
+    paths = (
+        ["direct", "tunnel"]
+        + (["relay"] if opts.relay_tunnel else [])
+        + (["python"] if opts.python_tunnel else [])
+    )
+    env = {"python": {"CORRAL_RELAY": "off"}, "relay": {"CORRAL_RELAY": "relay"}}
     # One pair of agents per path, all models loaded: a ggml RPC worker serves one client at
-    # a time, and reloading per round would add more noise than it measures. The "python"
-    # path's agents run with CORRAL_RELAY=off, so they answer OpenTunnel without a relay
-    # share and both ends keep TLS records.
+    # a time, and reloading per round would add more noise than it measures. Each path's
+    # agents and inference child run with its CORRAL_RELAY: "python" agents answer
+    # OpenTunnel without a relay share, so both ends keep TLS records; "relay" ones keep
+    # their native relay and do not hand connections over.
     with contextlib.ExitStack() as stack:
         agents = {path: stack.enter_context(LocalAgents(2, env=env.get(path))) for path in paths}
         clients, tunnels = [], {path: [] for path in paths if path != "direct"}
@@ -149,7 +190,9 @@ async def run(opts: argparse.Namespace) -> dict:
         loads: dict[str, float] = {}
         children = {}
         for path in paths:
-            children[path], loads[path] = await loaded_child(endpoints[path], settings)
+            children[path], loads[path] = await loaded_child(
+                endpoints[path], settings, env.get(path)
+            )
             await tok_s(children[path], 16)  # warm-up
         # the data path each tunnel took (set when llama.cpp connected, at the load)
         modes = {path: sorted({t.mode for t in ts}) for path, ts in tunnels.items()}
@@ -173,7 +216,10 @@ async def run(opts: argparse.Namespace) -> dict:
         rtt: dict[str, list[float]] = {p: [] for p in paths}
         for r in range(opts.rounds):
             for path in _rotated(paths, r):
-                us = await loop.run_in_executor(None, rtt_us, endpoints[path][0], opts.pings)
+                desktop = shim_env() if path == "tunnel" else env.get(path, {})
+                us = await loop.run_in_executor(
+                    None, rtt_us_apart, endpoints[path][0], opts.pings, desktop
+                )
                 rtt[path].append(us)
         for ts in tunnels.values():
             for t in ts:
@@ -215,12 +261,21 @@ def main() -> int:
         help="the workers' devices, e.g. CPU or CUDA0 (default: the agent's)",
     )
     parser.add_argument(
+        "--relay-tunnel",
+        action="store_true",
+        help="also measure the tunnel with the native relays at both ends (another pair)",
+    )
+    parser.add_argument("--ping", default="", help=argparse.SUPPRESS)  # rtt_us_apart's child
+    parser.add_argument(
         "--python-tunnel",
         action="store_true",
         help="also measure the tunnel with the Python TLS pumps (a third pair of agents)",
     )
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args()
+    if opts.ping:
+        print(f"{rtt_us(opts.ping, opts.pings):.3f}")
+        return 0
     out = asyncio.run(run(opts))
     if opts.json:
         print(json.dumps(out, indent=1))

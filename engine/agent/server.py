@@ -69,9 +69,11 @@ from corral.engine.security.pins import Peer, PinStore
 from corral.engine.security.tls import server_context
 from corral.engine.security.tunnel import (
     RELAY_SHARE,
+    HandedOver,
     NativePump,
     Pump,
     TlsPump,
+    hand_over,
     relay_keys,
     relay_mode,
     relay_share,
@@ -454,7 +456,7 @@ class AgentServer:
     async def _hello(self) -> Hello:
         probe = await self._probe()
         features = ["tls-pinned", "pairing-spake2", "rpc-tunnel"]
-        if relay_mode() == "native":
+        if relay_mode() != "python":
             features.append("rpc-relay")
         if self.trusted_network:
             features.append("rpc-direct")
@@ -584,10 +586,15 @@ class AgentServer:
             )
             return False
         loop = asyncio.get_running_loop()
+        # the worker's shim takes the connection itself when the desktop offers records
+        handover = self.supervisor.worker_handover if msg.relay else ""
         try:
-            plain = await loop.run_in_executor(
-                None, socket.create_connection, ("127.0.0.1", port), 5.0
-            )
+            if handover:
+                plain = await loop.run_in_executor(None, _unix_connection, handover)
+            else:
+                plain = await loop.run_in_executor(
+                    None, socket.create_connection, ("127.0.0.1", port), 5.0
+                )
         except OSError as exc:
             conn.proto.send(
                 to_wire(
@@ -601,9 +608,16 @@ class AgentServer:
             return False
         sock, obj, inc, out, rest = await conn.proto.detach()
         self._conns.discard(conn)
-        # the native relay when both ends have it: the desktop sends nothing more through
+        # the records when both ends have them: the desktop sends nothing more through
         # TLS after OpenTunnel, so there is no plaintext left over to carry across
         ours = relay_share() if msg.relay and not rest and not obj.pending() else b""
+        if handover and not ours:  # a hand-over carries records only: plain TCP after all
+            plain.close()
+            try:
+                plain = socket.create_connection(("127.0.0.1", port), 5.0)
+            except OSError:
+                sock.close()
+                return True
         # a desktop that offered no share may be a 2.0 one, which knows OkReply, not TunnelOpen
         answer = TunnelOpen(req=msg.req, relay=ours) if msg.relay else OkReply(req=msg.req)
         obj.write(encode_frame(to_wire(answer)))
@@ -614,7 +628,18 @@ class AgentServer:
             plain.close()
             return True
         pump: Pump
-        if ours:
+        if ours and handover:
+            keys = relay_keys(msg.relay, ours, "agent")
+            try:
+                hand_over(plain, sock, keys, inc.read())
+            except OSError as exc:
+                log.warning("hand-over to the RPC worker failed: %s", exc)
+                sock.close()
+                return True
+            finally:
+                plain.close()
+            pump = HandedOver(sock, on_close=self._pump_closed)
+        elif ours:
             keys = relay_keys(msg.relay, ours, "agent")
             pump = NativePump(sock, plain, keys, inc.read(), on_close=self._pump_closed)
         else:
@@ -723,6 +748,18 @@ class AgentServer:
             event = AgentEvent(kind=kind, worker=replace_host(state, host), message=message)
             with contextlib.suppress(ConnectionError):
                 proto.send(to_wire(event))
+
+
+def _unix_connection(path: str) -> socket.socket:
+    """A connection to the worker shim's hand-over socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5.0)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _valid_cert(der: bytes) -> bool:

@@ -22,6 +22,7 @@ from pathlib import Path
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.procs import RPC_PROCESS_ENV, exit_text
 from corral.engine.protocol import WorkerState
+from corral.engine.security.tunnel import handover_dir, shim_env
 
 from .config import WorkerSettings
 from .forward import Forwarder
@@ -73,6 +74,7 @@ class RpcSupervisor:
         self._tunnel_port = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._port = 0
+        self._handover = ""  # the worker shim's Unix socket, when it runs with the shim
         self._want_running = False
         self._devices: tuple[str, ...] = ()
         self._threads = 0
@@ -140,6 +142,11 @@ class RpcSupervisor:
         """The running worker's loopback port, 0 when it is not running."""
         return self._port if self._status == "running" else 0
 
+    @property
+    def worker_handover(self) -> str:
+        """Where the running worker takes handed-over tunnels ('' without the shim)."""
+        return self._handover if self._status == "running" else ""
+
     def _drop_all(self) -> None:
         self._drop_tunnels()
         if self._forwarder is not None:
@@ -174,6 +181,10 @@ class RpcSupervisor:
                 log.info("tensor cache over its cap: removed %d old files", removed)
             cmd += ["--cache-dir", str(self.cache_dir)]
         self._set("starting")
+        folder = handover_dir()
+        listen = os.path.join(folder, f"worker-{self._port}") if folder else ""
+        shim = shim_env(listen, self._port) if listen else {}
+        self._handover = listen if shim else ""
         with self.log_path.open("ab") as logf:
             logf.write(f"--- starting worker: {' '.join(cmd[3:])}\n".encode())
             logf.flush()
@@ -182,7 +193,7 @@ class RpcSupervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
-                env=dict(os.environ, PYTHONUNBUFFERED="1", **RPC_PROCESS_ENV),
+                env=dict(os.environ, PYTHONUNBUFFERED="1", **RPC_PROCESS_ENV, **shim),
             )
         proc = self._proc
         deadline = time.monotonic() + _READY_TIMEOUT

@@ -13,6 +13,7 @@ from typing import Any
 
 from corral.engine.procs import RPC_PROCESS_ENV, exit_text
 from corral.engine.protocol import ProtocolError, encode_frame, read_frame
+from corral.engine.security.tunnel import shim_env
 
 from .errors import InferenceCrashed, InferenceError
 
@@ -46,7 +47,7 @@ class InferenceProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=dict(os.environ, PYTHONUNBUFFERED="1", **RPC_PROCESS_ENV),
+                env=dict(os.environ, PYTHONUNBUFFERED="1", **RPC_PROCESS_ENV, **shim_env()),
             )
         finally:
             theirs.close()

@@ -7,12 +7,8 @@
  * TLS 1.3 channel the tunnel was opened on (tunnel.py derives them, one key and IV per
  * direction, fresh per connection); this file only moves and seals bytes.
  *
- * A record: 4-byte big-endian length n (n <= RELAY_MAX), n bytes of ciphertext, a 16-byte
- * tag. The length is the additional authenticated data; the nonce is the direction's IV
- * XOR the record's sequence number (big-endian, in the last 8 bytes), as TLS 1.3 does.
- * Each direction's sequence starts at 0 and a connection ends long before 2^64 records, so
- * no nonce repeats under one key. A record that fails authentication, or announces more
- * than RELAY_MAX bytes, ends the connection.
+ * The record format is _records.h's. A record that fails authentication, or announces more
+ * than RECORD_MAX bytes, ends the connection.
  *
  * relay.run(plain_fd, net_fd, tx_key, tx_iv, rx_key, rx_iv, pending) blocks (with the GIL
  * released) until either side ends, shuts both sockets down (it does not close them) and
@@ -35,12 +31,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
-#define RELAY_MAX (256 * 1024)
-#define HDR 4
-#define TAG 16
-#define KEY 32
-#define IVLEN 12
-#define NET_CAP (2 * (HDR + RELAY_MAX + TAG))
+#include "_records.h"
 
 typedef struct {
     int src, dst;
@@ -72,59 +63,27 @@ static size_t drain(int fd, unsigned char *buf, size_t have, size_t cap) {
     return have;
 }
 
-static int send_all(int fd, const unsigned char *buf, size_t len) {
-    while (len) {
-        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        buf += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
-static void nonce_for(const half_t *h, unsigned char nonce[IVLEN]) {
-    memcpy(nonce, h->iv, IVLEN);
-    for (int i = 0; i < 8; i++)
-        nonce[IVLEN - 1 - i] ^= (unsigned char)(h->seq >> (8 * i));
-}
-
 /* plain -> records */
 static void seal_loop(half_t *h) {
-    unsigned char *in = malloc(RELAY_MAX), *out = malloc(HDR + RELAY_MAX + TAG);
+    unsigned char *in = malloc(RECORD_MAX), *out = malloc(RECORD_CAP);
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
     if (!in || !out || !ctx || !EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, h->key, NULL)) {
         h->error = "out of memory or no AES-GCM in libcrypto";
         goto done;
     }
     for (;;) {
-        ssize_t got = recv_some(h->src, in, RELAY_MAX);
+        ssize_t got = recv_some(h->src, in, RECORD_MAX);
         if (got <= 0) {
             if (got < 0)
                 h->error = "the local side failed";
             break;
         }
-        size_t n = drain(h->src, in, (size_t)got, RELAY_MAX);
-        unsigned char nonce[IVLEN];
-        int len = 0, fin = 0;
-        out[0] = (unsigned char)(n >> 24);
-        out[1] = (unsigned char)(n >> 16);
-        out[2] = (unsigned char)(n >> 8);
-        out[3] = (unsigned char)n;
-        nonce_for(h, nonce);
-        h->seq++;
-        if (!EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) ||
-            !EVP_EncryptUpdate(ctx, NULL, &len, out, HDR) ||
-            !EVP_EncryptUpdate(ctx, out + HDR, &len, in, (int)n) ||
-            !EVP_EncryptFinal_ex(ctx, out + HDR + len, &fin) ||
-            !EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG, out + HDR + n)) {
+        size_t n = drain(h->src, in, (size_t)got, RECORD_MAX);
+        if (!record_seal(ctx, h->iv, h->seq++, in, n, out)) {
             h->error = "encryption failed";
             break;
         }
-        if (send_all(h->dst, out, HDR + n + TAG) < 0) {
+        if (send_all_with(send, h->dst, out, HDR + n + TAG) < 0) {
             h->error = "the connection to the peer failed";
             break;
         }
@@ -137,7 +96,7 @@ done:
 
 /* records -> plain */
 static void open_loop(half_t *h) {
-    unsigned char *buf = malloc(NET_CAP), *out = malloc(RELAY_MAX);
+    unsigned char *buf = malloc(NET_CAP), *out = malloc(RECORD_MAX);
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
     size_t have = 0;
     if (!buf || !out || !ctx || !EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, h->key, NULL)) {
@@ -156,26 +115,18 @@ static void open_loop(half_t *h) {
         /* every complete record in the buffer */
         while (have - at >= HDR) {
             const unsigned char *r = buf + at;
-            size_t n = ((size_t)r[0] << 24) | ((size_t)r[1] << 16) | ((size_t)r[2] << 8) | r[3];
-            if (n > RELAY_MAX) {
+            size_t n = record_len(r);
+            if (n > RECORD_MAX) {
                 h->error = "a record is larger than the protocol allows";
                 goto done;
             }
             if (have - at < HDR + n + TAG)
                 break;
-            unsigned char nonce[IVLEN];
-            int len = 0, fin = 0;
-            nonce_for(h, nonce);
-            h->seq++;
-            if (!EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) ||
-                !EVP_DecryptUpdate(ctx, NULL, &len, r, HDR) ||
-                !EVP_DecryptUpdate(ctx, out, &len, r + HDR, (int)n) ||
-                !EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG, (void *)(r + HDR + n)) ||
-                EVP_DecryptFinal_ex(ctx, out + len, &fin) <= 0) {
+            if (!record_open(ctx, h->iv, h->seq++, r, n, out)) {
                 h->error = "a record failed authentication";
                 goto done;
             }
-            if (n && send_all(h->dst, out, n) < 0) {
+            if (n && send_all_with(send, h->dst, out, n) < 0) {
                 h->error = "the local side failed";
                 goto done;
             }
@@ -310,7 +261,7 @@ PyMODINIT_FUNC PyInit__relay(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "MAX_RECORD", RELAY_MAX) < 0 ||
+    if (PyModule_AddIntConstant(m, "MAX_RECORD", RECORD_MAX) < 0 ||
         PyModule_AddIntConstant(m, "KEY_BYTES", KEY) < 0 ||
         PyModule_AddIntConstant(m, "IV_BYTES", IVLEN) < 0) {
         Py_DECREF(m);

@@ -1,8 +1,13 @@
 """The RPC data path: plain loopback bytes on one side, encrypted records on the other.
 
 Each generated token costs about ten small ggml-rpc messages, so the per-message cost is what
-matters. Two data paths, chosen per connection when the tunnel opens:
+matters. Three data paths, chosen per connection when the tunnel opens:
 
+- in-process (`_rpcshim.c`, loaded into the inference child and the agent's worker with
+  LD_PRELOAD): after the same key exchange, the authenticated connection itself is handed
+  over (SCM_RIGHTS) to the ggml-rpc process, whose own send/recv seal and open the records.
+  A round trip crosses the network once each way, as `llama-bench --rpc` does. Either end
+  may hand over or relay: the records are the same (`_records.h`).
 - `NativePump` (both ends have `_relay.c`): after OpenTunnel / TunnelOpen exchanged a key
   share each inside the TLS channel, AES-256-GCM records relayed by two C threads; no Python
   per message (+48-56 µs per round trip on an H200 host, half the pumps' cost).
@@ -20,13 +25,19 @@ agent, which forwards to its worker after checking this desktop holds the lease.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import importlib.machinery
 import logging
 import os
+import select
+import shutil
 import socket
 import ssl
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 from corral.engine.protocol import (
@@ -181,10 +192,14 @@ class TlsPump:
             self._on_close(self)
 
 
+def _relay_setting() -> str:
+    return os.environ.get("CORRAL_RELAY", "").strip().lower()
+
+
 def relay_turned_off() -> bool:
     """CORRAL_RELAY=off (or 0, no, python): the Python TLS pumps, for comparison or to rule
     the relay out."""
-    return os.environ.get("CORRAL_RELAY", "").strip().lower() in ("off", "0", "no", "python")
+    return _relay_setting() in ("off", "0", "no", "python")
 
 
 def _load_relay() -> Any:
@@ -198,9 +213,91 @@ def _load_relay() -> Any:
     return _relay
 
 
+def shim_file() -> str:
+    """The in-process data path's library (`_rpcshim.c`); '' where it was not built, where
+    the relay cannot run (the shim needs its keys), or with CORRAL_RELAY=relay (the native
+    relay only, for comparison)."""
+    if _load_relay() is None or _relay_setting() == "relay":
+        return ""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        lib = here / f"_rpcshim{suffix}"
+        if lib.is_file():
+            return str(lib)
+    return ""
+
+
 def relay_mode() -> str:
-    """What this process's tunnels use for their data: 'native' or 'python'."""
-    return "native" if _load_relay() is not None else "python"
+    """What this process's tunnels use for their data: 'inproc' (hand-over to ggml-rpc's own
+    sockets), 'native' (the C relay) or 'python' (the TLS pumps)."""
+    if _load_relay() is None:
+        return "python"
+    return "inproc" if shim_file() else "native"
+
+
+_handover_dir = ""
+
+
+def handover_dir() -> str:
+    """This process's private folder (0700) for hand-over sockets, removed at exit; '' where
+    the shim is off."""
+    global _handover_dir
+    if not shim_file():
+        return ""
+    if not _handover_dir:
+        for base in (None, "/tmp"):
+            folder = tempfile.mkdtemp(prefix="corral-rpc-", dir=base)
+            if len(folder) < 64:
+                _handover_dir = folder
+                atexit.register(shutil.rmtree, folder, True)
+                break
+            os.rmdir(folder)
+    return _handover_dir
+
+
+def shim_env(listen: str = "", port: int = 0) -> dict[str, str]:
+    """The environment that loads the shim into a ggml-rpc process: the RPC client of this
+    process's tunnels (no arguments), or the worker on `port` taking hand-overs on `listen`.
+    Empty where the shim is off. The shim removes these variables (and restores LD_PRELOAD)
+    when it loads, so nothing that process starts inherits them."""
+    lib = shim_file()
+    folder = handover_dir()
+    if not lib or not folder:
+        return {}
+    was = os.environ.get("LD_PRELOAD", "")
+    env = {"LD_PRELOAD": f"{lib}:{was}" if was else lib, "CORRAL_RPCSHIM_PRELOAD_WAS": was}
+    if listen:
+        env.update(CORRAL_RPCSHIM_LISTEN=listen, CORRAL_RPCSHIM_PORT=str(port))
+    else:
+        env["CORRAL_RPCSHIM_CONNECT"] = folder
+    return env
+
+
+HANDOVER_MAGIC = b"CRS1"
+
+
+def handover_hello(mode: bytes, keys: tuple[bytes, ...] = (), pending: bytes = b"") -> bytes:
+    """The 100 bytes that start a hand-over (`_rpcshim.c`): magic, mode ('R' records on the
+    descriptor that comes with it, 'P' plain bytes on this Unix connection), 3 zero bytes,
+    the pending ciphertext's length (big-endian), then the record keys (tx key, tx IV, rx
+    key, rx IV)."""
+    material = b"".join(keys) or bytes(2 * (32 + 12))
+    return HANDOVER_MAGIC + mode + bytes(3) + len(pending).to_bytes(4, "big") + material
+
+
+def hand_over(
+    unix: socket.socket,
+    net: socket.socket,
+    keys: tuple[bytes, bytes, bytes, bytes],
+    pending: bytes,
+) -> None:
+    """Give `net` (the authenticated connection, keyed by `keys`) to the shim at the other
+    end of `unix`; the caller's copy of `net` stays open until it closes it."""
+    net.setblocking(True)
+    set_nodelay(net)
+    socket.send_fds(unix, [handover_hello(b"R", keys, pending)], [net.fileno()])
+    if pending:
+        unix.sendall(pending)
 
 
 RELAY_SHARE = 32  # bytes of key material each end contributes
@@ -239,19 +336,20 @@ class NativePump:
     def __init__(
         self,
         net: socket.socket,
-        plain: socket.socket,
+        plain: socket.socket | None,
         keys: tuple[bytes, bytes, bytes, bytes],
         pending: bytes = b"",
         on_close: Callable[[Any], None] | None = None,
     ) -> None:
         self.net, self.plain, self._keys, self._pending = net, plain, keys, pending
+        self._socks = [s for s in (net, plain) if s is not None]
         self._on_close = on_close
         self._lock = threading.Lock()
         self._running = False
         self._closed = False
         self._done = threading.Event()
         self.ended = ""  # why the relay ended, once it has ("" for a clean end)
-        for s in (net, plain):
+        for s in self._socks:
             s.setblocking(True)
             set_nodelay(s)
 
@@ -269,7 +367,7 @@ class NativePump:
     def _run(self) -> None:
         relay = _load_relay()
         try:
-            if relay is None:
+            if relay is None or self.plain is None:
                 self.ended = "the native relay is not available"
             else:
                 tx_key, tx_iv, rx_key, rx_iv = self._keys
@@ -291,7 +389,7 @@ class NativePump:
     def _finish(self) -> None:
         with self._lock:
             self._closed = True
-            for s in (self.net, self.plain):
+            for s in self._socks:
                 with contextlib.suppress(OSError):
                     s.close()
         self._done.set()
@@ -304,11 +402,29 @@ class NativePump:
             if self._closed:
                 return
             if self._running:
-                for s in (self.net, self.plain):
+                for s in self._socks:
                     with contextlib.suppress(OSError):
                         s.shutdown(socket.SHUT_RDWR)
                 return
         self._finish()  # never ran: nothing else will close them
+
+
+class HandedOver(NativePump):
+    """A connection handed over to the worker's shim: this end keeps its copy of the socket
+    only to be able to end it (close() shuts it down, and the worker sees the end). A thread
+    waits, without reading, until either side has ended it, then closes the copy."""
+
+    def __init__(self, net: socket.socket, on_close: Callable[[Any], None] | None = None) -> None:
+        super().__init__(net, None, (b"", b"", b"", b""), on_close=on_close)
+
+    def _run(self) -> None:
+        try:
+            watch = select.poll()
+            watch.register(self.net.fileno(), select.POLLRDHUP)  # and HUP, ERR: always
+            while not watch.poll():
+                pass
+        finally:
+            self._finish()
 
 
 Pump = TlsPump | NativePump
@@ -401,17 +517,31 @@ class DesktopTunnel:
         self._lock = threading.Lock()
         self._stopped = False
         self.last_error = ""
-        self.mode = ""  # the data path of the last connection: 'native' or 'python'
-        threading.Thread(target=self._accept, name=f"tunnel-accept {label}", daemon=True).start()
+        self.mode = ""  # the data path of the last connection: 'inproc', 'native' or 'python'
+        # where the inference child's shim asks for hand-overs (it tries FOLDER/PORT first)
+        self._handovers: socket.socket | None = None
+        folder = handover_dir()
+        if folder:
+            self._handovers = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._handovers.bind(os.path.join(folder, str(self.port)))
+            self._handovers.listen(64)
+        for listener in (self._listener, self._handovers):
+            if listener is not None:
+                threading.Thread(
+                    target=self._accept,
+                    args=(listener,),
+                    name=f"tunnel-accept {label}",
+                    daemon=True,
+                ).start()
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while not self._stopped:
             try:
-                local, _ = self._listener.accept()
+                local, _ = listener.accept()
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(local,), daemon=True).start()
@@ -424,10 +554,28 @@ class DesktopTunnel:
             log.warning("tunnel to %s: %s", self.label, exc)
             local.close()
             return
+        handover = local.family == socket.AF_UNIX  # the child's shim asked
         pump: Pump
+        if chan.relay_keys is not None and handover:
+            try:  # the child's ggml-rpc now owns the connection; this end keeps no copy
+                hand_over(local, chan.sock, chan.relay_keys, chan.leftover())
+                self.mode = "inproc"
+            except OSError as exc:
+                self.last_error = f"hand-over failed: {exc}"
+                log.warning("tunnel to %s: hand-over failed: %s", self.label, exc)
+            chan.close()
+            local.close()
+            return
         if chan.relay_keys is not None:
             pump = NativePump(chan.sock, local, chan.relay_keys, chan.leftover(), self._gone)
         else:
+            if handover:  # the agent has no record layer: plain bytes on the Unix socket
+                try:
+                    local.sendall(handover_hello(b"P"))
+                except OSError:
+                    chan.close()
+                    local.close()
+                    return
             pump = TlsPump(chan.sock, chan.obj, chan.inc, chan.out, local, on_close=self._gone)
         self.mode = "native" if chan.relay_keys is not None else "python"
         with self._lock:
@@ -445,10 +593,16 @@ class DesktopTunnel:
 
     def close(self) -> None:
         self._stopped = True
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self._listener.close()
+        for listener in (self._listener, self._handovers):
+            if listener is None:
+                continue
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                listener.close()
+        if self._handovers is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(handover_dir(), str(self.port)))
         with self._lock:
             pumps = list(self._pumps)
         for p in pumps:

@@ -1,0 +1,431 @@
+/* The tunnel's in-process data path: llama.cpp's own RPC sockets carry the sealed records.
+ *
+ * Loaded with LD_PRELOAD into the two processes that run ggml-rpc: the inference child (the
+ * RPC client) and the agent's worker (the RPC server). It interposes the five socket calls
+ * libggml-rpc.so makes (connect, accept, send, recv, close). Every other descriptor passes
+ * straight through to libc.
+ *
+ * Why: the native relay (_relay.c) still costs two extra loopback legs each way per RPC
+ * round trip (desktop relay, agent relay), ~50 us per round trip on an H200 host, which is
+ * 12-16% of a split's token rate. Here the record layer runs inside ggml-rpc's own send and
+ * recv, on the one TCP connection between the hosts, so a round trip crosses the network
+ * once each way, as with `llama-bench --rpc` direct, plus AES-GCM (~1 us).
+ *
+ * How a connection gets here (tunnel.py does the authentication, in Python, as before):
+ * - client (CORRAL_RPCSHIM_CONNECT=DIR): ggml-rpc connects to 127.0.0.1:PORT, the desktop
+ *   tunnel's endpoint. If DIR/PORT is a Unix socket, the shim asks it instead: the desktop
+ *   opens the mutually authenticated TLS channel to the agent as before, and hands over
+ *   the agent connection (SCM_RIGHTS) with the record keys; the shim puts it in place of
+ *   ggml-rpc's socket (dup2). Mode 'P' hands over the Unix socket itself, a plain stream the
+ *   desktop pumps through TLS (an agent without the record layer).
+ * - server (CORRAL_RPCSHIM_LISTEN=PATH, CORRAL_RPCSHIM_PORT=PORT): ggml-rpc's accept() on
+ *   its 127.0.0.1:PORT listener also waits on the Unix listener PATH, where the agent hands
+ *   over a desktop's connection and its keys once the lease is checked. Plain TCP clients
+ *   (the agent's probe, the relay fallback) are accepted as before.
+ *
+ * A handed-over connection: the 100-byte hello below, the descriptor as SCM_RIGHTS on its
+ * first byte, then `pending` bytes of ciphertext that arrived with the channel's last TLS
+ * record. Closing it shuts the socket down first, so the far end sees the end even where
+ * the handing process still holds a copy of the descriptor.
+ *
+ * The environment variables (and LD_PRELOAD) are removed at load, so nothing the process
+ * starts inherits them; CORRAL_RPCSHIM_PRELOAD_WAS restores a LD_PRELOAD the user had.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dlfcn.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+
+#include "_records.h"
+
+#define FD_LIMIT 65536
+#define HELLO_MAGIC "CRS1"
+#define HELLO_SIZE 100 /* magic 4, mode 1, pad 3, pending 4 (big-endian), keys 88 */
+
+typedef struct {
+    pthread_mutex_t tx_lock, rx_lock;
+    EVP_CIPHER_CTX *tx, *rx;
+    unsigned char tx_iv[IVLEN], rx_iv[IVLEN];
+    uint64_t tx_seq, rx_seq;
+    unsigned char *net;   /* ciphertext read, not yet opened (NET_CAP) */
+    size_t net_have;
+    unsigned char *plain; /* the last opened record, not yet returned (RECORD_MAX) */
+    size_t plain_at, plain_len;
+    unsigned char *out;   /* one sealed record (RECORD_CAP) */
+    int broken;           /* a record failed: every later call fails */
+} conn_t;
+
+static conn_t *table[FD_LIMIT];
+
+static int (*real_connect)(int, const struct sockaddr *, socklen_t);
+static int (*real_accept)(int, struct sockaddr *, socklen_t *);
+static ssize_t (*real_send)(int, const void *, size_t, int);
+static ssize_t (*real_recv)(int, void *, size_t, int);
+static int (*real_close)(int);
+
+static char connect_dir[80];
+static int listen_fd = -1;
+static int listen_port;
+
+static void resolve(void) {
+    if (real_close)
+        return;
+    real_connect = dlsym(RTLD_NEXT, "connect");
+    real_accept = dlsym(RTLD_NEXT, "accept");
+    real_send = dlsym(RTLD_NEXT, "send");
+    real_recv = dlsym(RTLD_NEXT, "recv");
+    real_close = dlsym(RTLD_NEXT, "close");
+}
+
+static conn_t *lookup(int fd) {
+    if (fd < 0 || fd >= FD_LIMIT)
+        return NULL;
+    return __atomic_load_n(&table[fd], __ATOMIC_ACQUIRE);
+}
+
+static void conn_free(conn_t *c) {
+    EVP_CIPHER_CTX_free(c->tx);
+    EVP_CIPHER_CTX_free(c->rx);
+    free(c->net);
+    free(c->plain);
+    free(c->out);
+    pthread_mutex_destroy(&c->tx_lock);
+    pthread_mutex_destroy(&c->rx_lock);
+    OPENSSL_cleanse(c, sizeof *c);
+    free(c);
+}
+
+/* A record connection from the hello's 88 key bytes (tx key, tx iv, rx key, rx iv). */
+static conn_t *conn_new(const unsigned char *keys) {
+    conn_t *c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    pthread_mutex_init(&c->tx_lock, NULL);
+    pthread_mutex_init(&c->rx_lock, NULL);
+    c->tx = EVP_CIPHER_CTX_new();
+    c->rx = EVP_CIPHER_CTX_new();
+    c->net = malloc(NET_CAP);
+    c->plain = malloc(RECORD_MAX);
+    c->out = malloc(RECORD_CAP);
+    memcpy(c->tx_iv, keys + KEY, IVLEN);
+    memcpy(c->rx_iv, keys + 2 * KEY + IVLEN, IVLEN);
+    if (!c->tx || !c->rx || !c->net || !c->plain || !c->out ||
+        !EVP_EncryptInit_ex(c->tx, EVP_aes_256_gcm(), NULL, keys, NULL) ||
+        !EVP_DecryptInit_ex(c->rx, EVP_aes_256_gcm(), NULL, keys + KEY + IVLEN, NULL)) {
+        conn_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+static int read_exact(int fd, unsigned char *buf, size_t len) {
+    while (len) {
+        ssize_t n = real_recv(fd, buf, len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Read one hand-over from the Unix connection `u`. Returns the descriptor to use (the
+ * handed connection, or `u` itself in mode 'P') and sets *conn for a record connection;
+ * -1 when the hand-over failed (the handing side refused or ended). */
+static int take_handover(int u, conn_t **conn) {
+    unsigned char hello[HELLO_SIZE];
+    char control[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {hello, HELLO_SIZE};
+    struct msghdr msg = {0};
+    int fd = -1;
+    *conn = NULL;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    ssize_t got;
+    do {
+        got = recvmsg(u, &msg, MSG_CMSG_CLOEXEC);
+    } while (got < 0 && errno == EINTR);
+    if (got <= 0)
+        return -1;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm))
+        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS)
+            memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+    if ((size_t)got < HELLO_SIZE && read_exact(u, hello + got, HELLO_SIZE - (size_t)got) < 0)
+        goto refuse;
+    if (memcmp(hello, HELLO_MAGIC, 4) != 0)
+        goto refuse;
+    if (hello[4] == 'P' && fd < 0)
+        return u;
+    if (hello[4] != 'R' || fd < 0)
+        goto refuse;
+    size_t pending = record_len(hello + 8);
+    conn_t *c = pending <= NET_CAP ? conn_new(hello + 12) : NULL;
+    OPENSSL_cleanse(hello, sizeof hello);
+    if (!c)
+        goto refuse;
+    if (pending && read_exact(u, c->net, pending) < 0) {
+        conn_free(c);
+        goto refuse;
+    }
+    c->net_have = pending;
+    *conn = c;
+    return fd;
+refuse:
+    OPENSSL_cleanse(hello, sizeof hello);
+    if (fd >= 0)
+        real_close(fd);
+    return -1;
+}
+
+static void put(int fd, conn_t *c) { __atomic_store_n(&table[fd], c, __ATOMIC_RELEASE); }
+
+/* ------------------------------------------------------------------ the interposed calls */
+
+int connect(int fd, const struct sockaddr *addr, socklen_t alen) {
+    resolve();
+    if (!connect_dir[0] || !addr || addr->sa_family != AF_INET ||
+        alen < (socklen_t)sizeof(struct sockaddr_in) || fd < 0 || fd >= FD_LIMIT)
+        return real_connect(fd, addr, alen);
+    const struct sockaddr_in *in = (const struct sockaddr_in *)addr;
+    if (in->sin_addr.s_addr != htonl(INADDR_LOOPBACK))
+        return real_connect(fd, addr, alen);
+    struct sockaddr_un un = {.sun_family = AF_UNIX};
+    snprintf(un.sun_path, sizeof un.sun_path, "%s/%u", connect_dir, ntohs(in->sin_port));
+    int u = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (u < 0)
+        return real_connect(fd, addr, alen);
+    if (real_connect(u, (struct sockaddr *)&un, sizeof un) < 0) {
+        real_close(u); /* not a tunnel endpoint: an ordinary connection */
+        return real_connect(fd, addr, alen);
+    }
+    conn_t *c;
+    int got = take_handover(u, &c);
+    if (got < 0) {
+        real_close(u);
+        errno = ECONNREFUSED; /* the tunnel could not open: as a refused connection */
+        return -1;
+    }
+    int placed = dup2(got, fd);
+    if (got != u)
+        real_close(got);
+    real_close(u);
+    if (placed < 0) {
+        if (c)
+            conn_free(c);
+        return -1;
+    }
+    if (c)
+        put(fd, c);
+    return 0;
+}
+
+static int is_worker_listener(int fd) {
+    struct sockaddr_in a;
+    socklen_t n = sizeof a;
+    return getsockname(fd, (struct sockaddr *)&a, &n) == 0 && a.sin_family == AF_INET &&
+           ntohs(a.sin_port) == listen_port;
+}
+
+int accept(int fd, struct sockaddr *addr, socklen_t *alen) {
+    resolve();
+    if (listen_fd < 0 || !is_worker_listener(fd))
+        return real_accept(fd, addr, alen);
+    for (;;) {
+        struct pollfd p[2] = {{fd, POLLIN, 0}, {listen_fd, POLLIN, 0}};
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (p[0].revents)
+            return real_accept(fd, addr, alen);
+        if (!(p[1].revents & POLLIN))
+            continue;
+        int u = real_accept(listen_fd, NULL, NULL);
+        if (u < 0)
+            continue;
+        conn_t *c;
+        int got = take_handover(u, &c);
+        real_close(u);
+        if (got < 0 || got == u || !c || got >= FD_LIMIT) {
+            if (c)
+                conn_free(c);
+            if (got >= 0 && got != u)
+                real_close(got);
+            continue; /* a bad hand-over ends that one, not the server */
+        }
+        put(got, c);
+        if (addr && alen)
+            getpeername(got, addr, alen);
+        return got;
+    }
+}
+
+ssize_t send(int fd, const void *buf, size_t len, int flags) {
+    resolve();
+    conn_t *c = lookup(fd);
+    if (!c)
+        return real_send(fd, buf, len, flags);
+    const unsigned char *p = buf;
+    size_t done = 0;
+    int err = 0;
+    pthread_mutex_lock(&c->tx_lock);
+    if (c->broken)
+        err = EPIPE;
+    while (!err && done < len) {
+        size_t n = len - done < RECORD_MAX ? len - done : RECORD_MAX;
+        if (!record_seal(c->tx, c->tx_iv, c->tx_seq++, p + done, n, c->out))
+            err = EIO;
+        else if (send_all_with(real_send, fd, c->out, HDR + n + TAG) < 0)
+            err = errno;
+        done += n;
+    }
+    if (err)
+        c->broken = 1; /* a record may be half sent: nothing after it can be read */
+    pthread_mutex_unlock(&c->tx_lock);
+    if (err) {
+        errno = err;
+        return -1;
+    }
+    return (ssize_t)len;
+}
+
+/* Open the next record into c->plain: 1, or 0 at a clean end, or -1 with errno. */
+static int next_record(int fd, conn_t *c) {
+    for (;;) {
+        if (c->net_have >= HDR) {
+            size_t n = record_len(c->net);
+            if (n > RECORD_MAX) {
+                errno = EBADMSG;
+                return -1;
+            }
+            if (c->net_have >= HDR + n + TAG) {
+                if (!record_open(c->rx, c->rx_iv, c->rx_seq++, c->net, n, c->plain)) {
+                    errno = EBADMSG;
+                    return -1;
+                }
+                c->plain_at = 0;
+                c->plain_len = n;
+                c->net_have -= HDR + n + TAG;
+                memmove(c->net, c->net + HDR + n + TAG, c->net_have);
+                if (n)
+                    return 1;
+                continue; /* an empty record: read on */
+            }
+        }
+        ssize_t got = real_recv(fd, c->net + c->net_have, NET_CAP - c->net_have, 0);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0)
+            return -1;
+        if (got == 0) {
+            if (c->net_have == 0)
+                return 0;
+            errno = ECONNRESET; /* the peer ended inside a record */
+            return -1;
+        }
+        c->net_have += (size_t)got;
+    }
+}
+
+ssize_t recv(int fd, void *buf, size_t len, int flags) {
+    resolve();
+    conn_t *c = lookup(fd);
+    if (!c)
+        return real_recv(fd, buf, len, flags);
+    if (flags & ~(MSG_NOSIGNAL | MSG_WAITALL)) {
+        errno = EOPNOTSUPP; /* ggml-rpc never peeks; nothing else reads these sockets */
+        return -1;
+    }
+    if (len == 0)
+        return 0;
+    int r = 1, err = 0;
+    size_t n = 0;
+    pthread_mutex_lock(&c->rx_lock);
+    if (c->broken) {
+        r = -1;
+        err = EBADMSG;
+    } else if (c->plain_at == c->plain_len) {
+        r = next_record(fd, c);
+        if (r < 0) {
+            err = errno;
+            c->broken = 1;
+        }
+    }
+    if (r > 0) {
+        n = c->plain_len - c->plain_at;
+        if (n > len)
+            n = len;
+        memcpy(buf, c->plain + c->plain_at, n);
+        c->plain_at += n;
+    }
+    pthread_mutex_unlock(&c->rx_lock);
+    if (r < 0) {
+        errno = err;
+        return -1;
+    }
+    return (ssize_t)n;
+}
+
+int close(int fd) {
+    resolve();
+    conn_t *c = lookup(fd);
+    if (c) {
+        put(fd, NULL);
+        shutdown(fd, SHUT_RDWR); /* the handing process may still hold a copy */
+        conn_free(c);
+    }
+    return real_close(fd);
+}
+
+/* ------------------------------------------------------------------ set-up at load */
+
+static void take_env(const char *name, char *dst, size_t cap) {
+    const char *v = getenv(name);
+    if (v && dst && strlen(v) < cap)
+        strcpy(dst, v);
+    unsetenv(name);
+}
+
+__attribute__((constructor)) static void shim_init(void) {
+    char listen_path[sizeof(((struct sockaddr_un *)0)->sun_path)] = "";
+    char port[8] = "", was[4096] = "";
+    resolve();
+    take_env("CORRAL_RPCSHIM_CONNECT", connect_dir, sizeof connect_dir);
+    take_env("CORRAL_RPCSHIM_LISTEN", listen_path, sizeof listen_path);
+    take_env("CORRAL_RPCSHIM_PORT", port, sizeof port);
+    take_env("CORRAL_RPCSHIM_PRELOAD_WAS", was, sizeof was);
+    if (was[0])
+        setenv("LD_PRELOAD", was, 1);
+    else
+        unsetenv("LD_PRELOAD");
+    listen_port = atoi(port);
+    if (!listen_path[0] || listen_port <= 0)
+        return;
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un un = {.sun_family = AF_UNIX};
+    strcpy(un.sun_path, listen_path);
+    unlink(listen_path);
+    if (s >= 0 && bind(s, (struct sockaddr *)&un, sizeof un) == 0 &&
+        chmod(listen_path, 0600) == 0 && listen(s, 16) == 0) {
+        listen_fd = s;
+        return;
+    }
+    if (s >= 0)
+        real_close(s);
+    fprintf(stderr, "corral rpcshim: cannot listen on %s (%s); handed-over tunnels are off\n",
+            listen_path, strerror(errno));
+}
