@@ -292,6 +292,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                 res = await split.open(settings)
                 info["tunnel_load_s"] = time.perf_counter() - t0
                 info["engine_tunnel"] = _placements(res)
+                # the tunnels' data path ('inproc' hand-over, 'native' relay, 'python' pumps)
+                info["tunnel_modes"] = sorted({t.mode for t in split.tunnels.values()})
                 direct = InferenceProcess()
                 await direct.start()
             t0 = time.perf_counter()

@@ -6,8 +6,9 @@
 #
 # Builds (setup.sh), writes the f16 model, quantizes it with llama-quantize, then runs the
 # comparison (one GPU and the split, ~4 min), the one-GPU part again alone (~1 min), the
-# tunnel's data paths side by side (bench/tunnel.py: direct, native relay, Python pumps) and,
-# with COSTS=1, bench/llama_decode_costs.py. Every step runs detached, so when WAIT_S seconds (default 560)
+# tunnel's data paths side by side (bench/tunnel.py: direct, handed over, native relays,
+# Python pumps) and, with COSTS=1, bench/llama_decode_costs.py. PARTS=split runs only the
+# split part of the first comparison and skips the one-GPU rerun. Every step runs detached, so when WAIT_S seconds (default 560)
 # have passed the script just reports where it is: run it again on the same machine (within
 # the 30 s it stays warm) and it carries on. On a fresh 2 x H200 host all of it takes ~9 min.
 # Results (results*.json, bench*.log, machine, build, model and rpc-server logs) go to $OUT.
@@ -38,20 +39,24 @@ wait_for quant || exit 0
 [ "$(cat /tmp/quant.done)" = 0 ] || { tail -20 /tmp/quant.log; exit 1; }
 ls -la $M
 detached bench "python3 bench/llama_bench_compare.py --bin $B --model $M --out /tmp/results \
-  --rounds ${ROUNDS:-7} --tokens 128 --reps 3 --threads 4 --gpus 0,1 --flash-attn on"
+  --rounds ${ROUNDS:-7} --tokens 128 --reps 3 --threads 4 --gpus 0,1 --flash-attn on \
+  --parts ${PARTS:-1gpu,split}"
 wait_for bench || exit 0
 echo "bench rc=$(cat /tmp/bench.done)"
 grep -v "^round" /tmp/bench.log | tail -60
 # The one-GPU comparison again with nothing else loaded (during the run above the other runs'
 # models stay loaded and their processes up), then the per-token cost of sampling in Python (llama_decode_costs.py)
-detached bench1 "python3 bench/llama_bench_compare.py --bin $B --model $M --out /tmp/results1 \
+[ "${PARTS:-}" = split ] || detached bench1 "python3 bench/llama_bench_compare.py --bin $B --model $M --out /tmp/results1 \
   --parts 1gpu --rounds 9 --tokens 128 --reps 3 --threads 4 --gpus 0,1 --flash-attn on"
-wait_for bench1 || exit 0
-grep -v "^round" /tmp/bench1.log | head -12
+if [ "${PARTS:-}" != split ]; then
+  wait_for bench1 || exit 0
+  grep -v "^round" /tmp/bench1.log | head -12
+fi
 # The tunnel's data paths side by side on the 7B, both workers on GPU 0 (bench/tunnel.py):
-# direct, the native relay, and the Python TLS pumps
+# direct, handed over, the native relays, and the Python TLS pumps
 detached tunnel7b "CUDA_VISIBLE_DEVICES=0 python3 bench/tunnel.py --devices CUDA0 --model $M \
-  --threads 4 --rounds 7 --tokens 128 --pings 1000 --python-tunnel --json > /tmp/tunnel7b.json"
+  --threads 4 --rounds 7 --tokens 128 --pings 1000 --relay-tunnel --python-tunnel --json \
+  > /tmp/tunnel7b.json"
 wait_for tunnel7b || exit 0
 python3 -c "import json; m = json.load(open('/tmp/tunnel7b.json'))['median']; print({k: round(v, 3) for k, v in m.items()})"
 if [ -n "${COSTS:-}" ]; then
