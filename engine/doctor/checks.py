@@ -75,11 +75,32 @@ RELAY_FIX = "install a C compiler and OpenSSL's headers (apt install gcc libssl-
 
 
 def relay_check() -> Check:
-    """Is the tunnel's native relay built here (engine/security/_relay.c)?"""
+    """Which data path this host's tunnels take: the hand-over (engine/security/_rpcshim.c),
+    the native relay (_relay.c), or the Python TLS pumps."""
     from corral.engine.security.tunnel import relay_mode, relay_turned_off
 
+    if relay_mode() == "inproc":
+        return Check(
+            "tunnel",
+            PASS,
+            "handed over: ggml-rpc's own sockets carry AES-256-GCM records keyed over TLS 1.3",
+        )
     if relay_mode() == "native":
-        return Check("tunnel", PASS, "native relay (AES-256-GCM records keyed over TLS 1.3)")
+        if os.environ.get("CORRAL_RELAY", "").strip().lower() == "relay":
+            return Check(
+                "tunnel",
+                WARN,
+                "native relay: CORRAL_RELAY=relay turns the hand-over off (+56 µs a round "
+                "trip on an H200 host, docs/PERFORMANCE.md)",
+                "unset CORRAL_RELAY for the faster data path",
+            )
+        return Check(
+            "tunnel",
+            WARN,
+            "native relay: the hand-over library (_rpcshim) was not built (+56 µs a round "
+            "trip on an H200 host, docs/PERFORMANCE.md)",
+            RELAY_FIX + "reinstall Corral (make install, or packaging/install-worker.sh again)",
+        )
     if relay_turned_off():
         return Check(
             "tunnel",
@@ -90,8 +111,8 @@ def relay_check() -> Check:
     return Check(
         "tunnel",
         WARN,
-        "Python TLS pumps: the native relay was not built, so each RPC message costs about "
-        "twice as much (+109 vs +56 µs a round trip on an H200 host, docs/PERFORMANCE.md)",
+        "Python TLS pumps: the native relay was not built, so each RPC message costs much "
+        "more (+95 µs a round trip on an H200 host, +4 µs handed over; docs/PERFORMANCE.md)",
         RELAY_FIX + "reinstall Corral (make install, or packaging/install-worker.sh again)",
     )
 

@@ -2,8 +2,8 @@
  *
  * Loaded with LD_PRELOAD into the two processes that run ggml-rpc: the inference child (the
  * RPC client) and the agent's worker (the RPC server). It interposes the five socket calls
- * libggml-rpc.so makes (connect, accept, send, recv, close). Every other descriptor passes
- * straight through to libc.
+ * libggml-rpc.so makes (connect, accept, send, recv, close; and accept4, which Python's
+ * accept uses). Every other descriptor passes straight through to libc.
  *
  * Why: the native relay (_relay.c) still costs two extra loopback legs each way per RPC
  * round trip (desktop relay, agent relay), ~50 us per round trip on an H200 host, which is
@@ -34,6 +34,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -68,6 +69,7 @@ static conn_t *table[FD_LIMIT];
 
 static int (*real_connect)(int, const struct sockaddr *, socklen_t);
 static int (*real_accept)(int, struct sockaddr *, socklen_t *);
+static int (*real_accept4)(int, struct sockaddr *, socklen_t *, int);
 static ssize_t (*real_send)(int, const void *, size_t, int);
 static ssize_t (*real_recv)(int, void *, size_t, int);
 static int (*real_close)(int);
@@ -81,6 +83,7 @@ static void resolve(void) {
         return;
     real_connect = dlsym(RTLD_NEXT, "connect");
     real_accept = dlsym(RTLD_NEXT, "accept");
+    real_accept4 = dlsym(RTLD_NEXT, "accept4");
     real_send = dlsym(RTLD_NEXT, "send");
     real_recv = dlsym(RTLD_NEXT, "recv");
     real_close = dlsym(RTLD_NEXT, "close");
@@ -239,10 +242,10 @@ static int is_worker_listener(int fd) {
            ntohs(a.sin_port) == listen_port;
 }
 
-int accept(int fd, struct sockaddr *addr, socklen_t *alen) {
-    resolve();
-    if (listen_fd < 0 || !is_worker_listener(fd))
-        return real_accept(fd, addr, alen);
+/* accept() or accept4() on the worker's listener: whichever comes first, a TCP client or a
+ * hand-over. A handed connection stays blocking (SOCK_NONBLOCK is not applied to it: the
+ * record layer reads whole records); SOCK_CLOEXEC is. */
+static int accept_either(int fd, struct sockaddr *addr, socklen_t *alen, int flags, int four) {
     for (;;) {
         struct pollfd p[2] = {{fd, POLLIN, 0}, {listen_fd, POLLIN, 0}};
         if (poll(p, 2, -1) < 0) {
@@ -251,10 +254,10 @@ int accept(int fd, struct sockaddr *addr, socklen_t *alen) {
             return -1;
         }
         if (p[0].revents)
-            return real_accept(fd, addr, alen);
+            return four ? real_accept4(fd, addr, alen, flags) : real_accept(fd, addr, alen);
         if (!(p[1].revents & POLLIN))
             continue;
-        int u = real_accept(listen_fd, NULL, NULL);
+        int u = real_accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
         if (u < 0)
             continue;
         conn_t *c;
@@ -267,11 +270,27 @@ int accept(int fd, struct sockaddr *addr, socklen_t *alen) {
                 real_close(got);
             continue; /* a bad hand-over ends that one, not the server */
         }
+        if (!(flags & SOCK_CLOEXEC))
+            fcntl(got, F_SETFD, 0);
         put(got, c);
         if (addr && alen)
             getpeername(got, addr, alen);
         return got;
     }
+}
+
+int accept(int fd, struct sockaddr *addr, socklen_t *alen) {
+    resolve();
+    if (listen_fd < 0 || !is_worker_listener(fd))
+        return real_accept(fd, addr, alen);
+    return accept_either(fd, addr, alen, 0, 0);
+}
+
+int accept4(int fd, struct sockaddr *addr, socklen_t *alen, int flags) {
+    resolve();
+    if (listen_fd < 0 || !is_worker_listener(fd))
+        return real_accept4(fd, addr, alen, flags);
+    return accept_either(fd, addr, alen, flags, 1);
 }
 
 ssize_t send(int fd, const void *buf, size_t len, int flags) {

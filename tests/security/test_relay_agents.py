@@ -1,10 +1,12 @@
-"""The tunnel's two data paths with real agents, real RPC workers and a real model: the native
-relay when both ends have it, the Python TLS pumps when either does not, and the same reply
-through both."""
+"""The tunnel's data paths with real agents, real RPC workers and a real model: the connection
+handed over to ggml-rpc's own sockets (the inference child's and the worker's), the native
+relay where an end keeps it, the Python TLS pumps where either end has no record layer, and
+the same reply through all of them."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -19,10 +21,12 @@ from corral.engine.protocol import messages
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.inference import InferenceProcess
 from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.runtime.session import LoadSettings
 from corral.engine.security import tunnel as tunnel_mod
 from tests.support.agents import chat_args
 
 OFF = {"CORRAL_RELAY": "off"}
+RELAY = {"CORRAL_RELAY": "relay"}  # the native relay, no hand-over
 
 
 @dataclass
@@ -114,15 +118,99 @@ def _reply(agents: LocalAgents, desktop_env: dict[str, str]) -> dict:
     return dict(last)
 
 
-def test_a_split_chat_answers_the_same_through_the_relay_and_the_python_pumps() -> None:
+def test_a_split_chat_answers_the_same_through_every_data_path() -> None:
     """Greedy decoding over the same split: the data path must not change one token."""
-    with LocalAgents(2) as native, LocalAgents(2, env=OFF) as python:
-        via_relay = _reply(native, {})
-        via_pumps = _reply(python, {})
-        desktop_off = _reply(native, OFF)  # the desktop without it: the agents fall back too
-    assert via_relay["tokens"] == via_pumps["tokens"] == desktop_off["tokens"] == 24
-    assert via_relay["content"] == via_pumps["content"] == desktop_off["content"]
-    assert [d["device"] for d in via_relay["devices"]] == ["RPC0", "RPC1"]
+    with LocalAgents(2) as inproc, LocalAgents(2, env=OFF) as python:
+        handed = _reply(inproc, {})
+        relayed = _reply(inproc, RELAY)  # the desktop relays; the agents still hand over
+        via_pumps = _reply(python, {})  # the desktop's child gets a plain stream (mode P)
+        desktop_off = _reply(inproc, OFF)  # the desktop without it: the agents fall back too
+    replies = [handed, relayed, via_pumps, desktop_off]
+    assert [r["tokens"] for r in replies] == [24] * 4
+    assert len({r["content"] for r in replies}) == 1
+    assert [d["device"] for d in handed["devices"]] == ["RPC0", "RPC1"]
+
+
+def _tcp_ports(pid: int) -> list[tuple[int, int]]:
+    """(local port, remote port) of each TCP socket process `pid` holds (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[9] in inodes:
+                ports.append((int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)))
+    return ports
+
+
+def _worker_pid(agents: LocalAgents, i: int) -> int:
+    marker = str(agents.state_dir(i)).encode()
+    pids = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit()
+        and b"corral.engine.agent.worker" in _cmdline(p)
+        and marker in _cmdline(p)
+    ]
+    assert len(pids) == 1
+    return pids[0]
+
+
+@pytest.mark.parametrize(
+    ("agent_env", "child_holds", "worker_holds"),
+    [(None, True, True), (RELAY, True, False), (OFF, False, False)],
+)
+def test_the_agent_connection_ends_in_the_processes_that_speak_ggml_rpc(
+    agent_env: dict[str, str] | None, child_holds: bool, worker_holds: bool
+) -> None:
+    """The point of the hand-over: the TCP connection to the agent's port is held by the
+    inference child at one end and by the RPC worker at the other, so no relay sits between
+    them. Where an end keeps its relay (CORRAL_RELAY=relay) or has no record layer (off),
+    that end's process does not hold it."""
+    with LocalAgents(1, env=agent_env) as agents:
+        agent_port = int(agents.addresses[0].rsplit(":", 1)[1])
+
+        async def run() -> tuple[list[tuple[int, int]], list[tuple[int, int]], str, str]:
+            client = AgentClient(agents.addresses[0])
+            await client.connect()
+            await client.start_rpc(threads=1)
+            tunnel = client.open_tunnel()
+            child = InferenceProcess()
+            await child.start()
+            try:
+                settings = LoadSettings(model=default_model_path(), n_ctx=256, n_threads=1)
+                loaded = await child.load(
+                    rpc=[tunnel.endpoint], tensor_split=None, **settings.child_params()
+                )
+                assert loaded.get("op") == "loaded", loaded
+                async for frame in child.generate(
+                    messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temp=0.0
+                ):
+                    if frame["op"] == "done":
+                        assert frame["n_tokens"] == 4
+                assert child.proc is not None
+                held = _tcp_ports(child.proc.pid), _tcp_ports(_worker_pid(agents, 0))
+                return held[0], held[1], tunnel.mode, tunnel.last_error
+            finally:
+                await child.close()
+                tunnel.close()
+                await client.close()
+
+        child_ports, worker_ports, mode, error = asyncio.run(run())
+    assert error == ""
+    assert (
+        mode
+        == {None: "inproc", "relay": "inproc", "off": "python"}[
+            (agent_env or {}).get("CORRAL_RELAY")
+        ]
+    )
+    assert any(remote == agent_port for _, remote in child_ports) == child_holds
+    assert any(local == agent_port for local, _ in worker_ports) == worker_holds
 
 
 def _environ(pid: int) -> dict[str, str]:

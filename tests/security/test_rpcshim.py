@@ -1,0 +1,246 @@
+"""The tunnel's in-process data path (engine/security/_rpcshim.c) in real processes: a Python
+program with the shim preloaded stands in for ggml-rpc (the same five socket calls), and this
+test is the handing side (the desktop or the agent) and the far end of the records, which it
+seals and opens with an independent AES-GCM (tests/support/relay.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from corral.engine.security import tunnel
+from corral.engine.security.tunnel import hand_over, handover_hello
+from tests.support.relay import nonce, seal
+
+SHIM = tunnel.shim_file()
+PORT = 1  # nothing listens on 127.0.0.1:1: only the shim's hand-over can answer it
+
+
+def test_the_shim_is_built() -> None:
+    """`make test` builds it beside the relay; tunnels then hand connections over."""
+    assert SHIM, "engine/security/_rpcshim.c was not built: see setup.py"
+    assert tunnel.relay_mode() == "inproc"
+
+
+@pytest.fixture
+def folder() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="corral-t-", dir="/tmp")  # the shim takes up to 79 bytes
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=dict(os.environ, LD_PRELOAD=SHIM, CORRAL_RPCSHIM_PRELOAD_WAS="", **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+CLIENT = f"""
+    import errno, os, socket
+    try:
+        s = socket.create_connection(("127.0.0.1", {PORT}), timeout=10)
+    except OSError as exc:
+        print("connect", errno.errorcode.get(exc.errno, exc.errno)); raise SystemExit
+    s.settimeout(None)  # blocking, as ggml-rpc's sockets are
+    s.sendall(b"ping")
+    s.sendall(b"x" * 300000)  # more than one record
+    got = b""
+    try:
+        while len(got) < 6:
+            more = s.recv(6 - len(got))
+            if not more:
+                break
+            got += more
+        print("got", got.decode())
+    except OSError as exc:
+        print("recv", errno.errorcode.get(exc.errno, exc.errno))
+    print("env", os.environ.get("LD_PRELOAD", ""), os.environ.get("CORRAL_RPCSHIM_CONNECT", ""))
+    s.close()
+"""
+
+
+def _keys() -> tuple[bytes, bytes, bytes, bytes]:
+    return os.urandom(32), os.urandom(12), os.urandom(32), os.urandom(12)
+
+
+def _read_record(sock: socket.socket, key: bytes, iv: bytes, seq: int) -> bytes:
+    head = _exactly(sock, 4)
+    body = _exactly(sock, int.from_bytes(head, "big") + 16)
+    return AESGCM(key).decrypt(nonce(iv, seq), body, head)
+
+
+def _take_sent(sock: socket.socket, key: bytes, iv: bytes) -> int:
+    """Read what CLIENT sends as records; how many records it took."""
+    sent, seq = b"", 0
+    while len(sent) < 4 + 300000:
+        sent += _read_record(sock, key, iv, seq)
+        seq += 1
+    assert sent == b"ping" + b"x" * 300000
+    return seq
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        assert more, "ended early"
+        data += more
+    return data
+
+
+@contextlib.contextmanager
+def _handing(folder: str, port: int = PORT) -> Iterator[socket.socket]:
+    """The desktop's side: a hand-over socket at FOLDER/PORT."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(os.path.join(folder, str(port)))
+        srv.listen(1)
+        srv.settimeout(20)
+        yield srv
+
+
+def test_a_handed_connection_carries_records_both_ways(folder: str) -> None:
+    tx_key, tx_iv, rx_key, rx_iv = keys = _keys()  # the client's point of view
+    with _handing(folder) as srv:
+        client = _run(CLIENT, {"CORRAL_RPCSHIM_CONNECT": folder})
+        unix, _ = srv.accept()
+        near, far = socket.socketpair()
+        with unix, near, far:
+            hand_over(unix, far, keys, b"")
+            far.close()
+            assert _take_sent(near, tx_key, tx_iv) >= 3  # 256 KiB records at most
+            near.sendall(seal(rx_key, rx_iv, 0, b"po") + seal(rx_key, rx_iv, 1, b"ngpo"))
+            out, err = client.communicate(timeout=20)
+            assert near.recv(1) == b""  # closing it shut the connection down
+    assert "got pongpo" in out, err
+    assert "env  " in out  # the shim's variables are gone from what the program sees
+
+
+def test_a_record_that_fails_authentication_is_an_error_not_data(folder: str) -> None:
+    keys = _keys()
+    with _handing(folder) as srv:
+        client = _run(CLIENT, {"CORRAL_RPCSHIM_CONNECT": folder})
+        unix, _ = srv.accept()
+        near, far = socket.socketpair()
+        with unix, near, far:
+            hand_over(unix, far, keys, b"")
+            far.close()
+            _take_sent(near, keys[0], keys[1])
+            bad = bytearray(seal(keys[2], keys[3], 0, b"pongpo"))
+            bad[6] ^= 1
+            near.sendall(bytes(bad))
+            out, err = client.communicate(timeout=20)
+    assert "recv EBADMSG" in out, (out, err)
+
+
+def test_a_refused_hand_over_is_a_refused_connection(folder: str) -> None:
+    """The desktop could not open the tunnel (agent refused, unreachable): it closes."""
+    with _handing(folder) as srv:
+        client = _run(CLIENT, {"CORRAL_RPCSHIM_CONNECT": folder})
+        unix, _ = srv.accept()
+        unix.close()
+        out, err = client.communicate(timeout=20)
+    assert "connect ECONNREFUSED" in out, (out, err)
+
+
+def test_mode_p_hands_over_a_plain_stream(folder: str) -> None:
+    """An agent without the record layer: the desktop pumps TLS, the Unix socket is plain."""
+    with _handing(folder) as srv:
+        client = _run(CLIENT, {"CORRAL_RPCSHIM_CONNECT": folder})
+        unix, _ = srv.accept()
+        with unix:
+            unix.sendall(handover_hello(b"P"))
+            assert _exactly(unix, 4 + 300000) == b"ping" + b"x" * 300000
+            unix.sendall(b"plain!")
+            out, err = client.communicate(timeout=20)
+    assert "got plain!" in out, err
+
+
+def test_other_connections_pass_through(folder: str) -> None:
+    """No hand-over socket for the port: an ordinary TCP connection, bytes untouched."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        client = _run(CLIENT.replace(f'"127.0.0.1", {PORT}', f'"127.0.0.1", {port}'), {})
+        srv.settimeout(20)
+        conn, _ = srv.accept()
+        with conn:
+            assert _exactly(conn, 4 + 300000) == b"ping" + b"x" * 300000
+            conn.sendall(b"direct")
+            out, err = client.communicate(timeout=20)
+    assert "got direct" in out, err
+
+
+SERVER = """
+    import socket, sys
+    srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+    print("listening", flush=True)
+    for _ in range(2):
+        c, _ = srv.accept()
+        data = b""
+        while len(data) < 5:
+            data += c.recv(5 - len(data))
+        c.sendall(data.upper())
+        c.close()
+    print("done", flush=True)
+"""
+
+
+def test_the_worker_side_takes_hand_overs_and_plain_clients(folder: str) -> None:
+    """The agent's side: the worker's accept() returns a handed connection as well as plain
+    TCP clients (the agent's readiness probe). Closing a handed one ends it for the peer even
+    though the agent still holds its copy (HandedOver's watch)."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # a free port for the server
+    listen = os.path.join(folder, "worker")
+    server = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SERVER), str(port)],
+        env=dict(
+            os.environ,
+            LD_PRELOAD=SHIM,
+            CORRAL_RPCSHIM_PRELOAD_WAS="",
+            CORRAL_RPCSHIM_LISTEN=listen,
+            CORRAL_RPCSHIM_PORT=str(port),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "listening"
+        assert Path(listen).is_socket() and (Path(listen).stat().st_mode & 0o777) == 0o600
+        # a plain client first
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+            plain.sendall(b"hello")
+            assert _exactly(plain, 5) == b"HELLO"
+        # then a handed-over one, keyed from the agent's point of view
+        tx_key, tx_iv, rx_key, rx_iv = keys = _keys()
+        near, far = socket.socketpair()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix, near:
+            unix.connect(listen)
+            pending = seal(rx_key, rx_iv, 0, b"rec")  # arrived with the last TLS record
+            hand_over(unix, far, keys, pending)
+            near.sendall(seal(rx_key, rx_iv, 1, b"ds"))
+            watch = tunnel.HandedOver(far)  # the agent keeps its copy, to end it or see it end
+            watch.start()
+            assert _read_record(near, tx_key, tx_iv, 0) == b"RECDS"  # one send, one record
+            assert near.recv(1) == b""  # the worker closed it: shut down despite our copy
+            assert watch.wait(10)
+        assert server.wait(10) == 0
+    finally:
+        server.kill()
+        server.communicate()
