@@ -8,7 +8,7 @@
 # comparison (one GPU and the split, ~4 min), the one-GPU part again alone (~1 min), the
 # tunnel's data paths side by side (bench/tunnel.py: direct, handed over, native relays,
 # Python pumps) and, with COSTS=1, bench/llama_decode_costs.py. PARTS=split runs only the
-# split part of the first comparison and skips the one-GPU rerun. Every step runs detached, so when WAIT_S seconds (default 560)
+# split part of the first comparison and skips the one-GPU rerun; TUNNEL=0 skips bench/tunnel.py. Every step runs detached, so when WAIT_S seconds (default 560)
 # have passed the script just reports where it is: run it again on the same machine (within
 # the 30 s it stays warm) and it carries on. On a fresh 2 x H200 host all of it takes ~9 min.
 # Results (results*.json, bench*.log, machine, build, model and rpc-server logs) go to $OUT.
@@ -54,11 +54,14 @@ if [ "${PARTS:-}" != split ]; then
 fi
 # The tunnel's data paths side by side on the 7B, both workers on GPU 0 (bench/tunnel.py):
 # direct, handed over, the native relays, and the Python TLS pumps
-detached tunnel7b "CUDA_VISIBLE_DEVICES=0 python3 bench/tunnel.py --devices CUDA0 --model $M \
-  --threads 4 --rounds 7 --tokens 128 --pings 1000 --relay-tunnel --python-tunnel --json \
-  > /tmp/tunnel7b.json"
-wait_for tunnel7b || exit 0
-python3 -c "import json; m = json.load(open('/tmp/tunnel7b.json'))['median']; print({k: round(v, 3) for k, v in m.items()})"
+# (TUNNEL=0 skips it)
+if [ "${TUNNEL:-1}" != 0 ]; then
+  detached tunnel7b "CUDA_VISIBLE_DEVICES=0 python3 bench/tunnel.py --devices CUDA0 --model $M \
+    --threads 4 --rounds 7 --tokens 128 --pings 1000 --relay-tunnel --python-tunnel --json \
+    > /tmp/tunnel7b.json"
+  wait_for tunnel7b || exit 0
+  python3 -c "import json; m = json.load(open('/tmp/tunnel7b.json'))['median']; print({k: round(v, 3) for k, v in m.items()})"
+fi
 if [ -n "${COSTS:-}" ]; then
   detached costs "cd /tmp/llb && CUDA_VISIBLE_DEVICES=0 python3 $PWD/bench/llama_decode_costs.py $M"
   wait_for costs || exit 0
