@@ -635,10 +635,9 @@ class AgentServer:
             except OSError as exc:
                 log.warning("hand-over to the RPC worker failed: %s", exc)
                 sock.close()
-                return True
-            finally:
                 plain.close()
-            pump = HandedOver(sock, on_close=self._pump_closed)
+                return True
+            pump = HandedOver(sock, plain, on_close=self._pump_closed)
         elif ours:
             keys = relay_keys(msg.relay, ours, "agent")
             pump = NativePump(sock, plain, keys, inc.read(), on_close=self._pump_closed)

@@ -25,8 +25,11 @@
  *
  * A handed-over connection: the 100-byte hello below, the descriptor as SCM_RIGHTS on its
  * first byte, then `pending` bytes of ciphertext that arrived with the channel's last TLS
- * record. Closing it shuts the socket down first, so the far end sees the end even where
- * the handing process still holds a copy of the descriptor.
+ * record. The handing process keeps a copy of the descriptor, to end the connection when
+ * the tunnel closes or the lease ends (tunnel.HandedOver), and the shim keeps the Unix
+ * connection open as long as the handed one: when this process dies, the kernel closes
+ * it and the handing side ends the connection for the far end. Closing a handed connection
+ * here shuts the socket down first, so the far end sees the end despite that copy.
  *
  * The environment variables (and LD_PRELOAD) are removed at load, so nothing the process
  * starts inherits them; CORRAL_RPCSHIM_PRELOAD_WAS restores a LD_PRELOAD the user had.
@@ -63,6 +66,8 @@ typedef struct {
     size_t plain_at, plain_len;
     unsigned char *out;   /* one sealed record (RECORD_CAP) */
     int broken;           /* a record failed: every later call fails */
+    int keep;             /* the hand-over's Unix connection, open while this one is: the
+                           * handing side watches it to learn that this process is gone */
 } conn_t;
 
 static conn_t *table[FD_LIMIT];
@@ -96,6 +101,8 @@ static conn_t *lookup(int fd) {
 }
 
 static void conn_free(conn_t *c) {
+    if (c->keep >= 0)
+        real_close(c->keep);
     EVP_CIPHER_CTX_free(c->tx);
     EVP_CIPHER_CTX_free(c->rx);
     free(c->net);
@@ -112,6 +119,7 @@ static conn_t *conn_new(const unsigned char *keys) {
     conn_t *c = calloc(1, sizeof *c);
     if (!c)
         return NULL;
+    c->keep = -1;
     pthread_mutex_init(&c->tx_lock, NULL);
     pthread_mutex_init(&c->rx_lock, NULL);
     c->tx = EVP_CIPHER_CTX_new();
@@ -224,7 +232,10 @@ int connect(int fd, const struct sockaddr *addr, socklen_t alen) {
     int placed = dup2(got, fd);
     if (got != u)
         real_close(got);
-    real_close(u);
+    if (c && placed >= 0)
+        c->keep = u;
+    else
+        real_close(u);
     if (placed < 0) {
         if (c)
             conn_free(c);
@@ -262,14 +273,15 @@ static int accept_either(int fd, struct sockaddr *addr, socklen_t *alen, int fla
             continue;
         conn_t *c;
         int got = take_handover(u, &c);
-        real_close(u);
         if (got < 0 || got == u || !c || got >= FD_LIMIT) {
             if (c)
                 conn_free(c);
             if (got >= 0 && got != u)
                 real_close(got);
+            real_close(u);
             continue; /* a bad hand-over ends that one, not the server */
         }
+        c->keep = u;
         if (!(flags & SOCK_CLOEXEC))
             fcntl(got, F_SETFD, 0);
         put(got, c);

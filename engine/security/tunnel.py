@@ -410,19 +410,34 @@ class NativePump:
 
 
 class HandedOver(NativePump):
-    """A connection handed over to the worker's shim: this end keeps its copy of the socket
-    only to be able to end it (close() shuts it down, and the worker sees the end). A thread
-    waits, without reading, until either side has ended it, then closes the copy."""
+    """A connection handed over to a shim (`_rpcshim.c`): this end keeps its copy of the
+    socket only to be able to end it (close() shuts it down, and both processes that speak
+    ggml-rpc see the end), and the Unix connection it was handed over on, which the shim
+    keeps open while it uses the connection. A thread waits, without reading, until the
+    peer ends the connection or the shim's process closes it or dies, then shuts the
+    connection down (so the far end learns at once) and closes both."""
 
-    def __init__(self, net: socket.socket, on_close: Callable[[Any], None] | None = None) -> None:
-        super().__init__(net, None, (b"", b"", b"", b""), on_close=on_close)
+    def __init__(
+        self,
+        net: socket.socket,
+        unix: socket.socket | None = None,
+        on_close: Callable[[Any], None] | None = None,
+    ) -> None:
+        super().__init__(net, unix, (b"", b"", b"", b""), on_close=on_close)
 
     def _run(self) -> None:
         try:
             watch = select.poll()
-            watch.register(self.net.fileno(), select.POLLRDHUP)  # and HUP, ERR: always
+            # HUP and ERR always; RDHUP: the other end finished. Not POLLIN on the
+            # connection: its data is the shim's to read. The shim never writes on the Unix
+            # connection, so readable there means it was closed.
+            watch.register(self.net.fileno(), select.POLLRDHUP)
+            if self.plain is not None:
+                watch.register(self.plain.fileno(), select.POLLRDHUP | select.POLLIN)
             while not watch.poll():
                 pass
+            with contextlib.suppress(OSError):
+                self.net.shutdown(socket.SHUT_RDWR)
         finally:
             self._finish()
 
@@ -557,17 +572,19 @@ class DesktopTunnel:
         handover = local.family == socket.AF_UNIX  # the child's shim asked
         pump: Pump
         if chan.relay_keys is not None and handover:
-            try:  # the child's ggml-rpc now owns the connection; this end keeps no copy
+            try:  # the child's ggml-rpc now owns the connection; this end keeps a copy
                 hand_over(local, chan.sock, chan.relay_keys, chan.leftover())
-                self.mode = "inproc"
             except OSError as exc:
                 self.last_error = f"hand-over failed: {exc}"
                 log.warning("tunnel to %s: hand-over failed: %s", self.label, exc)
-            chan.close()
-            local.close()
-            return
-        if chan.relay_keys is not None:
+                chan.close()
+                local.close()
+                return
+            pump = HandedOver(chan.sock, local, on_close=self._gone)
+            self.mode = "inproc"
+        elif chan.relay_keys is not None:
             pump = NativePump(chan.sock, local, chan.relay_keys, chan.leftover(), self._gone)
+            self.mode = "native"
         else:
             if handover:  # the agent has no record layer: plain bytes on the Unix socket
                 try:
@@ -577,7 +594,7 @@ class DesktopTunnel:
                     local.close()
                     return
             pump = TlsPump(chan.sock, chan.obj, chan.inc, chan.out, local, on_close=self._gone)
-        self.mode = "native" if chan.relay_keys is not None else "python"
+            self.mode = "python"
         with self._lock:
             stopped = self._stopped
             if not stopped:

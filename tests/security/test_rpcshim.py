@@ -230,12 +230,14 @@ def test_the_worker_side_takes_hand_overs_and_plain_clients(folder: str) -> None
         # then a handed-over one, keyed from the agent's point of view
         tx_key, tx_iv, rx_key, rx_iv = keys = _keys()
         near, far = socket.socketpair()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix, near:
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with near:
             unix.connect(listen)
             pending = seal(rx_key, rx_iv, 0, b"rec")  # arrived with the last TLS record
             hand_over(unix, far, keys, pending)
             near.sendall(seal(rx_key, rx_iv, 1, b"ds"))
-            watch = tunnel.HandedOver(far)  # the agent keeps its copy, to end it or see it end
+            # the agent keeps its copy and the Unix connection, to end it or see it end
+            watch = tunnel.HandedOver(far, unix)
             watch.start()
             assert _read_record(near, tx_key, tx_iv, 0) == b"RECDS"  # one send, one record
             assert near.recv(1) == b""  # the worker closed it: shut down despite our copy
@@ -244,3 +246,26 @@ def test_the_worker_side_takes_hand_overs_and_plain_clients(folder: str) -> None
     finally:
         server.kill()
         server.communicate()
+
+
+def test_the_handing_side_ends_the_connection_when_the_process_dies(folder: str) -> None:
+    """A killed inference child (or worker) closes nothing cleanly: the handing side sees
+    its Unix connection end and shuts the connection down, so the far end is not left
+    waiting on a copy only the handing side holds."""
+    keys = _keys()
+    with _handing(folder) as srv:
+        client = _run(
+            CLIENT.replace('s.sendall(b"ping")', "import time; time.sleep(60)"),
+            {"CORRAL_RPCSHIM_CONNECT": folder},
+        )
+        unix, _ = srv.accept()
+        near, far = socket.socketpair()
+        with near:
+            hand_over(unix, far, keys, b"")
+            watch = tunnel.HandedOver(far, unix)  # the copy: as the desktop keeps it
+            watch.start()
+            client.kill()
+            client.communicate()
+            near.settimeout(10)
+            assert near.recv(1) == b""
+            assert watch.wait(10)
