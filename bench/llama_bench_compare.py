@@ -12,8 +12,9 @@ per-round ratios (both sides of a round saw the same machine; the order flips ev
    as `corral chat` runs it; the desktop side sees no GPU), vs `llama-bench --rpc A,B`
    against two plain rpc-server processes, one per GPU, desktop side again without a GPU.
    Target >= 0.95x. Also measured: the inference child registering two other plain
-   rpc-servers directly (no tunnel: the engine's own cost over RPC), and llama-bench and the
-   engine on both GPUs locally, without RPC.
+   rpc-servers directly (no tunnel: the engine's own cost over RPC), the child registering
+   two more agents' workers directly with the session's layer split (what the tunnel alone
+   costs), and llama-bench and the engine on both GPUs locally, without RPC.
 
     python3 bench/llama_bench_compare.py --bin LLAMA_CPP_BUILD/bin --model M.gguf
         [--rounds 7] [--tokens 128] [--reps 3] [--threads 4] [--gpus 0,1] [--out DIR]
@@ -238,9 +239,13 @@ def _placements(result: Any) -> list[str]:
 
 
 async def run(opts: argparse.Namespace) -> dict[str, Any]:
+    from corral.engine.runtime.agent_client import AgentClient
     from corral.engine.runtime.inference import InferenceProcess
     from corral.engine.runtime.localagents import LocalAgents
     from corral.engine.runtime.session import ChatSession, LoadSettings
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tunnel import worker_endpoint  # bench/tunnel.py: a worker's port, from /proc
 
     gpus = opts.gpus.split(",")
     both = ",".join(gpus)
@@ -257,6 +262,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, list[float]] = {}
     engines: dict[str, Engine] = {}
     opts.out.mkdir(parents=True, exist_ok=True)
+    leases: list[Any] = []  # agent clients holding a worker for the direct path
     with contextlib.ExitStack() as stack:
         # -- the one-GPU side
         with visible(gpus[0]):
@@ -306,6 +312,25 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             )
             engines["engine_tunnel"] = Engine(session=split)
             engines["engine_rpc_direct"] = Engine(child=direct)
+            # -- the same kind of agents' workers, registered directly (no tunnel), with the
+            # session's layer split: what the tunnel alone costs, apart from the workers
+            agents_direct: list[str] = []
+            for gpu in gpus:
+                with visible(gpu):
+                    pair = stack.enter_context(LocalAgents(1))
+                client = AgentClient(pair.addresses[0])
+                await client.connect()
+                await client.start_rpc(threads=opts.threads)  # the lease
+                leases.append(client)
+                agents_direct.append(worker_endpoint(pair.state_dir(0)))
+            with visible(""):
+                plain = InferenceProcess()
+                await plain.start()
+            split_of = list(split.result.plan.tensor_split) if split.result else []
+            await plain.load(
+                rpc=agents_direct, tensor_split=split_of or None, **settings.child_params()
+            )
+            engines["engine_agents_direct"] = Engine(child=plain)
         for e in engines.values():  # warm-up, not counted
             await e.tok_s(16, 1)
         await bare.tok_s(opts.tokens, 1)
@@ -333,6 +358,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             "lb_rpc",
             "engine_tunnel",
             "engine_rpc_direct",
+            "engine_agents_direct",
             "lb_local_2gpu",
             "engine_local_2gpu",
         ]
@@ -349,6 +375,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             )
         for e in engines.values():
             await e.close()
+        for client in leases:
+            await client.close()
 
     def ratio(a: str, b: str) -> float | None:
         if a not in runs or b not in runs:
@@ -364,6 +392,14 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         "engine split direct RPC / llama-bench --rpc": ("engine_rpc_direct", "lb_rpc"),
         "engine split via tunnel / engine split direct RPC": (
             "engine_tunnel",
+            "engine_rpc_direct",
+        ),
+        "engine split via tunnel / engine via the agents' workers direct": (
+            "engine_tunnel",
+            "engine_agents_direct",
+        ),
+        "engine via the agents' workers direct / engine split direct RPC": (
+            "engine_agents_direct",
             "engine_rpc_direct",
         ),
         "engine split via tunnel / llama-bench local 2 GPUs": ("engine_tunnel", "lb_local_2gpu"),

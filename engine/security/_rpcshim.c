@@ -52,6 +52,10 @@
 #include "_records.h"
 
 #define FD_LIMIT 65536
+/* A big send goes out as records of 64 KiB, not one of 256 KiB: the far end opens the first
+ * while this end seals the next, so a 200 KB graph costs about one sealing, not a sealing
+ * and an opening one after the other. */
+#define SEAL_MAX (64 * 1024)
 #define HELLO_MAGIC "CRS1"
 #define HELLO_SIZE 100 /* magic 4, mode 1, pad 3, pending 4 (big-endian), keys 88 */
 
@@ -60,8 +64,8 @@ typedef struct {
     EVP_CIPHER_CTX *tx, *rx;
     unsigned char tx_iv[IVLEN], rx_iv[IVLEN];
     uint64_t tx_seq, rx_seq;
-    unsigned char *net;   /* ciphertext read, not yet opened (NET_CAP) */
-    size_t net_have;
+    unsigned char *net;   /* ciphertext read, not yet opened: [net_at, net_have) (NET_CAP) */
+    size_t net_at, net_have;
     unsigned char *plain; /* the last opened record, not yet returned (RECORD_MAX) */
     size_t plain_at, plain_len;
     unsigned char *out;   /* one sealed record (RECORD_CAP) */
@@ -317,7 +321,7 @@ ssize_t send(int fd, const void *buf, size_t len, int flags) {
     if (c->broken)
         err = EPIPE;
     while (!err && done < len) {
-        size_t n = len - done < RECORD_MAX ? len - done : RECORD_MAX;
+        size_t n = len - done < SEAL_MAX ? len - done : SEAL_MAX;
         if (!record_seal(c->tx, c->tx_iv, c->tx_seq++, p + done, n, c->out))
             err = EIO;
         else if (send_all_with(real_send, fd, c->out, HDR + n + TAG) < 0)
@@ -334,28 +338,42 @@ ssize_t send(int fd, const void *buf, size_t len, int flags) {
     return (ssize_t)len;
 }
 
-/* Open the next record into c->plain: 1, or 0 at a clean end, or -1 with errno. */
-static int next_record(int fd, conn_t *c) {
+/* Open the next record: straight into `buf` when the caller wants all of it (ggml-rpc asks
+ * for a whole payload at once, so big messages are not copied twice), else into c->plain.
+ * Returns the bytes now in `buf` (0 when they went to c->plain), or 0 with *end set at a
+ * clean end, or -1 with errno. */
+static ssize_t next_record(int fd, conn_t *c, void *buf, size_t len, int *end) {
     for (;;) {
-        if (c->net_have >= HDR) {
-            size_t n = record_len(c->net);
+        size_t have = c->net_have - c->net_at;
+        const unsigned char *r = c->net + c->net_at;
+        if (have >= HDR) {
+            size_t n = record_len(r);
             if (n > RECORD_MAX) {
                 errno = EBADMSG;
                 return -1;
             }
-            if (c->net_have >= HDR + n + TAG) {
-                if (!record_open(c->rx, c->rx_iv, c->rx_seq++, c->net, n, c->plain)) {
+            if (have >= HDR + n + TAG) {
+                unsigned char *dst = len >= n ? buf : c->plain;
+                if (!record_open(c->rx, c->rx_iv, c->rx_seq++, r, n, dst)) {
                     errno = EBADMSG;
                     return -1;
                 }
+                c->net_at += HDR + n + TAG;
+                if (c->net_at == c->net_have)
+                    c->net_at = c->net_have = 0;
+                if (!n)
+                    continue; /* an empty record: read on */
+                if (dst == buf)
+                    return (ssize_t)n;
                 c->plain_at = 0;
                 c->plain_len = n;
-                c->net_have -= HDR + n + TAG;
-                memmove(c->net, c->net + HDR + n + TAG, c->net_have);
-                if (n)
-                    return 1;
-                continue; /* an empty record: read on */
+                return 0;
             }
+        }
+        if (c->net_at) { /* a partial record left: to the front, once per read */
+            memmove(c->net, r, have);
+            c->net_at = 0;
+            c->net_have = have;
         }
         ssize_t got = real_recv(fd, c->net + c->net_have, NET_CAP - c->net_have, 0);
         if (got < 0 && errno == EINTR)
@@ -363,8 +381,10 @@ static int next_record(int fd, conn_t *c) {
         if (got < 0)
             return -1;
         if (got == 0) {
-            if (c->net_have == 0)
+            if (have == 0) {
+                *end = 1;
                 return 0;
+            }
             errno = ECONNRESET; /* the peer ended inside a record */
             return -1;
         }
@@ -383,32 +403,31 @@ ssize_t recv(int fd, void *buf, size_t len, int flags) {
     }
     if (len == 0)
         return 0;
-    int r = 1, err = 0;
-    size_t n = 0;
+    ssize_t out = 0;
+    int err = 0, end = 0;
     pthread_mutex_lock(&c->rx_lock);
     if (c->broken) {
-        r = -1;
+        out = -1;
         err = EBADMSG;
     } else if (c->plain_at == c->plain_len) {
-        r = next_record(fd, c);
-        if (r < 0) {
+        out = next_record(fd, c, buf, len, &end);
+        if (out < 0) {
             err = errno;
             c->broken = 1;
         }
     }
-    if (r > 0) {
-        n = c->plain_len - c->plain_at;
+    if (out == 0 && !end && c->plain_at < c->plain_len) {
+        size_t n = c->plain_len - c->plain_at;
         if (n > len)
             n = len;
         memcpy(buf, c->plain + c->plain_at, n);
         c->plain_at += n;
+        out = (ssize_t)n;
     }
     pthread_mutex_unlock(&c->rx_lock);
-    if (r < 0) {
+    if (out < 0)
         errno = err;
-        return -1;
-    }
-    return (ssize_t)n;
+    return out;
 }
 
 int close(int fd) {
