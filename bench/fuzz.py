@@ -33,6 +33,7 @@ _SHARE = {
     "chats": 0.05,
     "config": 0.05,
     "relay": 0.05,
+    "shim": 0.05,
 }
 
 

@@ -5,7 +5,8 @@ over with record keys (as a desktop and an agent do). Reported: mean µs per rou
 median of rounds, and the difference; 200 KB is about one graph per worker per token of a
 7B model split in two.
 
-    .venv/bin/python bench/handover.py [--rounds 7] [--count 2000]
+    .venv/bin/python bench/handover.py [--rounds 7] [--count 2000] [--sizes 12,131072]
+                                       [--also OTHER_SHIM.so]
 """
 
 from __future__ import annotations
@@ -86,10 +87,10 @@ def _spawn(code: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[
     )
 
 
-def round_trip(size: int, count: int, handed: bool) -> float:
+def round_trip(size: int, count: int, handed: bool, lib: str) -> float:
     folder = tempfile.mkdtemp(prefix="corral-b-", dir="/tmp")
     port, asked = _free_port(), 1  # the client asks 127.0.0.1:1, which only a hand-over answers
-    shim = {"LD_PRELOAD": shim_file(), "CORRAL_RPCSHIM_PRELOAD_WAS": ""} if handed else {}
+    shim = {"LD_PRELOAD": lib, "CORRAL_RPCSHIM_PRELOAD_WAS": ""} if handed else {}
     listen = os.path.join(folder, "worker")
     server = _spawn(
         SERVER,
@@ -136,21 +137,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--count", type=int, default=2000)
-    parser.add_argument("--sizes", default="12,204800")
+    parser.add_argument("--sizes", default="12,131072,204800")
+    parser.add_argument(
+        "--also",
+        default="",
+        help="another build of the shim to measure beside this one (e.g. an older one)",
+    )
     opts = parser.parse_args()
-    if not shim_file():
+    libs = [shim_file()] + ([opts.also] if opts.also else [])
+    if not libs[0]:
         print("the shim (engine/security/_rpcshim.c) is not built here", file=sys.stderr)
         return 1
-    print("| request bytes | plain µs | handed over µs | added µs |")
-    print("|---|---|---|---|")
+    print(
+        "| request bytes | plain µs | handed over µs (added) |"
+        + (" --also µs (added) |" if opts.also else "")
+    )
+    print("|---|---|---|" + ("---|" if opts.also else ""))
     for size in (int(x) for x in opts.sizes.split(",")):
-        plain, handed = [], []
+        got: dict[str, list[float]] = {"": [], **{lib: [] for lib in libs}}
         for r in range(opts.rounds):
-            order = [False, True] if r % 2 == 0 else [True, False]
-            for h in order:
-                (handed if h else plain).append(round_trip(size, opts.count, h))
-        p, h = statistics.median(plain), statistics.median(handed)
-        print(f"| {size} | {p:.1f} | {h:.1f} | {h - p:+.1f} |", flush=True)
+            order = list(got)
+            order = order[r % len(order) :] + order[: r % len(order)]
+            for lib in order:
+                got[lib].append(round_trip(size, opts.count, bool(lib), lib))
+        plain = statistics.median(got[""])
+        cells = [
+            f"{statistics.median(got[lib]):.1f} ({statistics.median(got[lib]) - plain:+.1f})"
+            for lib in libs
+        ]
+        print(f"| {size} | {plain:.1f} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 

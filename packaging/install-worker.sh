@@ -79,8 +79,11 @@ say "virtual environment in $venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 say "installing corral[agent] from $source_dir (no Qt)"
 "${pip[@]}" "$source_dir[agent]"
-"$venv/bin/python" -c 'from corral.engine.security import _relay' 2>/dev/null \
-  || say "warning: the tunnel's native relay was not built (needs a C compiler and OpenSSL headers: apt-get install gcc libssl-dev, then run this again); tunnels use the slower Python TLS pumps"
+case "$("$venv/bin/python" -c 'from corral.engine.security.tunnel import relay_mode; print(relay_mode())' 2>/dev/null)" in
+  inproc) ;;
+  native) say "warning: the tunnel's hand-over library (_rpcshim) was not built; tunnels use the native relay, which costs more per RPC message" ;;
+  *) say "warning: the tunnel's native data path was not built (needs a C compiler and OpenSSL headers: apt-get install gcc libssl-dev, then run this again); tunnels use the slower Python TLS pumps" ;;
+esac
 
 if [ -n "$llama_wheel" ]; then
   [ -f "$llama_wheel" ] || die "no wheel at $llama_wheel"

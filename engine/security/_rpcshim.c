@@ -52,10 +52,10 @@
 #include "_records.h"
 
 #define FD_LIMIT 65536
-/* A big send goes out as records of 64 KiB, not one of 256 KiB: the far end opens the first
- * while this end seals the next, so a 200 KB graph costs about one sealing, not a sealing
- * and an opening one after the other. */
-#define SEAL_MAX (64 * 1024)
+/* The largest record a send makes. Smaller records (64 KiB) would let the far end open one
+ * while this end seals the next, but on a GPU host (AES-GCM at ~13 GB/s) that gained
+ * nothing and cost a segment and a wake-up per record: bench/handover.py, PERFORMANCE.md. */
+#define SEAL_MAX RECORD_MAX
 #define HELLO_MAGIC "CRS1"
 #define HELLO_SIZE 100 /* magic 4, mode 1, pad 3, pending 4 (big-endian), keys 88 */
 

@@ -20,7 +20,8 @@ B=/tmp/llb/bin
 report() {
   mkdir -p "$OUT"
   { nproc; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
-    nvidia-smi topo -m; } > "$OUT/machine.txt" 2>&1
+    nvidia-smi topo -m; lscpu | head -20
+    openssl speed -evp aes-256-gcm -seconds 1 2>/dev/null | tail -2; } > "$OUT/machine.txt" 2>&1
   tail -50 /tmp/build.log > "$OUT/build-tail.log" 2>/dev/null
   cat /tmp/models.log /tmp/quant.log > "$OUT/model-quant.log" 2>/dev/null
   cp /tmp/bench.log "$OUT/" 2>/dev/null

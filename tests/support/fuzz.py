@@ -9,15 +9,20 @@ type that parser documents (the caller turns that into a message), each case wit
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import gc
 import json
 import os
 import random
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +47,7 @@ from corral.engine.runtime.agent_client import parse_address
 from corral.engine.runtime.history import HistoryError
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.pins import PinStore
-from corral.engine.security.tunnel import NativePump, relay_keys
+from corral.engine.security.tunnel import NativePump, hand_over, relay_keys, shim_file
 from tests.support import relay as relay_format
 from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
 
@@ -402,6 +407,107 @@ def _relay(stream: bytes) -> bool:
     return whole
 
 
+# ---------------------------------------------------------------- the hand-over's record reader
+
+_SHIM_SERVER = """
+    import socket, struct, sys
+    srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+    report = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    report.connect(sys.argv[2])
+    while True:
+        conn, _ = srv.accept()  # a handed connection: the shim opens its records
+        got, status = bytearray(), b"E"
+        try:
+            while chunk := conn.recv(65536):
+                got += chunk
+        except OSError:
+            status = b"X"
+        conn.close()
+        report.sendall(status + struct.pack(">I", len(got)) + got)
+"""
+
+
+@dataclass
+class _ShimWorker:
+    """One long-lived process with the shim preloaded as a worker, serving every case."""
+
+    proc: subprocess.Popen[bytes]
+    listen: str
+    report: socket.socket
+
+
+_shim_worker: _ShimWorker | None = None
+
+
+def _shim() -> _ShimWorker:
+    global _shim_worker
+    if _shim_worker is None or _shim_worker.proc.poll() is not None:
+        assert shim_file(), "engine/security/_rpcshim.c was not built"
+        folder = tempfile.mkdtemp(prefix="corral-f-", dir="/tmp")
+        atexit.register(shutil.rmtree, folder, True)
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            port = probe.getsockname()[1]
+        reports = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        reports.bind(os.path.join(folder, "report"))
+        reports.listen(1)
+        reports.settimeout(30)
+        listen = os.path.join(folder, "worker")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(_SHIM_SERVER), str(port), reports.getsockname()],
+            env=dict(
+                os.environ,
+                LD_PRELOAD=shim_file(),
+                CORRAL_RPCSHIM_PRELOAD_WAS="",
+                CORRAL_RPCSHIM_LISTEN=listen,
+                CORRAL_RPCSHIM_PORT=str(port),
+            ),
+        )
+        atexit.register(proc.kill)
+        report, _ = reports.accept()
+        reports.close()
+        _shim_worker = _ShimWorker(proc, listen, report)
+    return _shim_worker
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the shim's worker ended"
+        data += chunk
+    return bytes(data)
+
+
+def _handed(stream: bytes) -> bool:
+    """Hand a connection over to a real shim (engine/security/_rpcshim.c, in a worker
+    process), feed it the ciphertext stream, and compare what its recv returned with the
+    Python model: byte for byte, an error and nothing more after a bad record, a clean end
+    exactly when the whole stream was good."""
+    worker = _shim()
+    near, far = socket.socketpair()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+        unix.connect(worker.listen)
+        hand_over(unix, far, _RELAY_KEYS, b"")
+        far.close()
+
+        def feed() -> None:
+            with contextlib.suppress(OSError):  # the worker may close before all is sent
+                near.sendall(stream)
+                near.shutdown(socket.SHUT_WR)
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        worker.report.settimeout(CASE_LIMIT_S)
+        head = _exactly(worker.report, 5)
+        got = _exactly(worker.report, struct.unpack(">I", head[1:])[0])
+        feeder.join()
+    near.close()
+    want, whole = _relay_model(stream)
+    assert got == want, f"returned {len(got)} bytes, the model {len(want)}"
+    assert (head[:1] == b"E") == whole, head[:1]
+    return whole
+
+
 def _relay_streams() -> st.SearchStrategy[bytes]:
     """Records in order, then damage: a changed byte, a cut, a replayed or skipped record,
     a huge length, or plain garbage."""
@@ -458,6 +564,12 @@ def targets() -> list[Target]:
             "the tunnel's native relay on damaged record streams (vs a Python model)",
             _relay_streams(),
             _relay,
+        ),
+        Target(
+            "shim",
+            "the hand-over's record reader in a worker on damaged record streams (vs a model)",
+            _relay_streams(),
+            _handed,
         ),
     ]
 
