@@ -184,6 +184,9 @@ class RpcSupervisor:
         folder = handover_dir()
         listen = os.path.join(folder, f"worker-{self._port}") if folder else ""
         shim = shim_env(listen, self._port) if listen else {}
+        if self._handover:  # the last worker's socket (a restart moves to a new port)
+            with contextlib.suppress(OSError):
+                os.unlink(self._handover)
         self._handover = listen if shim else ""
         with self.log_path.open("ab") as logf:
             logf.write(f"--- starting worker: {' '.join(cmd[3:])}\n".encode())

@@ -254,3 +254,32 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_a_restarted_worker_takes_hand_overs_on_a_new_socket_and_the_old_one_goes() -> None:
+    """The worker died and the agent restarted it on a new port: its hand-over socket is the
+    new worker's, and the dead one's is removed, not left to pile up while the agent runs."""
+    with LocalAgents(1) as agents:
+
+        async def run() -> tuple[str, str]:
+            client = AgentClient(agents.addresses[0])
+            await client.connect()
+            await client.start_rpc(threads=1)
+            try:
+                first = _worker_pid(agents, 0)
+                before = _environ(first)["CORRAL_RPCSHIM_LISTEN"]
+                os.kill(first, 9)
+                for _ in range(200):  # the agent restarts it after a short backoff
+                    await asyncio.sleep(0.1)
+                    with contextlib.suppress(AssertionError):
+                        pid = _worker_pid(agents, 0)
+                        if pid != first:
+                            after = _environ(pid).get("CORRAL_RPCSHIM_LISTEN", "")
+                            if Path(after).is_socket():
+                                return before, after
+                raise AssertionError("the worker was not restarted")
+            finally:
+                await client.close()
+
+        before, after = asyncio.run(run())
+        assert before != after and not Path(before).exists()  # while the agent still runs
