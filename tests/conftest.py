@@ -67,13 +67,21 @@ def corral(*args: str, timeout: float = 120, **kw: object) -> subprocess.Complet
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # what else was alive then (its inference child, agents, workers) and in what state
+        table = subprocess.run(
+            ["ps", "-eo", "pid,ppid,stat,etime,args"], capture_output=True, text=True
+        ).stdout
+        alive = "\n".join(line for line in table.splitlines() if "corral" in line)
         proc.send_signal(signal.SIGABRT)
         try:
             out, err = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
+        said, _, stacks = err.partition("Fatal Python error")
         raise AssertionError(
-            f"corral {' '.join(args[:2])} ran past {timeout:g} s; its stacks:\n{err[-6000:]}"
+            f"corral {' '.join(args[:2])} ran past {timeout:g} s.\nIts output:\n{out[-2000:]}"
+            f"\nIts log before the abort:\n{said[-3000:]}\nIts stacks:\nFatal Python error"
+            f"{stacks[:5000]}\ncorral processes at the timeout:\n{alive}"
         ) from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
