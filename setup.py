@@ -1,8 +1,8 @@
 """The native parts of Corral: the RPC tunnel's data paths (engine/security/_relay.c, the
 relay; engine/security/_rpcshim.c, the in-process path; both seal _records.h's records).
 
-Everything else is in pyproject.toml. The extension is optional: where it cannot be built
-(no C compiler, no OpenSSL headers) the install still succeeds and tunnels use the Python
+Everything else is in pyproject.toml. The extensions are optional: where they cannot be
+built (no C compiler, no OpenSSL headers) the install still succeeds and tunnels use the Python
 TLS pumps, which are slower at GPU token rates; `corral doctor` says which one a host has.
 """
 

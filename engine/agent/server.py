@@ -628,8 +628,8 @@ class AgentServer:
             plain.close()
             return True
         pump: Pump
-        if ours and handover:
-            keys = relay_keys(msg.relay, ours, "agent")
+        keys = relay_keys(msg.relay, ours, "agent") if ours else None
+        if keys is not None and handover:
             try:
                 hand_over(plain, sock, keys, inc.read())
             except OSError as exc:
@@ -638,8 +638,7 @@ class AgentServer:
                 plain.close()
                 return True
             pump = HandedOver(sock, plain, on_close=self._pump_closed)
-        elif ours:
-            keys = relay_keys(msg.relay, ours, "agent")
+        elif keys is not None:
             pump = NativePump(sock, plain, keys, inc.read(), on_close=self._pump_closed)
         else:
             pump = TlsPump(sock, obj, inc, out, plain, to_plain=rest, on_close=self._pump_closed)

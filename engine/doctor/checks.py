@@ -77,16 +77,17 @@ RELAY_FIX = "install a C compiler and OpenSSL's headers (apt install gcc libssl-
 def relay_check() -> Check:
     """Which data path this host's tunnels take: the hand-over (engine/security/_rpcshim.c),
     the native relay (_relay.c), or the Python TLS pumps."""
-    from corral.engine.security.tunnel import relay_mode, relay_turned_off
+    from corral.engine.security.tunnel import relay_mode, relay_only, relay_turned_off
 
-    if relay_mode() == "inproc":
+    mode = relay_mode()
+    if mode == "inproc":
         return Check(
             "tunnel",
             PASS,
             "handed over: ggml-rpc's own sockets carry AES-256-GCM records keyed over TLS 1.3",
         )
-    if relay_mode() == "native":
-        if os.environ.get("CORRAL_RELAY", "").strip().lower() == "relay":
+    if mode == "native":
+        if relay_only():
             return Check(
                 "tunnel",
                 WARN,

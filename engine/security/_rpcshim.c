@@ -52,10 +52,6 @@
 #include "_records.h"
 
 #define FD_LIMIT 65536
-/* The largest record a send makes. Smaller records (64 KiB) would let the far end open one
- * while this end seals the next, but on a GPU host (AES-GCM at ~13 GB/s) that gained
- * nothing and cost a segment and a wake-up per record: bench/handover.py, PERFORMANCE.md. */
-#define SEAL_MAX RECORD_MAX
 #define HELLO_MAGIC "CRS1"
 #define HELLO_SIZE 100 /* magic 4, mode 1, pad 3, pending 4 (big-endian), keys 88 */
 
@@ -321,7 +317,10 @@ ssize_t send(int fd, const void *buf, size_t len, int flags) {
     if (c->broken)
         err = EPIPE;
     while (!err && done < len) {
-        size_t n = len - done < SEAL_MAX ? len - done : SEAL_MAX;
+        /* records as large as the format allows: smaller ones (64 KiB), so that the far end
+         * opens one while this end seals the next, were slower on a GPU host (AES-GCM at
+         * ~13 GB/s), a segment and a wake-up more per record (bench/handover.py) */
+        size_t n = len - done < RECORD_MAX ? len - done : RECORD_MAX;
         if (!record_seal(c->tx, c->tx_iv, c->tx_seq++, p + done, n, c->out))
             err = EIO;
         else if (send_all_with(real_send, fd, c->out, HDR + n + TAG) < 0)

@@ -202,6 +202,11 @@ def relay_turned_off() -> bool:
     return _relay_setting() in ("off", "0", "no", "python")
 
 
+def relay_only() -> bool:
+    """CORRAL_RELAY=relay: the native relay without the hand-over, for comparison."""
+    return _relay_setting() == "relay"
+
+
 def _load_relay() -> Any:
     """The native data path (`_relay.c`), or None where it was not built or is turned off."""
     if relay_turned_off():
@@ -217,7 +222,7 @@ def shim_file() -> str:
     """The in-process data path's library (`_rpcshim.c`); '' where it was not built, where
     the relay cannot run (the shim needs its keys), or with CORRAL_RELAY=relay (the native
     relay only, for comparison)."""
-    if _load_relay() is None or _relay_setting() == "relay":
+    if _load_relay() is None or relay_only():
         return ""
     here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
@@ -535,10 +540,12 @@ class DesktopTunnel:
         self.mode = ""  # the data path of the last connection: 'inproc', 'native' or 'python'
         # where the inference child's shim asks for hand-overs (it tries FOLDER/PORT first)
         self._handovers: socket.socket | None = None
+        self._handover_path = ""
         folder = handover_dir()
         if folder:
+            self._handover_path = os.path.join(folder, str(self.port))
             self._handovers = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._handovers.bind(os.path.join(folder, str(self.port)))
+            self._handovers.bind(self._handover_path)
             self._handovers.listen(64)
         for listener in (self._listener, self._handovers):
             if listener is not None:
@@ -617,9 +624,9 @@ class DesktopTunnel:
                 listener.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 listener.close()
-        if self._handovers is not None:
+        if self._handover_path:
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(handover_dir(), str(self.port)))
+                os.unlink(self._handover_path)
         with self._lock:
             pumps = list(self._pumps)
         for p in pumps:
