@@ -15,11 +15,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from corral.engine.security import tunnel
 from corral.engine.security.tunnel import DesktopTunnel, NativePump, relay_keys
-from tests.support.relay import nonce, seal
+from tests.support.relay import read_record, recv_exactly, seal
 
 relay = tunnel._load_relay()
 
@@ -85,15 +84,6 @@ def ends() -> Iterator[Ends]:
     assert e.done.wait(10), "a relay did not end after its client closed"
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, f"EOF after {len(out)} of {n} bytes"
-        out += chunk
-    return bytes(out)
-
-
 def test_bytes_cross_both_ways_intact_in_every_size(ends: Ends) -> None:
     rng = random.Random(7)
     sizes = [1, 9, 4096, 256 * 1024 - 1, 256 * 1024, 256 * 1024 + 1, 3 * 1024 * 1024]
@@ -102,11 +92,11 @@ def test_bytes_cross_both_ways_intact_in_every_size(ends: Ends) -> None:
         data = rng.randbytes(size)
         # the server echoes in its own thread, so large payloads do not deadlock on buffers
         echo = threading.Thread(
-            target=lambda n=size: ends.server.sendall(_recv_exactly(ends.server, n))
+            target=lambda n=size: ends.server.sendall(recv_exactly(ends.server, n))
         )
         echo.start()
         ends.client.sendall(data)
-        assert _recv_exactly(ends.client, size) == data, f"{size} bytes came back changed"
+        assert recv_exactly(ends.client, size) == data, f"{size} bytes came back changed"
         echo.join()
     ends.client.close()
     assert ends.done.wait(10)
@@ -116,7 +106,7 @@ def test_bytes_cross_both_ways_intact_in_every_size(ends: Ends) -> None:
 
 def test_closing_a_pump_ends_both_relays(ends: Ends) -> None:
     ends.client.sendall(b"x")
-    assert _recv_exactly(ends.server, 1) == b"x"
+    assert recv_exactly(ends.server, 1) == b"x"
     ends.pumps[1].close()
     assert ends.done.wait(10)
     assert ends.client.recv(1) == b""
@@ -147,12 +137,9 @@ def test_records_from_an_independent_aes_gcm_are_accepted_in_order() -> None:
     try:
         for seq, msg in enumerate([b"hello", b"", b"x" * 100_000, b"end"]):
             peer.sendall(seal(rx_key, rx_iv, seq, msg))
-        assert _recv_exactly(plain_app, 5 + 100_000 + 3) == b"hello" + b"x" * 100_000 + b"end"
+        assert recv_exactly(plain_app, 5 + 100_000 + 3) == b"hello" + b"x" * 100_000 + b"end"
         plain_app.sendall(b"reply")
-        head = _recv_exactly(peer, 4)
-        (n,) = struct.unpack(">I", head)
-        body = _recv_exactly(peer, n + 16)
-        assert AESGCM(tx_key).decrypt(nonce(tx_iv, 0), body, head) == b"reply"
+        assert read_record(peer, tx_key, tx_iv, 0) == b"reply"
     finally:
         plain_app.close()
         peer.close()
@@ -167,7 +154,7 @@ def test_ciphertext_that_came_with_the_handshake_is_relayed_first() -> None:
     pump = NativePump(net, plain, keys, pending=first)
     pump.start()
     peer.sendall(seal(keys[2], keys[3], 1, b" late"))
-    assert _recv_exactly(plain_app, 10) == b"early late"
+    assert recv_exactly(plain_app, 10) == b"early late"
     plain_app.close()
     assert _ended(pump, peer) == ""
 
@@ -188,7 +175,7 @@ def test_a_damaged_or_forged_record_ends_the_tunnel_and_delivers_nothing(
     plain_app, peer, pump, (_, _, rx_key, rx_iv) = _one_relay()
     good = seal(rx_key, rx_iv, 0, b"first")
     peer.sendall(good)
-    assert _recv_exactly(plain_app, 5) == b"first"
+    assert recv_exactly(plain_app, 5) == b"first"
     second = seal(rx_key, rx_iv, 1, b"second")
     bad = {
         "flip": lambda: second[:6] + bytes([second[6] ^ 1]) + second[7:],

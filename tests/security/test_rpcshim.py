@@ -17,11 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from corral.engine.security import tunnel
 from corral.engine.security.tunnel import hand_over, handover_hello
-from tests.support.relay import nonce, seal
+from tests.support.relay import read_record, recv_exactly, seal
 
 SHIM = tunnel.shim_file()
 PORT = 1  # nothing listens on 127.0.0.1:1: only the shim's hand-over can answer it
@@ -78,29 +77,14 @@ def _keys() -> tuple[bytes, bytes, bytes, bytes]:
     return os.urandom(32), os.urandom(12), os.urandom(32), os.urandom(12)
 
 
-def _read_record(sock: socket.socket, key: bytes, iv: bytes, seq: int) -> bytes:
-    head = _exactly(sock, 4)
-    body = _exactly(sock, int.from_bytes(head, "big") + 16)
-    return AESGCM(key).decrypt(nonce(iv, seq), body, head)
-
-
 def _take_sent(sock: socket.socket, key: bytes, iv: bytes) -> int:
     """Read what CLIENT sends as records; how many records it took."""
     sent, seq = b"", 0
     while len(sent) < 4 + 300000:
-        sent += _read_record(sock, key, iv, seq)
+        sent += read_record(sock, key, iv, seq)
         seq += 1
     assert sent == b"ping" + b"x" * 300000
     return seq
-
-
-def _exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        more = sock.recv(n - len(data))
-        assert more, "ended early"
-        data += more
-    return data
 
 
 @contextlib.contextmanager
@@ -113,38 +97,44 @@ def _handing(folder: str, port: int = PORT) -> Iterator[socket.socket]:
         yield srv
 
 
-def test_a_handed_connection_carries_records_both_ways(folder: str) -> None:
-    tx_key, tx_iv, rx_key, rx_iv = keys = _keys()  # the client's point of view
+@contextlib.contextmanager
+def _handed_client(
+    folder: str, keys: tuple[bytes, bytes, bytes, bytes], code: str = CLIENT
+) -> Iterator[tuple[subprocess.Popen[str], socket.socket, socket.socket, socket.socket]]:
+    """`code` run with the shim, its connection handed over by this test as the desktop
+    does: yields the program, the Unix connection it asked on, this test's end of the
+    connection, and the end it was handed (the desktop's copy, still open)."""
     with _handing(folder) as srv:
-        client = _run(CLIENT, {"CORRAL_RPCSHIM_CONNECT": folder})
+        client = _run(code, {"CORRAL_RPCSHIM_CONNECT": folder})
         unix, _ = srv.accept()
         near, far = socket.socketpair()
         with unix, near, far:
             hand_over(unix, far, keys, b"")
-            far.close()
-            assert _take_sent(near, tx_key, tx_iv) >= 3  # 256 KiB records at most
-            # the second record is longer than the recv that reads it: the rest waits
-            near.sendall(seal(rx_key, rx_iv, 0, b"po") + seal(rx_key, rx_iv, 1, b"ngpo!!"))
-            out, err = client.communicate(timeout=20)
-            assert near.recv(1) == b""  # closing it shut the connection down
+            yield client, unix, near, far
+
+
+def test_a_handed_connection_carries_records_both_ways(folder: str) -> None:
+    tx_key, tx_iv, rx_key, rx_iv = keys = _keys()  # the client's point of view
+    with _handed_client(folder, keys) as (client, _, near, far):
+        far.close()
+        assert _take_sent(near, tx_key, tx_iv) >= 3  # 256 KiB records at most
+        # the second record is longer than the recv that reads it: the rest waits
+        near.sendall(seal(rx_key, rx_iv, 0, b"po") + seal(rx_key, rx_iv, 1, b"ngpo!!"))
+        out, err = client.communicate(timeout=20)
+        assert near.recv(1) == b""  # closing it shut the connection down
     assert "got pongpo" in out, err
     assert "env  " in out  # the shim's variables are gone from what the program sees
 
 
 def test_a_record_that_fails_authentication_is_an_error_not_data(folder: str) -> None:
     keys = _keys()
-    with _handing(folder) as srv:
-        client = _run(CLIENT, {"CORRAL_RPCSHIM_CONNECT": folder})
-        unix, _ = srv.accept()
-        near, far = socket.socketpair()
-        with unix, near, far:
-            hand_over(unix, far, keys, b"")
-            far.close()
-            _take_sent(near, keys[0], keys[1])
-            bad = bytearray(seal(keys[2], keys[3], 0, b"pongpo"))
-            bad[6] ^= 1
-            near.sendall(bytes(bad))
-            out, err = client.communicate(timeout=20)
+    with _handed_client(folder, keys) as (client, _, near, far):
+        far.close()
+        _take_sent(near, keys[0], keys[1])
+        bad = bytearray(seal(keys[2], keys[3], 0, b"pongpo"))
+        bad[6] ^= 1
+        near.sendall(bytes(bad))
+        out, err = client.communicate(timeout=20)
     assert "recv EBADMSG" in out, (out, err)
 
 
@@ -165,7 +155,7 @@ def test_mode_p_hands_over_a_plain_stream(folder: str) -> None:
         unix, _ = srv.accept()
         with unix:
             unix.sendall(handover_hello(b"P"))
-            assert _exactly(unix, 4 + 300000) == b"ping" + b"x" * 300000
+            assert recv_exactly(unix, 4 + 300000) == b"ping" + b"x" * 300000
             unix.sendall(b"plain!")
             out, err = client.communicate(timeout=20)
     assert "got plain!" in out, err
@@ -179,7 +169,7 @@ def test_other_connections_pass_through(folder: str) -> None:
         srv.settimeout(20)
         conn, _ = srv.accept()
         with conn:
-            assert _exactly(conn, 4 + 300000) == b"ping" + b"x" * 300000
+            assert recv_exactly(conn, 4 + 300000) == b"ping" + b"x" * 300000
             conn.sendall(b"direct")
             out, err = client.communicate(timeout=20)
     assert "got direct" in out, err
@@ -227,7 +217,7 @@ def test_the_worker_side_takes_hand_overs_and_plain_clients(folder: str) -> None
         # a plain client first
         with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
             plain.sendall(b"hello")
-            assert _exactly(plain, 5) == b"HELLO"
+            assert recv_exactly(plain, 5) == b"HELLO"
         # then a handed-over one, keyed from the agent's point of view
         tx_key, tx_iv, rx_key, rx_iv = keys = _keys()
         near, far = socket.socketpair()
@@ -240,7 +230,7 @@ def test_the_worker_side_takes_hand_overs_and_plain_clients(folder: str) -> None
             # the agent keeps its copy and the Unix connection, to end it or see it end
             watch = tunnel.HandedOver(far, unix)
             watch.start()
-            assert _read_record(near, tx_key, tx_iv, 0) == b"RECDS"  # one send, one record
+            assert read_record(near, tx_key, tx_iv, 0) == b"RECDS"  # one send, one record
             assert near.recv(1) == b""  # the worker closed it: shut down despite our copy
             assert watch.wait(10)
         assert server.wait(10) == 0
@@ -253,20 +243,12 @@ def test_the_handing_side_ends_the_connection_when_the_process_dies(folder: str)
     """A killed inference child (or worker) closes nothing cleanly: the handing side sees
     its Unix connection end and shuts the connection down, so the far end is not left
     waiting on a copy only the handing side holds."""
-    keys = _keys()
-    with _handing(folder) as srv:
-        client = _run(
-            CLIENT.replace('s.sendall(b"ping")', "import time; time.sleep(60)"),
-            {"CORRAL_RPCSHIM_CONNECT": folder},
-        )
-        unix, _ = srv.accept()
-        near, far = socket.socketpair()
-        with near:
-            hand_over(unix, far, keys, b"")
-            watch = tunnel.HandedOver(far, unix)  # the copy: as the desktop keeps it
-            watch.start()
-            client.kill()
-            client.communicate()
-            near.settimeout(10)
-            assert near.recv(1) == b""
-            assert watch.wait(10)
+    sleeper = CLIENT.replace('s.sendall(b"ping")', "import time; time.sleep(60)")
+    with _handed_client(folder, _keys(), sleeper) as (client, unix, near, far):
+        watch = tunnel.HandedOver(far, unix)  # the copy: as the desktop keeps it
+        watch.start()
+        client.kill()
+        client.communicate()
+        near.settimeout(10)
+        assert near.recv(1) == b""
+        assert watch.wait(10)

@@ -469,15 +469,6 @@ def _shim() -> _ShimWorker:
     return _shim_worker
 
 
-def _exactly(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, "the shim's worker ended"
-        data += chunk
-    return bytes(data)
-
-
 def _handed(stream: bytes) -> bool:
     """Hand a connection over to a real shim (engine/security/_rpcshim.c, in a worker
     process), feed it the ciphertext stream, and compare what its recv returned with the
@@ -498,8 +489,8 @@ def _handed(stream: bytes) -> bool:
         feeder = threading.Thread(target=feed)
         feeder.start()
         worker.report.settimeout(CASE_LIMIT_S)
-        head = _exactly(worker.report, 5)
-        got = _exactly(worker.report, struct.unpack(">I", head[1:])[0])
+        head = relay_format.recv_exactly(worker.report, 5)
+        got = relay_format.recv_exactly(worker.report, struct.unpack(">I", head[1:])[0])
         feeder.join()
     near.close()
     want, whole = _relay_model(stream)
