@@ -2,8 +2,8 @@
 ggml-rpc's framing (command byte, 8-byte size, payload; 8-byte size and 4 bytes back) over
 loopback TCP, either plainly or with the shim preloaded in both and the connection handed
 over with record keys (as a desktop and an agent do). Reported: mean µs per round trip,
-median of rounds, and the difference; 200 KB is about one graph per worker per token of a
-7B model split in two.
+median of rounds, and the difference. 128 KiB is the logits a worker returns each token for
+a 32k vocabulary; 200 KB about a graph a worker gets when llama.cpp cannot reuse the last.
 
     .venv/bin/python bench/handover.py [--rounds 7] [--count 2000] [--sizes 12,131072]
                                        [--also OTHER_SHIM.so]
@@ -12,6 +12,7 @@ median of rounds, and the difference; 200 KB is about one graph per worker per t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -19,58 +20,49 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
+import time
+from pathlib import Path
 
 from corral.engine.security.tunnel import hand_over, relay_keys, shim_file
 
-SERVER = """
-    import socket, sys
-    srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+sys.path.insert(0, str(Path(__file__).parent))
+from tunnel import recv_exactly, rotated  # bench/tunnel.py, beside this file
+
+
+def serve(port: int) -> None:
+    """The worker's side (a process of its own): answer each message with 12 bytes."""
+    srv = socket.create_server(("127.0.0.1", port))
     print("ready", flush=True)
     c, _ = srv.accept()
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as ggml-rpc does
-    def exactly(n):
-        data = bytearray()
-        while len(data) < n:
-            more = c.recv(n - len(data))
-            if not more:
-                raise SystemExit
-            data += more
-        return data
-    while True:
-        head = exactly(9)
-        exactly(int.from_bytes(head[1:], "little"))
-        c.sendall((4).to_bytes(8, "little"))
-        c.sendall(b"\\0\\0\\0\\0")
-"""
+    with contextlib.suppress(ConnectionError):  # the client is done
+        while True:
+            head = recv_exactly(c, 9)
+            recv_exactly(c, int.from_bytes(head[1:], "little"))
+            c.sendall((4).to_bytes(8, "little"))
+            c.sendall(bytes(4))
 
-CLIENT = """
-    import socket, sys, time
-    size, count = int(sys.argv[2]), int(sys.argv[3])
-    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+
+def client(port: int, size: int, count: int) -> float:
+    """The inference child's side (a process of its own): mean µs per round trip, written in
+    three pieces as ggml-rpc writes a command."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
     s.settimeout(None)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as ggml-rpc does
     payload = bytes(size)
-    def exactly(n):
-        data = bytearray()
-        while len(data) < n:
-            more = s.recv(n - len(data))
-            if not more:
-                raise SystemExit("closed")
-            data += more
-        return data
-    def once():
-        s.sendall(b"\\x0f")
+
+    def once() -> None:
+        s.sendall(b"\x0f")
         s.sendall(size.to_bytes(8, "little"))
         s.sendall(payload)
-        exactly(12)
+        recv_exactly(s, 12)
+
     for _ in range(50):
         once()
     t0 = time.perf_counter()
     for _ in range(count):
         once()
-    print((time.perf_counter() - t0) / count * 1e6)
-"""
+    return (time.perf_counter() - t0) / count * 1e6
 
 
 def _free_port() -> int:
@@ -78,9 +70,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _spawn(code: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
+        [sys.executable, __file__, *args],
         env=dict(os.environ, **env),
         stdout=subprocess.PIPE,
         text=True,
@@ -93,8 +85,7 @@ def round_trip(size: int, count: int, handed: bool, lib: str) -> float:
     shim = {"LD_PRELOAD": lib, "CORRAL_RPCSHIM_PRELOAD_WAS": ""} if handed else {}
     listen = os.path.join(folder, "worker")
     server = _spawn(
-        SERVER,
-        [str(port)],
+        ["--serve", str(port)],
         {**shim, "CORRAL_RPCSHIM_LISTEN": listen, "CORRAL_RPCSHIM_PORT": str(port)}
         if handed
         else {},
@@ -102,14 +93,13 @@ def round_trip(size: int, count: int, handed: bool, lib: str) -> float:
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         if not handed:
-            client = _spawn(CLIENT, [str(port), str(size), str(count)], {})
-            return float(client.communicate(timeout=600)[0])
+            proc = _spawn(["--client", str(port), str(size), str(count)], {})
+            return float(proc.communicate(timeout=600)[0])
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as desk:
             desk.bind(os.path.join(folder, str(asked)))
             desk.listen(1)
-            client = _spawn(
-                CLIENT,
-                [str(asked), str(size), str(count)],
+            proc = _spawn(
+                ["--client", str(asked), str(size), str(count)],
                 {**shim, "CORRAL_RPCSHIM_CONNECT": folder},
             )
             with socket.create_server(("127.0.0.1", 0)) as lsn:
@@ -123,7 +113,7 @@ def round_trip(size: int, count: int, handed: bool, lib: str) -> float:
             hand_over(w, b, relay_keys(d_share, a_share, "agent"), b"")
             for x in (a, b):
                 x.close()
-            out = float(client.communicate(timeout=600)[0])
+            out = float(proc.communicate(timeout=600)[0])
             u.close()
             w.close()
             return out
@@ -143,7 +133,15 @@ def main() -> int:
         default="",
         help="another build of the shim to measure beside this one (e.g. an older one)",
     )
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # round_trip's worker
+    parser.add_argument("--client", type=int, nargs=3, help=argparse.SUPPRESS)  # and client
     opts = parser.parse_args()
+    if opts.serve:
+        serve(opts.serve)
+        return 0
+    if opts.client:
+        print(client(*opts.client))
+        return 0
     libs = [shim_file()] + ([opts.also] if opts.also else [])
     if not libs[0]:
         print("the shim (engine/security/_rpcshim.c) is not built here", file=sys.stderr)
@@ -156,9 +154,7 @@ def main() -> int:
     for size in (int(x) for x in opts.sizes.split(",")):
         got: dict[str, list[float]] = {"": [], **{lib: [] for lib in libs}}
         for r in range(opts.rounds):
-            order = list(got)
-            order = order[r % len(order) :] + order[: r % len(order)]
-            for lib in order:
+            for lib in rotated(list(got), r):
                 got[lib].append(round_trip(size, opts.count, bool(lib), lib))
         plain = statistics.median(got[""])
         cells = [

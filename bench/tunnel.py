@@ -97,14 +97,15 @@ _HELLO = bytes([14]) + struct.pack("<Q", 24) + bytes(24)
 _COUNT_CMD, _COUNT_SIZE = bytes([15]), struct.pack("<Q", 0)
 
 
-def _recv(sock: socket.socket, n: int) -> bytes:
-    data = b""
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """n bytes from sock (ConnectionError if it ends first); bench/handover.py uses it too."""
+    data = bytearray()
     while len(data) < n:
         chunk = sock.recv(n - len(data))
         if not chunk:
             raise ConnectionError("closed")
         data += chunk
-    return data
+    return bytes(data)
 
 
 def rtt_us(endpoint: str, count: int) -> float:
@@ -114,16 +115,16 @@ def rtt_us(endpoint: str, count: int) -> float:
         sock.settimeout(None)  # blocking, as ggml-rpc's sockets are
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(_HELLO)
-        _recv(sock, 8 + 28)
+        recv_exactly(sock, 8 + 28)
         for _ in range(50):  # warm-up
             sock.sendall(_COUNT_CMD)
             sock.sendall(_COUNT_SIZE)
-            _recv(sock, 12)
+            recv_exactly(sock, 12)
         t0 = time.perf_counter()
         for _ in range(count):
             sock.sendall(_COUNT_CMD)
             sock.sendall(_COUNT_SIZE)
-            _recv(sock, 12)
+            recv_exactly(sock, 12)
         return (time.perf_counter() - t0) / count * 1e6
 
 
@@ -150,7 +151,7 @@ PATHS = {
 }
 
 
-def _rotated(paths: list[str], r: int) -> list[str]:
+def rotated(paths: list[str], r: int) -> list[str]:
     """Round r's order: who goes first rotates, so no path always runs after another."""
     k = r % len(paths)
     return paths[k:] + paths[:k]
@@ -197,7 +198,7 @@ async def run(opts: argparse.Namespace) -> dict:
         # the data path each tunnel took (set when llama.cpp connected, at the load)
         modes = {path: sorted({t.mode for t in ts}) for path, ts in tunnels.items()}
         for r in range(opts.rounds):
-            got = {path: await tok_s(children[path], opts.tokens) for path in _rotated(paths, r)}
+            got = {path: await tok_s(children[path], opts.tokens) for path in rotated(paths, r)}
             for path, v in got.items():
                 res[path].append(v)
             for path in ratios:
@@ -215,7 +216,7 @@ async def run(opts: argparse.Namespace) -> dict:
         loop = asyncio.get_running_loop()
         rtt: dict[str, list[float]] = {p: [] for p in paths}
         for r in range(opts.rounds):
-            for path in _rotated(paths, r):
+            for path in rotated(paths, r):
                 desktop = shim_env() if path == "tunnel" else env.get(path, {})
                 us = await loop.run_in_executor(
                     None, rtt_us_apart, endpoints[path][0], opts.pings, desktop
