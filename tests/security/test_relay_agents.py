@@ -232,16 +232,8 @@ def test_processes_that_speak_ggml_rpc_keep_rdma_off() -> None:
             try:
                 assert child.proc is not None
                 assert _environ(child.proc.pid).get("GGML_RPC_NO_RDMA") == "1"
-                marker = str(agents.state_dir(0))
-                workers = [
-                    int(p.name)
-                    for p in Path("/proc").iterdir()
-                    if p.name.isdigit()
-                    and b"corral.engine.agent.worker" in _cmdline(p)
-                    and marker.encode() in _cmdline(p)
-                ]
-                assert len(workers) == 1
-                assert _environ(workers[0]).get("GGML_RPC_NO_RDMA") == "1"
+                worker = _worker_pid(agents, 0)  # exactly one, or it fails
+                assert _environ(worker).get("GGML_RPC_NO_RDMA") == "1"
             finally:
                 await child.close()
                 await client.close()
