@@ -14,12 +14,10 @@ mkdir -p "$OUT"
 cat "$OUT/cpu.txt"
 ALSO=()
 OLD=.devsrc/rpcshim_before_b37eaa4.c
-if [ -f $OLD ]; then
-  INC=(-Iengine/security)
-  [ -f /usr/include/openssl/evp.h ] || INC+=(-I.devsrc/openssl-include)
-  LIBS=(-lcrypto -ldl)
-  ldconfig -p | grep -q 'libcrypto\.so ' || LIBS=(-L/tmp/sslib "${LIBS[@]}")
-  gcc -O2 -shared -fPIC "${INC[@]}" -o /tmp/oldshim.so $OLD "${LIBS[@]}" && ALSO=(--also /tmp/oldshim.so)
+if [ -f $OLD ]; then  # with install.sh's CFLAGS and LDFLAGS, as pip built the current one
+  # shellcheck disable=SC2086
+  gcc -O2 -shared -fPIC -Iengine/security ${CFLAGS:-} -o /tmp/oldshim.so $OLD ${LDFLAGS:-} \
+    -lcrypto -ldl && ALSO=(--also /tmp/oldshim.so)
 fi
 python3 bench/handover.py --rounds 5 --count 2000 --sizes 12,16384,131072,204800 "${ALSO[@]}" \
   | tee "$OUT/handover.md"
