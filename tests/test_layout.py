@@ -125,3 +125,20 @@ def test_dependency_direction() -> None:
             if bad:
                 offenders.append(f"{path.relative_to(REPO)} imports {', '.join(sorted(bad))}")
     assert offenders == []
+
+
+def test_no_asyncio_wait_for_in_the_product() -> None:
+    """engine.aio.within says why: 3.11's wait_for can drop a cancellation."""
+    offenders = []
+    for p in _sources():
+        if p.parts[len(REPO.parts)] in ("bench", "packaging"):
+            continue
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "wait_for"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "asyncio"
+            ):
+                offenders.append(f"{p.relative_to(REPO)}:{node.lineno}")
+    assert offenders == [], "use corral.engine.aio.within"

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from corral.engine.aio import within
 from corral.engine.protocol import (
     ErrorCode,
     ErrorReply,
@@ -74,13 +75,13 @@ class AdminServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                await within(self._server.wait_closed(), 2)
         with contextlib.suppress(OSError):
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            frame = await asyncio.wait_for(read_frame(reader), 5)
+            frame = await within(read_frame(reader), 5)
             if frame is None:
                 return
             try:
@@ -135,7 +136,7 @@ async def ask(state_dir: Path, msg: Message, timeout: float = 5.0) -> Message:
     """Send one admin request to the agent running with `state_dir`; ConnectionError if none."""
     path = admin_socket_path(state_dir)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
+        reader, writer = await within(asyncio.open_unix_connection(str(path)), timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         raise ConnectionError(
             f"no corral-agent is running with state dir {state_dir} (no {path}): start it "
@@ -148,7 +149,7 @@ async def ask(state_dir: Path, msg: Message, timeout: float = 5.0) -> Message:
     try:
         writer.write(encode_frame(to_wire(msg)))
         await writer.drain()
-        frame = await asyncio.wait_for(read_frame(reader), timeout)
+        frame = await within(read_frame(reader), timeout)
         if frame is None:
             raise ConnectionError("the agent closed the admin connection without an answer")
         return from_wire(frame)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.engine.aio import within
 from corral.engine.protocol import DeviceInfo, GpuInfo
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ async def probe_ggml(timeout: float = 120.0) -> GgmlProbe:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await within(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
         return GgmlProbe(error=f"listing ggml devices took over {timeout:.0f} s")
@@ -182,7 +183,7 @@ async def ask_capabilities(
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            out, err = await within(proc.communicate(), timeout)
             break
         except TimeoutError:
             proc.kill()

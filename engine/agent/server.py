@@ -24,6 +24,7 @@ from pathlib import Path
 
 import corral
 from corral.discovery import Advertiser, AgentHints
+from corral.engine.aio import within
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
     AgentEvent,
@@ -222,7 +223,7 @@ class AgentServer:
             task.cancel()
         if self.advertiser is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.advertiser.close(), 3)
+                await within(self.advertiser.close(), 3)
         await self.admin.close()
         if self._server is not None:
             self._server.close()
@@ -234,7 +235,7 @@ class AgentServer:
             self._ggml.cancel()
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                await within(self._server.wait_closed(), 2)
 
     def apply(self, settings: WorkerSettings) -> None:
         """New worker settings (a reloaded config): inventories show them at once; a running
@@ -335,7 +336,7 @@ class AgentServer:
             proto.send(to_wire(ErrorReply(req=req, code=int(code), message=message)))
 
     async def _next(self, conn: _Conn, timeout: float) -> Message | None:
-        frame = await asyncio.wait_for(conn.proto.recv(), timeout)
+        frame = await within(conn.proto.recv(), timeout)
         if frame is None:
             return None
         conn.last_seen = time.monotonic()

@@ -11,6 +11,7 @@ import ipaddress
 import corral
 from corral.discovery import Advertised, Browser, Event
 from corral.discovery.interfaces import local_addresses, usable_local_ips
+from corral.engine.aio import within
 from corral.engine.protocol import PROTOCOL_VERSION, Hello
 from corral.engine.runtime.agent_client import AgentClient, parse_address
 from corral.engine.runtime.errors import AgentUnreachable, NotPaired
@@ -48,7 +49,7 @@ def _is_local(host: str) -> bool:
 async def _tcp_answer(host: str, port: int) -> str:
     """'' when something accepts TCP there, else why not."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _TCP_TIMEOUT)
+        _, writer = await within(asyncio.open_connection(host, port), _TCP_TIMEOUT)
     except TimeoutError:
         return f"no answer within {_TCP_TIMEOUT:.0f} s (host down, or a firewall drops it)"
     except OSError as exc:

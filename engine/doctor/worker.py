@@ -9,6 +9,7 @@ from pathlib import Path
 
 import corral
 from corral.discovery.interfaces import usable_local_ips
+from corral.engine.aio import within
 
 from .checks import (
     FAIL,
@@ -58,7 +59,7 @@ async def _agent_running(state_dir: Path) -> bool:
     if not path.exists():
         return False
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2)
+        _, writer = await within(asyncio.open_unix_connection(str(path)), 2)
     except (OSError, TimeoutError):
         return False
     writer.close()

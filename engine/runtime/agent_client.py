@@ -12,6 +12,7 @@ import ssl
 from collections.abc import Callable
 
 import corral
+from corral.engine.aio import within
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
     AgentEvent,
@@ -168,7 +169,7 @@ class AgentClient:
             # may already be refused (the agent's alert came first): recv says why
             conn.send(to_wire(self._desktop_hello()))
         try:
-            frame = await asyncio.wait_for(conn.recv(), timeout)
+            frame = await within(conn.recv(), timeout)
             theirs = from_wire(frame) if frame is not None else None
         except TlsFailed as exc:
             if any(k in exc.reason.upper() for k in _NOT_ACCEPTED):
@@ -270,7 +271,7 @@ class AgentClient:
 
     async def _reply(self, conn: TlsConnection, timeout: float) -> Message:
         try:
-            frame = await asyncio.wait_for(conn.recv(), timeout)
+            frame = await within(conn.recv(), timeout)
         except (TimeoutError, TlsFailed, OSError) as exc:
             raise PairingFailed(f"agent {self.address} stopped answering ({exc})") from None
         if frame is None:
@@ -386,7 +387,7 @@ class AgentClient:
             self._pending.pop(req, None)
             raise AgentUnreachable(f"lost the connection to agent {self.address}") from None
         try:
-            reply = await asyncio.wait_for(fut, timeout)
+            reply = await within(fut, timeout)
         except TimeoutError:
             self._pending.pop(req, None)
             raise AgentTimeout(

@@ -25,6 +25,7 @@ from corral.discovery import (
     Unpaired,
     apply,
 )
+from corral.engine.aio import within
 
 from .agent_client import AgentClient, parse_address
 from .errors import AgentUnreachable, NotPaired, RuntimeFailure
@@ -86,7 +87,7 @@ class _Heartbeat:
                 while True:
                     if d.inventory_every and time.monotonic() >= next_inventory:
                         # an inventory answers like a ping, and carries the live VRAM
-                        inv = await asyncio.wait_for(client.inventory(), d.timeout * 5)
+                        inv = await within(client.inventory(), d.timeout * 5)
                         d.emit(Inventoried(self.key, inv, time.monotonic()))
                         next_inventory = time.monotonic() + d.inventory_every
                     if await client.wait_lost(d.interval):

@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from corral.engine.aio import within
 from corral.engine.procs import RPC_PROCESS_ENV, exit_text
 from corral.engine.protocol import ProtocolError, encode_frame, read_frame
 from corral.engine.security.tunnel import shim_env
@@ -84,12 +85,12 @@ class InferenceProcess:
         if self._dead is None:
             assert self.proc is not None
             try:
-                code = await asyncio.wait_for(self.proc.wait(), 5)
+                code = await within(self.proc.wait(), 5)
                 how = exit_text(code)
             except TimeoutError:
                 how = "closed its channel but is still running"
             with contextlib.suppress(asyncio.TimeoutError, Exception):
-                await asyncio.wait_for(self._tasks[0], 1)  # let the last log lines arrive
+                await within(self._tasks[0], 1)  # let the last log lines arrive
             tail = [line for line in self.log if line.strip()][-12:]
             self._dead = InferenceCrashed(f"the inference process died ({how})", how, tail)
         return self._dead
@@ -98,7 +99,7 @@ class InferenceProcess:
         if self._dead is not None:
             raise self._dead
         try:
-            frame = await asyncio.wait_for(self._frames.get(), timeout)
+            frame = await within(self._frames.get(), timeout)
         except TimeoutError:
             raise InferenceError(
                 f"the inference process did not answer within {timeout:.0f} s"
@@ -172,7 +173,7 @@ class InferenceProcess:
             with contextlib.suppress(Exception):
                 self._send("exit")
             try:
-                await asyncio.wait_for(self.proc.wait(), 3)
+                await within(self.proc.wait(), 3)
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()

@@ -15,6 +15,8 @@ import secrets
 import time
 from typing import Any
 
+from corral.engine.aio import within
+
 from .errors import RuntimeFailure
 from .session import ChatSession
 
@@ -65,7 +67,7 @@ class ApiServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                await within(self._server.wait_closed(), 2)
 
     # ------------------------------------------------------------------ HTTP
 

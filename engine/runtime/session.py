@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.engine.aio import within
 from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.model.spec import ModelError, ModelSpec, read_model_spec
@@ -477,7 +478,7 @@ class ChatSession:
                 break
             self._event_arrived.clear()
             try:
-                await asyncio.wait_for(self._event_arrived.wait(), deadline - time.monotonic())
+                await within(self._event_arrived.wait(), deadline - time.monotonic())
             except TimeoutError:
                 break
         if crashed:

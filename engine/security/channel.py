@@ -16,6 +16,7 @@ import socket
 import ssl
 from typing import Any
 
+from corral.engine.aio import within
 from corral.engine.protocol import FrameDecoder, ProtocolError, encode_frame
 
 from .identity import fingerprint
@@ -288,4 +289,4 @@ async def connect(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -> 
             raise
         return proto
 
-    return await asyncio.wait_for(go(), timeout)
+    return await within(go(), timeout)
