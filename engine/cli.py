@@ -479,6 +479,7 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
             print(f"  ggml {d.name} [{d.type}] {d.description}: {d.memory_free / gib:.1f} GiB free")
         w = inv.worker
         extra = f", last exit {w.last_exit}" if w.last_exit else ""
+        extra += f", but its process is {w.process}" if w.process else ""
         print(
             f"  RPC worker: {w.state}{' at ' + w.endpoint if w.endpoint else ''}"
             f"{', restarts ' + str(w.restarts) if w.restarts else ''}{extra}"

@@ -543,6 +543,7 @@ class MainWindow(QMainWindow):
         self.send_button.setEnabled(True)
         self.regen_button.setEnabled(True)
         self.stop_button.setEnabled(False)
+        self.stop_button.setText("Stop")
         reply = [i for i, (who, _) in enumerate(self.messages) if who == "assistant"]
         if done.get("content") is not None and reply:
             self.messages[reply[-1]] = ("assistant", done["content"])
@@ -556,12 +557,15 @@ class MainWindow(QMainWindow):
         self.banner.setText(f"{error} — press “Deploy” to load again")
         self.send_button.setEnabled(False)
         self.stop_button.setEnabled(False)
+        self.stop_button.setText("Stop")
         self.log(f"chat failed: {error}")
 
     def _stop(self) -> None:
         session = self.session
         if session is not None and self.stop_button.isEnabled():
             self.engine.loop.call_soon_threadsafe(session.cancel)
+            # a second press kills the inference process (a worker stopped answering)
+            self.stop_button.setText("Stop now")
 
     def _regenerate(self) -> None:
         session = self.session

@@ -35,6 +35,26 @@ _STABLE_AFTER = 30.0  # a worker that ran this long resets the backoff
 _READY_TIMEOUT = 60.0  # CUDA init on a big box can take a while
 
 
+_PROCESS_STATES = {
+    "T": "stopped by a signal",
+    "t": "stopped by a debugger",
+    "D": "stuck in the kernel (uninterruptible sleep: a driver or a disk)",
+    "Z": "exited",
+}
+
+
+def process_state(pid: int) -> str:
+    """What Linux says process `pid` is doing, when it is not running or waiting normally:
+    a worker stopped (SIGSTOP, a debugger) or stuck in a driver looks alive to its parent
+    but answers nothing. "" when it runs, sleeps, or cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(")") + 2 :].split()  # the name in (...) may hold spaces
+    return _PROCESS_STATES.get(fields[0], "") if fields else ""
+
+
 class WorkerStartError(Exception):
     """The worker did not come up; the message carries its exit and last log lines."""
 
@@ -108,6 +128,7 @@ class RpcSupervisor:
             log_tail=_tail(self.log_path)
             if self._status in ("crashed", "failed", "backoff")
             else (),
+            process=process_state(self._proc.pid) if self._proc else "",
         )
 
     async def start(self, devices: tuple[str, ...], threads: int, cache: bool) -> WorkerState:

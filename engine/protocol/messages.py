@@ -18,7 +18,8 @@ from .errors import ErrorCode, ProtocolError
 # major: incompatible change (closes the connection); minor: additive fields or messages.
 # 2.0: control connections are TLS 1.3 with pinned certificates; RPC goes through them.
 # 2.1: OpenTunnel.relay / TunnelOpen: the native relay for RPC bytes (TLS records remain).
-PROTOCOL_VERSION = (2, 1)
+# 2.2: WorkerState.process: a worker that is alive but not running (stopped, stuck in the kernel).
+PROTOCOL_VERSION = (2, 2)
 
 
 class Message:
@@ -87,6 +88,9 @@ class WorkerState:
     restarts: int = 0
     last_exit: str = ""  # e.g. "killed by SIGKILL", "exit code 1"
     log_tail: tuple[str, ...] = ()
+    # the worker process as the kernel sees it, when that is not plain running or waiting:
+    # "stopped by a signal", "stuck in the kernel (uninterruptible sleep)", "exited"
+    process: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -262,9 +262,13 @@ class _Engine:
             )
         )
 
-    def _decode(self, tokens: list[int], n_batch: int) -> None:
+    def _decode(self, tokens: list[int], n_batch: int, stop: threading.Event | None = None) -> None:
+        """Decode `tokens` in batches of `n_batch`; a set `stop` ends it between batches (a
+        long prompt on slow workers takes a while: a cancel need not wait for all of it)."""
         L = self.L
         for i in range(0, len(tokens), n_batch):
+            if stop is not None and stop.is_set():
+                return
             chunk = tokens[i : i + n_batch]
             arr = (L.llama_token * len(chunk))(*chunk)
             rc = L.llama_decode(self.llm.ctx, L.llama_batch_get_one(arr, len(chunk)))
@@ -353,7 +357,7 @@ class _Engine:
         ignore_eos = bool(req.get("ignore_eos", False))  # fixed-length runs for benchmarks
         self.chan.cancel.clear()
         t0 = time.perf_counter()
-        self._decode(prompt[keep:], n_batch)
+        self._decode(prompt[keep:], n_batch, self.chan.cancel)
         L.llama_synchronize(ctx)
         t1 = time.perf_counter()
         sampler = self._sampler(req)

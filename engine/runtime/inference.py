@@ -161,6 +161,15 @@ class InferenceProcess:
             if frame.get("op") == "done":
                 return
 
+    def kill(self) -> bool:
+        """SIGKILL the child now (a reply stuck in llama.cpp); False if it was not running.
+        The operation waiting on it then fails with InferenceCrashed."""
+        if self.proc is None or self.proc.returncode is not None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        return True
+
     def cancel(self) -> None:
         if self._dead is None and self._writer is not None and not self._writer.is_closing():
             self._writer.write(encode_frame({"op": "cancel"}))

@@ -56,6 +56,10 @@ from .planning import (
 )
 
 _CRASH_EVENT_WAIT = 2.0  # how long to wait for an agent to report the worker that died
+# How long a cancelled reply may take to stop before the inference process is killed. The
+# child stops at the next token (or prompt batch); llama.cpp waiting on a worker that stopped
+# answering checks for nothing, and only this ends the wait.
+STOP_GRACE = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,9 @@ class ChatSession:
         self.dropped: list[str] = []  # agents left out by a reload
         self.tunnels: dict[str, DesktopTunnel] = {}  # by agent address
         self._event_arrived = asyncio.Event()
+        self._stop_timer: asyncio.TimerHandle | None = None
+        self._stopped_by_kill = ""  # why the child was killed to stop a reply
+        self._replying = False
 
     def _client(self, address: str) -> AgentClient:
         return AgentClient(address, on_event=self._on_event, on_lost=self._on_lost)
@@ -450,14 +457,67 @@ class ChatSession:
         self, messages: list[dict[str, str]], **sampling: Any
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream a reply to these messages (the history is the caller's: the HTTP API)."""
+        self._replying = True
         try:
             async for frame in self.child.generate(messages=messages, **sampling):
                 yield frame
         except InferenceCrashed as crash:
+            if self._stopped_by_kill:
+                raise InferenceCrashed(
+                    f"{self._stopped_by_kill}: {await self._why_stuck()}",
+                    crash.exit_text,
+                    crash.log_tail,
+                ) from None
             raise await self.explain(crash) from None
+        finally:
+            self._replying = False
+            if self._stop_timer is not None:
+                self._stop_timer.cancel()
+            self._stop_timer = None
+            self._stopped_by_kill = ""
 
     def cancel(self) -> None:
-        self.child.cancel()
+        """Stop the reply being generated: at its next token, or, when it has not stopped
+        STOP_GRACE s later or on a second cancel, by killing the inference process (llama.cpp
+        blocked on a worker that stopped answering never looks at a cancel). Call it on the
+        engine's loop; without a reply under way it does nothing."""
+        if not self._replying:
+            return
+        if self._stop_timer is None:
+            self.child.cancel()
+            self._stop_timer = asyncio.get_running_loop().call_later(
+                STOP_GRACE,
+                self._stop_now,
+                f"the reply did not stop within {STOP_GRACE:g} s of the cancel, so the inference "
+                "process was killed",
+            )
+        else:
+            self._stop_now("a second cancel killed the inference process at once")
+
+    async def _why_stuck(self) -> str:
+        """Which worker a reply that would not stop was waiting on, as its agent sees it."""
+
+        async def one(client: AgentClient) -> str:
+            try:
+                inv = await within(client.inventory(), 3)
+            except (RuntimeFailure, TimeoutError):
+                return ""  # a lost agent is explained by its connection's end, not here
+            process = inv.worker.process
+            return f"the RPC worker on {client.name} is {process}" if process else ""
+
+        stuck = [s for s in await asyncio.gather(*(one(c) for c in self.clients)) if s]
+        if stuck:
+            return "; ".join(stuck) + ": load the model again once it runs"
+        return (
+            "llama.cpp was waiting on an RPC worker that stopped answering, or was still busy "
+            "with a long step (`corral agents` shows the workers); load the model again"
+        )
+
+    def _stop_now(self, why: str) -> None:
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+        if self.child.kill():
+            self._stopped_by_kill = why
 
     # ------------------------------------------------------------------ failures
 

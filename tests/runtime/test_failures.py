@@ -122,3 +122,45 @@ def test_unreachable_agent_fails_cleanly(smollm2: Path, fresh_agents: LocalAgent
     assert done.returncode == 1
     assert f"cannot reach agent {dead}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("presses", [1, 2], ids=["one-ctrl-c", "two-ctrl-c"])
+def test_ctrl_c_ends_a_reply_stuck_on_a_stopped_worker(
+    smollm2: Path, fresh_agents: LocalAgents, presses: int
+) -> None:
+    """llama.cpp waiting on a worker that stopped answering never looks at a cancel: Ctrl-C
+    kills the inference process after STOP_GRACE s, a second Ctrl-C at once, and the chat
+    says why instead of hanging the terminal."""
+    stuck = fresh_agents.addresses[1]
+    proc = start_long_chat(smollm2, fresh_agents.addresses)
+    pid = 0
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert json.loads(first)["type"] == "token", first + (
+            proc.stderr.read() if proc.stderr else ""
+        )
+        pid = inventory(stuck).worker.pid
+        os.kill(pid, signal.SIGSTOP)  # alive to its agent, silent on the wire
+        time.sleep(1)  # the child is now blocked inside llama_decode on that worker
+        pressed_at = time.monotonic()
+        for _ in range(presses):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+        out, err = proc.communicate(timeout=60)  # a hang fails here instead of blocking CI
+        stopped_after = time.monotonic() - pressed_at
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err[-2000:]
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["type"] == "error", last
+    said = "did not stop within 15 s" if presses == 1 else "a second cancel killed"
+    assert said in last["message"], last
+    # its agent, asked after the kill, names the stopped worker
+    assert "is stopped by a signal" in last["message"] and stuck in last["message"], last
+    assert "Traceback" not in err
+    print(f"{presses} Ctrl-C: the chat ended {stopped_after:.1f} s after the first")

@@ -36,3 +36,28 @@ def test_greedy_equals_the_samplers_argmax(smollm2: Path) -> None:
     fast, chain = asyncio.run(run())
     assert len(fast) == 48
     assert fast == chain
+
+
+def test_a_cancel_stops_a_long_prompt_between_batches(smollm2: Path) -> None:
+    """A cancel during the prompt ends it at the next batch, not after all of it (a long
+    prompt on slow workers takes a while); what was decoded stays cached."""
+
+    async def run() -> dict[str, object]:
+        child = InferenceProcess()
+        try:
+            await child.start()
+            await child.load(**LoadSettings(model=smollm2, n_ctx=4096, n_batch=16).child_params())
+            text = " ".join(f"item {i} is a small grey stone." for i in range(300))
+            replies = child.generate(messages=[{"role": "user", "content": text}], max_tokens=8)
+            first = asyncio.ensure_future(anext(replies))
+            await asyncio.sleep(0.3)  # the child is decoding the prompt, 16 tokens at a time
+            child.cancel()
+            done = await first
+            assert done["op"] == "done", done
+            return done
+        finally:
+            await child.close()
+
+    done = asyncio.run(run())
+    assert done["stop"] == "cancelled" and done["n_tokens"] == 0
+    assert 0 < int(done["kv_used"]) < int(done["prompt_tokens"]), done  # type: ignore[call-overload]
