@@ -141,16 +141,17 @@ async def _reply(
     shifts = 0
     plan = session.result.plan if session.result else None
     first, n_seen = 0.0, 0
+    frames = session.ask(
+        text,
+        max_tokens=opts.max_tokens,
+        temp=opts.temp,
+        seed=opts.seed,
+        ignore_eos=opts.ignore_eos,
+        system=opts.system or "",
+        n_keep=opts.n_keep,
+    )
     try:
-        async for frame in session.ask(
-            text,
-            max_tokens=opts.max_tokens,
-            temp=opts.temp,
-            seed=opts.seed,
-            ignore_eos=opts.ignore_eos,
-            system=opts.system or "",
-            n_keep=opts.n_keep,
-        ):
+        async for frame in frames:
             if frame["op"] == "token":
                 if out.json:
                     out.event({"type": "token", "text": frame["text"], "id": frame["id"]})
@@ -179,6 +180,7 @@ async def _reply(
             elif frame["op"] == "done":
                 done = frame
     finally:
+        await frames.aclose()  # a reply left early (stdout closed) is stopped, not orphaned
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(signal.SIGINT)
     if not out.json:

@@ -7,6 +7,7 @@ blocks on a socket, a file or the model.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import time
@@ -490,14 +491,15 @@ class MainWindow(QMainWindow):
 
         async def reply() -> dict[str, Any]:
             done: dict[str, Any] = {}
-            async for frame in session.ask(text, max_tokens=self.max_tokens):
-                if frame["op"] == "token":
-                    bridge.post(self._on_token, frame["text"])
-                    bridge.post(self._on_kv, kv_status(plan, frame["kv_used"], frame["n_ctx"]))
-                elif frame["op"] == "shift":
-                    bridge.post(self._on_shift, frame)
-                elif frame["op"] == "done":
-                    done = frame
+            async with contextlib.aclosing(session.ask(text, max_tokens=self.max_tokens)) as frames:
+                async for frame in frames:
+                    if frame["op"] == "token":
+                        bridge.post(self._on_token, frame["text"])
+                        bridge.post(self._on_kv, kv_status(plan, frame["kv_used"], frame["n_ctx"]))
+                    elif frame["op"] == "shift":
+                        bridge.post(self._on_shift, frame)
+                    elif frame["op"] == "done":
+                        done = frame
             return done
 
         self._reply_started = time.monotonic()

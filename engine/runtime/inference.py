@@ -8,7 +8,7 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from corral.engine.aio import within
@@ -19,6 +19,7 @@ from corral.engine.security.tunnel import shim_env
 from .errors import InferenceCrashed, InferenceError
 
 _READY_TIMEOUT = 60.0
+_ABANDON_GRACE = 15.0  # how long an abandoned reply may take to stop before the child is killed
 _LOG_TAIL = 4000
 
 
@@ -141,25 +142,56 @@ class InferenceProcess:
         self._send("capabilities", device=device, questions=[list(q) for q in asked])
         return [bool(a) for a in (await self._next())["answers"]]
 
-    async def generate(self, **params: Any) -> AsyncIterator[dict[str, Any]]:
-        """Yield one `token` event per token (with the KV cells in use), then `done`."""
+    async def generate(self, **params: Any) -> AsyncGenerator[dict[str, Any], None]:
+        """Yield one `token` event per token (with the KV cells in use), then `done`.
+
+        Close it (`contextlib.aclosing`) rather than drop it: a consumer that leaves early
+        has the rest of the reply stopped and read here, or the next operation would read
+        it as its own."""
         self._send("generate", **params)
-        while True:
-            frame = await self._next()
-            if frame.get("op") == "tokens":
-                n_ctx = frame["n_ctx"]
-                for text, token_id, kv_used in frame["items"]:
-                    yield {
-                        "op": "token",
-                        "text": text,
-                        "id": token_id,
-                        "kv_used": kv_used,
-                        "n_ctx": n_ctx,
-                    }
-                continue
-            yield frame
-            if frame.get("op") == "done":
-                return
+        ended = False
+        try:
+            while True:
+                try:
+                    frame = await self._next()
+                except (InferenceError, InferenceCrashed):
+                    ended = True  # the child ended the operation, or died
+                    raise
+                if frame.get("op") == "done":
+                    ended = True
+                for event in self._events(frame):
+                    yield event
+                if ended:
+                    return
+        finally:
+            if not ended:
+                await self._abandon()
+
+    @staticmethod
+    def _events(frame: dict[str, Any]) -> list[dict[str, Any]]:
+        if frame.get("op") == "tokens":
+            n_ctx = frame["n_ctx"]
+            return [
+                {"op": "token", "text": text, "id": token_id, "kv_used": kv_used, "n_ctx": n_ctx}
+                for text, token_id, kv_used in frame["items"]
+            ]
+        return [frame]
+
+    async def _abandon(self) -> None:
+        """A generation's consumer left before `done`: stop the reply and read its frames to
+        the end, so the child and this side agree again; kill the child if it will not stop
+        (llama.cpp waiting on a worker that stopped answering)."""
+        if self._dead is not None or self.proc is None or self.proc.returncode is not None:
+            return
+        self.cancel()
+        try:
+            async with asyncio.timeout(_ABANDON_GRACE):
+                while (await self._next()).get("op") != "done":
+                    pass
+        except (InferenceError, InferenceCrashed):
+            pass  # it ended with an error (in step again) or died
+        except TimeoutError:
+            self.kill()
 
     def kill(self) -> bool:
         """SIGKILL the child now (a reply stuck in llama.cpp); False if it was not running.

@@ -191,9 +191,10 @@ class ApiServer:
                 await self._stream(chat, sampling, writer, ident, created)
             else:
                 done: dict[str, Any] = {}
-                async for frame in self.session.complete(chat, **sampling):
-                    if frame["op"] == "done":
-                        done = frame
+                async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
+                    async for frame in frames:
+                        if frame["op"] == "done":
+                            done = frame
                 await self._json(
                     writer,
                     200,
@@ -242,12 +243,14 @@ class ApiServer:
 
         writer.write(chunk({"role": "assistant", "content": ""}))
         stop = "stop"
-        async for frame in self.session.complete(chat, **sampling):
-            if frame["op"] == "token":
-                writer.write(chunk({"content": frame["text"]}))
-                await writer.drain()
-            elif frame["op"] == "done":
-                stop = _finish(frame["stop"])
+        # closed on the way out: a client that hangs up has the rest of its reply stopped
+        async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
+            async for frame in frames:
+                if frame["op"] == "token":
+                    writer.write(chunk({"content": frame["text"]}))
+                    await writer.drain()
+                elif frame["op"] == "done":
+                    stop = _finish(frame["stop"])
         writer.write(chunk({}, stop) + b"data: [DONE]\n\n")
         await writer.drain()
 

@@ -8,10 +8,11 @@ ourselves, and only then let the inference child register them and load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -428,22 +429,23 @@ class ChatSession:
         ignore_eos: bool = False,
         system: str = "",
         n_keep: int = -1,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Stream the reply to a user message; the exchange joins the history when done."""
         if system and not self.history:
             self.history = [{"role": "system", "content": system}]
         messages = [*self.history, {"role": "user", "content": text}]
-        async for frame in self.complete(
-            messages,
-            max_tokens=max_tokens,
-            temp=temp,
-            seed=seed,
-            ignore_eos=ignore_eos,
-            n_keep=n_keep,
-        ):
-            if frame["op"] == "done":
-                self.history = [*messages, {"role": "assistant", "content": frame["content"]}]
-            yield frame
+        sampling = {
+            "max_tokens": max_tokens,
+            "temp": temp,
+            "seed": seed,
+            "ignore_eos": ignore_eos,
+            "n_keep": n_keep,
+        }
+        async with contextlib.aclosing(self.complete(messages, **sampling)) as frames:
+            async for frame in frames:
+                if frame["op"] == "done":
+                    self.history = [*messages, {"role": "assistant", "content": frame["content"]}]
+                yield frame
 
     def take_back(self) -> str:
         """Drop the last exchange and return its user message, to be answered again."""
@@ -455,12 +457,17 @@ class ChatSession:
 
     async def complete(
         self, messages: list[dict[str, str]], **sampling: Any
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Stream a reply to these messages (the history is the caller's: the HTTP API)."""
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Stream a reply to these messages (the history is the caller's: the HTTP API).
+        A consumer that may leave early closes it (`contextlib.aclosing`): the rest of the
+        reply is then stopped before the next one starts."""
         self._replying = True
         try:
-            async for frame in self.child.generate(messages=messages, **sampling):
-                yield frame
+            async with contextlib.aclosing(
+                self.child.generate(messages=messages, **sampling)
+            ) as frames:
+                async for frame in frames:
+                    yield frame
         except InferenceCrashed as crash:
             if self._stopped_by_kill:
                 raise InferenceCrashed(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -92,3 +93,43 @@ def test_wrong_key_and_bad_requests(server: str) -> None:
         urllib.request.urlopen(req, timeout=10)
     assert err.value.code == 400
     assert "not JSON" in json.loads(err.value.read())["error"]["message"]
+
+
+def _colour(client: openai.OpenAI) -> tuple[str, int]:
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        max_tokens=16,
+        temperature=0,
+        messages=[{"role": "user", "content": "Name a colour."}],
+    )
+    assert reply.usage is not None
+    return reply.choices[0].message.content or "", reply.usage.prompt_tokens
+
+
+def test_a_client_that_leaves_mid_stream_costs_the_next_nothing(server: str) -> None:
+    """A streaming client that hangs up stops its reply; the next request gets its own
+    reply, not the rest of the abandoned one."""
+    client = openai.OpenAI(base_url=server, api_key="sekret")
+    before = _colour(client)
+    host, port = server.removeprefix("http://").split("/")[0].split(":")
+    body = json.dumps(
+        {
+            "model": "SmolLM2-135M-Instruct.Q4_1",
+            "stream": True,
+            "max_tokens": 1500,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Count from one to one thousand."}],
+        }
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekret\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        seen = b""
+        while seen.count(b"data: ") < 5:  # the reply is streaming
+            got = s.recv(4096)
+            assert got, seen
+            seen += got
+    assert _colour(client) == before
+    assert _colour(client) == before
