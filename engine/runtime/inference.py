@@ -19,7 +19,10 @@ from corral.engine.security.tunnel import shim_env
 from .errors import InferenceCrashed, InferenceError
 
 _READY_TIMEOUT = 60.0
-_ABANDON_GRACE = 15.0  # how long an abandoned reply may take to stop before the child is killed
+# How long a cancelled or abandoned reply may take to stop before the child is killed. The
+# child stops at the next token (or prompt batch); llama.cpp waiting on a worker that stopped
+# answering checks for nothing, and only this ends the wait.
+STOP_GRACE = 15.0
 _LOG_TAIL = 4000
 
 
@@ -185,7 +188,7 @@ class InferenceProcess:
             return
         self.cancel()
         try:
-            async with asyncio.timeout(_ABANDON_GRACE):
+            async with asyncio.timeout(STOP_GRACE):
                 while (await self._next()).get("op") != "done":
                     pass
         except (InferenceError, InferenceCrashed):

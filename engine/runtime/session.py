@@ -45,7 +45,7 @@ from .errors import (
     RuntimeFailure,
     WorkerUnavailable,
 )
-from .inference import InferenceProcess
+from .inference import STOP_GRACE, InferenceProcess
 from .planning import (
     Comparison,
     compare,
@@ -57,10 +57,6 @@ from .planning import (
 )
 
 _CRASH_EVENT_WAIT = 2.0  # how long to wait for an agent to report the worker that died
-# How long a cancelled reply may take to stop before the inference process is killed. The
-# child stops at the next token (or prompt batch); llama.cpp waiting on a worker that stopped
-# answering checks for nothing, and only this ends the wait.
-STOP_GRACE = 15.0
 
 
 @dataclass(frozen=True, slots=True)
