@@ -23,11 +23,11 @@ import platformdirs
 
 from corral.engine.ggml.quantize import quantize
 from corral.engine.model import default_model_path
+from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from corral.engine.planner.plan import MiB
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.planning import layer_map_matches, overcounted_devices
 from corral.engine.runtime.session import ChatSession, LoadSettings
-from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
 
 SHAPES: dict[str, tuple[TinyLlama | None, str]] = {
     "SmolLM2-135M q4_1, tied": (None, ""),

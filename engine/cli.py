@@ -95,6 +95,9 @@ def describe_load(result: LoadResult, model: Path) -> list[str]:
         f"(+ output layer), context {result.n_ctx}"
     ]
     lines += [f"  {p.describe()}" for p in result.placements]
+    if result.cpu_kernels and not any(w.startswith("CPU kernels") for w in result.warnings):
+        used = ", ".join(result.cpu_buffers) or "none"
+        lines.append(f"  CPU kernels: {result.cpu_kernels}; this load uses: {used}")
     if result.comparison is not None:
         lines.append("  memory, planned before the load vs reported by llama.cpp after it:")
         for name, planned, actual, err in result.comparison.rows():
@@ -120,6 +123,7 @@ def _done_event(done: dict[str, Any], result: LoadResult) -> dict[str, Any]:
         "content": done["content"],
         "stop": done["stop"],
         "devices": _devices_json(result),
+        "cpu_kernels": {"verdict": result.cpu_kernels, "buffers": list(result.cpu_buffers)},
         "kv": {"used": done["kv_used"], "n_ctx": done["n_ctx"], "shifts": done.get("shifts", 0)},
         "tokens": done["n_tokens"],
         "gen_s": done["gen_s"],

@@ -17,8 +17,8 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from corral.engine.model import default_model_path
+from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from corral.engine.runtime.localagents import LocalAgents
-from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,6 +31,9 @@ atexit.register(shutil.rmtree, _DESKTOP_DIR, True)
 # too (the model cache, ~/.cache, is shared on purpose)
 for _xdg in ("XDG_STATE_HOME", "XDG_CONFIG_HOME"):
     os.environ[_xdg] = os.path.join(_DESKTOP_DIR, _xdg.lower())
+# the CPU-kernel self-test runs once per test run (a second or two), on this run's own cache:
+# no verdict left by the user or an earlier run decides what the tests see
+os.environ.setdefault("CORRAL_KERNELCHECK_DIR", os.path.join(_DESKTOP_DIR, "kernelcheck"))
 
 
 @pytest.fixture(scope="session")

@@ -93,6 +93,9 @@ async def _run(opts: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGHUP, _reload, opts, server)
     if opts.trusted_network:
         print(_TRUSTED_WARNING, file=sys.stderr, flush=True)
+    # The code is active before the port opens: a scripted `corral pair` sent as soon as the
+    # port accepts must find it (start() also announces on mDNS, which takes a while).
+    code = server.gate.issue(opts.pairing_code or "")
     try:
         bound = await server.start()
     except OSError as exc:
@@ -110,8 +113,7 @@ async def _run(opts: argparse.Namespace) -> int:
         flush=True,
     )
     print(
-        f"pairing code: {server.gate.issue(opts.pairing_code or '')} (valid 5 minutes, one use; "
-        "`corral-agent pair` makes a new one)",
+        f"pairing code: {code} (valid 5 minutes, one use; `corral-agent pair` makes a new one)",
         flush=True,
     )
     log.info(

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from corral.engine.ggml.kernelcheck import crash_hint
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.procs import RPC_PROCESS_ENV, exit_text
 from corral.engine.protocol import WorkerState
@@ -254,7 +255,10 @@ class RpcSupervisor:
         self._drop_all()
         self._last_exit = exit_text(code)
         self._set("crashed", "crashed", f"the RPC worker died ({self._last_exit})")
-        log.warning("RPC worker died (%s); restarting", self._last_exit)
+        hint = crash_hint(self._last_exit, _tail(self.log_path, 400), doctor="corral-agent doctor")
+        log.warning(
+            "RPC worker died (%s)%s; restarting", self._last_exit, f" {hint}" if hint else ""
+        )
         delay = _BACKOFF_START
         if time.monotonic() - started < _STABLE_AFTER:
             delay = min(_BACKOFF_MAX, _BACKOFF_START * 2 ** min(self._restarts, 8))

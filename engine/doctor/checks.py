@@ -374,3 +374,36 @@ async def mdns_self_test(ips: list[str], timeout: float = 3.0) -> Check:
         "allow UDP port 5353 to and from 224.0.0.251 in the firewall (ufw allow 5353/udp) "
         "and multicast on the interface; desktops can still add this agent by address",
     )
+
+
+async def kernel_check(doctor: str) -> Check:
+    """The CPU-kernel self-test's verdict for this build and CPU (cached; run if missing)."""
+    from corral.engine.ggml.kernelcheck import EXTRA, PLAIN, verdict
+
+    found = await asyncio.get_running_loop().run_in_executor(None, verdict)
+    took = f" (tested {time.strftime('%Y-%m-%d', time.localtime(found.tested))}, {found.cpu})"
+    if found.error:
+        return Check("CPU kernels", FAIL, found.summary(), _REINSTALL)
+    plain = found.failures(PLAIN)
+    if plain:
+        what = "; ".join(f"{r.wtype} {r.detail}" for r in plain)
+        return Check(
+            "CPU kernels",
+            FAIL,
+            f"llama.cpp's plain CPU kernels fail here: {what}{took}",
+            "rebuild llama-cpp-python on this host (`python packaging/install_llama.py`); a "
+            "build copied from another machine needs `--portable`",
+        )
+    if found.failures(EXTRA):
+        amx = "AMX" in found.extra_names()
+        return Check(
+            "CPU kernels",
+            FAIL,
+            f"{found.summary()}; Corral loads without them, slower on the CPU{took}",
+            "nothing to do for Corral to work; to get the fast kernels back, rebuild without the "
+            "AMX ones: `python packaging/install_llama.py --no-amx`, then run "
+            f"`{doctor}` again"
+            if amx
+            else f"nothing to do for Corral to work; `{doctor}` tests again after a rebuild",
+        )
+    return Check("CPU kernels", PASS, f"{found.summary()}{took}")

@@ -27,6 +27,7 @@ from .checks import (
     LocalBuild,
     build_checks,
     clock_check,
+    kernel_check,
     local_build,
     nvml_check,
     port_owner,
@@ -214,6 +215,8 @@ async def desktop_checks(wait: float) -> list[Check]:
         local = await local_build()
         cert = keys.root / "identity" / "cert.pem"
         checks = [*build_checks(local), nvml_check(), relay_check(), clock_check(cert)]
+        if not local.error:
+            checks.insert(len(checks) - 3, await kernel_check("corral doctor"))
         peers = keys.pins.peers()
         results = await asyncio.gather(*(agent_checks(p, local) for p in peers))
         hellos = [h for _, h in results if h is not None]

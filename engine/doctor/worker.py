@@ -17,6 +17,7 @@ from .checks import (
     Check,
     build_checks,
     clock_check,
+    kernel_check,
     listen_port_check,
     local_build,
     mdns_self_test,
@@ -76,7 +77,10 @@ async def worker_checks(opts: argparse.Namespace) -> list[Check]:
         local_build(),
         mdns_self_test(ips) if not opts.no_advertise else asyncio.sleep(0, None),
     )
-    checks = [_config_check(opts), *build_checks(local), nvml_check(), relay_check()]
+    checks = [_config_check(opts), *build_checks(local)]
+    if not local.error:
+        checks.append(await kernel_check("corral-agent doctor"))
+    checks += [nvml_check(), relay_check()]
     checks.append(listen_port_check(host, port, running))
     if mdns is None:
         checks.append(Check("mDNS", PASS, "announcing is off (advertise = false)"))

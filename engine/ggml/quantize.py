@@ -1,4 +1,5 @@
-"""Quantize a GGUF with llama.cpp (tests and benches make their model shapes this way)."""
+"""Quantize a GGUF with llama.cpp (the CPU-kernel self-test, tests and benches make their
+model shapes this way)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,32 @@ from ._lib import load
 from .errors import GgmlError
 
 # llama_ftype values (llama.h)
-FTYPES = {"f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+FTYPES = {
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q8_0": 7,
+    "q4_k_s": 14,
+    "q4_k_m": 15,
+    "q5_k_s": 16,
+    "q5_k_m": 17,
+    "q6_k": 18,
+    "bf16": 32,
+}
 
 
-def quantize(src: str | Path, dst: str | Path, ftype: str, threads: int = 0) -> Path:
-    """Write dst as src quantized to ftype (f16, q4_0, q8_0, q4_k_m, q5_k_m, q6_k)."""
+def quantize(
+    src: str | Path, dst: str | Path, ftype: str, threads: int = 0, pure: bool = False
+) -> Path:
+    """Write dst as src quantized to ftype (one of FTYPES). `pure` gives every 2-D tensor
+    that type (llama.cpp otherwise keeps the embeddings and output in a wider one)."""
     if ftype not in FTYPES:
         raise GgmlError(f"unknown quantization {ftype!r}; use one of {', '.join(FTYPES)}")
     llama = load().llama
     params = llama.llama_model_quantize_default_params()
     params.ftype = FTYPES[ftype]
     params.nthread = threads
+    params.pure = pure
     rc = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise GgmlError(f"llama.cpp could not quantize {src} to {ftype} (code {rc})")

@@ -20,6 +20,7 @@ import codecs
 import contextlib
 import ctypes
 import dataclasses
+import faulthandler
 import os
 import queue
 import socket
@@ -78,6 +79,7 @@ class _Engine:
         self.registered: list[str] = []  # RPC endpoints this process's ggml knows
         self.shifts = 0  # context shifts since the model was loaded
         self.n_ctx = 0
+        self.cpu_kernels: Any = None  # CpuKernels: the self-test's verdict, once asked
 
     # ------------------------------------------------------------------ load
 
@@ -112,18 +114,29 @@ class _Engine:
 
         self._register([str(e) for e in req.get("rpc", [])])
         cfg = self._settings(req)
+        kernels = self._cpu_kernels()
         mark = capture.count
         t0 = time.perf_counter()
         threads = int(req.get("n_threads") or 0) or (os.cpu_count() or 1)
-        with self._progress_reports():
+        with self._model_params(kernels.extra_buffers):
             self._construct(req, cfg, threads)
         load_s = time.perf_counter() - t0
-        self._loaded(capture, mark, load_s)
+        self._loaded(capture, mark, load_s, dataclasses.asdict(kernels))
+
+    def _cpu_kernels(self) -> Any:
+        """Whether llama.cpp may put CPU weights in its extra buffers (AMX, CPU_REPACK) here:
+        the CPU-kernel self-test's verdict for this build and CPU (run once if not cached)."""
+        if self.cpu_kernels is None:
+            from corral.engine.ggml.kernelcheck import extra_buffers_setting
+
+            self.cpu_kernels = extra_buffers_setting()
+        return self.cpu_kernels
 
     @contextlib.contextmanager
-    def _progress_reports(self) -> Iterator[None]:
-        """llama.cpp's load progress (tensors read and uploaded to every device, RPC workers
-        included) as `progress` frames, at most one per percent."""
+    def _model_params(self, extra_buffers: bool) -> Iterator[None]:
+        """Llama() takes no use_extra_bufts and no progress callback: set both in the model
+        params it starts from. Progress goes out as `progress` frames (tensors read and
+        uploaded to every device, RPC workers included), at most one per percent."""
         import llama_cpp.llama_cpp as low
 
         last = [-1]
@@ -141,6 +154,7 @@ class _Engine:
         def params() -> Any:
             p = original()
             p.progress_callback = callback
+            p.use_extra_bufts = extra_buffers
             return p
 
         low.llama_model_default_params = params
@@ -165,7 +179,7 @@ class _Engine:
             verbose=True,  # verbose=False would point fds 1/2 at /dev/null during load
         )
 
-    def _loaded(self, capture: Any, mark: int, load_s: float) -> None:
+    def _loaded(self, capture: Any, mark: int, load_s: float, cpu_kernels: dict[str, Any]) -> None:
         from corral.engine.ggml import list_devices, parse_load_log
 
         self.n_ctx = int(self.L.llama_n_ctx(self.llm.ctx))
@@ -180,6 +194,7 @@ class _Engine:
             n_layer=int(self.L.llama_model_n_layer(self.llm.model)),
             n_vocab=int(self.llm.n_vocab()),
             load_s=load_s,
+            cpu_kernels=cpu_kernels,
         )
 
     def dry_run(self, req: dict[str, Any], capture: Any) -> None:
@@ -200,6 +215,7 @@ class _Engine:
             arr = (ctypes.c_float * L.LLAMA_MAX_DEVICES)(*split)
             mparams.tensor_split = arr
         mparams.no_alloc = True
+        mparams.use_extra_bufts = self._cpu_kernels().extra_buffers  # as the load will
         mparams.load_mode = L.LLAMA_LOAD_MODE_NONE  # a mapped load asserts under no_alloc
         mark = capture.count
         model = L.llama_model_load_from_file(str(req["model"]).encode(), mparams)
@@ -450,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     opts = parser.parse_args(argv)
     die_with_parent()
+    # A native crash (SIGSEGV, SIGILL in a kernel) prints the Python frame it happened under
+    # to stderr, which the parent keeps: its message says loading vs computing a reply.
+    faulthandler.enable()
     sock = socket.socket(fileno=opts.fd)
     chan = _Channel(sock)
 

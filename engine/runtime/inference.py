@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from corral.engine.aio import within
+from corral.engine.ggml.kernelcheck import crash_hint
 from corral.engine.procs import RPC_PROCESS_ENV, exit_text
 from corral.engine.protocol import ProtocolError, encode_frame, read_frame
 from corral.engine.security.tunnel import shim_env
@@ -96,7 +97,9 @@ class InferenceProcess:
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await within(self._tasks[0], 1)  # let the last log lines arrive
             tail = [line for line in self.log if line.strip()][-12:]
-            self._dead = InferenceCrashed(f"the inference process died ({how})", how, tail)
+            hint = crash_hint(how, list(self.log))  # a native crash: which kernels, what next
+            message = f"the inference process died ({how})" + (f" {hint}" if hint else "")
+            self._dead = InferenceCrashed(message, how, tail)
         return self._dead
 
     async def _next(self, timeout: float | None = None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.engine.aio import within
+from corral.engine.ggml.kernelcheck import crash_hint
 from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.model.spec import ModelError, ModelSpec, read_model_spec
@@ -122,6 +123,8 @@ class LoadResult:
     plan: Plan | None = None  # with llama.cpp's dry-run compute buffers
     analytic: Plan | None = None  # the instant estimate, for comparison
     comparison: Comparison | None = None  # planned vs what llama.cpp reported
+    cpu_kernels: str = ""  # the CPU-kernel self-test's verdict this load followed
+    cpu_buffers: tuple[str, ...] = ()  # the extra CPU buffers it used (AMX, CPU_REPACK)
 
 
 class ChatSession:
@@ -344,12 +347,22 @@ class ChatSession:
             )
         except InferenceCrashed as crash:  # a worker or agent died while tensors went out
             raise await self.explain(crash) from None
+        kernels = loaded.get("cpu_kernels") or {}
+        degraded = f"CPU kernels: {kernels.get('summary')}; `corral doctor` says more"
+        if kernels.get("degraded") and degraded not in self.warnings:  # once, reloads too
+            self.warnings = (*self.warnings, degraded)
         result = self._placements(loaded, self.warnings)
         self.result = dataclasses.replace(
             result,
             plan=exact,
             analytic=analytic,
             comparison=compare(exact, loaded.get("buffers", {})),
+            cpu_kernels=str(kernels.get("summary", "")),
+            cpu_buffers=tuple(
+                name
+                for name in loaded.get("buffers", {}).get("model", {})
+                if name == "AMX" or name.endswith("_REPACK")
+            ),
         )
         return self.result
 
@@ -550,6 +563,9 @@ class ChatSession:
                 f"the RPC worker on {client.name} died ({event.worker.last_exit}) and took the "
                 f"model down ({crash.exit_text}); the agent is restarting it: load the model again"
             )
+            hint = crash_hint(event.worker.last_exit, [], doctor="corral-agent doctor")
+            if hint:  # a native crash in the worker: that host's kernels, not the link
+                msg += f". On {client.name}, {hint}"
         elif lost:
             msg = (
                 f"lost agent {lost[0].name} ({lost[0].closed_reason}) and the model with it "

@@ -2,7 +2,7 @@
 # llama.cpp from the carried sdist's vendored sources with CUDA + RPC in ONE cmake build
 # (shared libraries, which llama-cpp-python's Python code loads, plus llama-bench,
 # llama-quantize and the plain rpc-server), writes the random-weight models named in
-# $CORRAL_MODELS (default "small big"; also "7b") with tests/support/tiny_gguf.py, and waits up
+# $CORRAL_MODELS (default "small big"; also "7b") with engine/model/synthetic.py, and waits up
 # to $1 seconds (default 420) for both, else exits the caller saying so. The build and the
 # model writer run detached (setsid), so a command limit does not kill them: call again on the
 # same machine and it picks up where it was. About 3 minutes on 32 cores, sm_90.
@@ -30,7 +30,7 @@ if [ ! -f /tmp/models.done ] && [ ! -f /tmp/models.started ]; then
   touch /tmp/models.started
   cat > /tmp/write_models.py <<'PY'
 import os, sys, time
-from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
+from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 specs = {
     "small": TinyLlama(n_layer=30, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536, n_vocab=49152, dtype="f16"),
     "big": TinyLlama(n_layer=16, n_embd=2048, n_head=16, n_head_kv=4, n_ff=5632, n_vocab=32000, dtype="f16"),

@@ -8,7 +8,7 @@ import gguf
 import pytest
 
 from corral.engine.model import ModelError, read_model_spec
-from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
+from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 
 
 def _reference(path: Path) -> tuple[list[int], int, int]:

@@ -324,3 +324,50 @@ def test_a_frozen_lease_holder_loses_the_lease_after_the_timeout(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_scripted_pair_sent_as_soon_as_the_port_accepts_succeeds(tmp_path: Path) -> None:
+    """The pairing code is active before the port opens: a setup script that pairs as soon
+    as it can connect is not told "no pairing code active" (the agent announces on mDNS,
+    here on loopback only, between opening its port and printing its code)."""
+    with socket.socket() as s:  # a free port for the agent (tests only: the race is ours)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "4821-0937"
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "corral.engine.agent.main",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--state-dir",
+            str(tmp_path / "agent"),
+            "--log-dir",
+            str(tmp_path / "agent" / "log"),
+            "--advertise-interface",
+            "lo",
+            "--pairing-code",
+            code,
+            "--exit-with-parent",
+        ],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert agent.poll() is None, "the agent exited at start"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the agent never opened its port"
+                time.sleep(0.01)
+        env = dict(os.environ, CORRAL_STATE_DIR=str(tmp_path / "desktop"))
+        paired = corral("pair", f"127.0.0.1:{port}", "--code", code, env=env)
+        assert paired.returncode == 0, paired.stderr
+        assert "no pairing code active" not in paired.stderr
+    finally:
+        os.killpg(agent.pid, signal.SIGTERM)
+        agent.wait(timeout=30)

@@ -628,21 +628,45 @@ def flood(
     }
 
 
-async def soak(agents: LocalAgents, minutes: float, restart_every: float = 120.0) -> dict[str, Any]:
+async def soak(
+    agents: LocalAgents,
+    minutes: float = 0.0,
+    restart_every: float = 120.0,
+    *,
+    counts: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """Chat without pause over the agents for `minutes`; every `restart_every` seconds kill -9
     a worker mid-reply (the agents take turns) and load again. Counts what went wrong and
-    how memory moved: desktop (this process) and agents, warm vs end."""
+    how memory moved: desktop (this process) and agents, warm vs end.
+
+    With `counts=(replies, restarts)` it goes by events instead of the clock (tests: a busy
+    machine makes any number per minute fail): a restart after every other reply, until
+    both counts are reached."""
     session = ChatSession(agents.addresses)
     pids = [p.pid for p in agents.procs]
     samples: list[tuple[float, float, list[float]]] = []  # (t, desktop MiB, agents MiB)
     out: dict[str, Any] = {"replies": 0, "tokens": 0, "restarts": 0, "errors": []}
     start = time.monotonic()
     last_restart = start
+    since_restart = 0  # replies since the last restart
     victim = 0
+
+    def going_on() -> bool:
+        if counts is None:
+            return time.monotonic() - start < minutes * 60
+        # errors end it too: the test fails on them, with no endless loop first
+        return (out["replies"], out["restarts"]) < counts and len(out["errors"]) < 5
+
+    def restart_due() -> bool:
+        if counts is None:
+            return time.monotonic() - last_restart >= restart_every
+        return since_restart >= 2 and out["restarts"] < counts[1]
+
     try:
         await session.open(settings())
-        while time.monotonic() - start < minutes * 60:
-            if time.monotonic() - last_restart >= restart_every:
+        while going_on():
+            if restart_due():
+                since_restart = 0
                 fault = _kill(session.workers[victim].pid)
                 try:
                     await fail_while_generating(session, fault)
@@ -656,6 +680,7 @@ async def soak(agents: LocalAgents, minutes: float, restart_every: float = 120.0
                 async for frame in session.ask("Tell me about the sea.", max_tokens=64):
                     out["tokens"] += frame["op"] == "token"
                 out["replies"] += 1
+                since_restart += 1
             except RuntimeFailure as exc:
                 out["errors"].append(str(exc))
                 await session.reload()

@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 from corral.discovery.txt import AgentHints, BadTxt, decode_txt, encode_txt
 from corral.engine.agent.config import ConfigError, parse_config
 from corral.engine.model.spec import ModelError, read_model_spec
+from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from corral.engine.protocol import FrameDecoder, ProtocolError, encode_frame, read_frame
 from corral.engine.protocol.messages import _REGISTRY, from_wire, to_wire
 from corral.engine.runtime import history
@@ -49,7 +50,6 @@ from corral.engine.security.files import SecurityFileError
 from corral.engine.security.pins import PinStore
 from corral.engine.security.tunnel import NativePump, hand_over, relay_keys, shim_file
 from tests.support import relay as relay_format
-from tests.support.tiny_gguf import TinyLlama, write_tiny_llama
 
 CASE_LIMIT_S = 1.0  # a case slower than this is a hang
 

@@ -1,4 +1,4 @@
-"""Tiny random-weight llama GGUF models for tests.
+"""Random-weight llama GGUF models, for the CPU-kernel self-test, tests and benches.
 
 The files load in llama.cpp and generate deterministic gibberish. Vocabulary layout (SPM,
 like the original llama tokenizer): ``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens
