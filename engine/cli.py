@@ -230,7 +230,7 @@ def plan_table(plan: Plan, analytic: Plan | None = None) -> list[str]:
 
     def row(name: str, host: str, layers: str, use: Usage, free: str, estimate: Usage) -> str:
         text = (
-            f"{name:<7} {host[:28]:<28} {layers:<12} {mib(use.weights):>8} "
+            f"{name:<7} {host[:28]:<28} {layers:<12} {mib(use.weights + use.extra):>8} "
             f"{mib(use.kv):>7} {mib(use.compute + use.output):>8} {mib(use.total):>8} "
             f"{free:>9}"
         )
@@ -262,6 +262,11 @@ def plan_table(plan: Plan, analytic: Plan | None = None) -> list[str]:
         f"compute buffers from: {plan.compute_source}; the output layer is layer "
         f"{len(plan.layer_device) - 1}; token embeddings stay in host memory"
     )
+    if plan.host.extra:
+        lines.append(
+            f"the host's weights include {plan.host.extra / MiB:.1f} MiB that llama.cpp copies "
+            "into its extra CPU buffers (AMX, CPU_REPACK) for faster kernels"
+        )
     return lines
 
 
@@ -292,6 +297,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
             "kv": plan.host.kv,
             "compute": plan.host.compute,
             "output": plan.host.output,
+            "extra": plan.host.extra,
             "total": plan.host.total,
         },
     }

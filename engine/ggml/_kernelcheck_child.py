@@ -26,7 +26,7 @@ from typing import Any
 _SHAPE = {"n_layer": 2, "n_embd": 256, "n_head": 4, "n_head_kv": 2, "n_ff": 512, "n_vocab": 384}
 _PROMPT = [1] + [259 + (i * 37) % 125 for i in range(31)]  # one batch: the matrix-matrix path
 _STEPS = [300, 301, 350, 290, 333, 270]  # one token each: the matrix-vector path
-_EXTRA_BUFFER = re.compile(r"\s(AMX|CPU_REPACK|\S*_REPACK|KLEIDIAI\S*)\s+model buffer size")
+_EXTRA_BUFFER = re.compile(r"\s(AMX|\S*_REPACK|KLEIDIAI\S*)\s+model buffer size =\s+([\d.]+) MiB")
 
 
 def _emit(**event: Any) -> None:
@@ -59,6 +59,7 @@ def _logits(model_path: Path, extra: bool, threads: int) -> Any:
     mparams = L.llama_model_default_params()
     mparams.n_gpu_layers = 0
     mparams.use_extra_bufts = extra
+    mparams.use_mmap = False
     none = (ctypes.c_void_p * 1)(None)  # no GPU devices at all: the CPU backend alone
     mparams.devices = ctypes.addressof(none)  # a NULL-ended list of ggml_backend_dev_t
     model = L.llama_model_load_from_file(str(model_path).encode(), mparams)
@@ -88,13 +89,14 @@ def _logits(model_path: Path, extra: bool, threads: int) -> Any:
         L.llama_model_free(model)
 
 
-def _used_buffers(lines: list[str]) -> list[str]:
-    names: list[str] = []
+def _used_buffers(lines: list[str]) -> dict[str, float]:
+    """The extra CPU buffers llama.cpp logged, MiB each."""
+    sizes: dict[str, float] = {}
     for line in lines:
         m = _EXTRA_BUFFER.search(line)
-        if m and m.group(1) not in names:
-            names.append(m.group(1))
-    return names
+        if m:
+            sizes[m.group(1)] = sizes.get(m.group(1), 0.0) + float(m.group(2))
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         out = opts.dir / f"{opts.path}-{t}.npy"
         np.save(out, logits)
-        _emit(event="result", type=t, file=str(out), buffers=_used_buffers(capture.since(mark)))
+        _emit(event="result", type=t, file=str(out), extra_mib=_used_buffers(capture.since(mark)))
     return 0
 
 

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,10 @@ class PathResult:
     error: float | None = None  # relative L2 distance from the F32 reference
     buffers: tuple[str, ...] = ()  # extra CPU buffers llama.cpp put weights in (AMX, CPU_REPACK)
     off_plain: float | None = None  # extra path: relative L2 distance from the plain path
+    ggml_type: int = -1  # the matmuls' ggml type in this weight type's model
+    # extra path: bytes in the extra buffers per byte of the weights moved there (the planner
+    # adds these copies to the host: engine.planner.plan.host_extra_bytes)
+    factor: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,16 @@ class KernelVerdict:
 
     def failures(self, path: str | None = None) -> list[PathResult]:
         return [r for r in self.results if r.outcome != OK and path in (None, r.path)]
+
+    def extra_factors(self) -> dict[int, float]:
+        """ggml type -> extra-buffer bytes per byte of weight, where the buffers are used."""
+        if not self.extra_buffers:
+            return {}
+        return {
+            r.ggml_type: r.factor
+            for r in self.results
+            if r.path == EXTRA and r.factor > 0 and r.ggml_type >= 0
+        }
 
     def extra_names(self) -> list[str]:
         """The extra buffer types llama.cpp used on this host (AMX, CPU_REPACK), in order."""
@@ -222,7 +236,7 @@ class _Run:
     """What one path's children reported, type by type."""
 
     logits: dict[str, Path] = field(default_factory=dict)
-    buffers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    extra_mib: dict[str, dict[str, float]] = field(default_factory=dict)
     lost: dict[str, str] = field(default_factory=dict)  # type -> how its child died / failed
     reference: Path | None = None
 
@@ -272,7 +286,9 @@ def _run_path(
             elif event.get("event") == "result":
                 wtype = str(event["type"])
                 run.logits[wtype] = Path(event["file"])
-                run.buffers[wtype] = tuple(event.get("buffers", ()))
+                run.extra_mib[wtype] = {
+                    str(k): float(v) for k, v in (event.get("extra_mib") or {}).items()
+                }
                 left.remove(wtype)
                 current = ""
             elif event.get("event") == "failed":
@@ -341,6 +357,33 @@ def decide(
     return results
 
 
+def _with_factor(result: PathResult, work: Path, run: _Run) -> PathResult:
+    """An extra path's result with its model's matmul type and its extra buffers' size per
+    byte moved (the bytes the planner's rule says move: every layer's matmuls and the
+    output's)."""
+    from corral.engine.model.spec import ModelError, read_model_spec
+    from corral.engine.planner.placement import HOST
+    from corral.engine.planner.plan import host_extra_bytes
+
+    try:
+        spec = read_model_spec(work / f"{result.wtype}.gguf")
+    except ModelError:
+        return result
+    gtype = spec.layers[0].matmuls[0][0] if spec.layers and spec.layers[0].matmuls else -1
+    logged = sum(run.extra_mib.get(result.wtype, {}).values()) * (1 << 20)
+    if result.path != EXTRA or gtype < 0 or not logged:
+        return replace(result, ggml_type=gtype)
+    on_host = [HOST] * (spec.n_layer + 1)
+    every_type = {t: 1.0 for layer in spec.layers for t, _ in layer.matmuls}
+    moved = host_extra_bytes(spec, on_host, every_type | {spec.output_type: 1.0})
+    return replace(result, ggml_type=gtype, factor=round(logged / moved, 4) if moved else 0.0)
+
+
+def is_extra_buffer(name: str) -> bool:
+    """llama.cpp's extra CPU buffer types (weights copied for faster kernels)."""
+    return name == "AMX" or name.endswith("_REPACK") or name.startswith("KLEIDIAI")
+
+
 def _outcome(how: str) -> str:
     return CRASHED if how.startswith("killed by") or "within" in how else FAILED
 
@@ -392,7 +435,8 @@ def run_selftest(
                 extra[t] = ("", _distance(x.logits[t], p.reference), dist)
             else:
                 extra[t] = (x.lost.get(t, "not run"), None, None)
-        results = decide(types, plain, extra, x.buffers)
+        buffers = {t: tuple(x.extra_mib.get(t, {})) for t in types}
+        results = [_with_factor(r, work, x) for r in decide(types, plain, extra, buffers)]
     verdict = KernelVerdict(
         extra_buffers=not any(r.outcome != OK for r in results if r.path == EXTRA),
         key=key,
@@ -418,6 +462,9 @@ class CpuKernels:
     extra_buffers: bool
     summary: str
     degraded: bool = False  # off because the self-test failed here (slower than it could be)
+    # (ggml type, extra-buffer bytes per byte of weight) for the planner; pairs, as frames
+    # carry them (msgpack maps take string keys)
+    factors: tuple[tuple[int, float], ...] = ()
 
 
 def extra_buffers_setting() -> CpuKernels:
@@ -426,7 +473,11 @@ def extra_buffers_setting() -> CpuKernels:
     CORRAL_CPU_EXTRA_BUFFERS=on|off overrides the self-test; anything else is refused."""
     choice = os.environ.get(ENV_SWITCH, "auto").strip().lower() or "auto"
     if choice == "on":
-        return CpuKernels(True, f"llama.cpp's extra CPU buffers on ({ENV_SWITCH}=on, untested)")
+        known = cached_verdict()  # sizes from an earlier run, if any; no test is run now
+        factors = tuple(known.extra_factors().items()) if known else ()
+        return CpuKernels(
+            True, f"llama.cpp's extra CPU buffers on ({ENV_SWITCH}=on, untested)", False, factors
+        )
     if choice == "off":
         return CpuKernels(False, f"llama.cpp's extra CPU buffers off ({ENV_SWITCH}=off)")
     if choice != "auto":
@@ -437,7 +488,12 @@ def extra_buffers_setting() -> CpuKernels:
     found = verdict()
     # Without the reference nothing is known about the kernels: take the path that needs the
     # fewest (the plain kernels run wherever the build runs at all).
-    return CpuKernels(found.extra_buffers, found.summary(), degraded=not found.extra_buffers)
+    return CpuKernels(
+        found.extra_buffers,
+        found.summary(),
+        degraded=not found.extra_buffers,
+        factors=tuple(found.extra_factors().items()),
+    )
 
 
 # ---------------------------------------------------------------- explaining a crash

@@ -30,6 +30,9 @@ class LayerSpec:
     head_dim_k: int
     head_dim_v: int
     is_swa: bool = False
+    # (ggml type, bytes) of each 2-D weight: the matmuls llama.cpp may copy into an extra CPU
+    # buffer (AMX, CPU_REPACK) when the layer stays on the host
+    matmuls: tuple[tuple[int, int], ...] = ()
 
     @property
     def n_embd_k_gqa(self) -> int:
@@ -60,6 +63,7 @@ class ModelSpec:
     moe: bool
     n_expert: int
     file_bytes: int
+    output_type: int = -1  # ggml type of output.weight, or of token_embd when tied
 
     @property
     def weight_bytes(self) -> int:
@@ -122,7 +126,9 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
     n_ff = int(max(n_ff_raw) if isinstance(n_ff_raw, list) else n_ff_raw)
 
     layer_bytes = [0] * n_layer
+    matmuls: list[list[tuple[int, int]]] = [[] for _ in range(n_layer)]
     token_embd = output = output_norm = other = 0
+    embd_type = output_type = -1
     n_vocab = 0
     for t in tensors:
         nbytes = t.n_bytes
@@ -132,11 +138,13 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
             if il >= n_layer:
                 raise ModelError(f"tensor {t.name} names a layer past block_count {n_layer}")
             layer_bytes[il] += nbytes
+            if len(t.shape) == 2 and t.name.endswith(".weight"):
+                matmuls[il].append((int(t.type), nbytes))
         elif t.name == "token_embd.weight":
-            token_embd = nbytes
+            token_embd, embd_type = nbytes, int(t.type)
             n_vocab = int(t.shape[-1]) if len(t.shape) > 1 else n_vocab
         elif t.name == "output.weight":
-            output = nbytes
+            output, output_type = nbytes, int(t.type)
         elif t.name == "output_norm.weight":
             output_norm = nbytes
         else:
@@ -147,7 +155,14 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
     tied = output == 0
     layers = tuple(
         LayerSpec(
-            il, layer_bytes[il], heads[il], heads_kv[il], dim_k, dim_v, is_swa=window is not None
+            il,
+            layer_bytes[il],
+            heads[il],
+            heads_kv[il],
+            dim_k,
+            dim_v,
+            is_swa=window is not None,
+            matmuls=tuple(matmuls[il]),
         )
         for il in range(n_layer)
     )
@@ -170,4 +185,5 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
         moe=n_expert > 0,
         n_expert=n_expert,
         file_bytes=path.stat().st_size,
+        output_type=output_type if not tied else embd_type,
     )

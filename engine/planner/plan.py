@@ -9,7 +9,7 @@ allocation (engine.runtime), which is what the go/no-go decision uses.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from corral.engine.model.spec import ModelSpec
@@ -64,10 +64,11 @@ class Usage:
     kv: int = 0
     compute: int = 0
     output: int = 0  # host only: the logits buffer
+    extra: int = 0  # host only: weights copied into llama.cpp's extra CPU buffers (AMX, REPACK)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.compute + self.output
+        return self.weights + self.kv + self.compute + self.output + self.extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,8 +286,34 @@ def _fewest(spec: ModelSpec, devices: tuple[Device, ...], s: Settings, budgets: 
     return with_hosts(low)
 
 
-def apply_dry_run(plan: Plan, compute_by_device: Sequence[int], host_compute: int) -> Plan:
-    """The same plan with llama.cpp's simulated compute buffers instead of the estimate."""
+def host_extra_bytes(
+    spec: ModelSpec, layer_device: Sequence[int], factors: Mapping[int, float]
+) -> int:
+    """Bytes llama.cpp copies into its extra CPU buffers for the layers left on the host.
+
+    The mapped file still holds these weights: the copies come on top. `factors` is, per
+    ggml type, the extra buffer's bytes per byte of weight that the CPU-kernel self-test
+    measured on this host (1.0 for CPU_REPACK's interleaving; AMX pads); a type without an
+    entry stays where it is. The output layer's matrix (token_embd's copy when tied) counts
+    when the output layer is on the host."""
+    if not factors:
+        return 0
+    total = 0.0
+    for il, dev in enumerate(layer_device):
+        if dev != HOST:
+            continue
+        if il < spec.n_layer:
+            total += sum(b * factors.get(t, 0.0) for t, b in spec.layers[il].matmuls)
+        else:
+            total += spec.output_bytes * factors.get(spec.output_type, 0.0)
+    return round(total)
+
+
+def apply_dry_run(
+    plan: Plan, compute_by_device: Sequence[int], host_compute: int, host_extra: int = 0
+) -> Plan:
+    """The same plan with llama.cpp's simulated compute buffers instead of the estimate, and
+    the host's extra CPU buffers (which the dry run logs as empty: see host_extra_bytes)."""
     usage = tuple(
         dataclasses.replace(u, compute=c)
         for u, c in zip(plan.usage, compute_by_device, strict=True)
@@ -295,5 +322,5 @@ def apply_dry_run(plan: Plan, compute_by_device: Sequence[int], host_compute: in
         plan,
         usage=usage,
         compute_source="dry run",
-        host=dataclasses.replace(plan.host, compute=host_compute),
+        host=dataclasses.replace(plan.host, compute=host_compute, extra=host_extra),
     )

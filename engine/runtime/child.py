@@ -248,6 +248,8 @@ class _Engine:
             layers={str(k): v for k, v in report.layers.items()},
             buffers=report.buffers,
             n_ctx=cfg["n_ctx"],
+            # no_alloc logs the extra CPU buffers as empty: the planner sizes them from these
+            cpu_extra=[list(pair) for pair in self._cpu_kernels().factors],
         )
 
     # ------------------------------------------------------------------ generate

@@ -12,8 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.engine.ggml.devices import pick_worker_devices
+from corral.engine.ggml.kernelcheck import is_extra_buffer
 from corral.engine.model.spec import ModelSpec
-from corral.engine.planner.plan import Device, MiB, Plan, Usage, apply_dry_run
+from corral.engine.planner.plan import (
+    Device,
+    MiB,
+    Plan,
+    Usage,
+    apply_dry_run,
+    host_extra_bytes,
+)
 from corral.engine.protocol import DeviceInfo, Inventory
 
 _RPC_BUFFER = re.compile(r"RPC(\d+)\[(.+)\]$")
@@ -71,13 +79,16 @@ def usage_from_buffers(
 ) -> tuple[list[Usage], Usage]:
     """What llama.cpp logged after a load, per device and for the host."""
     per = [dict(weights=0, kv=0, compute=0, output=0) for _ in devices]
-    host = dict(weights=0, kv=0, compute=0, output=0)
+    host = dict(weights=0, kv=0, compute=0, output=0, extra=0)
     field = {"model": "weights", "KV": "kv", "compute": "compute", "output": "output"}
     for kind, by_buffer in buffers.items():
         for buffer, mib in by_buffer.items():
             i = _device_of_buffer(buffer, devices)
             target = host if i is None else per[i]
-            target[field[kind]] += round(mib * MiB)
+            name = field[kind]
+            if i is None and kind == "model" and is_extra_buffer(buffer):
+                name = "extra"
+            target[name] += round(mib * MiB)
     return [Usage(**u) for u in per], Usage(**host)
 
 
@@ -101,7 +112,10 @@ def exact_plan(plan: Plan, spec: ModelSpec, dry: Mapping[str, Any]) -> Plan:
     compute = [u.compute for u in usage]
     for dev in overcounted_devices(plan):
         compute[dev] = max(0, compute[dev] - 16 * spec.n_embd * plan.settings.n_ubatch)
-    return apply_dry_run(plan, compute, host.compute)
+    # the extra CPU buffers the child will use (the self-test's factors; none when off)
+    factors = {int(t): float(f) for t, f in dry.get("cpu_extra") or ()}
+    extra = host_extra_bytes(spec, plan.layer_device, factors)
+    return apply_dry_run(plan, compute, host.compute, extra)
 
 
 @dataclass(frozen=True, slots=True)

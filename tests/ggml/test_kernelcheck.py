@@ -215,3 +215,29 @@ def test_a_native_crash_of_the_inference_process_points_at_the_doctor(q4_0_model
     message = asyncio.run(run())
     assert "killed by SIGSEGV" in message and "while computing a reply" in message
     assert "run `corral doctor`" in message
+
+
+def test_the_plan_counts_the_extra_cpu_buffers(q4_0_model: Path) -> None:
+    """The dry run logs the extra CPU buffers as empty; the plan sizes them from the
+    self-test's factors, and a real load reports what was planned (none where the host
+    has none, or once the self-test turned them off)."""
+    import asyncio
+
+    from corral.engine.planner.plan import MiB
+    from corral.engine.runtime.session import ChatSession, LoadSettings
+
+    async def host_extra() -> tuple[int, int]:
+        session = ChatSession([])
+        try:
+            result = await session.open(LoadSettings(model=q4_0_model, n_ctx=512))
+            assert result.comparison is not None
+            return result.comparison.planned[-1].extra, result.comparison.actual[-1].extra
+        finally:
+            await session.close()
+
+    passed = run_selftest()
+    planned, actual = asyncio.run(host_extra())
+    assert abs(planned - actual) <= max(0.02 * actual, 0.02 * MiB)  # the log's 0.01 MiB steps
+    assert (actual > 0) == bool(passed.extra_factors())
+    run_selftest(child=(*FAULTY, "wrong", "q4_0"))
+    assert asyncio.run(host_extra()) == (0, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from corral.engine.planner.plan import (
     MiB,
     PlanError,
     Settings,
+    host_extra_bytes,
     kv_bytes,
     make_plan,
 )
@@ -152,3 +154,18 @@ def test_speed_strategy_follows_declared_speed() -> None:
     plan = make_plan(spec(), devices, strategy="speed")
     # split points 0.75 / 1.0: layer il goes to RPC0 while il / 31 < 0.75
     assert (len(plan.layers_of(0)), len(plan.layers_of(1))) == (24, 7)
+
+
+def test_extra_cpu_buffers_count_only_the_host_layers_and_the_types_that_use_them() -> None:
+    """Copies into AMX / CPU_REPACK come on top of the mapped weights, for the layers (and the
+    output layer) left on the host, per matmul type, scaled by the self-test's factor."""
+    Q4_0, Q6_K = 2, 14
+    layers = tuple(
+        LayerSpec(i, 700, 4, 2, 64, 64, matmuls=((Q4_0, 600), (Q6_K, 100))) for i in range(4)
+    )
+    m = dataclasses.replace(spec(4), layers=layers, output_bytes=50, output_type=Q6_K)
+    split = [HOST, HOST, 0, 0, HOST]  # layers 0 and 1 and the output on the host
+    assert host_extra_bytes(m, split, {}) == 0  # extra buffers off
+    assert host_extra_bytes(m, split, {Q4_0: 1.0}) == 2 * 600
+    assert host_extra_bytes(m, split, {Q4_0: 1.0, Q6_K: 1.5}) == 2 * 600 + 1.5 * (2 * 100 + 50)
+    assert host_extra_bytes(m, [0] * 5, {Q4_0: 1.0, Q6_K: 1.0}) == 0  # nothing on the host
