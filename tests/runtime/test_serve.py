@@ -60,10 +60,11 @@ _BRIEF = [
 def test_openai_client_streams_a_chat(server: str) -> None:
     client = openai.OpenAI(base_url=server, api_key="sekret")
     assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct.Q4_1"]
-    # Greedy replies are compared with the prompt cache in the same state (docs/API.md:
-    # a prompt partly reused from the cache is computed in other batch shapes, and on some
-    # CPUs the float sums, and then a greedy token, differ). This request leaves the prompt
-    # cached; the two below each reuse the same cells and compute only its last token.
+    # Greedy replies are compared with the prompt cache in the same state: a prompt partly
+    # reused from the cache is computed in other batch shapes, and on some CPUs the float
+    # sums, and then a greedy token, differ (docs/CPU-KERNELS.md, "Float sums and the same
+    # answer twice"). This request leaves the prompt cached; the two below each reuse the
+    # same cells and compute only its last token.
     client.chat.completions.create(
         model="SmolLM2-135M-Instruct.Q4_1", max_tokens=16, temperature=0, messages=_BRIEF
     )
