@@ -95,9 +95,8 @@ def describe_load(result: LoadResult, model: Path) -> list[str]:
         f"(+ output layer), context {result.n_ctx}"
     ]
     lines += [f"  {p.describe()}" for p in result.placements]
-    if result.cpu_kernels and not any(w.startswith("CPU kernels") for w in result.warnings):
-        used = ", ".join(result.cpu_buffers) or "none"
-        lines.append(f"  CPU kernels: {result.cpu_kernels}; this load uses: {used}")
+    if result.cpu_note():
+        lines.append(f"  {result.cpu_note()}")
     if result.comparison is not None:
         lines.append("  memory, planned before the load vs reported by llama.cpp after it:")
         for name, planned, actual, err in result.comparison.rows():

@@ -466,6 +466,9 @@ class MainWindow(QMainWindow):
                 f"{name}: planned {p / 2**20:.1f} MiB, llama.cpp {a / 2**20:.1f} MiB"
                 for name, p, a, _ in result.comparison.rows()
             ]
+        if result.cpu_note():
+            lines.append(result.cpu_note())
+        lines += [f"warning: {w}" for w in result.warnings]
         self.plan_text.setPlainText("\n".join(lines))
         self.status.setText(f"loaded in {result.load_s:.1f} s")
 

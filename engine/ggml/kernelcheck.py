@@ -207,8 +207,13 @@ def cache_dir() -> Path:
 def cached_verdict(key: str | None = None) -> KernelVerdict | None:
     """The stored verdict for this build and CPU, or None (never run, or unreadable)."""
     key = key or host_key()
+    path = cache_dir() / f"{key}.json"
     try:
-        data = json.loads((cache_dir() / f"{key}.json").read_text())
+        # another local user's file (or one they could have written) decides nothing here
+        st = path.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return None
+        data = json.loads(path.read_text())
         verdict = KernelVerdict.from_json(data)
     except (OSError, ValueError, TypeError, AttributeError):  # gone, damaged or older
         return None

@@ -126,6 +126,13 @@ class LoadResult:
     cpu_kernels: str = ""  # the CPU-kernel self-test's verdict this load followed
     cpu_buffers: tuple[str, ...] = ()  # the extra CPU buffers it used (AMX, CPU_REPACK)
 
+    def cpu_note(self) -> str:
+        """The CPU kernels this load used, for the load report ("" where a warning says it)."""
+        if not self.cpu_kernels or any(w.startswith("CPU kernels") for w in self.warnings):
+            return ""
+        used = ", ".join(self.cpu_buffers) or "none"
+        return f"CPU kernels: {self.cpu_kernels}; this load uses: {used}"
+
 
 class ChatSession:
     """Agents, their workers and the inference child for one loaded model; keeps the history."""

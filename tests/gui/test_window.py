@@ -124,6 +124,8 @@ def test_the_plan_shows_follows_settings_and_refuses_what_would_crash(
     qtbot.waitUntil(window.send_button.isEnabled, timeout=60000)
     assert window.result is not None and window.load_progress == 1.0  # progress reached 100 %
     assert "planned" in window.plan_text.toPlainText()
+    # the CPU kernels the load followed, as the CLI says them
+    assert window.result.cpu_kernels and "CPU kernels: " in window.plan_text.toPlainText()
 
 
 def test_dragging_a_boundary_in_the_layer_map_moves_layers(
