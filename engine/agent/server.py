@@ -26,7 +26,9 @@ import corral
 from corral.discovery import Advertiser, AgentHints
 from corral.engine.aio import within
 from corral.engine.protocol import (
+    CONTROL,
     PROTOCOL_VERSION,
+    UNPAIRED,
     AgentEvent,
     CapabilityReply,
     CapabilityRequest,
@@ -281,6 +283,7 @@ class AgentServer:
             server_side=True,
             handshake_timeout=HANDSHAKE_TIMEOUT,
             hello_timeout=CLIENT_HELLO_TIMEOUT,
+            limits=UNPAIRED,  # until the peer's certificate shows it is paired
         )
         task = asyncio.get_running_loop().create_task(self._serve(proto))
         self._tasks.add(task)
@@ -309,6 +312,7 @@ class AgentServer:
                 return
             conn = _Conn(proto, peer)
             if peer is not None:
+                proto.limits = CONTROL
                 self._unpaired -= 1
                 counted = False
             self._conns.add(conn)

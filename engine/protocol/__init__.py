@@ -1,6 +1,15 @@
 """Wire schema shared by the desktop and the agent: frames, messages, versions, errors."""
 
-from .codec import MAX_FRAME, FrameDecoder, encode_frame, read_frame, write_frame
+from .codec import (
+    CONTROL,
+    MAX_FRAME,
+    UNPAIRED,
+    FrameDecoder,
+    FrameLimits,
+    encode_frame,
+    read_frame,
+    write_frame,
+)
 from .errors import ErrorCode, ProtocolError, RemoteError
 from .messages import (
     PROTOCOL_VERSION,
@@ -40,8 +49,10 @@ from .messages import (
 )
 
 __all__ = [
+    "CONTROL",
     "MAX_FRAME",
     "PROTOCOL_VERSION",
+    "UNPAIRED",
     "AgentEvent",
     "CapabilityQuestion",
     "CapabilityReply",
@@ -50,6 +61,7 @@ __all__ = [
     "ErrorCode",
     "ErrorReply",
     "FrameDecoder",
+    "FrameLimits",
     "GpuInfo",
     "Hello",
     "Inventory",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -18,18 +19,34 @@ _HEADER = struct.Struct(">I")
 _READ_CHUNK = 256 * 1024  # StreamReader.readexactly is slow on large sizes; read in chunks
 
 
-def _unpackb(body: bytes) -> Any:
+@dataclass(frozen=True, slots=True)
+class FrameLimits:
+    """How large one frame may be, and how many items one array or map in it may hold:
+    checked before the frame is buffered whole or decoded."""
+
+    max_frame: int = MAX_FRAME
+    max_items: int = 65536
+
+
+CONTROL = FrameLimits()
+# A peer that has not proved it is paired sends Hello and the pairing exchange: well under
+# 2 KiB. At 4 MiB, one frame of nested empty arrays decoded to ~300 MB of Python lists and
+# held the agent's loop for ~2 s (docs/SECURITY.md); 16 KiB decode to under 1 MB, at once.
+UNPAIRED = FrameLimits(max_frame=16 * 1024, max_items=256)
+
+
+def _unpackb(body: bytes, limits: FrameLimits = CONTROL) -> Any:
     # The frame length is already capped; these limits bound what one frame may expand to.
     unpacker = msgpack.Unpacker(
         raw=False,
         strict_map_key=True,
         use_list=True,
         ext_hook=_no_ext,
-        max_buffer_size=MAX_FRAME,
-        max_str_len=MAX_FRAME,
-        max_bin_len=MAX_FRAME,
-        max_array_len=65536,
-        max_map_len=65536,
+        max_buffer_size=limits.max_frame,
+        max_str_len=limits.max_frame,
+        max_bin_len=limits.max_frame,
+        max_array_len=limits.max_items,
+        max_map_len=limits.max_items,
         max_ext_len=0,
     )
     try:
@@ -58,11 +75,9 @@ def encode_frame(obj: Any) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def _check_length(n: int) -> None:
-    if n > MAX_FRAME:
-        raise ProtocolError(
-            ErrorCode.BAD_FRAME, f"frame length {n} exceeds the {MAX_FRAME}-byte limit"
-        )
+def _check_length(n: int, limit: int = MAX_FRAME) -> None:
+    if n > limit:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"frame length {n} exceeds the {limit}-byte limit")
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any | None:
@@ -94,23 +109,42 @@ async def write_frame(writer: asyncio.StreamWriter, obj: Any) -> None:
 
 
 class FrameDecoder:
-    """Incremental decoder for blocking sockets and pipes (the inference child's side)."""
+    """Incremental decoder: `feed` decodes all it can (the inference child's pipe);
+    `push`, `ready` and `pop` decode one frame at a time (the control channel, which reads
+    no further while a whole frame waits)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: FrameLimits = CONTROL) -> None:
         self._buf = bytearray()
+        self.limits = limits
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def push(self, data: bytes) -> None:
+        self._buf += data
+
+    def ready(self) -> bool:
+        """A whole frame is buffered; ProtocolError if the next one is over the limit."""
+        if len(self._buf) < _HEADER.size:
+            return False
+        (n,) = _HEADER.unpack_from(self._buf)
+        _check_length(n, self.limits.max_frame)
+        return len(self._buf) >= _HEADER.size + n
+
+    def pop(self) -> Any:
+        """Decode the whole frame `ready` saw (ProtocolError if it is not valid)."""
+        (n,) = _HEADER.unpack_from(self._buf)
+        body = bytes(self._buf[_HEADER.size : _HEADER.size + n])
+        del self._buf[: _HEADER.size + n]
+        return _unpackb(body, self.limits)
 
     def feed(self, data: bytes) -> list[Any]:
         """Add bytes; return every complete frame they finish."""
-        self._buf += data
+        self.push(data)
         out = []
-        while len(self._buf) >= _HEADER.size:
-            (n,) = _HEADER.unpack_from(self._buf)
-            _check_length(n)
-            if len(self._buf) < _HEADER.size + n:
-                break
-            body = bytes(self._buf[_HEADER.size : _HEADER.size + n])
-            del self._buf[: _HEADER.size + n]
-            out.append(_unpackb(body))
+        while self.ready():
+            out.append(self.pop())
         return out
 
     def take_rest(self) -> bytes:

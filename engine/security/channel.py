@@ -9,7 +9,6 @@ taken apart like that).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
 import socket
@@ -17,7 +16,7 @@ import ssl
 from typing import Any
 
 from corral.engine.aio import within
-from corral.engine.protocol import FrameDecoder, ProtocolError, encode_frame
+from corral.engine.protocol import CONTROL, FrameDecoder, FrameLimits, ProtocolError, encode_frame
 
 from .identity import fingerprint
 
@@ -44,13 +43,17 @@ class TlsConnection(asyncio.Protocol):
         server_side: bool,
         handshake_timeout: float,
         hello_timeout: float | None = None,
+        limits: FrameLimits = CONTROL,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._inc = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self.ssl = ctx.wrap_bio(self._inc, self._out, server_side=server_side)
-        self._decoder = FrameDecoder()
-        self._frames: collections.deque[Any] = collections.deque()
+        # frames are decoded one at a time, as they are asked for, and nothing more is read
+        # while a whole one waits: a peer cannot queue frames (or bytes) faster than the
+        # owner handles them
+        self._decoder = FrameDecoder(limits)
+        self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
         self._error: BaseException | None = None
@@ -149,16 +152,31 @@ class TlsConnection(asyncio.Protocol):
         self._flush()
         if not chunks:
             return
+        self._decoder.push(b"".join(chunks))
+        self._flow()
+        self._wake()
+
+    def _flow(self) -> None:
+        """Read on only while no whole frame waits and less than one frame is buffered."""
+        if self.transport is None or self._detached or self.transport.is_closing():
+            return
         try:
-            self._frames.extend(self._decoder.feed(b"".join(chunks)))
+            full = (
+                self._decoder.ready() or self._decoder.buffered > self._decoder.limits.max_frame + 4
+            )
         except ProtocolError as exc:
             # the stream cannot be framed any more: stop reading, but leave the connection
             # open so the owner can say why before it closes
-            if self.transport is not None:
-                self.transport.pause_reading()
+            self.transport.pause_reading()
+            self._paused = True
             self._finish(exc)
             return
-        self._wake()
+        if full and not self._paused:
+            self.transport.pause_reading()
+            self._paused = True
+        elif not full and self._paused:
+            self.transport.resume_reading()
+            self._paused = False
 
     def _no_client_hello(self) -> None:
         # cancelled by `_flush` once the server answers a whole ClientHello
@@ -202,16 +220,36 @@ class TlsConnection(asyncio.Protocol):
     def closed(self) -> bool:
         return self._eof
 
+    @property
+    def limits(self) -> FrameLimits:
+        return self._decoder.limits
+
+    @limits.setter
+    def limits(self, value: FrameLimits) -> None:
+        """Other limits from now on (the agent raises them once a peer proved it is paired)."""
+        self._decoder.limits = value
+        self._flow()
+
     async def recv(self) -> Any | None:
         """The next decoded frame; None at a clean end; raises the error that ended it."""
-        while not self._frames:
+        while True:
+            try:
+                if self._decoder.ready():
+                    frame = self._decoder.pop()
+                    self._flow()
+                    return frame
+            except ProtocolError as exc:
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.pause_reading()
+                    self._paused = True
+                self._finish(exc)
+                raise
             if self._error is not None:
                 raise self._error
             if self._eof:
                 return None
             self._waiter = self._loop.create_future()
             await self._waiter
-        return self._frames.popleft()
 
     def send(self, obj: Any) -> None:
         self.send_frame(encode_frame(obj))
@@ -249,6 +287,7 @@ class TlsConnection(asyncio.Protocol):
         """Hand the connection over to blocking threads: (socket, TLS, in, out, plaintext
         already read past the last frame). This protocol is done with it afterwards."""
         assert self.transport is not None
+        self._detached = True  # no more flow control here: the bytes belong to the taker
         self.transport.pause_reading()
         await self.drain(5.0)
         raw = self.transport.get_extra_info("socket")

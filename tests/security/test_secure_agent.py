@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from corral.engine.protocol import (
     PairChallenge,
     PairConfirm,
     PairStart,
+    ProtocolError,
     encode_frame,
     from_wire,
     to_wire,
@@ -371,3 +373,79 @@ def test_a_scripted_pair_sent_as_soon_as_the_port_accepts_succeeds(tmp_path: Pat
     finally:
         os.killpg(agent.pid, signal.SIGTERM)
         agent.wait(timeout=30)
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _nested_frame() -> bytes:
+    """Just under 4 MiB of msgpack that decodes to ~4 million empty lists (~230 MB)."""
+    inner = b"\xdc\xff\xff" + b"\x90" * 0xFFFF  # an array of 65535 empty arrays
+    body = b"\xdc\x00\x3f" + inner * 63
+    return len(body).to_bytes(4, "big") + body
+
+
+def test_strangers_frames_cannot_blow_up_the_agent(two_agents: LocalAgents) -> None:
+    """Four certificate-less peers each send Hello and a 4 MiB frame of nested empty arrays
+    at once: an unpaired peer's frames are capped at 16 KiB, so they are refused by their
+    length, never decoded; the agent stays small and its paired desktop is served."""
+    import threading
+
+    address = two_agents.addresses[0]
+    host, _, port = address.rpartition(":")
+    pid = two_agents.procs[0].pid
+    hello = encode_frame(
+        to_wire(
+            Hello(role="desktop", proto_major=PROTOCOL_VERSION[0], proto_minor=PROTOCOL_VERSION[1])
+        )
+    )
+    bomb = _nested_frame()
+    before = _rss_mib(pid)
+    peak = [before]
+
+    def stranger() -> None:
+        raw = socket.create_connection((host, int(port)), timeout=10)
+        try:
+            sock = client_context(None).wrap_socket(raw)
+            sock.sendall(hello + bomb)
+            while sock.recv(65536):
+                pass
+        except (OSError, ssl.SSLError):
+            pass  # closed on us: what should happen
+        finally:
+            raw.close()
+
+    threads = [threading.Thread(target=stranger) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        peak.append(_rss_mib(pid))
+        time.sleep(0.01)
+    assert max(peak) - before < 64, (before, max(peak))
+
+    async def paired_still_served() -> None:
+        client = AgentClient(address)
+        await client.connect()
+        await client.ping()
+        await client.close()
+
+    asyncio.run(paired_still_served())
+
+
+def test_an_unpaired_peer_is_held_to_small_frames_and_a_paired_one_is_not() -> None:
+    """The limits themselves, on the decoder the channel uses (pure)."""
+    from corral.engine.protocol import CONTROL, UNPAIRED, FrameDecoder
+
+    big = encode_frame({"op": "x", "blob": b"\0" * 100_000})
+    strict = FrameDecoder(UNPAIRED)
+    strict.push(big)
+    with pytest.raises(ProtocolError, match="exceeds the 16384-byte limit"):
+        strict.ready()
+    many = encode_frame({"items": list(range(1000))})
+    with pytest.raises(ProtocolError):
+        FrameDecoder(UNPAIRED).feed(many)
+    assert FrameDecoder(CONTROL).feed(big + many)[1]["items"][-1] == 999
