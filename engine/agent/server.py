@@ -10,6 +10,7 @@ the holder's desktop may open tunnels to the worker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hmac
@@ -92,12 +93,22 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 3.0  # a TLS 1.3 handshake is one round trip; anything slower is not a desktop
 CLIENT_HELLO_TIMEOUT = 0.75  # a client sends its whole ClientHello with its first write
 _HELLO_TIMEOUT = 10.0  # a paired desktop's first frame
-_PAIRING_STEP_TIMEOUT = 5.0  # each step of an unpaired connection (the code is typed before)
-# Every connection counts as unpaired until its handshake proves otherwise, so this cap also
-# bounds a burst of paired desktops connecting at once (100 at once is tested); strangers
-# are closed within 0.75-3 s, so a flood of them holds at most this many slots.
+# each step of an unpaired connection: the code is typed before `corral pair` connects, so
+# its messages follow each other at once
+_PAIRING_STEP_TIMEOUT = 3.0
+# with no usable pairing code, an unpaired peer's one request after hello is answered (with
+# why it is refused) if it comes this soon; then the connection ends
+_NOTHING_TO_PAIR_TIMEOUT = 0.75
+# Slots. Connections still in the TLS handshake (at most 3 s each, 0.75 s without a
+# ClientHello) are capped in all and per source address; once the handshake shows a pinned
+# certificate a connection takes a paired slot, which strangers never hold; one without a
+# certificate (pairing) takes one of few unpaired slots, also capped per source. So 130
+# strangers that finish TLS and hold cannot keep a paired desktop out (docs/SECURITY.md).
 _MAX_PAIRED = 256
-_MAX_UNPAIRED = 128
+_MAX_HANDSHAKING = 512
+_MAX_HANDSHAKING_PER_SOURCE = 128
+_MAX_UNPAIRED = 32
+_MAX_UNPAIRED_PER_SOURCE = 4
 _SUBSCRIBER_BACKLOG = 1024 * 1024  # drop a subscriber that stops reading this much
 # A lease holder silent this long has lost its lease (and its tunnels): desktops ping every
 # second, so this is eight missed pings; a desktop cut off by a partition frees the workers
@@ -171,7 +182,8 @@ class AgentServer:
         self._server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._unpaired = 0
+        self._handshaking: collections.Counter[str] = collections.Counter()  # by source
+        self._strangers: collections.Counter[str] = collections.Counter()  # unpaired, by source
         self._subscribers: set[_Conn] = set()
         self._lease: _Conn | None = None
         self._pumps: set[Pump] = set()
@@ -291,30 +303,47 @@ class AgentServer:
         return proto
 
     async def _serve(self, proto: TlsConnection) -> None:
-        counted = False
         conn: _Conn | None = None
+        source = ""
+        stranger = False  # holds an unpaired slot
+        handshaking = False
         try:
+            await asyncio.sleep(0)  # let connection_made run: the peer's address is known
+            source = str(proto.peername[0]) if proto.peername else ""
             paired = sum(1 for c in self._conns if c.peer is not None)
-            if self._unpaired >= _MAX_UNPAIRED or paired >= _MAX_PAIRED:
-                await asyncio.sleep(0)  # let connection_made run, then drop
+            if (
+                self._handshaking.total() >= _MAX_HANDSHAKING
+                or self._handshaking[source] >= _MAX_HANDSHAKING_PER_SOURCE
+                or paired >= _MAX_PAIRED
+            ):
                 proto.abort()
                 return
-            self._unpaired += 1
-            counted = True
+            self._handshaking[source] += 1
+            handshaking = True
             try:
                 await proto.handshake
             except (ConnectionError, OSError):
                 return
+            finally:
+                self._handshaking[source] -= 1
+                handshaking = False
             fp = proto.peer_fingerprint
             peer = self.pins.find(fp) if fp else None
             if fp and peer is None:  # verified by OpenSSL, but unpaired since
                 proto.abort()
                 return
-            conn = _Conn(proto, peer)
-            if peer is not None:
+            if peer is None:
+                if (
+                    self._strangers.total() >= _MAX_UNPAIRED
+                    or self._strangers[source] >= _MAX_UNPAIRED_PER_SOURCE
+                ):
+                    proto.abort()
+                    return
+                self._strangers[source] += 1
+                stranger = True
+            else:
                 proto.limits = CONTROL
-                self._unpaired -= 1
-                counted = False
+            conn = _Conn(proto, peer)
             self._conns.add(conn)
             await self._session(conn)
         except ProtocolError as exc:
@@ -326,8 +355,13 @@ class AgentServer:
             log.exception("internal error serving %s", proto.peername)
             self._send_error(proto, 0, ErrorCode.INTERNAL, "internal agent error; see its log")
         finally:
-            if counted:
-                self._unpaired -= 1
+            if handshaking:
+                self._handshaking[source] -= 1
+            if stranger:
+                self._strangers[source] -= 1
+            for counts in (self._handshaking, self._strangers):
+                if counts.get(source, 1) <= 0:
+                    del counts[source]
             if conn is not None:
                 self._conns.discard(conn)
                 self._subscribers.discard(conn)
@@ -385,7 +419,10 @@ class AgentServer:
 
     async def _pairing(self, conn: _Conn) -> None:
         """An unpaired desktop: PairStart → PairChallenge → PairConfirm → PairDone, or out."""
-        start = await self._next(conn, _PAIRING_STEP_TIMEOUT)
+        nothing = self.gate.refusal()  # no usable code: one short step to say why, then out
+        start = await self._next(
+            conn, _NOTHING_TO_PAIR_TIMEOUT if nothing else _PAIRING_STEP_TIMEOUT
+        )
         if start is None:
             return
         if not isinstance(start, PairStart):

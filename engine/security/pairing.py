@@ -110,6 +110,18 @@ class PairingGate:
     def fix(self) -> str:
         return f"run `corral-agent pair` on {self._hostname} for a new code"
 
+    def refusal(self) -> str:
+        """Why a pairing attempt now would be refused ("" while a code is usable); uses no
+        try. The agent gives a peer with nothing to pair with one short step, not five."""
+        code = self._code
+        if code is None:
+            return f"{self._hostname} has no pairing code active: {self.fix}"
+        if time.monotonic() > code.expires:
+            return f"the pairing code of {self._hostname} has expired: {self.fix}"
+        if code.tries_left <= 0:
+            return f"pairing is locked after {MAX_TRIES} wrong codes: {self.fix}"
+        return ""
+
     def begin(self, spake_a: bytes) -> tuple[bytes, bytes]:
         """Answer SPAKE2 message A with (message B, shared key), or PairingRefused."""
         fix = self.fix
