@@ -1,7 +1,10 @@
 """Connection attempts without a paired certificate against a real agent: what they got, and
-how long until the agent closed each. Also what a paired desktop sees meanwhile.
+how long until the agent closed each. Also what a paired desktop sees meanwhile, and, with a
+crowd holding connections (130 certificate-less peers that send Hello and hold, two that
+send 4 MiB frames of nested arrays), how often it still connects and how the agent's memory
+moves.
 
-    .venv/bin/python bench/strangers.py [--attempts 1000]
+    .venv/bin/python bench/strangers.py [--attempts 1000] [--holders 130] [--bombs 2]
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.security.desktop import DesktopKeys
 from tests.support.strangers import ALL_KINDS as KINDS
-from tests.support.strangers import SERVED, attempt
+from tests.support.strangers import SERVED, Crowd, attempt, rss_mib
 
 
 async def _ping_ms(address: str) -> float:
@@ -33,9 +36,27 @@ async def _ping_ms(address: str) -> float:
     return (time.perf_counter() - t0) / 20 * 1000
 
 
+async def _connects(address: str, n: int) -> int:
+    ok = 0
+    for _ in range(n):
+        client = AgentClient(address)
+        try:
+            await client.connect()
+            await client.ping()
+            ok += 1
+        except Exception:
+            pass
+        finally:
+            await client.close()
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attempts", type=int, default=1000)
+    parser.add_argument("--holders", type=int, default=130)
+    parser.add_argument("--bombs", type=int, default=2)
+    parser.add_argument("--connects", type=int, default=8)
     opts = parser.parse_args()
     stranger = DesktopKeys(Path(tempfile.mkdtemp(prefix="corral-stranger-")))
     with LocalAgents(1) as agents:
@@ -49,6 +70,23 @@ def main() -> int:
             times[kind].append(took)
             answers[kind].update(got)
         after = asyncio.run(_ping_ms(address))
+        pid = agents.procs[0].pid
+        for code_active in (False, True):
+            if code_active:
+                agents.issue_code(0)
+            rss = [rss_mib(pid)]
+            with Crowd(address, opts.holders, opts.bombs) as crowd:
+                time.sleep(2)
+                ok = asyncio.run(_connects(address, opts.connects))
+                rss.append(rss_mib(pid))
+            held = sorted(crowd.held) or [0.0]
+            print(
+                f"crowd of {opts.holders} holders + {opts.bombs} 4 MiB nested frames, pairing "
+                f"code {'active' if code_active else 'not active'}: paired desktop connected "
+                f"{ok}/{opts.connects}; agent RSS {rss[0]:.0f} -> {rss[1]:.0f} MiB; a holder's "
+                f"connection lasted {statistics.median(held) * 1000:.0f} ms median, "
+                f"{held[-1] * 1000:.0f} ms max"
+            )
     served = sum(len(a & SERVED) for a in answers.values())
     print(f"{opts.attempts} attempts without a paired certificate; requests served: {served}")
     print("| attempt | n | answered with | closed after (median / max) |")

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ from corral.engine.security.pairing import (
 )
 from corral.engine.security.tls import client_context
 from tests.conftest import corral
-from tests.support.strangers import KINDS, SERVED, attempt
+from tests.support.strangers import KINDS, SERVED, Crowd, attempt, rss_mib
 
 
 def _agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -375,65 +374,38 @@ def test_a_scripted_pair_sent_as_soon_as_the_port_accepts_succeeds(tmp_path: Pat
         agent.wait(timeout=30)
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def _paired_connects(address: str, n: int = 8) -> int:
+    async def run() -> int:
+        ok = 0
+        for _ in range(n):
+            client = AgentClient(address)
+            try:
+                await client.connect()
+                await client.ping()
+                ok += 1
+            except Exception:
+                pass
+            finally:
+                await client.close()
+        return ok
 
-
-def _nested_frame() -> bytes:
-    """Just under 4 MiB of msgpack that decodes to ~4 million empty lists (~230 MB)."""
-    inner = b"\xdc\xff\xff" + b"\x90" * 0xFFFF  # an array of 65535 empty arrays
-    body = b"\xdc\x00\x3f" + inner * 63
-    return len(body).to_bytes(4, "big") + body
+    return asyncio.run(run())
 
 
 def test_strangers_frames_cannot_blow_up_the_agent(two_agents: LocalAgents) -> None:
     """Four certificate-less peers each send Hello and a 4 MiB frame of nested empty arrays
     at once: an unpaired peer's frames are capped at 16 KiB, so they are refused by their
     length, never decoded; the agent stays small and its paired desktop is served."""
-    import threading
-
     address = two_agents.addresses[0]
-    host, _, port = address.rpartition(":")
     pid = two_agents.procs[0].pid
-    hello = encode_frame(
-        to_wire(
-            Hello(role="desktop", proto_major=PROTOCOL_VERSION[0], proto_minor=PROTOCOL_VERSION[1])
-        )
-    )
-    bomb = _nested_frame()
-    before = _rss_mib(pid)
-    peak = [before]
-
-    def stranger() -> None:
-        raw = socket.create_connection((host, int(port)), timeout=10)
-        try:
-            sock = client_context(None).wrap_socket(raw)
-            sock.sendall(hello + bomb)
-            while sock.recv(65536):
-                pass
-        except (OSError, ssl.SSLError):
-            pass  # closed on us: what should happen
-        finally:
-            raw.close()
-
-    threads = [threading.Thread(target=stranger) for _ in range(4)]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        peak.append(_rss_mib(pid))
-        time.sleep(0.01)
-    assert max(peak) - before < 64, (before, max(peak))
-
-    async def paired_still_served() -> None:
-        client = AgentClient(address)
-        await client.connect()
-        await client.ping()
-        await client.close()
-
-    asyncio.run(paired_still_served())
+    before = rss_mib(pid)
+    peak = before
+    with Crowd(address, holders=0, bombs=4) as crowd:
+        while any(t.is_alive() for t in crowd._threads):
+            peak = max(peak, rss_mib(pid))
+            time.sleep(0.01)
+    assert peak - before < 64, (before, peak)
+    assert _paired_connects(address, 1) == 1
 
 
 def test_an_unpaired_peer_is_held_to_small_frames_and_a_paired_one_is_not() -> None:
@@ -456,66 +428,18 @@ def test_130_strangers_holding_connections_leave_room_for_the_paired_desktop(
     two_agents: LocalAgents, code_active: bool
 ) -> None:
     """130 certificate-less peers finish TLS, send Hello and hold (and connect again when
-    closed): the paired desktop still connects 8 times of 8. With no pairing code active
-    they are answered and closed at once; with one, only a few per address may wait."""
-    import threading
-
+    closed), and two send 4 MiB frames of nested arrays: the paired desktop still connects 8
+    times of 8 and the agent stays small. With no pairing code active the holders are
+    answered and closed at once; with one, only a few per address may wait."""
     address = two_agents.addresses[1]
-    host, _, port = address.rpartition(":")
+    pid = two_agents.procs[1].pid
     if code_active:
         two_agents.issue_code(1)
-    hello = encode_frame(
-        to_wire(
-            Hello(role="desktop", proto_major=PROTOCOL_VERSION[0], proto_minor=PROTOCOL_VERSION[1])
-        )
-    )
-    stop = threading.Event()
-    held: list[float] = []
-
-    def stranger() -> None:
-        while not stop.is_set():
-            try:
-                raw = socket.create_connection((host, int(port)), timeout=10)
-            except OSError:
-                time.sleep(0.05)
-                continue
-            t0 = time.monotonic()
-            try:
-                sock = client_context(None).wrap_socket(raw)
-                sock.sendall(hello)
-                while sock.recv(65536) and not stop.is_set():
-                    pass
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                held.append(time.monotonic() - t0)
-                raw.close()
-            time.sleep(0.05)
-
-    threads = [threading.Thread(target=stranger, daemon=True) for _ in range(130)]
-    for t in threads:
-        t.start()
-    time.sleep(2)  # they are all in, or have been turned away
-
-    async def paired_connects() -> int:
-        ok = 0
-        for _ in range(8):
-            client = AgentClient(address)
-            try:
-                await client.connect()
-                await client.ping()
-                ok += 1
-            except Exception:
-                pass
-            finally:
-                await client.close()
-        return ok
-
-    try:
-        assert asyncio.run(paired_connects()) == 8
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
+    before = rss_mib(pid)
+    with Crowd(address, holders=130, bombs=2) as crowd:
+        time.sleep(2)  # they are all in, or have been turned away
+        assert _paired_connects(address) == 8
+        assert rss_mib(pid) - before < 64
     if not code_active:  # answered and closed at once: the docs' 0.75-3 s, not 5
-        assert sorted(held)[len(held) // 2] < 1.5, sorted(held)[-5:]
+        held = sorted(crowd.held)
+        assert held[len(held) // 2] < 1.5, held[-5:]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import threading
 import time
+from pathlib import Path
 
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
@@ -71,3 +73,77 @@ def attempt(address: str, kind: str, stranger_ctx: ssl.SSLContext) -> tuple[floa
     finally:
         raw.close()
     return time.monotonic() - start, got
+
+
+def _hello() -> bytes:
+    return encode_frame(
+        to_wire(
+            Hello(role="desktop", proto_major=PROTOCOL_VERSION[0], proto_minor=PROTOCOL_VERSION[1])
+        )
+    )
+
+
+def nested_frame() -> bytes:
+    """Just under 4 MiB of msgpack that decodes to ~4 million empty lists (~230 MB)."""
+    inner = b"\xdc\xff\xff" + b"\x90" * 0xFFFF  # an array of 65535 empty arrays
+    body = b"\xdc\x00\x3f" + inner * 63
+    return len(body).to_bytes(4, "big") + body
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Crowd:
+    """`holders` certificate-less peers that finish TLS, send Hello and hold the connection
+    (connecting again whenever the agent closes it), and `bombs` that each send Hello and a
+    4 MiB frame of nested empty arrays, all at once, until stopped."""
+
+    def __init__(self, address: str, holders: int, bombs: int = 0) -> None:
+        self.host, _, port = address.rpartition(":")
+        self.port = int(port)
+        self.stop = threading.Event()
+        self.held: list[float] = []  # seconds each holder's connection lasted
+        self._threads = [threading.Thread(target=self._hold, daemon=True) for _ in range(holders)]
+        self._threads += [threading.Thread(target=self._bomb, daemon=True) for _ in range(bombs)]
+
+    def __enter__(self) -> Crowd:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def _connect(self, payload: bytes) -> None:
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=10)
+        except OSError:
+            time.sleep(0.05)
+            return
+        t0 = time.monotonic()
+        try:
+            sock = client_context(None).wrap_socket(raw)
+            sock.sendall(payload)
+            while sock.recv(65536) and not self.stop.is_set():
+                pass
+        except (OSError, ssl.SSLError):
+            pass  # closed on us
+        finally:
+            if len(payload) < 1024:
+                self.held.append(time.monotonic() - t0)
+            raw.close()
+        time.sleep(0.05)
+
+    def _hold(self) -> None:
+        hello = _hello()
+        while not self.stop.is_set():
+            self._connect(hello)
+
+    def _bomb(self) -> None:
+        self._connect(_hello() + nested_frame())
