@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -134,10 +135,29 @@ class LoadResult:
         return f"CPU kernels: {self.cpu_kernels}; this load uses: {used}"
 
 
+TRUSTED_NETWORK_ENV = "CORRAL_TRUSTED_NETWORK"
+
+
+def trusted_network_setting() -> bool:
+    """CORRAL_TRUSTED_NETWORK: 1 lets this desktop use an agent's direct RPC; unset or 0 not."""
+    value = os.environ.get(TRUSTED_NETWORK_ENV, "").strip()
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    raise RuntimeFailure(f"{TRUSTED_NETWORK_ENV}={value!r} is not a setting: use 1 or 0")
+
+
 class ChatSession:
     """Agents, their workers and the inference child for one loaded model; keeps the history."""
 
-    def __init__(self, agents: list[str]) -> None:
+    def __init__(self, agents: list[str], trusted_network: bool | None = None) -> None:
+        # direct, unauthenticated RPC to an agent's worker needs both owners to opt in: the
+        # agent's (--trusted-network) and this desktop's (CORRAL_TRUSTED_NETWORK=1), or a
+        # paired agent could take this desktop's RPC traffic out of the tunnel
+        self.trusted_network = (
+            trusted_network_setting() if trusted_network is None else trusted_network
+        )
         self.clients = [self._client(a) for a in agents]
         self.child = InferenceProcess()
         self.history: list[dict[str, str]] = []
@@ -386,9 +406,17 @@ class ChatSession:
         opted into --trusted-network, its direct address."""
         await client.subscribe()
         state = await client.start_rpc(threads=threads)
-        direct = client.hello is not None and "rpc-direct" in client.hello.features
-        if direct and state.endpoint:
+        offered = client.hello is not None and "rpc-direct" in client.hello.features
+        if offered and state.endpoint and self.trusted_network:
             return state
+        if offered:  # the agent's owner opted in, this desktop did not: the tunnel it is
+            note = (
+                f"agent {client.name} offers its RPC worker unauthenticated "
+                "(--trusted-network); this desktop uses the authenticated tunnel unless it opts "
+                f"in too ({TRUSTED_NETWORK_ENV}=1)"
+            )
+            if note not in self.warnings:
+                self.warnings = (*self.warnings, note)
         old = self.tunnels.pop(client.address, None)
         if old is not None:
             old.close()

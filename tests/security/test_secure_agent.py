@@ -443,3 +443,34 @@ def test_130_strangers_holding_connections_leave_room_for_the_paired_desktop(
     if not code_active:  # answered and closed at once: the docs' 0.75-3 s, not 5
         held = sorted(crowd.held)
         assert held[len(held) // 2] < 1.5, held[-5:]
+
+
+def test_direct_rpc_needs_the_desktop_to_opt_in_too(
+    smollm2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent started with --trusted-network offers its worker unauthenticated; the desktop
+    takes that only with CORRAL_TRUSTED_NETWORK=1, else it keeps the tunnel and says so."""
+    from corral.engine.runtime.errors import RuntimeFailure
+    from corral.engine.runtime.session import ChatSession, LoadSettings
+
+    async def load(trusted: bool | None) -> tuple[list[str], tuple[str, ...], list[str]]:
+        session = ChatSession(agents.addresses, trusted_network=trusted)
+        try:
+            await session.open(LoadSettings(model=smollm2, n_ctx=512))
+            reply = [f async for f in session.ask("Hi", max_tokens=2)]
+            assert reply[-1]["op"] == "done"
+            return list(session.tunnels), session.warnings, [w.endpoint for w in session.workers]
+        finally:
+            await session.close(stop_workers=True)
+
+    with LocalAgents(1, extra_args=("--trusted-network",)) as agents:
+        monkeypatch.delenv("CORRAL_TRUSTED_NETWORK", raising=False)
+        tunnels, warnings, _ = asyncio.run(load(None))
+        assert tunnels == agents.addresses  # the authenticated tunnel, not the direct port
+        assert any("CORRAL_TRUSTED_NETWORK=1" in w for w in warnings)
+        monkeypatch.setenv("CORRAL_TRUSTED_NETWORK", "1")
+        tunnels, warnings, endpoints = asyncio.run(load(None))
+        assert tunnels == [] and endpoints[0] and not any("offers" in w for w in warnings)
+    monkeypatch.setenv("CORRAL_TRUSTED_NETWORK", "yes")
+    with pytest.raises(RuntimeFailure, match="CORRAL_TRUSTED_NETWORK='yes' is not a setting"):
+        ChatSession([])
