@@ -42,6 +42,24 @@ log = logging.getLogger(__name__)
 _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
 
 
+def _owned_folder(folder: Path, close_it: bool = False) -> None:
+    """The admin socket's folder must be this user's own and closed to others: in /tmp
+    another user could have made it first and listen there for the pairing codes sent.
+    `close_it` (the agent) makes its own folder 0700 first."""
+    import stat
+
+    st = folder.lstat()
+    if close_it and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        os.chmod(folder, 0o700)
+        st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConnectionError(
+            f"{folder} is not a folder of this user's that only it can open (another local "
+            f"user may have made it): remove it, or use a shorter --state-dir so that the admin "
+            "socket lives there"
+        )
+
+
 def admin_socket_path(state_dir: Path) -> Path:
     """state_dir/admin.sock, or a short owner-only path when that one is too long to bind."""
     path = state_dir.resolve() / "admin.sock"
@@ -61,7 +79,7 @@ class AdminServer:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.path.parent, 0o700)
+        _owned_folder(self.path.parent, close_it=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a stale socket of a killed agent
         old = os.umask(0o177)
@@ -135,6 +153,8 @@ class AdminServer:
 async def ask(state_dir: Path, msg: Message, timeout: float = 5.0) -> Message:
     """Send one admin request to the agent running with `state_dir`; ConnectionError if none."""
     path = admin_socket_path(state_dir)
+    if path.parent.exists():
+        _owned_folder(path.parent)
     try:
         reader, writer = await within(asyncio.open_unix_connection(str(path)), timeout)
     except (FileNotFoundError, ConnectionRefusedError):

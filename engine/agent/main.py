@@ -58,13 +58,27 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def _code_arg(text: str) -> str:
-    from corral.engine.security.pairing import check_code_text
+    from corral.engine.security.pairing import check_chosen_code
 
     try:
-        check_code_text(text)
+        check_chosen_code(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _code_file_arg(text: str) -> str:
+    """--pairing-code-file: the code from the first line of a file, or of stdin for '-'
+    (a code on the command line is visible to every local user in `ps`)."""
+    try:
+        if text == "-":
+            line = sys.stdin.readline()
+        else:
+            with open(text, encoding="utf-8") as f:
+                line = f.readline()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read a pairing code from {text}: {exc}") from None
+    return _code_arg(line.strip())
 
 
 async def _run(opts: argparse.Namespace) -> int:
@@ -280,7 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_code_arg,
         metavar="CODE",
         help="use this pairing code instead of a random one (scripted setups; still one use, "
-        "5 minutes)",
+        "5 minutes; visible in `ps`: prefer --pairing-code-file)",
+    )
+    parser.add_argument(
+        "--pairing-code-file",
+        type=_code_file_arg,
+        dest="pairing_code",
+        metavar="PATH",
+        help="the pairing code from the first line of PATH ('-' reads it from stdin)",
     )
     parser.add_argument(
         "--trusted-network",

@@ -49,6 +49,19 @@ def check_code_text(code: str) -> str:
     return norm
 
 
+def check_chosen_code(code: str) -> str:
+    """A code the agent's owner chose (--pairing-code, `corral-agent pair --code`): usable,
+    and at least as hard to guess as a random one (8 digits, 10^8): 8 or more characters, or
+    6 or more with a letter among them (36^6 > 10^8). ValueError says what is wrong."""
+    norm = check_code_text(code)
+    if len(norm) < 8 and norm.isdigit():
+        raise ValueError(
+            f"a pairing code of {len(norm)} digits is easier to guess than the random one (8 "
+            "digits): use 8 or more characters, or 6 or more with letters"
+        )
+    return norm
+
+
 def _mac(key: bytes, role: bytes, fp_agent: str, fp_desktop: str) -> bytes:
     msg = b"corral-pair-v1|" + role + b"|" + fp_agent.encode() + b"|" + fp_desktop.encode()
     return hmac.new(key, msg, hashlib.sha256).digest()
@@ -96,7 +109,7 @@ class PairingGate:
     def issue(self, code: str = "", ttl: float = CODE_TTL) -> str:
         """A new code (random, or `code`), valid for `ttl` seconds; replaces any other."""
         shown = code.strip() or new_code()
-        self._code = _Code(check_code_text(shown), time.monotonic() + ttl)
+        self._code = _Code(check_chosen_code(shown), time.monotonic() + ttl)
         return shown
 
     def expires_in(self) -> float:

@@ -327,14 +327,24 @@ def test_a_frozen_lease_holder_loses_the_lease_after_the_timeout(
         holder.wait()
 
 
-def test_a_scripted_pair_sent_as_soon_as_the_port_accepts_succeeds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("given", ["argument", "file", "stdin"])
+def test_a_scripted_pair_sent_as_soon_as_the_port_accepts_succeeds(
+    tmp_path: Path, given: str
+) -> None:
     """The pairing code is active before the port opens: a setup script that pairs as soon
     as it can connect is not told "no pairing code active" (the agent announces on mDNS,
-    here on loopback only, between opening its port and printing its code)."""
+    here on loopback only, between opening its port and printing its code). The code comes
+    on the command line, or out of `ps`'s sight from a file or stdin."""
     with socket.socket() as s:  # a free port for the agent (tests only: the race is ours)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = "4821-0937"
+    (tmp_path / "code").write_text(code + "\n")
+    how = {
+        "argument": ["--pairing-code", code],
+        "file": ["--pairing-code-file", str(tmp_path / "code")],
+        "stdin": ["--pairing-code-file", "-"],
+    }[given]
     agent = subprocess.Popen(
         [
             sys.executable,
@@ -348,13 +358,15 @@ def test_a_scripted_pair_sent_as_soon_as_the_port_accepts_succeeds(tmp_path: Pat
             str(tmp_path / "agent" / "log"),
             "--advertise-interface",
             "lo",
-            "--pairing-code",
-            code,
+            *how,
             "--exit-with-parent",
         ],
+        stdin=(tmp_path / "code").open() if given == "stdin" else subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
+    if given != "argument":
+        assert code not in Path(f"/proc/{agent.pid}/cmdline").read_text()
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -474,3 +486,36 @@ def test_direct_rpc_needs_the_desktop_to_opt_in_too(
     monkeypatch.setenv("CORRAL_TRUSTED_NETWORK", "yes")
     with pytest.raises(RuntimeFailure, match="CORRAL_TRUSTED_NETWORK='yes' is not a setting"):
         ChatSession([])
+
+
+def test_a_chosen_pairing_code_is_no_easier_to_guess_than_a_random_one(tmp_path: Path) -> None:
+    weak = _agent_cli("--state-dir", str(tmp_path), "--pairing-code", "123456")
+    assert weak.returncode == 2 and "easier to guess than the random one" in weak.stderr
+    assert "Traceback" not in weak.stderr
+    from corral.engine.security.pairing import check_chosen_code
+
+    assert check_chosen_code("4821-0937") and check_chosen_code("bluefox")
+
+
+def test_the_admin_socket_folder_must_be_this_users_own(tmp_path: Path) -> None:
+    """The fallback folder in /tmp could be made first by another local user, to listen for
+    the pairing codes sent to the agent: neither the agent nor `corral-agent pair` uses one
+    that is not this user's and closed to others."""
+    from corral.engine.agent.admin import _owned_folder
+
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    with pytest.raises(ConnectionError, match="only it can open"):
+        _owned_folder(mine)  # a client does not fix it: it refuses
+    _owned_folder(mine, close_it=True)  # the agent closes its own folder
+    assert mine.stat().st_mode & 0o777 == 0o700
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    with pytest.raises(ConnectionError):
+        _owned_folder(link, close_it=True)
+    if os.getuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(ConnectionError, match="another local user"):
+            _owned_folder(theirs, close_it=True)
