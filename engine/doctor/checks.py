@@ -77,7 +77,12 @@ RELAY_FIX = "install a C compiler and OpenSSL's headers (apt install gcc libssl-
 def relay_check() -> Check:
     """Which data path this host's tunnels take: the hand-over (engine/security/_rpcshim.c),
     the native relay (_relay.c), or the Python TLS pumps."""
-    from corral.engine.security.tunnel import relay_mode, relay_only, relay_turned_off
+    from corral.engine.security.tunnel import (
+        relay_mode,
+        relay_only,
+        relay_turned_off,
+        unguarded_sends,
+    )
 
     mode = relay_mode()
     if mode == "inproc":
@@ -87,6 +92,17 @@ def relay_check() -> Check:
             "handed over: ggml-rpc's own sockets carry AES-256-GCM records keyed over TLS 1.3",
         )
     if mode == "native":
+        unsealed = unguarded_sends()
+        if unsealed:
+            return Check(
+                "tunnel",
+                WARN,
+                "native relay: the hand-over is off because this llama.cpp's ggml-rpc imports "
+                f"{', '.join(unsealed)}, which the hand-over does not seal (+56 µs a round "
+                "trip on an H200 host, docs/PERFORMANCE.md)",
+                "nothing to do: the relay keeps RPC inside TLS; the hand-over needs a ggml-rpc "
+                "that sends only through send() and recv() (llama-cpp-python 0.3.36 does)",
+            )
         if relay_only():
             return Check(
                 "tunnel",

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import importlib.machinery
+import importlib.util
 import logging
 import os
 import select
@@ -53,6 +55,7 @@ from corral.engine.protocol import (
 )
 
 from .channel import TlsFailed, set_nodelay
+from .elfsyms import ElfError, imported_functions
 from .tls import peer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -218,11 +221,71 @@ def _load_relay() -> Any:
     return _relay
 
 
+# Socket calls that send or receive besides the send()/recv() the shim seals: a ggml-rpc
+# library that imports any of them could move bytes past the record layer.
+_UNSEALED_CALLS = frozenset(
+    {
+        "write",
+        "writev",
+        "pwritev",
+        "pwritev2",
+        "sendmsg",
+        "sendmmsg",
+        "sendto",
+        "sendfile",
+        "sendfile64",
+        "splice",
+        "vmsplice",
+        "read",
+        "readv",
+        "recvmsg",
+        "recvmmsg",
+        "recvfrom",
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_submit",
+        "aio_write",
+        "aio_read",
+    }
+)
+
+
+def _ggml_rpc_library() -> Path | None:
+    """libggml-rpc of the installed llama-cpp-python, found without importing it."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        folder = Path(override)
+    else:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        folder = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    for name in ("libggml-rpc.so.0", "libggml-rpc.so"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+@functools.cache
+def unguarded_sends(library: str = "") -> tuple[str, ...]:
+    """The calls the ggml-rpc library imports that could move RPC bytes past the shim's
+    records (empty: the hand-over is safe). A library that cannot be read counts as unsafe."""
+    path = Path(library) if library else _ggml_rpc_library()
+    if path is None:
+        return ()  # no llama.cpp here: nothing to hand over to
+    try:
+        imported = imported_functions(path)
+    except (OSError, ElfError) as exc:
+        return (f"unreadable: {exc}",)
+    return tuple(sorted(imported & _UNSEALED_CALLS))
+
+
 def shim_file() -> str:
     """The in-process data path's library (`_rpcshim.c`); '' where it was not built, where
-    the relay cannot run (the shim needs its keys), or with CORRAL_RELAY=relay (the native
-    relay only, for comparison)."""
-    if _load_relay() is None or relay_only():
+    the relay cannot run (the shim needs its keys), with CORRAL_RELAY=relay (the native
+    relay only, for comparison), or where ggml-rpc sends through calls the shim does not
+    seal (unguarded_sends)."""
+    if _load_relay() is None or relay_only() or unguarded_sends():
         return ""
     here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
