@@ -11,6 +11,7 @@
 #define CORRAL_RECORDS_H
 
 #include <errno.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <stdint.h>
 #include <string.h>
@@ -57,17 +58,22 @@ static inline int record_seal(EVP_CIPHER_CTX *ctx, const unsigned char iv[IVLEN]
 }
 
 /* Open the complete record at `r` (its length n already checked) into `out` (n bytes);
- * 0 when it fails authentication. */
+ * 0 when it fails authentication. GCM decrypts before the tag is checked: a record that
+ * fails leaves `out` zeroed, so no unauthenticated byte reaches whoever owns that buffer
+ * (ggml-rpc's own, in the shim). */
 static inline int record_open(EVP_CIPHER_CTX *ctx, const unsigned char iv[IVLEN], uint64_t seq,
                               const unsigned char *r, size_t n, unsigned char *out) {
     unsigned char nonce[IVLEN];
     int len = 0, fin = 0;
     record_nonce(iv, seq, nonce);
-    return EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) &&
-           EVP_DecryptUpdate(ctx, NULL, &len, r, HDR) &&
-           EVP_DecryptUpdate(ctx, out, &len, r + HDR, (int)n) &&
-           EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG, (void *)(r + HDR + n)) &&
-           EVP_DecryptFinal_ex(ctx, out + len, &fin) > 0;
+    int ok = EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) &&
+             EVP_DecryptUpdate(ctx, NULL, &len, r, HDR) &&
+             EVP_DecryptUpdate(ctx, out, &len, r + HDR, (int)n) &&
+             EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG, (void *)(r + HDR + n)) &&
+             EVP_DecryptFinal_ex(ctx, out + len, &fin) > 0;
+    if (!ok)
+        OPENSSL_cleanse(out, n);
+    return ok;
 }
 
 /* All of buf, retrying short writes and EINTR; -1 with errno on error. */
