@@ -23,7 +23,7 @@ from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.security.desktop import DesktopKeys
 from tests.support.strangers import ALL_KINDS as KINDS
-from tests.support.strangers import SERVED, Crowd, attempt, rss_mib
+from tests.support.strangers import SERVED, Crowd, attempt, paired_connects, rss_mib
 
 
 async def _ping_ms(address: str) -> float:
@@ -34,21 +34,6 @@ async def _ping_ms(address: str) -> float:
         await client.ping()
     await client.close()
     return (time.perf_counter() - t0) / 20 * 1000
-
-
-async def _connects(address: str, n: int) -> int:
-    ok = 0
-    for _ in range(n):
-        client = AgentClient(address)
-        try:
-            await client.connect()
-            await client.ping()
-            ok += 1
-        except Exception:
-            pass
-        finally:
-            await client.close()
-    return ok
 
 
 def main() -> int:
@@ -77,7 +62,7 @@ def main() -> int:
             rss = [rss_mib(pid)]
             with Crowd(address, opts.holders, opts.bombs) as crowd:
                 time.sleep(2)
-                ok = asyncio.run(_connects(address, opts.connects))
+                ok = paired_connects(address, opts.connects)
                 rss.append(rss_mib(pid))
             held = sorted(crowd.held) or [0.0]
             print(

@@ -306,7 +306,6 @@ class AgentServer:
         conn: _Conn | None = None
         source = ""
         stranger = False  # holds an unpaired slot
-        handshaking = False
         try:
             await asyncio.sleep(0)  # let connection_made run: the peer's address is known
             source = str(proto.peername[0]) if proto.peername else ""
@@ -319,14 +318,12 @@ class AgentServer:
                 proto.abort()
                 return
             self._handshaking[source] += 1
-            handshaking = True
             try:
                 await proto.handshake
             except (ConnectionError, OSError):
                 return
             finally:
                 self._handshaking[source] -= 1
-                handshaking = False
             fp = proto.peer_fingerprint
             peer = self.pins.find(fp) if fp else None
             if fp and peer is None:  # verified by OpenSSL, but unpaired since
@@ -355,8 +352,6 @@ class AgentServer:
             log.exception("internal error serving %s", proto.peername)
             self._send_error(proto, 0, ErrorCode.INTERNAL, "internal agent error; see its log")
         finally:
-            if handshaking:
-                self._handshaking[source] -= 1
             if stranger:
                 self._strangers[source] -= 1
             for counts in (self._handshaking, self._strangers):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from typing import Any
 _SHAPE = {"n_layer": 2, "n_embd": 256, "n_head": 4, "n_head_kv": 2, "n_ff": 512, "n_vocab": 384}
 _PROMPT = [1] + [259 + (i * 37) % 125 for i in range(31)]  # one batch: the matrix-matrix path
 _STEPS = [300, 301, 350, 290, 333, 270]  # one token each: the matrix-vector path
-_EXTRA_BUFFER = re.compile(r"\s(AMX|\S*_REPACK|KLEIDIAI\S*)\s+model buffer size =\s+([\d.]+) MiB")
 
 
 def _emit(**event: Any) -> None:
@@ -91,12 +89,11 @@ def _logits(model_path: Path, extra: bool, threads: int) -> Any:
 
 def _used_buffers(lines: list[str]) -> dict[str, float]:
     """The extra CPU buffers llama.cpp logged, MiB each."""
-    sizes: dict[str, float] = {}
-    for line in lines:
-        m = _EXTRA_BUFFER.search(line)
-        if m:
-            sizes[m.group(1)] = sizes.get(m.group(1), 0.0) + float(m.group(2))
-    return sizes
+    from .kernelcheck import is_extra_buffer
+    from .loadlog import parse_load_log
+
+    model = parse_load_log(lines).buffers.get("model", {})
+    return {name: mib for name, mib in model.items() if is_extra_buffer(name)}
 
 
 def main(argv: list[str] | None = None) -> int:

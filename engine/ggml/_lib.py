@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -50,6 +51,18 @@ def _lib_file(lib_dir: Path, name: str) -> Path | None:
     return None
 
 
+def installed_lib_dir() -> Path | None:
+    """The installed llama-cpp-python's lib folder (or LLAMA_CPP_LIB_PATH), found without
+    importing it: for checks that must not map llama.cpp into their own process."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        return Path(override)
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+
+
 @functools.cache
 def load() -> Libs:
     """Import llama_cpp (which maps libllama and its ggml) and open the same ggml files."""
@@ -61,8 +74,7 @@ def load() -> Libs:
             f"llama-cpp-python is not installed ({exc}). Run `make .venv` in the Corral "
             "checkout, or `python packaging/install_llama.py`."
         ) from None
-    override = os.environ.get("LLAMA_CPP_LIB_PATH")
-    lib_dir = Path(override) if override else Path(raw.__file__).parent / "lib"
+    lib_dir = installed_lib_dir() or Path(raw.__file__).parent / "lib"
     libs: dict[str, ctypes.CDLL] = {}
     for name in _LIB_NAMES:
         path = _lib_file(lib_dir, name)

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -38,7 +36,9 @@ import platformdirs
 
 from corral.engine.procs import exit_text
 
+from ._lib import installed_lib_dir
 from .errors import GgmlError
+from .loadlog import parse_load_log
 
 # The weight types people run (llama.cpp ftype names, quantized "pure": every 2-D tensor in
 # that type). q4_k_s / q5_k_s are the K-quant files whose matmuls are Q4_K / Q5_K.
@@ -147,19 +147,9 @@ class KernelVerdict:
 # ---------------------------------------------------------------- identity and cache
 
 
-def _lib_dir() -> Path | None:
-    override = os.environ.get("LLAMA_CPP_LIB_PATH")
-    if override:
-        return Path(override)
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "lib"
-
-
 def build_fingerprint() -> str:
     """The installed llama.cpp's CPU backend, by content (a rebuild with other flags differs)."""
-    lib_dir = _lib_dir()
+    lib_dir = installed_lib_dir()
     if lib_dir is None or not lib_dir.is_dir():
         return "no-llama-cpp"
     digest = hashlib.sha256()
@@ -370,13 +360,15 @@ def _with_factor(result: PathResult, work: Path, run: _Run) -> PathResult:
     from corral.engine.planner.placement import HOST
     from corral.engine.planner.plan import host_extra_bytes
 
+    if result.path != EXTRA:
+        return result
     try:
         spec = read_model_spec(work / f"{result.wtype}.gguf")
     except ModelError:
         return result
     gtype = spec.layers[0].matmuls[0][0] if spec.layers and spec.layers[0].matmuls else -1
     logged = sum(run.extra_mib.get(result.wtype, {}).values()) * (1 << 20)
-    if result.path != EXTRA or gtype < 0 or not logged:
+    if gtype < 0 or not logged:
         return replace(result, ggml_type=gtype)
     on_host = [HOST] * (spec.n_layer + 1)
     every_type = {t: 1.0 for layer in spec.layers for t, _ in layer.matmuls}
@@ -403,12 +395,13 @@ def run_selftest(
     threads: int | None = None,
     timeout: float = 180.0,
     store: bool = True,
+    key: str = "",
 ) -> KernelVerdict:
     """Run the self-test now (seconds; each path in child processes) and cache the verdict.
 
     `child` is the command of the child that runs one path (tests put a wrapper there that
     crashes on purpose)."""
-    key = host_key()
+    key = key or host_key()
     cpu = cpu_fingerprint()[0]
     threads = threads or max(1, min(4, os.cpu_count() or 1))
     t0 = time.perf_counter()
@@ -457,7 +450,8 @@ def run_selftest(
 
 def verdict() -> KernelVerdict:
     """The cached verdict for this build and CPU, running the self-test first if there is none."""
-    return cached_verdict() or run_selftest()
+    key = host_key()  # hashes the CPU backend's library: once
+    return cached_verdict(key) or run_selftest(key=key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,7 +500,6 @@ def extra_buffers_setting() -> CpuKernels:
 # Signals that mean native code went wrong (a bad kernel, an instruction the CPU lacks),
 # as opposed to SIGABRT (llama.cpp's own GGML_ABORT: a lost worker, a refused op) or a kill.
 NATIVE_CRASHES = ("SIGSEGV", "SIGILL", "SIGBUS", "SIGFPE")
-_BUFFER_NAME = re.compile(r"\s(\S+?)(?:\[[^\]]*\])?\s+model buffer size")
 _PHASES = (
     ("in generate", "while computing a reply"),
     ("in _decode", "while computing the prompt"),
@@ -521,17 +514,16 @@ def crash_hint(how: str, log_lines: Sequence[str], doctor: str = "corral doctor"
     running, which backend the load log put in play, and what to run next. "" otherwise."""
     if not any(sig in how for sig in NATIVE_CRASHES):
         return ""
-    buffers: list[str] = []
+    # RPC buffers are named RPC0[endpoint]: the device is enough here
+    named = parse_load_log(log_lines).buffers.get("model", {})
+    buffers = list(dict.fromkeys(name.split("[")[0] for name in named))
     phase = ""
     for line in log_lines:
-        m = _BUFFER_NAME.search(line)
-        if m and m.group(1) not in buffers:
-            buffers.append(m.group(1))
         for marker, said in _PHASES:
             if line.strip().startswith("File ") and line.rstrip().endswith(marker):
                 phase = phase or said  # faulthandler lists the innermost frame first
     where = f" {phase}" if phase else ""
-    extra = [b for b in buffers if b == "AMX" or b.endswith("_REPACK")]
+    extra = [b for b in buffers if is_extra_buffer(b)]
     if extra:
         what = (
             f"in ggml's {'/'.join(extra)} CPU kernels{where} (this load put weights in "

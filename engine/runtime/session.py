@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.engine.aio import within
-from corral.engine.ggml.kernelcheck import crash_hint
+from corral.engine.ggml.kernelcheck import crash_hint, is_extra_buffer
 from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.model.spec import ModelError, ModelSpec, read_model_spec
@@ -386,9 +386,7 @@ class ChatSession:
             comparison=compare(exact, loaded.get("buffers", {})),
             cpu_kernels=str(kernels.get("summary", "")),
             cpu_buffers=tuple(
-                name
-                for name in loaded.get("buffers", {}).get("model", {})
-                if name == "AMX" or name.endswith("_REPACK")
+                name for name in loaded.get("buffers", {}).get("model", {}) if is_extra_buffer(name)
             ),
         )
         return self.result

@@ -165,11 +165,7 @@ class TlsConnection(asyncio.Protocol):
                 self._decoder.ready() or self._decoder.buffered > self._decoder.limits.max_frame + 4
             )
         except ProtocolError as exc:
-            # the stream cannot be framed any more: stop reading, but leave the connection
-            # open so the owner can say why before it closes
-            self.transport.pause_reading()
-            self._paused = True
-            self._finish(exc)
+            self._unframeable(exc)
             return
         if full and not self._paused:
             self.transport.pause_reading()
@@ -177,6 +173,14 @@ class TlsConnection(asyncio.Protocol):
         elif not full and self._paused:
             self.transport.resume_reading()
             self._paused = False
+
+    def _unframeable(self, exc: ProtocolError) -> None:
+        """The stream cannot be framed any more: stop reading, but leave the connection open
+        so the owner can say why before it closes."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self._paused = True
+        self._finish(exc)
 
     def _no_client_hello(self) -> None:
         # cancelled by `_flush` once the server answers a whole ClientHello
@@ -239,10 +243,7 @@ class TlsConnection(asyncio.Protocol):
                     self._flow()
                     return frame
             except ProtocolError as exc:
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.pause_reading()
-                    self._paused = True
-                self._finish(exc)
+                self._unframeable(exc)
                 raise
             if self._error is not None:
                 raise self._error

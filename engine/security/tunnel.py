@@ -29,7 +29,6 @@ import atexit
 import contextlib
 import functools
 import importlib.machinery
-import importlib.util
 import logging
 import os
 import select
@@ -252,16 +251,11 @@ _UNSEALED_CALLS = frozenset(
 
 def _ggml_rpc_library() -> Path | None:
     """libggml-rpc of the installed llama-cpp-python, found without importing it."""
-    override = os.environ.get("LLAMA_CPP_LIB_PATH")
-    if override:
-        folder = Path(override)
-    else:
-        spec = importlib.util.find_spec("llama_cpp")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        folder = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    from corral.engine.ggml._lib import installed_lib_dir
+
+    folder = installed_lib_dir()
     for name in ("libggml-rpc.so.0", "libggml-rpc.so"):
-        if (folder / name).is_file():
+        if folder is not None and (folder / name).is_file():
             return folder / name
     return None
 

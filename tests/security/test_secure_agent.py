@@ -43,7 +43,7 @@ from corral.engine.security.pairing import (
 )
 from corral.engine.security.tls import client_context
 from tests.conftest import corral
-from tests.support.strangers import KINDS, SERVED, Crowd, attempt, rss_mib
+from tests.support.strangers import KINDS, SERVED, Crowd, attempt, paired_connects, rss_mib
 
 
 def _agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -386,24 +386,6 @@ def test_a_scripted_pair_sent_as_soon_as_the_port_accepts_succeeds(
         agent.wait(timeout=30)
 
 
-def _paired_connects(address: str, n: int = 8) -> int:
-    async def run() -> int:
-        ok = 0
-        for _ in range(n):
-            client = AgentClient(address)
-            try:
-                await client.connect()
-                await client.ping()
-                ok += 1
-            except Exception:
-                pass
-            finally:
-                await client.close()
-        return ok
-
-    return asyncio.run(run())
-
-
 def test_strangers_frames_cannot_blow_up_the_agent(two_agents: LocalAgents) -> None:
     """Four certificate-less peers each send Hello and a 4 MiB frame of nested empty arrays
     at once: an unpaired peer's frames are capped at 16 KiB, so they are refused by their
@@ -413,11 +395,11 @@ def test_strangers_frames_cannot_blow_up_the_agent(two_agents: LocalAgents) -> N
     before = rss_mib(pid)
     peak = before
     with Crowd(address, holders=0, bombs=4) as crowd:
-        while any(t.is_alive() for t in crowd._threads):
+        while crowd.alive():
             peak = max(peak, rss_mib(pid))
             time.sleep(0.01)
     assert peak - before < 64, (before, peak)
-    assert _paired_connects(address, 1) == 1
+    assert paired_connects(address, 1) == 1
 
 
 def test_an_unpaired_peer_is_held_to_small_frames_and_a_paired_one_is_not() -> None:
@@ -450,7 +432,7 @@ def test_130_strangers_holding_connections_leave_room_for_the_paired_desktop(
     before = rss_mib(pid)
     with Crowd(address, holders=130, bombs=2) as crowd:
         time.sleep(2)  # they are all in, or have been turned away
-        assert _paired_connects(address) == 8
+        assert paired_connects(address) == 8
         assert rss_mib(pid) - before < 64
     if not code_active:  # answered and closed at once: the docs' 0.75-3 s, not 5
         held = sorted(crowd.held)

@@ -115,6 +115,9 @@ class Crowd:
             t.start()
         return self
 
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         for t in self._threads:
@@ -147,3 +150,26 @@ class Crowd:
 
     def _bomb(self) -> None:
         self._connect(_hello() + nested_frame())
+
+
+def paired_connects(address: str, n: int = 8) -> int:
+    """How many of `n` connects (connect, ping, close) this desktop's paired client makes."""
+    import asyncio
+
+    from corral.engine.runtime.agent_client import AgentClient
+
+    async def run() -> int:
+        ok = 0
+        for _ in range(n):
+            client = AgentClient(address)
+            try:
+                await client.connect()
+                await client.ping()
+                ok += 1
+            except Exception:
+                pass
+            finally:
+                await client.close()
+        return ok
+
+    return asyncio.run(run())
