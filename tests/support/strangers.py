@@ -107,6 +107,7 @@ class Crowd:
         self.port = int(port)
         self.stop = threading.Event()
         self.held: list[float] = []  # seconds each holder's connection lasted
+        self.closed_by_agent = 0  # holder connections the agent ended (not the crowd)
         self._threads = [threading.Thread(target=self._hold, daemon=True) for _ in range(holders)]
         self._threads += [threading.Thread(target=self._bomb, daemon=True) for _ in range(bombs)]
 
@@ -130,16 +131,19 @@ class Crowd:
             time.sleep(0.05)
             return
         t0 = time.monotonic()
+        ended = False
         try:
             sock = client_context(None).wrap_socket(raw)
             sock.sendall(payload)
             while sock.recv(65536) and not self.stop.is_set():
                 pass
+            ended = not self.stop.is_set()
         except (OSError, ssl.SSLError):
-            pass  # closed on us
+            ended = True  # closed on us
         finally:
             if len(payload) < 1024:
                 self.held.append(time.monotonic() - t0)
+                self.closed_by_agent += ended
             raw.close()
         time.sleep(0.05)
 
