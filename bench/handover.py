@@ -23,15 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from corral.engine.security.tunnel import hand_over, relay_keys, shim_file
+from corral.engine.security.tunnel import TUNNEL_HOST, hand_over, relay_keys, shim_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tunnel import recv_exactly, rotated  # bench/tunnel.py, beside this file
 
 
-def serve(port: int) -> None:
-    """The worker's side (a process of its own): answer each message with 12 bytes."""
-    srv = socket.create_server(("127.0.0.1", port))
+def serve(host: str, port: int) -> None:
+    """The worker's side (a process of its own): answer each message with 12 bytes. With the
+    shim, TUNNEL_HOST:port binds nothing and accept() takes the hand-over."""
+    srv = socket.create_server((host, port))
     print("ready", flush=True)
     c, _ = srv.accept()
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as ggml-rpc does
@@ -43,10 +44,10 @@ def serve(port: int) -> None:
             c.sendall(bytes(4))
 
 
-def client(port: int, size: int, count: int) -> float:
+def client(host: str, port: int, size: int, count: int) -> float:
     """The inference child's side (a process of its own): mean µs per round trip, written in
     three pieces as ggml-rpc writes a command."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s = socket.create_connection((host, port), timeout=20)
     s.settimeout(None)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as ggml-rpc does
     payload = bytes(size)
@@ -81,11 +82,14 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 
 def round_trip(size: int, count: int, handed: bool, lib: str) -> float:
     folder = tempfile.mkdtemp(prefix="corral-b-", dir="/tmp")
-    port, asked = _free_port(), 1  # the client asks 127.0.0.1:1, which only a hand-over answers
+    # handed over: the client asks TUNNEL_HOST:1, which only a hand-over answers, and the
+    # server's TUNNEL_HOST:port is a label; plain: both on a free loopback port
+    port, asked = (4242, 1) if handed else (_free_port(), 0)
+    host = TUNNEL_HOST if handed else "127.0.0.1"
     shim = {"LD_PRELOAD": lib, "CORRAL_RPCSHIM_PRELOAD_WAS": ""} if handed else {}
     listen = os.path.join(folder, "worker")
     server = _spawn(
-        ["--serve", str(port)],
+        ["--serve", host, str(port)],
         {**shim, "CORRAL_RPCSHIM_LISTEN": listen, "CORRAL_RPCSHIM_PORT": str(port)}
         if handed
         else {},
@@ -93,13 +97,13 @@ def round_trip(size: int, count: int, handed: bool, lib: str) -> float:
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         if not handed:
-            proc = _spawn(["--client", str(port), str(size), str(count)], {})
+            proc = _spawn(["--client", host, str(port), str(size), str(count)], {})
             return float(proc.communicate(timeout=600)[0])
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as desk:
             desk.bind(os.path.join(folder, str(asked)))
             desk.listen(1)
             proc = _spawn(
-                ["--client", str(asked), str(size), str(count)],
+                ["--client", host, str(asked), str(size), str(count)],
                 {**shim, "CORRAL_RPCSHIM_CONNECT": folder},
             )
             with socket.create_server(("127.0.0.1", 0)) as lsn:
@@ -131,16 +135,18 @@ def main() -> int:
     parser.add_argument(
         "--also",
         default="",
-        help="another build of the shim to measure beside this one (e.g. an older one)",
+        help="another build of the shim to measure beside this one (one that knows the "
+        "tunnel address, 127.82.80.67)",
     )
-    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # round_trip's worker
-    parser.add_argument("--client", type=int, nargs=3, help=argparse.SUPPRESS)  # and client
+    parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)  # round_trip's worker
+    parser.add_argument("--client", nargs=4, help=argparse.SUPPRESS)  # and its client
     opts = parser.parse_args()
     if opts.serve:
-        serve(opts.serve)
+        serve(opts.serve[0], int(opts.serve[1]))
         return 0
     if opts.client:
-        print(client(*opts.client))
+        host, *numbers = opts.client
+        print(client(host, *(int(x) for x in numbers)))
         return 0
     libs = [shim_file()] + ([opts.also] if opts.also else [])
     if not libs[0]:

@@ -144,7 +144,8 @@ def rtt_us_apart(endpoint: str, count: int, env: dict[str, str]) -> float:
 
 # the paths compared: each gets its own two agents (a ggml RPC worker serves one client)
 PATHS = {
-    "direct": "direct to the workers' loopback ports",
+    "direct": "direct to the workers' loopback ports (agents without the hand-over, whose "
+    "workers listen on TCP)",
     "tunnel": "Corral tunnel, handed over (AES-256-GCM keyed by TLS 1.3 mutual auth)",
     "relay": "Corral tunnel, native relays (CORRAL_RELAY=relay)",
     "python": "Corral tunnel, Python TLS pumps (CORRAL_RELAY=off)",
@@ -165,13 +166,18 @@ async def run(opts: argparse.Namespace) -> dict:
         + (["python"] if opts.python_tunnel else [])
     )
     env = {"python": {"CORRAL_RELAY": "off"}, "relay": {"CORRAL_RELAY": "relay"}}
+    # a worker with the hand-over listens on no TCP port: the direct path's agents run
+    # without it, so their workers take plain TCP clients on 127.0.0.1 (docs/SECURITY.md)
+    agent_env = {**env, "direct": {"CORRAL_RELAY": "relay"}}
     # One pair of agents per path, all models loaded: a ggml RPC worker serves one client at
     # a time, and reloading per round would add more noise than it measures. Each path's
     # agents and inference child run with its CORRAL_RELAY: "python" agents answer
     # OpenTunnel without a relay share, so both ends keep TLS records; "relay" ones keep
     # their native relay and do not hand connections over.
     with contextlib.ExitStack() as stack:
-        agents = {path: stack.enter_context(LocalAgents(2, env=env.get(path))) for path in paths}
+        agents = {
+            path: stack.enter_context(LocalAgents(2, env=agent_env.get(path))) for path in paths
+        }
         clients, tunnels = [], {path: [] for path in paths if path != "direct"}
         endpoints: dict[str, list[str]] = {path: [] for path in paths}
         devices = tuple(opts.devices.split(",")) if opts.devices else ()
@@ -183,8 +189,9 @@ async def run(opts: argparse.Namespace) -> dict:
                 clients.append(client)
                 if path == "direct":
                     endpoints[path].append(worker_endpoint(agents[path].state_dir(i)))
-                else:
-                    tunnels[path].append(client.open_tunnel())
+                else:  # its endpoint is the kind this path's inference child can reach
+                    with environ(env.get(path, {})):
+                        tunnels[path].append(client.open_tunnel())
                     endpoints[path].append(tunnels[path][-1].endpoint)
         res: dict[str, list[float]] = {p: [] for p in paths}
         ratios: dict[str, list[float]] = {p: [] for p in paths if p != "direct"}

@@ -15,8 +15,10 @@ for several workers, the desktop bundle).
 -march=native): for hosts whose CPU reports AMX but cannot run it, where the CPU-kernel
 self-test fails the AMX path (docs/CPU-KERNELS.md); the AVX-512 repacked kernels stay.
 
-After installing it runs the CPU-kernel self-test (corral.engine.ggml.kernelcheck) once for
-the new build and this CPU and prints its verdict, which every later load follows.
+After installing it refuses a build whose libraries each carry their own C++ runtime (a
+compiler that links libstdc++ statically: every model load would crash) and says how to build
+with the system compiler; then it runs the CPU-kernel self-test (corral.engine.ggml.kernelcheck)
+once for the new build and this CPU and prints its verdict, which every later load follows.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def wheel_dir(args: str, cflags: str = "") -> Path:
     """The cache folder for one version and set of build flags (outside any clone)."""
     cache = Path(os.environ.get("CORRAL_WHEEL_CACHE", Path.home() / ".cache" / "corral" / "wheels"))
     flags = f"{VERSION} {args} {sys.version_info[:2]}" + (f" cflags={cflags}" if cflags else "")
+    for var in ("CC", "CXX"):  # another compiler makes another build (CMake takes these)
+        if os.environ.get(var):
+            flags += f" {var}={os.environ[var]}"
     key = hashlib.sha256(flags.encode()).hexdigest()[:12]
     return cache / f"llama-cpp-python-{VERSION}-{key}"
 
@@ -103,6 +108,17 @@ def _marker(python: str) -> Path | None:
         text=True,
     )
     return Path(out.stdout.strip()) / ".corral-build" if out.returncode == 0 else None
+
+
+def _own_cxx_runtimes(python: str) -> list[str]:
+    """The installed build's libraries that carry their own C++ runtime (buildinfo's check;
+    none where Corral itself is not installed yet)."""
+    code = (
+        "from corral.engine.ggml.buildinfo import own_cxx_runtimes; "
+        "print(' '.join(own_cxx_runtimes()))"
+    )
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    return out.stdout.split() if out.returncode == 0 else []
 
 
 def _self_test(python: str) -> None:
@@ -189,6 +205,17 @@ def main() -> int:
         print(
             f"error: the llama-cpp-python in {target} does not support RPC "
             "(llama_supports_rpc() is False). Delete that folder and run `make .venv` again.",
+            file=sys.stderr,
+        )
+        return 1
+    copies = _own_cxx_runtimes(python)
+    if copies:
+        shutil.rmtree(target, ignore_errors=True)  # never reused: the next run builds again
+        print(
+            f"error: this build's {', '.join(copies)} carry their own copy of the C++ runtime "
+            "(the compiler links libstdc++ statically), which crashes every model load. "
+            "Build with the system compiler: CC=/usr/bin/gcc CXX=/usr/bin/g++ python "
+            "packaging/install_llama.py (docs/CPU-KERNELS.md)",
             file=sys.stderr,
         )
         return 1

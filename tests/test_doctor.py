@@ -17,7 +17,7 @@ import pytest
 
 import corral
 from corral.engine.security.pairing import new_code
-from tests.support.builds import corral_of_version, without_rpc
+from tests.support.builds import corral_of_version, with_own_cxx_runtime, without_rpc
 from tests.support.netns import Lan, LanUnavailable
 from tests.support.watch import start_agent as start_lan_agent
 
@@ -174,6 +174,19 @@ def test_no_rpc_support_in_the_build(desktop: Path, tmp_path: Path) -> None:
     assert checks["llama.cpp build"]["status"] == "pass"  # it loads; it just lacks RPC
     worker = agent_doctor("--state-dir", str(tmp_path / "agent"), env=env)
     assert worker["RPC support"]["status"] == "fail"
+
+
+def test_a_build_whose_libraries_carry_their_own_cxx_runtime_fails(
+    desktop: Path, tmp_path: Path
+) -> None:
+    """A toolchain that links libstdc++ statically into each library (an H200 image's
+    /opt/gcc): the doctor names the library and the rebuild, before a load crashes."""
+    env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(with_own_cxx_runtime(tmp_path / "lib")))
+    checks = corral_doctor("--wait", "0", env=env)
+    runtime = checks["C++ runtime"]
+    assert runtime["status"] == "fail", runtime
+    assert "libggml-rpc.so" in runtime["detail"] and "CXX=/usr/bin/g++" in runtime["fix"]
+    assert "C++ runtime" not in corral_doctor("--wait", "0")  # the installed build is fine
 
 
 def test_an_agent_of_another_version(desktop: Path, tmp_path: Path, agents: list[Agent]) -> None:

@@ -1,9 +1,9 @@
-"""The RPC tunnel endpoint: a TCP forwarder from the agent's address to the loopback worker.
+"""--trusted-network's plain endpoint: a TCP forwarder from the agent's address to the worker.
 
-The ggml RPC port is unauthenticated, so the worker binds 127.0.0.1 only and remote desktops
-reach it through here (the security issue wraps this in mutual TLS). Protocol objects write
-straight into the peer transport, with flow control both ways, and TCP_NODELAY on both
-sockets: ggml-rpc writes 1-byte and 8-byte pieces separately.
+The ggml RPC port is unauthenticated; desktops reach the worker through the authenticated
+tunnel, and through here only where the agent's owner opted in (--trusted-network).
+Protocol objects write straight into the peer transport, with flow control both ways, and
+TCP_NODELAY on both sockets: ggml-rpc writes 1-byte and 8-byte pieces separately.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ class _Half(asyncio.Protocol):
 
 
 class Forwarder:
-    """Listens on (host, port) and connects each client to `target()` (host, port)."""
+    """Listens on (host, port) and connects each client to the worker with the function
+    `target()` returns (None: not running), called with a timeout in a thread."""
 
-    def __init__(self, target: Callable[[], tuple[str, int] | None]) -> None:
+    def __init__(self, target: Callable[[], Callable[[float], socket.socket] | None]) -> None:
         self._target = target
         self._server: asyncio.Server | None = None
         self._connections: set[_Half] = set()
@@ -90,16 +91,18 @@ class Forwarder:
         return down
 
     async def _connect(self, down: _Half) -> None:
-        target = self._target()
-        if target is None:
+        connect = self._target()
+        if connect is None:
             if down.transport is not None:
                 down.transport.close()
             return
         loop = asyncio.get_running_loop()
         try:
-            _, up = await loop.create_connection(lambda: _Half(self._connections), *target)
+            sock = await loop.run_in_executor(None, connect, 5.0)
+            sock.setblocking(False)
+            _, up = await loop.connect_accepted_socket(lambda: _Half(self._connections), sock)
         except OSError as exc:
-            log.warning("tunnel: worker at %s:%s unreachable: %s", *target, exc)
+            log.warning("tunnel: the RPC worker is unreachable: %s", exc)
             if down.transport is not None:
                 down.transport.close()
             return

@@ -514,6 +514,17 @@ class AgentServer:
         assert self._ggml is not None
         return await asyncio.shield(self._ggml)
 
+    def _holds_lease(self, conn: _Conn, holder: _Conn | None) -> bool:
+        """Whether `holder` still holds the lease, for `conn`'s desktop, on a running worker."""
+        return (
+            holder is not None
+            and self._lease is holder
+            and holder.peer is not None
+            and conn.peer is not None
+            and holder.peer.fingerprint == conn.peer.fingerprint
+            and self.supervisor.running
+        )
+
     def _in_use(self, conn: _Conn, req: int) -> ErrorReply | None:
         """The refusal for `conn` when another session holds the lease."""
         holder = self._lease
@@ -601,8 +612,7 @@ class AgentServer:
             )
             conn.proto.send(to_wire(refused))
             return False
-        port = self.supervisor.worker_port
-        if not port:
+        if not self.supervisor.running:
             conn.proto.send(
                 to_wire(
                     ErrorReply(
@@ -629,9 +639,7 @@ class AgentServer:
             if handover:
                 plain = await loop.run_in_executor(None, _unix_connection, handover)
             else:
-                plain = await loop.run_in_executor(
-                    None, socket.create_connection, ("127.0.0.1", port), 5.0
-                )
+                plain = await loop.run_in_executor(None, self.supervisor.connect_plain, 5.0)
         except OSError as exc:
             conn.proto.send(
                 to_wire(
@@ -643,15 +651,26 @@ class AgentServer:
                 )
             )
             return False
+        if not self._holds_lease(conn, holder) or (
+            handover and handover != self.supervisor.worker_handover
+        ):  # while this waited: the lease ended, moved, or the worker restarted
+            plain.close()
+            refused = self._in_use(conn, msg.req) or ErrorReply(
+                msg.req,
+                int(ErrorCode.NOT_READY),
+                "the lease or the RPC worker changed while the tunnel opened: try again",
+            )
+            conn.proto.send(to_wire(refused))
+            return False
         sock, obj, inc, out, rest = await conn.proto.detach()
         self._conns.discard(conn)
         # the records when both ends have them: the desktop sends nothing more through
         # TLS after OpenTunnel, so there is no plaintext left over to carry across
         ours = relay_share() if msg.relay and not rest and not obj.pending() else b""
-        if handover and not ours:  # a hand-over carries records only: plain TCP after all
+        if handover and not ours:  # a hand-over carries records only: a plain stream after all
             plain.close()
             try:
-                plain = socket.create_connection(("127.0.0.1", port), 5.0)
+                plain = self.supervisor.connect_plain(5.0)
             except OSError:
                 sock.close()
                 return True

@@ -1,8 +1,12 @@
 """Runs the RPC worker child, restarts it with backoff when it dies, and reports every change.
 
-The worker binds 127.0.0.1 on a port chosen per start and is reached only through the
-authenticated tunnel on the control port (the server hands those connections to
-`worker_port`). With --trusted-network, a plain Forwarder also exposes it on a port that stays
+The worker is reached only through the authenticated tunnel on the control port (the server
+hands those connections over, or connects with `connect_plain`). Where the shim runs, the
+worker listens on no TCP port at all: its endpoint is `TUNNEL_HOST:LABEL` and the shim
+takes connections on a Unix socket (0600, in the agent's 0700 folder), so no other local
+user can speak raw ggml-rpc to it. Without the shim it binds 127.0.0.1 on a port chosen per
+start, checked to be the worker's own once it answers; docs/SECURITY.md says what that
+leaves open. With --trusted-network, a plain Forwarder also exposes it on a port that stays
 the same across restarts; that is the explicit, warned opt-in.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -23,7 +28,14 @@ from corral.engine.ggml.kernelcheck import crash_hint
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.procs import RPC_PROCESS_ENV, exit_text
 from corral.engine.protocol import WorkerState
-from corral.engine.security.tunnel import handover_dir, shim_env
+from corral.engine.security.loopback import listener_held_by
+from corral.engine.security.tunnel import (
+    TUNNEL_HOST,
+    handover_dir,
+    new_label,
+    plain_to_worker,
+    shim_env,
+)
 
 from .config import WorkerSettings
 from .forward import Forwarder
@@ -61,6 +73,8 @@ class WorkerStartError(Exception):
 
 
 def _free_port() -> int:
+    """A loopback port for a worker without the shim; the worker binds it later, so
+    `_spawn_and_wait` checks that the listener it then finds is the worker's."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -160,9 +174,21 @@ class RpcSupervisor:
     # ------------------------------------------------------------------ internals
 
     @property
-    def worker_port(self) -> int:
-        """The running worker's loopback port, 0 when it is not running."""
-        return self._port if self._status == "running" else 0
+    def running(self) -> bool:
+        return self._status == "running"
+
+    def connect_plain(self, timeout: float = 5.0) -> socket.socket:
+        """A plain ggml-rpc connection to the running worker (blocking): over the shim's
+        Unix socket, else its loopback port. OSError when it is not running."""
+        if self._status != "running":
+            raise ConnectionRefusedError("the RPC worker is not running")
+        return self._connect(self._handover, self._port, timeout)
+
+    @staticmethod
+    def _connect(handover: str, port: int, timeout: float) -> socket.socket:
+        if handover:
+            return plain_to_worker(handover, timeout)
+        return socket.create_connection(("127.0.0.1", port), timeout)
 
     @property
     def worker_handover(self) -> str:
@@ -174,8 +200,8 @@ class RpcSupervisor:
         if self._forwarder is not None:
             self._forwarder.drop_all()
 
-    def _target(self) -> tuple[str, int] | None:
-        return ("127.0.0.1", self._port) if self._status == "running" else None
+    def _target(self) -> Callable[[float], socket.socket] | None:
+        return self.connect_plain if self._status == "running" else None
 
     def _set(self, status: str, kind: str = "", message: str = "") -> None:
         self._status = status
@@ -183,14 +209,30 @@ class RpcSupervisor:
             self._on_change(kind, self.state, message)
 
     async def _spawn_and_wait(self) -> None:
-        self._port = _free_port()
+        folder = handover_dir()
+        if self._handover:  # the last worker's socket (a restart takes a new label)
+            with contextlib.suppress(OSError):
+                os.unlink(self._handover)
+        if folder:  # no TCP: the port is a label, the shim listens on the Unix socket
+            self._port = new_label(folder, "worker-")
+            listen = os.path.join(folder, f"worker-{self._port}")
+            host, shim = TUNNEL_HOST, shim_env(listen, self._port)
+        else:
+            self._port, listen, host, shim = _free_port(), "", "127.0.0.1", {}
+            log.warning(
+                "the RPC worker listens on 127.0.0.1:%d, which other local users of this host "
+                "can reach: the hand-over (engine/security/_rpcshim.c) is off here, see "
+                "`corral-agent doctor`",
+                self._port,
+            )
+        self._handover = listen
         cmd = [
             sys.executable,
             "-m",
             "corral.engine.agent.worker",
             "serve",
             "--endpoint",
-            f"127.0.0.1:{self._port}",
+            f"{host}:{self._port}",
             "--devices",
             ",".join(self._devices),
             "--threads",
@@ -203,13 +245,6 @@ class RpcSupervisor:
                 log.info("tensor cache over its cap: removed %d old files", removed)
             cmd += ["--cache-dir", str(self.cache_dir)]
         self._set("starting")
-        folder = handover_dir()
-        listen = os.path.join(folder, f"worker-{self._port}") if folder else ""
-        shim = shim_env(listen, self._port) if listen else {}
-        if self._handover:  # the last worker's socket (a restart moves to a new port)
-            with contextlib.suppress(OSError):
-                os.unlink(self._handover)
-        self._handover = listen if shim else ""
         with self.log_path.open("ab") as logf:
             logf.write(f"--- starting worker: {' '.join(cmd[3:])}\n".encode())
             logf.flush()
@@ -233,7 +268,22 @@ class RpcSupervisor:
                     + " | ".join(_tail(self.log_path, 5))
                 )
             try:
-                await loop.run_in_executor(None, probe_rpc, f"127.0.0.1:{self._port}", 1.0)
+                await loop.run_in_executor(
+                    None,
+                    functools.partial(
+                        probe_rpc,
+                        f"{host}:{self._port}",
+                        1.0,
+                        functools.partial(self._connect, listen, self._port),
+                    ),
+                )
+                if not listen and not listener_held_by(self._port, proc.pid):
+                    await self._kill(proc)
+                    self._set("failed", "failed", "another process holds the worker's port")
+                    raise WorkerStartError(
+                        f"another process answers on the worker's port 127.0.0.1:{self._port}"
+                        " (another local user?): not using it"
+                    )
                 break
             except RpcProbeError:
                 if time.monotonic() > deadline:

@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,23 @@ _REINSTALL = (
 RELAY_FIX = "install a C compiler and OpenSSL's headers (apt install gcc libssl-dev), then "
 
 
+# what a host without the hand-over leaves open (docs/SECURITY.md, "Other local users")
+LOCAL_USERS = (
+    "; without the hand-over an agent's RPC worker listens on a 127.0.0.1 port that other "
+    "local users of that host can reach"
+)
+
+
 def relay_check() -> Check:
+    """Which data path this host's tunnels take, and what that leaves open to other local
+    users where it is not the hand-over."""
+    check = _data_path_check()
+    if check.status == PASS:
+        return check
+    return replace(check, detail=check.detail + LOCAL_USERS)
+
+
+def _data_path_check() -> Check:
     """Which data path this host's tunnels take: the hand-over (engine/security/_rpcshim.c),
     the native relay (_relay.c), or the Python TLS pumps."""
     from corral.engine.security.tunnel import (
@@ -151,6 +167,7 @@ def _nvidia_present() -> bool:
 def build_checks(found: LocalBuild) -> list[Check]:
     """llama.cpp installed and working, built with RPC, and seeing this host's GPUs."""
     if found.error:
+        runtime = cxx_runtime_check()
         return [
             Check(
                 "llama.cpp build",
@@ -158,7 +175,8 @@ def build_checks(found: LocalBuild) -> list[Check]:
                 f"llama.cpp does not load: {found.error}",
                 "install llama-cpp-python with RPC: `python packaging/install_llama.py` in a "
                 "checkout, or packaging/install-worker.sh on a worker",
-            )
+            ),
+            *([runtime] if runtime else []),
         ]
     b = found.build
     checks = [
@@ -200,7 +218,26 @@ def build_checks(found: LocalBuild) -> list[Check]:
         )
     else:
         checks.append(Check("backend devices", PASS, ", ".join(names)))
-    return checks
+    runtime = cxx_runtime_check()
+    return checks if runtime is None else [*checks, runtime]
+
+
+def cxx_runtime_check() -> Check | None:
+    """A FAIL when llama.cpp's libraries each carry their own C++ runtime (every model load
+    crashes), else None: a build made by a toolchain that links libstdc++ statically."""
+    from corral.engine.ggml.buildinfo import OWN_CXX_RUNTIME_FIX, own_cxx_runtimes
+
+    copies = own_cxx_runtimes()
+    if not copies:
+        return None
+    return Check(
+        "C++ runtime",
+        FAIL,
+        f"llama.cpp's {', '.join(copies)} carry their own copy of the C++ runtime and export "
+        "it: libllama then calls one library's copy with another's data and crashes loading "
+        "any model (SIGSEGV in llama_model::print_info)",
+        OWN_CXX_RUNTIME_FIX,
+    )
 
 
 def nvml_check() -> Check:

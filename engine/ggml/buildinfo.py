@@ -58,3 +58,39 @@ def build_info() -> BuildInfo:
         supports_rpc=bool(g.llama.llama_supports_rpc()),
         system_info=(g.llama.llama_print_system_info() or b"").decode(errors="replace").strip(),
     )
+
+
+# Members of std::locale and std::ios_base: classes, not templates, so their code exists only
+# in the C++ runtime itself. A library that defines and exports them carries its own copy of
+# libstdc++ (linked statically, with its symbols left visible).
+_CXX_RUNTIME_PREFIXES = ("_ZNSt6locale", "_ZNKSt6locale", "_ZNSt8ios_base")
+
+OWN_CXX_RUNTIME_FIX = (
+    "rebuild llama-cpp-python with a compiler that links the C++ runtime dynamically, e.g. "
+    "the system's: `CC=/usr/bin/gcc CXX=/usr/bin/g++ python packaging/install_llama.py` "
+    "(docs/CPU-KERNELS.md)"
+)
+
+
+def own_cxx_runtimes(folder: Path | None = None) -> list[str]:
+    """The llama.cpp libraries in `folder` (default: the installed build's) that carry and
+    export their own C++ runtime. With more than one such copy in a process, libllama calls
+    a std::ostream of one library with the locale of another and dies loading any model
+    (SIGSEGV in llama_model::print_info): seen with a toolchain that links libstdc++
+    statically (/opt/gcc/bin/g++ on an H200 image; docs/CPU-KERNELS.md)."""
+    from corral.engine.security.elfsyms import ElfError, exported_symbols
+
+    from ._lib import installed_lib_dir
+
+    folder = folder if folder is not None else installed_lib_dir()
+    if folder is None or not folder.is_dir():
+        return []
+    found = []
+    for lib in sorted(folder.glob("lib*.so")):
+        try:
+            names = exported_symbols(lib.resolve())
+        except (OSError, ElfError):
+            continue
+        if any(n.startswith(_CXX_RUNTIME_PREFIXES) for n in names):
+            found.append(lib.name)
+    return found

@@ -37,6 +37,7 @@ import platformdirs
 from corral.engine.procs import exit_text
 
 from ._lib import installed_lib_dir
+from .buildinfo import OWN_CXX_RUNTIME_FIX, own_cxx_runtimes
 from .errors import GgmlError
 from .loadlog import parse_load_log
 
@@ -297,11 +298,19 @@ def _run_path(
             run.lost[current] = how
             left.remove(current)
         else:  # it died outside any one type (import, the models): nothing more will work
-            tail = " ".join(err.strip().splitlines()[-2:])[-300:]
+            tail = _error_tail(err) if how.startswith("exit code") else ""
             for wtype in left:
                 run.lost[wtype] = f"{how}{': ' + tail if tail else ''}"
             break
     return run
+
+
+def _error_tail(stderr: str) -> str:
+    """The last line a child that exited with an error wrote: its exception, not
+    faulthandler's list of extension modules (a signal's death says enough on its own)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("Extension modules:", "File ", "Fatal "))]
+    return lines[-1][-300:] if lines else ""
 
 
 def _distance(a: Path, b: Path) -> float:
@@ -411,6 +420,12 @@ def run_selftest(
         x = _run_path(child, work, EXTRA, types, threads, timeout)
         if p.reference is None:
             why = next(iter(p.lost.values()), "the reference model did not run")
+            copies = own_cxx_runtimes()
+            if copies:
+                why += (
+                    f"; {', '.join(copies)} carry their own copy of the C++ runtime, which "
+                    f"crashes every model load: {OWN_CXX_RUNTIME_FIX}"
+                )
             verdict = KernelVerdict(
                 extra_buffers=False,
                 key=key,
@@ -524,7 +539,14 @@ def crash_hint(how: str, log_lines: Sequence[str], doctor: str = "corral doctor"
                 phase = phase or said  # faulthandler lists the innermost frame first
     where = f" {phase}" if phase else ""
     extra = [b for b in buffers if is_extra_buffer(b)]
-    if extra:
+    copies = own_cxx_runtimes() if "SIGSEGV" in how else []
+    if copies:
+        what = (
+            f"in llama.cpp{where}: its libraries {', '.join(copies)} each carry their own copy "
+            "of the C++ runtime, and one calls into another's"
+        )
+        fix = OWN_CXX_RUNTIME_FIX
+    elif extra:
         what = (
             f"in ggml's {'/'.join(extra)} CPU kernels{where} (this load put weights in "
             f"{' and '.join(extra)} buffers): this host's CPU may not run them"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 
 _CMD_HELLO = 14  # fixed forever by ggml-rpc ("RPC_CMD_HELLO must be always 14")
 _CAPS = 24  # RPC_CONN_CAPS_SIZE; all-zero caps asks for plain TCP
@@ -19,13 +20,24 @@ class RpcProbeError(OSError):
     """The endpoint is not a ggml RPC server we can use; the message says why."""
 
 
-def probe_rpc(endpoint: str, timeout: float = 3.0) -> tuple[int, int, int]:
-    """Connect to host:port, say HELLO, and return the server's RPC protocol version."""
+def probe_rpc(
+    endpoint: str,
+    timeout: float = 3.0,
+    connect: Callable[[float], socket.socket] | None = None,
+) -> tuple[int, int, int]:
+    """Connect to host:port (or call `connect(timeout)`, for an endpoint reached some other
+    way: a tunnel's or a worker's Unix socket), say HELLO, and return the server's RPC
+    protocol version. `endpoint` names it in messages."""
     host, _, port = endpoint.rpartition(":")
     host = host.strip("[]")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if connect is not None:
+            opened = connect(timeout)
+            opened.settimeout(timeout)
+        else:
+            opened = socket.create_connection((host, int(port)), timeout=timeout)
+            opened.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with opened as sock:
             sock.sendall(_HELLO)
             (size,) = struct.unpack("<Q", _recv_exactly(sock, 8, endpoint))
             if size != _REPLY:

@@ -426,10 +426,13 @@ class ChatSession:
         loop = asyncio.get_running_loop()
 
         async def one(client: AgentClient, endpoint: str) -> None:
+            tunnel = self.tunnels.get(client.address)
             try:
-                await loop.run_in_executor(None, probe_rpc, endpoint, 5.0)
+                if tunnel is not None and tunnel.endpoint == endpoint:
+                    await loop.run_in_executor(None, tunnel.probe, 5.0)
+                else:  # the agent's direct endpoint (--trusted-network)
+                    await loop.run_in_executor(None, probe_rpc, endpoint, 5.0)
             except RpcProbeError as exc:
-                tunnel = self.tunnels.get(client.address)
                 why = tunnel.last_error if tunnel is not None and tunnel.last_error else str(exc)
                 raise WorkerUnavailable(f"the RPC worker of agent {client.name}: {why}") from None
 

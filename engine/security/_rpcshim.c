@@ -1,9 +1,9 @@
 /* The tunnel's in-process data path: llama.cpp's own RPC sockets carry the sealed records.
  *
  * Loaded with LD_PRELOAD into the two processes that run ggml-rpc: the inference child (the
- * RPC client) and the agent's worker (the RPC server). It interposes the five socket calls
- * libggml-rpc.so makes (connect, accept, send, recv, close; and accept4, which Python's
- * accept uses). Every other descriptor passes straight through to libc.
+ * RPC client) and the agent's worker (the RPC server). It interposes the socket calls
+ * libggml-rpc.so makes (connect, bind, listen, accept, setsockopt, send, recv, close; and
+ * accept4, which Python's accept uses). Every other descriptor passes straight through.
  *
  * Why: the native relay (_relay.c) still costs two extra loopback legs each way per RPC
  * round trip (desktop relay, agent relay), ~50 us per round trip on an H200 host, which is
@@ -11,17 +11,25 @@
  * recv, on the one TCP connection between the hosts, so a round trip crosses the network
  * once each way, as with `llama-bench --rpc` direct, plus AES-GCM (~1 us).
  *
+ * No TCP port speaks raw ggml-rpc where the shim runs: any local user could reach one
+ * (docs/SECURITY.md). Tunnel endpoints use the address 127.82.80.67 ("RPC", TUNNEL_ADDR;
+ * tunnel.TUNNEL_HOST), which the shim never connects to or binds over TCP; the port is only
+ * a label naming a Unix socket in a private (0700) folder.
+ *
  * How a connection gets here (tunnel.py does the authentication, in Python, as before):
- * - client (CORRAL_RPCSHIM_CONNECT=DIR): ggml-rpc connects to 127.0.0.1:PORT, the desktop
- *   tunnel's endpoint. If DIR/PORT is a Unix socket, the shim asks it instead: the desktop
- *   opens the mutually authenticated TLS channel to the agent as before, and hands over
- *   the agent connection (SCM_RIGHTS) with the record keys; the shim puts it in place of
- *   ggml-rpc's socket (dup2). Mode 'P' hands over the Unix socket itself, a plain stream the
- *   desktop pumps through TLS (an agent without the record layer).
- * - server (CORRAL_RPCSHIM_LISTEN=PATH, CORRAL_RPCSHIM_PORT=PORT): ggml-rpc's accept() on
- *   its 127.0.0.1:PORT listener also waits on the Unix listener PATH, where the agent hands
- *   over a desktop's connection and its keys once the lease is checked. Plain TCP clients
- *   (the agent's probe, the relay fallback) are accepted as before.
+ * - client (CORRAL_RPCSHIM_CONNECT=DIR): ggml-rpc connects to 127.82.80.67:PORT, the
+ *   desktop tunnel's endpoint; the shim asks the Unix socket DIR/PORT instead (no socket
+ *   there: a refused connection, never TCP): the desktop opens the mutually authenticated
+ *   TLS channel to the agent as before, and hands over the agent connection (SCM_RIGHTS)
+ *   with the record keys; the shim puts it in place of ggml-rpc's socket (dup2). Mode 'P'
+ *   hands over the Unix socket itself, a plain stream the desktop pumps through TLS (an
+ *   agent without the record layer). Other addresses pass through to libc.
+ * - server (CORRAL_RPCSHIM_LISTEN=PATH, CORRAL_RPCSHIM_PORT=PORT): ggml-rpc binds and
+ *   listens on 127.82.80.67:PORT; the shim binds nothing (that socket stays unbound) and its
+ *   accept() takes connections from the Unix listener PATH (0600): a hand-over of a
+ *   desktop's connection with its keys once the agent checked the lease, or, mode 'P', the
+ *   Unix connection itself as a plain client (the agent's probe, its relay and pump
+ *   fallbacks). Where PATH cannot listen, binding fails: the worker does not start.
  *
  * A handed-over connection: the 100-byte hello below, the descriptor as SCM_RIGHTS on its
  * first byte, then `pending` bytes of ciphertext that arrived with the channel's last TLS
@@ -39,7 +47,7 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <netinet/in.h>
-#include <poll.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,10 +86,16 @@ static int (*real_accept4)(int, struct sockaddr *, socklen_t *, int);
 static ssize_t (*real_send)(int, const void *, size_t, int);
 static ssize_t (*real_recv)(int, void *, size_t, int);
 static int (*real_close)(int);
+static int (*real_bind)(int, const struct sockaddr *, socklen_t);
+static int (*real_listen)(int, int);
+static int (*real_setsockopt)(int, int, int, const void *, socklen_t);
+
+#define TUNNEL_ADDR 0x7F525043u /* 127.82.80.67 */
 
 static char connect_dir[80];
 static int listen_fd = -1;
 static int listen_port;
+static int worker_fd = -1; /* ggml-rpc's (unbound) server socket */
 
 static void resolve(void) {
     if (real_close)
@@ -91,7 +105,18 @@ static void resolve(void) {
     real_accept4 = dlsym(RTLD_NEXT, "accept4");
     real_send = dlsym(RTLD_NEXT, "send");
     real_recv = dlsym(RTLD_NEXT, "recv");
+    real_bind = dlsym(RTLD_NEXT, "bind");
+    real_listen = dlsym(RTLD_NEXT, "listen");
+    real_setsockopt = dlsym(RTLD_NEXT, "setsockopt");
     real_close = dlsym(RTLD_NEXT, "close");
+}
+
+/* The port of a tunnel address (127.82.80.67:PORT), else 0. */
+static int tunnel_port(const struct sockaddr *addr, socklen_t alen) {
+    if (!addr || addr->sa_family != AF_INET || alen < (socklen_t)sizeof(struct sockaddr_in))
+        return 0;
+    const struct sockaddr_in *in = (const struct sockaddr_in *)addr;
+    return in->sin_addr.s_addr == htonl(TUNNEL_ADDR) ? ntohs(in->sin_port) : 0;
 }
 
 static conn_t *lookup(int fd) {
@@ -207,20 +232,22 @@ static void put(int fd, conn_t *c) { __atomic_store_n(&table[fd], c, __ATOMIC_RE
 
 int connect(int fd, const struct sockaddr *addr, socklen_t alen) {
     resolve();
-    if (!connect_dir[0] || !addr || addr->sa_family != AF_INET ||
-        alen < (socklen_t)sizeof(struct sockaddr_in) || fd < 0 || fd >= FD_LIMIT)
+    int port = tunnel_port(addr, alen);
+    if (!connect_dir[0] || !port)
         return real_connect(fd, addr, alen);
-    const struct sockaddr_in *in = (const struct sockaddr_in *)addr;
-    if (in->sin_addr.s_addr != htonl(INADDR_LOOPBACK))
-        return real_connect(fd, addr, alen);
+    if (fd < 0 || fd >= FD_LIMIT) {
+        errno = EBADF;
+        return -1;
+    }
     struct sockaddr_un un = {.sun_family = AF_UNIX};
-    snprintf(un.sun_path, sizeof un.sun_path, "%s/%u", connect_dir, ntohs(in->sin_port));
+    snprintf(un.sun_path, sizeof un.sun_path, "%s/%d", connect_dir, port);
     int u = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (u < 0)
-        return real_connect(fd, addr, alen);
+        return -1;
     if (real_connect(u, (struct sockaddr *)&un, sizeof un) < 0) {
-        real_close(u); /* not a tunnel endpoint: an ordinary connection */
-        return real_connect(fd, addr, alen);
+        real_close(u); /* that tunnel is gone: refused, never a TCP connection */
+        errno = ECONNREFUSED;
+        return -1;
     }
     conn_t *c;
     int got = take_handover(u, &c);
@@ -246,34 +273,40 @@ int connect(int fd, const struct sockaddr *addr, socklen_t alen) {
     return 0;
 }
 
-static int is_worker_listener(int fd) {
-    struct sockaddr_in a;
-    socklen_t n = sizeof a;
-    return getsockname(fd, (struct sockaddr *)&a, &n) == 0 && a.sin_family == AF_INET &&
-           ntohs(a.sin_port) == listen_port;
+/* ggml-rpc's server socket on 127.82.80.67:PORT: not bound, so that no TCP client reaches
+ * it; remembered, so that its accept() takes the Unix listener's connections instead. */
+int bind(int fd, const struct sockaddr *addr, socklen_t alen) {
+    resolve();
+    int port = tunnel_port(addr, alen);
+    if (!port || port != listen_port)
+        return real_bind(fd, addr, alen);
+    if (listen_fd < 0) {
+        errno = EADDRNOTAVAIL; /* the Unix listener failed (see the log): do not serve */
+        return -1;
+    }
+    worker_fd = fd;
+    return 0;
 }
 
-/* accept() or accept4() on the worker's listener: whichever comes first, a TCP client or a
- * hand-over. A handed connection stays blocking (SOCK_NONBLOCK is not applied to it: the
- * record layer reads whole records); SOCK_CLOEXEC is. */
-static int accept_either(int fd, struct sockaddr *addr, socklen_t *alen, int flags, int four) {
+int listen(int fd, int backlog) {
+    resolve();
+    return fd >= 0 && fd == worker_fd ? 0 : real_listen(fd, backlog);
+}
+
+/* accept() or accept4() on the worker's socket: the next good connection on the Unix
+ * listener, a hand-over (its connection, with the record layer) or a plain client (mode
+ * 'P': the Unix connection itself). Blocking and close-on-exec, whatever the flags. */
+static int accept_unix(struct sockaddr *addr, socklen_t *alen, int flags) {
     for (;;) {
-        struct pollfd p[2] = {{fd, POLLIN, 0}, {listen_fd, POLLIN, 0}};
-        if (poll(p, 2, -1) < 0) {
-            if (errno == EINTR)
+        int u = real_accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (u < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
                 continue;
             return -1;
         }
-        if (p[0].revents)
-            return four ? real_accept4(fd, addr, alen, flags) : real_accept(fd, addr, alen);
-        if (!(p[1].revents & POLLIN))
-            continue;
-        int u = real_accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
-        if (u < 0)
-            continue;
         conn_t *c;
         int got = take_handover(u, &c);
-        if (got < 0 || got == u || !c || got >= FD_LIMIT) {
+        if (got < 0 || got >= FD_LIMIT || (got != u && !c)) {
             if (c)
                 conn_free(c);
             if (got >= 0 && got != u)
@@ -281,28 +314,49 @@ static int accept_either(int fd, struct sockaddr *addr, socklen_t *alen, int fla
             real_close(u);
             continue; /* a bad hand-over ends that one, not the server */
         }
-        c->keep = u;
-        if (!(flags & SOCK_CLOEXEC))
-            fcntl(got, F_SETFD, 0);
-        put(got, c);
-        if (addr && alen)
-            getpeername(got, addr, alen);
+        if (c) {
+            c->keep = u;
+            put(got, c);
+        }
+        /* close-on-exec whatever ggml-rpc asked: nothing this process starts gets a tunnel
+         * connection (SOCK_NONBLOCK is not applied either: records are read whole) */
+        (void)flags;
+        if (addr && alen) {
+            struct sockaddr_in from = {.sin_family = AF_INET};
+            from.sin_addr.s_addr = htonl(TUNNEL_ADDR);
+            socklen_t n = *alen < (socklen_t)sizeof from ? *alen : (socklen_t)sizeof from;
+            memcpy(addr, &from, n);
+            *alen = sizeof from;
+        }
         return got;
     }
 }
 
+/* ggml-rpc turns TCP_NODELAY on for each connection and gives up on one where it fails: a
+ * plain client is a Unix connection, where the option does not exist (nor is needed). */
+int setsockopt(int fd, int level, int name, const void *value, socklen_t len) {
+    resolve();
+    if (level == IPPROTO_TCP && name == TCP_NODELAY) {
+        struct sockaddr_storage a;
+        socklen_t n = sizeof a;
+        if (getsockname(fd, (struct sockaddr *)&a, &n) == 0 && a.ss_family == AF_UNIX)
+            return 0;
+    }
+    return real_setsockopt(fd, level, name, value, len);
+}
+
 int accept(int fd, struct sockaddr *addr, socklen_t *alen) {
     resolve();
-    if (listen_fd < 0 || !is_worker_listener(fd))
+    if (fd < 0 || fd != worker_fd)
         return real_accept(fd, addr, alen);
-    return accept_either(fd, addr, alen, 0, 0);
+    return accept_unix(addr, alen, 0);
 }
 
 int accept4(int fd, struct sockaddr *addr, socklen_t *alen, int flags) {
     resolve();
-    if (listen_fd < 0 || !is_worker_listener(fd))
+    if (fd < 0 || fd != worker_fd)
         return real_accept4(fd, addr, alen, flags);
-    return accept_either(fd, addr, alen, flags, 1);
+    return accept_unix(addr, alen, flags);
 }
 
 ssize_t send(int fd, const void *buf, size_t len, int flags) {
@@ -431,6 +485,8 @@ ssize_t recv(int fd, void *buf, size_t len, int flags) {
 
 int close(int fd) {
     resolve();
+    if (fd >= 0 && fd == worker_fd)
+        worker_fd = -1;
     conn_t *c = lookup(fd);
     if (c) {
         put(fd, NULL);
@@ -441,6 +497,22 @@ int close(int fd) {
 }
 
 /* ------------------------------------------------------------------ set-up at load */
+
+/* A fork (nothing ggml-rpc does, but a library could) copies the record keys: the child
+ * forgets them, and its copies of the connections fail every send and recv, so it can
+ * neither read the tunnel nor write plaintext into it. */
+static void forget_keys_in_child(void) {
+    for (int fd = 0; fd < FD_LIMIT; fd++) {
+        conn_t *c = table[fd];
+        if (!c)
+            continue;
+        c->broken = 1;
+        EVP_CIPHER_CTX_reset(c->tx);
+        EVP_CIPHER_CTX_reset(c->rx);
+        OPENSSL_cleanse(c->tx_iv, IVLEN);
+        OPENSSL_cleanse(c->rx_iv, IVLEN);
+    }
+}
 
 static void take_env(const char *name, char *dst, size_t cap) {
     const char *v = getenv(name);
@@ -461,6 +533,7 @@ __attribute__((constructor)) static void shim_init(void) {
         setenv("LD_PRELOAD", was, 1);
     else
         unsetenv("LD_PRELOAD");
+    pthread_atfork(NULL, NULL, forget_keys_in_child);
     listen_port = atoi(port);
     if (!listen_path[0] || listen_port <= 0)
         return;
@@ -475,6 +548,6 @@ __attribute__((constructor)) static void shim_init(void) {
     }
     if (s >= 0)
         real_close(s);
-    fprintf(stderr, "corral rpcshim: cannot listen on %s (%s); handed-over tunnels are off\n",
+    fprintf(stderr, "corral rpcshim: cannot listen on %s (%s); the RPC worker does not start\n",
             listen_path, strerror(errno));
 }

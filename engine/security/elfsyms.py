@@ -1,4 +1,4 @@
-"""The functions a shared library imports, read from its ELF dynamic symbol table.
+"""The functions a shared library imports and exports, read from its ELF dynamic symbols.
 
 The hand-over (`_rpcshim.c`) seals ggml-rpc's traffic inside its send() and recv(). A
 llama.cpp whose libggml-rpc.so wrote through another call (writev, sendmsg, sendfile,
@@ -14,6 +14,7 @@ from pathlib import Path
 
 _SHT_DYNSYM = 11
 _SHN_UNDEF = 0
+_STB_GLOBAL, _STB_WEAK = 1, 2
 
 
 class ElfError(ValueError):
@@ -22,6 +23,16 @@ class ElfError(ValueError):
 
 def imported_functions(path: str | Path) -> set[str]:
     """Names of the undefined (imported) symbols in the library's .dynsym."""
+    return dynamic_symbols(path)[0]
+
+
+def exported_symbols(path: str | Path) -> set[str]:
+    """Names of the symbols the library defines and exports (its .dynsym, defined ones)."""
+    return dynamic_symbols(path)[1]
+
+
+def dynamic_symbols(path: str | Path) -> tuple[set[str], set[str]]:
+    """(imported, exported) names of the library's .dynsym."""
     data = Path(path).read_bytes()
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise ElfError(f"{path} is not a 64-bit little-endian ELF file")
@@ -31,17 +42,22 @@ def imported_functions(path: str | Path) -> set[str]:
         sections = [
             struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)
         ]
-        names: set[str] = set()
+        imported: set[str] = set()
+        exported: set[str] = set()
         for _name, kind, _flags, _addr, off, size, link, _info, _align, entsize in sections:
             if kind != _SHT_DYNSYM or not entsize:
                 continue
             str_off = sections[link][4]
             for at in range(off, off + size, entsize):
-                st_name, _st_info, _other, st_shndx = struct.unpack_from("<IBBH", data, at)
-                if st_shndx != _SHN_UNDEF or not st_name:
+                st_name, st_info, _other, st_shndx = struct.unpack_from("<IBBH", data, at)
+                if not st_name:
                     continue
                 end = data.index(b"\0", str_off + st_name)
-                names.add(data[str_off + st_name : end].decode(errors="replace").split("@")[0])
-        return names
+                name = data[str_off + st_name : end].decode(errors="replace").split("@")[0]
+                if st_shndx == _SHN_UNDEF:
+                    imported.add(name)
+                elif st_info >> 4 in (_STB_GLOBAL, _STB_WEAK):
+                    exported.add(name)
+        return imported, exported
     except (struct.error, IndexError, ValueError) as exc:
         raise ElfError(f"{path}: damaged ELF tables ({exc})") from None

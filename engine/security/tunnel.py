@@ -18,9 +18,15 @@ matters. Three data paths, chosen per connection when the tunnel opens:
 
 TCP_NODELAY everywhere (ggml-rpc writes 1-byte and 8-byte pieces separately).
 
-`DesktopTunnel` is the desktop end: a loopback port the inference child registers as its RPC
+`DesktopTunnel` is the desktop end: an endpoint the inference child registers as its RPC
 server; each connection to it becomes a new mutually authenticated TLS connection to the
 agent, which forwards to its worker after checking this desktop holds the lease.
+
+No TCP port that speaks raw ggml-rpc is left open to other local users (docs/SECURITY.md):
+where the shim runs, the endpoints are `TUNNEL_HOST:LABEL`, which the shim maps to Unix
+sockets in this process's private folder and never to TCP, on the desktop and on the
+worker alike; where it does not, the desktop's endpoint is a 127.0.0.1 port that serves
+only this user's processes (loopback.same_user).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import atexit
 import contextlib
 import functools
 import importlib.machinery
+import itertools
 import logging
 import os
 import select
@@ -55,6 +62,8 @@ from corral.engine.protocol import (
 
 from .channel import TlsFailed, set_nodelay
 from .elfsyms import ElfError, imported_functions
+from .loopback import available as owners_listed
+from .loopback import same_user
 from .tls import peer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -337,6 +346,35 @@ def shim_env(listen: str = "", port: int = 0) -> dict[str, str]:
 
 HANDOVER_MAGIC = b"CRS1"
 
+# Tunnel endpoints where the shim runs: its port is a label for a Unix socket, and the shim
+# never connects to or binds this address over TCP (TUNNEL_ADDR in _rpcshim.c)
+TUNNEL_HOST = "127.82.80.67"
+_labels = itertools.count(1)
+
+
+def new_label(folder: str, prefix: str = "") -> int:
+    """A tunnel label (1..65535) no socket in `folder` uses yet."""
+    for _ in range(65535):
+        label = next(_labels) % 65535 + 1
+        if not os.path.exists(os.path.join(folder, f"{prefix}{label}")):
+            return label
+    raise OSError(f"no free tunnel label in {folder}")
+
+
+def plain_to_worker(path: str, timeout: float = 5.0) -> socket.socket:
+    """A plain ggml-rpc connection to the worker whose shim listens on `path`: the Unix
+    connection itself, after a mode 'P' hello (the agent's probe, relay and pump fallbacks).
+    Only this user can open `path` (0600 in a 0700 folder)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(handover_hello(b"P"))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
 
 def handover_hello(mode: bytes, keys: tuple[bytes, ...] = (), pending: bytes = b"") -> bytes:
     """The 100 bytes that start a hand-over (`_rpcshim.c`): magic, mode ('R' records on the
@@ -576,7 +614,12 @@ class BlockingTls:
 
 
 class DesktopTunnel:
-    """127.0.0.1:<port> on the desktop → TLS to the agent → the agent's RPC worker.
+    """The inference child's endpoint for one agent's worker → TLS to the agent → the worker.
+
+    Where the shim runs: `TUNNEL_HOST:LABEL`; the child's shim asks the Unix socket
+    FOLDER/LABEL, which hands over a fresh authenticated connection, and FOLDER/LABEL.plain
+    carries plain bytes (the probe). No TCP. Elsewhere: 127.0.0.1:PORT, serving only this
+    user's processes.
 
     `open_channel()` returns a BlockingTls already past hello and the agent's tunnel answer
     (it raises with the agent's message when the agent refuses, e.g. leased elsewhere).
@@ -585,47 +628,86 @@ class DesktopTunnel:
     def __init__(self, open_channel: Callable[[], BlockingTls], label: str) -> None:
         self._open = open_channel
         self.label = label
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self.port = int(self._listener.getsockname()[1])
         self._pumps: set[Pump] = set()
         self._lock = threading.Lock()
         self._stopped = False
         self.last_error = ""
+        self.refused = 0  # TCP connections from other users, turned away
         self.mode = ""  # the data path of the last connection: 'inproc', 'native' or 'python'
-        # where the inference child's shim asks for hand-overs (it tries FOLDER/PORT first)
-        self._handovers: socket.socket | None = None
-        self._handover_path = ""
+        self._paths: list[str] = []
+        self._listeners: list[tuple[socket.socket, bool]] = []  # (listener, hands over)
         folder = handover_dir()
         if folder:
-            self._handover_path = os.path.join(folder, str(self.port))
-            self._handovers = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._handovers.bind(self._handover_path)
-            self._handovers.listen(64)
-        for listener in (self._listener, self._handovers):
-            if listener is not None:
-                threading.Thread(
-                    target=self._accept,
-                    args=(listener,),
-                    name=f"tunnel-accept {label}",
-                    daemon=True,
-                ).start()
+            self.host, self.port = TUNNEL_HOST, new_label(folder)
+            for suffix, hands in (("", True), (".plain", False)):
+                path = os.path.join(folder, f"{self.port}{suffix}")
+                unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                unix.bind(path)
+                unix.listen(64)
+                self._paths.append(path)
+                self._listeners.append((unix, hands))
+            self.plain_path = self._paths[1]
+        else:
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.bind(("127.0.0.1", 0))
+            tcp.listen(64)
+            self.host, self.port = "127.0.0.1", int(tcp.getsockname()[1])
+            self._listeners.append((tcp, False))
+            self.plain_path = ""
+            if not owners_listed():
+                log.warning(
+                    "tunnel to %s: this system does not say which user a loopback "
+                    "connection comes from; other local users can use 127.0.0.1:%d",
+                    label,
+                    self.port,
+                )
+        for listener, hands in self._listeners:
+            threading.Thread(
+                target=self._accept,
+                args=(listener, hands),
+                name=f"tunnel-accept {label}",
+                daemon=True,
+            ).start()
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
-    def _accept(self, listener: socket.socket) -> None:
+    def connect_plain(self, timeout: float = 5.0) -> socket.socket:
+        """A plain connection through this tunnel to the worker (for the probe)."""
+        if self.plain_path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(self.plain_path)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+        return socket.create_connection((self.host, self.port), timeout=timeout)
+
+    def probe(self, timeout: float = 5.0) -> tuple[int, int, int]:
+        """The worker's ggml RPC protocol version, asked through this tunnel (probe_rpc)."""
+        from corral.engine.ggml.probe import probe_rpc
+
+        return probe_rpc(self.endpoint, timeout, self.connect_plain)
+
+    def _accept(self, listener: socket.socket, hands: bool) -> None:
         while not self._stopped:
             try:
                 local, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(local,), daemon=True).start()
+            if local.family != socket.AF_UNIX and owners_listed():
+                ok, why = same_user(local)
+                if not ok:  # another local user: no tunnel, no RPC
+                    self.refused += 1
+                    log.warning("tunnel to %s: refused a local connection: %s", self.label, why)
+                    local.close()
+                    continue
+            threading.Thread(target=self._serve, args=(local, hands), daemon=True).start()
 
-    def _serve(self, local: socket.socket) -> None:
+    def _serve(self, local: socket.socket, handover: bool) -> None:
         try:
             chan = self._open()
         except Exception as exc:  # refused, unreachable, TLS: the child sees a closed socket
@@ -633,7 +715,6 @@ class DesktopTunnel:
             log.warning("tunnel to %s: %s", self.label, exc)
             local.close()
             return
-        handover = local.family == socket.AF_UNIX  # the child's shim asked
         pump: Pump
         if chan.relay_keys is not None and handover:
             try:  # the child's ggml-rpc now owns the connection; this end keeps a copy
@@ -674,16 +755,14 @@ class DesktopTunnel:
 
     def close(self) -> None:
         self._stopped = True
-        for listener in (self._listener, self._handovers):
-            if listener is None:
-                continue
+        for listener, _ in self._listeners:
             with contextlib.suppress(OSError):
                 listener.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 listener.close()
-        if self._handover_path:
+        for path in self._paths:
             with contextlib.suppress(OSError):
-                os.unlink(self._handover_path)
+                os.unlink(path)
         with self._lock:
             pumps = list(self._pumps)
         for p in pumps:

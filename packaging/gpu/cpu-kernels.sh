@@ -14,10 +14,13 @@ START=$SECONDS; WAIT=${1:-540}
 SRC=/tmp/llama_cpp_python-0.3.36
 [ -d $SRC ] || tar xzf .devsrc/llsrc.tgz -C /tmp
 NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# the system compiler: the image's /opt/gcc links libstdc++ statically into every library,
+# which crashes every Python load (docs/CPU-KERNELS.md, cpu-diag.sh and cpu-diag2.sh)
+SYSCC=""; [ -x /usr/bin/g++ ] && SYSCC="-DCMAKE_C_COMPILER=/usr/bin/gcc -DCMAKE_CXX_COMPILER=/usr/bin/g++"
 build() {  # NAME EXTRA_CMAKE_ARGS C/C++ FLAGS
   echo "cmake -S $SRC/vendor/llama.cpp -B /tmp/cpu-$1 -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=ON -DGGML_RPC=ON -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF $2 \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF $SYSCC $2 \
     -DCMAKE_C_FLAGS='$3' -DCMAKE_CXX_FLAGS='$3' && cmake --build /tmp/cpu-$1 -j 16 --target llama llama-bench"
 }
 detached builds "$(build native '' '') && $(build noamx '' "$NOAMX") && $(build portable -DGGML_NATIVE=OFF '')"

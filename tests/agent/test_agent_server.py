@@ -11,7 +11,6 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 
-from corral.engine.ggml.probe import probe_rpc
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -82,7 +81,7 @@ def test_worker_starts_answers_and_stops(agent: str) -> None:
         # no endpoint on the network: the worker is reached only through the tunnel
         assert state.state == "running" and state.endpoint == ""
         tunnel = client.open_tunnel()
-        assert probe_rpc(tunnel.endpoint)[0] == 7
+        assert tunnel.probe()[0] == 7
         tunnel.close()
         again = await client.start_rpc(threads=1)
         assert again.pid == state.pid  # same settings: the running worker is reused

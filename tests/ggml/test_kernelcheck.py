@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from corral.engine.ggml import GgmlError
+from corral.engine.ggml.buildinfo import own_cxx_runtimes
 from corral.engine.ggml.kernelcheck import (
     CRASHED,
     ENV_SWITCH,
@@ -33,6 +34,7 @@ from corral.engine.ggml.kernelcheck import (
 from corral.engine.ggml.quantize import quantize
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from tests.conftest import corral
+from tests.support.builds import with_own_cxx_runtime
 
 FAULTY = (sys.executable, "-m", "tests.support.kernel_faults")
 
@@ -96,6 +98,18 @@ def test_a_self_test_that_cannot_run_decides_nothing() -> None:
     verdict = run_selftest(child=(sys.executable, "-c", "import os; os.abort()"))
     assert verdict.error and "killed by SIGABRT" in verdict.error
     assert cached_verdict() is None
+
+
+def test_why_the_self_test_could_not_run_is_said_in_words() -> None:
+    """A native crash says which signal, not faulthandler's list of extension modules; a
+    child that exits with an error says its exception."""
+    segv = "import faulthandler, ctypes, numpy; faulthandler.enable(); ctypes.string_at(0)"
+    verdict = run_selftest(child=(sys.executable, "-c", segv))
+    assert verdict.error and "killed by SIGSEGV" in verdict.error
+    assert "numpy" not in verdict.error and "Extension modules" not in verdict.error
+    raises = "raise SystemExit('the model folder is read-only')"
+    verdict = run_selftest(child=(sys.executable, "-c", raises))
+    assert verdict.error and "exit code 1: the model folder is read-only" in verdict.error
 
 
 def test_the_rules_for_right_and_wrong() -> None:
@@ -169,6 +183,21 @@ def _chat(model: Path) -> dict[str, object]:
     done: dict[str, object] = json.loads(out.stdout.splitlines()[-1])
     assert done["type"] == "done"
     return done
+
+
+def test_a_build_with_its_own_cxx_runtime_is_named_in_the_crash_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The installed build links the C++ runtime dynamically; a folder whose libggml-rpc
+    carries its own (an H200 image's toolchain) is named, with the rebuild."""
+    assert own_cxx_runtimes() == []
+    folder = with_own_cxx_runtime(tmp_path / "lib")
+    assert own_cxx_runtimes(folder) == ["libggml-rpc.so"]
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", str(folder))
+    hint = crash_hint("killed by SIGSEGV", [])
+    assert "libggml-rpc.so" in hint and "own copy of the C++ runtime" in hint
+    assert "CXX=/usr/bin/g++" in hint
+    assert "C++ runtime" not in crash_hint("killed by SIGILL", [])
 
 
 def test_a_local_chat_follows_the_verdict(q4_0_model: Path) -> None:

@@ -21,7 +21,7 @@ def test_a_real_worker_answers_with_its_protocol_version() -> None:
         await client.start_rpc(threads=1)
         tunnel = client.open_tunnel()  # the worker is reachable only through this
         try:
-            got = await asyncio.get_running_loop().run_in_executor(None, probe_rpc, tunnel.endpoint)
+            got = await asyncio.get_running_loop().run_in_executor(None, tunnel.probe)
             return got[0]
         finally:
             tunnel.close()

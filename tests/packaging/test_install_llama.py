@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -13,9 +14,9 @@ from tests.conftest import REPO
 SCRIPT = REPO / "packaging" / "install_llama.py"
 
 
-def _run(*args: str) -> str:
+def _run(*args: str, env: dict[str, str] | None = None) -> str:
     out = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60, env=env
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
@@ -25,6 +26,15 @@ def test_no_amx_is_its_own_build() -> None:
     assert "-mno-amx-int8" in _run("--no-amx", "--print-args")
     assert "-mno-amx" not in _run("--print-args")
     assert _run("--no-amx", "--print-key") != _run("--print-key")  # another cached wheel
+
+
+def test_another_compiler_is_its_own_build() -> None:
+    """CC/CXX choose the compiler CMake builds with; a build made with another one (one that
+    links the C++ runtime statically, say) is never taken for the default build."""
+    plain = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX")}
+    default = _run("--print-key", env=plain)
+    assert _run("--print-key", env={**plain, "CXX": "/opt/gcc/bin/g++"}) != default
+    assert _run("--print-key", env={**plain, "CC": "clang"}) != default
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc on this machine")

@@ -227,7 +227,7 @@ def test_a_connection_accepted_as_the_tunnel_closes_is_dropped_without_a_deadloc
         )
 
     tunnel = DesktopTunnel(open_channel, "test")
-    app = socket.create_connection(("127.0.0.1", tunnel.port))
+    app = tunnel.connect_plain(10)
     assert opening.wait(10)
     tunnel.close()
     release.set()

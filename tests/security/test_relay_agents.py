@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.engine.ggml.probe import RpcProbeError, probe_rpc
+from corral.engine.ggml.probe import RpcProbeError
 from corral.engine.model import default_model_path
 from corral.engine.protocol import messages
 from corral.engine.runtime.agent_client import AgentClient
@@ -51,9 +51,7 @@ def _open_and_probe(agents: LocalAgents, probes: int = 1) -> Probed:
         loop = asyncio.get_running_loop()
         try:
             for _ in range(probes):
-                got.versions.append(
-                    await loop.run_in_executor(None, probe_rpc, tunnel.endpoint, 10.0)
-                )
+                got.versions.append(await loop.run_in_executor(None, tunnel.probe, 10.0))
                 got.modes.append(tunnel.mode)
         except RpcProbeError:
             pass

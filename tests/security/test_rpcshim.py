@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from corral.engine.security import tunnel
-from corral.engine.security.tunnel import hand_over, handover_hello
+from corral.engine.security.tunnel import TUNNEL_HOST, hand_over, handover_hello, plain_to_worker
 from tests.support.relay import read_record, recv_exactly, seal
 
 SHIM = tunnel.shim_file()
-PORT = 1  # nothing listens on 127.0.0.1:1: only the shim's hand-over can answer it
+PORT = 1  # a tunnel label: only the shim's hand-over socket FOLDER/1 answers it
 
 
 def test_the_shim_is_built() -> None:
@@ -52,7 +52,7 @@ def _run(code: str, env: dict[str, str]) -> subprocess.Popen[str]:
 CLIENT = f"""
     import errno, os, socket
     try:
-        s = socket.create_connection(("127.0.0.1", {PORT}), timeout=10)
+        s = socket.create_connection(("{TUNNEL_HOST}", {PORT}), timeout=10)
     except OSError as exc:
         print("connect", errno.errorcode.get(exc.errno, exc.errno)); raise SystemExit
     s.settimeout(None)  # blocking, as ggml-rpc's sockets are
@@ -148,6 +148,20 @@ def test_a_refused_hand_over_is_a_refused_connection(folder: str) -> None:
     assert "connect ECONNREFUSED" in out, (out, err)
 
 
+def test_a_tunnel_label_never_becomes_a_tcp_connection(folder: str) -> None:
+    """No hand-over socket for the label (that tunnel closed): refused, even where another
+    local user listens on the tunnel address's port over TCP."""
+    with socket.create_server((TUNNEL_HOST, 0)) as squatter:
+        port = squatter.getsockname()[1]
+        code = CLIENT.replace(f'"{TUNNEL_HOST}", {PORT}', f'"{TUNNEL_HOST}", {port}')
+        client = _run(code, {"CORRAL_RPCSHIM_CONNECT": folder})
+        out, err = client.communicate(timeout=20)
+        squatter.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            squatter.accept()
+    assert "connect ECONNREFUSED" in out, (out, err)
+
+
 def test_mode_p_hands_over_a_plain_stream(folder: str) -> None:
     """An agent without the record layer: the desktop pumps TLS, the Unix socket is plain."""
     with _handing(folder) as srv:
@@ -162,10 +176,11 @@ def test_mode_p_hands_over_a_plain_stream(folder: str) -> None:
 
 
 def test_other_connections_pass_through(folder: str) -> None:
-    """No hand-over socket for the port: an ordinary TCP connection, bytes untouched."""
+    """Any address but the tunnel's: an ordinary TCP connection, bytes untouched."""
     with socket.create_server(("127.0.0.1", 0)) as srv:
         port = srv.getsockname()[1]
-        client = _run(CLIENT.replace(f'"127.0.0.1", {PORT}', f'"127.0.0.1", {port}'), {})
+        code = CLIENT.replace(f'"{TUNNEL_HOST}", {PORT}', f'"127.0.0.1", {port}')
+        client = _run(code, {"CORRAL_RPCSHIM_CONNECT": folder})
         srv.settimeout(20)
         conn, _ = srv.accept()
         with conn:
@@ -175,29 +190,36 @@ def test_other_connections_pass_through(folder: str) -> None:
     assert "got direct" in out, err
 
 
-SERVER = """
-    import socket, sys
-    srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+SERVER = f"""
+    import ctypes, fcntl, os, socket, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    srv = socket.create_server(("{TUNNEL_HOST}", int(sys.argv[1])))
     print("listening", flush=True)
-    for _ in range(2):
-        c, _ = srv.accept()
+    for i in range(2):
+        fd = libc.accept(srv.fileno(), None, None)  # as ggml-rpc does: no flags
+        c = socket.socket(fileno=fd)
+        print("cloexec", bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC), flush=True)
         data = b""
         while len(data) < 5:
             data += c.recv(5 - len(data))
+        if i == 1:  # a fork copies the handed connection: the child can send nothing
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    c.send(b"leak!")
+                    print("child sent", flush=True)
+                except OSError as exc:
+                    print("child refused", exc.errno, flush=True)
+                os._exit(0)
+            os.waitpid(pid, 0)
         c.sendall(data.upper())
         c.close()
     print("done", flush=True)
 """
 
 
-def test_the_worker_side_takes_hand_overs_and_plain_clients(folder: str) -> None:
-    """The agent's side: the worker's accept() returns a handed connection as well as plain
-    TCP clients (the agent's readiness probe). Closing a handed one ends it for the peer even
-    though the agent still holds its copy (HandedOver's watch)."""
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]  # a free port for the server
-    listen = os.path.join(folder, "worker")
-    server = subprocess.Popen(
+def _worker(listen: str, port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(SERVER), str(port)],
         env=dict(
             os.environ,
@@ -210,12 +232,24 @@ def test_the_worker_side_takes_hand_overs_and_plain_clients(folder: str) -> None
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_the_worker_side_takes_hand_overs_and_plain_clients_but_no_tcp(folder: str) -> None:
+    """The agent's side: the worker binds no TCP port (a local user's HELLO is refused); its
+    accept() returns a plain client on the Unix socket (mode 'P': the agent's probe, its
+    relay fallback) and a handed connection. Closing a handed one ends it for the peer even
+    though the agent still holds its copy (HandedOver's watch)."""
+    port = 4242  # a label: nothing is bound
+    listen = os.path.join(folder, "worker")
+    server = _worker(listen, port)
     try:
         assert server.stdout is not None
         assert server.stdout.readline().strip() == "listening"
         assert Path(listen).is_socket() and (Path(listen).stat().st_mode & 0o777) == 0o600
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((TUNNEL_HOST, port), timeout=10)
         # a plain client first
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+        with plain_to_worker(listen, 10) as plain:
             plain.sendall(b"hello")
             assert recv_exactly(plain, 5) == b"HELLO"
         # then a handed-over one, keyed from the agent's point of view
@@ -230,13 +264,25 @@ def test_the_worker_side_takes_hand_overs_and_plain_clients(folder: str) -> None
             # the agent keeps its copy and the Unix connection, to end it or see it end
             watch = tunnel.HandedOver(far, unix)
             watch.start()
-            assert read_record(near, tx_key, tx_iv, 0) == b"RECDS"  # one send, one record
+            # one send, one record: nothing the forked child tried reached the wire
+            assert read_record(near, tx_key, tx_iv, 0) == b"RECDS"
             assert near.recv(1) == b""  # the worker closed it: shut down despite our copy
             assert watch.wait(10)
-        assert server.wait(10) == 0
+        out, err = server.communicate(timeout=10)
+        assert server.returncode == 0, err
+        assert out.count("cloexec True") == 2 and "child refused" in out, out
+        assert "child sent" not in out
     finally:
         server.kill()
         server.communicate()
+
+
+def test_a_worker_whose_unix_socket_cannot_listen_does_not_serve(folder: str) -> None:
+    """Fail closed: no Unix listener, no server (and never a TCP one instead)."""
+    server = _worker(os.path.join(folder, "missing", "worker"), 4243)
+    out, err = server.communicate(timeout=20)
+    assert server.returncode != 0 and "listening" not in out
+    assert "corral rpcshim: cannot listen on" in err and "does not start" in err
 
 
 def test_the_handing_side_ends_the_connection_when_the_process_dies(folder: str) -> None:

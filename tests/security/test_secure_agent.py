@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from corral.engine.agent.server import LEASE_TIMEOUT
-from corral.engine.ggml.probe import RpcProbeError, probe_rpc
+from corral.engine.ggml.probe import RpcProbeError
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -235,11 +235,11 @@ def test_a_second_desktop_gets_in_use_by_name_until_the_first_lets_go(
         tunnel = second.open_tunnel()  # and no tunnel either
         loop = asyncio.get_running_loop()
         with pytest.raises(RpcProbeError):
-            await loop.run_in_executor(None, probe_rpc, tunnel.endpoint, 5.0)
+            await loop.run_in_executor(None, tunnel.probe, 5.0)
         assert "in use by" in tunnel.last_error
         tunnel.close()
         mine = first.open_tunnel()
-        assert (await loop.run_in_executor(None, probe_rpc, mine.endpoint, 5.0))[0] == 7
+        assert (await loop.run_in_executor(None, mine.probe, 5.0))[0] == 7
         mine.close()
         await first.close()  # disconnect releases the lease
         for _ in range(50):
@@ -249,7 +249,7 @@ def test_a_second_desktop_gets_in_use_by_name_until_the_first_lets_go(
             except AgentRequestFailed:
                 await asyncio.sleep(0.1)
         theirs = second.open_tunnel()
-        assert (await loop.run_in_executor(None, probe_rpc, theirs.endpoint, 5.0))[0] == 7
+        assert (await loop.run_in_executor(None, theirs.probe, 5.0))[0] == 7
         theirs.close()
         await second.close()
 

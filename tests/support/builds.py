@@ -6,6 +6,10 @@ replaced by one that registers no backend. libggml's only use of libggml-rpc is
 without GGML_RPC looks like from outside: `llama_supports_rpc()` is false, and the RPC device
 is missing. Selected with LLAMA_CPP_LIB_PATH, which llama-cpp-python honours.
 
+`with_own_cxx_runtime`: the same, the stand-in compiled as C++ and linked as the toolchain of
+an H200 image links (libstdc++ static, its symbols left exported): what makes every model
+load crash where each llama.cpp library carries such a copy (docs/CPU-KERNELS.md).
+
 `corral_of_version`: a second Corral install, the installed package copied with another
 `__version__`; put first on PYTHONPATH, an agent started with it reports that version
 because it is that install, not because of a test switch in the agent.
@@ -51,6 +55,37 @@ def without_rpc(dest: Path) -> Path:
             str(dest / "libggml-rpc.so.0"),
             str(source),
         ],
+        check=True,
+        capture_output=True,
+    )
+    shutil.copy(dest / "libggml-rpc.so.0", dest / "libggml-rpc.so")
+    return dest
+
+
+_CXX_STUB = """
+#include <sstream>
+#include <string>
+extern "C" void *ggml_backend_rpc_reg(void) {
+    std::ostringstream name;  // the C++ runtime in use, as llama.cpp's own code uses it
+    name << "RPC" << 0L;
+    return name.str().empty() ? nullptr : nullptr;
+}
+"""
+
+
+def with_own_cxx_runtime(dest: Path) -> Path:
+    """A llama.cpp lib folder whose libggml-rpc carries its own, exported C++ runtime."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.fail("needs a C++ compiler (make install builds llama.cpp with one)")
+    shutil.copytree(installed_llama_lib(), dest, symlinks=True)
+    source = dest / "own_runtime.cpp"
+    source.write_text(_CXX_STUB)
+    for name in ("libggml-rpc.so.0", "libggml-rpc.so"):
+        (dest / name).unlink(missing_ok=True)
+    static = ["-shared", "-fPIC", "-static-libstdc++", "-Wl,-soname,libggml-rpc.so.0"]
+    subprocess.run(
+        [cxx, *static, "-o", str(dest / "libggml-rpc.so.0"), str(source)],
         check=True,
         capture_output=True,
     )

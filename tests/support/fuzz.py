@@ -48,7 +48,13 @@ from corral.engine.runtime.agent_client import parse_address
 from corral.engine.runtime.history import HistoryError
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.pins import PinStore
-from corral.engine.security.tunnel import NativePump, hand_over, relay_keys, shim_file
+from corral.engine.security.tunnel import (
+    TUNNEL_HOST,
+    NativePump,
+    hand_over,
+    relay_keys,
+    shim_file,
+)
 from tests.support import relay as relay_format
 
 CASE_LIMIT_S = 1.0  # a case slower than this is a hang
@@ -409,9 +415,9 @@ def _relay(stream: bytes) -> bool:
 
 # ---------------------------------------------------------------- the hand-over's record reader
 
-_SHIM_SERVER = """
+_SHIM_SERVER = f"""
     import socket, struct, sys
-    srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+    srv = socket.create_server(("{TUNNEL_HOST}", int(sys.argv[1])))  # a label: nothing bound
     report = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     report.connect(sys.argv[2])
     while True:
@@ -445,8 +451,7 @@ def _shim() -> _ShimWorker:
         assert shim_file(), "engine/security/_rpcshim.c was not built"
         folder = tempfile.mkdtemp(prefix="corral-f-", dir="/tmp")
         atexit.register(shutil.rmtree, folder, True)
-        with socket.create_server(("127.0.0.1", 0)) as probe:
-            port = probe.getsockname()[1]
+        port = 4242
         reports = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         reports.bind(os.path.join(folder, "report"))
         reports.listen(1)
