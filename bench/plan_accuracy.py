@@ -1,8 +1,9 @@
 """Planned vs real memory, and planned vs real layer map, over many model shapes.
 
 For each shape x split x context x flash attention: plan (analytic), dry-run (exact), load
-for real across two local agents, and compare per device and for host memory with what
-llama.cpp logged. Writes a markdown report.
+for real across two local agents (split even and uneven) or on the desktop alone (local:
+every layer and the output layer in host memory), and compare per device and for host
+memory with what llama.cpp logged. Writes a markdown report.
 
     .venv/bin/python bench/plan_accuracy.py [--out docs/PLANNER-results.md] [--quick]
 """
@@ -121,7 +122,7 @@ async def run_case(
     agents: list[str], model: Path, n_layer_hint: int | None, split: str, n_ctx: int, fa: bool
 ) -> tuple[list[Row], int, str]:
     settings = LoadSettings(model=model, n_ctx=n_ctx, flash_attn=fa, worker_threads=1)
-    session = ChatSession(agents)
+    session = ChatSession([] if split == "local" else agents)
     try:
         await session.connect(1)
         if split == "uneven":  # a quarter of the layers on the first device
@@ -179,12 +180,13 @@ def main() -> int:
         for name, (spec, ftype) in shapes:
             model = model_file(name, spec, ftype, cache)
             for split, n_ctx, fa in itertools.product(
-                ("even", "uneven"), (512, 4096), (False, True)
+                ("even", "uneven", "local"), (512, 4096), (False, True)
             ):
                 rows, _, counts = asyncio.run(
                     run_case(agents.addresses, model, None, split, n_ctx, fa)
                 )
-                case = f"{name}; {split} {counts}; ctx {n_ctx}; FA {'on' if fa else 'off'}"
+                how = f"{split} {counts}" if counts else split
+                case = f"{name}; {how}; ctx {n_ctx}; FA {'on' if fa else 'off'}"
                 for r in rows:
                     r.case = case
                     ae = (r.analytic - r.actual) / r.actual

@@ -253,7 +253,7 @@ def plan_table(plan: Plan, analytic: Plan | None = None) -> list[str]:
             "this desktop",
             compact_ranges(plan.layers_of(-1)) or "embd",
             plan.host,
-            "",
+            mib(max(plan.host_free - plan.settings.reserve, 0)) if plan.host_free else "",
             guess.host,
         )
     )
@@ -298,6 +298,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
             "output": plan.host.output,
             "extra": plan.host.extra,
             "total": plan.host.total,
+            "free": plan.host_free,
         },
     }
 
@@ -339,11 +340,10 @@ async def _plan(opts: argparse.Namespace, out: _Out) -> int:
     refused = [v for v in session.verdicts if v.level == "error"]
     for v in refused:
         print(f"corral: refused: {v}", file=sys.stderr)
-    if not exact.fits:
+    if not exact.fits and not any(v.setting == "memory" for v in refused):
         for reason in exact.shortfalls():
             print(f"corral: does not fit: {reason}", file=sys.stderr)
-    if refused:
-        return EXIT_USAGE
+    if refused or not exact.fits:
         return EXIT_USAGE
     return 0
 

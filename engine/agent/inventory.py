@@ -95,18 +95,6 @@ def _try(read: Any, default: Any = -1) -> Any:
         return default
 
 
-def read_memory() -> tuple[int, int]:
-    """(total, available) RAM in bytes."""
-    try:
-        fields = {}
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            fields[key] = int(rest.split()[0]) * 1024
-        return fields.get("MemTotal", 0), fields.get("MemAvailable", 0)
-    except (OSError, ValueError, IndexError):
-        return 0, 0
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

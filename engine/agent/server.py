@@ -26,6 +26,7 @@ from pathlib import Path
 import corral
 from corral.discovery import Advertiser, AgentHints
 from corral.engine.aio import within
+from corral.engine.hostmem import read_memory
 from corral.engine.protocol import (
     CONTROL,
     PROTOCOL_VERSION,
@@ -766,7 +767,7 @@ class AgentServer:
         pid = self.supervisor.state.pid
         pids = frozenset({pid}) if pid else frozenset()
         gpus, nvml = await loop.run_in_executor(None, inventory.read_gpus, pids)
-        total, free = inventory.read_memory()
+        total, free = read_memory()
         probe = await self._probe()
         return Inventory(
             req=req,

@@ -28,7 +28,8 @@ from corral.engine.ggml.kernelcheck import crash_hint
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.procs import RPC_PROCESS_ENV, exit_text
 from corral.engine.protocol import WorkerState
-from corral.engine.security.loopback import listener_held_by
+from corral.engine.security.loopback import available as owners_listed
+from corral.engine.security.loopback import listening_port
 from corral.engine.security.tunnel import (
     TUNNEL_HOST,
     handover_dir,
@@ -68,16 +69,16 @@ def process_state(pid: int) -> str:
     return _PROCESS_STATES.get(fields[0], "") if fields else ""
 
 
-class WorkerStartError(Exception):
-    """The worker did not come up; the message carries its exit and last log lines."""
-
-
 def _free_port() -> int:
-    """A loopback port for a worker without the shim; the worker binds it later, so
-    `_spawn_and_wait` checks that the listener it then finds is the worker's."""
+    """A loopback port chosen now, for a system that cannot say which port a process
+    listens on: another local user could take it before the worker binds it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class WorkerStartError(Exception):
+    """The worker did not come up; the message carries its exit and last log lines."""
 
 
 def _tail(path: Path, n: int = 15) -> tuple[str, ...]:
@@ -217,13 +218,13 @@ class RpcSupervisor:
             self._port = new_label(folder, "worker-")
             listen = os.path.join(folder, f"worker-{self._port}")
             host, shim = TUNNEL_HOST, shim_env(listen, self._port)
-        else:
-            self._port, listen, host, shim = _free_port(), "", "127.0.0.1", {}
+        else:  # port 0: the kernel's choice, read back from /proc once the worker listens
+            self._port = 0 if owners_listed() else _free_port()  # (a system without /proc)
+            listen, host, shim = "", "127.0.0.1", {}
             log.warning(
-                "the RPC worker listens on 127.0.0.1:%d, which other local users of this host "
-                "can reach: the hand-over (engine/security/_rpcshim.c) is off here, see "
-                "`corral-agent doctor`",
-                self._port,
+                "the RPC worker listens on a 127.0.0.1 port, which other local users of this "
+                "host can reach: the hand-over (engine/security/_rpcshim.c) is off here, see "
+                "`corral-agent doctor`"
             )
         self._handover = listen
         cmd = [
@@ -268,6 +269,10 @@ class RpcSupervisor:
                     + " | ".join(_tail(self.log_path, 5))
                 )
             try:
+                if not listen and not self._port:
+                    self._port = listening_port(proc.pid)
+                    if not self._port:
+                        raise RpcProbeError("not listening yet")
                 await loop.run_in_executor(
                     None,
                     functools.partial(
@@ -277,13 +282,6 @@ class RpcSupervisor:
                         functools.partial(self._connect, listen, self._port),
                     ),
                 )
-                if not listen and not listener_held_by(self._port, proc.pid):
-                    await self._kill(proc)
-                    self._set("failed", "failed", "another process holds the worker's port")
-                    raise WorkerStartError(
-                        f"another process answers on the worker's port 127.0.0.1:{self._port}"
-                        " (another local user?): not using it"
-                    )
                 break
             except RpcProbeError:
                 if time.monotonic() > deadline:

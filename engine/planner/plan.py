@@ -81,16 +81,22 @@ class Plan:
     usage: tuple[Usage, ...]  # per device
     host: Usage  # the desktop's own memory: embeddings, layers left on the CPU, buffers
     compute_source: str = "analytic"  # or "dry run"
+    host_free: int = 0  # what the desktop can still allocate (0: unknown, not checked)
 
     def layers_of(self, device: int) -> list[int]:
         return [il for il, d in enumerate(self.layer_device) if d == device]
 
     def short(self) -> list[tuple[int, str]]:
-        """(device index, what is missing) for every device that would run out of memory."""
+        """(device index, what is missing) for every device that would run out of memory;
+        HOST (-1) for the desktop's own memory, where its free memory is known."""
         out = []
         reserve = self.settings.reserve
-        for i, (dev, use) in enumerate(zip(self.devices, self.usage, strict=True)):
-            budget = dev.free - reserve
+        pairs = zip(self.devices, self.usage, strict=True)
+        needs = [(i, dev.free, use) for i, (dev, use) in enumerate(pairs)]
+        if self.host_free > 0:
+            needs.append((HOST, self.host_free, self.host))
+        for i, free, use in needs:
+            budget = free - reserve
             if use.total > budget:
                 out.append(
                     (
@@ -103,11 +109,19 @@ class Plan:
                 )
         return out
 
+    def where(self, i: int) -> tuple[str, str]:
+        """(host, device) of device index `i`, HOST included."""
+        if i == HOST:
+            return "this desktop", "host memory"
+        return self.devices[i].host, self.devices[i].name
+
     def shortfalls(self) -> list[str]:
         """One line per device that would run out of memory, naming the missing amount."""
-        return [
-            f"{self.devices[i].name} on {self.devices[i].host}: {why}" for i, why in self.short()
-        ]
+        out = []
+        for i, why in self.short():
+            host, device = self.where(i)
+            out.append(f"{device} on {host}: {why}")
+        return out
 
     @property
     def fits(self) -> bool:
@@ -205,8 +219,12 @@ def estimate(
             )
         )
     on_host = by_device.get(HOST, [])
+    # tied embeddings: llama.cpp's output layer on the host uses token_embd itself, not a copy
+    # (a copy only where the output goes to another buffer type: a device, or an extra CPU
+    # buffer, which host_extra_bytes counts)
+    reused = spec.output_bytes if spec.tied_embeddings and spec.n_layer in on_host else 0
     host = Usage(
-        weights=spec.token_embd_bytes + spec.other_bytes + weight_bytes(spec, on_host),
+        weights=spec.token_embd_bytes + spec.other_bytes + weight_bytes(spec, on_host) - reused,
         kv=kv_bytes(spec, on_host, s),
         compute=compute_bytes(spec, on_host, s, host=True),
         output=spec.n_vocab * 4,
@@ -284,6 +302,35 @@ def _fewest(spec: ModelSpec, devices: tuple[Device, ...], s: Settings, budgets: 
         else:
             low = mid + 1
     return with_hosts(low)
+
+
+def what_fits(spec: ModelSpec, plan: Plan) -> list[str]:
+    """For a plan that does not fit: settings that would (the largest context, a quantized
+    KV cache), as command-line options, from the analytic estimate with the same devices,
+    split and host memory. Empty when neither would."""
+    s = plan.settings
+
+    def fits(settings: Settings) -> bool:
+        p = estimate(spec, plan.devices, settings, plan.strategy, plan.tensor_split)
+        host = dataclasses.replace(p.host, extra=plan.host.extra)
+        return dataclasses.replace(p, host=host, host_free=plan.host_free).fits
+
+    tips = []
+    if s.n_ctx_padded > N_CTX_ALIGN and fits(dataclasses.replace(s, n_ctx=N_CTX_ALIGN)):
+        low, high = 1, s.n_ctx_padded // N_CTX_ALIGN - 1  # in units of 256; low fits
+        while low < high:
+            mid = (low + high + 1) // 2
+            if fits(dataclasses.replace(s, n_ctx=mid * N_CTX_ALIGN)):
+                low = mid
+            else:
+                high = mid - 1
+        tips.append(f"--ctx {low * N_CTX_ALIGN}")
+    for kv in ("q8_0", "q4_0"):  # a quantized V cache needs flash attention
+        quantized = dataclasses.replace(s, type_k=kv, type_v=kv if s.flash_attn else s.type_v)
+        if kv != s.type_k and fits(quantized):
+            tips.append(f"--cache-type-k {kv}" + (f" --cache-type-v {kv}" if s.flash_attn else ""))
+            break
+    return tips
 
 
 def host_extra_bytes(

@@ -201,18 +201,13 @@ def check_context(spec: ModelSpec, s: Settings) -> list[Verdict]:
     return []
 
 
-def check_plan(plan: Plan) -> list[Verdict]:
-    return [
-        Verdict(
-            "error",
-            plan.devices[i].host,
-            plan.devices[i].name,
-            "memory",
-            why,
-            "use more hosts, a smaller --ctx, a quantized cache, or a smaller --reserve",
-        )
-        for i, why in plan.short()
-    ]
+def check_plan(plan: Plan, tips: Sequence[str] = ()) -> list[Verdict]:
+    """An error per device (and for the host's own memory) that would run out of memory;
+    `tips` (plan.what_fits) are settings that would fit."""
+    fix = "use more hosts, a smaller --ctx, a quantized cache, or a smaller --reserve"
+    if tips:
+        fix = f"by the estimate this fits with {' or '.join(tips)}; or use more hosts"
+    return [Verdict("error", *plan.where(i), "memory", why, fix) for i, why in plan.short()]
 
 
 def errors(verdicts: Sequence[Verdict]) -> list[Verdict]:

@@ -22,8 +22,9 @@ from corral.engine.aio import within
 from corral.engine.ggml.kernelcheck import crash_hint, is_extra_buffer
 from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
+from corral.engine.hostmem import host_available_memory
 from corral.engine.model.spec import ModelError, ModelSpec, read_model_spec
-from corral.engine.planner.plan import MiB, Plan, PlanError, Settings, make_plan
+from corral.engine.planner.plan import MiB, Plan, PlanError, Settings, make_plan, what_fits
 from corral.engine.planner.validate import (
     BuildFacts,
     DeviceFacts,
@@ -36,7 +37,7 @@ from corral.engine.planner.validate import (
     questions,
 )
 from corral.engine.protocol import AgentEvent, CapabilityQuestion, Inventory, WorkerState
-from corral.engine.security.tunnel import DesktopTunnel
+from corral.engine.security.tunnel import TUNNEL_HOST, DesktopTunnel
 
 from .agent_client import AgentClient
 from .errors import (
@@ -110,7 +111,11 @@ class DevicePlacement:
     layers: tuple[int, ...]
 
     def describe(self) -> str:
-        where = f"{self.host} via {self.endpoint}" if self.endpoint else self.host
+        where = self.host
+        if self.endpoint.startswith(f"{TUNNEL_HOST}:"):  # a Unix socket's label, not an address
+            where += " via its tunnel"
+        elif self.endpoint:
+            where += f" via {self.endpoint}"
         return f"{self.device:<6} {where:<40} layers {compact_ranges(list(self.layers)) or '-'}"
 
 
@@ -292,6 +297,8 @@ class ChatSession:
             )
         except PlanError as exc:
             raise PlanRefused(str(exc)) from None
+        # the desktop's own memory is checked too (what its memory cgroup allows, if less)
+        analytic = dataclasses.replace(analytic, host_free=host_available_memory())
         facts = await self._device_facts(spec, analytic.settings)
         self.verdicts = [
             *check_cache(spec, analytic.settings, facts),
@@ -308,7 +315,7 @@ class ChatSession:
         if wrong:  # the planner and llama.cpp disagree: trust llama.cpp, say so loudly
             self.warnings = (*self.warnings, "plan differs from llama.cpp: " + "; ".join(wrong[:3]))
         exact = exact_plan(analytic, spec, dry)
-        self.verdicts += check_plan(exact)
+        self.verdicts += check_plan(exact, what_fits(spec, exact) if not exact.fits else ())
         return analytic, exact
 
     async def open(

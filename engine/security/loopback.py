@@ -79,13 +79,22 @@ def same_user(conn: socket.socket) -> tuple[bool, str]:
     return False, f"the connection comes from uid {uid}, not this user (uid {os.getuid()})"
 
 
-def listener_held_by(port: int, pid: int, host: str = "127.0.0.1") -> bool:
-    """Whether the TCP listener on host:port is a socket process `pid` holds: a port chosen
-    before the process bound it could have been taken by another local user meanwhile.
-    True where the system does not list sockets (nothing to check against)."""
-    if not available():
-        return True
-    inodes = set()
+def listening_port(pid: int, host: str = "127.0.0.1") -> int:
+    """The TCP port process `pid` listens on at `host`, 0 while it listens on none: a worker
+    started on port 0 takes whatever port the kernel gives it, so no other local user can
+    take that port first (no port chosen, closed, then bound again)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    held = set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            held.add(link[8:-1])
     for table in _TABLES:
         try:
             rows = table.read_text().splitlines()[1:]
@@ -93,18 +102,8 @@ def listener_held_by(port: int, pid: int, host: str = "127.0.0.1") -> bool:
             continue
         for row in rows:
             f = row.split()
-            if len(f) > 9 and f[3] == "0A" and _address(f[1]) == (host, port):
-                inodes.add(f"socket:[{f[9]}]")
-    if not inodes:
-        return False
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                return True
-        except OSError:
-            continue
-    return False
+            if len(f) > 9 and f[3] == "0A" and f[9] in held:
+                where, port = _address(f[1])
+                if where == host:
+                    return port
+    return 0

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
+import pytest
+
+from corral.engine.ggml.quantize import quantize
+from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from corral.engine.planner.plan import MiB
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
 from tests.conftest import corral
+from tests.support.memcap import joiner, memory_capped
 
 
 def _agents(agents: LocalAgents) -> list[str]:
@@ -65,7 +71,7 @@ def test_a_model_that_cannot_fit_is_refused_before_any_load(
 ) -> None:
     plan = corral("plan", str(smollm2), *_agents(two_agents), "--reserve", "100000000")
     assert plan.returncode == 2
-    assert "does not fit: RPC0" in plan.stderr and "short by" in plan.stderr
+    assert "RPC0: does not fit" in plan.stderr and "short by" in plan.stderr
     chat = corral(
         "chat", str(smollm2), *_agents(two_agents), "--reserve", "100000000", "--prompt", "Hi"
     )
@@ -78,3 +84,67 @@ def test_bad_layer_counts_are_a_clear_error(smollm2: Path, two_agents: LocalAgen
     assert done.returncode == 2 and "must add up to 31" in done.stderr
     done = corral("plan", str(smollm2), "--layers", "ten")
     assert done.returncode == 2 and "is not a list of layer counts" in done.stderr
+
+
+def _within_tolerance(rows: list[tuple[str, int, int, float]]) -> None:
+    for name, planned, actual, _ in rows:
+        assert abs(planned - actual) <= max(0.01 * actual, 2 * MiB), (name, planned, actual)
+        assert actual - planned <= MiB, f"{name}: planned under what llama.cpp used"
+
+
+@pytest.mark.parametrize(
+    ("tied", "wtype"),
+    [(True, ""), (False, ""), (True, "q4_0"), (False, "q4_0")],
+    ids=["tied", "untied", "tied-q4_0", "untied-q4_0"],
+)
+def test_a_local_plan_is_exact_on_the_host(tmp_path: Path, tied: bool, wtype: str) -> None:
+    """No agents: every layer and the output layer on the host. With tied embeddings the
+    output layer uses token_embd itself there (it was counted twice: +12 % for SmolLM2);
+    Q4_0 weights are also copied into llama.cpp's extra CPU buffers (CPU_REPACK, AMX) where
+    the CPU-kernel self-test keeps them on, which the plan counts."""
+    model = write_tiny_llama(
+        tmp_path / "m.gguf", TinyLlama(n_layer=4, n_vocab=8000, tied_embeddings=tied)
+    )
+    if wtype:
+        model = quantize(model, tmp_path / f"m-{wtype}.gguf", wtype, threads=1)
+
+    async def run() -> None:
+        session = ChatSession([])
+        try:
+            result = await session.open(LoadSettings(model=model, n_ctx=512))
+        finally:
+            await session.close()
+        assert result.comparison is not None
+        _within_tolerance(result.comparison.rows())
+
+    asyncio.run(run())
+
+
+def test_a_local_plan_over_the_hosts_memory_is_refused_with_what_would_fit(
+    smollm2: Path,
+) -> None:
+    plan = corral("plan", str(smollm2), "--ctx", "4000000")
+    assert plan.returncode == 2, plan.stderr
+    assert "host memory: does not fit" in plan.stderr and "short by" in plan.stderr
+    ctx = re.search(r"fits with --ctx (\d+)", plan.stderr)
+    assert ctx, plan.stderr
+    chat = corral("chat", str(smollm2), "--ctx", "4000000", "--prompt", "Hi")
+    assert chat.returncode == 2 and "host memory: does not fit" in chat.stderr
+    assert "tok/s" not in chat.stdout  # refused before any load
+    smaller = corral("plan", str(smollm2), "--ctx", ctx.group(1))  # what it said fits, fits
+    assert smaller.returncode == 0, smaller.stderr
+
+
+def test_a_split_plan_is_refused_where_the_desktops_own_memory_is_short(
+    smollm2: Path, two_agents: LocalAgents
+) -> None:
+    """Split over two agents, the desktop capped at 1 GiB (a memory cgroup, as a container
+    has): at a 128k context the host's KQ mask alone needs more, and the plan says so;
+    without the cap the same plan fits."""
+    args = ["plan", str(smollm2), *_agents(two_agents), "--ctx", "131072"]
+    assert corral(*args).returncode == 0
+    with memory_capped(1 << 30) as tasks:
+        capped = corral(*args, preexec_fn=joiner(tasks))
+    assert capped.returncode == 2, capped.stdout + capped.stderr
+    assert "this desktop host memory: does not fit" in capped.stderr, capped.stderr
+    assert "RPC0" not in capped.stderr  # the agents' devices have room

@@ -39,6 +39,19 @@ def _corral_unix_sockets() -> list[str]:
     return sorted(paths)
 
 
+def _worker_endpoint(state_dir: Path) -> str:
+    """The --endpoint the agent with `state_dir` started its worker with (from /proc)."""
+    marker = str(state_dir).encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"corral.engine.agent.worker" in argv and any(marker in a for a in argv):
+            return argv[argv.index(b"--endpoint") + 1].decode()
+    raise AssertionError(f"no worker process for {state_dir}")
+
+
 def _nobody_reaches_nothing(when: str) -> list[str]:
     answered = answered_rpc(hellos_from_nobody())
     assert not answered, f"{when}: ggml-rpc answered another local user on {answered}"
@@ -73,7 +86,7 @@ def test_another_local_user_gets_no_raw_rpc_idle_after_plan_and_during_chat(
 def test_a_tunnel_on_tcp_serves_only_this_user(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the in-process data path (CORRAL_RELAY=off here: the Python pumps), the
     desktop's endpoint is a 127.0.0.1 port: another user's HELLO is turned away unanswered,
-    this user's reaches the worker."""
+    this user's reaches the worker, whose own port is the kernel's choice."""
     monkeypatch.setenv("CORRAL_RELAY", "off")
     assert tunnel_mod.handover_dir() == ""
     with LocalAgents(1) as agents:
@@ -91,6 +104,9 @@ def test_a_tunnel_on_tcp_serves_only_this_user(monkeypatch: pytest.MonkeyPatch) 
                 assert tunnel.refused >= 1
                 version = await loop.run_in_executor(None, tunnel.probe, 10.0)
                 assert version[0] == 7
+                # the worker's own port: asked of the kernel (port 0), never chosen and
+                # bound again later, which another local user could take in between
+                assert _worker_endpoint(agents.state_dir(0)) == "127.0.0.1:0"
             finally:
                 tunnel.close()
                 await client.close()
