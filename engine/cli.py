@@ -207,6 +207,7 @@ def _load_settings(opts: argparse.Namespace, model: Path) -> LoadSettings:
         strategy=opts.strategy,
         layers=opts.layers,
         reserve_mib=opts.reserve,
+        swa_full=opts.swa_cache == "full",
     )
 
 
@@ -700,6 +701,15 @@ def _planning_flags(p: argparse.ArgumentParser) -> None:
         help="V cache type (quantized V needs --flash-attn on)",
     )
     p.add_argument("--flash-attn", choices=["on", "off"], default="off")
+    p.add_argument(
+        "--swa-cache",
+        choices=["full", "window"],
+        default="full",
+        help="sliding-window layers (gemma2/3, gpt-oss, cohere2, ...): keep the whole context "
+        "(full, default: any earlier turn can be edited and resumed without re-reading the "
+        "chat) or only the window (much less memory; a chat edited further back than the "
+        "window is read again from its start)",
+    )
     p.add_argument(
         "--strategy",
         choices=list(STRATEGIES),

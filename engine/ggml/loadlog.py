@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-_LAYER = re.compile(r"layer\s+(\d+) assigned to device ([^,\s]+)")
+_LAYER = re.compile(r"layer\s+(\d+) assigned to device ([^,\s]+)(?:, is_swa = (\d))?")
 _BUFFER = re.compile(r"\s(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
 
 
@@ -16,22 +16,26 @@ class LoadReport:
 
     layers: dict[int, str] = field(default_factory=dict)
     buffers: dict[str, dict[str, float]] = field(default_factory=dict)
+    swa: tuple[int, ...] = ()  # the layers llama.cpp runs with the sliding window
 
 
 def parse_load_log(lines: Iterable[str]) -> LoadReport:
     """Collect layer assignments, and buffer sizes summed per kind and buffer name."""
     layers: dict[int, str] = {}
     buffers: dict[str, dict[str, float]] = {}
+    swa: list[int] = []
     for line in lines:
         m = _LAYER.search(line)
         if m:
             layers[int(m.group(1))] = m.group(2)
+            if m.group(3) == "1":
+                swa.append(int(m.group(1)))
             continue
         b = _BUFFER.search(line)
         if b:
             kind = buffers.setdefault(b.group(2), {})
             kind[b.group(1)] = kind.get(b.group(1), 0.0) + float(b.group(3))
-    return LoadReport(layers=layers, buffers=buffers)
+    return LoadReport(layers=layers, buffers=buffers, swa=tuple(sorted(set(swa))))
 
 
 def compact_ranges(layers: list[int]) -> str:

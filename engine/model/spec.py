@@ -64,6 +64,7 @@ class ModelSpec:
     n_expert: int
     file_bytes: int
     output_type: int = -1  # ggml type of output.weight, or of token_embd when tied
+    n_swa: int = 0  # the sliding window of the SWA layers (0: none)
 
     @property
     def weight_bytes(self) -> int:
@@ -73,6 +74,42 @@ class ModelSpec:
 # far above any released model (405B llamas have 126 blocks, embeddings of 16384)
 MAX_LAYERS = 4096
 MAX_EMBD = 1 << 20
+
+
+# Interleaved sliding-window attention as llama.cpp 0.3.36's loaders set it up, per
+# architecture: (period, dense first, window when the file names none). A period p makes
+# layer il windowed when il % p < p - 1 (dense first: when il % p != 0); a GGUF key
+# {arch}.attention.sliding_window_pattern (one flag per layer, or a period) overrides it.
+# Architectures not listed here ignore a sliding_window key (llama, mistral); the dry run's
+# "layer N assigned to device X, is_swa = F" lines are what the exact plan goes by.
+SWA_PATTERNS: dict[str, tuple[int, bool, int]] = {
+    "gemma2": (2, False, 4096),
+    "gemma3": (6, False, 0),
+    "gemma3n": (5, False, 0),
+    "cohere2": (4, False, 0),
+    "cohere2moe": (4, True, 0),
+    "olmo2": (4, False, 0),
+    "gpt-oss": (2, False, 0),
+    "plamo3": (8, False, 0),
+}
+
+
+def swa_flags(arch: str, n_layer: int, window: int, pattern: Any) -> list[bool]:
+    """Which layers llama.cpp runs with the sliding window (see SWA_PATTERNS)."""
+    if arch not in SWA_PATTERNS or window <= 0:
+        return [False] * n_layer
+    period, dense_first, _ = SWA_PATTERNS[arch]
+    if isinstance(pattern, list):
+        if len(pattern) != n_layer:
+            raise ModelError(f"sliding_window_pattern has {len(pattern)} entries for {n_layer}")
+        return [bool(v) for v in pattern]
+    if pattern is not None:
+        period = int(pattern)
+    if period == 0:
+        return [True] * n_layer
+    if dense_first:
+        return [il % period != 0 for il in range(n_layer)]
+    return [il % period < period - 1 for il in range(n_layer)]
 
 
 def _per_layer(value: Any, n_layer: int, name: str) -> list[int]:
@@ -120,7 +157,13 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
     default_dim = n_embd // max(1, max(heads) if heads else 1)
     dim_k = int(key("attention.key_length", default_dim))
     dim_v = int(key("attention.value_length", default_dim))
-    window = key("attention.sliding_window")
+    window = int(key("attention.sliding_window", 0) or 0)
+    if not window and arch in SWA_PATTERNS:
+        window = SWA_PATTERNS[arch][2]
+    pattern = key("attention.sliding_window_pattern")
+    if isinstance(pattern, ArrayInfo):  # too long to have been read: the arch's period
+        pattern = None
+    is_swa = swa_flags(arch, n_layer, window, pattern)
     n_expert = int(key("expert_count", 0) or 0)
     n_ff_raw = key("feed_forward_length", 0)
     n_ff = int(max(n_ff_raw) if isinstance(n_ff_raw, list) else n_ff_raw)
@@ -161,7 +204,7 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
             heads_kv[il],
             dim_k,
             dim_v,
-            is_swa=window is not None,
+            is_swa=is_swa[il],
             matmuls=tuple(matmuls[il]),
         )
         for il in range(n_layer)
@@ -181,9 +224,10 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
         output_norm_bytes=output_norm,
         tied_embeddings=tied,
         other_bytes=other,
-        swa=window is not None,
+        swa=any(is_swa),
         moe=n_expert > 0,
         n_expert=n_expert,
         file_bytes=path.stat().st_size,
         output_type=output_type if not tied else embd_type,
+        n_swa=window if any(is_swa) else 0,
     )

@@ -1,5 +1,9 @@
 """Random-weight llama GGUF models, for the CPU-kernel self-test, tests and benches.
 
+Two architectures: ``llama`` and ``gemma3`` (``arch="gemma3"``: q/k norms, post-attention and
+post-FFN norms, and with ``sliding_window`` set, interleaved sliding-window attention: five
+windowed layers, then one global, as llama.cpp's gemma3 loader reads it).
+
 The files load in llama.cpp and generate deterministic gibberish. Vocabulary layout (SPM,
 like the original llama tokenizer): ``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens
 ``<0x00>``..``<0xFF>``, then lowercase letter pieces (``▁``, ``a``..``z``, ``▁a``..``▁z``,
@@ -46,6 +50,8 @@ class TinyLlama:
     tied_embeddings: bool = True
     seed: int = 0
     dtype: str = "f32"  # "f32" or "f16" storage of the 2-D tensors (norms stay f32)
+    arch: str = "llama"  # or "gemma3"
+    sliding_window: int = 0  # gemma3: the window of its SWA layers (0: none)
 
     @property
     def n_embd_head(self) -> int:
@@ -58,6 +64,10 @@ class TinyLlama:
             raise ValueError(f"n_vocab must be >= {MIN_VOCAB} (3 specials + 256 bytes)")
         if self.n_head_kv <= 0 or self.n_head % self.n_head_kv:
             raise ValueError("n_head must be a multiple of n_head_kv")
+        if self.arch not in ("llama", "gemma3"):
+            raise ValueError(f"arch must be llama or gemma3, not {self.arch!r}")
+        if self.sliding_window and self.arch != "gemma3":
+            raise ValueError("sliding_window needs arch='gemma3'")
         if self.n_embd_head <= 0 or self.n_embd_head % 2:
             raise ValueError("head_dim must be a positive even number (rope)")
         if self.dtype not in ("f32", "f16"):
@@ -109,11 +119,12 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyLlama = TinyLlama()
         m[N_SPECIAL:MIN_VOCAB] *= BYTE_ROW_SCALE
         return m.astype(wtype)
 
-    def norm() -> np.ndarray:
-        return np.ones(e, dtype=np.float32)
+    def norm(n: int = e) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
 
-    w = gguf.GGUFWriter(out, "llama")
-    w.add_name(f"tiny-llama-{spec.n_layer}l-{e}d")
+    gemma = spec.arch == "gemma3"
+    w = gguf.GGUFWriter(out, spec.arch)
+    w.add_name(f"tiny-{spec.arch}-{spec.n_layer}l-{e}d")
     w.add_file_type(
         gguf.LlamaFileType.MOSTLY_F16 if spec.dtype == "f16" else gguf.LlamaFileType.ALL_F32
     )
@@ -126,9 +137,11 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyLlama = TinyLlama()
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hd)
     w.add_rope_freq_base(10000.0)
-    if hd * spec.n_head != e:
+    if hd * spec.n_head != e or gemma:
         w.add_key_length(hd)
         w.add_value_length(hd)
+    if spec.sliding_window:
+        w.add_sliding_window(spec.sliding_window)
     tokens, scores, types = _vocab(spec.n_vocab)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
@@ -151,6 +164,11 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyLlama = TinyLlama()
         w.add_tensor(f"{blk}.attn_k.weight", matrix(n_kv, e))
         w.add_tensor(f"{blk}.attn_v.weight", matrix(n_kv, e))
         w.add_tensor(f"{blk}.attn_output.weight", matrix(e, n_q))
+        if gemma:
+            w.add_tensor(f"{blk}.attn_q_norm.weight", norm(hd))
+            w.add_tensor(f"{blk}.attn_k_norm.weight", norm(hd))
+            w.add_tensor(f"{blk}.post_attention_norm.weight", norm())
+            w.add_tensor(f"{blk}.post_ffw_norm.weight", norm())
         w.add_tensor(f"{blk}.ffn_norm.weight", norm())
         w.add_tensor(f"{blk}.ffn_gate.weight", matrix(spec.n_ff, e))
         w.add_tensor(f"{blk}.ffn_up.weight", matrix(spec.n_ff, e))

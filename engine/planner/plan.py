@@ -52,6 +52,7 @@ class Settings:
     type_v: str = "f16"
     flash_attn: bool = False
     reserve: int = 256 * MiB  # kept free on every device (driver, fragmentation, others)
+    swa_full: bool = True  # sliding-window layers keep the whole context (llama.cpp's default)
 
     @property
     def n_ctx_padded(self) -> int:
@@ -131,11 +132,21 @@ class Plan:
 # ------------------------------------------------------------------ memory
 
 
-def kv_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings) -> int:
-    """Exact KV cache bytes for these layers (LLAMACPP.md's formula)."""
+def swa_cells(spec: ModelSpec, s: Settings) -> int:
+    """Cells of the sliding-window layers' cache: the whole context, or with a windowed
+    cache (swa_full off) the window and one ubatch, padded to 256 (llama_kv_cache_iswa)."""
     n = s.n_ctx_padded
+    if s.swa_full or not spec.n_swa:
+        return n
+    return pad_ctx(min(n, spec.n_swa + s.n_ubatch))
+
+
+def kv_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings) -> int:
+    """Exact KV cache bytes for these layers (LLAMACPP.md's formula; windowed layers hold
+    swa_cells)."""
+    n, windowed = s.n_ctx_padded, swa_cells(spec, s)
     return sum(
-        n
+        (windowed if spec.layers[il].is_swa else n)
         * (
             row_bytes(s.type_k, spec.layers[il].n_embd_k_gqa)
             + row_bytes(s.type_v, spec.layers[il].n_embd_v_gqa)

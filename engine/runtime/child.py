@@ -78,6 +78,7 @@ class _Engine:
         self.tokens: list[int] = []  # what the KV cache holds, in order
         self.registered: list[str] = []  # RPC endpoints this process's ggml knows
         self.shifts = 0  # context shifts since the model was loaded
+        self.swa_full = True  # sliding-window layers keep the whole context (else the window)
         self.n_ctx = 0
         self.cpu_kernels: Any = None  # CpuKernels: the self-test's verdict, once asked
 
@@ -108,12 +109,14 @@ class _Engine:
             "type_k": ggml_type(str(req.get("type_k", "f16"))),
             "type_v": ggml_type(str(req.get("type_v", "f16"))),
             "flash_attn": bool(req.get("flash_attn", False)),
+            "swa_full": bool(req.get("swa_full", True)),
         }
 
     def load(self, req: dict[str, Any], capture: Any) -> None:
 
         self._register([str(e) for e in req.get("rpc", [])])
         cfg = self._settings(req)
+        self.swa_full = cfg["swa_full"]
         kernels = self._cpu_kernels()
         mark = capture.count
         t0 = time.perf_counter()
@@ -176,6 +179,7 @@ class _Engine:
             n_threads=threads,
             n_threads_batch=threads,
             flash_attn=cfg["flash_attn"],
+            swa_full=cfg["swa_full"],
             verbose=True,  # verbose=False would point fds 1/2 at /dev/null during load
         )
 
@@ -233,12 +237,14 @@ class _Engine:
                 if cfg["flash_attn"]
                 else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
             )
+            cparams.swa_full = cfg["swa_full"]
             ctx = L.llama_init_from_model(model, cparams)
             if not ctx:
                 raise _Refused(
                     "llama.cpp refused this context (cache type, flash attention or size)"
                 )
             L.llama_free(ctx)
+            n_swa = int(L.llama_model_n_swa(model))
         finally:
             L.llama_model_free(model)
         report = parse_load_log(capture.since(mark))
@@ -248,6 +254,8 @@ class _Engine:
             layers={str(k): v for k, v in report.layers.items()},
             buffers=report.buffers,
             n_ctx=cfg["n_ctx"],
+            swa_layers=list(report.swa),
+            n_swa=n_swa,
             # no_alloc logs the extra CPU buffers as empty: the planner sizes them from these
             cpu_extra=[list(pair) for pair in self._cpu_kernels().factors],
         )
@@ -345,6 +353,17 @@ class _Engine:
             n_ctx=self.n_ctx,
         )
 
+    def _reusable(self, keep: int) -> int:
+        """How much of the cached prefix can be kept: with a windowed sliding-window cache,
+        the cells the next token attends to (the window before `keep`) may be gone once the
+        chat went further; then the prompt is read again from its start (as llama-server
+        does), never decoded against a cache that lacks them."""
+        n_swa = int(self.L.llama_model_n_swa(self.llm.model)) if not self.swa_full else 0
+        if keep == 0 or n_swa <= 0:
+            return keep
+        oldest = int(self.L.llama_memory_seq_pos_min(self.L.llama_get_memory(self.llm.ctx), 0))
+        return 0 if oldest > max(0, keep - n_swa) else keep
+
     def kv_used(self) -> int:
         mem = self.L.llama_get_memory(self.llm.ctx)
         return int(self.L.llama_memory_seq_pos_max(mem, 0)) + 1
@@ -368,6 +387,7 @@ class _Engine:
         limit = min(len(self.tokens), len(prompt) - 1)
         while keep < limit and self.tokens[keep] == prompt[keep]:
             keep += 1
+        keep = self._reusable(keep)
         L.llama_memory_seq_rm(L.llama_get_memory(ctx), 0, keep, -1)
         del self.tokens[keep:]
         n_batch = int(L.llama_n_batch(ctx))

@@ -76,6 +76,7 @@ class LoadSettings:
     strategy: str = "balanced"
     layers: tuple[int, ...] | None = None  # manual layer counts per device
     reserve_mib: int = 256
+    swa_full: bool = True  # sliding-window layers: whole context (True) or the window
 
     def plan_settings(self) -> Settings:
         return Settings(
@@ -86,6 +87,7 @@ class LoadSettings:
             type_v=self.type_v,
             flash_attn=self.flash_attn,
             reserve=self.reserve_mib * MiB,
+            swa_full=self.swa_full,
         )
 
     def child_params(self) -> dict[str, Any]:
@@ -97,6 +99,7 @@ class LoadSettings:
             "type_k": self.type_k,
             "type_v": self.type_v,
             "flash_attn": self.flash_attn,
+            "swa_full": self.swa_full,
             "n_threads": self.n_threads,
         }
 
@@ -313,7 +316,7 @@ class ChatSession:
         )
         wrong = layer_map_matches(analytic, dry.get("layers", {}))
         if wrong:  # the planner and llama.cpp disagree: trust llama.cpp, say so loudly
-            self.warnings = (*self.warnings, "plan differs from llama.cpp: " + "; ".join(wrong[:3]))
+            self._warn("plan differs from llama.cpp: " + "; ".join(wrong[:3]))
         exact = exact_plan(analytic, spec, dry)
         self.verdicts += check_plan(exact, what_fits(spec, exact) if not exact.fits else ())
         return analytic, exact
@@ -362,6 +365,10 @@ class ChatSession:
         gc.collect()
         return await self.open(self.settings, on_progress)
 
+    def _warn(self, *texts: str) -> None:
+        """Add warnings, each once: a reload plans and loads again, and says nothing twice."""
+        self.warnings = tuple(dict.fromkeys((*self.warnings, *texts)))
+
     async def open_after_connect(
         self, settings: LoadSettings, on_progress: Callable[[float], None] | None = None
     ) -> LoadResult:
@@ -371,7 +378,7 @@ class ChatSession:
         refused = errors(self.verdicts)
         if refused:
             raise PlanRefused("refused before loading: " + "; ".join(str(v) for v in refused))
-        self.warnings = (*self.warnings, *(str(v) for v in self.verdicts))
+        self._warn(*(str(v) for v in self.verdicts))
         try:
             loaded = await self.child.load(
                 on_progress=on_progress,
@@ -383,8 +390,8 @@ class ChatSession:
             raise await self.explain(crash) from None
         kernels = loaded.get("cpu_kernels") or {}
         degraded = f"CPU kernels: {kernels.get('summary')}; `corral doctor` says more"
-        if kernels.get("degraded") and degraded not in self.warnings:  # once, reloads too
-            self.warnings = (*self.warnings, degraded)
+        if kernels.get("degraded"):
+            self._warn(degraded)
         result = self._placements(loaded, self.warnings)
         self.result = dataclasses.replace(
             result,
@@ -420,8 +427,7 @@ class ChatSession:
                 "(--trusted-network); this desktop uses the authenticated tunnel unless it opts "
                 f"in too ({TRUSTED_NETWORK_ENV}=1)"
             )
-            if note not in self.warnings:
-                self.warnings = (*self.warnings, note)
+            self._warn(note)
         old = self.tunnels.pop(client.address, None)
         if old is not None:
             old.close()

@@ -86,3 +86,15 @@ def test_a_damaged_layer_count_is_refused_before_anything_is_sized_by_it(
     bad.write_bytes(bytes(data))
     with pytest.raises(ModelError, match=r"block_count 4294967295 .* out of range.*download"):
         read_model_spec(bad)
+
+
+def test_sliding_window_layers_follow_each_architectures_pattern() -> None:
+    from corral.engine.model.spec import swa_flags
+
+    assert swa_flags("gemma3", 12, 1024, None) == [il % 6 < 5 for il in range(12)]
+    assert swa_flags("gemma2", 4, 4096, None) == [True, False, True, False]
+    assert swa_flags("cohere2moe", 8, 512, None) == [il % 4 != 0 for il in range(8)]
+    assert swa_flags("gemma3", 3, 1024, [1, 0, 1]) == [True, False, True]  # the file's flags
+    assert swa_flags("gemma3", 4, 1024, 2) == [True, False, True, False]  # the file's period
+    assert swa_flags("gemma3", 4, 0, None) == [False] * 4  # no window: no SWA
+    assert swa_flags("llama", 4, 4096, None) == [False] * 4  # llama ignores the key

@@ -148,3 +148,94 @@ def test_a_split_plan_is_refused_where_the_desktops_own_memory_is_short(
     assert capped.returncode == 2, capped.stdout + capped.stderr
     assert "this desktop host memory: does not fit" in capped.stderr, capped.stderr
     assert "RPC0" not in capped.stderr  # the agents' devices have room
+
+
+@pytest.fixture(scope="module")
+def gemma3_swa(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Interleaved sliding-window attention: 12 layers, a window of 64, five windowed
+    layers then one global (gemma3's pattern)."""
+    spec = TinyLlama(
+        arch="gemma3",
+        sliding_window=64,
+        n_layer=12,
+        n_embd=256,
+        n_head=4,
+        n_head_kv=2,
+        n_ff=512,
+        n_vocab=1000,
+    )
+    return write_tiny_llama(tmp_path_factory.mktemp("gemma3") / "g3.gguf", spec)
+
+
+@pytest.mark.parametrize("swa_full", [True, False], ids=["full", "window"])
+@pytest.mark.parametrize("split", [False, True], ids=["local", "split"])
+def test_sliding_window_models_are_planned_exactly_with_either_cache(
+    gemma3_swa: Path, two_agents: LocalAgents, swa_full: bool, split: bool
+) -> None:
+    async def run() -> tuple[int, int]:
+        session = ChatSession(two_agents.addresses if split else [])
+        try:
+            result = await session.open(
+                LoadSettings(model=gemma3_swa, n_ctx=1024, swa_full=swa_full)
+            )
+        finally:
+            await session.close()
+        assert session.spec is not None
+        assert [layer.index for layer in session.spec.layers if not layer.is_swa] == [5, 11]
+        assert result.comparison is not None and result.plan is not None
+        _within_tolerance(result.comparison.rows())
+        kv = sum(u.kv for u in result.plan.usage) + result.plan.host.kv
+        return kv, session.spec.n_swa
+
+    kv, n_swa = asyncio.run(run())
+    assert n_swa == 64
+    # per layer and cell: K and V rows of 2 heads x 64 dims in f16; windowed layers hold
+    # the window and one ubatch (64 + 512, padded to 768 cells) instead of 1024
+    per_cell = 2 * 2 * 64 * 2
+    swa_cells = 1024 if swa_full else 768
+    assert kv == per_cell * (10 * swa_cells + 2 * 1024)
+
+
+def test_a_windowed_cache_reads_a_chat_edited_behind_the_window_again(gemma3_swa: Path) -> None:
+    """With only the window cached, a second prompt that leaves the first far behind its
+    last window cannot reuse their shared prefix (the cells it would attend to are gone:
+    decoding against them changes the logits): it is read again from its start, and the
+    reply equals a fresh load's. A prompt that goes on from the end of the last reuses the
+    cache as before; with the full cache the far edit reuses the shared prefix too."""
+
+    async def reply(session: ChatSession, text: str) -> tuple[str, int]:
+        out, cached = [], -1
+        async for frame in session.child.generate(
+            messages=[{"role": "user", "content": text}], max_tokens=12, temp=0.0
+        ):
+            if frame["op"] == "token":
+                out.append(frame["text"])
+            elif frame["op"] == "done":
+                cached = int(frame["cached_tokens"])
+        return "".join(out), cached
+
+    # the first chat runs past the cache's 768 cells (its oldest cells are evicted); the
+    # second shares only its first ~100 tokens, so the cells before them are gone
+    long_a = "a b c d e f g h i j k l m n o p " * 52 + "first"
+    long_b = "a b c d e f g h i j k l m n o p " * 6 + "z y x w v u t s r q " * 8 + "second"
+
+    async def run(swa_full: bool) -> tuple[int, int, str, str]:
+        settings = LoadSettings(model=gemma3_swa, n_ctx=1024, swa_full=swa_full)
+        edited, fresh = ChatSession([]), ChatSession([])
+        try:
+            await edited.open(settings)
+            await reply(edited, long_b)
+            _, onward = await reply(edited, long_b + " and more")  # goes on from the end
+            await reply(edited, long_a)
+            again, cached = await reply(edited, long_b)  # edited far behind the window
+            await fresh.open(settings)
+            first_time, _ = await reply(fresh, long_b)
+            return onward, cached, again, first_time
+        finally:
+            await edited.close()
+            await fresh.close()
+
+    onward, cached, again, first_time = asyncio.run(run(False))
+    assert onward > 0 and cached == 0 and again == first_time
+    onward, cached, again, first_time = asyncio.run(run(True))
+    assert onward > 0 and cached > 0 and again == first_time
