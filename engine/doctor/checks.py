@@ -436,7 +436,12 @@ async def kernel_check(doctor: str) -> Check:
     found = await asyncio.get_running_loop().run_in_executor(None, verdict)
     took = f" (tested {time.strftime('%Y-%m-%d', time.localtime(found.tested))}, {found.cpu})"
     if found.error:
-        return Check("CPU kernels", FAIL, found.summary(), _REINSTALL)
+        from corral.engine.ggml.buildinfo import OWN_CXX_RUNTIME_FIX, own_cxx_runtimes
+
+        own_runtime = bool(own_cxx_runtimes())  # why no model loads here, if that is why
+        return Check(
+            "CPU kernels", FAIL, found.summary(), OWN_CXX_RUNTIME_FIX if own_runtime else _REINSTALL
+        )
     plain = found.failures(PLAIN)
     if plain:
         what = "; ".join(f"{r.wtype} {r.detail}" for r in plain)
