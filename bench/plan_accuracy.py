@@ -6,6 +6,7 @@ every layer and the output layer in host memory), and compare per device and for
 memory with what llama.cpp logged. Writes a markdown report.
 
     .venv/bin/python bench/plan_accuracy.py [--out docs/PLANNER-results.md] [--quick]
+                                            [--splits even,uneven,local]
 """
 
 from __future__ import annotations
@@ -162,7 +163,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/PLANNER-results.md"))
     parser.add_argument("--quick", action="store_true", help="two shapes only")
+    parser.add_argument(
+        "--splits",
+        default="even,uneven,local",
+        help="which loads: even and uneven over two agents, local on the desktop alone",
+    )
     opts = parser.parse_args()
+    unknown = set(opts.splits.split(",")) - {"even", "uneven", "local"}
+    if unknown:
+        parser.error(f"--splits: unknown {', '.join(sorted(unknown))} (even, uneven, local)")
     cache = Path(platformdirs.user_cache_dir("corral")) / "bench-models"
     cache.mkdir(parents=True, exist_ok=True)
     shapes = list(SHAPES.items())
@@ -180,7 +189,7 @@ def main() -> int:
         for name, (spec, ftype) in shapes:
             model = model_file(name, spec, ftype, cache)
             for split, n_ctx, fa in itertools.product(
-                ("even", "uneven", "local"), (512, 4096), (False, True)
+                opts.splits.split(","), (512, 4096), (False, True)
             ):
                 rows, _, counts = asyncio.run(
                     run_case(agents.addresses, model, None, split, n_ctx, fa)

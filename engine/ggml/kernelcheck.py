@@ -510,6 +510,19 @@ def extra_buffers_setting() -> CpuKernels:
     )
 
 
+def known_extra_factors() -> dict[int, float]:
+    """The extra CPU buffers' bytes per weight byte, per ggml type, that the next load will
+    use as far as is known now, without running the self-test (the instant plan's guess;
+    the dry run's say is the exact plan's): none where they are off or nothing is cached."""
+    choice = os.environ.get(ENV_SWITCH, "auto").strip().lower() or "auto"
+    if choice == "off":
+        return {}
+    known = cached_verdict()
+    if known is None or (choice != "on" and not known.extra_buffers):
+        return {}
+    return known.extra_factors()
+
+
 # ---------------------------------------------------------------- explaining a crash
 
 # Signals that mean native code went wrong (a bad kernel, an instruction the CPU lacks),

@@ -19,12 +19,20 @@ from pathlib import Path
 from typing import Any
 
 from corral.engine.aio import within
-from corral.engine.ggml.kernelcheck import crash_hint, is_extra_buffer
+from corral.engine.ggml.kernelcheck import crash_hint, is_extra_buffer, known_extra_factors
 from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.hostmem import host_available_memory
 from corral.engine.model.spec import ModelError, ModelSpec, read_model_spec
-from corral.engine.planner.plan import MiB, Plan, PlanError, Settings, make_plan, what_fits
+from corral.engine.planner.plan import (
+    MiB,
+    Plan,
+    PlanError,
+    Settings,
+    host_extra_bytes,
+    make_plan,
+    what_fits,
+)
 from corral.engine.planner.validate import (
     BuildFacts,
     DeviceFacts,
@@ -300,8 +308,14 @@ class ChatSession:
             )
         except PlanError as exc:
             raise PlanRefused(str(exc)) from None
-        # the desktop's own memory is checked too (what its memory cgroup allows, if less)
-        analytic = dataclasses.replace(analytic, host_free=host_available_memory())
+        # the desktop's own memory is checked too (what its memory cgroup allows, if less),
+        # with the copies llama.cpp will make into its extra CPU buffers, as far as known
+        extra = host_extra_bytes(spec, analytic.layer_device, known_extra_factors())
+        analytic = dataclasses.replace(
+            analytic,
+            host_free=host_available_memory(),
+            host=dataclasses.replace(analytic.host, extra=extra),
+        )
         facts = await self._device_facts(spec, analytic.settings)
         self.verdicts = [
             *check_cache(spec, analytic.settings, facts),

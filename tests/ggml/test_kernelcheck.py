@@ -29,6 +29,7 @@ from corral.engine.ggml.kernelcheck import (
     decide,
     extra_buffers_setting,
     host_key,
+    known_extra_factors,
     run_selftest,
 )
 from corral.engine.ggml.quantize import quantize
@@ -198,6 +199,18 @@ def test_a_build_with_its_own_cxx_runtime_is_named_in_the_crash_hint(
     assert "libggml-rpc.so" in hint and "own copy of the C++ runtime" in hint
     assert "CXX=/usr/bin/g++" in hint
     assert "C++ runtime" not in crash_hint("killed by SIGILL", [])
+
+
+def test_the_instant_plan_knows_the_extra_buffers_only_from_a_cached_verdict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """known_extra_factors never runs the self-test: nothing cached, nothing known; a cached
+    verdict that keeps the buffers gives its factors; the switch's off gives none."""
+    assert known_extra_factors() == {}
+    found = run_selftest()  # cached for this build and CPU (this test's own cache)
+    assert known_extra_factors() == (found.extra_factors() if found.extra_buffers else {})
+    monkeypatch.setenv(ENV_SWITCH, "off")
+    assert known_extra_factors() == {}
 
 
 def test_a_local_chat_follows_the_verdict(q4_0_model: Path) -> None:
