@@ -2,7 +2,8 @@
 
 Two architectures: ``llama`` and ``gemma3`` (``arch="gemma3"``: q/k norms, post-attention and
 post-FFN norms, and with ``sliding_window`` set, interleaved sliding-window attention: five
-windowed layers, then one global, as llama.cpp's gemma3 loader reads it).
+windowed layers, then one global, as llama.cpp's gemma3 loader reads it). ``n_expert`` makes
+a llama a mixture of experts (Mixtral's layout: a router and stacked expert matrices).
 
 The files load in llama.cpp and generate deterministic gibberish. Vocabulary layout (SPM,
 like the original llama tokenizer): ``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens
@@ -52,6 +53,8 @@ class TinyLlama:
     dtype: str = "f32"  # "f32" or "f16" storage of the 2-D tensors (norms stay f32)
     arch: str = "llama"  # or "gemma3"
     sliding_window: int = 0  # gemma3: the window of its SWA layers (0: none)
+    n_expert: int = 0  # llama: a mixture of experts (Mixtral's layout) with this many
+    n_expert_used: int = 2
 
     @property
     def n_embd_head(self) -> int:
@@ -68,6 +71,8 @@ class TinyLlama:
             raise ValueError(f"arch must be llama or gemma3, not {self.arch!r}")
         if self.sliding_window and self.arch != "gemma3":
             raise ValueError("sliding_window needs arch='gemma3'")
+        if self.n_expert and (self.arch != "llama" or not 0 < self.n_expert_used <= self.n_expert):
+            raise ValueError("experts need arch='llama' and 0 < n_expert_used <= n_expert")
         if self.n_embd_head <= 0 or self.n_embd_head % 2:
             raise ValueError("head_dim must be a positive even number (rope)")
         if self.dtype not in ("f32", "f16"):
@@ -142,6 +147,9 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyLlama = TinyLlama()
         w.add_value_length(hd)
     if spec.sliding_window:
         w.add_sliding_window(spec.sliding_window)
+    if spec.n_expert:
+        w.add_expert_count(spec.n_expert)
+        w.add_expert_used_count(spec.n_expert_used)
     tokens, scores, types = _vocab(spec.n_vocab)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
@@ -170,6 +178,13 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyLlama = TinyLlama()
             w.add_tensor(f"{blk}.post_attention_norm.weight", norm())
             w.add_tensor(f"{blk}.post_ffw_norm.weight", norm())
         w.add_tensor(f"{blk}.ffn_norm.weight", norm())
+        if spec.n_expert:  # numpy (experts, rows, cols) is ggml {cols, rows, experts}
+            x = spec.n_expert
+            w.add_tensor(f"{blk}.ffn_gate_inp.weight", matrix(x, e).astype(np.float32))
+            w.add_tensor(f"{blk}.ffn_gate_exps.weight", np.stack([matrix(spec.n_ff, e)] * x))
+            w.add_tensor(f"{blk}.ffn_up_exps.weight", np.stack([matrix(spec.n_ff, e)] * x))
+            w.add_tensor(f"{blk}.ffn_down_exps.weight", np.stack([matrix(e, spec.n_ff)] * x))
+            continue
         w.add_tensor(f"{blk}.ffn_gate.weight", matrix(spec.n_ff, e))
         w.add_tensor(f"{blk}.ffn_up.weight", matrix(spec.n_ff, e))
         w.add_tensor(f"{blk}.ffn_down.weight", matrix(e, spec.n_ff))

@@ -13,6 +13,7 @@ from corral.engine.ggml.quantize import quantize
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from corral.engine.planner.plan import MiB
 from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.runtime.planning import layer_map_matches
 from corral.engine.runtime.session import ChatSession, LoadSettings
 from tests.conftest import corral
 from tests.support.memcap import joiner, memory_capped
@@ -239,3 +240,30 @@ def test_a_windowed_cache_reads_a_chat_edited_behind_the_window_again(gemma3_swa
     assert onward > 0 and cached == 0 and again == first_time
     onward, cached, again, first_time = asyncio.run(run(True))
     assert onward > 0 and cached > 0 and again == first_time
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["local", "split"])
+def test_a_mixture_of_experts_is_planned_exactly(
+    tmp_path: Path, two_agents: LocalAgents, split: bool
+) -> None:
+    """Mixtral's layout (a router, 4 experts of which 2 run per token), quantized so the
+    stacked expert matrices go through the quantizer too."""
+    src = write_tiny_llama(
+        tmp_path / "moe.gguf",
+        TinyLlama(n_expert=4, n_layer=6, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=2000),
+    )
+    model = quantize(src, tmp_path / "moe-q8_0.gguf", "q8_0", threads=1)
+
+    async def run() -> None:
+        session = ChatSession(two_agents.addresses if split else [])
+        try:
+            result = await session.open(LoadSettings(model=model, n_ctx=1024))
+        finally:
+            await session.close()
+        assert session.spec is not None and session.spec.moe and session.spec.n_expert == 4
+        assert result.comparison is not None
+        _within_tolerance(result.comparison.rows())
+        logged = {str(il): p.device for p in result.placements for il in p.layers}
+        assert result.plan is not None and not layer_map_matches(result.plan, logged)
+
+    asyncio.run(run())
