@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 _TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
@@ -35,6 +37,33 @@ def _address(field: str) -> tuple[str, int]:
     return host, int(port, 16)
 
 
+LISTEN = "0A"  # the state column of a listening socket
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSocket:
+    """One row of /proc/net/tcp or tcp6."""
+
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    state: str
+    uid: int
+    inode: str
+
+
+def tcp_sockets() -> Iterator[TcpSocket]:
+    """Every TCP socket of this network namespace, as Linux lists them (none elsewhere)."""
+    for table in _TABLES:
+        try:
+            rows = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9:
+                yield TcpSocket(_address(f[1]), _address(f[2]), f[3], int(f[7]), f[9])
+
+
 def available() -> bool:
     """Whether this system says who owns a TCP socket (Linux)."""
     return _TABLES[0].is_file()
@@ -51,15 +80,9 @@ def peer_uid(conn: socket.socket) -> int:
     peer, mine = (_plain(peer[0]), int(peer[1])), (_plain(mine[0]), int(mine[1]))
     if not available():
         raise PeerUnknown("this system does not list socket owners (/proc/net/tcp)")
-    for table in _TABLES:
-        try:
-            rows = table.read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            f = row.split()
-            if len(f) > 7 and _address(f[1]) == peer and _address(f[2]) == mine:
-                return int(f[7])
+    for sock in tcp_sockets():
+        if sock.local == peer and sock.remote == mine:
+            return sock.uid
     raise PeerUnknown(f"no socket {peer[0]}:{peer[1]} is listed (the client left)")
 
 
@@ -95,15 +118,7 @@ def listening_port(pid: int, host: str = "127.0.0.1") -> int:
             continue
         if link.startswith("socket:["):
             held.add(link[8:-1])
-    for table in _TABLES:
-        try:
-            rows = table.read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            f = row.split()
-            if len(f) > 9 and f[3] == "0A" and f[9] in held:
-                where, port = _address(f[1])
-                if where == host:
-                    return port
+    for sock in tcp_sockets():
+        if sock.state == LISTEN and sock.inode in held and sock.local[0] == host:
+            return sock.local[1]
     return 0

@@ -35,31 +35,30 @@ def installed_llama_lib() -> Path:
     return Path(spec.origin).parent / "lib"
 
 
-def without_rpc(dest: Path) -> Path:
-    """A llama.cpp lib folder like the installed one, but built as if without GGML_RPC."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("needs a C compiler to build the stand-in RPC library")
+def _with_stand_in_rpc(dest: Path, compiler: str, source: str, *flags: str) -> Path:
+    """A copy of the installed llama.cpp lib folder whose libggml-rpc is built from
+    `source` (C or C++ by the file name) with `compiler` and `flags`."""
     shutil.copytree(installed_llama_lib(), dest, symlinks=True)
-    source = dest / "no_rpc.c"
-    source.write_text(_STUB)
-    for name in ("libggml-rpc.so.0", "libggml-rpc.so"):
-        (dest / name).unlink(missing_ok=True)
+    name, text = source.split("\n", 1)
+    (dest / name).write_text(text)
+    for lib in ("libggml-rpc.so.0", "libggml-rpc.so"):
+        (dest / lib).unlink(missing_ok=True)
+    out, soname = str(dest / "libggml-rpc.so.0"), "-Wl,-soname,libggml-rpc.so.0"
     subprocess.run(
-        [
-            cc,
-            "-shared",
-            "-fPIC",
-            "-Wl,-soname,libggml-rpc.so.0",
-            "-o",
-            str(dest / "libggml-rpc.so.0"),
-            str(source),
-        ],
+        [compiler, "-shared", "-fPIC", *flags, soname, "-o", out, str(dest / name)],
         check=True,
         capture_output=True,
     )
     shutil.copy(dest / "libggml-rpc.so.0", dest / "libggml-rpc.so")
     return dest
+
+
+def without_rpc(dest: Path) -> Path:
+    """A llama.cpp lib folder like the installed one, but built as if without GGML_RPC."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler to build the stand-in RPC library")
+    return _with_stand_in_rpc(dest, cc, "no_rpc.c\n" + _STUB)
 
 
 _CXX_STUB = """
@@ -78,19 +77,7 @@ def with_own_cxx_runtime(dest: Path) -> Path:
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.fail("needs a C++ compiler (make install builds llama.cpp with one)")
-    shutil.copytree(installed_llama_lib(), dest, symlinks=True)
-    source = dest / "own_runtime.cpp"
-    source.write_text(_CXX_STUB)
-    for name in ("libggml-rpc.so.0", "libggml-rpc.so"):
-        (dest / name).unlink(missing_ok=True)
-    static = ["-shared", "-fPIC", "-static-libstdc++", "-Wl,-soname,libggml-rpc.so.0"]
-    subprocess.run(
-        [cxx, *static, "-o", str(dest / "libggml-rpc.so.0"), str(source)],
-        check=True,
-        capture_output=True,
-    )
-    shutil.copy(dest / "libggml-rpc.so.0", dest / "libggml-rpc.so")
-    return dest
+    return _with_stand_in_rpc(dest, cxx, "own_runtime.cpp\n" + _CXX_STUB, "-static-libstdc++")
 
 
 def corral_of_version(dest: Path, version: str) -> Path:

@@ -13,8 +13,9 @@ import struct
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
+
+from corral.engine.security.loopback import LISTEN, tcp_sockets
 
 NOBODY = 65534
 _CMD_HELLO = 14  # ggml-rpc's HELLO, as engine/ggml/probe.py sends it
@@ -25,25 +26,13 @@ def can_switch_user() -> bool:
     return os.geteuid() == 0
 
 
-def _address(field: str) -> tuple[str, int]:
-    raw, _, port = field.partition(":")
-    words = [int(raw[i : i + 8], 16) for i in range(0, len(raw), 8)]
-    packed = b"".join(struct.pack("=I", w) for w in words)
-    family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
-    return socket.inet_ntop(family, packed), int(port, 16)
-
-
 def tcp_listeners() -> list[tuple[str, int]]:
     """Every TCP listener of this network namespace, as an address to connect to."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for row in Path(table).read_text().splitlines()[1:]:
-            f = row.split()
-            if f[3] != "0A":
-                continue
-            host, port = _address(f[1])
-            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-            found.add((host, port))
+    found = {
+        ({"0.0.0.0": "127.0.0.1", "::": "::1"}.get(s.local[0], s.local[0]), s.local[1])
+        for s in tcp_sockets()
+        if s.state == LISTEN
+    }
     return sorted(found)
 
 
