@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -265,5 +266,32 @@ def test_a_mixture_of_experts_is_planned_exactly(
         _within_tolerance(result.comparison.rows())
         logged = {str(il): p.device for p in result.placements for il in p.layers}
         assert result.plan is not None and not layer_map_matches(result.plan, logged)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        TinyLlama(n_layer=4, n_embd=384, n_head=4, n_head_kv=4, head_dim=96, n_ff=768),
+        TinyLlama(n_layer=4, n_embd=512, n_head=2, n_head_kv=1, head_dim=256, n_ff=1024),
+        TinyLlama(n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=152064),
+    ],
+    ids=["hd96", "hd256-gqa2", "vocab152k"],
+)
+@pytest.mark.parametrize("split", [False, True], ids=["local", "split"])
+def test_other_head_dims_and_a_large_vocabulary_are_planned_exactly(
+    tmp_path: Path, two_agents: LocalAgents, shape: TinyLlama, split: bool
+) -> None:
+    model = write_tiny_llama(tmp_path / "m.gguf", dataclasses.replace(shape, dtype="f16"))
+
+    async def run() -> None:
+        session = ChatSession(two_agents.addresses if split else [])
+        try:
+            result = await session.open(LoadSettings(model=model, n_ctx=1024))
+        finally:
+            await session.close()
+        assert result.comparison is not None
+        _within_tolerance(result.comparison.rows())
 
     asyncio.run(run())
