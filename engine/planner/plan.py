@@ -180,6 +180,8 @@ def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: boo
     if not layers and not host:
         return 0
     ub, ctx, e = s.n_ubatch, s.n_ctx_padded, spec.n_embd
+    if host and spec.n_layer in layers and len(layers) == spec.n_layer + 1:
+        return ub * _one_device_per_token(spec, s)
     blocks = [spec.layers[il] for il in layers if il < spec.n_layer]
     first = spec.layers[0] if spec.layers else None
     gqa = first.n_head_kv / first.n_head if first and first.n_head else 1.0
@@ -203,6 +205,26 @@ def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: boo
         logits = 4 * spec.n_vocab + mask * ctx + 24 * e
         per = max(per, logits) if blocks else logits
     return int(ub * per)
+
+
+def _one_device_per_token(spec: ModelSpec, s: Settings) -> int:
+    """Compute bytes per ubatch token when one CPU device runs the whole graph (a local
+    load): ggml's allocator reuses memory across the graph, so the peak is the largest
+    stage alone. Fitted to llama.cpp's dry runs of 8 shapes × context 512/4096 × flash
+    attention off/on (bench/plan_accuracy.py --splits local): attention holds the scores
+    (n_head f32 per cell) and the f32 mask without flash attention, the FFN holds 3 × n_ff
+    floats (and the f16 mask with it), the output its logits."""
+    ctx, e = s.n_ctx_padded, spec.n_embd
+    first = spec.layers[0] if spec.layers else None
+    n_head = max((layer.n_head for layer in spec.layers), default=1)
+    kv_share = first.n_head_kv / first.n_head if first and first.n_head else 1.0
+    ffn = 12 * spec.n_ff + 16 * e
+    if s.flash_attn:
+        stages = [ffn + 2 * ctx]
+    else:
+        stages = [4 * n_head * ctx + 4 * ctx + int((20 + 8 * kv_share) * e) + 20, ffn]
+    stages.append(4 * spec.n_vocab + 8 * e)  # the logits
+    return max(stages)
 
 
 def estimate(
@@ -321,10 +343,13 @@ def what_fits(spec: ModelSpec, plan: Plan) -> list[str]:
     split and host memory. Empty when neither would."""
     s = plan.settings
 
+    # the estimate is a few percent off either way: what it suggests must fit with 5 % to spare
+    devices = tuple(dataclasses.replace(d, free=d.free * 19 // 20) for d in plan.devices)
+
     def fits(settings: Settings) -> bool:
-        p = estimate(spec, plan.devices, settings, plan.strategy, plan.tensor_split)
+        p = estimate(spec, devices, settings, plan.strategy, plan.tensor_split)
         host = dataclasses.replace(p.host, extra=plan.host.extra)
-        return dataclasses.replace(p, host=host, host_free=plan.host_free).fits
+        return dataclasses.replace(p, host=host, host_free=plan.host_free * 19 // 20).fits
 
     tips = []
     if s.n_ctx_padded > N_CTX_ALIGN and fits(dataclasses.replace(s, n_ctx=N_CTX_ALIGN)):
