@@ -16,7 +16,6 @@ import dataclasses
 import hmac
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -82,6 +81,7 @@ from corral.engine.security.tunnel import (
     relay_keys,
     relay_mode,
     relay_share,
+    unix_connection,
 )
 
 from . import inventory
@@ -638,7 +638,7 @@ class AgentServer:
         handover = self.supervisor.worker_handover if msg.relay else ""
         try:
             if handover:
-                plain = await loop.run_in_executor(None, _unix_connection, handover)
+                plain = await loop.run_in_executor(None, unix_connection, handover, 5.0)
             else:
                 plain = await loop.run_in_executor(None, self.supervisor.connect_plain, 5.0)
         except OSError as exc:
@@ -803,18 +803,6 @@ class AgentServer:
             event = AgentEvent(kind=kind, worker=replace_host(state, host), message=message)
             with contextlib.suppress(ConnectionError):
                 proto.send(to_wire(event))
-
-
-def _unix_connection(path: str) -> socket.socket:
-    """A connection to the worker shim's hand-over socket."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5.0)
-    try:
-        sock.connect(path)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _valid_cert(der: bytes) -> bool:

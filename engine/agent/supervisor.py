@@ -4,10 +4,11 @@ The worker is reached only through the authenticated tunnel on the control port 
 hands those connections over, or connects with `connect_plain`). Where the shim runs, the
 worker listens on no TCP port at all: its endpoint is `TUNNEL_HOST:LABEL` and the shim
 takes connections on a Unix socket (0600, in the agent's 0700 folder), so no other local
-user can speak raw ggml-rpc to it. Without the shim it binds 127.0.0.1 on a port chosen per
-start, checked to be the worker's own once it answers; docs/SECURITY.md says what that
-leaves open. With --trusted-network, a plain Forwarder also exposes it on a port that stays
-the same across restarts; that is the explicit, warned opt-in.
+user can speak raw ggml-rpc to it. Without the shim it binds 127.0.0.1 port 0 and the
+supervisor reads the kernel's choice back from /proc (loopback.listening_port), so no port
+is chosen first and bound later; docs/SECURITY.md says what a TCP worker leaves open. With
+--trusted-network, a plain Forwarder also exposes it on a port that stays the same across
+restarts; that is the explicit, warned opt-in.
 """
 
 from __future__ import annotations

@@ -183,8 +183,7 @@ def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: boo
     if host and spec.n_layer in layers and len(layers) == spec.n_layer + 1:
         return ub * _one_device_per_token(spec, s)
     blocks = [spec.layers[il] for il in layers if il < spec.n_layer]
-    first = spec.layers[0] if spec.layers else None
-    gqa = first.n_head_kv / first.n_head if first and first.n_head else 1.0
+    gqa = _kv_share(spec)
     mask = 8 if s.flash_attn else 16
     if host:
         per = mask * ctx + (20 + (0 if s.flash_attn else 32 * gqa)) * e
@@ -207,6 +206,12 @@ def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: boo
     return int(ub * per)
 
 
+def _kv_share(spec: ModelSpec) -> float:
+    """KV heads per query head (of the first layer): the GQA ratio the estimates scale by."""
+    first = spec.layers[0] if spec.layers else None
+    return first.n_head_kv / first.n_head if first and first.n_head else 1.0
+
+
 def _one_device_per_token(spec: ModelSpec, s: Settings) -> int:
     """Compute bytes per ubatch token when one CPU device runs the whole graph (a local
     load): ggml's allocator reuses memory across the graph, so the peak is the largest
@@ -215,9 +220,8 @@ def _one_device_per_token(spec: ModelSpec, s: Settings) -> int:
     (n_head f32 per cell) and the f32 mask without flash attention, the FFN holds 3 × n_ff
     floats (and the f16 mask with it), the output its logits."""
     ctx, e = s.n_ctx_padded, spec.n_embd
-    first = spec.layers[0] if spec.layers else None
     n_head = max((layer.n_head for layer in spec.layers), default=1)
-    kv_share = first.n_head_kv / first.n_head if first and first.n_head else 1.0
+    kv_share = _kv_share(spec)
     ffn = 12 * spec.n_ff + 16 * e
     if s.flash_attn:
         stages = [ffn + 2 * ctx]

@@ -106,23 +106,22 @@ def overcounted_devices(plan: Plan) -> list[int]:
     return order[1:]
 
 
-def with_swa_layers(spec: ModelSpec, swa: set[int], n_swa: int) -> ModelSpec:
-    """The spec with llama.cpp's own sliding-window layers and window (from a dry run)."""
+def spec_after_dry_run(spec: ModelSpec, dry: Mapping[str, Any]) -> ModelSpec:
+    """The spec with llama.cpp's own sliding-window layers and window, as its dry run
+    logged them (the architecture table in engine.model.spec may not know this one)."""
+    swa = {int(il) for il in dry.get("swa_layers") or ()}
+    n_swa = int(dry.get("n_swa") or 0) if swa else 0
+    if swa == {layer.index for layer in spec.layers if layer.is_swa} and n_swa == spec.n_swa:
+        return spec
     layers = tuple(dataclasses.replace(layer, is_swa=layer.index in swa) for layer in spec.layers)
-    return dataclasses.replace(spec, layers=layers, swa=bool(swa), n_swa=n_swa if swa else 0)
+    return dataclasses.replace(spec, layers=layers, swa=bool(swa), n_swa=n_swa)
 
 
 def exact_plan(plan: Plan, spec: ModelSpec, dry: Mapping[str, Any]) -> Plan:
-    """The plan with the compute buffers from llama.cpp's dry run, less its overcount, and
-    the KV cache sized by the layers the dry run says use the sliding window."""
-    logged = {int(il) for il in dry.get("swa_layers") or ()}
-    n_swa = int(dry.get("n_swa") or 0)
-    if logged != {layer.index for layer in spec.layers if layer.is_swa} or (
-        logged and n_swa != spec.n_swa
-    ):
-        spec = with_swa_layers(spec, logged, n_swa)
-        fresh = estimate(spec, plan.devices, plan.settings, plan.strategy, plan.tensor_split)
-        plan = dataclasses.replace(plan, usage=fresh.usage, host=fresh.host)
+    """The plan for `spec` (spec_after_dry_run's) with the compute buffers from llama.cpp's
+    dry run, less its overcount."""
+    fresh = estimate(spec, plan.devices, plan.settings, plan.strategy, plan.tensor_split)
+    plan = dataclasses.replace(plan, usage=fresh.usage, host=fresh.host)
     usage, host = usage_from_buffers(
         {"compute": dry.get("buffers", {}).get("compute", {})}, plan.devices
     )

@@ -65,6 +65,7 @@ from .planning import (
     layer_map_matches,
     local_gpus,
     served_devices,
+    spec_after_dry_run,
 )
 
 _CRASH_EVENT_WAIT = 2.0  # how long to wait for an agent to report the worker that died
@@ -310,11 +311,13 @@ class ChatSession:
             raise PlanRefused(str(exc)) from None
         # the desktop's own memory is checked too (what its memory cgroup allows, if less),
         # with the copies llama.cpp will make into its extra CPU buffers, as far as known
-        extra = host_extra_bytes(spec, analytic.layer_device, known_extra_factors())
+        # (file reads and a hash of the CPU backend: off the loop)
+        factors, host_free = await loop.run_in_executor(
+            None, lambda: (known_extra_factors(), host_available_memory())
+        )
+        extra = host_extra_bytes(spec, analytic.layer_device, factors)
         analytic = dataclasses.replace(
-            analytic,
-            host_free=host_available_memory(),
-            host=dataclasses.replace(analytic.host, extra=extra),
+            analytic, host_free=host_free, host=dataclasses.replace(analytic.host, extra=extra)
         )
         facts = await self._device_facts(spec, analytic.settings)
         self.verdicts = [
@@ -331,6 +334,7 @@ class ChatSession:
         wrong = layer_map_matches(analytic, dry.get("layers", {}))
         if wrong:  # the planner and llama.cpp disagree: trust llama.cpp, say so loudly
             self._warn("plan differs from llama.cpp: " + "; ".join(wrong[:3]))
+        spec = self.spec = spec_after_dry_run(spec, dry)
         exact = exact_plan(analytic, spec, dry)
         self.verdicts += check_plan(exact, what_fits(spec, exact) if not exact.fits else ())
         return analytic, exact

@@ -31,10 +31,7 @@ def _address(field: str) -> tuple[str, int]:
     words = [int(raw[i : i + 8], 16) for i in range(0, len(raw), 8)]
     packed = b"".join(struct.pack("=I", w) for w in words)
     family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
-    host = socket.inet_ntop(family, packed)
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host, int(port, 16)
+    return _unmapped(socket.inet_ntop(family, packed)), int(port, 16)
 
 
 LISTEN = "0A"  # the state column of a listening socket
@@ -77,7 +74,7 @@ def peer_uid(conn: socket.socket) -> int:
         mine = conn.getsockname()[:2]
     except OSError as exc:
         raise PeerUnknown(f"the connection is gone ({exc.strerror or exc})") from None
-    peer, mine = (_plain(peer[0]), int(peer[1])), (_plain(mine[0]), int(mine[1]))
+    peer, mine = (_unmapped(peer[0]), int(peer[1])), (_unmapped(mine[0]), int(mine[1]))
     if not available():
         raise PeerUnknown("this system does not list socket owners (/proc/net/tcp)")
     for sock in tcp_sockets():
@@ -86,7 +83,8 @@ def peer_uid(conn: socket.socket) -> int:
     raise PeerUnknown(f"no socket {peer[0]}:{peer[1]} is listed (the client left)")
 
 
-def _plain(host: str) -> str:
+def _unmapped(host: str) -> str:
+    """An IPv4 address as itself, not as the IPv4-mapped IPv6 form (::ffff:127.0.0.1)."""
     return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 

@@ -361,14 +361,24 @@ def new_label(folder: str, prefix: str = "") -> int:
     raise OSError(f"no free tunnel label in {folder}")
 
 
-def plain_to_worker(path: str, timeout: float = 5.0) -> socket.socket:
-    """A plain ggml-rpc connection to the worker whose shim listens on `path`: the Unix
-    connection itself, after a mode 'P' hello (the agent's probe, relay and pump fallbacks).
-    Only this user can open `path` (0600 in a 0700 folder)."""
+def unix_connection(path: str, timeout: float = 5.0) -> socket.socket:
+    """A connection to the Unix socket `path`, with `timeout` on it."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def plain_to_worker(path: str, timeout: float = 5.0) -> socket.socket:
+    """A plain ggml-rpc connection to the worker whose shim listens on `path`: the Unix
+    connection itself, after a mode 'P' hello (the agent's probe, relay and pump fallbacks).
+    Only this user can open `path` (0600 in a 0700 folder)."""
+    sock = unix_connection(path, timeout)
+    try:
         sock.sendall(handover_hello(b"P"))
     except OSError:
         sock.close()
@@ -676,14 +686,7 @@ class DesktopTunnel:
     def connect_plain(self, timeout: float = 5.0) -> socket.socket:
         """A plain connection through this tunnel to the worker (for the probe)."""
         if self.plain_path:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(self.plain_path)
-            except OSError:
-                sock.close()
-                raise
-            return sock
+            return unix_connection(self.plain_path, timeout)
         return socket.create_connection((self.host, self.port), timeout=timeout)
 
     def probe(self, timeout: float = 5.0) -> tuple[int, int, int]:

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from corral.engine.ggml.quantize import quantize
+from corral.engine.model.spec import ModelSpec
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from corral.engine.planner.plan import MiB
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.planning import layer_map_matches
-from corral.engine.runtime.session import ChatSession, LoadSettings
+from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
 from tests.conftest import corral
 from tests.support.memcap import joiner, memory_capped
 
@@ -50,22 +51,34 @@ def test_plan_then_chat_puts_every_layer_where_the_plan_said(
     assert {d["device"]: d["layers"] for d in done["devices"] if d["layers"]} == planned
 
 
+def _load_within_tolerance(
+    agents: list[str], settings: LoadSettings
+) -> tuple[LoadResult, ModelSpec]:
+    """Load for real (locally with no agents), then check every device's and the host's
+    plan against llama.cpp's report: within max(1 %, 2 MiB), never under by more than 1 MiB."""
+
+    async def run() -> tuple[LoadResult, ModelSpec | None]:
+        session = ChatSession(agents)
+        try:
+            return await session.open(settings), session.spec
+        finally:
+            await session.close()
+
+    result, spec = asyncio.run(run())
+    assert result.comparison is not None and spec is not None
+    for name, planned, actual, _ in result.comparison.rows():
+        assert abs(planned - actual) <= max(0.01 * actual, 2 * MiB), (name, planned, actual)
+        assert actual - planned <= MiB, f"{name}: planned under what llama.cpp used"
+    return result, spec
+
+
 def test_exact_plan_is_within_tolerance_of_what_llama_cpp_reports(
     tiny_model: Path, two_agents: LocalAgents
 ) -> None:
-    async def run(fa: bool) -> None:
-        session = ChatSession(two_agents.addresses)
-        try:
-            result = await session.open(LoadSettings(model=tiny_model, n_ctx=1024, flash_attn=fa))
-        finally:
-            await session.close()
-        assert result.comparison is not None
-        for name, planned, actual, _ in result.comparison.rows():
-            assert abs(planned - actual) <= max(0.01 * actual, 2 * MiB), name
-            assert actual - planned <= MiB, f"{name}: planned under what llama.cpp used"
-
-    asyncio.run(run(False))
-    asyncio.run(run(True))
+    for fa in (False, True):
+        _load_within_tolerance(
+            two_agents.addresses, LoadSettings(model=tiny_model, n_ctx=1024, flash_attn=fa)
+        )
 
 
 def test_a_model_that_cannot_fit_is_refused_before_any_load(
@@ -88,12 +101,6 @@ def test_bad_layer_counts_are_a_clear_error(smollm2: Path, two_agents: LocalAgen
     assert done.returncode == 2 and "is not a list of layer counts" in done.stderr
 
 
-def _within_tolerance(rows: list[tuple[str, int, int, float]]) -> None:
-    for name, planned, actual, _ in rows:
-        assert abs(planned - actual) <= max(0.01 * actual, 2 * MiB), (name, planned, actual)
-        assert actual - planned <= MiB, f"{name}: planned under what llama.cpp used"
-
-
 @pytest.mark.parametrize(
     ("tied", "wtype"),
     [(True, ""), (False, ""), (True, "q4_0"), (False, "q4_0")],
@@ -109,17 +116,7 @@ def test_a_local_plan_is_exact_on_the_host(tmp_path: Path, tied: bool, wtype: st
     )
     if wtype:
         model = quantize(model, tmp_path / f"m-{wtype}.gguf", wtype, threads=1)
-
-    async def run() -> None:
-        session = ChatSession([])
-        try:
-            result = await session.open(LoadSettings(model=model, n_ctx=512))
-        finally:
-            await session.close()
-        assert result.comparison is not None
-        _within_tolerance(result.comparison.rows())
-
-    asyncio.run(run())
+    _load_within_tolerance([], LoadSettings(model=model, n_ctx=512))
 
 
 def test_a_local_plan_over_the_hosts_memory_is_refused_with_what_would_fit(
@@ -174,23 +171,13 @@ def gemma3_swa(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sliding_window_models_are_planned_exactly_with_either_cache(
     gemma3_swa: Path, two_agents: LocalAgents, swa_full: bool, split: bool
 ) -> None:
-    async def run() -> tuple[int, int]:
-        session = ChatSession(two_agents.addresses if split else [])
-        try:
-            result = await session.open(
-                LoadSettings(model=gemma3_swa, n_ctx=1024, swa_full=swa_full)
-            )
-        finally:
-            await session.close()
-        assert session.spec is not None
-        assert [layer.index for layer in session.spec.layers if not layer.is_swa] == [5, 11]
-        assert result.comparison is not None and result.plan is not None
-        _within_tolerance(result.comparison.rows())
-        kv = sum(u.kv for u in result.plan.usage) + result.plan.host.kv
-        return kv, session.spec.n_swa
-
-    kv, n_swa = asyncio.run(run())
-    assert n_swa == 64
+    result, spec = _load_within_tolerance(
+        two_agents.addresses if split else [],
+        LoadSettings(model=gemma3_swa, n_ctx=1024, swa_full=swa_full),
+    )
+    assert [layer.index for layer in spec.layers if not layer.is_swa] == [5, 11]
+    assert spec.n_swa == 64 and result.plan is not None
+    kv = sum(u.kv for u in result.plan.usage) + result.plan.host.kv
     # per layer and cell: K and V rows of 2 heads x 64 dims in f16; windowed layers hold
     # the window and one ubatch (64 + 512, padded to 768 cells) instead of 1024
     per_cell = 2 * 2 * 64 * 2
@@ -254,20 +241,12 @@ def test_a_mixture_of_experts_is_planned_exactly(
         TinyLlama(n_expert=4, n_layer=6, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=2000),
     )
     model = quantize(src, tmp_path / "moe-q8_0.gguf", "q8_0", threads=1)
-
-    async def run() -> None:
-        session = ChatSession(two_agents.addresses if split else [])
-        try:
-            result = await session.open(LoadSettings(model=model, n_ctx=1024))
-        finally:
-            await session.close()
-        assert session.spec is not None and session.spec.moe and session.spec.n_expert == 4
-        assert result.comparison is not None
-        _within_tolerance(result.comparison.rows())
-        logged = {str(il): p.device for p in result.placements for il in p.layers}
-        assert result.plan is not None and not layer_map_matches(result.plan, logged)
-
-    asyncio.run(run())
+    result, spec = _load_within_tolerance(
+        two_agents.addresses if split else [], LoadSettings(model=model, n_ctx=1024)
+    )
+    assert spec.moe and spec.n_expert == 4
+    logged = {str(il): p.device for p in result.placements for il in p.layers}
+    assert result.plan is not None and not layer_map_matches(result.plan, logged)
 
 
 @pytest.mark.parametrize(
@@ -284,14 +263,6 @@ def test_other_head_dims_and_a_large_vocabulary_are_planned_exactly(
     tmp_path: Path, two_agents: LocalAgents, shape: TinyLlama, split: bool
 ) -> None:
     model = write_tiny_llama(tmp_path / "m.gguf", dataclasses.replace(shape, dtype="f16"))
-
-    async def run() -> None:
-        session = ChatSession(two_agents.addresses if split else [])
-        try:
-            result = await session.open(LoadSettings(model=model, n_ctx=1024))
-        finally:
-            await session.close()
-        assert result.comparison is not None
-        _within_tolerance(result.comparison.rows())
-
-    asyncio.run(run())
+    _load_within_tolerance(
+        two_agents.addresses if split else [], LoadSettings(model=model, n_ctx=1024)
+    )
