@@ -6,13 +6,14 @@ every layer and the output layer in host memory), and compare per device and for
 memory with what llama.cpp logged. Writes a markdown report.
 
     .venv/bin/python bench/plan_accuracy.py [--out docs/PLANNER-results.md] [--quick]
-                                            [--splits even,uneven,local]
+                                            [--splits even,uneven,local] [--families]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import statistics
 import sys
@@ -91,6 +92,89 @@ SHAPES: dict[str, tuple[TinyLlama | None, str]] = {
     ),
 }
 
+# families beyond the dense llama (--families): interleaved sliding window with qk-norm
+# (gemma3), mixtures of experts (Mixtral's layout), head dims 96 and 256, a 152k vocabulary
+FAMILIES: dict[str, tuple[TinyLlama | None, str]] = {
+    "gemma3 iSWA 64, GQA 2, hd 64, 12 L, f16": (
+        TinyLlama(
+            arch="gemma3",
+            sliding_window=64,
+            n_layer=12,
+            n_embd=256,
+            n_head=4,
+            n_head_kv=2,
+            n_ff=512,
+            n_vocab=1000,
+            dtype="f16",
+        ),
+        "f16",
+    ),
+    "gemma3 iSWA 256, GQA 8, hd 128, 18 L, q8_0": (
+        TinyLlama(
+            arch="gemma3",
+            sliding_window=256,
+            n_layer=18,
+            n_embd=512,
+            n_head=8,
+            n_head_kv=1,
+            head_dim=128,
+            n_ff=2048,
+            n_vocab=4000,
+            dtype="f16",
+        ),
+        "q8_0",
+    ),
+    "MoE 4 experts (2 used), GQA 2, 6 L, q8_0": (
+        TinyLlama(
+            n_expert=4,
+            n_layer=6,
+            n_embd=256,
+            n_head=4,
+            n_head_kv=2,
+            n_ff=512,
+            n_vocab=2000,
+            dtype="f16",
+        ),
+        "q8_0",
+    ),
+    "MoE 8 experts (2 used), GQA 4, 8 L, f16": (
+        TinyLlama(
+            n_expert=8,
+            n_layer=8,
+            n_embd=512,
+            n_head=8,
+            n_head_kv=2,
+            n_ff=1024,
+            n_vocab=4000,
+            dtype="f16",
+        ),
+        "f16",
+    ),
+    "hd 96, GQA 1, 4 L, f16": (
+        TinyLlama(n_layer=4, n_embd=384, n_head=4, n_head_kv=4, head_dim=96, n_ff=768, dtype="f16"),
+        "f16",
+    ),
+    "hd 256, GQA 2, 4 L, q4_0": (
+        TinyLlama(
+            n_layer=4, n_embd=512, n_head=2, n_head_kv=1, head_dim=256, n_ff=1024, dtype="f16"
+        ),
+        "q4_0",
+    ),
+    "152k vocab, untied, 3 L, q8_0": (
+        TinyLlama(
+            n_layer=3,
+            n_embd=256,
+            n_head=4,
+            n_head_kv=2,
+            n_ff=512,
+            n_vocab=152064,
+            tied_embeddings=False,
+            dtype="f16",
+        ),
+        "q8_0",
+    ),
+}
+
 
 def model_file(name: str, spec: TinyLlama | None, ftype: str, cache: Path) -> Path:
     if spec is None:
@@ -117,12 +201,15 @@ class Row:
     actual: int
     layers_ok: bool
     raw: int = 0  # llama.cpp's dry run as it reports itself (what llama-fit-params uses)
+    shape: str = ""
 
 
 async def run_case(
-    agents: list[str], model: Path, n_layer_hint: int | None, split: str, n_ctx: int, fa: bool
+    agents: list[str], model: Path, split: str, n_ctx: int, fa: bool, swa_full: bool = True
 ) -> tuple[list[Row], int, str]:
-    settings = LoadSettings(model=model, n_ctx=n_ctx, flash_attn=fa, worker_threads=1)
+    settings = LoadSettings(
+        model=model, n_ctx=n_ctx, flash_attn=fa, worker_threads=1, swa_full=swa_full
+    )
     session = ChatSession([] if split == "local" else agents)
     try:
         await session.connect(1)
@@ -132,9 +219,7 @@ async def run_case(
             first = max(1, total // 4)
             rest = [(total - first) // (n_dev - 1)] * (n_dev - 1)
             rest[-1] += total - first - sum(rest)
-            settings = LoadSettings(
-                model=model, n_ctx=n_ctx, flash_attn=fa, worker_threads=1, layers=(first, *rest)
-            )
+            settings = dataclasses.replace(settings, layers=(first, *rest))
         result = await session.open_after_connect(settings)
     finally:
         await session.close()
@@ -164,6 +249,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/PLANNER-results.md"))
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument(
+        "--families",
+        action="store_true",
+        help="the other model families (sliding window, experts, head dims, a large "
+        "vocabulary) instead of the dense llama shapes; sliding-window models run with the "
+        "full and the windowed cache",
+    )
+    parser.add_argument(
         "--splits",
         default="even,uneven,local",
         help="which loads: even and uneven over two agents, local on the desktop alone",
@@ -174,8 +266,10 @@ def main() -> int:
         parser.error(f"--splits: unknown {', '.join(sorted(unknown))} (even, uneven, local)")
     cache = Path(platformdirs.user_cache_dir("corral")) / "bench-models"
     cache.mkdir(parents=True, exist_ok=True)
-    shapes = list(SHAPES.items())
-    if not default_model_path().exists():  # e.g. on a lent GPU machine: random shapes only
+    shapes = list((FAMILIES if opts.families else SHAPES).items())
+    if (
+        not opts.families and not default_model_path().exists()
+    ):  # e.g. on a lent GPU machine: random shapes only
         print(f"skipping SmolLM2: {default_model_path()} is missing (make models)")
         shapes = shapes[1:]
     shapes = shapes[: 2 if opts.quick else None]
@@ -188,16 +282,19 @@ def main() -> int:
     with LocalAgents(2) as agents:
         for name, (spec, ftype) in shapes:
             model = model_file(name, spec, ftype, cache)
-            for split, n_ctx, fa in itertools.product(
-                opts.splits.split(","), (512, 4096), (False, True)
+            caches = (True, False) if spec is not None and spec.sliding_window else (True,)
+            for split, n_ctx, fa, swa_full in itertools.product(
+                opts.splits.split(","), (512, 4096), (False, True), caches
             ):
                 rows, _, counts = asyncio.run(
-                    run_case(agents.addresses, model, None, split, n_ctx, fa)
+                    run_case(agents.addresses, model, split, n_ctx, fa, swa_full)
                 )
                 how = f"{split} {counts}" if counts else split
                 case = f"{name}; {how}; ctx {n_ctx}; FA {'on' if fa else 'off'}"
+                if len(caches) > 1:
+                    case += "; SWA cache " + ("full" if swa_full else "window")
                 for r in rows:
-                    r.case = case
+                    r.case, r.shape = case, name
                     ae = (r.analytic - r.actual) / r.actual
                     ee = (r.exact - r.actual) / r.actual
                     lines.append(
@@ -231,6 +328,12 @@ def main() -> int:
         f"{max(analytic_err) * 100:.1f}%; rows within 5%: "
         f"{sum(e <= 0.05 for e in analytic_err)}/{len(analytic_err)}.",
     ]
+    for name, _ in shapes:
+        errs = [(r.analytic - r.actual) / r.actual for r in all_rows if r.shape == name]
+        summary.append(
+            f"- {name}: analytic within 5% in {sum(abs(e) <= 0.05 for e in errs)}/{len(errs)} "
+            f"rows, worst {max(errs, key=abs) * 100:+.1f}%"
+        )
     opts.out.write_text(
         "\n".join(["<!-- written by bench/plan_accuracy.py -->", "", *summary, "", *lines, ""])
     )

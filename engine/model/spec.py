@@ -65,6 +65,9 @@ class ModelSpec:
     file_bytes: int
     output_type: int = -1  # ggml type of output.weight, or of token_embd when tied
     n_swa: int = 0  # the sliding window of the SWA layers (0: none)
+    # the widest FFN a token runs through, in floats: n_ff for a dense layer; for a layer of
+    # experts, the experts it uses times their width (and a shared expert's)
+    ffn_width: int = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -167,9 +170,13 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
     n_expert = int(key("expert_count", 0) or 0)
     n_ff_raw = key("feed_forward_length", 0)
     n_ff = int(max(n_ff_raw) if isinstance(n_ff_raw, list) else n_ff_raw)
+    n_expert_used = int(key("expert_used_count", 0) or 0) if n_expert else 0
+    n_ff_exp = int(key("expert_feed_forward_length", 0) or 0) or n_ff
+    n_ff_shexp = int(key("expert_shared_feed_forward_length", 0) or 0)
 
     layer_bytes = [0] * n_layer
     matmuls: list[list[tuple[int, int]]] = [[] for _ in range(n_layer)]
+    routed = [False] * n_layer  # layers with a router: experts
     token_embd = output = output_norm = other = 0
     embd_type = output_type = -1
     n_vocab = 0
@@ -181,6 +188,7 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
             if il >= n_layer:
                 raise ModelError(f"tensor {t.name} names a layer past block_count {n_layer}")
             layer_bytes[il] += nbytes
+            routed[il] |= t.name.startswith(f"blk.{il}.ffn_gate_inp.")
             if len(t.shape) == 2 and t.name.endswith(".weight"):
                 matmuls[il].append((int(t.type), nbytes))
         elif t.name == "token_embd.weight":
@@ -196,6 +204,10 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
     if isinstance(tokens, ArrayInfo):
         n_vocab = tokens.count
     tied = output == 0
+    ffn_width = n_ff
+    if n_expert and any(routed):
+        experts = n_ff_exp * max(n_expert_used, 1) + n_ff_shexp
+        ffn_width = max(experts, n_ff if not all(routed) else 0)
     layers = tuple(
         LayerSpec(
             il,
@@ -230,4 +242,5 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
         file_bytes=path.stat().st_size,
         output_type=output_type if not tied else embd_type,
         n_swa=window if any(is_swa) else 0,
+        ffn_width=ffn_width,
     )

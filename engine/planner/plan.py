@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from corral.engine.model.spec import ModelSpec
+from corral.engine.model.spec import LayerSpec, ModelSpec
 
 from .kvtypes import row_bytes
 from .placement import HOST, assign_layers, split_for_counts, split_for_weights
@@ -142,7 +142,7 @@ def swa_cells(spec: ModelSpec, s: Settings) -> int:
 
 
 def kv_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings) -> int:
-    """Exact KV cache bytes for these layers (LLAMACPP.md's formula; windowed layers hold
+    """Exact KV cache bytes for these layers (docs/LLAMACPP.md's formula; windowed layers hold
     swa_cells)."""
     n, windowed = s.n_ctx_padded, swa_cells(spec, s)
     return sum(
@@ -172,19 +172,23 @@ def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: boo
     of a ubatch.
 
     The KQ mask lives through the whole graph (8 bytes per context cell with flash attention,
-    16 without); without flash attention the scores and their softmax add 4 x n_head bytes per
-    cell; the FFN stage holds 3 x n_ff floats; the device with the output layer also holds the
-    logits (n_vocab floats). The n_embd multiples were fitted to llama.cpp's own dry-run sizes
-    on the CPU backend over 6 shapes x 8 settings (bench/plan_accuracy.py reports the error).
+    16 without; an interleaved sliding-window model has a second mask over the window's
+    cells); without flash attention the scores and their softmax add 4 x n_head bytes per
+    cell; the FFN stage holds 3 x ffn_width floats (a mixture of experts: the experts a token
+    uses); the device with the output layer also holds the logits (n_vocab floats). The
+    n_embd multiples were fitted to llama.cpp's own dry-run sizes on the CPU backend over
+    6 shapes x 8 settings (bench/plan_accuracy.py reports the error).
     """
     if not layers and not host:
         return 0
-    ub, ctx, e = s.n_ubatch, s.n_ctx_padded, spec.n_embd
+    ub, e = s.n_ubatch, spec.n_embd
     if host and spec.n_layer in layers and len(layers) == spec.n_layer + 1:
         return ub * _one_device_per_token(spec, s)
     blocks = [spec.layers[il] for il in layers if il < spec.n_layer]
+    ctx = _mask_cells(spec, s, blocks if blocks else spec.layers)
     gqa = _kv_share(spec)
     mask = 8 if s.flash_attn else 16
+    ffn = 12 * _ffn_width(spec)
     if host:
         per = mask * ctx + (20 + (0 if s.flash_attn else 32 * gqa)) * e
     else:
@@ -192,11 +196,10 @@ def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: boo
     if blocks:
         n_head = max(layer.n_head for layer in blocks)
         if s.flash_attn:
-            stage = mask * ctx + max(12 * spec.n_ff + 28 * e, 40 * e)
+            stage = mask * ctx + max(ffn + 28 * e, 40 * e)
         else:
-            stage = mask * ctx + max(
-                4 * n_head * ctx + (32 + 36 * gqa) * e, 12 * spec.n_ff + 32 * e
-            )
+            scored = max(swa_cells(spec, s) if b.is_swa else s.n_ctx_padded for b in blocks)
+            stage = mask * ctx + max(4 * n_head * scored + (32 + 36 * gqa) * e, ffn + 32 * e)
         per = max(per, stage)
     if spec.n_layer in layers:
         # fitted on dry runs, less the 16 x n_embd per token that llama.cpp's dry run expects
@@ -204,6 +207,19 @@ def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: boo
         logits = 4 * spec.n_vocab + mask * ctx + 24 * e
         per = max(per, logits) if blocks else logits
     return int(ub * per)
+
+
+def _mask_cells(spec: ModelSpec, s: Settings, blocks: Sequence[LayerSpec]) -> int:
+    """Cells of the attention masks these layers read: the context for full-attention
+    layers, and for an interleaved sliding-window model's windowed layers their own mask
+    over swa_cells (two masks when a device holds both kinds)."""
+    windowed = any(b.is_swa for b in blocks)
+    full = any(not b.is_swa for b in blocks) or not blocks
+    return (s.n_ctx_padded if full else 0) + (swa_cells(spec, s) if windowed else 0)
+
+
+def _ffn_width(spec: ModelSpec) -> int:
+    return spec.ffn_width or spec.n_ff
 
 
 def _kv_share(spec: ModelSpec) -> float:
@@ -220,13 +236,14 @@ def _one_device_per_token(spec: ModelSpec, s: Settings) -> int:
     (n_head f32 per cell) and the f32 mask without flash attention, the FFN holds 3 × n_ff
     floats (and the f16 mask with it), the output its logits."""
     ctx, e = s.n_ctx_padded, spec.n_embd
+    cells = _mask_cells(spec, s, spec.layers)
     n_head = max((layer.n_head for layer in spec.layers), default=1)
     kv_share = _kv_share(spec)
-    ffn = 12 * spec.n_ff + 16 * e
+    ffn = 12 * _ffn_width(spec) + 16 * e
     if s.flash_attn:
-        stages = [ffn + 2 * ctx]
+        stages = [ffn + 2 * cells]
     else:
-        stages = [4 * n_head * ctx + 4 * ctx + int((20 + 8 * kv_share) * e) + 20, ffn]
+        stages = [4 * n_head * ctx + 4 * cells + int((20 + 8 * kv_share) * e) + 20, ffn]
     stages.append(4 * spec.n_vocab + 8 * e)  # the logits
     return max(stages)
 
@@ -344,16 +361,36 @@ def _fewest(spec: ModelSpec, devices: tuple[Device, ...], s: Settings, budgets: 
 def what_fits(spec: ModelSpec, plan: Plan) -> list[str]:
     """For a plan that does not fit: settings that would (the largest context, a quantized
     KV cache), as command-line options, from the analytic estimate with the same devices,
-    split and host memory. Empty when neither would."""
+    split and host memory. Empty when neither would.
+
+    Where `plan` holds llama.cpp's dry run, the estimate is corrected by it first: each
+    device's analytic compute buffer is scaled up by how much the dry run found more at
+    these settings (never down), so a family the estimate underrates (see docs/PLANNER.md)
+    gets suggestions that still fit."""
     s = plan.settings
+    at_plan = estimate(spec, plan.devices, s, plan.strategy, plan.tensor_split)
+    scale = [1.0] * (len(plan.devices) + 1)  # per device, the host last
+    if plan.compute_source == "dry run":
+        pairs = zip((*plan.usage, plan.host), (*at_plan.usage, at_plan.host), strict=True)
+        scale = [
+            max(1.0, real.compute / est.compute) if est.compute else 1.0 for real, est in pairs
+        ]
 
     # the estimate is a few percent off either way: what it suggests must fit with 5 % to spare
     devices = tuple(dataclasses.replace(d, free=d.free * 19 // 20) for d in plan.devices)
 
     def fits(settings: Settings) -> bool:
         p = estimate(spec, devices, settings, plan.strategy, plan.tensor_split)
-        host = dataclasses.replace(p.host, extra=plan.host.extra)
-        return dataclasses.replace(p, host=host, host_free=plan.host_free * 19 // 20).fits
+        usage = tuple(
+            dataclasses.replace(u, compute=round(u.compute * k))
+            for u, k in zip(p.usage, scale[:-1], strict=True)
+        )
+        host = dataclasses.replace(
+            p.host, extra=plan.host.extra, compute=round(p.host.compute * scale[-1])
+        )
+        return dataclasses.replace(
+            p, usage=usage, host=host, host_free=plan.host_free * 19 // 20
+        ).fits
 
     tips = []
     if s.n_ctx_padded > N_CTX_ALIGN and fits(dataclasses.replace(s, n_ctx=N_CTX_ALIGN)):

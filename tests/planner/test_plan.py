@@ -169,3 +169,26 @@ def test_extra_cpu_buffers_count_only_the_host_layers_and_the_types_that_use_the
     assert host_extra_bytes(m, split, {Q4_0: 1.0}) == 2 * 600
     assert host_extra_bytes(m, split, {Q4_0: 1.0, Q6_K: 1.5}) == 2 * 600 + 1.5 * (2 * 100 + 50)
     assert host_extra_bytes(m, [0] * 5, {Q4_0: 1.0, Q6_K: 1.0}) == 0  # nothing on the host
+
+
+def test_suggestions_are_corrected_by_the_dry_run_where_the_estimate_underrates() -> None:
+    """A dry run that found twice the estimated compute buffer makes the largest context
+    suggested smaller (the estimate scaled by what llama.cpp found), never larger."""
+    from corral.engine.planner.plan import apply_dry_run, what_fits
+
+    m = spec(n_layer=8, layer_bytes=10 * MiB)
+    devices = [
+        Device("RPC0", "a", "a:1", 700 * MiB, GiB),
+        Device("RPC1", "b", "b:1", 700 * MiB, GiB),
+    ]
+    plan = make_plan(m, devices, Settings(n_ctx=65536, reserve=0))
+    assert not plan.fits
+    as_estimated = apply_dry_run(plan, [u.compute for u in plan.usage], plan.host.compute)
+    doubled = apply_dry_run(plan, [2 * u.compute for u in plan.usage], plan.host.compute)
+    halved = apply_dry_run(plan, [u.compute // 2 for u in plan.usage], plan.host.compute)
+
+    def ctx(tips: list[str]) -> int:
+        return next(int(t.split()[1]) for t in tips if t.startswith("--ctx"))
+
+    assert ctx(what_fits(m, doubled)) < ctx(what_fits(m, as_estimated))
+    assert ctx(what_fits(m, halved)) == ctx(what_fits(m, as_estimated))
