@@ -78,7 +78,7 @@ def own_cxx_runtimes(folder: Path | None = None) -> list[str]:
     a std::ostream of one library with the locale of another and dies loading any model
     (SIGSEGV in llama_model::print_info): seen with a toolchain that links libstdc++
     statically (/opt/gcc/bin/g++ on an H200 image; docs/CPU-KERNELS.md)."""
-    from corral.engine.security.elfsyms import ElfError, exported_symbols
+    from corral.engine.ggml.elfsyms import ElfError, exported_symbols
 
     from ._lib import installed_lib_dir
 

@@ -366,8 +366,6 @@ def _with_factor(result: PathResult, work: Path, run: _Run) -> PathResult:
     byte moved (the bytes the planner's rule says move: every layer's matmuls and the
     output's)."""
     from corral.engine.model.spec import ModelError, read_model_spec
-    from corral.engine.planner.placement import HOST
-    from corral.engine.planner.plan import host_extra_bytes
 
     if result.path != EXTRA:
         return result
@@ -379,9 +377,9 @@ def _with_factor(result: PathResult, work: Path, run: _Run) -> PathResult:
     logged = sum(run.extra_mib.get(result.wtype, {}).values()) * (1 << 20)
     if gtype < 0 or not logged:
         return replace(result, ggml_type=gtype)
-    on_host = [HOST] * (spec.n_layer + 1)
-    every_type = {t: 1.0 for layer in spec.layers for t, _ in layer.matmuls}
-    moved = host_extra_bytes(spec, on_host, every_type | {spec.output_type: 1.0})
+    # a local load moves every layer's matmuls and the output matrix (as the planner's
+    # host_extra_bytes counts them with a factor of 1 for every type)
+    moved = sum(b for layer in spec.layers for _, b in layer.matmuls) + spec.output_bytes
     return replace(result, ggml_type=gtype, factor=round(logged / moved, 4) if moved else 0.0)
 
 

@@ -1,4 +1,4 @@
-"""KV-cache element types: ggml type numbers and bytes per row (LLAMACPP.md)."""
+"""KV-cache element types: ggml type numbers and bytes per row (docs/LLAMACPP.md)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ matters. Three data paths, chosen per connection when the tunnel opens:
   share each inside the TLS channel, AES-256-GCM records relayed by two C threads; no Python
   per message (+48-56 µs per round trip on an H200 host, half the pumps' cost).
 - `TlsPump` (either end lacks it): TLS records in blocking Python threads, one per direction,
-  sharing one `SSLObject` under a lock (LLAMACPP.md: ~180 µs per round trip faster than
+  sharing one `SSLObject` under a lock (docs/LLAMACPP.md: ~180 µs per round trip faster than
   asyncio streams). Only the writer thread encrypts; decrypt until the incoming BIO is empty,
   not until OpenSSL raises.
 
@@ -48,6 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from corral.engine.ggml.elfsyms import ElfError, imported_functions
 from corral.engine.protocol import (
     ErrorReply,
     FrameDecoder,
@@ -61,7 +62,6 @@ from corral.engine.protocol import (
 )
 
 from .channel import TlsFailed, set_nodelay
-from .elfsyms import ElfError, imported_functions
 from .loopback import available as owners_listed
 from .loopback import same_user
 from .tls import peer_fingerprint

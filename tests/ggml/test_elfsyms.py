@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.engine.security.elfsyms import ElfError, imported_functions
+from corral.engine.ggml.elfsyms import ElfError, imported_functions
 from corral.engine.security.tunnel import _ggml_rpc_library, unguarded_sends
 
 

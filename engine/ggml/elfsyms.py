@@ -4,7 +4,8 @@ The hand-over (`_rpcshim.c`) seals ggml-rpc's traffic inside its send() and recv
 llama.cpp whose libggml-rpc.so wrote through another call (writev, sendmsg, sendfile,
 io_uring, ...) would put plaintext on the wire past the shim. So before it hands anything
 over, Corral reads which socket calls the library imports and turns the hand-over off if
-any is one the shim does not interpose (engine.security.tunnel.unguarded_sends).
+any is one the shim does not interpose (engine.security.tunnel.unguarded_sends). The
+doctor's C++ runtime check reads the exported symbols (engine.ggml.buildinfo).
 """
 
 from __future__ import annotations
