@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from corral.engine.model import default_model_path
+from corral.engine.runtime.childproto import Done
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
 from tests.runtime.test_recovery import kill_agent_mid_reply
@@ -53,7 +54,7 @@ async def run(rounds: int) -> dict[str, list[float]]:
                     async for frame in session.ask("Still there?", max_tokens=4):
                         last = frame
                     out["reload_ok"].append(
-                        float(last["op"] == "done" and len(result.placements) >= 1)
+                        float(isinstance(last, Done) and len(result.placements) >= 1)
                     )
         finally:
             await session.close()

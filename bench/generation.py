@@ -20,6 +20,7 @@ from pathlib import Path
 
 from corral.engine.model import default_model_path
 from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.childproto import Done, Token
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
 
@@ -34,12 +35,12 @@ async def _child_round(session: ChatSession, tokens: int) -> tuple[float, float]
     done: dict = {}
     async for frame in session.ask(PROMPT, max_tokens=tokens, ignore_eos=True):
         now = time.perf_counter()
-        if frame["op"] == "token" and first is None:
+        if isinstance(frame, Token) and first is None:
             first = now
-        if frame["op"] == "done":
+        if isinstance(frame, Done):
             done, t_end = frame, now
     assert first is not None
-    return done["n_tokens"] / done["gen_s"], (done["n_tokens"] - 1) / (t_end - first)
+    return done.n_tokens / done.gen_s, (done.n_tokens - 1) / (t_end - first)
 
 
 LONG = " ".join(["The keeper climbed the stairs, trimmed the wick and watched the sea."] * 20)
@@ -52,12 +53,12 @@ async def _prompt_round(session: ChatSession, i: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     ttft = 0.0
     async for frame in session.ask(LONG, max_tokens=2, system=f"Round {i}. Be brief."):
-        if frame["op"] == "token" and not ttft:
+        if isinstance(frame, Token) and not ttft:
             ttft = time.perf_counter() - t0
-        if frame["op"] == "done":
+        if isinstance(frame, Done):
             done = frame
-    fresh = done["prompt_tokens"] - done["cached_tokens"]
-    return ttft, fresh / done["prompt_s"]
+    fresh = done.prompt_tokens - done.cached_tokens
+    return ttft, fresh / done.prompt_s
 
 
 def _start_bare(

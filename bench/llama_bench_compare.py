@@ -41,7 +41,10 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from corral.engine.runtime.childproto import Done, Event
 
 PROMPT = "Write a long story about a lighthouse keeper."
 
@@ -149,21 +152,19 @@ async def llama_bench(
     return float(row["avg_ts"])
 
 
-async def _frames_tok_s(frames: AsyncIterator[dict[str, Any]]) -> tuple[float, float]:
+async def _frames_tok_s(frames: AsyncIterator[Event]) -> tuple[float, float]:
     """(tokens/s inside the child, tokens/s as the parent receives them), as generation.py."""
     first = None
     t_end = 0.0
-    done: dict[str, Any] = {}
+    done: Done | None = None
     async for frame in frames:
         now = time.perf_counter()
-        if frame["op"] == "tokens" and first is None:
+        if type(frame).__name__ == "Token" and first is None:
             first = now
-        if frame["op"] == "token" and first is None:
-            first = now
-        if frame["op"] == "done":
+        if type(frame).__name__ == "Done":
             done, t_end = frame, now
     assert first is not None and done
-    return done["n_tokens"] / done["gen_s"], (done["n_tokens"] - 1) / (t_end - first)
+    return done.n_tokens / done.gen_s, (done.n_tokens - 1) / (t_end - first)
 
 
 class Engine:
@@ -174,16 +175,16 @@ class Engine:
         self.session = session
         self.child = child
 
-    def _stream(self, tokens: int) -> AsyncIterator[dict[str, Any]]:
+    def _stream(self, tokens: int) -> AsyncIterator[Event]:
         if self.session is not None:
             self.session.history = []
-            it: AsyncIterator[dict[str, Any]] = self.session.ask(
-                PROMPT, max_tokens=tokens, ignore_eos=True
-            )
+            it: AsyncIterator[Event] = self.session.ask(PROMPT, max_tokens=tokens, ignore_eos=True)
             return it
         messages = [{"role": "user", "content": PROMPT}]
+        from corral.engine.runtime.childproto import Generate
+
         return self.child.generate(
-            messages=messages, max_tokens=tokens, temp=0.0, seed=1, ignore_eos=True, n_keep=-1
+            Generate.chat(messages, max_tokens=tokens, temp=0.0, seed=1, ignore_eos=True, n_keep=-1)
         )
 
     async def tok_s(self, tokens: int, reps: int) -> tuple[float, float]:
@@ -303,12 +304,10 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                 direct = InferenceProcess()
                 await direct.start()
             t0 = time.perf_counter()
-            loaded = await direct.load(
-                rpc=for_child.endpoints, tensor_split=None, **settings.child_params()
-            )
+            loaded = await direct.load(settings.load_params(for_child.endpoints))
             info["direct_load_s"] = time.perf_counter() - t0
             info["engine_rpc_direct_layers"] = dict(
-                collections.Counter(str(d) for d in loaded.get("layers", {}).values())
+                collections.Counter(str(d) for d in loaded.log.layers.values())
             )
             engines["engine_tunnel"] = Engine(session=split)
             engines["engine_rpc_direct"] = Engine(child=direct)
@@ -327,9 +326,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                 plain = InferenceProcess()
                 await plain.start()
             split_of = list(split.result.plan.tensor_split) if split.result else []
-            await plain.load(
-                rpc=agents_direct, tensor_split=split_of or None, **settings.child_params()
-            )
+            await plain.load(settings.load_params(agents_direct, split_of))
             engines["engine_agents_direct"] = Engine(child=plain)
         for e in engines.values():  # warm-up, not counted
             await e.tok_s(16, 1)

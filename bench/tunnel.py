@@ -37,6 +37,7 @@ from pathlib import Path
 
 from corral.engine.model import default_model_path
 from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.childproto import Done, Generate
 from corral.engine.runtime.inference import InferenceProcess
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import LoadSettings
@@ -79,18 +80,19 @@ async def loaded_child(
     with environ(env or {}):  # what the child's data path is decided by
         await child.start()
     t0 = time.perf_counter()
-    await child.load(rpc=endpoints, tensor_split=None, **settings.child_params())
+    await child.load(settings.load_params(endpoints))
     return child, time.perf_counter() - t0
 
 
 async def tok_s(child: InferenceProcess, tokens: int) -> float:
-    done: dict = {}
+    done = None
     async for frame in child.generate(
-        messages=PROMPT, max_tokens=tokens, temp=0.0, seed=1, ignore_eos=True, n_keep=-1
+        Generate.chat(PROMPT, max_tokens=tokens, temp=0.0, seed=1, ignore_eos=True, n_keep=-1)
     ):
-        if frame["op"] == "done":
+        if isinstance(frame, Done):
             done = frame
-    return float(done["n_tokens"] / done["gen_s"])
+    assert done is not None
+    return float(done.n_tokens / done.gen_s)
 
 
 _HELLO = bytes([14]) + struct.pack("<Q", 24) + bytes(24)

@@ -23,6 +23,7 @@ from corral.engine.planner.plan import STRATEGIES, MiB, Plan, Usage
 from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
 from corral.engine.runtime.agent_client import AgentClient, parse_address
+from corral.engine.runtime.childproto import Done, Shift, Token
 from corral.engine.runtime.errors import InferenceCrashed, PlanRefused, RuntimeFailure
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import kv_status
@@ -115,32 +116,30 @@ def _devices_json(result: LoadResult) -> list[dict[str, Any]]:
     ]
 
 
-def _done_event(done: dict[str, Any], result: LoadResult) -> dict[str, Any]:
+def _done_event(done: Done, result: LoadResult) -> dict[str, Any]:
     """The last JSON object of a reply: the text, where the layers are, and the cache."""
     return {
         "type": "done",
-        "content": done["content"],
-        "stop": done["stop"],
+        "content": done.content,
+        "stop": done.stop,
         "devices": _devices_json(result),
         "cpu_kernels": {"verdict": result.cpu_kernels, "buffers": list(result.cpu_buffers)},
-        "kv": {"used": done["kv_used"], "n_ctx": done["n_ctx"], "shifts": done.get("shifts", 0)},
-        "tokens": done["n_tokens"],
-        "gen_s": done["gen_s"],
-        "prompt_s": done["prompt_s"],
-        "shifts": done.get("shifts", 0),
-        "n_keep": done.get("n_keep", 0),
-        "kv_head": done.get("kv_head", []),
-        "kv_pos_min": done.get("kv_pos_min", 0),
+        "kv": {"used": done.kv_used, "n_ctx": done.n_ctx, "shifts": done.shifts},
+        "tokens": done.n_tokens,
+        "gen_s": done.gen_s,
+        "prompt_s": done.prompt_s,
+        "shifts": done.shifts,
+        "n_keep": done.n_keep,
+        "kv_head": list(done.kv_head),
+        "kv_pos_min": done.kv_pos_min,
     }
 
 
-async def _reply(
-    session: ChatSession, out: _Out, text: str, opts: argparse.Namespace
-) -> dict[str, Any]:
+async def _reply(session: ChatSession, out: _Out, text: str, opts: argparse.Namespace) -> Done:
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGINT, session.cancel)
-    done: dict[str, Any] = {}
+    done: Done | None = None
     shifts = 0
     plan = session.result.plan if session.result else None
     first, n_seen = 0.0, 0
@@ -155,43 +154,45 @@ async def _reply(
     )
     try:
         async for frame in frames:
-            if frame["op"] == "token":
+            if isinstance(frame, Token):
                 if out.json:
-                    out.event({"type": "token", "text": frame["text"], "id": frame["id"]})
+                    out.event({"type": "token", "text": frame.text, "id": frame.id})
                     now = time.perf_counter()
                     first = first or now
                     n_seen += 1
                     rate = (n_seen - 1) / (now - first) if now > first else 0.0
-                    status = kv_status(plan, frame["kv_used"], frame["n_ctx"], shifts, rate)
+                    status = kv_status(plan, frame.kv_used, frame.n_ctx, shifts, rate)
                     out.event({"type": "kv", **status.to_json()})
                 else:
-                    print(frame["text"], end="", flush=True)
-            elif frame["op"] == "shift":
-                shifts = frame["shifts"]
+                    print(frame.text, end="", flush=True)
+            elif isinstance(frame, Shift):
+                shifts = frame.shifts
                 out.event(
                     {
                         "type": "shift",
-                        "n_keep": frame["n_keep"],
-                        "n_discard": frame["n_discard"],
+                        "n_keep": frame.n_keep,
+                        "n_discard": frame.n_discard,
                         "shifts": shifts,
                     }
                 )
                 out.info(
-                    f"[context full: kept {frame['n_keep']} tokens, dropped "
-                    f"{frame['n_discard']}; shift {shifts}]"
+                    f"[context full: kept {frame.n_keep} tokens, dropped "
+                    f"{frame.n_discard}; shift {shifts}]"
                 )
-            elif frame["op"] == "done":
+            else:
                 done = frame
     finally:
         await frames.aclose()  # a reply left early (stdout closed) is stopped, not orphaned
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(signal.SIGINT)
+    if done is None:  # generate() ends with Done or raises: never here
+        raise RuntimeFailure("the reply ended without its summary")
     if not out.json:
         print(flush=True)
-        rate = done["n_tokens"] / done["gen_s"] if done.get("gen_s") else 0.0
+        rate = done.n_tokens / done.gen_s if done.gen_s else 0.0
         out.info(
-            f"[{done['n_tokens']} tokens, {rate:.1f} tok/s, stop: {done['stop']}, "
-            f"KV {done['kv_used']}/{done['n_ctx']} cells]"
+            f"[{done.n_tokens} tokens, {rate:.1f} tok/s, stop: {done.stop}, "
+            f"KV {done.kv_used}/{done.n_ctx} cells]"
         )
     return done
 

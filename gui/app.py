@@ -51,6 +51,7 @@ from corral.discovery import Hosts, Inventoried
 from corral.engine.model import default_model_path
 from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
+from corral.engine.runtime.childproto import Done, Shift, Token
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import kv_status
 from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
@@ -492,17 +493,19 @@ class MainWindow(QMainWindow):
         self._render()
         session, bridge, plan = self.session, self.bridge, self.result.plan if self.result else None
 
-        async def reply() -> dict[str, Any]:
-            done: dict[str, Any] = {}
+        async def reply() -> Done:
+            done: Done | None = None
             async with contextlib.aclosing(session.ask(text, max_tokens=self.max_tokens)) as frames:
                 async for frame in frames:
-                    if frame["op"] == "token":
-                        bridge.post(self._on_token, frame["text"])
-                        bridge.post(self._on_kv, kv_status(plan, frame["kv_used"], frame["n_ctx"]))
-                    elif frame["op"] == "shift":
+                    if isinstance(frame, Token):
+                        bridge.post(self._on_token, frame.text)
+                        bridge.post(self._on_kv, kv_status(plan, frame.kv_used, frame.n_ctx))
+                    elif isinstance(frame, Shift):
                         bridge.post(self._on_shift, frame)
-                    elif frame["op"] == "done":
+                    else:
                         done = frame
+            if done is None:  # generate() ends with Done or raises: never here
+                raise RuntimeError("the reply ended without its summary")
             return done
 
         self._reply_started = time.monotonic()
@@ -539,24 +542,24 @@ class MainWindow(QMainWindow):
             + ")"
         )
 
-    def _on_shift(self, frame: Any) -> None:
+    def _on_shift(self, frame: Shift) -> None:
         self._shifts += 1
-        self.messages.append(("context shift", f"dropped {frame.get('n_discard', '?')} tokens"))
-        self.log(f"context shift: dropped {frame.get('n_discard', '?')} tokens to keep going")
+        self.messages.append(("context shift", f"dropped {frame.n_discard} tokens"))
+        self.log(f"context shift: dropped {frame.n_discard} tokens to keep going")
 
-    def _replied(self, done: Any) -> None:
+    def _replied(self, done: Done) -> None:
         self.send_button.setEnabled(True)
         self.regen_button.setEnabled(True)
         self.stop_button.setEnabled(False)
         self.stop_button.setText("Stop")
         reply = [i for i, (who, _) in enumerate(self.messages) if who == "assistant"]
-        if done.get("content") is not None and reply:
-            self.messages[reply[-1]] = ("assistant", done["content"])
+        if reply:
+            self.messages[reply[-1]] = ("assistant", done.content)
         self._render()
-        rate = done["n_tokens"] / done["gen_s"] if done.get("gen_s") else 0.0
+        rate = done.n_tokens / done.gen_s if done.gen_s else 0.0
         if rate:
             self.speed_plot.add("chat", rate)
-        self.status.setText(f"{done['n_tokens']} tokens, {rate:.1f} tok/s, stop: {done['stop']}")
+        self.status.setText(f"{done.n_tokens} tokens, {rate:.1f} tok/s, stop: {done.stop}")
 
     def _crashed(self, error: Any) -> None:
         self.banner.setText(f"{error} — press “Deploy” to load again")

@@ -29,20 +29,41 @@ class Message:
     TYPE: ClassVar[int]
 
 
-_REGISTRY: dict[int, type[Message]] = {}
 _HINTS: dict[type, dict[str, Any]] = {}
 M = TypeVar("M", bound=type[Message])
 
 
-def _register(number: int) -> typing.Callable[[M], M]:
-    def deco(cls: M) -> M:
-        if number in _REGISTRY:
-            raise RuntimeError(f"message number {number} is used twice")
-        cls.TYPE = number
-        _REGISTRY[number] = cls
-        return cls
+class Registry:
+    """A numbered set of messages: the agent's control protocol is one, the inference
+    child's channel (engine.runtime.childproto) another. Numbers are never reused."""
 
-    return deco
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.types: dict[int, type[Message]] = {}
+
+    def register(self, number: int) -> typing.Callable[[M], M]:
+        def deco(cls: M) -> M:
+            if number in self.types:
+                raise RuntimeError(f"{self.name}: message number {number} is used twice")
+            cls.TYPE = number
+            self.types[number] = cls
+            return cls
+
+        return deco
+
+    def from_wire(self, obj: Any) -> Message:
+        """Validate and build a message from a decoded frame; ProtocolError if not one."""
+        if not (isinstance(obj, list) and len(obj) == 2 and type(obj[0]) is int):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message is [type, {fields}]")
+        cls = self.types.get(obj[0])
+        if cls is None:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown {self.name} message type {obj[0]}")
+        result: Message = _decode(cls, obj[1], cls.__name__)
+        return result
+
+
+CONTROL_MESSAGES = Registry("control")
+_register = CONTROL_MESSAGES.register
 
 
 # ----------------------------------------------------------------- nested records
@@ -363,18 +384,14 @@ def _encode(value: Any) -> Any:
         return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, tuple | list):
         return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
     return value
 
 
 def from_wire(obj: Any) -> Message:
-    """Validate and build a message from a decoded frame; ProtocolError if it is not one."""
-    if not (isinstance(obj, list) and len(obj) == 2 and type(obj[0]) is int):
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message is [type, {fields}]")
-    cls = _REGISTRY.get(obj[0])
-    if cls is None:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown message type {obj[0]}")
-    result: Message = _decode(cls, obj[1], cls.__name__)
-    return result
+    """Validate and build a control-protocol message; ProtocolError if it is not one."""
+    return CONTROL_MESSAGES.from_wire(obj)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -404,8 +421,22 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, list):
             raise _bad(where, "expected an array")
-        (item,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return tuple(_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        args = typing.get_args(tp)
+        if Ellipsis in args:  # tuple[X, ...]
+            (item,) = [a for a in args if a is not Ellipsis]
+            return tuple(_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):  # tuple[X, Y]: exactly these
+            raise _bad(where, f"expected {len(args)} items, got {len(value)}")
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(_decode(a, v, f"{where}[{i}]") for i, (a, v) in pairs)
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise _bad(where, "expected a map")
+        return {
+            _decode(key_type, k, f"{where} key"): _decode(value_type, v, f"{where}[{k!r}]")
+            for k, v in value.items()
+        }
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

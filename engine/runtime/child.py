@@ -2,13 +2,8 @@
 
 llama.cpp aborts the whole process when an RPC server dies or a kernel is missing, so it runs
 here and nowhere near the GUI or the agent. The parent passes one end of a socketpair (--fd);
-frames are the control protocol's msgpack frames, each a dict with an "op":
-
-  parent → child  load {model, rpc, n_ctx, n_batch, n_threads, n_gpu_layers, tensor_split,
-                        flash_attn} · generate {messages | prompt, max_tokens, temp, top_k,
-                        top_p, seed} · cancel · exit
-  child → parent  ready {build} · loaded {...} · tokens {items: [[text, id, kv_used]], n_ctx} ·
-                  done {content, stop, n_tokens, ...} · error {message}
+the messages each way are engine.runtime.childproto's typed ones (its docstring lists them
+and which reply each request gets).
 
 stdout and stderr carry llama.cpp's log; the parent keeps the tail for crash reports.
 """
@@ -19,7 +14,6 @@ import argparse
 import codecs
 import contextlib
 import ctypes
-import dataclasses
 import faulthandler
 import os
 import queue
@@ -31,7 +25,29 @@ from collections.abc import Iterator
 from typing import Any
 
 from corral.engine.procs import die_with_parent
-from corral.engine.protocol import FrameDecoder, encode_frame
+from corral.engine.protocol import FrameDecoder, Message, ProtocolError, encode_frame, to_wire
+
+from .childproto import (
+    CHILD_MESSAGES,
+    Answers,
+    Cancel,
+    Capabilities,
+    Done,
+    DryRun,
+    DryRunReport,
+    Exit,
+    Failed,
+    Generate,
+    Load,
+    Loaded,
+    LoadLog,
+    LoadParams,
+    Progress,
+    Ready,
+    Shift,
+    TokenItem,
+    Tokens,
+)
 
 _FLUSH_S = 0.03  # at most ~33 token frames a second: smooth to read, cheap to receive
 
@@ -41,7 +57,8 @@ class _Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        # requests in order; a ProtocolError for a frame that was not one (answered Failed)
+        self.inbox: queue.Queue[Message | ProtocolError | None] = queue.Queue()
         self.cancel = threading.Event()
         threading.Thread(target=self._read, name="child-reader", daemon=True).start()
 
@@ -53,17 +70,22 @@ class _Channel:
                 if not data:
                     break
                 for frame in decoder.feed(data):
-                    if isinstance(frame, dict) and frame.get("op") == "cancel":
+                    try:
+                        msg = CHILD_MESSAGES.from_wire(frame)
+                    except ProtocolError as exc:
+                        self.inbox.put(exc)
+                        continue
+                    if isinstance(msg, Cancel):
                         self.cancel.set()
-                    elif isinstance(frame, dict):
-                        self.inbox.put(frame)
+                    else:
+                        self.inbox.put(msg)
         except Exception:  # the parent went away or sent garbage: either way we are done
             pass
         self.cancel.set()  # stop a generation nobody will read
         self.inbox.put(None)
 
-    def send(self, op: str, **fields: Any) -> None:
-        self.sock.sendall(encode_frame({"op": op, **fields}))
+    def send(self, msg: Message) -> None:
+        self.sock.sendall(encode_frame(to_wire(msg)))
 
 
 class _Engine:
@@ -93,38 +115,39 @@ class _Engine:
                 add_rpc_server(endpoint)
                 self.registered.append(endpoint)
 
-    @staticmethod
-    def _settings(req: dict[str, Any]) -> dict[str, Any]:
-        from corral.engine.planner.kvtypes import ggml_type
-        from corral.engine.planner.plan import pad_ctx
-
-        n_ctx = int(req.get("n_ctx", 2048))
-        n_batch = int(req.get("n_batch", 512))
-        return {
-            "n_gpu_layers": int(req.get("n_gpu_layers", -1)),
-            "tensor_split": [float(x) for x in req.get("tensor_split") or []],
-            "n_ctx": pad_ctx(n_ctx),
-            "n_batch": n_batch,
-            "n_ubatch": int(req.get("n_ubatch", n_batch)),
-            "type_k": ggml_type(str(req.get("type_k", "f16"))),
-            "type_v": ggml_type(str(req.get("type_v", "f16"))),
-            "flash_attn": bool(req.get("flash_attn", False)),
-            "swa_full": bool(req.get("swa_full", True)),
-        }
-
-    def load(self, req: dict[str, Any], capture: Any) -> None:
-
-        self._register([str(e) for e in req.get("rpc", [])])
-        cfg = self._settings(req)
-        self.swa_full = cfg["swa_full"]
+    def load(self, params: LoadParams, capture: Any) -> None:
+        self._register(list(params.rpc))
+        self.swa_full = params.swa_full
         kernels = self._cpu_kernels()
         mark = capture.count
         t0 = time.perf_counter()
-        threads = int(req.get("n_threads") or 0) or (os.cpu_count() or 1)
         with self._model_params(kernels.extra_buffers):
-            self._construct(req, cfg, threads)
+            self._construct(params)
         load_s = time.perf_counter() - t0
-        self._loaded(capture, mark, load_s, dataclasses.asdict(kernels))
+        self.n_ctx = int(self.L.llama_n_ctx(self.llm.ctx))
+        self.tokens = []
+        self.chan.send(
+            Loaded(
+                log=self._load_log(capture, mark, self.n_ctx),
+                n_layer=int(self.L.llama_model_n_layer(self.llm.model)),
+                n_vocab=int(self.llm.n_vocab()),
+                load_s=load_s,
+                cpu_kernels=kernels,
+            )
+        )
+
+    @staticmethod
+    def _load_log(capture: Any, mark: int, n_ctx: int) -> LoadLog:
+        """What llama.cpp logged since `mark`, with the devices it sees now."""
+        from corral.engine.ggml import list_devices, parse_load_log
+
+        report = parse_load_log(capture.since(mark))
+        return LoadLog(
+            devices=tuple(list_devices()),
+            layers={str(k): v for k, v in report.layers.items()},
+            buffers=report.buffers,
+            n_ctx=n_ctx,
+        )
 
     def _cpu_kernels(self) -> Any:
         """Whether llama.cpp may put CPU weights in its extra buffers (AMX, CPU_REPACK) here:
@@ -148,7 +171,7 @@ class _Engine:
             pct = int(fraction * 100)
             if pct != last[0]:
                 last[0] = pct
-                self.chan.send("progress", fraction=float(fraction))
+                self.chan.send(Progress(float(fraction)))
             return True  # go on
 
         callback = low.llama_progress_callback(report)
@@ -166,78 +189,61 @@ class _Engine:
         finally:
             low.llama_model_default_params = original
 
-    def _construct(self, req: dict[str, Any], cfg: dict[str, Any], threads: int) -> None:
+    def _construct(self, p: LoadParams) -> None:
+        from corral.engine.planner.kvtypes import ggml_type
+
+        threads = p.n_threads or (os.cpu_count() or 1)
         self.llm = self.L.Llama(
-            model_path=str(req["model"]),
-            n_gpu_layers=cfg["n_gpu_layers"],
-            tensor_split=cfg["tensor_split"] or None,
-            n_ctx=cfg["n_ctx"],
-            n_batch=cfg["n_batch"],
-            n_ubatch=cfg["n_ubatch"],
-            type_k=cfg["type_k"],
-            type_v=cfg["type_v"],
+            model_path=p.model,
+            n_gpu_layers=p.n_gpu_layers,
+            tensor_split=list(p.tensor_split) or None,
+            n_ctx=p.n_ctx,
+            n_batch=p.n_batch,
+            n_ubatch=p.n_ubatch,
+            type_k=ggml_type(p.type_k),
+            type_v=ggml_type(p.type_v),
             n_threads=threads,
             n_threads_batch=threads,
-            flash_attn=cfg["flash_attn"],
-            swa_full=cfg["swa_full"],
+            flash_attn=p.flash_attn,
+            swa_full=p.swa_full,
             verbose=True,  # verbose=False would point fds 1/2 at /dev/null during load
         )
 
-    def _loaded(self, capture: Any, mark: int, load_s: float, cpu_kernels: dict[str, Any]) -> None:
-        from corral.engine.ggml import list_devices, parse_load_log
-
-        self.n_ctx = int(self.L.llama_n_ctx(self.llm.ctx))
-        self.tokens = []
-        report = parse_load_log(capture.since(mark))
-        self.chan.send(
-            "loaded",
-            devices=[dataclasses.asdict(d) for d in list_devices()],
-            layers={str(k): v for k, v in report.layers.items()},
-            buffers=report.buffers,
-            n_ctx=self.n_ctx,
-            n_layer=int(self.L.llama_model_n_layer(self.llm.model)),
-            n_vocab=int(self.llm.n_vocab()),
-            load_s=load_s,
-            cpu_kernels=cpu_kernels,
-        )
-
-    def dry_run(self, req: dict[str, Any], capture: Any) -> None:
+    def dry_run(self, p: LoadParams, capture: Any) -> None:
         """llama.cpp's own allocation, simulated (no_alloc): layer map and buffer sizes.
 
         Nothing is allocated on any device, so this is safe to run before a load that would
         not fit; it does talk to the RPC workers (memory, alignment), so they must be up.
         """
-        from corral.engine.ggml import list_devices, parse_load_log
+        from corral.engine.planner.kvtypes import ggml_type
 
         L = self.L
-        self._register([str(e) for e in req.get("rpc", [])])
-        cfg = self._settings(req)
+        self._register(list(p.rpc))
         mparams = L.llama_model_default_params()
-        mparams.n_gpu_layers = cfg["n_gpu_layers"]
-        split = cfg["tensor_split"]
-        if split:
-            arr = (ctypes.c_float * L.LLAMA_MAX_DEVICES)(*split)
+        mparams.n_gpu_layers = p.n_gpu_layers
+        if p.tensor_split:
+            arr = (ctypes.c_float * L.LLAMA_MAX_DEVICES)(*p.tensor_split)
             mparams.tensor_split = arr
         mparams.no_alloc = True
         mparams.use_extra_bufts = self._cpu_kernels().extra_buffers  # as the load will
         mparams.load_mode = L.LLAMA_LOAD_MODE_NONE  # a mapped load asserts under no_alloc
         mark = capture.count
-        model = L.llama_model_load_from_file(str(req["model"]).encode(), mparams)
+        model = L.llama_model_load_from_file(p.model.encode(), mparams)
         if not model:
             raise _Refused("llama.cpp could not read the model for the dry run")
         try:
             cparams = L.llama_context_default_params()
-            cparams.n_ctx = cfg["n_ctx"]
-            cparams.n_batch = cfg["n_batch"]
-            cparams.n_ubatch = cfg["n_ubatch"]
-            cparams.type_k = cfg["type_k"]
-            cparams.type_v = cfg["type_v"]
+            cparams.n_ctx = p.n_ctx
+            cparams.n_batch = p.n_batch
+            cparams.n_ubatch = p.n_ubatch
+            cparams.type_k = ggml_type(p.type_k)
+            cparams.type_v = ggml_type(p.type_v)
             cparams.flash_attn_type = (
                 L.LLAMA_FLASH_ATTN_TYPE_ENABLED
-                if cfg["flash_attn"]
+                if p.flash_attn
                 else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
             )
-            cparams.swa_full = cfg["swa_full"]
+            cparams.swa_full = p.swa_full
             ctx = L.llama_init_from_model(model, cparams)
             if not ctx:
                 raise _Refused(
@@ -247,29 +253,25 @@ class _Engine:
             n_swa = int(L.llama_model_n_swa(model))
         finally:
             L.llama_model_free(model)
-        report = parse_load_log(capture.since(mark))
+        from corral.engine.ggml import parse_load_log
+
         self.chan.send(
-            "dry_run",
-            devices=[dataclasses.asdict(d) for d in list_devices()],
-            layers={str(k): v for k, v in report.layers.items()},
-            buffers=report.buffers,
-            n_ctx=cfg["n_ctx"],
-            swa_layers=list(report.swa),
-            n_swa=n_swa,
-            # no_alloc logs the extra CPU buffers as empty: the planner sizes them from these
-            cpu_extra=[list(pair) for pair in self._cpu_kernels().factors],
+            DryRunReport(
+                log=self._load_log(capture, mark, p.n_ctx),
+                swa_layers=tuple(parse_load_log(capture.since(mark)).swa),
+                n_swa=n_swa,
+                cpu_extra=self._cpu_kernels().factors,
+            )
         )
 
     # ------------------------------------------------------------------ generate
 
-    def _prompt_tokens(self, req: dict[str, Any]) -> list[int]:
-        if "prompt" in req:
-            return list(self.llm.tokenize(str(req["prompt"]).encode(), add_bos=True, special=True))
+    def _prompt_tokens(self, req: Generate, add_generation_prompt: bool = True) -> list[int]:
+        if req.prompt is not None:
+            return list(self.llm.tokenize(req.prompt.encode(), add_bos=True, special=True))
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        messages: list[Any] = [
-            {"role": str(m["role"]), "content": str(m["content"])} for m in req["messages"]
-        ]
+        messages: list[Any] = [{"role": m.role, "content": m.content} for m in req.messages]
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
@@ -279,7 +281,7 @@ class _Engine:
             template=template,
             eos_token=model.token_get_text(self.llm.token_eos()),
             bos_token=model.token_get_text(self.llm.token_bos()),
-            add_generation_prompt=bool(req.get("add_generation_prompt", True)),
+            add_generation_prompt=add_generation_prompt,
         )
         result = formatter(messages=messages)
         return list(
@@ -302,32 +304,28 @@ class _Engine:
                 raise _Refused(f"llama_decode returned {rc} (KV cache full or compute failed)")
             self.tokens.extend(chunk)
 
-    def _sampler(self, req: dict[str, Any]) -> Any:
+    def _sampler(self, req: Generate) -> Any:
         L = self.L
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        temp = float(req.get("temp", 0.0))
-        if temp <= 0:
+        if req.temp <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(int(req.get("top_k", 40))))
-            L.llama_sampler_chain_add(
-                chain, L.llama_sampler_init_top_p(float(req.get("top_p", 0.95)), 1)
-            )
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(temp))
-            seed = int(req.get("seed", -1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(req.top_k))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(req.top_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(req.temp))
+            seed = req.seed
             L.llama_sampler_chain_add(
                 chain, L.llama_sampler_init_dist(seed if seed >= 0 else 0xFFFFFFFF)
             )
         return chain
 
-    def _n_keep(self, req: dict[str, Any], prompt: list[int]) -> int:
+    def _n_keep(self, req: Generate, prompt: list[int]) -> int:
         """Tokens a context shift keeps: --n-keep, or by default the system prompt."""
-        if int(req.get("n_keep", -1)) >= 0:
-            return min(int(req["n_keep"]), self.n_ctx)
-        messages = req.get("messages") or []
-        if not messages or messages[0].get("role") != "system":
+        if req.n_keep >= 0:
+            return min(req.n_keep, self.n_ctx)
+        if req.prompt is not None or not req.messages or req.messages[0].role != "system":
             return 0
-        head = self._prompt_tokens({"messages": messages[:1], "add_generation_prompt": False})
+        head = self._prompt_tokens(Generate(messages=req.messages[:1]), False)
         n = 0
         while n < min(len(head), len(prompt)) and head[n] == prompt[n]:
             n += 1
@@ -344,14 +342,7 @@ class _Engine:
         L.llama_memory_seq_add(mem, 0, n_keep + n_discard, n_past, -n_discard)
         del self.tokens[n_keep : n_keep + n_discard]
         self.shifts += 1
-        self.chan.send(
-            "shift",
-            n_keep=n_keep,
-            n_discard=n_discard,
-            shifts=self.shifts,
-            kv_used=len(self.tokens),
-            n_ctx=self.n_ctx,
-        )
+        self.chan.send(Shift(n_keep, n_discard, self.shifts, len(self.tokens), self.n_ctx))
 
     def _reusable(self, keep: int) -> int:
         """How much of the cached prefix can be kept: with a windowed sliding-window cache,
@@ -368,7 +359,7 @@ class _Engine:
         mem = self.L.llama_get_memory(self.llm.ctx)
         return int(self.L.llama_memory_seq_pos_max(mem, 0)) + 1
 
-    def generate(self, req: dict[str, Any]) -> None:
+    def generate(self, req: Generate) -> None:
         if self.llm is None:
             raise _Refused("no model is loaded")
         L = self.L
@@ -391,8 +382,7 @@ class _Engine:
         L.llama_memory_seq_rm(L.llama_get_memory(ctx), 0, keep, -1)
         del self.tokens[keep:]
         n_batch = int(L.llama_n_batch(ctx))
-        max_tokens = int(req.get("max_tokens", 256))
-        ignore_eos = bool(req.get("ignore_eos", False))  # fixed-length runs for benchmarks
+        max_tokens, ignore_eos = req.max_tokens, req.ignore_eos
         self.chan.cancel.clear()
         t0 = time.perf_counter()
         self._decode(prompt[keep:], n_batch, self.chan.cancel)
@@ -402,7 +392,7 @@ class _Engine:
         # Greedy: the first largest logit, read in place (what llama.cpp's greedy sampler
         # picks, without building its candidate array: ~40 us a token on a 32k vocabulary,
         # 1 % of a token on a GPU)
-        greedy = float(req.get("temp", 0.0)) <= 0
+        greedy = req.temp <= 0
         n_vocab = int(L.llama_vocab_n_tokens(vocab))
         # numpy only now, after llama.cpp's libraries: imported first, it made CUDA model
         # loads crash (SIGSEGV) in this process on an H200 (docs/GPU.md)
@@ -414,7 +404,7 @@ class _Engine:
         pieces: list[str] = []
         # Tokens go out in small batches: a frame per token wakes the parent for each one,
         # and on a small machine that wake-up competes with the compute threads.
-        batch: list[tuple[str, int, int]] = []
+        batch: list[TokenItem] = []
         flushed = 0.0  # the first token is sent at once
         stop = "length"
         n_gen = 0
@@ -438,7 +428,7 @@ class _Engine:
                         stop = "context_full"
                         break
                     if batch:
-                        self.chan.send("tokens", items=batch, n_ctx=self.n_ctx)
+                        self.chan.send(Tokens(tuple(batch), self.n_ctx))
                         batch = []
                     self._shift(n_keep)
                 one[0] = tok
@@ -447,35 +437,36 @@ class _Engine:
                 self.tokens.append(tok)
                 n_gen += 1
                 pieces.append(text)
-                batch.append((text, tok, len(self.tokens)))
+                batch.append(TokenItem(text, tok, len(self.tokens)))
                 now = time.perf_counter()
                 if now - flushed >= _FLUSH_S:
-                    self.chan.send("tokens", items=batch, n_ctx=self.n_ctx)
+                    self.chan.send(Tokens(tuple(batch), self.n_ctx))
                     batch, flushed = [], now
         finally:
             L.llama_sampler_free(sampler)
             if batch:
-                self.chan.send("tokens", items=batch, n_ctx=self.n_ctx)
+                self.chan.send(Tokens(tuple(batch), self.n_ctx))
         L.llama_synchronize(ctx)
         t2 = time.perf_counter()
         tail = utf8.decode(b"", final=True)
         if tail:
             pieces.append(tail)
         self.chan.send(
-            "done",
-            content="".join(pieces),
-            stop=stop,
-            n_tokens=n_gen,
-            prompt_tokens=len(prompt),
-            cached_tokens=keep,
-            shifts=self.shifts,
-            n_keep=n_keep,
-            kv_head=self.tokens[:n_keep],
-            kv_pos_min=int(L.llama_memory_seq_pos_min(L.llama_get_memory(ctx), 0)),
-            kv_used=self.kv_used(),
-            n_ctx=self.n_ctx,
-            prompt_s=t1 - t0,
-            gen_s=t2 - t1,
+            Done(
+                content="".join(pieces),
+                stop=stop,
+                n_tokens=n_gen,
+                prompt_tokens=len(prompt),
+                cached_tokens=keep,
+                shifts=self.shifts,
+                n_keep=n_keep,
+                kv_head=tuple(self.tokens[:n_keep]),
+                kv_pos_min=int(L.llama_memory_seq_pos_min(L.llama_get_memory(ctx), 0)),
+                kv_used=self.kv_used(),
+                n_ctx=self.n_ctx,
+                prompt_s=t1 - t0,
+                gen_s=t2 - t1,
+            )
         )
 
 
@@ -502,48 +493,41 @@ def main(argv: list[str] | None = None) -> int:
     engine = _Engine(chan)
     from corral.engine.ggml import list_devices
 
-    chan.send(
-        "ready",
-        build=dataclasses.asdict(build_info()),
-        pid=os.getpid(),
-        # the desktop's own devices, before any RPC endpoint is registered
-        devices=[dataclasses.asdict(d) for d in list_devices()],
-    )
+    chan.send(Ready(build=build_info(), pid=os.getpid(), devices=tuple(list_devices())))
     while True:
         req = chan.inbox.get()
-        if req is None or req.get("op") == "exit":
+        if req is None or isinstance(req, Exit):
             return 0
-        op = req.get("op")
         try:
-            if op == "load":
-                engine.load(req, capture)
-            elif op == "capabilities":
+            if isinstance(req, ProtocolError):
+                raise _Refused(f"malformed request: {req}")
+            if isinstance(req, Load):
+                engine.load(req.params, capture)
+            elif isinstance(req, DryRun):
+                engine.dry_run(req.params, capture)
+            elif isinstance(req, Capabilities):
                 from corral.engine.ggml.capabilities import Question, ask
                 from corral.engine.planner.kvtypes import ggml_type
 
                 qs = [
-                    Question(ggml_type(k), ggml_type(v), int(hd), bool(fa))
-                    for k, v, hd, fa in req["questions"]
+                    Question(ggml_type(q.type_k), ggml_type(q.type_v), q.head_dim, q.flash_attn)
+                    for q in req.questions
                 ]
-                chan.send("capabilities", answers=ask(str(req["device"]), qs))
-            elif op == "dry_run":
-                engine.dry_run(req, capture)
-            elif op == "generate":
+                chan.send(Answers(tuple(ask(req.device, qs))))
+            elif isinstance(req, Generate):
                 engine.generate(req)
             else:
-                chan.send("error", message=f"unknown request {op!r}")
+                raise _Refused(f"{type(req).__name__} is not a request")
         except (_Refused, GgmlError, UnknownCacheType) as exc:
-            chan.send("error", message=str(exc))
+            chan.send(Failed(str(exc)))
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" etc.
             hint = ""
-            if op == "load":
+            if isinstance(req, Load):
                 hint = (
                     ": the file may be truncated or damaged (download it again), or use a "
                     "model architecture this llama.cpp build supports"
                 )
-            chan.send("error", message=f"{exc}{hint}")
-        except (KeyError, TypeError) as exc:
-            chan.send("error", message=f"malformed {op} request: {exc}")
+            chan.send(Failed(f"{exc}{hint}"))
 
 
 if __name__ == "__main__":

@@ -9,15 +9,47 @@ import os
 import socket
 import sys
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import TypeVar
 
 from corral.engine.aio import within
+from corral.engine.ggml.buildinfo import BuildInfo
+from corral.engine.ggml.devices import GgmlDevice
 from corral.engine.ggml.kernelcheck import crash_hint
 from corral.engine.procs import RPC_PROCESS_ENV, exit_text
-from corral.engine.protocol import ProtocolError, encode_frame, read_frame
+from corral.engine.protocol import (
+    CapabilityQuestion,
+    Message,
+    ProtocolError,
+    encode_frame,
+    read_frame,
+    to_wire,
+)
 from corral.engine.security.tunnel import shim_env
 
+from .childproto import (
+    CHILD_MESSAGES,
+    Answers,
+    Cancel,
+    Capabilities,
+    Done,
+    DryRun,
+    DryRunReport,
+    Event,
+    Exit,
+    Failed,
+    Generate,
+    Load,
+    Loaded,
+    LoadParams,
+    Progress,
+    Ready,
+    Shift,
+    Token,
+    Tokens,
+)
 from .errors import InferenceCrashed, InferenceError
+
+R = TypeVar("R", bound=Message)
 
 _READY_TIMEOUT = 60.0
 # How long a cancelled or abandoned reply may take to stop before the child is killed. The
@@ -33,14 +65,15 @@ class InferenceProcess:
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.log: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
-        self.build: dict[str, Any] = {}
-        self._frames: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.build: BuildInfo | None = None
+        self.devices: tuple[GgmlDevice, ...] = ()  # the desktop's own, as the child saw them
+        self._frames: asyncio.Queue[Message | None] = asyncio.Queue()
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dead: InferenceCrashed | None = None
 
-    async def start(self) -> dict[str, Any]:
-        """Spawn the child and wait for its `ready` (which carries its llama.cpp build)."""
+    async def start(self) -> Ready:
+        """Spawn the child and wait for its Ready (its llama.cpp build and local devices)."""
         ours, theirs = socket.socketpair()
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -63,10 +96,8 @@ class InferenceProcess:
             loop.create_task(self._pump_log()),
             loop.create_task(self._pump_frames(reader)),
         ]
-        ready = await self._next(_READY_TIMEOUT)
-        if ready.get("op") != "ready":
-            raise InferenceError(f"the inference process said {ready.get('op')!r} instead of ready")
-        self.build = dict(ready.get("build", {}))
+        ready = await self._expect(Ready, _READY_TIMEOUT)
+        self.build, self.devices = ready.build, ready.devices
         return ready
 
     async def _pump_log(self) -> None:
@@ -80,10 +111,9 @@ class InferenceProcess:
                 frame = await read_frame(reader)
                 if frame is None:
                     break
-                if isinstance(frame, dict):
-                    self._frames.put_nowait(frame)
+                self._frames.put_nowait(CHILD_MESSAGES.from_wire(frame))
         except (ProtocolError, OSError):
-            pass
+            pass  # garbage from the child ends the channel: it is treated as a crash
         self._frames.put_nowait(None)
 
     async def _crashed(self) -> InferenceCrashed:
@@ -102,7 +132,7 @@ class InferenceProcess:
             self._dead = InferenceCrashed(message, how, tail)
         return self._dead
 
-    async def _next(self, timeout: float | None = None) -> dict[str, Any]:
+    async def _next(self, timeout: float | None = None) -> Message:
         if self._dead is not None:
             raise self._dead
         try:
@@ -113,48 +143,57 @@ class InferenceProcess:
             ) from None
         if frame is None:
             raise await self._crashed()
-        if frame.get("op") == "error":
-            raise InferenceError(str(frame.get("message", "unknown error")))
+        if isinstance(frame, Failed):
+            raise InferenceError(frame.message)
         return frame
 
-    def _send(self, op: str, **fields: Any) -> None:
+    async def _expect(self, kind: type[R], timeout: float | None = None) -> R:
+        frame = await self._next(timeout)
+        if not isinstance(frame, kind):
+            raise InferenceError(
+                f"the inference process said {type(frame).__name__} instead of {kind.__name__}"
+            )
+        return frame
+
+    def _send(self, msg: Message) -> None:
         if self._dead is not None:
             raise self._dead
         assert self._writer is not None
-        self._writer.write(encode_frame({"op": op, **fields}))
+        self._writer.write(encode_frame(to_wire(msg)))
 
     async def load(
-        self, on_progress: Callable[[float], None] | None = None, **params: Any
-    ) -> dict[str, Any]:
-        """Load a model (params as in the child's `load`); returns the `loaded` report.
-        `on_progress(fraction)` hears llama.cpp's load progress (upload to workers included)."""
-        self._send("load", **params)
+        self, params: LoadParams, on_progress: Callable[[float], None] | None = None
+    ) -> Loaded:
+        """Load a model; `on_progress(fraction)` hears llama.cpp's load progress (the upload
+        to workers included)."""
+        self._send(Load(params))
         while True:
             frame = await self._next()
-            if frame.get("op") != "progress":
+            if not isinstance(frame, Progress):
+                if not isinstance(frame, Loaded):
+                    raise InferenceError(f"the inference process said {type(frame).__name__}")
                 return frame
             if on_progress is not None:
-                on_progress(float(frame["fraction"]))
+                on_progress(frame.fraction)
 
-    async def dry_run(self, **params: Any) -> dict[str, Any]:
+    async def dry_run(self, params: LoadParams) -> DryRunReport:
         """llama.cpp's simulated allocation for these load params (nothing is allocated)."""
-        self._send("dry_run", **params)
-        return await self._next()
+        self._send(DryRun(params))
+        return await self._expect(DryRunReport)
 
-    async def capabilities(
-        self, device: str, asked: list[tuple[str, str, int, bool]]
-    ) -> list[bool]:
+    async def capabilities(self, device: str, asked: list[CapabilityQuestion]) -> list[bool]:
         """Ask one of the desktop's own devices (see engine.ggml.capabilities)."""
-        self._send("capabilities", device=device, questions=[list(q) for q in asked])
-        return [bool(a) for a in (await self._next())["answers"]]
+        self._send(Capabilities(device, tuple(asked)))
+        return list((await self._expect(Answers)).answers)
 
-    async def generate(self, **params: Any) -> AsyncGenerator[dict[str, Any], None]:
-        """Yield one `token` event per token (with the KV cells in use), then `done`.
+    async def generate(self, request: Generate) -> AsyncGenerator[Event, None]:
+        """Yield a Token per token (with the KV cells in use), a Shift per context shift,
+        then Done.
 
         Close it (`contextlib.aclosing`) rather than drop it: a consumer that leaves early
         has the rest of the reply stopped and read here, or the next operation would read
         it as its own."""
-        self._send("generate", **params)
+        self._send(request)
         ended = False
         try:
             while True:
@@ -163,7 +202,7 @@ class InferenceProcess:
                 except (InferenceError, InferenceCrashed):
                     ended = True  # the child ended the operation, or died
                     raise
-                if frame.get("op") == "done":
+                if isinstance(frame, Done):
                     ended = True
                 for event in self._events(frame):
                     yield event
@@ -174,14 +213,12 @@ class InferenceProcess:
                 await self._abandon()
 
     @staticmethod
-    def _events(frame: dict[str, Any]) -> list[dict[str, Any]]:
-        if frame.get("op") == "tokens":
-            n_ctx = frame["n_ctx"]
-            return [
-                {"op": "token", "text": text, "id": token_id, "kv_used": kv_used, "n_ctx": n_ctx}
-                for text, token_id, kv_used in frame["items"]
-            ]
-        return [frame]
+    def _events(frame: Message) -> list[Event]:
+        if isinstance(frame, Tokens):
+            return [Token(t.text, t.id, t.kv_used, frame.n_ctx) for t in frame.items]
+        if isinstance(frame, Shift | Done):
+            return [frame]
+        raise InferenceError(f"the inference process said {type(frame).__name__} mid-reply")
 
     async def _abandon(self) -> None:
         """A generation's consumer left before `done`: stop the reply and read its frames to
@@ -192,7 +229,7 @@ class InferenceProcess:
         self.cancel()
         try:
             async with asyncio.timeout(STOP_GRACE):
-                while (await self._next()).get("op") != "done":
+                while not isinstance(await self._next(), Done):
                     pass
         except (InferenceError, InferenceCrashed):
             pass  # it ended with an error (in step again) or died
@@ -210,7 +247,7 @@ class InferenceProcess:
 
     def cancel(self) -> None:
         if self._dead is None and self._writer is not None and not self._writer.is_closing():
-            self._writer.write(encode_frame({"op": "cancel"}))
+            self._writer.write(encode_frame(to_wire(Cancel())))
 
     async def close(self) -> None:
         """Ask the child to exit; kill it if it does not within 3 s."""
@@ -218,7 +255,7 @@ class InferenceProcess:
             return
         if self.proc.returncode is None:
             with contextlib.suppress(Exception):
-                self._send("exit")
+                self._send(Exit())
             try:
                 await within(self.proc.wait(), 3)
             except TimeoutError:

@@ -10,9 +10,8 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from corral.engine.ggml.devices import pick_worker_devices
+from corral.engine.ggml.devices import GgmlDevice, pick_worker_devices
 from corral.engine.ggml.kernelcheck import is_extra_buffer
 from corral.engine.model.spec import ModelSpec
 from corral.engine.planner.plan import (
@@ -26,6 +25,8 @@ from corral.engine.planner.plan import (
 )
 from corral.engine.protocol import DeviceInfo, Inventory
 
+from .childproto import DryRunReport
+
 _RPC_BUFFER = re.compile(r"RPC(\d+)\[(.+)\]$")
 
 
@@ -36,20 +37,16 @@ def served_devices(inv: Inventory) -> list[DeviceInfo]:
     return [by_name.get(n, DeviceInfo(name=n)) for n in names]
 
 
-def local_gpus(local: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def local_gpus(local: Sequence[GgmlDevice]) -> list[GgmlDevice]:
     """The desktop's own GPUs among the devices its inference child listed."""
-    return [
-        d
-        for d in local
-        if d.get("type") in ("gpu", "igpu") and not str(d.get("name", "")).startswith("RPC")
-    ]
+    return [d for d in local if d.type in ("gpu", "igpu") and not d.name.startswith("RPC")]
 
 
 def devices_from_agents(
     names: Sequence[str],
     inventories: Sequence[Inventory],
     endpoints: Sequence[str],
-    local: Sequence[Mapping[str, Any]] = (),
+    local: Sequence[GgmlDevice] = (),
 ) -> list[Device]:
     """Devices in llama.cpp's order: each agent's worker devices (RPC0, RPC1, ... across
     agents, in registration order), then the desktop's own GPUs."""
@@ -58,9 +55,7 @@ def devices_from_agents(
         for d in served_devices(inv):
             out.append(Device(f"RPC{len(out)}", name, endpoint, d.memory_free, d.memory_total))
     for d in local_gpus(local):
-        out.append(
-            Device(str(d["name"]), "local", "", int(d["memory_free"]), int(d["memory_total"]))
-        )
+        out.append(Device(d.name, "local", "", d.memory_free, d.memory_total))
     return out
 
 
@@ -106,30 +101,28 @@ def overcounted_devices(plan: Plan) -> list[int]:
     return order[1:]
 
 
-def spec_after_dry_run(spec: ModelSpec, dry: Mapping[str, Any]) -> ModelSpec:
+def spec_after_dry_run(spec: ModelSpec, dry: DryRunReport) -> ModelSpec:
     """The spec with llama.cpp's own sliding-window layers and window, as its dry run
     logged them (the architecture table in engine.model.spec may not know this one)."""
-    swa = {int(il) for il in dry.get("swa_layers") or ()}
-    n_swa = int(dry.get("n_swa") or 0) if swa else 0
+    swa = set(dry.swa_layers)
+    n_swa = dry.n_swa if swa else 0
     if swa == {layer.index for layer in spec.layers if layer.is_swa} and n_swa == spec.n_swa:
         return spec
     layers = tuple(dataclasses.replace(layer, is_swa=layer.index in swa) for layer in spec.layers)
     return dataclasses.replace(spec, layers=layers, swa=bool(swa), n_swa=n_swa)
 
 
-def exact_plan(plan: Plan, spec: ModelSpec, dry: Mapping[str, Any]) -> Plan:
+def exact_plan(plan: Plan, spec: ModelSpec, dry: DryRunReport) -> Plan:
     """The plan for `spec` (spec_after_dry_run's) with the compute buffers from llama.cpp's
     dry run, less its overcount."""
     fresh = estimate(spec, plan.devices, plan.settings, plan.strategy, plan.tensor_split)
     plan = dataclasses.replace(plan, usage=fresh.usage, host=fresh.host)
-    usage, host = usage_from_buffers(
-        {"compute": dry.get("buffers", {}).get("compute", {})}, plan.devices
-    )
+    usage, host = usage_from_buffers({"compute": dry.log.buffers.get("compute", {})}, plan.devices)
     compute = [u.compute for u in usage]
     for dev in overcounted_devices(plan):
         compute[dev] = max(0, compute[dev] - 16 * spec.n_embd * plan.settings.n_ubatch)
     # the extra CPU buffers the child will use (the self-test's factors; none when off)
-    factors = {int(t): float(f) for t, f in dry.get("cpu_extra") or ()}
+    factors = dict(dry.cpu_extra)
     extra = host_extra_bytes(spec, plan.layer_device, factors)
     return apply_dry_run(plan, compute, host.compute, extra)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from corral.engine.aio import within
 
+from .childproto import Done, Token
 from .errors import RuntimeFailure
 from .session import ChatSession
 
@@ -190,11 +191,13 @@ class ApiServer:
             if req.get("stream"):
                 await self._stream(chat, sampling, writer, ident, created)
             else:
-                done: dict[str, Any] = {}
+                done: Done | None = None
                 async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
                     async for frame in frames:
-                        if frame["op"] == "done":
+                        if isinstance(frame, Done):
                             done = frame
+                if done is None:  # generate() ends with Done or raises: never here
+                    raise RuntimeError("the reply ended without its Done")
                 await self._json(
                     writer,
                     200,
@@ -206,14 +209,14 @@ class ApiServer:
                         "choices": [
                             {
                                 "index": 0,
-                                "finish_reason": _finish(done["stop"]),
-                                "message": {"role": "assistant", "content": done["content"]},
+                                "finish_reason": _finish(done.stop),
+                                "message": {"role": "assistant", "content": done.content},
                             }
                         ],
                         "usage": {
-                            "prompt_tokens": done["prompt_tokens"],
-                            "completion_tokens": done["n_tokens"],
-                            "total_tokens": done["prompt_tokens"] + done["n_tokens"],
+                            "prompt_tokens": done.prompt_tokens,
+                            "completion_tokens": done.n_tokens,
+                            "total_tokens": done.prompt_tokens + done.n_tokens,
                         },
                     },
                 )
@@ -246,11 +249,11 @@ class ApiServer:
         # closed on the way out: a client that hangs up has the rest of its reply stopped
         async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
             async for frame in frames:
-                if frame["op"] == "token":
-                    writer.write(chunk({"content": frame["text"]}))
+                if isinstance(frame, Token):
+                    writer.write(chunk({"content": frame.text}))
                     await writer.drain()
-                elif frame["op"] == "done":
-                    stop = _finish(frame["stop"])
+                elif isinstance(frame, Done):
+                    stop = _finish(frame.stop)
         writer.write(chunk({}, stop) + b"data: [DONE]\n\n")
         await writer.drain()
 

@@ -13,12 +13,13 @@ import dataclasses
 import gc
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corral.engine.aio import within
+from corral.engine.ggml.devices import GgmlDevice
 from corral.engine.ggml.kernelcheck import crash_hint, is_extra_buffer, known_extra_factors
 from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
@@ -31,6 +32,7 @@ from corral.engine.planner.plan import (
     Settings,
     host_extra_bytes,
     make_plan,
+    pad_ctx,
     what_fits,
 )
 from corral.engine.planner.validate import (
@@ -48,6 +50,7 @@ from corral.engine.protocol import AgentEvent, CapabilityQuestion, Inventory, Wo
 from corral.engine.security.tunnel import TUNNEL_HOST, DesktopTunnel
 
 from .agent_client import AgentClient
+from .childproto import Done, Event, Generate, Loaded, LoadParams
 from .errors import (
     AgentUnreachable,
     InferenceCrashed,
@@ -99,18 +102,26 @@ class LoadSettings:
             swa_full=self.swa_full,
         )
 
-    def child_params(self) -> dict[str, Any]:
-        return {
-            "model": str(self.model),
-            "n_ctx": self.n_ctx,
-            "n_batch": self.n_batch,
-            "n_ubatch": self.n_ubatch,
-            "type_k": self.type_k,
-            "type_v": self.type_v,
-            "flash_attn": self.flash_attn,
-            "swa_full": self.swa_full,
-            "n_threads": self.n_threads,
-        }
+    def load_params(
+        self, rpc: Sequence[str] = (), tensor_split: Sequence[float] = ()
+    ) -> LoadParams:
+        """What the inference child loads (or dry-runs) with: these settings, the workers'
+        endpoints in registration order and the plan's tensor_split (empty: llama.cpp's
+        own). The context is padded here, once (plan.pad_ctx)."""
+        return LoadParams(
+            model=str(self.model),
+            rpc=tuple(rpc),
+            n_ctx=pad_ctx(self.n_ctx),
+            n_batch=self.n_batch,
+            n_ubatch=self.n_ubatch,
+            n_threads=self.n_threads,
+            n_gpu_layers=-1,  # every layer on a device: the plan decides which
+            tensor_split=tuple(tensor_split),
+            type_k=self.type_k,
+            type_v=self.type_v,
+            flash_attn=self.flash_attn,
+            swa_full=self.swa_full,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +192,7 @@ class ChatSession:
         self.workers: list[WorkerState] = []
         self.result: LoadResult | None = None
         self._events: list[tuple[float, AgentClient, AgentEvent]] = []
-        self.local_devices: list[dict[str, Any]] = []
+        self.local_devices: list[GgmlDevice] = []
         self.inventories: list[Inventory] = []
         self.warnings: tuple[str, ...] = ()
         self.verdicts: list[Verdict] = []
@@ -217,14 +228,14 @@ class ChatSession:
         except BaseException:
             child_start.cancel()
             raise
-        self.local_devices = list(ready.get("devices", []))
-        build = ready.get("build", {})
+        self.local_devices = list(ready.devices)
+        build = ready.build
         self.desktop_build = BuildFacts(
             "this desktop",
-            str(build.get("llama_cpp_python", "")),
-            str(build.get("ggml_commit", "")),
-            str(build.get("rpc_proto", "")),
-            str(build.get("system_info", "")),
+            build.llama_cpp_python,
+            build.ggml_commit,
+            build.rpc_proto,
+            build.system_info,
         )
         # before any worker starts, so a mismatched build is never asked to connect
         mismatched = check_builds(
@@ -266,15 +277,8 @@ class ChatSession:
                     )
                 )
         for d in local_gpus(self.local_devices):
-            name = str(d["name"])
             jobs.append(
-                (
-                    "this desktop",
-                    name,
-                    str(d.get("backend", "")),
-                    "",
-                    self.child.capabilities(name, asked),
-                )
+                ("this desktop", d.name, d.backend, "", self.child.capabilities(d.name, list(wire)))
             )
         answers = await asyncio.gather(*(j[4] for j in jobs))
         facts = []
@@ -326,12 +330,8 @@ class ChatSession:
         ]
         if errors(self.verdicts):
             return analytic, analytic
-        dry = await self.child.dry_run(
-            rpc=self.endpoints,
-            tensor_split=list(analytic.tensor_split) or None,
-            **settings.child_params(),
-        )
-        wrong = layer_map_matches(analytic, dry.get("layers", {}))
+        dry = await self.child.dry_run(settings.load_params(self.endpoints, analytic.tensor_split))
+        wrong = layer_map_matches(analytic, dry.log.layers)
         if wrong:  # the planner and llama.cpp disagree: trust llama.cpp, say so loudly
             self._warn("plan differs from llama.cpp: " + "; ".join(wrong[:3]))
         spec = self.spec = spec_after_dry_run(spec, dry)
@@ -399,26 +399,22 @@ class ChatSession:
         self._warn(*(str(v) for v in self.verdicts))
         try:
             loaded = await self.child.load(
-                on_progress=on_progress,
-                rpc=self.endpoints,
-                tensor_split=list(exact.tensor_split) or None,
-                **settings.child_params(),
+                settings.load_params(self.endpoints, exact.tensor_split), on_progress
             )
         except InferenceCrashed as crash:  # a worker or agent died while tensors went out
             raise await self.explain(crash) from None
-        kernels = loaded.get("cpu_kernels") or {}
-        degraded = f"CPU kernels: {kernels.get('summary')}; `corral doctor` says more"
-        if kernels.get("degraded"):
-            self._warn(degraded)
+        kernels = loaded.cpu_kernels
+        if kernels.degraded:
+            self._warn(f"CPU kernels: {kernels.summary}; `corral doctor` says more")
         result = self._placements(loaded, self.warnings)
         self.result = dataclasses.replace(
             result,
             plan=exact,
             analytic=analytic,
-            comparison=compare(exact, loaded.get("buffers", {})),
-            cpu_kernels=str(kernels.get("summary", "")),
+            comparison=compare(exact, loaded.log.buffers),
+            cpu_kernels=kernels.summary,
             cpu_buffers=tuple(
-                name for name in loaded.get("buffers", {}).get("model", {}) if is_extra_buffer(name)
+                name for name in loaded.log.buffers.get("model", {}) if is_extra_buffer(name)
             ),
         )
         return self.result
@@ -469,15 +465,15 @@ class ChatSession:
 
         await asyncio.gather(*(one(c, e) for c, e in zip(self.clients, endpoints, strict=True)))
 
-    def _placements(self, loaded: dict[str, Any], warnings: tuple[str, ...]) -> LoadResult:
+    def _placements(self, loaded: Loaded, warnings: tuple[str, ...]) -> LoadResult:
         by_endpoint = {w.endpoint: c.name for c, w in zip(self.clients, self.workers, strict=True)}
         layers: dict[str, list[int]] = {}
-        for layer, dev in loaded.get("layers", {}).items():
+        for layer, dev in loaded.log.layers.items():
             layers.setdefault(dev, []).append(int(layer))
         placements = []
-        for d in loaded.get("devices", []):
-            name = d["name"]
-            endpoint = d["description"] if name.startswith("RPC") else ""
+        for d in loaded.log.devices:
+            name = d.name
+            endpoint = d.description if name.startswith("RPC") else ""
             host = by_endpoint.get(endpoint, endpoint) if endpoint else "local"
             if name in layers or endpoint:
                 placements.append(
@@ -487,40 +483,27 @@ class ChatSession:
             placements.append(DevicePlacement(name, "local", "", tuple(sorted(ls))))
         return LoadResult(
             placements=tuple(placements),
-            n_layer=int(loaded.get("n_layer", 0)),
-            n_ctx=int(loaded.get("n_ctx", 0)),
-            load_s=float(loaded.get("load_s", 0.0)),
+            n_layer=loaded.n_layer,
+            n_ctx=loaded.log.n_ctx,
+            load_s=loaded.load_s,
             warnings=warnings,
         )
 
     # ------------------------------------------------------------------ chat
 
     async def ask(
-        self,
-        text: str,
-        *,
-        max_tokens: int = 256,
-        temp: float = 0.0,
-        seed: int = -1,
-        ignore_eos: bool = False,
-        system: str = "",
-        n_keep: int = -1,
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        """Stream the reply to a user message; the exchange joins the history when done."""
+        self, text: str, *, system: str = "", **sampling: Any
+    ) -> AsyncGenerator[Event, None]:
+        """Stream the reply to a user message; the exchange joins the history when done.
+        `sampling`: childproto.Generate's fields (max_tokens, temp, seed, ...), whose
+        defaults are the only ones."""
         if system and not self.history:
             self.history = [{"role": "system", "content": system}]
         messages = [*self.history, {"role": "user", "content": text}]
-        sampling = {
-            "max_tokens": max_tokens,
-            "temp": temp,
-            "seed": seed,
-            "ignore_eos": ignore_eos,
-            "n_keep": n_keep,
-        }
         async with contextlib.aclosing(self.complete(messages, **sampling)) as frames:
             async for frame in frames:
-                if frame["op"] == "done":
-                    self.history = [*messages, {"role": "assistant", "content": frame["content"]}]
+                if isinstance(frame, Done):
+                    self.history = [*messages, {"role": "assistant", "content": frame.content}]
                 yield frame
 
     def take_back(self) -> str:
@@ -532,16 +515,15 @@ class ChatSession:
         return last_user["content"]
 
     async def complete(
-        self, messages: list[dict[str, str]], **sampling: Any
-    ) -> AsyncGenerator[dict[str, Any], None]:
+        self, messages: Sequence[Mapping[str, str]], **sampling: Any
+    ) -> AsyncGenerator[Event, None]:
         """Stream a reply to these messages (the history is the caller's: the HTTP API).
         A consumer that may leave early closes it (`contextlib.aclosing`): the rest of the
         reply is then stopped before the next one starts."""
+        request = Generate.chat(messages, **sampling)
         self._replying = True
         try:
-            async with contextlib.aclosing(
-                self.child.generate(messages=messages, **sampling)
-            ) as frames:
+            async with contextlib.aclosing(self.child.generate(request)) as frames:
                 async for frame in frames:
                     yield frame
         except InferenceCrashed as crash:

@@ -34,6 +34,7 @@ from corral.engine.ggml.kernelcheck import (
 )
 from corral.engine.ggml.quantize import quantize
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
+from corral.engine.runtime.childproto import Token
 from tests.conftest import corral
 from tests.support.builds import with_own_cxx_runtime
 
@@ -246,7 +247,7 @@ def test_a_native_crash_of_the_inference_process_points_at_the_doctor(q4_0_model
             assert session.child.proc is not None
             try:
                 async for frame in session.ask("hello", max_tokens=1000, ignore_eos=True):
-                    if frame["op"] == "token":
+                    if isinstance(frame, Token):
                         os.kill(session.child.proc.pid, signal.SIGSEGV)
             except InferenceCrashed as crash:
                 return str(crash)

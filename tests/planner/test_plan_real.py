@@ -14,6 +14,7 @@ from corral.engine.ggml.quantize import quantize
 from corral.engine.model.spec import ModelSpec
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from corral.engine.planner.plan import MiB
+from corral.engine.runtime.childproto import Done, Generate, Token
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.planning import layer_map_matches
 from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
@@ -195,12 +196,12 @@ def test_a_windowed_cache_reads_a_chat_edited_behind_the_window_again(gemma3_swa
     async def reply(session: ChatSession, text: str) -> tuple[str, int]:
         out, cached = [], -1
         async for frame in session.child.generate(
-            messages=[{"role": "user", "content": text}], max_tokens=12, temp=0.0
+            Generate.chat([{"role": "user", "content": text}], max_tokens=12, temp=0.0)
         ):
-            if frame["op"] == "token":
-                out.append(frame["text"])
-            elif frame["op"] == "done":
-                cached = int(frame["cached_tokens"])
+            if isinstance(frame, Token):
+                out.append(frame.text)
+            elif isinstance(frame, Done):
+                cached = int(frame.cached_tokens)
         return "".join(out), cached
 
     # the first chat runs past the cache's 768 cells (its oldest cells are evicted); the

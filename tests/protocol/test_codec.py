@@ -23,7 +23,7 @@ from corral.engine.protocol import (
     read_frame,
     to_wire,
 )
-from corral.engine.protocol.messages import _REGISTRY
+from corral.engine.protocol.messages import CONTROL_MESSAGES
 
 
 def _decode_one(data: bytes) -> object:
@@ -74,8 +74,8 @@ def test_malformed_messages_are_rejected(wire: object) -> None:
 
 
 def test_registry_numbers_are_unique_and_stable() -> None:
-    assert len(set(_REGISTRY)) == len(_REGISTRY)
-    assert _REGISTRY[1] is Hello  # never renumber
+    assert len(set(CONTROL_MESSAGES.types)) == len(CONTROL_MESSAGES.types)
+    assert CONTROL_MESSAGES.types[1] is Hello  # never renumber
 
 
 def test_oversize_length_is_refused_before_reading_the_body() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.engine.runtime.childproto import Done, Token
 from corral.engine.runtime.errors import InferenceCrashed
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
@@ -23,7 +24,7 @@ async def kill_agent_mid_reply(session: ChatSession, victim_pid: int, victim: st
         async for frame in session.ask(
             "Count from one to one thousand.", max_tokens=3000, ignore_eos=True
         ):
-            if frame["op"] == "token" and not killed:
+            if isinstance(frame, Token) and not killed:
                 os.kill(victim_pid, signal.SIGKILL)
                 killed = time.monotonic()
     took = time.monotonic() - killed
@@ -49,7 +50,7 @@ def test_agent_killed_then_reload_on_the_rest(smollm2: Path) -> None:
                 assert len(hosts) == 1 and stays.addresses[0] in next(iter(hosts))
                 async for frame in session.ask("And now?", max_tokens=4):
                     last = frame
-                assert last["op"] == "done" and last["cached_tokens"] == 0
+                assert isinstance(last, Done) and last.cached_tokens == 0
                 assert len(session.history) == 4
             finally:
                 await session.close()

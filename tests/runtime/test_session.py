@@ -13,6 +13,7 @@ from pathlib import Path
 
 from corral.engine.protocol import AgentEvent
 from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.childproto import Done, Token
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
 
@@ -27,18 +28,18 @@ def test_cancel_stops_a_reply_and_the_session_goes_on(smollm2: Path) -> None:
             async for frame in session.ask(
                 "Count to one thousand.", max_tokens=900, ignore_eos=True
             ):
-                if frame["op"] == "token":
+                if isinstance(frame, Token):
                     seen += 1
                     if seen == 3:
                         session.cancel()
                 else:
                     stops.append(frame)
-            assert stops[-1]["stop"] == "cancelled" and stops[-1]["n_tokens"] < 900
+            assert stops[-1].stop == "cancelled" and stops[-1].n_tokens < 900
             # the next turn still works and reuses the cached prefix of the conversation
             async for frame in session.ask("Thanks!", max_tokens=4):
-                if frame["op"] == "done":
-                    assert frame["cached_tokens"] > 10
-                    assert frame["kv_used"] == frame["prompt_tokens"] + frame["n_tokens"]
+                if isinstance(frame, Done):
+                    assert frame.cached_tokens > 10
+                    assert frame.kv_used == frame.prompt_tokens + frame.n_tokens
             assert [m["role"] for m in session.history] == ["user", "assistant"] * 2
         finally:
             await session.close()
@@ -52,17 +53,17 @@ def test_a_full_context_shifts_or_stops_cleanly(smollm2: Path) -> None:
         await session.open(LoadSettings(model=smollm2, n_ctx=256))
         try:
             async for frame in session.ask("Go on forever.", max_tokens=600, ignore_eos=True):
-                if frame["op"] == "done":
-                    assert frame["stop"] == "length" and frame["shifts"] >= 2
-                    assert frame["kv_used"] <= 256
+                if isinstance(frame, Done):
+                    assert frame.stop == "length" and frame.shifts >= 2
+                    assert frame.kv_used <= 256
             # keeping everything leaves nothing to drop: the reply stops at the limit
             session.history = []
             async for frame in session.ask(
                 "Go on forever.", max_tokens=600, ignore_eos=True, n_keep=10_000
             ):
-                if frame["op"] == "done":
-                    assert frame["stop"] == "context_full"
-                    assert frame["kv_used"] == 256
+                if isinstance(frame, Done):
+                    assert frame.stop == "context_full"
+                    assert frame.kv_used == 256
         finally:
             await session.close()
 

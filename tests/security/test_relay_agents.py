@@ -19,6 +19,7 @@ from corral.engine.ggml.probe import RpcProbeError
 from corral.engine.model import default_model_path
 from corral.engine.protocol import messages
 from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.childproto import Done, Generate
 from corral.engine.runtime.inference import InferenceProcess
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import LoadSettings
@@ -86,8 +87,9 @@ def test_a_tunnel_takes_the_native_relay_only_when_both_ends_have_it(
 def test_a_desktop_of_protocol_2_0_still_opens_tunnels(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 2.0 desktop offers no relay share and does not know TunnelOpen (type 25): the agent
     must answer it with OkReply, as 2.0 agents did, and carry TLS records."""
+    known = messages.CONTROL_MESSAGES.types
     monkeypatch.setattr(
-        messages, "_REGISTRY", {k: v for k, v in messages._REGISTRY.items() if k != 25}
+        messages.CONTROL_MESSAGES, "types", {k: v for k, v in known.items() if k != 25}
     )
     monkeypatch.setattr(tunnel_mod, "relay_share", lambda: b"")
     with LocalAgents(1) as agents:
@@ -182,15 +184,12 @@ def test_the_agent_connection_ends_in_the_processes_that_speak_ggml_rpc(
             await child.start()
             try:
                 settings = LoadSettings(model=default_model_path(), n_ctx=256, n_threads=1)
-                loaded = await child.load(
-                    rpc=[tunnel.endpoint], tensor_split=None, **settings.child_params()
-                )
-                assert loaded.get("op") == "loaded", loaded
+                await child.load(settings.load_params([tunnel.endpoint]))
                 async for frame in child.generate(
-                    messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temp=0.0
+                    Generate.chat([{"role": "user", "content": "Hi"}], max_tokens=4, temp=0.0)
                 ):
-                    if frame["op"] == "done":
-                        assert frame["n_tokens"] == 4
+                    if isinstance(frame, Done):
+                        assert frame.n_tokens == 4
                 assert child.proc is not None
                 held = _tcp_ports(child.proc.pid), _tcp_ports(_worker_pid(agents, 0))
                 return held[0], held[1], tunnel.mode, tunnel.last_error

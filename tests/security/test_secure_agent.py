@@ -31,6 +31,7 @@ from corral.engine.protocol import (
     to_wire,
 )
 from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.childproto import Done
 from corral.engine.runtime.errors import AgentRequestFailed, NotPaired, PairingFailed
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.security.desktop import DesktopKeys
@@ -278,6 +279,7 @@ def test_an_agent_side_unpair_ends_the_desktops_session(tmp_path: Path) -> None:
 _HOLDER = r"""
 import asyncio, sys
 from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.childproto import Done
 async def main():
     client = AgentClient(sys.argv[1])
     await client.connect()
@@ -451,7 +453,7 @@ def test_direct_rpc_needs_the_desktop_to_opt_in_too(
         try:
             await session.open(LoadSettings(model=smollm2, n_ctx=512))
             reply = [f async for f in session.ask("Hi", max_tokens=2)]
-            assert reply[-1]["op"] == "done"
+            assert isinstance(reply[-1], Done)
             return list(session.tunnels), session.warnings, [w.endpoint for w in session.workers]
         finally:
             await session.close(stop_workers=True)

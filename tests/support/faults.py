@@ -25,6 +25,7 @@ from typing import Any
 
 from corral.engine.model import default_model_path
 from corral.engine.runtime import history
+from corral.engine.runtime.childproto import Done, Token
 from corral.engine.runtime.errors import RuntimeFailure
 from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
@@ -72,9 +73,9 @@ async def answer(session: ChatSession, text: str = "Hello!", tokens: int = 4) ->
     last: dict[str, Any] = {}
     async for frame in session.ask(text, max_tokens=tokens):
         last = frame
-    if last.get("op") != "done":
+    if not isinstance(last, Done):
         raise TrialFailed(f"no answer: last frame {last}")
-    return str(last["content"])
+    return str(last.content)
 
 
 async def fail_while_generating(
@@ -84,7 +85,7 @@ async def fail_while_generating(
     at = 0.0
     try:
         async for frame in session.ask(LONG_PROMPT, max_tokens=3000, ignore_eos=True):
-            if frame["op"] == "token" and not at:
+            if isinstance(frame, Token) and not at:
                 fault()
                 at = time.monotonic()
     except RuntimeFailure as exc:
@@ -566,7 +567,7 @@ def flood(
                     async for frame in session.ask(
                         "Tell me a story.", max_tokens=48, ignore_eos=True
                     ):
-                        n += frame["op"] == "token"
+                        n += isinstance(frame, Token)
                     session.history = []
                     rates[phase["name"]].append(n / (time.monotonic() - t))
             except Exception as exc:
@@ -678,7 +679,7 @@ async def soak(
                 last_restart = time.monotonic()
             try:
                 async for frame in session.ask("Tell me about the sea.", max_tokens=64):
-                    out["tokens"] += frame["op"] == "token"
+                    out["tokens"] += isinstance(frame, Token)
                 out["replies"] += 1
                 since_restart += 1
             except RuntimeFailure as exc:

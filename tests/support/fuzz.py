@@ -42,7 +42,7 @@ from corral.engine.agent.config import ConfigError, parse_config
 from corral.engine.model.spec import ModelError, read_model_spec
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from corral.engine.protocol import FrameDecoder, ProtocolError, encode_frame, read_frame
-from corral.engine.protocol.messages import _REGISTRY, from_wire, to_wire
+from corral.engine.protocol.messages import CONTROL_MESSAGES, from_wire, to_wire
 from corral.engine.runtime import history
 from corral.engine.runtime.agent_client import parse_address
 from corral.engine.runtime.history import HistoryError
@@ -183,7 +183,7 @@ def _message_shapes() -> st.SearchStrategy[Any]:
     """Anything, and the right type number with its own field names holding random values."""
 
     def typed(number: int) -> st.SearchStrategy[Any]:
-        cls = _REGISTRY[number]
+        cls = CONTROL_MESSAGES.types[number]
         names = [f.name for f in dataclasses.fields(cls)]
         fields = st.dictionaries(st.sampled_from(names) | st.text(max_size=8), values, max_size=12)
         return st.tuples(st.just(number), fields).map(list)
@@ -191,7 +191,7 @@ def _message_shapes() -> st.SearchStrategy[Any]:
     def valid(number: int) -> st.SearchStrategy[Any]:
         """A real message of this type (hypothesis fills the fields from the type hints),
         sometimes with one field replaced by any value."""
-        cls = _REGISTRY[number]
+        cls = CONTROL_MESSAGES.types[number]
         names = [f.name for f in dataclasses.fields(cls)]
         real = st.builds(cls).map(to_wire)
         if not names:
@@ -200,7 +200,7 @@ def _message_shapes() -> st.SearchStrategy[Any]:
             lambda t: t[0] if t[2] is None else [t[0][0], {**t[0][1], t[1]: t[2]}]
         )
 
-    numbers = st.sampled_from(sorted(_REGISTRY))
+    numbers = st.sampled_from(sorted(CONTROL_MESSAGES.types))
     return values | numbers.flatmap(typed) | numbers.flatmap(valid)
 
 

@@ -1,0 +1,242 @@
+"""The inference child's messages: what the desktop and its llama.cpp process say.
+
+Frozen dataclasses in a numbered registry, on the wire as the control protocol's messages
+are (``[type, {fields}]`` in msgpack frames over a socketpair), validated on decode: a
+field of the wrong type is a ProtocolError on the side that reads it, never a KeyError deep
+in a handler.
+
+    desktop → child   Load · DryRun · Capabilities · Generate · Cancel · Exit
+    child → desktop   Ready · Progress · Loaded · DryRunReport · Answers · Tokens · Shift ·
+                      Done · Failed
+
+Every request gets exactly one final reply: Load → Progress* then Loaded; DryRun →
+DryRunReport; Capabilities → Answers; Generate → (Tokens | Shift)* then Done; any of them →
+Failed instead. Cancel ends a Generate early (its Done says "cancelled"); Exit ends the
+child. Defaults live in one place: `engine.runtime.session.LoadSettings` makes LoadParams,
+whose fields the child takes as they are (n_ctx already padded to 256).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from corral.engine.ggml.buildinfo import BuildInfo
+from corral.engine.ggml.devices import GgmlDevice
+from corral.engine.ggml.kernelcheck import CpuKernels
+from corral.engine.protocol.messages import CapabilityQuestion, Message, Registry
+
+CHILD_MESSAGES = Registry("inference child")
+_register = CHILD_MESSAGES.register
+
+
+# ----------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class LoadParams:
+    """Everything llama.cpp needs to load (or dry-run) a model; no defaults here."""
+
+    model: str
+    rpc: tuple[str, ...]  # endpoints, registered in this order (RPC0, RPC1, ...)
+    n_ctx: int  # padded to a multiple of 256 (planner.plan.pad_ctx)
+    n_batch: int
+    n_ubatch: int
+    n_threads: int  # 0: one per core
+    n_gpu_layers: int
+    tensor_split: tuple[float, ...]  # empty: llama.cpp's own (by free memory)
+    type_k: str
+    type_v: str
+    flash_attn: bool
+    swa_full: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadLog:
+    """What llama.cpp logged while loading: the devices, layer → device name, and MiB per
+    buffer kind (model, KV, compute, output) per buffer name."""
+
+    devices: tuple[GgmlDevice, ...]
+    layers: dict[str, str]
+    buffers: dict[str, dict[str, float]]
+    n_ctx: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenItem:
+    text: str
+    id: int
+    kv_used: int  # cells of the KV cache in use after this token
+
+
+# ----------------------------------------------------------------- desktop → child
+
+
+@_register(1)
+@dataclass(frozen=True, slots=True)
+class Load(Message):
+    params: LoadParams
+
+
+@_register(2)
+@dataclass(frozen=True, slots=True)
+class DryRun(Message):
+    """llama.cpp's own allocation, simulated (no_alloc): nothing is allocated anywhere."""
+
+    params: LoadParams
+
+
+@_register(3)
+@dataclass(frozen=True, slots=True)
+class Capabilities(Message):
+    """Ask one of the desktop's own devices (engine.ggml.capabilities)."""
+
+    device: str
+    questions: tuple[CapabilityQuestion, ...]
+
+
+@_register(4)
+@dataclass(frozen=True, slots=True)
+class Generate(Message):
+    """A reply to `messages` (through the model's chat template), or to a raw `prompt`."""
+
+    messages: tuple[ChatTurn, ...] = ()
+    prompt: str | None = None
+    max_tokens: int = 256
+    temp: float = 0.0  # 0: greedy
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int = -1  # -1: random
+    ignore_eos: bool = False  # fixed-length runs for benchmarks
+    n_keep: int = -1  # tokens a context shift keeps; -1: the system prompt
+
+    @classmethod
+    def chat(cls, messages: Sequence[Mapping[str, str]], **sampling: Any) -> Generate:
+        """A request for a reply to OpenAI-style {role, content} messages."""
+        turns = tuple(ChatTurn(str(m["role"]), str(m["content"])) for m in messages)
+        return cls(messages=turns, **sampling)
+
+
+@_register(5)
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    pass
+
+
+@_register(6)
+@dataclass(frozen=True, slots=True)
+class Exit(Message):
+    pass
+
+
+# ----------------------------------------------------------------- child → desktop
+
+
+@_register(20)
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    build: BuildInfo
+    pid: int
+    devices: tuple[GgmlDevice, ...]  # the desktop's own, before any RPC endpoint is added
+
+
+@_register(21)
+@dataclass(frozen=True, slots=True)
+class Progress(Message):
+    fraction: float
+
+
+@_register(22)
+@dataclass(frozen=True, slots=True)
+class Loaded(Message):
+    log: LoadLog
+    n_layer: int
+    n_vocab: int
+    load_s: float
+    cpu_kernels: CpuKernels
+
+
+@_register(23)
+@dataclass(frozen=True, slots=True)
+class DryRunReport(Message):
+    log: LoadLog
+    swa_layers: tuple[int, ...]  # the layers llama.cpp runs with the sliding window
+    n_swa: int
+    # no_alloc logs the extra CPU buffers as empty: (ggml type, bytes per byte moved)
+    cpu_extra: tuple[tuple[int, float], ...]
+
+
+@_register(24)
+@dataclass(frozen=True, slots=True)
+class Answers(Message):
+    answers: tuple[bool, ...]
+
+
+@_register(25)
+@dataclass(frozen=True, slots=True)
+class Tokens(Message):
+    """Tokens in a batch of at most ~30 ms (a frame per token costs the compute threads)."""
+
+    items: tuple[TokenItem, ...]
+    n_ctx: int
+
+
+@_register(26)
+@dataclass(frozen=True, slots=True)
+class Shift(Message):
+    """A context shift: n_discard cells after the first n_keep were dropped."""
+
+    n_keep: int
+    n_discard: int
+    shifts: int  # since the model was loaded
+    kv_used: int
+    n_ctx: int
+
+
+@_register(27)
+@dataclass(frozen=True, slots=True)
+class Done(Message):
+    content: str
+    stop: str  # eos | length | cancelled | context_full
+    n_tokens: int
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens reused from the cache
+    shifts: int
+    n_keep: int
+    kv_head: tuple[int, ...]  # the kept prefix's tokens
+    kv_pos_min: int
+    kv_used: int
+    n_ctx: int
+    prompt_s: float
+    gen_s: float
+
+
+@_register(28)
+@dataclass(frozen=True, slots=True)
+class Failed(Message):
+    """The request failed; the child lives on (a crash closes the channel instead)."""
+
+    message: str
+
+
+# ----------------------------------------------------------------- what generate() yields
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One generated token, as InferenceProcess.generate yields it."""
+
+    text: str
+    id: int
+    kv_used: int
+    n_ctx: int
+
+
+Event = Token | Shift | Done
