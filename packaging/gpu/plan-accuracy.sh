@@ -15,4 +15,4 @@ detached planacc_fam "python3 bench/plan_accuracy.py --families --splits local,e
 wait_for planacc_fam
 cp /tmp/PLANNER-results-h200-*.md /tmp/planacc_*.log "$OUT"/ 2>/dev/null
 head -8 /tmp/PLANNER-results-h200-*.md 2>/dev/null
-tail -3 /tmp/planacc_*.log
+for f in /tmp/planacc_*.log; do tail -n 3 "$f"; done

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from corral.engine.ggml.quantize import quantize
+from corral.engine.localagents import LocalAgents
 from corral.engine.model.spec import ModelSpec
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from corral.engine.planner.plan import MiB
 from corral.engine.runtime.childproto import Done, Generate, Token
-from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.planning import layer_map_matches
 from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
 from tests.conftest import corral
@@ -269,3 +269,17 @@ def test_other_head_dims_and_a_large_vocabulary_are_planned_exactly(
     _load_within_tolerance(
         two_agents.addresses if split else [], LoadSettings(model=model, n_ctx=1024)
     )
+
+
+def test_a_device_holding_only_the_output_layer_is_planned_exactly(
+    tmp_path: Path, two_agents: LocalAgents
+) -> None:
+    """llama.cpp's dry run overstates the compute buffer of every later device by
+    16 x n_embd x n_ubatch, except one that holds only the output layer: there it is
+    allocated (was planned 3.0 MiB under, on the CPU and on an H200)."""
+    shape = TinyLlama(n_layer=4, n_embd=384, n_head=4, n_head_kv=4, head_dim=96, n_ff=768)
+    model = write_tiny_llama(tmp_path / "m.gguf", dataclasses.replace(shape, dtype="f16"))
+    result, _ = _load_within_tolerance(
+        two_agents.addresses, LoadSettings(model=model, n_ctx=512, layers=(4, 1))
+    )
+    assert result.plan is not None and result.plan.layers_of(1) == [4]
