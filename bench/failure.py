@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
-from corral.engine.runtime.localagents import LocalAgents
 from tests.support.agents import inventory, start_long_chat
 
 

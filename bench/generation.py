@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.childproto import Done, Token
-from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
 
 PROMPT = "Write a long story about a lighthouse keeper."

@@ -240,9 +240,9 @@ def _placements(result: Any) -> list[str]:
 
 
 async def run(opts: argparse.Namespace) -> dict[str, Any]:
+    from corral.engine.localagents import LocalAgents
     from corral.engine.runtime.agent_client import AgentClient
     from corral.engine.runtime.inference import InferenceProcess
-    from corral.engine.runtime.localagents import LocalAgents
     from corral.engine.runtime.session import ChatSession, LoadSettings
 
     sys.path.insert(0, str(Path(__file__).parent))

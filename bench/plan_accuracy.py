@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import platformdirs
 
 from corral.engine.ggml.quantize import quantize
+from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from corral.engine.planner.plan import MiB
-from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.planning import layer_map_matches, overcounted_devices
 from corral.engine.runtime.session import ChatSession, LoadSettings
 

@@ -27,9 +27,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
 from corral.engine.procs import cap_malloc_arenas
-from corral.engine.runtime.localagents import LocalAgents
 from tests.support import faults
 from tests.support.faults import Trial
 from tests.support.netns import Lan, LanUnavailable

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.runtime.agent_client import AgentClient
-from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.security.desktop import DesktopKeys
 from tests.support.strangers import ALL_KINDS as KINDS
 from tests.support.strangers import SERVED, Crowd, attempt, paired_connects, rss_mib

@@ -35,11 +35,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.childproto import Done, Generate
 from corral.engine.runtime.inference import InferenceProcess
-from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import LoadSettings
 from corral.engine.security.tunnel import shim_env
 

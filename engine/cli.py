@@ -940,7 +940,7 @@ def _doctor(opts: argparse.Namespace) -> int:
 
 
 def _demo(opts: argparse.Namespace, out: _Out) -> int:
-    from corral.engine.runtime.localagents import LocalAgents
+    from corral.engine.localagents import LocalAgents
 
     model = _model(None)
     with LocalAgents(2) as agents:

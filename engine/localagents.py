@@ -23,11 +23,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from corral.engine.runtime.errors import RuntimeFailure
 from corral.engine.security.desktop import DesktopKeys, desktop_dir, desktop_keys
 from corral.engine.security.pairing import new_code
 from corral.engine.security.pins import PinStore
-
-from .errors import RuntimeFailure
 
 _LISTENING = re.compile(r"listening on (\S+)$")
 
@@ -98,7 +97,7 @@ class LocalAgents:
             [
                 sys.executable,
                 "-m",
-                "corral.engine.agent.main",
+                "corral.engine.agentcli",
                 "--listen",
                 listen,
                 "--state-dir",
@@ -135,9 +134,8 @@ class LocalAgents:
         raise RuntimeFailure(f"local agent {i} did not start within {self.start_timeout:.0f} s")
 
     async def _issue_code(self, i: int) -> str:
+        from corral.engine.agent.admin import ask
         from corral.engine.protocol import PairCodeRequest
-
-        from ..agent.admin import ask
 
         code = new_code()
         await ask(self.state_dir(i), PairCodeRequest(req=1, code=code))
@@ -156,7 +154,7 @@ class LocalAgents:
 
     def pair_with(self, keys: DesktopKeys) -> None:
         """Pair the desktop with `keys` with every agent (a fresh code each)."""
-        from .agent_client import AgentClient
+        from corral.engine.runtime.agent_client import AgentClient
 
         async def go() -> None:
             for i, address in enumerate(self.addresses):

@@ -29,9 +29,9 @@ from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
 
 from corral.discovery import Host, Inventoried
+from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
 from corral.engine.protocol import GpuInfo, Inventory
-from corral.engine.runtime.localagents import LocalAgents
 
 from .app import MainWindow
 

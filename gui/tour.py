@@ -15,8 +15,8 @@ from pathlib import Path
 
 from PySide6.QtWidgets import QApplication, QInputDialog
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
-from corral.engine.runtime.localagents import LocalAgents
 
 from .app import MainWindow
 

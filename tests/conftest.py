@@ -16,9 +16,9 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
-from corral.engine.runtime.localagents import LocalAgents
 
 REPO = Path(__file__).resolve().parent.parent
 

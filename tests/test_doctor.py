@@ -54,7 +54,7 @@ def corral_doctor(*args: str, env: dict[str, str] | None = None) -> dict[str, di
 
 def agent_doctor(*args: str, env: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
     done = subprocess.run(
-        [sys.executable, "-m", "corral.engine.agent.main", *args, "doctor", "--json"],
+        [sys.executable, "-m", "corral.engine.agentcli", *args, "doctor", "--json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -73,7 +73,7 @@ class Agent:
             [
                 sys.executable,
                 "-m",
-                "corral.engine.agent.main",
+                "corral.engine.agentcli",
                 "--listen",
                 listen,
                 "--state-dir",

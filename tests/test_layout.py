@@ -31,13 +31,40 @@ def test_every_package_directory_is_listed_in_pyproject() -> None:
     assert listed - _package_dirs() == set(), "listed packages without an __init__.py"
 
 
+def _module_name(path: Path) -> str:
+    """corral's dotted name for a source file under one of ROOTS."""
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = [ROOTS[rel.parts[0]], *rel.parts[1:]]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
 def _imports(path: Path) -> set[str]:
+    """Every module `path` imports, relative imports resolved to absolute names (only for
+    files under ROOTS; elsewhere a relative import is kept as written, with its dots)."""
+    inside = path.relative_to(REPO).parts[0] in ROOTS
+    package = ""
+    if inside:
+        me = _module_name(path)
+        package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module:
+                names.add(node.module)
+                continue
+            if not inside:
+                names.add("." * node.level + (node.module or ""))
+                continue
+            base = package.split(".")
+            base = base[: len(base) - (node.level - 1)]
+            if node.module:
+                names.add(".".join([*base, node.module]))
+            else:  # from . import a, b: modules (or names) of the package itself
+                names.update(".".join([*base, a.name]) for a in node.names)
     return names
 
 
@@ -87,7 +114,7 @@ def test_engine_and_discovery_import_no_qt_at_runtime() -> None:
     import sys
 
     code = (
-        "import sys, corral.engine.cli, corral.engine.agent.main, corral.discovery; "
+        "import sys, corral.engine.cli, corral.engine.agentcli, corral.discovery; "
         "bad = [m for m in sys.modules if m.startswith(('PySide6', 'llama_cpp'))]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -95,36 +122,81 @@ def test_engine_and_discovery_import_no_qt_at_runtime() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-# package → corral packages it must not import (DESIGN.md: protocol ← discovery ← runtime ← gui;
-# protocol ← discovery ← agent: the agent advertises). engine/procs.py and engine/ggml are leaves.
-_FORBIDDEN = {
-    "engine/protocol": (
-        "corral.engine.agent",
-        "corral.engine.runtime",
-        "corral.engine.ggml",
-        "corral.discovery",
-        "corral.engine.cli",
+# The layers, top to bottom: a module imports only from its own layer's package or from
+# layers below it (docs/ARCHITECTURE.md draws them). engine's loose modules (aio, procs,
+# logfile, hostmem) and corral itself are the floor.
+LAYERS: list[tuple[str, ...]] = [
+    ("corral.gui",),
+    ("corral.engine.cli", "corral.engine.agentcli"),
+    ("corral.engine.doctor", "corral.engine.localagents"),
+    ("corral.engine.runtime",),
+    ("corral.engine.agent",),
+    ("corral.engine.security", "corral.discovery", "corral.engine.planner"),
+    ("corral.engine.ggml",),
+    ("corral.engine.protocol", "corral.engine.model"),
+    (
+        "corral.engine.aio",
+        "corral.engine.procs",
+        "corral.engine.logfile",
+        "corral.engine.hostmem",
+        "corral.engine",
+        "corral",
     ),
-    "engine/ggml": (
-        "corral.engine.agent",
-        "corral.engine.runtime",
-        "corral.discovery",
-        "corral.engine.cli",
-    ),
-    "engine/agent": ("corral.engine.runtime", "corral.engine.cli"),
-    "engine/runtime": ("corral.engine.agent", "corral.engine.cli"),
-    "discovery": ("corral.engine.runtime", "corral.engine.agent", "corral.engine.cli"),
-}
+]
 
 
-def test_dependency_direction() -> None:
-    offenders = []
-    for folder, banned in _FORBIDDEN.items():
+def _unit(module: str) -> tuple[int, str]:
+    """(layer index, the package or module of LAYERS that holds `module`)."""
+    best = (-1, "")
+    for rank, units in enumerate(LAYERS):
+        for unit in units:
+            if (module == unit or module.startswith(unit + ".")) and len(unit) > len(best[1]):
+                best = (rank, unit)
+    if best[0] < 0:
+        raise AssertionError(f"{module} is in no layer of tests/test_layout.py's LAYERS")
+    return best
+
+
+def _product_modules() -> dict[str, set[str]]:
+    """corral module → the corral modules it imports (absolute and relative)."""
+    out = {}
+    for folder in ROOTS:
         for path in (REPO / folder).rglob("*.py"):
-            bad = [n for n in _imports(path) if n.startswith(banned)]
-            if bad:
-                offenders.append(f"{path.relative_to(REPO)} imports {', '.join(sorted(bad))}")
+            out[_module_name(path)] = {n for n in _imports(path) if n.split(".")[0] == "corral"}
+    return out
+
+
+def test_imports_go_down_the_layers_only() -> None:
+    offenders = []
+    for module, imported in sorted(_product_modules().items()):
+        rank, unit = _unit(module)
+        for name in sorted(imported):
+            their_rank, their_unit = _unit(name)
+            if their_unit != unit and their_rank <= rank:
+                offenders.append(f"{module} ({unit}) imports {name} ({their_unit})")
     assert offenders == []
+
+
+def test_no_import_cycles_between_packages() -> None:
+    graph: dict[str, set[str]] = {}
+    for module, imported in _product_modules().items():
+        unit = _unit(module)[1]
+        graph.setdefault(unit, set()).update(
+            u for u in (_unit(n)[1] for n in imported) if u != unit
+        )
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            raise AssertionError("import cycle: " + " → ".join([*path[path.index(node) :], node]))
+        if node in done:
+            return
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, [*path, node])
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [])
 
 
 def test_no_asyncio_wait_for_in_the_product() -> None:

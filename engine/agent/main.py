@@ -19,6 +19,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import platformdirs
@@ -365,7 +366,11 @@ def _settle(opts: argparse.Namespace, config: AgentConfig) -> None:
     opts.config = config
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, doctor: Callable[[argparse.Namespace], int] | None = None
+) -> int:
+    """The agent's commands; `doctor` runs `corral-agent doctor` (engine.agentcli passes
+    engine.doctor.worker's, which sits above the agent and so is not imported here)."""
     cap_malloc_arenas()  # before any thread starts (engine/procs.py says why)
     parser = build_parser()
     opts = parser.parse_args(argv)
@@ -384,9 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     opts.config_text = str(path) if config.path else ""
     _settle(opts, config)
     if opts.command == "doctor":
-        from corral.engine.doctor.worker import run_worker_doctor
-
-        return run_worker_doctor(opts)
+        if doctor is None:
+            parser.error("the doctor runs from the corral-agent command (engine.agentcli)")
+        return doctor(opts)
     if opts.command:
         logging.basicConfig(level=opts.log_level, format="%(levelname)s %(name)s: %(message)s")
         return asyncio.run(_admin(opts))
@@ -405,7 +410,3 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_run(opts))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

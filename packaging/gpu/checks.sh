@@ -4,7 +4,7 @@
 . packaging/gpu/setup.sh "${1:-420}"
 python3 - <<'PY' 2>&1 | tee $OUT/gpu4.txt
 import json, subprocess, sys, time
-from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.localagents import LocalAgents
 def corral(*a, timeout=240):
     return subprocess.run([sys.executable, "-m", "corral.engine.cli", *a], capture_output=True, text=True, timeout=timeout)
 print(subprocess.run(["nvidia-smi", "--query-gpu=index,name,uuid,memory.total,memory.used", "--format=csv,noheader"], capture_output=True, text=True).stdout)

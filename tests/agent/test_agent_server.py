@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -25,7 +26,6 @@ from corral.engine.protocol import (
 )
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.errors import AgentRequestFailed, AgentUnreachable
-from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.security.desktop import desktop_keys
 
 

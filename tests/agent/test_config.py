@@ -18,9 +18,9 @@ import pytest
 
 from corral.engine.agent.config import ConfigError, WorkerSettings, load_config, parse_config
 from corral.engine.agent.supervisor import prune_cache
+from corral.engine.localagents import LocalAgents
 from corral.engine.protocol import Inventory
 from corral.engine.runtime.agent_client import AgentClient
-from corral.engine.runtime.localagents import LocalAgents
 from tests.support.agents import inventory
 
 FILE = Path("/etc/corral/agent.toml")
@@ -189,7 +189,7 @@ def test_an_agent_applies_the_file_flags_win_and_sighup_reloads(tmp_path: Path) 
 
 def _agent(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "corral.engine.agent.main", *args],
+        [sys.executable, "-m", "corral.engine.agentcli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -235,7 +235,7 @@ def test_the_agent_logs_json_lines_at_its_log_level(tmp_path: Path) -> None:
     args = ["--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"), "--no-advertise"]
     args += ["--log-dir", str(tmp_path / "log"), "--log-level", "debug"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "corral.engine.agent.main", *args],
+        [sys.executable, "-m", "corral.engine.agentcli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

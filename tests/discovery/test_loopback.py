@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.localagents import LocalAgents
 from tests.conftest import corral
 
 

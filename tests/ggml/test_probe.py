@@ -10,8 +10,8 @@ import pytest
 
 from corral.engine.ggml.loadlog import compact_ranges, parse_load_log
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
+from corral.engine.localagents import LocalAgents
 from corral.engine.runtime.agent_client import AgentClient
-from corral.engine.runtime.localagents import LocalAgents
 
 
 def test_a_real_worker_answers_with_its_protocol_version() -> None:

@@ -11,7 +11,7 @@ import pytest
 from PySide6.QtCore import Qt
 from pytestqt.qtbot import QtBot
 
-from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.localagents import LocalAgents
 from corral.gui.app import MainWindow
 
 

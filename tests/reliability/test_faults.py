@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.localagents import LocalAgents
 from tests.support import faults
 from tests.support.netns import Lan, LanUnavailable
 from tests.support.watch import start_agent

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.runtime import agent_client
 from corral.engine.runtime.agent_client import AgentClient
-from corral.engine.runtime.localagents import LocalAgents
 
 
 @pytest.fixture(scope="module")

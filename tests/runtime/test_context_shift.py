@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.localagents import LocalAgents
 from tests.conftest import corral
 
 SYSTEM = "You are a terse assistant who only counts numbers."

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.runtime.agent_client import AgentClient
-from corral.engine.runtime.localagents import LocalAgents
 from tests.conftest import corral
 from tests.support.agents import inventory, start_long_chat
 

@@ -12,7 +12,7 @@ import time
 _OWNER = """
 import asyncio
 from corral.engine.runtime.agent_client import AgentClient
-from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.localagents import LocalAgents
 
 async def main(address, agent):
     client = AgentClient(address)

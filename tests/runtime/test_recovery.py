@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.runtime.childproto import Done, Token
 from corral.engine.runtime.errors import InferenceCrashed
-from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from corral.engine.runtime.localagents import LocalAgents
+from corral.engine.localagents import LocalAgents
 
 
 @pytest.fixture(scope="module")

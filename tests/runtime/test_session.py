@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.protocol import AgentEvent
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.childproto import Done, Token
-from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
 
 

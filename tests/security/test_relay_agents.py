@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from corral.engine.ggml.probe import RpcProbeError
+from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
 from corral.engine.protocol import messages
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.childproto import Done, Generate
 from corral.engine.runtime.inference import InferenceProcess
-from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import LoadSettings
 from corral.engine.security import tunnel as tunnel_mod
 from tests.support.agents import chat_args

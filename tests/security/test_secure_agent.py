@@ -16,6 +16,7 @@ import pytest
 
 from corral.engine.agent.server import LEASE_TIMEOUT
 from corral.engine.ggml.probe import RpcProbeError
+from corral.engine.localagents import LocalAgents
 from corral.engine.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -33,7 +34,6 @@ from corral.engine.protocol import (
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.childproto import Done
 from corral.engine.runtime.errors import AgentRequestFailed, NotPaired, PairingFailed
-from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.security.desktop import DesktopKeys
 from corral.engine.security.identity import fingerprint
 from corral.engine.security.pairing import (
@@ -49,7 +49,7 @@ from tests.support.strangers import KINDS, SERVED, Crowd, attempt, paired_connec
 
 def _agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "corral.engine.agent.main", *args],
+        [sys.executable, "-m", "corral.engine.agentcli", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -351,7 +351,7 @@ def test_a_scripted_pair_sent_as_soon_as_the_port_accepts_succeeds(
         [
             sys.executable,
             "-m",
-            "corral.engine.agent.main",
+            "corral.engine.agentcli",
             "--listen",
             f"127.0.0.1:{port}",
             "--state-dir",

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
 from corral.engine.runtime import history
 from corral.engine.runtime.childproto import Done, Token
 from corral.engine.runtime.errors import RuntimeFailure
-from corral.engine.runtime.localagents import LocalAgents
 from corral.engine.runtime.session import ChatSession, LoadSettings
 from corral.engine.security.desktop import desktop_dir
 from tests.support.agents import LONG_PROMPT, chat_args
@@ -317,7 +317,7 @@ def agent_disk_full(tmp: Path) -> Trial:
         [
             sys.executable,
             "-m",
-            "corral.engine.agent.main",
+            "corral.engine.agentcli",
             "--listen",
             "127.0.0.1:0",
             "--state-dir",
@@ -352,7 +352,7 @@ def agent_disk_full(tmp: Path) -> Trial:
             raise TrialFailed(f"the first desktop could not pair: {first.stderr[-300:]}")
         state = str(mnt / "agent")
         new_code = subprocess.run(
-            [sys.executable, "-m", "corral.engine.agent.main", "pair", "--state-dir", state],
+            [sys.executable, "-m", "corral.engine.agentcli", "pair", "--state-dir", state],
             capture_output=True,
             text=True,
             timeout=60,

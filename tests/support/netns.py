@@ -1,7 +1,7 @@
 """A small LAN inside one machine: network namespaces on a bridge (root only).
 
     with Lan(hosts=3) as lan:
-        agent = lan.spawn(1, [sys.executable, "-m", "corral.engine.agent.main", ...])
+        agent = lan.spawn(1, [sys.executable, "-m", "corral.engine.agentcli", ...])
 
 Host i has address 10.77.0.i on interface `lan.veth(i)`; all hosts share one bridge in a
 namespace of their own, with multicast on, so mDNS works between them. Every name carries a

@@ -84,7 +84,7 @@ def start_agent(
         [
             sys.executable,
             "-m",
-            "corral.engine.agent.main",
+            "corral.engine.agentcli",
             "--listen",
             listen or f"{lan.address(i)}:7340",
             "--state-dir",

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from corral.engine.localagents import LocalAgents
 from corral.engine.model.spec import read_model_spec
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
 from corral.engine.planner.plan import Settings
 from corral.engine.planner.validate import check_cache, errors
-from corral.engine.runtime.localagents import LocalAgents
 from tests.conftest import corral
 
 TYPES = ("f16", "bf16", "q8_0", "q4_0", "iq4_nl", "q5_1")
