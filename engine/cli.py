@@ -23,10 +23,10 @@ from corral.engine.planner.plan import STRATEGIES, MiB, Plan, Usage
 from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
 from corral.engine.runtime.agent_client import AgentClient, parse_address
-from corral.engine.runtime.childproto import Done, Shift, Token
+from corral.engine.runtime.childproto import Done, Token
 from corral.engine.runtime.errors import InferenceCrashed, PlanRefused, RuntimeFailure
 from corral.engine.runtime.hosts import HostDirectory
-from corral.engine.runtime.kvstatus import kv_status
+from corral.engine.runtime.kvstatus import ReplyMeter
 from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
 from corral.engine.security.desktop import desktop_keys
 from corral.engine.security.files import SecurityFileError
@@ -139,10 +139,8 @@ async def _reply(session: ChatSession, out: _Out, text: str, opts: argparse.Name
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGINT, session.cancel)
+    meter = ReplyMeter(session.result.plan if session.result else None)
     done: Done | None = None
-    shifts = 0
-    plan = session.result.plan if session.result else None
-    first, n_seen = 0.0, 0
     frames = session.ask(
         text,
         max_tokens=opts.max_tokens,
@@ -154,33 +152,29 @@ async def _reply(session: ChatSession, out: _Out, text: str, opts: argparse.Name
     )
     try:
         async for frame in frames:
+            update = meter.feed(frame)
             if isinstance(frame, Token):
                 if out.json:
                     out.event({"type": "token", "text": frame.text, "id": frame.id})
-                    now = time.perf_counter()
-                    first = first or now
-                    n_seen += 1
-                    rate = (n_seen - 1) / (now - first) if now > first else 0.0
-                    status = kv_status(plan, frame.kv_used, frame.n_ctx, shifts, rate)
-                    out.event({"type": "kv", **status.to_json()})
+                    out.event({"type": "kv", **update.kv.to_json()})
                 else:
-                    print(frame.text, end="", flush=True)
-            elif isinstance(frame, Shift):
-                shifts = frame.shifts
+                    print(update.text, end="", flush=True)
+            elif update.shift is not None:
+                shift = update.shift
                 out.event(
                     {
                         "type": "shift",
-                        "n_keep": frame.n_keep,
-                        "n_discard": frame.n_discard,
-                        "shifts": shifts,
+                        "n_keep": shift.n_keep,
+                        "n_discard": shift.n_discard,
+                        "shifts": shift.shifts,
                     }
                 )
                 out.info(
-                    f"[context full: kept {frame.n_keep} tokens, dropped "
-                    f"{frame.n_discard}; shift {shifts}]"
+                    f"[context full: kept {shift.n_keep} tokens, dropped "
+                    f"{shift.n_discard}; shift {shift.shifts}]"
                 )
             else:
-                done = frame
+                done = update.done
     finally:
         await frames.aclose()  # a reply left early (stdout closed) is stopped, not orphaned
         with contextlib.suppress(NotImplementedError):
@@ -189,9 +183,8 @@ async def _reply(session: ChatSession, out: _Out, text: str, opts: argparse.Name
         raise RuntimeFailure("the reply ended without its summary")
     if not out.json:
         print(flush=True)
-        rate = done.n_tokens / done.gen_s if done.gen_s else 0.0
         out.info(
-            f"[{done.n_tokens} tokens, {rate:.1f} tok/s, stop: {done.stop}, "
+            f"[{done.n_tokens} tokens, {meter.rate:.1f} tok/s, stop: {done.stop}, "
             f"KV {done.kv_used}/{done.n_ctx} cells]"
         )
     return done

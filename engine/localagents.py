@@ -31,6 +31,23 @@ from corral.engine.security.pins import PinStore
 _LISTENING = re.compile(r"listening on (\S+)$")
 
 
+def agent_command(listen: str, state_dir: Path, *extra: str) -> list[str]:
+    """The command line of a corral-agent on this machine, keeping its state and its logs
+    (throwaway agents keep them together) in `state_dir`."""
+    return [
+        sys.executable,
+        "-m",
+        "corral.engine.agentcli",
+        "--listen",
+        listen,
+        "--state-dir",
+        str(state_dir),
+        "--log-dir",
+        str(state_dir / "log"),
+        *extra,
+    ]
+
+
 class LocalAgents:
     """N agents on 127.0.0.1 with throwaway state dirs; stopped (and their workers) on exit."""
 
@@ -94,22 +111,15 @@ class LocalAgents:
 
     def _start(self, i: int, listen: str) -> tuple[subprocess.Popen[str], str]:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "corral.engine.agentcli",
-                "--listen",
+            agent_command(
                 listen,
-                "--state-dir",
-                str(self.state_dir(i)),
-                "--log-dir",  # throwaway agents keep their logs with their state
-                str(self.state_dir(i) / "log"),
+                self.state_dir(i),
                 "--log-level",
                 "WARNING",
                 "--exit-with-parent",  # a kill -9 of this process leaves no agent behind
                 *(() if self.advertise else ("--no-advertise",)),
                 *self.extra_args,
-            ],
+            ),
             stdout=subprocess.PIPE,
             stderr=None,
             text=True,

@@ -7,12 +7,13 @@ blocks on a socket, a file or the model.
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import gc
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PySide6.QtCore import QSettings, QStringListModel, Qt
 from PySide6.QtGui import (
@@ -51,16 +52,19 @@ from corral.discovery import Hosts, Inventoried
 from corral.engine.model import default_model_path
 from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
-from corral.engine.runtime.childproto import Done, Shift, Token
+from corral.engine.runtime.chatcontrol import ChatController, History, Replied
+from corral.engine.runtime.childproto import Shift
 from corral.engine.runtime.hosts import HostDirectory
-from corral.engine.runtime.kvstatus import kv_status
-from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
+from corral.engine.runtime.kvstatus import KvStatus, ReplyUpdate
+from corral.engine.runtime.session import LoadResult, LoadSettings
 
 from .bridge import Bridge
 from .engine_thread import EngineThread
 from .models import HostsModel, VramDelegate
 from .plan import DeviceBars, LayerMap, SettingsForm
 from .plots import LivePlot
+
+T = TypeVar("T")
 
 
 class MainWindow(QMainWindow):
@@ -70,7 +74,10 @@ class MainWindow(QMainWindow):
         self.resize(1360, 720)
         self.bridge = Bridge()
         self.engine = EngineThread()
-        self.session: ChatSession | None = None
+        # the chat lives on the engine thread; this window keeps only what commands return
+        self.chat = ChatController()
+        self.history: History = ()  # the chat's messages after the last command that changed it
+        self._submitted: set[concurrent.futures.Future[Any]] = set()
         self.result: LoadResult | None = None
         self.plan: Any = None
         self._replan = False
@@ -78,7 +85,6 @@ class MainWindow(QMainWindow):
         self._shifts = 0
         self.messages: list[tuple[str, str]] = []
         self.max_tokens = 256
-        self._reply_started = 0.0
         self._reply_tokens = 0
         self.load_progress = 0.0
         self._build()
@@ -327,24 +333,18 @@ class MainWindow(QMainWindow):
     def _current(self) -> LoadSettings:
         return self.settings_form.settings(Path(self.model_edit.text().strip()))
 
-    async def _connected(self, fresh: bool = False) -> ChatSession:
-        """The session for the hosts online now: reused while they are the same, else new
-        (which starts their workers and takes their leases)."""
-        addresses = self.hosts_model.online_addresses()
-        old = self.session
-        if (
-            not fresh
-            and old is not None
-            and [c.address for c in old.clients] == addresses
-            and old.workers
-            and not any(c.closed_reason for c in old.clients)
-        ):
-            return old
-        if old is not None:
-            await old.close()
-        self.session = ChatSession(addresses)
-        await self.session.connect()
-        return self.session
+    def _submit(
+        self,
+        coro: Coroutine[Any, Any, T],
+        on_ok: Callable[[T], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        """Run `coro` on the engine thread and one callback with its outcome on this one; the
+        future is kept until then, so Cancel can cancel what it submitted."""
+        future = self.engine.submit(coro)
+        self._submitted.add(future)
+        future.add_done_callback(self._submitted.discard)
+        self.bridge.deliver(future, on_ok, on_error)
 
     def _working(self, what: str) -> None:
         self.banner.setText("")
@@ -382,12 +382,8 @@ class MainWindow(QMainWindow):
             return
         self._working("planning…")
 
-        async def plan() -> tuple[Any, list[Any]]:
-            session = await self._connected()
-            _, exact = await session.plan(settings)
-            return exact, list(session.verdicts)
-
-        self.bridge.deliver(self.engine.submit(plan()), self._planned, self._failed)
+        addresses = self.hosts_model.online_addresses()
+        self._submit(self.chat.plan(addresses, settings), self._planned, self._failed)
 
     def _planned(self, got: Any) -> None:
         plan, verdicts = got
@@ -409,10 +405,9 @@ class MainWindow(QMainWindow):
         self._replan_if_asked()
 
     def _cancel(self) -> None:
-        session = self.session
-        self.session = None
-        if session is not None:
-            self.engine.submit(session.close())
+        for future in list(self._submitted):
+            future.cancel()  # what this window submitted stops where it awaits
+        self.engine.submit(self.chat.close())
         self.status.setText("cancelled")
 
     def _load(self) -> None:
@@ -430,12 +425,11 @@ class MainWindow(QMainWindow):
         def progress(fraction: float) -> None:  # engine thread
             self.bridge.post(self._on_progress, fraction, size, started)
 
-        async def load() -> LoadResult:
-            # a model already loaded (or crashed) is replaced by a fresh session
-            session = await self._connected(fresh=self.result is not None)
-            return await session.open_after_connect(settings, on_progress=progress)
-
-        self.bridge.deliver(self.engine.submit(load()), self._loaded, self._failed)
+        # a model already loaded (or crashed) is replaced by a fresh session
+        addresses, fresh = self.hosts_model.online_addresses(), self.result is not None
+        self._submit(
+            self.chat.load(addresses, settings, fresh, progress), self._loaded, self._failed
+        )
 
     def _on_progress(self, fraction: float, size: int, started: float) -> None:
         """Bytes of the model read and sent to the devices, the rate, and what is left."""
@@ -482,7 +476,7 @@ class MainWindow(QMainWindow):
 
     def _send(self, text: str = "") -> None:
         text = text or self.input.text().strip()
-        if not text or self.session is None or not self.send_button.isEnabled():
+        if not text or self.result is None or not self.send_button.isEnabled():
             return
         self.input.clear()
         self.send_button.setEnabled(False)
@@ -491,26 +485,13 @@ class MainWindow(QMainWindow):
         self.messages.append(("you", text))
         self.messages.append(("assistant", ""))
         self._render()
-        session, bridge, plan = self.session, self.bridge, self.result.plan if self.result else None
+        bridge = self.bridge
 
-        async def reply() -> Done:
-            done: Done | None = None
-            async with contextlib.aclosing(session.ask(text, max_tokens=self.max_tokens)) as frames:
-                async for frame in frames:
-                    if isinstance(frame, Token):
-                        bridge.post(self._on_token, frame.text)
-                        bridge.post(self._on_kv, kv_status(plan, frame.kv_used, frame.n_ctx))
-                    elif isinstance(frame, Shift):
-                        bridge.post(self._on_shift, frame)
-                    else:
-                        done = frame
-            if done is None:  # generate() ends with Done or raises: never here
-                raise RuntimeError("the reply ended without its summary")
-            return done
+        def on_update(update: ReplyUpdate) -> None:  # engine thread
+            bridge.post(self._on_update, update)
 
-        self._reply_started = time.monotonic()
         self._reply_tokens = 0
-        self.bridge.deliver(self.engine.submit(reply()), self._replied, self._crashed)
+        self._submit(self.chat.ask(text, self.max_tokens, on_update), self._replied, self._crashed)
 
     def _render(self) -> None:
         """The whole chat as Markdown (a reply is re-rendered when it is complete)."""
@@ -518,7 +499,15 @@ class MainWindow(QMainWindow):
         self.transcript.setMarkdown("\n\n".join(parts))
         self.transcript.moveCursor(QTextCursor.MoveOperation.End)
 
-    def _on_token(self, text: str) -> None:
+    def _on_update(self, update: ReplyUpdate) -> None:
+        """One token or context shift of the reply under way (kvstatus.ReplyMeter's)."""
+        if update.shift is not None:
+            self._on_shift(update.shift)
+        if update.text:
+            self._on_token(update.text, update.kv.gen_tok_s)
+        self._on_kv(update.kv)
+
+    def _on_token(self, text: str, rate: float) -> None:
         who, sofar = self.messages[-1]
         self.messages[-1] = (who, sofar + text)
         cursor = self.transcript.textCursor()
@@ -526,11 +515,10 @@ class MainWindow(QMainWindow):
         cursor.insertText(text)
         self.transcript.setTextCursor(cursor)
         self._reply_tokens += 1
-        elapsed = time.monotonic() - self._reply_started
-        if self._reply_tokens % 8 == 0 and elapsed > 0:
-            self.speed_plot.add("chat", self._reply_tokens / elapsed)
+        if self._reply_tokens % 8 == 0 and rate > 0:
+            self.speed_plot.add("chat", rate)
 
-    def _on_kv(self, status: Any) -> None:
+    def _on_kv(self, status: KvStatus) -> None:
         self.kv_bar.setValue(round(status.fill * 100))
         per_device = ", ".join(
             f"{name} {used / 2**20:.1f} MiB" for name, used in status.device_bytes.items()
@@ -547,7 +535,8 @@ class MainWindow(QMainWindow):
         self.messages.append(("context shift", f"dropped {frame.n_discard} tokens"))
         self.log(f"context shift: dropped {frame.n_discard} tokens to keep going")
 
-    def _replied(self, done: Done) -> None:
+    def _replied(self, replied: Replied) -> None:
+        done, self.history = replied.done, replied.history
         self.send_button.setEnabled(True)
         self.regen_button.setEnabled(True)
         self.stop_button.setEnabled(False)
@@ -569,24 +558,25 @@ class MainWindow(QMainWindow):
         self.log(f"chat failed: {error}")
 
     def _stop(self) -> None:
-        session = self.session
-        if session is not None and self.stop_button.isEnabled():
-            self.engine.loop.call_soon_threadsafe(session.cancel)
+        if self.stop_button.isEnabled():
+            self.engine.loop.call_soon_threadsafe(self.chat.cancel_reply)
             # a second press kills the inference process (a worker stopped answering)
             self.stop_button.setText("Stop now")
 
     def _regenerate(self) -> None:
-        session = self.session
-        if session is None or not self.regen_button.isEnabled():
+        if self.result is None or not self.regen_button.isEnabled():
             return
-        try:
-            text = session.take_back()
-        except Exception as exc:  # nothing to take back yet
-            self.banner.setText(str(exc))
-            return
+        self.regen_button.setEnabled(False)
+        self._submit(self.chat.take_back(), self._answer_again, self._not_regenerated)
+
+    def _answer_again(self, text: str) -> None:
         last_you = max(i for i, (who, _) in enumerate(self.messages) if who == "you")
         self.messages = self.messages[:last_you]
         self._send(text)
+
+    def _not_regenerated(self, error: BaseException) -> None:  # nothing to take back yet
+        self.banner.setText(str(error))
+        self.regen_button.setEnabled(True)
 
     def _copy(self) -> None:
         replies = [text for who, text in self.messages if who == "assistant" and text]
@@ -597,8 +587,8 @@ class MainWindow(QMainWindow):
     def _new_chat(self) -> None:
         if self.stop_button.isEnabled():
             return  # a reply is streaming: stop it first
-        if self.session is not None:
-            self.session.history = []
+        self.history = ()
+        self._submit(self.chat.set_history([]), lambda _: None, self._failed)
         self.messages = []
         self._shifts = 0
         self._render()
@@ -616,14 +606,14 @@ class MainWindow(QMainWindow):
             self.log(f"cannot list saved chats: {exc}")
 
     def _save_chat(self) -> None:
-        if self.session is None or not self.session.history:
+        if not self.history:
             self.banner.setText("Nothing to save yet: chat first.")
             return
         name, ok = QInputDialog.getText(self, "Save chat", "Name (letters, digits, . _ -):")
         if not ok or not name.strip():
             return
         try:
-            path = history.save(name.strip(), list(self.session.history))
+            path = history.save(name.strip(), [dict(m) for m in self.history])
         except (history.HistoryError, OSError) as exc:
             self.banner.setText(str(exc))
             return
@@ -637,10 +627,11 @@ class MainWindow(QMainWindow):
         except (history.HistoryError, OSError) as exc:
             self.banner.setText(str(exc))
             return
-        if self.session is None or self.result is None:
+        if self.result is None:
             self.banner.setText("Deploy a model first, then open the chat to continue it.")
             return
-        self.session.history = list(messages)
+        self.history = tuple(messages)
+        self._submit(self.chat.set_history(messages), lambda _: None, self._failed)
         self.messages = [
             ("you" if m["role"] == "user" else m["role"], m["content"]) for m in messages
         ]
@@ -702,8 +693,7 @@ class MainWindow(QMainWindow):
         state.setValue("window/splitter", self.splitter.saveState())
 
         async def shutdown() -> None:
-            if self.session is not None:
-                await self.session.close()
+            await self.chat.close()
             await self.directory.close()
 
         try:

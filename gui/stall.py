@@ -94,21 +94,21 @@ def main() -> int:
         latencies: list[float] = []
         posted: list[tuple[float, bool]] = []  # (when, during the measured window)
         measuring = [True]
-        real_post, real_on_token = win.bridge.post, win._on_token
+        real_post, real_on_update = win.bridge.post, win._on_update
 
         def post(fn: Any, *args: Any) -> None:
-            if fn is on_token:
+            if fn is on_update:
                 posted.append((time.perf_counter(), measuring[0]))
             real_post(fn, *args)
 
-        def on_token(text: str) -> None:
-            real_on_token(text)
+        def on_update(update: Any) -> None:
+            real_on_update(update)
             at, counted = posted.pop(0)
-            if counted:
+            if counted and update.text:
                 latencies.append(time.perf_counter() - at)
 
         win.bridge.post = post  # type: ignore[method-assign]
-        win._on_token = on_token  # type: ignore[method-assign]
+        win._on_update = on_update  # type: ignore[method-assign]
 
         # the GUI thread's stalls: a 5 ms timer's lateness
         gaps: list[float] = []

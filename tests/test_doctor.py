@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import corral
+from corral.engine.localagents import agent_command
 from corral.engine.security.pairing import new_code
 from tests.support.builds import corral_of_version, with_own_cxx_runtime, without_rpc
 from tests.support.netns import Lan, LanUnavailable
@@ -70,20 +71,7 @@ class Agent:
     def __init__(self, state: Path, listen: str = "127.0.0.1:0", env: dict[str, str] | None = None):
         code = new_code()
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "corral.engine.agentcli",
-                "--listen",
-                listen,
-                "--state-dir",
-                str(state),
-                "--log-dir",
-                str(state / "log"),
-                "--no-advertise",
-                "--pairing-code",
-                code,
-            ],
+            agent_command(listen, state, "--no-advertise", "--pairing-code", code),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

@@ -74,31 +74,22 @@ def check_builds(desktop: BuildFacts, hosts: Sequence[BuildFacts]) -> list[Verdi
     out = []
     for h in hosts:
         if _proto(h.rpc_proto) != _proto(desktop.rpc_proto):
-            out.append(
-                Verdict(
-                    "error",
-                    h.host,
-                    "",
-                    "llama.cpp build",
-                    f"runs ggml RPC protocol {h.rpc_proto or 'unknown'}, this desktop "
-                    f"{desktop.rpc_proto}; ggml's client aborts at the handshake",
-                    f"install llama-cpp-python {desktop.llama_version} on {h.host}",
-                )
+            why = (
+                f"runs ggml RPC protocol {h.rpc_proto or 'unknown'}, this desktop "
+                f"{desktop.rpc_proto}; ggml's client aborts at the handshake"
             )
+            fix = ""
         elif h.llama_commit != desktop.llama_commit or h.llama_version != desktop.llama_version:
-            out.append(
-                Verdict(
-                    "error",
-                    h.host,
-                    "",
-                    "llama.cpp build",
-                    f"runs llama.cpp {h.llama_commit or '?'} (llama-cpp-python "
-                    f"{h.llama_version or '?'}), this desktop {desktop.llama_commit} "
-                    f"({desktop.llama_version})",
-                    f"install llama-cpp-python {desktop.llama_version} on {h.host}, the same "
-                    "build as this desktop",
-                )
+            why = (
+                f"runs llama.cpp {h.llama_commit or '?'} (llama-cpp-python "
+                f"{h.llama_version or '?'}), this desktop {desktop.llama_commit} "
+                f"({desktop.llama_version})"
             )
+            fix = ", the same build as this desktop"
+        else:
+            continue
+        fix = f"install llama-cpp-python {desktop.llama_version} on {h.host}{fix}"
+        out.append(Verdict("error", h.host, "", "llama.cpp build", why, fix))
     return out
 
 

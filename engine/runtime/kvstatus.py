@@ -1,10 +1,15 @@
-"""What the KV cache holds right now, per device: the chat window's status line."""
+"""What the KV cache holds right now, per device, and one reply as every front end meters
+it (ReplyMeter): the chat window's status line, the CLI's and the API's figures."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from corral.engine.planner.plan import Plan
+
+from .childproto import Done, Event, Shift, Token
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +51,55 @@ def kv_status(
     if plan.host.kv:
         per["host"] = int(plan.host.kv * share)
     return KvStatus(used, n_ctx, shifts, plan.settings.type_k, plan.settings.type_v, per, gen_tok_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyUpdate:
+    """What a front end shows after one event of a reply (ReplyMeter.feed)."""
+
+    text: str  # what this event adds to the reply ("" for a shift or the end)
+    kv: KvStatus  # cells in use, per device, shifts since the load, this reply's rate
+    shift: Shift | None = None  # the context shift this event was
+    done: Done | None = None  # the reply's summary, on its last event
+
+    @property
+    def stop(self) -> str | None:
+        """eos | length | cancelled | context_full once the reply ended, else None."""
+        return self.done.stop if self.done is not None else None
+
+
+class ReplyMeter:
+    """One reply as the CLI, the window and `corral serve` all see it: the text each event
+    adds, the KV cache (per device, from the plan) with the context shifts since the load,
+    and the rate. The rate runs from the first token, so the prompt's time is not in it:
+    (tokens - 1) / (now - first token); at the end, the child's own count over its
+    generation time."""
+
+    def __init__(self, plan: Plan | None, clock: Callable[[], float] = time.perf_counter):
+        self.plan = plan
+        self.clock = clock
+        self.tokens = 0
+        self.shifts = 0
+        self.first = 0.0
+        self.rate = 0.0
+        self.kv = KvStatus(0, plan.settings.n_ctx_padded if plan else 0)
+
+    def feed(self, event: Event) -> ReplyUpdate:
+        if isinstance(event, Token):
+            now = self.clock()
+            self.tokens += 1
+            if self.tokens == 1:
+                self.first = now
+            elif now > self.first:
+                self.rate = (self.tokens - 1) / (now - self.first)
+            self.kv = kv_status(self.plan, event.kv_used, event.n_ctx, self.shifts, self.rate)
+            return ReplyUpdate(event.text, self.kv)
+        if isinstance(event, Shift):
+            self.shifts = event.shifts
+            self.kv = kv_status(self.plan, event.kv_used, event.n_ctx, self.shifts, self.rate)
+            return ReplyUpdate("", self.kv, shift=event)
+        self.shifts = event.shifts
+        if event.gen_s > 0:
+            self.rate = event.n_tokens / event.gen_s
+        self.kv = kv_status(self.plan, event.kv_used, event.n_ctx, self.shifts, self.rate)
+        return ReplyUpdate("", self.kv, done=event)

@@ -17,8 +17,8 @@ from typing import Any
 
 from corral.engine.aio import within
 
-from .childproto import Done, Token
 from .errors import RuntimeFailure
+from .kvstatus import ReplyMeter
 from .session import ChatSession
 
 log = logging.getLogger(__name__)
@@ -191,11 +191,10 @@ class ApiServer:
             if req.get("stream"):
                 await self._stream(chat, sampling, writer, ident, created)
             else:
-                done: Done | None = None
+                meter, done = self._meter(), None
                 async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
                     async for frame in frames:
-                        if isinstance(frame, Done):
-                            done = frame
+                        done = meter.feed(frame).done or done
                 if done is None:  # generate() ends with Done or raises: never here
                     raise RuntimeError("the reply ended without its Done")
                 await self._json(
@@ -221,6 +220,10 @@ class ApiServer:
                     },
                 )
 
+    def _meter(self) -> ReplyMeter:
+        result = self.session.result
+        return ReplyMeter(result.plan if result is not None else None)
+
     async def _stream(
         self,
         chat: list[dict[str, str]],
@@ -245,15 +248,16 @@ class ApiServer:
             return f"data: {json.dumps(obj)}\n\n".encode()
 
         writer.write(chunk({"role": "assistant", "content": ""}))
-        stop = "stop"
+        stop, meter = "stop", self._meter()
         # closed on the way out: a client that hangs up has the rest of its reply stopped
         async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
             async for frame in frames:
-                if isinstance(frame, Token):
-                    writer.write(chunk({"content": frame.text}))
+                update = meter.feed(frame)
+                if update.text:
+                    writer.write(chunk({"content": update.text}))
                     await writer.drain()
-                elif isinstance(frame, Done):
-                    stop = _finish(frame.stop)
+                if update.stop is not None:
+                    stop = _finish(update.stop)
         writer.write(chunk({}, stop) + b"data: [DONE]\n\n")
         await writer.drain()
 

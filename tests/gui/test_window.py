@@ -172,8 +172,11 @@ def test_a_chat_is_saved_listed_and_continued(
     items = window.chats.findItems(name, Qt.MatchFlag.MatchExactly)
     assert items, "the saved chat is listed"
     window._new_chat()
-    assert window.messages == [] and window.session is not None and not window.session.history
+    assert window.messages == [] and not window.history
     window._open_chat(items[0])
     assert window.messages[0] == ("you", "My name is Ada.")
     assert "My name is Ada." in window.transcript.toPlainText()
-    assert [m["role"] for m in window.session.history] == ["user", "assistant"]
+    assert [m["role"] for m in window.history] == ["user", "assistant"]
+    # and the engine thread's session took it (the window only keeps the snapshot)
+    took = window.engine.submit(window.chat.set_history(window.history)).result(timeout=10)
+    assert [m["role"] for m in took] == ["user", "assistant"]

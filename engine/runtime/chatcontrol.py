@@ -1,0 +1,146 @@
+"""The desktop window's chat, owned by the engine's loop.
+
+The window (Qt, another thread) never touches a ChatSession: it submits a ChatController
+command to the engine loop, with everything the command needs read on the GUI thread first
+and passed as arguments, and it sees the chat only through what the command returns (a plan,
+a LoadResult, a Replied with a snapshot of the history) and through ReplyUpdates posted
+while a reply streams. Every command asserts that it runs on the loop that first used the
+controller, so a call from the wrong thread fails loudly instead of racing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from corral.engine.planner.plan import Plan
+from corral.engine.planner.validate import Verdict
+
+from .childproto import Done
+from .errors import RuntimeFailure
+from .kvstatus import ReplyMeter, ReplyUpdate
+from .session import ChatSession, LoadResult, LoadSettings
+
+History = tuple[Mapping[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Replied:
+    """A finished reply and the chat's history after it (a copy: the window's to keep)."""
+
+    done: Done
+    history: History
+
+
+class ChatController:
+    """One chat session at a time, for the hosts the window names."""
+
+    def __init__(self) -> None:
+        self._session: ChatSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _own(self) -> None:
+        """On the engine's loop (also true in a callback it runs), or fail."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        assert loop is self._loop, "ChatController is used from the engine's loop only"
+
+    async def _connected(self, addresses: Sequence[str], fresh: bool) -> ChatSession:
+        """The session for these hosts: reused while they are the same and sound, else a new
+        one (which starts their workers and takes their leases)."""
+        old = self._session
+        if (
+            not fresh
+            and old is not None
+            and [c.address for c in old.clients] == list(addresses)
+            and old.workers
+            and not any(c.closed_reason for c in old.clients)
+        ):
+            return old
+        self._session = None
+        if old is not None:
+            await old.close()
+        session = ChatSession(list(addresses))
+        self._session = session  # closed by close() even if connecting fails half-way
+        await session.connect()
+        return session
+
+    async def plan(
+        self, addresses: Sequence[str], settings: LoadSettings
+    ) -> tuple[Plan, list[Verdict]]:
+        """The exact plan for these hosts and settings, and the checks' verdicts."""
+        self._own()
+        session = await self._connected(addresses, fresh=False)
+        _, exact = await session.plan(settings)
+        return exact, list(session.verdicts)
+
+    async def load(
+        self,
+        addresses: Sequence[str],
+        settings: LoadSettings,
+        fresh: bool,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> LoadResult:
+        """Load the model on these hosts (a fresh session when one was loaded before)."""
+        self._own()
+        session = await self._connected(addresses, fresh)
+        return await session.open_after_connect(settings, on_progress=on_progress)
+
+    async def ask(
+        self, text: str, max_tokens: int, on_update: Callable[[ReplyUpdate], None]
+    ) -> Replied:
+        """Stream a reply; `on_update` hears every token and context shift (on this loop:
+        the window posts them on to its own thread)."""
+        self._own()
+        session = self._require()
+        meter = ReplyMeter(session.result.plan if session.result else None)
+        done: Done | None = None
+        async with contextlib.aclosing(session.ask(text, max_tokens=max_tokens)) as frames:
+            async for frame in frames:
+                update = meter.feed(frame)
+                if update.done is not None:
+                    done = update.done
+                else:
+                    on_update(update)
+        if done is None:  # generate() ends with Done or raises: never here
+            raise RuntimeFailure("the reply ended without its summary")
+        return Replied(done, self._history(session))
+
+    def cancel_reply(self) -> None:
+        """Stop the reply under way (a second call kills the inference process)."""
+        self._own()
+        if self._session is not None:
+            self._session.cancel()
+
+    async def take_back(self) -> str:
+        """Drop the last exchange; its user message, to be answered again."""
+        self._own()
+        return self._require().take_back()
+
+    async def set_history(self, messages: Sequence[Mapping[str, str]]) -> History:
+        """Start over from these messages (a saved chat, or none for a new chat)."""
+        self._own()
+        if self._session is None:
+            if messages:
+                raise RuntimeFailure("deploy a model first, then open the chat to continue it")
+            return ()
+        self._session.history = [dict(m) for m in messages]
+        return self._history(self._session)
+
+    async def close(self) -> None:
+        self._own()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _require(self) -> ChatSession:
+        if self._session is None:
+            raise RuntimeFailure("no model is loaded: press Deploy")
+        return self._session
+
+    @staticmethod
+    def _history(session: ChatSession) -> History:
+        return tuple(dict(m) for m in session.history)
