@@ -105,7 +105,7 @@ class AdminServer:
             try:
                 reply = self._handle(from_wire(frame))
             except ProtocolError as exc:
-                reply = ErrorReply(0, int(exc.code), exc.message)
+                reply = ErrorReply.of(0, exc.code, exc.message)
             writer.write(encode_frame(to_wire(reply)))
             await writer.drain()
         except (ConnectionError, TimeoutError, ProtocolError):
@@ -120,7 +120,7 @@ class AdminServer:
                 ttl = CODE_TTL if not 0 < msg.ttl < CODE_TTL else msg.ttl
                 code = agent.gate.issue(msg.code, ttl)
             except ValueError as exc:
-                return ErrorReply(msg.req, int(ErrorCode.BAD_MESSAGE), str(exc))
+                return ErrorReply.of(msg.req, ErrorCode.BAD_MESSAGE, str(exc))
             log.info("a new pairing code was made (valid %.0f s)", agent.gate.expires_in())
             return PairCodeReply(req=msg.req, code=code, expires_in=agent.gate.expires_in())
         if isinstance(msg, PeersRequest):
@@ -141,9 +141,9 @@ class AdminServer:
         if isinstance(msg, Unpair):
             gone = agent.forget(msg.who)
             if not gone:
-                return ErrorReply(
+                return ErrorReply.of(
                     msg.req,
-                    int(ErrorCode.BAD_MESSAGE),
+                    ErrorCode.BAD_MESSAGE,
                     f"no paired desktop is named {msg.who!r}: `corral-agent paired` lists them",
                 )
             return OkReply(req=msg.req)

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -367,7 +368,7 @@ class AgentServer:
 
     def _send_error(self, proto: TlsConnection, req: int, code: ErrorCode, message: str) -> None:
         with contextlib.suppress(Exception):
-            proto.send(to_wire(ErrorReply(req=req, code=int(code), message=message)))
+            proto.send(to_wire(ErrorReply.of(req, code, message)))
 
     async def _next(self, conn: _Conn, timeout: float) -> Message | None:
         frame = await within(conn.proto.recv(), timeout)
@@ -408,7 +409,7 @@ class AgentServer:
                 reply = await self._handle(msg, conn, local_host)
             except ProtocolError as exc:
                 # framing is intact: answer and keep the connection
-                reply = ErrorReply(req=_req_of(frame), code=int(exc.code), message=exc.message)
+                reply = ErrorReply.of(_req_of(frame), exc.code, exc.message)
             conn.proto.send(to_wire(reply))
 
     # ------------------------------------------------------------------ pairing
@@ -535,67 +536,78 @@ class AgentServer:
         same = holder.peer is not None and conn.peer is not None
         same = same and holder.peer.fingerprint == conn.peer.fingerprint  # type: ignore[union-attr]
         who = holder.name + (" (another Corral session on that desktop)" if same else "")
-        return ErrorReply(
+        return ErrorReply.of(
             req,
-            int(ErrorCode.IN_USE),
+            ErrorCode.IN_USE,
             f"the workers of {inventory.hostname()} are in use by {who} since {since}; "
             "they are free when that session ends",
         )
 
     async def _handle(self, msg: Message, conn: _Conn, local_host: str) -> Message:
-        if isinstance(msg, Ping):
-            return Pong(req=msg.req)
-        if isinstance(msg, InventoryRequest):
-            return await self._inventory(msg.req, local_host)
-        if isinstance(msg, StartRpc):
-            refused = self._in_use(conn, msg.req)
-            if refused is not None:
-                return refused
-            if msg.threads < 0:
-                return ErrorReply(msg.req, int(ErrorCode.BAD_MESSAGE), "threads must be >= 0")
-            known = {d.name for d in await self._shared_devices()}
-            devices = msg.devices or self.settings.devices
-            unknown = [d for d in devices if d not in known]
-            if unknown:
-                return ErrorReply(
-                    msg.req,
-                    int(ErrorCode.UNKNOWN_DEVICE),
-                    f"no device {', '.join(unknown)} on {inventory.hostname()}; "
-                    f"it has {', '.join(sorted(known)) or 'none'}",
-                )
-            refused = self._in_use(conn, msg.req)  # taken while the probe ran
-            if refused is not None:
-                return refused
-            self._lease = conn
-            conn.since = time.time()
-            try:
-                threads = msg.threads or self.settings.rpc_threads
-                state = await self.supervisor.start(
-                    devices, threads, msg.cache and self.settings.cache
-                )
-            except WorkerStartError as exc:
-                return ErrorReply(msg.req, int(ErrorCode.WORKER_FAILED), str(exc))
-            return WorkerReply(req=msg.req, worker=replace_host(state, local_host))
-        if isinstance(msg, StopRpc):
-            refused = self._in_use(conn, msg.req)
-            if refused is not None:
-                return refused
-            self._release("stopped by its holder")
-            return WorkerReply(req=msg.req, worker=await self.supervisor.stop())
-        if isinstance(msg, Subscribe):
-            self._subscribers.add(conn)
-            return OkReply(req=msg.req)
-        if isinstance(msg, CapabilityRequest):
-            return await self._capabilities(msg)
-        if isinstance(msg, Unpair):
-            assert conn.peer is not None
-            log.info("%s unpaired itself", conn.peer.name)
-            conn.proto.send(to_wire(OkReply(req=msg.req)))
-            self.forget(conn.peer.fingerprint)
-            raise ConnectionResetError("unpaired")
+        """The reply to one request of a paired desktop (by _HANDLERS, below the class)."""
+        handler = _HANDLERS.get(type(msg))
+        if handler is not None:
+            return await handler(self, msg, conn, local_host)
         if isinstance(msg, Hello):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "hello was already exchanged")
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{type(msg).__name__} is not a request")
+
+    async def _on_ping(self, msg: Ping, conn: _Conn, local_host: str) -> Message:
+        return Pong(req=msg.req)
+
+    async def _on_inventory(self, msg: InventoryRequest, conn: _Conn, local_host: str) -> Message:
+        return await self._inventory(msg.req, local_host)
+
+    async def _on_start_rpc(self, msg: StartRpc, conn: _Conn, local_host: str) -> Message:
+        refused = self._in_use(conn, msg.req)
+        if refused is not None:
+            return refused
+        if msg.threads < 0:
+            return ErrorReply.of(msg.req, ErrorCode.BAD_MESSAGE, "threads must be >= 0")
+        known = {d.name for d in await self._shared_devices()}
+        devices = msg.devices or self.settings.devices
+        unknown = [d for d in devices if d not in known]
+        if unknown:
+            return ErrorReply.of(
+                msg.req,
+                ErrorCode.UNKNOWN_DEVICE,
+                f"no device {', '.join(unknown)} on {inventory.hostname()}; "
+                f"it has {', '.join(sorted(known)) or 'none'}",
+            )
+        refused = self._in_use(conn, msg.req)  # taken while the probe ran
+        if refused is not None:
+            return refused
+        self._lease = conn
+        conn.since = time.time()
+        try:
+            threads = msg.threads or self.settings.rpc_threads
+            state = await self.supervisor.start(devices, threads, msg.cache and self.settings.cache)
+        except WorkerStartError as exc:
+            return ErrorReply.of(msg.req, ErrorCode.WORKER_FAILED, str(exc))
+        return WorkerReply(req=msg.req, worker=replace_host(state, local_host))
+
+    async def _on_stop_rpc(self, msg: StopRpc, conn: _Conn, local_host: str) -> Message:
+        refused = self._in_use(conn, msg.req)
+        if refused is not None:
+            return refused
+        self._release("stopped by its holder")
+        return WorkerReply(req=msg.req, worker=await self.supervisor.stop())
+
+    async def _on_subscribe(self, msg: Subscribe, conn: _Conn, local_host: str) -> Message:
+        self._subscribers.add(conn)
+        return OkReply(req=msg.req)
+
+    async def _on_capabilities(
+        self, msg: CapabilityRequest, conn: _Conn, local_host: str
+    ) -> Message:
+        return await self._capabilities(msg)
+
+    async def _on_unpair(self, msg: Unpair, conn: _Conn, local_host: str) -> Message:
+        assert conn.peer is not None
+        log.info("%s unpaired itself", conn.peer.name)
+        conn.proto.send(to_wire(OkReply(req=msg.req)))
+        self.forget(conn.peer.fingerprint)
+        raise ConnectionResetError("unpaired")
 
     async def _open_tunnel(self, conn: _Conn, msg: OpenTunnel) -> bool:
         """Turn `conn` into an RPC tunnel to the worker; False (after an error reply) if not."""
@@ -606,9 +618,9 @@ class AgentServer:
             or holder.peer is None
             or holder.peer.fingerprint != conn.peer.fingerprint
         ):
-            refused = self._in_use(conn, msg.req) or ErrorReply(
+            refused = self._in_use(conn, msg.req) or ErrorReply.of(
                 msg.req,
-                int(ErrorCode.NOT_READY),
+                ErrorCode.NOT_READY,
                 "no worker is started for this desktop: start it (StartRpc) first",
             )
             conn.proto.send(to_wire(refused))
@@ -616,18 +628,16 @@ class AgentServer:
         if not self.supervisor.running:
             conn.proto.send(
                 to_wire(
-                    ErrorReply(
-                        msg.req, int(ErrorCode.WORKER_FAILED), "the RPC worker is not running"
-                    )
+                    ErrorReply.of(msg.req, ErrorCode.WORKER_FAILED, "the RPC worker is not running")
                 )
             )
             return False
         if msg.relay and len(msg.relay) != RELAY_SHARE:
             conn.proto.send(
                 to_wire(
-                    ErrorReply(
+                    ErrorReply.of(
                         msg.req,
-                        int(ErrorCode.BAD_MESSAGE),
+                        ErrorCode.BAD_MESSAGE,
                         f"a relay key share is {RELAY_SHARE} bytes, this one {len(msg.relay)}",
                     )
                 )
@@ -644,9 +654,9 @@ class AgentServer:
         except OSError as exc:
             conn.proto.send(
                 to_wire(
-                    ErrorReply(
+                    ErrorReply.of(
                         msg.req,
-                        int(ErrorCode.WORKER_FAILED),
+                        ErrorCode.WORKER_FAILED,
                         f"the RPC worker does not answer: {exc}",
                     )
                 )
@@ -656,9 +666,9 @@ class AgentServer:
             handover and handover != self.supervisor.worker_handover
         ):  # while this waited: the lease ended, moved, or the worker restarted
             plain.close()
-            refused = self._in_use(conn, msg.req) or ErrorReply(
+            refused = self._in_use(conn, msg.req) or ErrorReply.of(
                 msg.req,
-                int(ErrorCode.NOT_READY),
+                ErrorCode.NOT_READY,
                 "the lease or the RPC worker changed while the tunnel opened: try again",
             )
             conn.proto.send(to_wire(refused))
@@ -739,9 +749,9 @@ class AgentServer:
         """Answers from this host's own backend, cached per llama.cpp build and device."""
         probe = await self._probe()
         if msg.device not in {d.name for d in probe.devices}:
-            return ErrorReply(
+            return ErrorReply.of(
                 msg.req,
-                int(ErrorCode.UNKNOWN_DEVICE),
+                ErrorCode.UNKNOWN_DEVICE,
                 f"no device {msg.device} on {inventory.hostname()}",
             )
         build = (
@@ -754,9 +764,9 @@ class AgentServer:
             try:
                 answers = await inventory.ask_capabilities(msg.device, missing)
             except RuntimeError as exc:
-                return ErrorReply(msg.req, int(ErrorCode.INTERNAL), str(exc))
+                return ErrorReply.of(msg.req, ErrorCode.INTERNAL, str(exc))
             except ValueError as exc:
-                return ErrorReply(msg.req, int(ErrorCode.BAD_MESSAGE), str(exc))
+                return ErrorReply.of(msg.req, ErrorCode.BAD_MESSAGE, str(exc))
             cache.update(zip(missing, answers, strict=True))
         return CapabilityReply(
             req=msg.req, device=msg.device, answers=tuple(cache[k] for k in keys)
@@ -822,3 +832,16 @@ def _req_of(frame: object) -> int:
         if type(req) is int:
             return req
     return 0
+
+
+# A paired desktop's requests and the AgentServer method that answers each (OpenTunnel is
+# not here: it turns the connection into a tunnel instead of answering on it).
+_HANDLERS: dict[type[Message], Callable[..., Awaitable[Message]]] = {
+    Ping: AgentServer._on_ping,
+    InventoryRequest: AgentServer._on_inventory,
+    StartRpc: AgentServer._on_start_rpc,
+    StopRpc: AgentServer._on_stop_rpc,
+    Subscribe: AgentServer._on_subscribe,
+    CapabilityRequest: AgentServer._on_capabilities,
+    Unpair: AgentServer._on_unpair,
+}

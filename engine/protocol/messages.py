@@ -153,6 +153,11 @@ class ErrorReply(Message):
     code: int
     message: str
 
+    @classmethod
+    def of(cls, req: int, code: ErrorCode, message: str) -> ErrorReply:
+        """The refusal of request `req` (the one way the agent builds them)."""
+        return cls(req=req, code=int(code), message=message)
+
 
 @_register(3)
 @dataclass(frozen=True, slots=True)
