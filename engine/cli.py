@@ -27,7 +27,7 @@ from corral.engine.runtime.childproto import Done, Token
 from corral.engine.runtime.errors import InferenceCrashed, PlanRefused, RuntimeFailure
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import ReplyMeter
-from corral.engine.runtime.session import ChatSession, LoadResult, LoadSettings
+from corral.engine.runtime.session import DEFAULT_CTX, ChatSession, LoadResult, LoadSettings
 from corral.engine.security.desktop import desktop_keys
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.identity import short
@@ -726,6 +726,25 @@ def _planning_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _model_flags(p: argparse.ArgumentParser, ctx: int, threads: bool = True) -> None:
+    """The model, the agents that take its layers, the context (and the local threads): the
+    same flags for chat, serve and plan."""
+    p.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--agent",
+        action="append",
+        type=_address,
+        default=[],
+        metavar="HOST:PORT",
+        help="an agent whose RPC worker takes layers; repeat for several",
+    )
+    p.add_argument(
+        "--ctx", type=_positive, default=ctx, help=f"context size in tokens (default {ctx})"
+    )
+    if threads:
+        p.add_argument("--threads", type=int, default=0, help="CPU threads of the local process")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="corral", description="Pool your LAN's GPUs into one llama.cpp model."
@@ -735,21 +754,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser(
         "chat", help="chat with a model split across agents (local without --agent)"
     )
-    chat.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct)")
-    chat.add_argument(
-        "--agent",
-        action="append",
-        type=_address,
-        default=[],
-        metavar="HOST:PORT",
-        help="an agent whose RPC worker takes layers; repeat for several",
-    )
+    _model_flags(chat, ctx=DEFAULT_CTX)
     chat.add_argument("--prompt", help="answer this one message and exit (interactive without it)")
     chat.add_argument("--max-tokens", type=_positive, default=256)
-    chat.add_argument("--ctx", type=_positive, default=2048, help="context size in tokens")
     chat.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--seed", type=int, default=-1, help="sampling seed (-1 = random)")
-    chat.add_argument("--threads", type=int, default=0, help="CPU threads of the local process")
     chat.add_argument("--system", help="system prompt (kept through context shifts)")
     chat.add_argument(
         "--session", metavar="NAME", help="keep this chat's history on disk and resume it next time"
@@ -768,19 +777,14 @@ def build_parser() -> argparse.ArgumentParser:
     _planning_flags(chat)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible API (/v1) for the split model")
-    serve.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct)")
-    serve.add_argument("--agent", action="append", type=_address, default=[], metavar="HOST:PORT")
-    serve.add_argument("--ctx", type=_positive, default=4096, help="context size in tokens")
-    serve.add_argument("--threads", type=int, default=0, help="CPU threads of the local process")
+    _model_flags(serve, ctx=4096)  # room for an API client's longer conversations
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="listen port (0: any free one)")
     serve.add_argument("--api-key", default="", help="require 'Authorization: Bearer KEY'")
     _planning_flags(serve)
 
     plan = sub.add_parser("plan", help="where each layer would go and how much memory it needs")
-    plan.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct)")
-    plan.add_argument("--agent", action="append", type=_address, default=[], metavar="HOST:PORT")
-    plan.add_argument("--ctx", type=_positive, default=2048, help="context size in tokens")
+    _model_flags(plan, ctx=DEFAULT_CTX, threads=False)
     plan.add_argument("--json", action="store_true")
     _planning_flags(plan)
 

@@ -405,10 +405,17 @@ class MainWindow(QMainWindow):
         self._replan_if_asked()
 
     def _cancel(self) -> None:
+        """Stop the plan or deploy under way: what this window submitted is cancelled where
+        it awaits (its callbacks never run) and the session is closed, so no model is loaded
+        afterwards."""
         for future in list(self._submitted):
-            future.cancel()  # what this window submitted stops where it awaits
+            future.cancel()
         self.engine.submit(self.chat.close())
-        self.status.setText("cancelled")
+        self.result = None
+        self._idle()
+        self.load_button.setEnabled(True)
+        self.send_button.setEnabled(False)
+        self.status.setText("cancelled: nothing is loaded; press Deploy to load")
 
     def _load(self) -> None:
         try:

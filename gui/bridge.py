@@ -11,9 +11,11 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from PySide6.QtCore import QObject, Qt, Signal
+
+T = TypeVar("T")
 
 
 class Bridge(QObject):
@@ -41,14 +43,17 @@ class Bridge(QObject):
 
     def deliver(
         self,
-        future: concurrent.futures.Future[Any],
-        on_ok: Callable[[Any], None],
-        on_error: Callable[[Any], None],
+        future: concurrent.futures.Future[T],
+        on_ok: Callable[[T], None],
+        on_error: Callable[[BaseException], None],
     ) -> None:
         """When `future` (from the engine thread) completes, call one of the callbacks on the
-        GUI thread."""
+        GUI thread: `on_ok` with its typed result, or `on_error` with what it raised. A
+        future the window cancelled calls neither."""
 
-        def done(f: concurrent.futures.Future[Any]) -> None:
+        def done(f: concurrent.futures.Future[T]) -> None:
+            if f.cancelled():
+                return
             error = f.exception()
             if error is not None:
                 self.post(on_error, error)

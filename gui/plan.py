@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 from corral.engine.planner.kvtypes import KV_TYPES
 from corral.engine.planner.plan import STRATEGIES, Plan
 from corral.engine.planner.validate import Verdict
-from corral.engine.runtime.session import LoadSettings
+from corral.engine.runtime.session import DEFAULT_CTX, LoadSettings
 
 MiB = 1 << 20
 # one color per device, in llama.cpp's device order; the desktop's own memory is grey
@@ -195,7 +195,7 @@ class SettingsForm(QWidget):
         self.ctx = QSpinBox()
         self.ctx.setRange(256, 1 << 20)
         self.ctx.setSingleStep(256)
-        self.ctx.setValue(2048)
+        self.ctx.setValue(DEFAULT_CTX)
         self.type_k = QComboBox()
         self.type_v = QComboBox()
         for box in (self.type_k, self.type_v):

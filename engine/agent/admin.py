@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from corral.engine.aio import within
 from corral.engine.protocol import (
@@ -32,10 +32,25 @@ from corral.engine.protocol import (
     read_frame,
     to_wire,
 )
-from corral.engine.security.pairing import CODE_TTL
+from corral.engine.security.pairing import CODE_TTL, PairingGate
+from corral.engine.security.pins import Peer, PinStore
 
-if TYPE_CHECKING:
-    from .server import AgentServer
+
+class AgentAdmin(Protocol):
+    """What the admin socket needs of the agent (AgentServer is one): its state folder, the
+    pairing gate that issues codes, the pinned desktops, who is connected and who holds the
+    lease, and a way to forget a desktop."""
+
+    state_dir: Path
+    gate: PairingGate
+    pins: PinStore
+
+    def connected(self) -> set[str]: ...
+
+    def lease_holder(self) -> str: ...
+
+    def forget(self, who: str) -> list[Peer]: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +87,7 @@ def admin_socket_path(state_dir: Path) -> Path:
 
 
 class AdminServer:
-    def __init__(self, agent: AgentServer) -> None:
+    def __init__(self, agent: AgentAdmin) -> None:
         self.agent = agent
         self.path = admin_socket_path(agent.state_dir)
         self._server: asyncio.AbstractServer | None = None

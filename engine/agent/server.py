@@ -74,14 +74,11 @@ from corral.engine.security.pins import Peer, PinStore
 from corral.engine.security.tls import server_context
 from corral.engine.security.tunnel import (
     RELAY_SHARE,
-    HandedOver,
-    NativePump,
     Pump,
-    TlsPump,
-    hand_over,
     relay_keys,
     relay_mode,
     relay_share,
+    start_data_path,
     unix_connection,
 )
 
@@ -694,21 +691,16 @@ class AgentServer:
             sock.close()
             plain.close()
             return True
-        pump: Pump
         keys = relay_keys(msg.relay, ours, "agent") if ours else None
-        if keys is not None and handover:
-            try:
-                hand_over(plain, sock, keys, inc.read())
-            except OSError as exc:
-                log.warning("hand-over to the RPC worker failed: %s", exc)
-                sock.close()
-                plain.close()
-                return True
-            pump = HandedOver(sock, plain, on_close=self._pump_closed)
-        elif keys is not None:
-            pump = NativePump(sock, plain, keys, inc.read(), on_close=self._pump_closed)
-        else:
-            pump = TlsPump(sock, obj, inc, out, plain, to_plain=rest, on_close=self._pump_closed)
+        try:
+            pump, _ = start_data_path(
+                sock, obj, inc, out, plain, keys, inc.read, bool(handover), self._pump_closed, rest
+            )
+        except OSError as exc:
+            log.warning("hand-over to the RPC worker failed: %s", exc)
+            sock.close()
+            plain.close()
+            return True
         with self._pumps_lock:
             self._pumps.add(pump)
         pump.start()

@@ -74,10 +74,13 @@ from .planning import (
 _CRASH_EVENT_WAIT = 2.0  # how long to wait for an agent to report the worker that died
 
 
+DEFAULT_CTX = 2048  # tokens of context when the user names none (`corral serve`: 4096)
+
+
 @dataclass(frozen=True, slots=True)
 class LoadSettings:
     model: Path
-    n_ctx: int = 2048
+    n_ctx: int = DEFAULT_CTX
     n_threads: int = 0
     flash_attn: bool = False
     worker_threads: int = 0

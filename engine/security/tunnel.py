@@ -395,6 +395,34 @@ def handover_hello(mode: bytes, keys: tuple[bytes, ...] = (), pending: bytes = b
     return HANDOVER_MAGIC + mode + bytes(3) + len(pending).to_bytes(4, "big") + material
 
 
+def start_data_path(
+    sock: socket.socket,
+    obj: ssl.SSLObject,
+    inc: ssl.MemoryBIO,
+    out: ssl.MemoryBIO,
+    plain: socket.socket,
+    keys: RelayKeys | None,
+    leftover: Callable[[], bytes],
+    handover: bool,
+    on_close: Callable[[Any], None],
+    to_plain: bytes = b"",
+) -> tuple[Pump, str]:
+    """One tunnel's data path, the same choice at both ends: with relay keys and a hand-over
+    socket, the records go to the RPC library itself ("inproc"); with keys only, two C
+    threads relay them ("native"); without, TLS records in Python threads ("python").
+    `leftover` gives the bytes read past the TLS handshake (the relay's first records); it
+    is called only with keys (without, those bytes are TLS the Python pump still reads).
+    Returns the pump, not started, and the mode's name. OSError: the hand-over failed (the
+    caller closes both sockets)."""
+    if keys is not None and handover:
+        hand_over(plain, sock, keys, leftover())
+        return HandedOver(sock, plain, on_close=on_close), "inproc"
+    if keys is not None:
+        return NativePump(sock, plain, keys, leftover(), on_close=on_close), "native"
+    pump = TlsPump(sock, obj, inc, out, plain, to_plain=to_plain, on_close=on_close)
+    return pump, "python"
+
+
 def hand_over(
     unix: socket.socket,
     net: socket.socket,
@@ -418,7 +446,10 @@ def relay_share() -> bytes:
     return os.urandom(RELAY_SHARE) if _load_relay() is not None else b""
 
 
-def relay_keys(desktop: bytes, agent: bytes, side: str) -> tuple[bytes, bytes, bytes, bytes]:
+RelayKeys = tuple[bytes, bytes, bytes, bytes]  # what relay_keys gives one side
+
+
+def relay_keys(desktop: bytes, agent: bytes, side: str) -> RelayKeys:
     """(tx_key, tx_iv, rx_key, rx_iv) for `side` ('desktop' or 'agent'), from both ends'
     shares. The shares travelled inside the mutually authenticated TLS channel, so only the
     two paired ends know them; HKDF-SHA256 gives each direction its own key and IV."""
@@ -565,7 +596,7 @@ class BlockingTls:
         self.obj = ctx.wrap_bio(self.inc, self.out, server_side=False)
         self._decoder = FrameDecoder()
         self._frames: list[Any] = []
-        self.relay_keys: tuple[bytes, bytes, bytes, bytes] | None = None
+        self.relay_keys: RelayKeys | None = None
         try:
             while True:
                 try:
@@ -718,31 +749,31 @@ class DesktopTunnel:
             log.warning("tunnel to %s: %s", self.label, exc)
             local.close()
             return
-        pump: Pump
-        if chan.relay_keys is not None and handover:
-            try:  # the child's ggml-rpc now owns the connection; this end keeps a copy
-                hand_over(local, chan.sock, chan.relay_keys, chan.leftover())
-            except OSError as exc:
-                self.last_error = f"hand-over failed: {exc}"
-                log.warning("tunnel to %s: hand-over failed: %s", self.label, exc)
+        if chan.relay_keys is None and handover:
+            try:  # the agent has no record layer: plain bytes on the Unix socket
+                local.sendall(handover_hello(b"P"))
+            except OSError:
                 chan.close()
                 local.close()
                 return
-            pump = HandedOver(chan.sock, local, on_close=self._gone)
-            self.mode = "inproc"
-        elif chan.relay_keys is not None:
-            pump = NativePump(chan.sock, local, chan.relay_keys, chan.leftover(), self._gone)
-            self.mode = "native"
-        else:
-            if handover:  # the agent has no record layer: plain bytes on the Unix socket
-                try:
-                    local.sendall(handover_hello(b"P"))
-                except OSError:
-                    chan.close()
-                    local.close()
-                    return
-            pump = TlsPump(chan.sock, chan.obj, chan.inc, chan.out, local, on_close=self._gone)
-            self.mode = "python"
+        try:  # with a hand-over, the child's ggml-rpc owns the connection; this end a copy
+            pump, self.mode = start_data_path(
+                chan.sock,
+                chan.obj,
+                chan.inc,
+                chan.out,
+                local,
+                chan.relay_keys,
+                chan.leftover,
+                handover,
+                self._gone,
+            )
+        except OSError as exc:
+            self.last_error = f"hand-over failed: {exc}"
+            log.warning("tunnel to %s: hand-over failed: %s", self.label, exc)
+            chan.close()
+            local.close()
+            return
         with self._lock:
             stopped = self._stopped
             if not stopped:
