@@ -24,11 +24,23 @@ from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
 from corral.engine.runtime.agent_client import AgentClient, parse_address
 from corral.engine.runtime.childproto import Done, Token
-from corral.engine.runtime.errors import InferenceCrashed, PlanRefused, RuntimeFailure
+from corral.engine.runtime.errors import (
+    InferenceCrashed,
+    PairingFailed,
+    PlanRefused,
+    RuntimeFailure,
+)
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import ReplyMeter
-from corral.engine.runtime.session import DEFAULT_CTX, ChatSession, LoadResult, LoadSettings
-from corral.engine.security.desktop import desktop_keys
+from corral.engine.runtime.session import (
+    DEFAULT_CTX,
+    MAX_CTX,
+    MIN_CTX,
+    ChatSession,
+    LoadResult,
+    LoadSettings,
+)
+from corral.engine.security.desktop import desktop_dir, desktop_keys
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.identity import short
 
@@ -64,6 +76,22 @@ def _address(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ctx(text: str) -> int:
+    """--ctx: refused here, before anything starts, when llama.cpp could not use it."""
+    value = _positive(text)
+    if value < MIN_CTX:
+        raise argparse.ArgumentTypeError(
+            f"{value} is too small: llama.cpp sizes the cache in blocks of {MIN_CTX} tokens; "
+            f"use --ctx {MIN_CTX} or more"
+        )
+    if value > MAX_CTX:
+        raise argparse.ArgumentTypeError(
+            f"{value} is more than Corral plans for ({MAX_CTX} tokens, beyond any released "
+            "model's context); use a smaller --ctx"
+        )
+    return value
 
 
 def _positive(text: str) -> int:
@@ -179,6 +207,8 @@ async def _reply(session: ChatSession, out: _Out, text: str, opts: argparse.Name
         await frames.aclose()  # a reply left early (stdout closed) is stopped, not orphaned
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(signal.SIGINT)
+        if done is None and meter.tokens and not out.json:
+            print(flush=True)  # a reply cut short: what is said next starts on its own line
     if done is None:  # generate() ends with Done or raises: never here
         raise RuntimeFailure("the reply ended without its summary")
     if not out.json:
@@ -502,7 +532,18 @@ async def _pair(opts: argparse.Namespace, out: _Out) -> int:
         code = await asyncio.get_running_loop().run_in_executor(
             None, input, f"pairing code shown by the agent at {opts.address}: "
         )
-    peer = await client.pair(code)
+    try:
+        peer = await client.pair(code)
+    except PairingFailed:
+        # a code used up by an earlier pairing says "expired": say what is really the case
+        known = await _paired_already(opts.address)
+        if known is None:
+            raise
+        out.info(
+            f"already paired with {known} ({opts.address}): nothing to do. To pair again, "
+            f"`corral unpair {opts.address}` first and use a new code from `corral-agent pair`"
+        )
+        return 0
     out.event(
         {
             "type": "paired",
@@ -518,6 +559,22 @@ async def _pair(opts: argparse.Namespace, out: _Out) -> int:
     if not out.json:
         print(f"paired with {peer.name}")
     return 0
+
+
+async def _paired_already(address: str) -> str | None:
+    """The agent's name when this desktop is paired with the agent at `address` and it
+    accepts this desktop now; None otherwise."""
+    keys = desktop_keys()
+    if not any(p.address == address for p in keys.pins.peers()):
+        return None
+    client = AgentClient(address, keys=keys)
+    try:
+        await client.connect(timeout=3)
+        return client.name
+    except RuntimeFailure:
+        return None
+    finally:
+        await client.close()
 
 
 async def _unpair(opts: argparse.Namespace, out: _Out) -> int:
@@ -739,7 +796,11 @@ def _model_flags(p: argparse.ArgumentParser, ctx: int, threads: bool = True) -> 
         help="an agent whose RPC worker takes layers; repeat for several",
     )
     p.add_argument(
-        "--ctx", type=_positive, default=ctx, help=f"context size in tokens (default {ctx})"
+        "--ctx",
+        type=_ctx,
+        default=ctx,
+        help=f"context size in tokens, {MIN_CTX} to {MAX_CTX}, rounded up to a multiple of "
+        f"{MIN_CTX} (default {ctx})",
     )
     if threads:
         p.add_argument("--threads", type=int, default=0, help="CPU threads of the local process")
@@ -919,9 +980,7 @@ def main(argv: list[str] | None = None) -> int:
 def _save_traceback() -> str:
     import traceback
 
-    import platformdirs
-
-    path = Path(platformdirs.user_state_dir("corral")) / "last-error.txt"
+    path = desktop_dir() / "last-error.txt"  # $CORRAL_STATE_DIR, else the platform's
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(traceback.format_exc())

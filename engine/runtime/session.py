@@ -75,6 +75,8 @@ _CRASH_EVENT_WAIT = 2.0  # how long to wait for an agent to report the worker th
 
 
 DEFAULT_CTX = 2048  # tokens of context when the user names none (`corral serve`: 4096)
+MIN_CTX = 256  # llama.cpp sizes the cache in blocks of 256 cells (planner.plan.pad_ctx)
+MAX_CTX = 1 << 24  # 16M tokens: beyond every released model, and KV counts stay in range
 
 
 @dataclass(frozen=True, slots=True)

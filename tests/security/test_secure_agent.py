@@ -76,9 +76,13 @@ def test_pair_with_the_cli_use_and_unpair_on_both_sides(
     before = corral("agents", "--agent", address, env=env)
     assert before.returncode == 1 and "has not paired with the agent" in before.stderr
     assert "corral pair" in before.stderr and "Traceback" not in before.stderr
-    paired = corral("pair", address, "--code", _new_code(unpaired), env=env)
+    code = _new_code(unpaired)
+    paired = corral("pair", address, "--code", code, env=env)
     assert paired.returncode == 0, paired.stderr
     assert corral("agents", "--agent", address, env=env).returncode == 0
+    again = corral("pair", address, "--code", code, env=env)  # the code is used up
+    assert again.returncode == 0 and "already paired with" in again.stderr, again.stderr
+    assert "expired" not in again.stderr
     listed = _agent_cli("paired", "--state-dir", str(unpaired.state_dir(0)))
     assert "connected" not in listed.stdout and len(listed.stdout.splitlines()) == 1
     gone = corral("unpair", address, env=env)
