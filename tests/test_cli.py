@@ -89,3 +89,16 @@ def test_sampling_with_a_seed_is_reproducible(smollm2: Path) -> None:
         json.loads(first.stdout.splitlines()[-1])["content"]
         == json.loads(second.stdout.splitlines()[-1])["content"]
     )
+
+
+def test_a_silent_program_at_the_port_is_told_apart_from_an_unreachable_host() -> None:
+    """A listener that accepts and says nothing (not an agent, or a stopped one) is named as
+    such, not as a host that did not accept the connection."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        done = corral("agents", "--agent", f"127.0.0.1:{port}")
+    assert done.returncode == 1, done.stderr
+    assert "accepted the connection but said nothing" in done.stderr, done.stderr
+    assert "did not accept a connection" not in done.stderr and "Traceback" not in done.stderr

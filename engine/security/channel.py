@@ -315,13 +315,18 @@ def _could_be_client_hello(head: bytes) -> bool:
 
 
 async def connect(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -> TlsConnection:
-    """Open a TCP connection and finish the TLS handshake within `timeout`."""
+    """Open a TCP connection and finish the TLS handshake within `timeout`. TimeoutError:
+    nothing accepted the connection in time; TlsFailed: something accepted it and did not
+    complete a handshake (a silent program is told apart from an unreachable host)."""
     loop = asyncio.get_running_loop()
+    accepted = False
 
     async def go() -> TlsConnection:
+        nonlocal accepted
         _, proto = await loop.create_connection(
             lambda: TlsConnection(ctx, server_side=False, handshake_timeout=timeout), host, port
         )
+        accepted = True
         try:
             await proto.handshake
         except BaseException:
@@ -329,4 +334,11 @@ async def connect(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -> 
             raise
         return proto
 
-    return await within(go(), timeout)
+    try:
+        return await within(go(), timeout)
+    except TimeoutError:
+        if not accepted:
+            raise
+        raise TlsFailed(
+            f"the program at that port accepted the connection but said nothing for {timeout:.0f} s"
+        ) from None
