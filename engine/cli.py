@@ -31,7 +31,6 @@ from corral.engine.runtime.errors import (
     RuntimeFailure,
 )
 from corral.engine.runtime.hosts import HostDirectory
-from corral.engine.runtime.kvstatus import ReplyMeter
 from corral.engine.runtime.session import (
     DEFAULT_CTX,
     MAX_CTX,
@@ -167,8 +166,7 @@ async def _reply(session: ChatSession, out: _Out, text: str, opts: argparse.Name
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGINT, session.cancel)
-    meter = ReplyMeter(session.result.plan if session.result else None)
-    done: Done | None = None
+    meter = session.reply_meter()
     frames = session.ask(
         text,
         max_tokens=opts.max_tokens,
@@ -201,16 +199,13 @@ async def _reply(session: ChatSession, out: _Out, text: str, opts: argparse.Name
                     f"[context full: kept {shift.n_keep} tokens, dropped "
                     f"{shift.n_discard}; shift {shift.shifts}]"
                 )
-            else:
-                done = update.done
     finally:
         await frames.aclose()  # a reply left early (stdout closed) is stopped, not orphaned
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(signal.SIGINT)
-        if done is None and meter.tokens and not out.json:
+        if meter.done is None and meter.tokens and not out.json:
             print(flush=True)  # a reply cut short: what is said next starts on its own line
-    if done is None:  # generate() ends with Done or raises: never here
-        raise RuntimeFailure("the reply ended without its summary")
+    done = meter.finished()
     if not out.json:
         print(flush=True)
         out.info(

@@ -368,9 +368,9 @@ def what_fits(spec: ModelSpec, plan: Plan) -> list[str]:
     these settings (never down), so a family the estimate underrates (see docs/PLANNER.md)
     gets suggestions that still fit."""
     s = plan.settings
-    at_plan = estimate(spec, plan.devices, s, plan.strategy, plan.tensor_split)
     scale = [1.0] * (len(plan.devices) + 1)  # per device, the host last
     if plan.compute_source == "dry run":
+        at_plan = estimate(spec, plan.devices, s, plan.strategy, plan.tensor_split)
         pairs = zip((*plan.usage, plan.host), (*at_plan.usage, at_plan.host), strict=True)
         scale = [
             max(1.0, real.compute / est.compute) if est.compute else 1.0 for real, est in pairs

@@ -20,7 +20,7 @@ from corral.engine.planner.validate import Verdict
 
 from .childproto import Done
 from .errors import RuntimeFailure
-from .kvstatus import ReplyMeter, ReplyUpdate
+from .kvstatus import ReplyUpdate
 from .session import ChatSession, LoadResult, LoadSettings
 
 History = tuple[Mapping[str, str], ...]
@@ -96,18 +96,13 @@ class ChatController:
         the window posts them on to its own thread)."""
         self._own()
         session = self._require()
-        meter = ReplyMeter(session.result.plan if session.result else None)
-        done: Done | None = None
+        meter = session.reply_meter()
         async with contextlib.aclosing(session.ask(text, max_tokens=max_tokens)) as frames:
             async for frame in frames:
                 update = meter.feed(frame)
-                if update.done is not None:
-                    done = update.done
-                else:
+                if update.done is None:
                     on_update(update)
-        if done is None:  # generate() ends with Done or raises: never here
-            raise RuntimeFailure("the reply ended without its summary")
-        return Replied(done, self._history(session))
+        return Replied(meter.finished(), self._history(session))
 
     def cancel_reply(self) -> None:
         """Stop the reply under way (a second call kills the inference process)."""

@@ -126,9 +126,11 @@ class _Engine:
         load_s = time.perf_counter() - t0
         self.n_ctx = int(self.L.llama_n_ctx(self.llm.ctx))
         self.tokens = []
+        from corral.engine.ggml import parse_load_log
+
         self.chan.send(
             Loaded(
-                log=self._load_log(capture, mark, self.n_ctx),
+                log=self._load_log(parse_load_log(capture.since(mark)), self.n_ctx),
                 n_layer=int(self.L.llama_model_n_layer(self.llm.model)),
                 n_vocab=int(self.llm.n_vocab()),
                 load_s=load_s,
@@ -137,11 +139,10 @@ class _Engine:
         )
 
     @staticmethod
-    def _load_log(capture: Any, mark: int, n_ctx: int) -> LoadLog:
-        """What llama.cpp logged since `mark`, with the devices it sees now."""
-        from corral.engine.ggml import list_devices, parse_load_log
+    def _load_log(report: Any, n_ctx: int) -> LoadLog:
+        """What llama.cpp logged (a parsed LoadReport), with the devices it sees now."""
+        from corral.engine.ggml import list_devices
 
-        report = parse_load_log(capture.since(mark))
         return LoadLog(
             devices=tuple(list_devices()),
             layers={str(k): v for k, v in report.layers.items()},
@@ -255,10 +256,11 @@ class _Engine:
             L.llama_model_free(model)
         from corral.engine.ggml import parse_load_log
 
+        report = parse_load_log(capture.since(mark))
         self.chan.send(
             DryRunReport(
-                log=self._load_log(capture, mark, p.n_ctx),
-                swa_layers=tuple(parse_load_log(capture.since(mark)).swa),
+                log=self._load_log(report, p.n_ctx),
+                swa_layers=tuple(report.swa),
                 n_swa=n_swa,
                 cpu_extra=self._cpu_kernels().factors,
             )

@@ -12,8 +12,6 @@ from collections.abc import AsyncGenerator, Callable
 from typing import TypeVar
 
 from corral.engine.aio import within
-from corral.engine.ggml.buildinfo import BuildInfo
-from corral.engine.ggml.devices import GgmlDevice
 from corral.engine.ggml.kernelcheck import crash_hint
 from corral.engine.procs import RPC_PROCESS_ENV, exit_text
 from corral.engine.protocol import (
@@ -65,8 +63,6 @@ class InferenceProcess:
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.log: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
-        self.build: BuildInfo | None = None
-        self.devices: tuple[GgmlDevice, ...] = ()  # the desktop's own, as the child saw them
         self._frames: asyncio.Queue[Message | None] = asyncio.Queue()
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -96,9 +92,7 @@ class InferenceProcess:
             loop.create_task(self._pump_log()),
             loop.create_task(self._pump_frames(reader)),
         ]
-        ready = await self._expect(Ready, _READY_TIMEOUT)
-        self.build, self.devices = ready.build, ready.devices
-        return ready
+        return await self._expect(Ready, _READY_TIMEOUT)
 
     async def _pump_log(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -148,12 +142,7 @@ class InferenceProcess:
         return frame
 
     async def _expect(self, kind: type[R], timeout: float | None = None) -> R:
-        frame = await self._next(timeout)
-        if not isinstance(frame, kind):
-            raise InferenceError(
-                f"the inference process said {type(frame).__name__} instead of {kind.__name__}"
-            )
-        return frame
+        return _as(kind, await self._next(timeout))
 
     def _send(self, msg: Message) -> None:
         if self._dead is not None:
@@ -170,9 +159,7 @@ class InferenceProcess:
         while True:
             frame = await self._next()
             if not isinstance(frame, Progress):
-                if not isinstance(frame, Loaded):
-                    raise InferenceError(f"the inference process said {type(frame).__name__}")
-                return frame
+                return _as(Loaded, frame)
             if on_progress is not None:
                 on_progress(frame.fraction)
 
@@ -268,3 +255,12 @@ class InferenceProcess:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _as(kind: type[R], frame: Message) -> R:
+    """`frame` if it is the reply expected, else InferenceError naming both."""
+    if not isinstance(frame, kind):
+        raise InferenceError(
+            f"the inference process said {type(frame).__name__} instead of {kind.__name__}"
+        )
+    return frame

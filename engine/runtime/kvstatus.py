@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from corral.engine.planner.plan import Plan
 
 from .childproto import Done, Event, Shift, Token
+from .errors import RuntimeFailure
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,7 @@ class ReplyMeter:
         self.shifts = 0
         self.first = 0.0
         self.rate = 0.0
-        self.kv = KvStatus(0, plan.settings.n_ctx_padded if plan else 0)
+        self.done: Done | None = None  # the reply's summary, once it came
 
     def feed(self, event: Event) -> ReplyUpdate:
         if isinstance(event, Token):
@@ -92,14 +93,21 @@ class ReplyMeter:
                 self.first = now
             elif now > self.first:
                 self.rate = (self.tokens - 1) / (now - self.first)
-            self.kv = kv_status(self.plan, event.kv_used, event.n_ctx, self.shifts, self.rate)
-            return ReplyUpdate(event.text, self.kv)
+            return ReplyUpdate(event.text, self._kv(event))
         if isinstance(event, Shift):
             self.shifts = event.shifts
-            self.kv = kv_status(self.plan, event.kv_used, event.n_ctx, self.shifts, self.rate)
-            return ReplyUpdate("", self.kv, shift=event)
-        self.shifts = event.shifts
+            return ReplyUpdate("", self._kv(event), shift=event)
+        self.shifts, self.done = event.shifts, event
         if event.gen_s > 0:
             self.rate = event.n_tokens / event.gen_s
-        self.kv = kv_status(self.plan, event.kv_used, event.n_ctx, self.shifts, self.rate)
-        return ReplyUpdate("", self.kv, done=event)
+        return ReplyUpdate("", self._kv(event), done=event)
+
+    def finished(self) -> Done:
+        """The reply's summary: generate() ends with it or raises, so its absence after the
+        last event is a bug, said as one."""
+        if self.done is None:
+            raise RuntimeFailure("the reply ended without its summary; this is a bug in Corral")
+        return self.done
+
+    def _kv(self, event: Token | Shift | Done) -> KvStatus:
+        return kv_status(self.plan, event.kv_used, event.n_ctx, self.shifts, self.rate)

@@ -18,7 +18,6 @@ from typing import Any
 from corral.engine.aio import within
 
 from .errors import RuntimeFailure
-from .kvstatus import ReplyMeter
 from .session import ChatSession
 
 log = logging.getLogger(__name__)
@@ -191,12 +190,11 @@ class ApiServer:
             if req.get("stream"):
                 await self._stream(chat, sampling, writer, ident, created)
             else:
-                meter, done = self._meter(), None
+                meter = self.session.reply_meter()
                 async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
                     async for frame in frames:
-                        done = meter.feed(frame).done or done
-                if done is None:  # generate() ends with Done or raises: never here
-                    raise RuntimeError("the reply ended without its Done")
+                        meter.feed(frame)
+                done = meter.finished()
                 await self._json(
                     writer,
                     200,
@@ -219,10 +217,6 @@ class ApiServer:
                         },
                     },
                 )
-
-    def _meter(self) -> ReplyMeter:
-        result = self.session.result
-        return ReplyMeter(result.plan if result is not None else None)
 
     async def _stream(
         self,
@@ -248,7 +242,7 @@ class ApiServer:
             return f"data: {json.dumps(obj)}\n\n".encode()
 
         writer.write(chunk({"role": "assistant", "content": ""}))
-        stop, meter = "stop", self._meter()
+        stop, meter = "stop", self.session.reply_meter()
         # closed on the way out: a client that hangs up has the rest of its reply stopped
         async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
             async for frame in frames:

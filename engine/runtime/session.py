@@ -60,6 +60,7 @@ from .errors import (
     WorkerUnavailable,
 )
 from .inference import STOP_GRACE, InferenceProcess
+from .kvstatus import ReplyMeter
 from .planning import (
     Comparison,
     compare,
@@ -510,6 +511,10 @@ class ChatSession:
                 if isinstance(frame, Done):
                     self.history = [*messages, {"role": "assistant", "content": frame.content}]
                 yield frame
+
+    def reply_meter(self) -> ReplyMeter:
+        """A meter for the next reply, sizing the KV cache per device by the loaded plan."""
+        return ReplyMeter(self.result.plan if self.result else None)
 
     def take_back(self) -> str:
         """Drop the last exchange and return its user message, to be answered again."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from corral.engine.runtime.childproto import Done, Shift, Token
+from corral.engine.runtime.errors import RuntimeFailure
 from corral.engine.runtime.kvstatus import ReplyMeter
 
 
@@ -23,3 +26,11 @@ def test_the_meter_counts_from_the_first_token_and_ends_with_the_childs_own_rate
     assert meter.feed(Token("c", 3, 121, 256)).kv.shifts == 3
     end = meter.feed(_done(n_tokens=3, gen_s=0.5, shifts=3))
     assert end.stop == "length" and end.text == "" and end.kv.gen_tok_s == 6.0
+    assert meter.finished() is end.done
+
+
+def test_a_reply_without_its_summary_is_said_to_be_a_bug() -> None:
+    meter = ReplyMeter(None)
+    meter.feed(Token("a", 1, 6, 256))
+    with pytest.raises(RuntimeFailure, match="without its summary"):
+        meter.finished()
