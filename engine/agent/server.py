@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import hmac
 import logging
 import os
 import threading
@@ -43,10 +42,6 @@ from corral.engine.protocol import (
     Message,
     OkReply,
     OpenTunnel,
-    PairChallenge,
-    PairConfirm,
-    PairDone,
-    PairStart,
     Ping,
     Pong,
     ProtocolError,
@@ -63,12 +58,12 @@ from corral.engine.protocol import (
 )
 from corral.engine.security import identity as ident
 from corral.engine.security.channel import TlsConnection
-from corral.engine.security.files import SecurityFileError
 from corral.engine.security.pairing import (
+    STEP_TIMEOUT,
+    AgentSide,
     PairingGate,
     PairingRefused,
-    agent_confirm,
-    desktop_confirm,
+    answer_pairing,
 )
 from corral.engine.security.pins import Peer, PinStore
 from corral.engine.security.tls import server_context
@@ -92,12 +87,8 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 3.0  # a TLS 1.3 handshake is one round trip; anything slower is not a desktop
 CLIENT_HELLO_TIMEOUT = 0.75  # a client sends its whole ClientHello with its first write
 _HELLO_TIMEOUT = 10.0  # a paired desktop's first frame
-# each step of an unpaired connection: the code is typed before `corral pair` connects, so
-# its messages follow each other at once
-_PAIRING_STEP_TIMEOUT = 3.0
-# with no usable pairing code, an unpaired peer's one request after hello is answered (with
-# why it is refused) if it comes this soon; then the connection ends
-_NOTHING_TO_PAIR_TIMEOUT = 0.75
+# An unpaired connection's steps (its hello too) get pairing.STEP_TIMEOUT each: the code is
+# typed before `corral pair` connects, so its messages follow each other at once.
 # Slots. Connections still in the TLS handshake (at most 3 s each, 0.75 s without a
 # ClientHello) are capped in all and per source address; once the handshake shows a pinned
 # certificate a connection takes a paired slot, which strangers never hold; one without a
@@ -143,6 +134,20 @@ class _Conn:
     @property
     def name(self) -> str:
         return self.peer.name if self.peer else "an unpaired desktop"
+
+
+class _PairingConn:
+    """An unpaired connection as pairing's channel: messages in, messages out."""
+
+    def __init__(self, server: AgentServer, conn: _Conn) -> None:
+        self._server, self._conn = server, conn
+
+    def send(self, msg: Message) -> None:
+        with contextlib.suppress(ConnectionError):
+            self._conn.proto.send(to_wire(msg))
+
+    async def recv(self, timeout: float) -> Message | None:
+        return await self._server._next(self._conn, timeout)
 
 
 class AgentServer:
@@ -375,7 +380,7 @@ class AgentServer:
         return from_wire(frame)
 
     async def _session(self, conn: _Conn) -> None:
-        first = await self._next(conn, _HELLO_TIMEOUT if conn.peer else _PAIRING_STEP_TIMEOUT)
+        first = await self._next(conn, _HELLO_TIMEOUT if conn.peer else STEP_TIMEOUT)
         if first is None:
             return
         if not isinstance(first, Hello):
@@ -412,80 +417,27 @@ class AgentServer:
     # ------------------------------------------------------------------ pairing
 
     async def _pairing(self, conn: _Conn) -> None:
-        """An unpaired desktop: PairStart → PairChallenge → PairConfirm → PairDone, or out."""
-        nothing = self.gate.refusal()  # no usable code: one short step to say why, then out
-        start = await self._next(
-            conn, _NOTHING_TO_PAIR_TIMEOUT if nothing else _PAIRING_STEP_TIMEOUT
+        """An unpaired desktop: the agent's half of pairing (security/pairing.py)."""
+        side = AgentSide(
+            gate=self.gate,
+            fingerprint=self.identity.fingerprint,
+            agent_id=self.agent_id,
+            hostname=inventory.hostname(),
+            port=self.port,
+            save=self._keep_pin,
         )
-        if start is None:
-            return
-        if not isinstance(start, PairStart):
-            req = getattr(start, "req", 0)
-            self._send_error(
-                conn.proto,
-                req,
-                ErrorCode.NOT_PAIRED,
-                f"{inventory.hostname()} has not paired with this desktop: run "
-                f"`corral pair {inventory.hostname()}:{self.port} --code CODE` with the code "
-                "`corral-agent pair` prints on that host",
-            )
-            return
         try:
-            spake_b, key = self.gate.begin(start.spake)
+            peer = await answer_pairing(_PairingConn(self, conn), side)
         except PairingRefused as exc:
-            log.warning("pairing from %s refused: %s", conn.proto.peername, exc)
-            self._send_error(conn.proto, start.req, ErrorCode.PAIRING_REFUSED, str(exc))
+            log.warning("pairing from %s: %s", conn.proto.peername, exc)
             return
-        fp_desktop = ident.fingerprint(start.cert)
-        fp_agent = self.identity.fingerprint
-        conn.proto.send(
-            to_wire(
-                PairChallenge(
-                    req=start.req, spake=spake_b, confirm=agent_confirm(key, fp_agent, fp_desktop)
-                )
-            )
-        )
-        confirm = await self._next(conn, _PAIRING_STEP_TIMEOUT)
-        if not isinstance(confirm, PairConfirm):
-            log.warning("pairing from %s abandoned (wrong code?)", conn.proto.peername)
-            return
-        wrong = "wrong pairing code: check it and try again"
-        if self.gate.locked:
-            wrong = f"wrong pairing code; pairing is now locked: {self.gate.fix}"
-        if not hmac.compare_digest(confirm.confirm, desktop_confirm(key, fp_agent, fp_desktop)):
-            log.warning("pairing from %s failed: wrong code", conn.proto.peername)
-            self._send_error(conn.proto, confirm.req, ErrorCode.PAIRING_REFUSED, wrong)
-            return
-        if not _valid_cert(start.cert):
-            self._send_error(
-                conn.proto,
-                confirm.req,
-                ErrorCode.BAD_MESSAGE,
-                "the desktop's certificate is not valid",
-            )
-            return
-        name = start.name.strip()[:128] or "desktop"
-        try:
-            self.pins.add(Peer(fingerprint=fp_desktop, name=name, cert_der=start.cert))
-        except SecurityFileError as exc:  # a full disk: nothing was paired, the code stays
-            log.error("pairing with %s not saved: %s", name, exc)
-            self._send_error(
-                conn.proto,
-                confirm.req,
-                ErrorCode.INTERNAL,
-                f"{inventory.hostname()} could not save the pairing: {exc}. Free space "
-                "there, then pair again with the same code",
-            )
-            return
-        self.gate.succeeded()
+        if peer is not None:
+            log.info("paired with %s (%s)", peer.name, ident.short(peer.fingerprint))
+            await conn.proto.drain(2.0)
+
+    def _keep_pin(self, peer: Peer) -> None:
+        self.pins.add(peer)
         self.reload_pins()
-        log.info("paired with %s (%s)", name, ident.short(fp_desktop))
-        conn.proto.send(
-            to_wire(
-                PairDone(req=confirm.req, agent_id=self.agent_id, hostname=inventory.hostname())
-            )
-        )
-        await conn.proto.drain(2.0)
 
     # ------------------------------------------------------------------ requests
 
@@ -805,16 +757,6 @@ class AgentServer:
             event = AgentEvent(kind=kind, worker=replace_host(state, host), message=message)
             with contextlib.suppress(ConnectionError):
                 proto.send(to_wire(event))
-
-
-def _valid_cert(der: bytes) -> bool:
-    from cryptography import x509
-
-    try:
-        x509.load_der_x509_certificate(der)
-    except ValueError:
-        return False
-    return True
 
 
 def _req_of(frame: object) -> int:

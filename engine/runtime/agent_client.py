@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import itertools
 import logging
 import ssl
@@ -24,10 +23,6 @@ from corral.engine.protocol import (
     Inventory,
     InventoryRequest,
     Message,
-    PairChallenge,
-    PairConfirm,
-    PairDone,
-    PairStart,
     Ping,
     ProtocolError,
     StartRpc,
@@ -44,10 +39,9 @@ from corral.engine.security.channel import TlsConnection, TlsFailed
 from corral.engine.security.desktop import DesktopKeys, desktop_keys
 from corral.engine.security.identity import short
 from corral.engine.security.pairing import (
-    agent_confirm,
-    desktop_confirm,
-    desktop_finish,
-    desktop_start,
+    PairingRefused,
+    check_code_text,
+    pair_with_agent,
 )
 from corral.engine.security.pins import Peer
 from corral.engine.security.tunnel import BlockingTls, DesktopTunnel, open_tunnel_channel
@@ -220,43 +214,28 @@ class AgentClient:
         return self.hello
 
     async def pair(self, code: str, timeout: float = 10.0) -> Peer:
-        """Pair with the agent using the code it shows; pin it and return the pin."""
+        """Pair with the agent using the code it shows (the desktop's half of
+        security/pairing.py); pin it and return the pin. PairingFailed says why not."""
         try:
-            side, spake_a = desktop_start(code)
-        except ValueError as exc:
+            check_code_text(code)
+        except ValueError as exc:  # before connecting: a typo costs the agent no try
             raise PairingFailed(str(exc)) from None
         keys = self.keys
         conn = await self._open(keys.pairing_ctx, timeout)
         try:
             fp_agent = conn.peer_fingerprint
             agent_der = conn.peer_der
-            fp_desktop = keys.identity.fingerprint
             theirs = await self._exchange_hello(conn, timeout)
-            conn.send(
-                to_wire(
-                    PairStart(
-                        req=1, name=keys.identity.name, cert=keys.identity.cert_der, spake=spake_a
-                    )
-                )
+            done = await pair_with_agent(
+                _PairingConn(conn, self.address),
+                code,
+                keys.identity,
+                fp_agent,
+                f"agent {self.address}",
+                timeout,
             )
-            challenge = await self._reply(conn, timeout)
-            if not isinstance(challenge, PairChallenge):
-                raise PairingFailed(f"agent {self.address} answered pairing with {challenge}")
-            try:
-                key = desktop_finish(side, challenge.spake)
-            except ValueError as exc:
-                raise PairingFailed(str(exc)) from None
-            if not hmac.compare_digest(challenge.confirm, agent_confirm(key, fp_agent, fp_desktop)):
-                raise PairingFailed(
-                    f"pairing with {self.address} failed: the code is wrong (or someone between "
-                    "this desktop and the agent is intercepting); check the code and try again"
-                )
-            conn.send(
-                to_wire(PairConfirm(req=2, confirm=desktop_confirm(key, fp_agent, fp_desktop)))
-            )
-            done = await self._reply(conn, timeout)
-            if not isinstance(done, PairDone):
-                raise PairingFailed(f"agent {self.address} answered pairing with {done}")
+        except PairingRefused as exc:
+            raise PairingFailed(str(exc)) from None
         finally:
             conn.close()
         peer = Peer(
@@ -268,18 +247,6 @@ class AgentClient:
         )
         keys.pins.add(peer)
         return peer
-
-    async def _reply(self, conn: TlsConnection, timeout: float) -> Message:
-        try:
-            frame = await within(conn.recv(), timeout)
-        except (TimeoutError, TlsFailed, OSError) as exc:
-            raise PairingFailed(f"agent {self.address} stopped answering ({exc})") from None
-        if frame is None:
-            raise PairingFailed(f"agent {self.address} closed the connection during pairing")
-        msg = from_wire(frame)
-        if isinstance(msg, ErrorReply):
-            raise PairingFailed(f"agent {self.address}: {msg.message}")
-        return msg
 
     async def unpair(self) -> None:
         """Ask the agent to forget this desktop (when reachable), then forget it here."""
@@ -452,3 +419,21 @@ class AgentClient:
                     await task
         if self._conn is not None:
             self._conn.close()
+
+
+class _PairingConn:
+    """The connection `pair` opened, as pairing's channel: a transport failure or a closed
+    connection is a PairingRefused that names the agent."""
+
+    def __init__(self, conn: TlsConnection, address: str) -> None:
+        self._conn, self._address = conn, address
+
+    def send(self, msg: Message) -> None:
+        self._conn.send(to_wire(msg))
+
+    async def recv(self, timeout: float) -> Message | None:
+        try:
+            frame = await within(self._conn.recv(), timeout)
+        except (TimeoutError, TlsFailed, OSError) as exc:
+            raise PairingRefused(f"agent {self._address} stopped answering ({exc})") from None
+        return None if frame is None else from_wire(frame)

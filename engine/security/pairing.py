@@ -5,6 +5,18 @@ certificate yet), then confirm the shared key with a MAC over both certificate f
 as each side sees them. A wrong code, a man in the middle (who sees other fingerprints) and a
 replayed exchange (the agent's SPAKE2 half is fresh every time) all fail the confirmation.
 SPAKE2 gives a guesser one try per exchange; the agent allows five, then locks the code.
+
+Both halves of the exchange are here, side by side: `pair_with_agent` is the desktop's,
+`answer_pairing` the agent's. Each talks to a `PairingChannel` (send a message, wait for
+the next), so neither knows about sockets, and the order of the four messages
+
+    desktop                          agent
+    PairStart(name, cert, spake A) →
+                                   ← PairChallenge(spake B, agent's MAC)
+    PairConfirm(desktop's MAC)     →
+                                   ← PairDone(agent id, hostname)   (or ErrorReply)
+
+is read in one file.
 """
 
 from __future__ import annotations
@@ -13,9 +25,25 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from spake2 import SPAKE2_A, SPAKE2_B
+
+from corral.engine.protocol import (
+    ErrorCode,
+    ErrorReply,
+    Message,
+    PairChallenge,
+    PairConfirm,
+    PairDone,
+    PairStart,
+)
+
+from .files import SecurityFileError
+from .identity import Identity, fingerprint
+from .pins import Peer
 
 CODE_TTL = 300.0  # seconds a code stays valid
 MAX_TRIES = 5
@@ -158,3 +186,148 @@ class PairingGate:
     def succeeded(self) -> None:
         """The code did its job: it is gone (one-time)."""
         self._code = None
+
+
+# ---------------------------------------------------------------- the exchange, both halves
+
+
+class PairingChannel(Protocol):
+    """What pairing needs from a connection: send one message, wait for the next.
+
+    `recv` returns None when the peer closed or said nothing for `timeout` seconds; a side
+    may instead raise PairingRefused with a message that names what went wrong."""
+
+    def send(self, msg: Message) -> None: ...
+
+    async def recv(self, timeout: float) -> Message | None: ...
+
+
+STEP_TIMEOUT = 3.0  # seconds the agent waits for each of the desktop's messages
+NOTHING_TO_PAIR_TIMEOUT = 0.75  # ...when it has no usable code: one short step to say why
+
+
+def _expect(msg: Message | None, kind: type, who: str) -> None:
+    if msg is None:
+        raise PairingRefused(f"{who} closed the connection during pairing")
+    if isinstance(msg, ErrorReply):
+        raise PairingRefused(f"{who}: {msg.message}")
+    if not isinstance(msg, kind):
+        raise PairingRefused(f"{who} answered pairing with {msg}")
+
+
+async def pair_with_agent(
+    ch: PairingChannel, code: str, me: Identity, fp_agent: str, who: str, timeout: float
+) -> PairDone:
+    """The desktop's half: prove the code, check the agent proved it too, return its
+    PairDone. `fp_agent` is the certificate the TLS connection saw; `who` names the agent in
+    messages. PairingRefused says what went wrong (a wrong code reads as such)."""
+    try:
+        side, spake_a = desktop_start(code)
+    except ValueError as exc:
+        raise PairingRefused(str(exc)) from None
+    fp_desktop = me.fingerprint
+    ch.send(PairStart(req=1, name=me.name, cert=me.cert_der, spake=spake_a))
+    challenge = await ch.recv(timeout)
+    _expect(challenge, PairChallenge, who)
+    assert isinstance(challenge, PairChallenge)
+    try:
+        key = desktop_finish(side, challenge.spake)
+    except ValueError as exc:
+        raise PairingRefused(str(exc)) from None
+    if not hmac.compare_digest(challenge.confirm, agent_confirm(key, fp_agent, fp_desktop)):
+        raise PairingRefused(
+            f"pairing with {who} failed: the code is wrong (or someone between this desktop "
+            "and the agent is intercepting); check the code and try again"
+        )
+    ch.send(PairConfirm(req=2, confirm=desktop_confirm(key, fp_agent, fp_desktop)))
+    done = await ch.recv(timeout)
+    _expect(done, PairDone, who)
+    assert isinstance(done, PairDone)
+    return done
+
+
+@dataclass(frozen=True)
+class AgentSide:
+    """What the agent's half needs: its code, who it is, and where a new pin is kept."""
+
+    gate: PairingGate
+    fingerprint: str  # the agent's own certificate
+    agent_id: str
+    hostname: str
+    port: int
+    save: Callable[[Peer], None]  # SecurityFileError when it could not be written
+
+
+def _error(ch: PairingChannel, req: int, code: ErrorCode, message: str) -> None:
+    ch.send(ErrorReply.of(req, code, message))
+
+
+async def answer_pairing(ch: PairingChannel, side: AgentSide) -> Peer | None:
+    """The agent's half, for a desktop it has no pin for: check its proof of the code, prove
+    ours, keep its certificate. The pin it saved, or None when pairing did not happen (the
+    desktop was told why, where it was still listening)."""
+    gate, host = side.gate, side.hostname
+    start = await ch.recv(NOTHING_TO_PAIR_TIMEOUT if gate.refusal() else STEP_TIMEOUT)
+    if start is None:
+        return None
+    if not isinstance(start, PairStart):
+        _error(
+            ch,
+            getattr(start, "req", 0),
+            ErrorCode.NOT_PAIRED,
+            f"{host} has not paired with this desktop: run `corral pair {host}:{side.port} "
+            "--code CODE` with the code `corral-agent pair` prints on that host",
+        )
+        return None
+    try:
+        spake_b, key = gate.begin(start.spake)
+    except PairingRefused as exc:
+        _error(ch, start.req, ErrorCode.PAIRING_REFUSED, str(exc))
+        raise
+    fp_desktop = fingerprint(start.cert)
+    fp_agent = side.fingerprint
+    ch.send(
+        PairChallenge(
+            req=start.req, spake=spake_b, confirm=agent_confirm(key, fp_agent, fp_desktop)
+        )
+    )
+    confirm = await ch.recv(STEP_TIMEOUT)
+    if not isinstance(confirm, PairConfirm):
+        raise PairingRefused("pairing abandoned (wrong code?)")
+    if not hmac.compare_digest(confirm.confirm, desktop_confirm(key, fp_agent, fp_desktop)):
+        wrong = "wrong pairing code: check it and try again"
+        if gate.locked:
+            wrong = f"wrong pairing code; pairing is now locked: {gate.fix}"
+        _error(ch, confirm.req, ErrorCode.PAIRING_REFUSED, wrong)
+        raise PairingRefused("wrong code")
+    if not valid_certificate(start.cert):
+        _error(ch, confirm.req, ErrorCode.BAD_MESSAGE, "the desktop's certificate is not valid")
+        return None
+    peer = Peer(
+        fingerprint=fp_desktop, name=start.name.strip()[:128] or "desktop", cert_der=start.cert
+    )
+    try:
+        side.save(peer)
+    except SecurityFileError as exc:  # a full disk: nothing was paired, the code stays
+        _error(
+            ch,
+            confirm.req,
+            ErrorCode.INTERNAL,
+            f"{host} could not save the pairing: {exc}. Free space there, then pair again "
+            "with the same code",
+        )
+        raise PairingRefused(f"pairing with {peer.name} not saved: {exc}") from None
+    gate.succeeded()
+    ch.send(PairDone(req=confirm.req, agent_id=side.agent_id, hostname=host))
+    return peer
+
+
+def valid_certificate(der: bytes) -> bool:
+    """Whether `der` parses as an X.509 certificate (what a desktop sends to be pinned)."""
+    from cryptography import x509
+
+    try:
+        x509.load_der_x509_certificate(der)
+    except ValueError:
+        return False
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import time
@@ -9,18 +10,22 @@ from pathlib import Path
 
 import pytest
 
+from corral.engine.protocol import Message, PairDone
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.identity import load_or_create
 from corral.engine.security.pairing import (
     MAX_TRIES,
+    AgentSide,
     PairingGate,
     PairingRefused,
     agent_confirm,
+    answer_pairing,
     check_code_text,
     desktop_confirm,
     desktop_finish,
     desktop_start,
     new_code,
+    pair_with_agent,
 )
 from corral.engine.security.pins import Peer, PinStore
 
@@ -130,3 +135,80 @@ def test_bad_code_text(bad: str) -> None:
 
 def test_codes_are_random() -> None:
     assert len({new_code() for _ in range(50)}) > 45
+
+
+class _Pipe:
+    """One end of an in-memory pairing channel (the halves never see a socket)."""
+
+    def __init__(self, inbox: asyncio.Queue[Message], outbox: asyncio.Queue[Message]) -> None:
+        self.inbox, self.outbox = inbox, outbox
+
+    def send(self, msg: Message) -> None:
+        self.outbox.put_nowait(msg)
+
+    async def recv(self, timeout: float) -> Message | None:
+        try:
+            return await asyncio.wait_for(self.inbox.get(), timeout)
+        except TimeoutError:
+            return None
+
+
+def _both_halves(
+    tmp_path: Path, agent_code: str, typed: str, *, seen_agent_fp: str = "", save_fails=False
+) -> tuple[object, object, list[Peer]]:
+    """Run the desktop's and the agent's half against each other; what each ended with."""
+    desktop = load_or_create(tmp_path / "desktop", "desktop", "ada@studio")
+    agent = load_or_create(tmp_path / "agent", "agent", "gpu-a")
+    gate = PairingGate("gpu-a")
+    gate.issue(agent_code)
+    saved: list[Peer] = []
+
+    def save(peer: Peer) -> None:
+        if save_fails:
+            raise SecurityFileError("no space left on device")
+        saved.append(peer)
+
+    side = AgentSide(gate, agent.fingerprint, "agent-1", "gpu-a", 7399, save)
+
+    async def run() -> tuple[object, object]:
+        to_agent: asyncio.Queue[Message] = asyncio.Queue()
+        to_desktop: asyncio.Queue[Message] = asyncio.Queue()
+        fp = seen_agent_fp or agent.fingerprint
+        return tuple(
+            await asyncio.gather(
+                pair_with_agent(_Pipe(to_desktop, to_agent), typed, desktop, fp, "agent gpu-a", 5),
+                answer_pairing(_Pipe(to_agent, to_desktop), side),
+                return_exceptions=True,
+            )
+        )
+
+    mine, theirs = asyncio.run(run())
+    return mine, theirs, saved
+
+
+def test_the_two_halves_pair_and_pin_each_other(tmp_path: Path) -> None:
+    mine, theirs, saved = _both_halves(tmp_path, "4821-0937", "4821 0937")
+    assert isinstance(mine, PairDone) and mine.agent_id == "agent-1" and mine.hostname == "gpu-a"
+    desktop = load_or_create(tmp_path / "desktop", "desktop")
+    assert isinstance(theirs, Peer) and saved == [theirs]
+    assert theirs.fingerprint == desktop.fingerprint and theirs.name == "ada@studio"
+
+
+def test_the_two_halves_refuse_a_wrong_code_on_both_sides(tmp_path: Path) -> None:
+    mine, theirs, saved = _both_halves(tmp_path, "4821-0937", "4821-0938")
+    assert isinstance(mine, PairingRefused) and "code is wrong" in str(mine)
+    assert isinstance(theirs, PairingRefused) and saved == []
+
+
+def test_a_man_in_the_middle_fails_the_confirmation(tmp_path: Path) -> None:
+    # the desktop's TLS connection saw another certificate than the agent's own
+    mine, theirs, saved = _both_halves(tmp_path, "4821-0937", "4821-0937", seen_agent_fp="ff" * 32)
+    assert isinstance(mine, PairingRefused) and "intercepting" in str(mine)
+    assert not isinstance(theirs, Peer) and saved == []
+
+
+def test_a_pin_not_saved_is_reported_and_pairs_nothing(tmp_path: Path) -> None:
+    mine, theirs, saved = _both_halves(tmp_path, "4821-0937", "4821-0937", save_fails=True)
+    assert isinstance(mine, PairingRefused)
+    assert "could not save the pairing" in str(mine) and "pair again" in str(mine)
+    assert isinstance(theirs, PairingRefused) and saved == []
