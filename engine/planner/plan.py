@@ -167,7 +167,9 @@ def weight_bytes(spec: ModelSpec, layers: Sequence[int]) -> int:
     return total
 
 
-def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: bool) -> int:
+def compute_bytes(
+    spec: ModelSpec, layers: Sequence[int], s: Settings, host: bool, own_gpus: bool = False
+) -> int:
     """Analytic compute-buffer estimate: the largest set of tensors alive at once, per token
     of a ubatch.
 
@@ -178,19 +180,30 @@ def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: boo
     uses); the device with the output layer also holds the logits (n_vocab floats). The
     n_embd multiples were fitted to llama.cpp's own dry-run sizes on the CPU backend over
     6 shapes x 8 settings (bench/plan_accuracy.py reports the error).
+
+    An interleaved sliding-window model keeps two caches, each with its own write indices,
+    and a query wider than n_embd (gemma3's 8 x 128 heads over 512) widens the attention
+    stage: both are added where they apply. `own_gpus`: the devices are this process's own
+    GPUs, not RPC workers (`_own_gpu_per_token`).
     """
     if not layers and not host:
         return 0
     ub, e = s.n_ubatch, spec.n_embd
     if host and spec.n_layer in layers and len(layers) == spec.n_layer + 1:
         return ub * _one_device_per_token(spec, s)
+    if own_gpus and not (host and any(il < spec.n_layer for il in layers)):
+        return ub * _own_gpu_per_token(spec, layers, s, host)
     blocks = [spec.layers[il] for il in layers if il < spec.n_layer]
     ctx = _mask_cells(spec, s, blocks if blocks else spec.layers)
     gqa = _kv_share(spec)
     mask = 8 if s.flash_attn else 16
     ffn = 12 * _ffn_width(spec)
+    # without flash attention: a query wider than n_embd, and the second cache's write
+    # indices (the host makes them; a device reads them where it holds layers of both caches)
+    wide = 0 if s.flash_attn else 4 * max(0, _q_width(spec) - e)
+    second = 0 if s.flash_attn else 32 * _kv_width(spec) * (_caches(spec) - 1)
     if host:
-        per = mask * ctx + (20 + (0 if s.flash_attn else 32 * gqa)) * e
+        per = mask * ctx + (20 + (0 if s.flash_attn else 32 * gqa)) * e + wide + second
     else:
         per = 0
     if blocks:
@@ -200,12 +213,15 @@ def compute_bytes(spec: ModelSpec, layers: Sequence[int], s: Settings, host: boo
         else:
             scored = max(swa_cells(spec, s) if b.is_swa else s.n_ctx_padded for b in blocks)
             stage = mask * ctx + max(4 * n_head * scored + (32 + 36 * gqa) * e, ffn + 32 * e)
+            stage += wide + (second if len({b.is_swa for b in blocks}) == 2 else 0)
         per = max(per, stage)
     if spec.n_layer in layers:
         # fitted on dry runs, less the 16 x n_embd per token that llama.cpp's dry run expects
         # on this device but does not allocate (engine.runtime.planning.exact_plan)
-        logits = 4 * spec.n_vocab + mask * ctx + 24 * e
-        per = max(per, logits) if blocks else logits
+        if blocks:
+            per = max(per, 4 * spec.n_vocab + mask * ctx + 24 * e)
+        else:  # the output layer alone: no mask, and only its norm before the logits
+            per = 4 * spec.n_vocab + 20 * e
     return int(ub * per)
 
 
@@ -226,6 +242,55 @@ def _kv_share(spec: ModelSpec) -> float:
     """KV heads per query head (of the first layer): the GQA ratio the estimates scale by."""
     first = spec.layers[0] if spec.layers else None
     return first.n_head_kv / first.n_head if first and first.n_head else 1.0
+
+
+def _caches(spec: ModelSpec) -> int:
+    """KV caches llama.cpp keeps: two for an interleaved sliding-window model (windowed and
+    full layers), else one."""
+    kinds = {layer.is_swa for layer in spec.layers}
+    return 2 if len(kinds) == 2 else 1
+
+
+def _kv_width(spec: ModelSpec) -> int:
+    return max((layer.n_embd_v_gqa for layer in spec.layers), default=0)
+
+
+def _q_width(spec: ModelSpec) -> int:
+    """Width of the attention's query (n_head x head_dim), which may exceed n_embd."""
+    return max((layer.n_head * layer.head_dim_k for layer in spec.layers), default=spec.n_embd)
+
+
+def _own_gpu_per_token(spec: ModelSpec, layers: Sequence[int], s: Settings, host: bool) -> int:
+    """Compute bytes per ubatch token on this process's own GPUs (CUDA0…, no RPC) and in the
+    pinned host buffer beside them, fitted to llama.cpp's loads on an H200 over 15 shapes
+    (dense, sliding window, experts, head dims 64-256, vocabularies 320-152k) x context
+    512/4096 x flash attention off/on (docs/PLANNER-results-h200-local.md).
+
+    The graph's inputs live in host memory and are copied once to the GPU, where they stay
+    for the whole graph: the masks (f32; f16 with flash attention), and without flash
+    attention the V cache's write indices, one int64 per value, since V is stored
+    transposed (per cache). The host buffer holds those inputs and the token embeddings
+    (8 x n_embd). On the GPU, the attention stage (scores n_head x cells f32 without flash
+    attention) or the FFN stage (3 x ffn_width floats) adds to them; the logits stage comes
+    after the inputs are freed."""
+    e, cells = spec.n_embd, _mask_cells(spec, s, spec.layers)
+    mask = 2 if s.flash_attn else 4
+    inputs = mask * cells + 32 + (0 if s.flash_attn else 8 * _kv_width(spec) * _caches(spec))
+    if host:
+        return inputs + 8 * e
+    blocks = [spec.layers[il] for il in layers if il < spec.n_layer]
+    per = 0
+    if blocks:
+        qw = _q_width(spec)
+        stage = 12 * _ffn_width(spec) + 8 * e + 4 * qw
+        if not s.flash_attn:
+            scored = max(swa_cells(spec, s) if b.is_swa else s.n_ctx_padded for b in blocks)
+            n_head = max(b.n_head for b in blocks)
+            stage = max(stage, 4 * n_head * scored + 8 * e + 8 * qw)
+        per = inputs + stage
+    if spec.n_layer in layers:
+        per = max(per, 4 * spec.n_vocab + 4 * e)
+    return per
 
 
 def _one_device_per_token(spec: ModelSpec, s: Settings) -> int:
@@ -262,6 +327,8 @@ def estimate(
     by_device: dict[int, list[int]] = {}
     for il, dev in enumerate(layer_device):
         by_device.setdefault(dev, []).append(il)
+    # only this process's GPUs (no RPC device): llama.cpp's graph is laid out differently
+    own = bool(devices) and all(not d.endpoint for d in devices)
     usage = []
     for d in range(len(devices)):
         layers = by_device.get(d, [])
@@ -269,7 +336,7 @@ def estimate(
             Usage(
                 weight_bytes(spec, layers),
                 kv_bytes(spec, layers, s),
-                compute_bytes(spec, layers, s, host=False),
+                compute_bytes(spec, layers, s, host=False, own_gpus=own),
             )
         )
     on_host = by_device.get(HOST, [])
@@ -280,7 +347,7 @@ def estimate(
     host = Usage(
         weights=spec.token_embd_bytes + spec.other_bytes + weight_bytes(spec, on_host) - reused,
         kv=kv_bytes(spec, on_host, s),
-        compute=compute_bytes(spec, on_host, s, host=True),
+        compute=compute_bytes(spec, on_host, s, host=True, own_gpus=own),
         output=spec.n_vocab * 4,
     )
     return Plan(
