@@ -371,13 +371,16 @@ async def _plan(opts: argparse.Namespace, out: _Out) -> int:
 async def _serve(opts: argparse.Namespace, out: _Out) -> int:
     from corral.engine.runtime.serve import ApiServer
 
+    if opts.queue < 1 or not 0 < opts.deadline <= 86400:  # before anything loads
+        out.error("--queue must be at least 1, and --deadline above 0 and at most 86400 s")
+        return EXIT_USAGE
     model = _model(opts.model)
     session = ChatSession(opts.agent)
     try:
         result = await session.open(_load_settings(opts, model))
         for line in describe_load(result, model):
             out.info(line)
-        api = ApiServer(session, model.stem, opts.api_key or None)
+        api = ApiServer(session, model.stem, opts.api_key or None, opts.queue, opts.deadline)
         try:
             port = await api.start(opts.host, opts.port)
         except OSError as exc:
@@ -396,6 +399,23 @@ async def _serve(opts: argparse.Namespace, out: _Out) -> int:
         await session.close()
 
 
+async def _recover(session: ChatSession, out: _Out, crash: InferenceCrashed) -> bool:
+    """Say what broke, load again on what answers (ChatSession.recover), say how that went
+    in one line. False when it could not: the error says why, /reload tries again."""
+    out.event({"type": "crash", "message": str(crash)})
+    out.info(f"corral: {crash}")
+    out.info("corral: loading the model again on the hosts that answer…")
+    try:
+        line = await session.recover(crash.cause)
+    except RuntimeFailure as exc:
+        out.event({"type": "recover_failed", "message": str(exc)})
+        out.info(f"corral: {exc}\ntype /reload to try again once the hosts are back")
+        return False
+    out.event({"type": "recovered", "message": line, "dropped": session.dropped})
+    out.info(f"corral: {line}")
+    return True
+
+
 async def _chat(opts: argparse.Namespace, out: _Out) -> int:
     model = _model(opts.model)
     session = ChatSession(opts.agent)
@@ -408,7 +428,14 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
         for line in describe_load(result, model):
             out.info(line)
         if opts.prompt is not None:
-            done = await _reply(session, out, opts.prompt, opts)
+            try:
+                done = await _reply(session, out, opts.prompt, opts)
+            except InferenceCrashed as crash:  # a fault: heal once, then ask again
+                if not crash.cause:  # the user's Ctrl-C had to kill it: that is the end
+                    raise
+                if not await _recover(session, out, crash):
+                    return EXIT_FAILURE
+                done = await _reply(session, out, opts.prompt, opts)
             if opts.session:
                 history.save(opts.session, session.history)
             out.event(_done_event(done, result))
@@ -450,9 +477,8 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
             except history.HistoryError as exc:  # a full disk: the chat goes on in memory
                 out.info(f"corral: {exc}")
             except InferenceCrashed as crash:
-                # the history stays in this process; the user decides when to load again
-                out.event({"type": "crash", "message": str(crash)})
-                out.info(f"corral: {crash}\ntype /reload to load again on the hosts still up")
+                # the history stays in this process; the model is loaded again at once
+                await _recover(session, out, crash)
                 continue
             out.event(_done_event(done, result))
     finally:
@@ -837,6 +863,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="listen port (0: any free one)")
     serve.add_argument("--api-key", default="", help="require 'Authorization: Bearer KEY'")
+    serve.add_argument(
+        "--queue",
+        type=int,
+        default=32,
+        help="requests that may wait for the model at once; more get 429 (default 32)",
+    )
+    serve.add_argument(
+        "--deadline",
+        type=float,
+        default=600.0,
+        help="seconds a request may wait and generate in all; then it ends with an error "
+        "(default 600)",
+    )
     _planning_flags(serve)
 
     plan = sub.add_parser("plan", help="where each layer would go and how much memory it needs")

@@ -104,6 +104,9 @@ _SUBSCRIBER_BACKLOG = 1024 * 1024  # drop a subscriber that stops reading this m
 # second, so this is eight missed pings; a desktop cut off by a partition frees the workers
 # for others within 10 s.
 LEASE_TIMEOUT = 8.0
+# ...and one whose own desktop connects again after this long without a ping is taken over
+# (that desktop declares an agent lost after 3-4 s without a pong)
+SAME_DESKTOP_SILENCE = 3.0
 
 
 def load_agent_id(state_dir: Path) -> str:
@@ -477,18 +480,29 @@ class AgentServer:
         )
 
     def _in_use(self, conn: _Conn, req: int) -> ErrorReply | None:
-        """The refusal for `conn` when another session holds the lease."""
+        """The refusal for `conn` when another session holds the lease.
+
+        A holder from the same desktop that has missed SAME_DESKTOP_SILENCE s of pings is a
+        session that desktop already counts as lost (it gives up after 3-4 s): its lease is
+        released for the new one at once, not after LEASE_TIMEOUT (a link that came back
+        was refused for ~6.5 s for a session already dead)."""
         holder = self._lease
         if holder is None or holder is conn:
             return None
-        since = time.strftime("%H:%M", time.localtime(holder.since))
+        silent = time.monotonic() - holder.last_seen
         same = holder.peer is not None and conn.peer is not None
         same = same and holder.peer.fingerprint == conn.peer.fingerprint  # type: ignore[union-attr]
+        if same and silent >= SAME_DESKTOP_SILENCE:
+            self._release(f"{holder.name} silent for {silent:.1f} s, and back on a new connection")
+            holder.proto.abort()
+            return None
+        since = time.strftime("%H:%M", time.localtime(holder.since))
         who = holder.name + (" (another Corral session on that desktop)" if same else "")
+        heard = f", last heard {silent:.0f} s ago" if silent >= 2 else ""
         return ErrorReply.of(
             req,
             ErrorCode.IN_USE,
-            f"the workers of {inventory.hostname()} are in use by {who} since {since}; "
+            f"the workers of {inventory.hostname()} are in use by {who} since {since}{heard}; "
             "they are free when that session ends",
         )
 

@@ -149,11 +149,16 @@ class RpcSupervisor:
         )
 
     async def start(self, devices: tuple[str, ...], threads: int, cache: bool) -> WorkerState:
-        """Start the worker, or restart it when the settings changed; wait until it answers."""
+        """Start the worker, or restart it when the settings changed or it cannot answer
+        (stopped by a signal or a debugger: a desktop whose reply stalled on it asks again);
+        wait until it answers."""
         async with self._lock:
             same = (devices, threads, cache) == (self._devices, self._threads, self._cache)
-            if self._status == "running" and same:
+            stuck = process_state(self._proc.pid) if self._proc else ""
+            if self._status == "running" and same and not stuck:
                 return self.state
+            if stuck:
+                log.warning("RPC worker %s: killed to start again", stuck)
             await self._stop_locked()
             self._devices, self._threads, self._cache = devices, threads, cache
             self._want_running = True

@@ -292,9 +292,17 @@ class _Engine:
             )
         )
 
-    def _decode(self, tokens: list[int], n_batch: int, stop: threading.Event | None = None) -> None:
+    def _decode(
+        self,
+        tokens: list[int],
+        n_batch: int,
+        stop: threading.Event | None = None,
+        progress: bool = False,
+    ) -> None:
         """Decode `tokens` in batches of `n_batch`; a set `stop` ends it between batches (a
-        long prompt on slow workers takes a while: a cancel need not wait for all of it)."""
+        long prompt on slow workers takes a while: a cancel need not wait for all of it).
+        `progress`: a Progress frame after each batch, and Progress(1.0) at the end, so the
+        parent's stall watch sees the prompt move."""
         L = self.L
         for i in range(0, len(tokens), n_batch):
             if stop is not None and stop.is_set():
@@ -305,6 +313,12 @@ class _Engine:
             if rc != 0:
                 raise _Refused(f"llama_decode returned {rc} (KV cache full or compute failed)")
             self.tokens.extend(chunk)
+            if progress and i + n_batch < len(tokens):
+                L.llama_synchronize(self.llm.ctx)
+                self.chan.send(Progress((i + len(chunk)) / len(tokens)))
+        if progress:
+            L.llama_synchronize(self.llm.ctx)
+            self.chan.send(Progress(1.0))
 
     def _sampler(self, req: Generate) -> Any:
         L = self.L
@@ -387,8 +401,7 @@ class _Engine:
         max_tokens, ignore_eos = req.max_tokens, req.ignore_eos
         self.chan.cancel.clear()
         t0 = time.perf_counter()
-        self._decode(prompt[keep:], n_batch, self.chan.cancel)
-        L.llama_synchronize(ctx)
+        self._decode(prompt[keep:], n_batch, self.chan.cancel, progress=True)
         t1 = time.perf_counter()
         sampler = self._sampler(req)
         # Greedy: the first largest logit, read in place (what llama.cpp's greedy sampler

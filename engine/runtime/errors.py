@@ -42,11 +42,24 @@ class PlanRefused(RuntimeFailure):
 class InferenceCrashed(RuntimeFailure):
     """The inference child died (llama.cpp aborted, was killed, or ran out of memory)."""
 
-    def __init__(self, message: str, exit_text: str, log_tail: list[str]) -> None:
+    def __init__(self, message: str, exit_text: str, log_tail: list[str], cause: str = "") -> None:
         super().__init__(message)
         self.exit_text = exit_text
         self.log_tail = log_tail
+        self.cause = cause  # what happened in a few words ("the RPC worker on gpu-b died")
 
 
 class InferenceError(RuntimeFailure):
     """The inference child refused a request (bad model file, context full, ...)."""
+
+
+class InferenceTimeout(InferenceError):
+    """The inference child said nothing for longer than the caller would wait."""
+
+
+class ReplyStalled(InferenceError):
+    """A reply made no progress for longer than its stall bound; the child was killed."""
+
+    def __init__(self, message: str, after: float) -> None:
+        super().__init__(message)
+        self.after = after

@@ -45,7 +45,8 @@ from .childproto import (
     Token,
     Tokens,
 )
-from .errors import InferenceCrashed, InferenceError
+from .errors import InferenceCrashed, InferenceError, InferenceTimeout, ReplyStalled
+from .stall import StallWatch
 
 R = TypeVar("R", bound=Message)
 
@@ -132,7 +133,7 @@ class InferenceProcess:
         try:
             frame = await within(self._frames.get(), timeout)
         except TimeoutError:
-            raise InferenceError(
+            raise InferenceTimeout(
                 f"the inference process did not answer within {timeout:.0f} s"
             ) from None
         if frame is None:
@@ -173,22 +174,42 @@ class InferenceProcess:
         self._send(Capabilities(device, tuple(asked)))
         return list((await self._expect(Answers)).answers)
 
-    async def generate(self, request: Generate) -> AsyncGenerator[Event, None]:
+    async def generate(
+        self, request: Generate, watch: StallWatch | None = None
+    ) -> AsyncGenerator[Event, None]:
         """Yield a Token per token (with the KV cells in use), a Shift per context shift,
         then Done.
+
+        `watch`: no frame for `watch.bound()` s (the prompt read in batches, tokens, shifts
+        all count) is a stall: the child is killed, since llama.cpp waiting on a worker that
+        stopped answering looks at no cancel, and ReplyStalled says after how long.
 
         Close it (`contextlib.aclosing`) rather than drop it: a consumer that leaves early
         has the rest of the reply stopped and read here, or the next operation would read
         it as its own."""
         self._send(request)
+        if watch is not None:
+            watch.begin()
         ended = False
         try:
             while True:
+                bound = watch.bound() if watch is not None else None
                 try:
-                    frame = await self._next()
+                    frame = await self._next(bound)
+                except InferenceTimeout:
+                    ended = True
+                    assert watch is not None and bound is not None
+                    self.kill()
+                    raise ReplyStalled(
+                        f"the reply made no progress for {bound:.0f} s ({watch.describe()}), "
+                        "so the inference process was killed",
+                        bound,
+                    ) from None
                 except (InferenceError, InferenceCrashed):
                     ended = True  # the child ended the operation, or died
                     raise
+                if watch is not None:
+                    _saw(watch, frame)
                 if isinstance(frame, Done):
                     ended = True
                 for event in self._events(frame):
@@ -205,6 +226,8 @@ class InferenceProcess:
             return [Token(t.text, t.id, t.kv_used, frame.n_ctx) for t in frame.items]
         if isinstance(frame, Shift | Done):
             return [frame]
+        if isinstance(frame, Progress):  # the prompt being read: for the stall watch only
+            return []
         raise InferenceError(f"the inference process said {type(frame).__name__} mid-reply")
 
     async def _abandon(self) -> None:
@@ -255,6 +278,18 @@ class InferenceProcess:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _saw(watch: StallWatch, frame: Message) -> None:
+    """What a frame of a reply tells the stall watch."""
+    if isinstance(frame, Progress):
+        watch.saw("prompt")
+        if frame.fraction >= 1.0:
+            watch.after_prompt()
+    elif isinstance(frame, Tokens):
+        watch.saw("token", len(frame.items))
+    else:
+        watch.saw("token", 0)
 
 
 def _as(kind: type[R], frame: Message) -> R:

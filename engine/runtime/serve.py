@@ -3,6 +3,13 @@
 `GET /v1/models`, `POST /v1/chat/completions` (streamed as server-sent events, or whole).
 Plain asyncio on the engine's loop; one generation at a time (the model has one KV cache);
 bound to 127.0.0.1 unless told otherwise; an optional API key (Bearer).
+
+A reply never ends looking complete when it is not: a failure after the stream began is an
+OpenAI-style error event (`data: {"error": …}`, which the SDKs raise) and the stream ends
+without `[DONE]`. When the model is lost (a worker or an agent died, a reply stalled) it is
+loaded again on what answers (`ChatSession.recover`) while later requests wait; a client
+that hangs up has its reply stopped; at most `queue` requests wait, and none runs past its
+`deadline`.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Any
 
 from corral.engine.aio import within
 
-from .errors import RuntimeFailure
+from .errors import InferenceCrashed, RuntimeFailure
 from .session import ChatSession
 
 log = logging.getLogger(__name__)
@@ -31,9 +38,14 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Payload Too Large",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
+QUEUE = 32  # requests that may wait for the model at once; more get 429
+DEADLINE = 600.0  # seconds a request may wait and run in all
+_RECOVER_AGAIN = 10.0  # a model that could not be loaded again is retried this often at most
 
 
 class _HttpError(Exception):
@@ -52,44 +64,84 @@ def _text(content: Any) -> str:
 
 
 class ApiServer:
-    def __init__(self, session: ChatSession, model_id: str, api_key: str | None = None):
+    def __init__(
+        self,
+        session: ChatSession,
+        model_id: str,
+        api_key: str | None = None,
+        queue: int = QUEUE,
+        deadline: float = DEADLINE,
+    ):
         self.session = session
         self.model_id = model_id
         self.api_key = api_key
+        self.queue, self.deadline = queue, deadline
         self._lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
+        self._waiting = 0
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._broken = ""  # why the model is not loaded and could not be loaded again
+        self._broken_at = 0.0
+        self._healing: asyncio.Task[None] | None = None
+        self.events: list[str] = []  # what happened to the model, one line each (and logged)
 
     async def start(self, host: str = "127.0.0.1", port: int = 8080) -> int:
         self._server = await asyncio.start_server(self._serve, host, port)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
+        """Stop listening; requests in flight end with an error saying so (a stream gets an
+        error event, not a second HTTP response inside its body)."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=2)
+        if self._healing is not None:
+            self._healing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._healing
+        if self._server is not None:
             with contextlib.suppress(Exception):
                 await within(self._server.wait_closed(), 2)
+
+    def _say(self, line: str) -> None:
+        self.events.append(line)
+        log.warning("%s", line)
 
     # ------------------------------------------------------------------ HTTP
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        answered = [False]  # a response (or a stream's head) has been written
         try:
             method, path, headers, body = await self._read_request(reader)
-            await self._route(method, path, headers, body, writer)
+            await self._route(method, path, headers, body, reader, writer, answered)
         except _HttpError as exc:
             await self._json(
                 writer, exc.status, {"error": {"message": exc.message, "type": exc.kind}}
             )
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:  # shutting down: say so where nothing was sent yet
+            if not answered[0]:
+                with contextlib.suppress(Exception):
+                    await self._json(writer, 503, _error("corral serve is shutting down"))
         except RuntimeFailure as exc:
-            await self._json(writer, 503, {"error": {"message": str(exc), "type": "server_error"}})
+            if not answered[0]:
+                await self._json(writer, 503, _error(str(exc)))
         except Exception:  # a bug: answer 500, keep serving
             log.exception("internal error in the HTTP API")
-            with contextlib.suppress(Exception):
-                await self._json(
-                    writer, 500, {"error": {"message": "internal error", "type": "server_error"}}
-                )
+            if not answered[0]:
+                with contextlib.suppress(Exception):
+                    await self._json(writer, 500, _error("internal error"))
         finally:
+            self._handlers.discard(task)
             writer.close()
 
     async def _read_request(
@@ -129,7 +181,9 @@ class ApiServer:
         path: str,
         headers: dict[str, str],
         body: bytes,
+        reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        answered: list[bool],
     ) -> None:
         if not self._authorized(headers):
             raise _HttpError(401, "missing or wrong API key", "authentication_error")
@@ -149,7 +203,7 @@ class ApiServer:
         elif path == "/v1/chat/completions":
             if method != "POST":
                 raise _HttpError(405, "use POST")
-            await self._chat(json_body(body), writer)
+            await self._chat(json_body(body), reader, writer, answered)
         else:
             raise _HttpError(404, f"no route {path}")
 
@@ -164,7 +218,13 @@ class ApiServer:
 
     # ------------------------------------------------------------------ chat
 
-    async def _chat(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def _chat(
+        self,
+        req: dict[str, Any],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        answered: list[bool],
+    ) -> None:
         messages = req.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _HttpError(400, "messages must be a non-empty list")
@@ -186,37 +246,134 @@ class ApiServer:
         }
         ident = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
-        async with self._lock:
-            if req.get("stream"):
-                await self._stream(chat, sampling, writer, ident, created)
-            else:
-                meter = self.session.reply_meter()
-                async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
-                    async for frame in frames:
-                        meter.feed(frame)
-                done = meter.finished()
-                await self._json(
-                    writer,
-                    200,
+        if self._waiting >= self.queue:
+            raise _HttpError(
+                429,
+                f"{self._waiting} requests are already waiting for the model (the queue holds "
+                f"{self.queue}); try again shortly",
+                "rate_limit_error",
+            )
+        self._waiting += 1
+        queued = True
+        try:
+            async with asyncio.timeout(self.deadline):
+                async with self._lock:
+                    self._waiting -= 1
+                    queued = False
+                    await self._ready()
+                    if req.get("stream"):
+                        await self._stream(chat, sampling, writer, ident, created, answered)
+                    else:
+                        await self._whole(chat, sampling, reader, writer, ident, created)
+        except TimeoutError:
+            if answered[0]:
+                return  # the stream said so in an error event
+            raise _HttpError(
+                504,
+                f"the request passed its deadline of {self.deadline:g} s (corral serve "
+                "--deadline) waiting for the model or generating",
+                "timeout_error",
+            ) from None
+        finally:
+            if queued:
+                self._waiting -= 1
+
+    async def _ready(self) -> None:
+        """Under the lock: a model that was lost and could not be loaded again is tried
+        again (at most every _RECOVER_AGAIN s); RuntimeFailure says why it is not there."""
+        if not self._broken:
+            return
+        if time.monotonic() - self._broken_at < _RECOVER_AGAIN:
+            raise RuntimeFailure(self._broken)
+        try:
+            self._say(await self.session.recover("the model was not loaded"))
+        except RuntimeFailure as exc:
+            self._broken, self._broken_at = f"the model is not loaded: {exc}", time.monotonic()
+            raise RuntimeFailure(self._broken) from None
+        self._broken = ""
+
+    def _lost(self, crash: InferenceCrashed) -> None:
+        """The model went down with a request: load it again while later requests wait."""
+        self._say(f"lost the model: {crash}")
+
+        async def heal() -> None:
+            async with self._lock:
+                try:
+                    self._say(await self.session.recover(crash.cause))
+                    self._broken = ""
+                except RuntimeFailure as exc:
+                    self._broken = f"the model is not loaded: {exc}"
+                    self._broken_at = time.monotonic()
+                    self._say(self._broken)
+
+        if not self._closing:
+            self._healing = asyncio.get_running_loop().create_task(heal())
+
+    async def _whole(
+        self,
+        chat: list[dict[str, str]],
+        sampling: dict[str, Any],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        ident: str,
+        created: int,
+    ) -> None:
+        """A reply sent whole; stopped when the client hangs up before it is ready."""
+
+        async def generate() -> Any:
+            meter = self.session.reply_meter()
+            async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
+                async for frame in frames:
+                    meter.feed(frame)
+            return meter.finished()
+
+        reply = asyncio.ensure_future(generate())
+        hangup = asyncio.ensure_future(reader.read(1))  # b"": the client went away
+        try:
+            while True:
+                await asyncio.wait({reply, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if reply.done():
+                    break
+                if hangup.result() == b"":
+                    log.info("a client left before its reply: the reply is stopped")
+                    reply.cancel()  # closing the reply stops it in the inference process
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reply
+                    return
+                hangup = asyncio.ensure_future(reader.read(1))
+        finally:
+            hangup.cancel()
+            if not reply.done():
+                reply.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reply
+        try:
+            done = reply.result()
+        except InferenceCrashed as crash:
+            self._lost(crash)
+            raise
+        await self._json(
+            writer,
+            200,
+            {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.model_id,
+                "choices": [
                     {
-                        "id": ident,
-                        "object": "chat.completion",
-                        "created": created,
-                        "model": self.model_id,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "finish_reason": _finish(done.stop),
-                                "message": {"role": "assistant", "content": done.content},
-                            }
-                        ],
-                        "usage": {
-                            "prompt_tokens": done.prompt_tokens,
-                            "completion_tokens": done.n_tokens,
-                            "total_tokens": done.prompt_tokens + done.n_tokens,
-                        },
-                    },
-                )
+                        "index": 0,
+                        "finish_reason": _finish(done.stop),
+                        "message": {"role": "assistant", "content": done.content},
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": done.prompt_tokens,
+                    "completion_tokens": done.n_tokens,
+                    "total_tokens": done.prompt_tokens + done.n_tokens,
+                },
+            },
+        )
 
     async def _stream(
         self,
@@ -225,11 +382,13 @@ class ApiServer:
         writer: asyncio.StreamWriter,
         ident: str,
         created: int,
+        answered: list[bool],
     ) -> None:
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
         )
+        answered[0] = True
 
         def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
             obj = {
@@ -241,19 +400,46 @@ class ApiServer:
             }
             return f"data: {json.dumps(obj)}\n\n".encode()
 
+        async def fail(message: str) -> None:
+            """An error event (the OpenAI SDKs raise it) and the end of the stream: no
+            finish_reason, no [DONE]."""
+            writer.write(f"data: {json.dumps(_error(message))}\n\n".encode())
+            with contextlib.suppress(Exception):
+                await within(writer.drain(), 2)
+
         writer.write(chunk({"role": "assistant", "content": ""}))
         stop, meter = "stop", self.session.reply_meter()
-        # closed on the way out: a client that hangs up has the rest of its reply stopped
-        async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
-            async for frame in frames:
-                update = meter.feed(frame)
-                if update.text:
-                    writer.write(chunk({"content": update.text}))
-                    await writer.drain()
-                if update.stop is not None:
-                    stop = _finish(update.stop)
+        try:
+            # closed on the way out: a client that hangs up has the rest of its reply stopped
+            async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
+                async for frame in frames:
+                    update = meter.feed(frame)
+                    if update.text:
+                        writer.write(chunk({"content": update.text}))
+                        await writer.drain()
+                    if update.stop is not None:
+                        stop = _finish(update.stop)
+        except asyncio.CancelledError:
+            await fail(
+                "corral serve is shutting down"
+                if self._closing
+                else f"the reply passed its deadline of {self.deadline:g} s (corral serve "
+                "--deadline)"
+            )
+            raise
+        except InferenceCrashed as crash:
+            await fail(f"the reply was cut short: {crash}; the model is being loaded again")
+            self._lost(crash)
+            return
+        except RuntimeFailure as exc:
+            await fail(f"the reply was cut short: {exc}")
+            return
         writer.write(chunk({}, stop) + b"data: [DONE]\n\n")
         await writer.drain()
+
+
+def _error(message: str, kind: str = "server_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind}}
 
 
 def _finish(stop: str) -> str:

@@ -56,6 +56,7 @@ from .errors import (
     InferenceCrashed,
     ModelUnreadable,
     PlanRefused,
+    ReplyStalled,
     RuntimeFailure,
     WorkerUnavailable,
 )
@@ -71,7 +72,10 @@ from .planning import (
     served_devices,
     spec_after_dry_run,
 )
+from .stall import StallWatch
 
+RECOVER_TRIES = 3  # loads tried after the model was lost...
+RECOVER_PAUSE = 1.0  # ...this many seconds apart
 _CRASH_EVENT_WAIT = 2.0  # how long to wait for an agent to report the worker that died
 
 
@@ -211,6 +215,7 @@ class ChatSession:
         self._stop_timer: asyncio.TimerHandle | None = None
         self._stopped_by_kill = ""  # why the child was killed to stop a reply
         self._replying = False
+        self.stall = StallWatch()  # the pace of this load's replies
 
     def _client(self, address: str) -> AgentClient:
         return AgentClient(address, on_event=self._on_event, on_lost=self._on_lost)
@@ -412,6 +417,7 @@ class ChatSession:
         kernels = loaded.cpu_kernels
         if kernels.degraded:
             self._warn(f"CPU kernels: {kernels.summary}; `corral doctor` says more")
+        self.stall = StallWatch()  # another load, another pace
         result = self._placements(loaded, self.warnings)
         self.result = dataclasses.replace(
             result,
@@ -533,9 +539,18 @@ class ChatSession:
         request = Generate.chat(messages, **sampling)
         self._replying = True
         try:
-            async with contextlib.aclosing(self.child.generate(request)) as frames:
+            async with contextlib.aclosing(self.child.generate(request, self.stall)) as frames:
                 async for frame in frames:
                     yield frame
+        except ReplyStalled as stall:
+            why = await self._why_stuck()
+            if self._stop_timer is not None:  # the user had asked it to stop: no fault
+                raise InferenceCrashed(
+                    f"the reply did not stop after the cancel; {stall}: {why}", "killed", []
+                ) from None
+            stuck = why.split(": load the model again")[0] if why.startswith("the RPC") else ""
+            cause = f"the reply stalled for {stall.after:.0f} s" + (f" ({stuck})" if stuck else "")
+            raise InferenceCrashed(f"{stall}: {why}", "killed", [], cause) from None
         except InferenceCrashed as crash:
             if self._stopped_by_kill:
                 raise InferenceCrashed(
@@ -616,8 +631,10 @@ class ChatSession:
                 await within(self._event_arrived.wait(), deadline - time.monotonic())
             except TimeoutError:
                 break
+        cause = ""
         if crashed:
             client, event = crashed[-1]
+            cause = f"the RPC worker on {client.name} died ({event.worker.last_exit})"
             msg = (
                 f"the RPC worker on {client.name} died ({event.worker.last_exit}) and took the "
                 f"model down ({crash.exit_text}); the agent is restarting it: load the model again"
@@ -626,13 +643,48 @@ class ChatSession:
             if hint:  # a native crash in the worker: that host's kernels, not the link
                 msg += f". On {client.name}, {hint}"
         elif lost:
+            cause = f"lost agent {lost[0].name} ({lost[0].closed_reason})"
             msg = (
                 f"lost agent {lost[0].name} ({lost[0].closed_reason}) and the model with it "
                 f"({crash.exit_text}): check that host, then load again"
             )
         else:
             msg = f"{crash} — llama.cpp's last lines: " + " | ".join(crash.log_tail[-4:])
-        return InferenceCrashed(msg, crash.exit_text, crash.log_tail)
+            cause = f"the inference process died ({crash.exit_text})"
+        return InferenceCrashed(msg, crash.exit_text, crash.log_tail, cause)
+
+    async def recover(
+        self, cause: str = "", on_progress: Callable[[float], None] | None = None
+    ) -> str:
+        """Load again after the model was lost (a worker or an agent died, a reply stalled),
+        on what answers now, keeping the history: a worker the agent restarted (or that was
+        stopped: starting it again restarts it) is used again, an agent that cannot be
+        reached is left out and the plan re-made without it. Tries RECOVER_TRIES times
+        (a worker the agent is still restarting answers a moment later). Returns one line
+        saying what happened; RuntimeFailure when nothing can load, PlanRefused when the
+        model no longer fits on what is left."""
+        t0 = time.monotonic()
+        failure: RuntimeFailure | None = None
+        for attempt in range(RECOVER_TRIES):
+            if attempt:
+                await asyncio.sleep(RECOVER_PAUSE)
+            try:
+                result = await self.reload(on_progress)
+                break
+            except PlanRefused:
+                raise
+            except RuntimeFailure as exc:
+                failure = exc
+        else:
+            raise RuntimeFailure(
+                f"{cause + '; ' if cause else ''}could not load again after {RECOVER_TRIES} "
+                f"tries: {failure}"
+            )
+        hosts = ", ".join(dict.fromkeys(p.host for p in result.placements if p.layers))
+        line = f"reloaded over {hosts} in {time.monotonic() - t0:.1f} s"
+        if self.dropped:
+            line += f", without {', '.join(self.dropped)}"
+        return f"{cause}; {line}" if cause else line
 
     async def close(self, stop_workers: bool = False) -> None:
         await self.child.close()
