@@ -335,7 +335,7 @@ class ApiServer:
                 if reply.done():
                     break
                 if hangup.result() == b"":
-                    log.info("a client left before its reply: the reply is stopped")
+                    log.warning("a client left before its reply: the reply is stopped")
                     reply.cancel()  # closing the reply stops it in the inference process
                     with contextlib.suppress(asyncio.CancelledError):
                         await reply

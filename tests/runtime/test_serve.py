@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,6 +20,7 @@ import openai
 import pytest
 
 from corral.engine.localagents import LocalAgents
+from tests.support.agents import inventory
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +56,7 @@ def server(smollm2: Path) -> Iterator[str]:
                 proc.wait()
 
 
+_LONG = "Write the numbers from 1 to 1000 separated by commas."  # SmolLM2: 1500 tokens and on
 _BRIEF = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Name a colour."},
@@ -123,7 +129,7 @@ def test_a_client_that_leaves_mid_stream_costs_the_next_nothing(server: str) -> 
             "stream": True,
             "max_tokens": 1500,
             "temperature": 0,
-            "messages": [{"role": "user", "content": "Count from one to one thousand."}],
+            "messages": [{"role": "user", "content": _LONG}],
         }
     ).encode()
     with socket.create_connection((host, int(port)), timeout=30) as s:
@@ -149,3 +155,115 @@ def test_a_client_that_leaves_mid_stream_costs_the_next_nothing(server: str) -> 
     # and the cache is sound after it: asked again in the same cache state (the prompt's
     # cells reused, its last token computed alone), the same greedy reply twice
     assert _colour(client) == _colour(client)
+
+
+# ---------------------------------------------------------------- faults and limits
+
+
+def _serve(model: Path, agents: list[str], *flags: str) -> tuple[subprocess.Popen[str], str]:
+    args = [sys.executable, "-m", "corral.engine.cli", "serve", str(model), "--port", "0"]
+    args += ["--ctx", "2048", *flags]
+    for a in agents:
+        args += ["--agent", a]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("serving"):
+        proc.kill()
+        raise AssertionError(line + (proc.stderr.read() if proc.stderr else ""))
+    return proc, line.split()[-1]
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, and serve's stderr (its log of what happened to the model)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err
+
+
+def _long_stream(client: openai.OpenAI) -> Iterator[str]:
+    stream = client.chat.completions.create(
+        model="m",
+        stream=True,
+        max_tokens=1500,
+        temperature=0,
+        messages=[{"role": "user", "content": _LONG}],
+    )
+    for c in stream:
+        yield c.choices[0].delta.content or ""
+
+
+def test_a_worker_killed_mid_stream_is_an_error_and_serve_heals(smollm2: Path) -> None:
+    """The SDK raises (an error event, not a short reply that looks complete), and the next
+    request is answered: serve loaded the model again on its own."""
+    with LocalAgents(2) as agents:
+        proc, url = _serve(smollm2, agents.addresses)
+        try:
+            client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+            parts = _long_stream(client)
+            with pytest.raises(openai.APIError, match="cut short"):
+                for i, _ in enumerate(parts):
+                    if i == 3:
+                        os.kill(inventory(agents.addresses[0]).worker.pid, signal.SIGKILL)
+            text, _ = _colour(client)  # waits for the reload, then answers
+            assert text.strip()
+        finally:
+            err = _stop(proc)
+    assert "lost the model" in err and "reloaded over" in err, err[-3000:]
+    assert "Traceback" not in err
+
+
+def test_serve_stopped_mid_stream_ends_the_stream_with_an_error(smollm2: Path) -> None:
+    with LocalAgents(1) as agents:
+        proc, url = _serve(smollm2, agents.addresses)
+        try:
+            client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+            with pytest.raises(openai.APIError, match="shutting down"):
+                for i, _ in enumerate(_long_stream(client)):
+                    if i == 3:
+                        proc.send_signal(signal.SIGTERM)
+        finally:
+            err = _stop(proc)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+
+
+def test_the_queue_the_deadline_and_a_client_that_gives_up(smollm2: Path) -> None:
+    with LocalAgents(1) as agents:
+        proc, url = _serve(smollm2, agents.addresses, "--queue", "1", "--deadline", "3")
+        try:
+            client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+            # a whole (not streamed) reply whose client gives up after 1 s is stopped
+            impatient = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=1)
+            with pytest.raises(openai.APITimeoutError):
+                impatient.chat.completions.create(
+                    model="m",
+                    max_tokens=1500,
+                    temperature=0,
+                    messages=[{"role": "user", "content": _LONG}],
+                )
+            # one reply runs, one waits, the third is refused at once with 429
+            running = _long_stream(client)
+            next(running)
+            waiting = threading.Thread(target=lambda: _swallow(client), daemon=True)
+            waiting.start()
+            time.sleep(0.5)  # the second request is in the queue
+            with pytest.raises(openai.RateLimitError, match="queue holds 1"):
+                _colour(client)
+            # the running one passes its 3 s deadline (1500 tokens over RPC take far longer)
+            with pytest.raises(openai.APIError, match="deadline of 3 s"):
+                for _ in running:
+                    pass
+            waiting.join(timeout=60)
+        finally:
+            err = _stop(proc)
+    assert "a client left before its reply: the reply is stopped" in err, err[-3000:]
+
+
+def _swallow(client: openai.OpenAI) -> None:
+    with contextlib.suppress(openai.APIError):
+        _colour(client)
