@@ -399,6 +399,19 @@ async def _serve(opts: argparse.Namespace, out: _Out) -> int:
         await session.close()
 
 
+_NOTHING = (
+    "the model said nothing: it ended its reply before the first token. If it does so for "
+    "every message, its weights may be damaged: compare the file's sha256 with the "
+    "publisher's, or download it again"
+)
+
+
+def _said_nothing(done: Done) -> bool:
+    """A reply ended by the model before it said anything (not cut by --max-tokens or a
+    cancel): rare from a sound model, the usual sign of damaged weights."""
+    return done.stop == "eos" and not done.content.strip()
+
+
 async def _recover(session: ChatSession, out: _Out, crash: InferenceCrashed) -> bool:
     """Say what broke, load again on what answers (ChatSession.recover), say how that went
     in one line. False when it could not: the error says why, /reload tries again."""
@@ -439,6 +452,8 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
             if opts.session:
                 history.save(opts.session, session.history)
             out.event(_done_event(done, result))
+            if _said_nothing(done):
+                return out.error(_NOTHING)
             return 0
         loop = asyncio.get_running_loop()
         out.info(
@@ -481,6 +496,8 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
                 await _recover(session, out, crash)
                 continue
             out.event(_done_event(done, result))
+            if _said_nothing(done):
+                out.info(f"corral: {_NOTHING}")
     finally:
         await session.close()
 

@@ -57,6 +57,33 @@ def test_a_truncated_gguf_is_refused_by_the_child_not_the_parent(
     assert "Traceback" not in done.stderr
 
 
+def test_a_model_cut_at_half_says_so_and_what_to_do(tmp_path: Path, smollm2: Path) -> None:
+    data = smollm2.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    done = corral("chat", str(cut), "--prompt", "hi", "--json")
+    assert done.returncode == 1
+    message = json.loads(done.stdout.strip().splitlines()[-1])["message"]
+    assert "the file is cut short" in message and "download it again" in message, message
+    assert f"{len(data) // 2:,} bytes" in message
+
+
+def test_damaged_weights_are_found_when_they_load(tmp_path: Path, smollm2: Path) -> None:
+    """1000 bytes overwritten in the tensor data: the scales there read as NaN, and the load
+    (llama.cpp's check of every tensor) names the tensor instead of a model that replies
+    nothing."""
+    data = bytearray(smollm2.read_bytes())
+    at = len(data) * 3 // 4
+    data[at : at + 1000] = b"\xff" * 1000  # 0xffff: NaN as an f16 scale
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(bytes(data))
+    done = corral("chat", str(damaged), "--prompt", "hi", "--json")
+    assert done.returncode == 1, done.stdout[-2000:]
+    message = json.loads(done.stdout.strip().splitlines()[-1])["message"]
+    assert "the model file is damaged: tensor blk." in message, message
+    assert "download it again" in message and "Traceback" not in done.stderr
+
+
 def test_local_chat_streams_tokens_kv_and_done(smollm2: Path) -> None:
     done = corral("chat", "--prompt", "Say hello.", "--max-tokens", "8", "--json")
     assert done.returncode == 0, done.stderr

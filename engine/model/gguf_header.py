@@ -119,11 +119,12 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], list[TensorInfo]]:
             key = cur.string()
             meta[key] = cur.value(cur.unpack("<I"))
         tensors = []
+        end = 0  # where the last tensor's data ends, from the data section's start
         for _ in range(n_tensors):
             name = cur.string()
             dims = tuple(cur.unpack("<Q") for _ in range(cur.unpack("<I")))
             ttype = cur.unpack("<I")
-            cur.unpack("<Q")  # offset
+            offset = cur.unpack("<Q")
             try:
                 block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
             except (ValueError, KeyError):
@@ -132,4 +133,14 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], list[TensorInfo]]:
             for d in dims:
                 n *= d
             tensors.append(TensorInfo(name, dims, ttype, n // block * size))
+            end = max(end, offset + n // block * size)
+        # the tensor data starts at the next multiple of general.alignment after the header
+        align = meta.get("general.alignment", 32)
+        align = align if isinstance(align, int) and align > 0 else 32
+        needed = -(-cur.pos // align) * align + end
+        if len(buf) < needed:
+            raise HeaderError(
+                f"the file is cut short: {len(buf):,} bytes where its tensors need {needed:,} "
+                "(an incomplete download or copy): download it again"
+            )
     return meta, tensors

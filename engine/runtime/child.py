@@ -17,6 +17,7 @@ import ctypes
 import faulthandler
 import os
 import queue
+import re
 import socket
 import sys
 import threading
@@ -182,6 +183,9 @@ class _Engine:
             p = original()
             p.progress_callback = callback
             p.use_extra_bufts = extra_buffers
+            # every tensor's data checked as it loads (NaN or infinity in a scale: a damaged
+            # file), in llama.cpp's own threads: a few seconds on a large model, once
+            p.check_tensors = True
             return p
 
         low.llama_model_default_params = params
@@ -513,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         req = chan.inbox.get()
         if req is None or isinstance(req, Exit):
             return 0
+        mark = capture.count
         try:
             if isinstance(req, ProtocolError):
                 raise _Refused(f"malformed request: {req}")
@@ -538,11 +543,28 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" etc.
             hint = ""
             if isinstance(req, Load):
-                hint = (
+                hint = load_failure(capture.since(mark)) or (
                     ": the file may be truncated or damaged (download it again), or use a "
                     "model architecture this llama.cpp build supports"
                 )
             chan.send(Failed(f"{exc}{hint}"))
+
+
+def load_failure(lines: list[str]) -> str:
+    """Why llama.cpp refused a load, from its log: a tensor whose data failed its check
+    (check_tensors: NaN or infinity, a damaged file), else its own 'error loading model'."""
+    for line in reversed(lines):
+        found = re.search(r"tensor '([^']+)' has invalid data", line)
+        if found:
+            return (
+                f": the model file is damaged: tensor {found.group(1)} holds NaN or infinity "
+                "(llama.cpp checks every tensor as it loads); download it again, or compare "
+                "its sha256 with the publisher's"
+            )
+    for line in reversed(lines):
+        if "error loading model:" in line:
+            return f": llama.cpp says {line.split('error loading model:', 1)[1].strip()}"
+    return ""
 
 
 if __name__ == "__main__":
