@@ -52,8 +52,9 @@ from corral.discovery import Hosts, Inventoried
 from corral.engine.model import default_model_path
 from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
-from corral.engine.runtime.chatcontrol import ChatController, History, Replied
+from corral.engine.runtime.chatcontrol import ChatController, History, Recovered, Replied
 from corral.engine.runtime.childproto import Shift
+from corral.engine.runtime.errors import InferenceCrashed
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import KvStatus, ReplyUpdate
 from corral.engine.runtime.session import LoadResult, LoadSettings
@@ -87,6 +88,7 @@ class MainWindow(QMainWindow):
         self.max_tokens = 256
         self._reply_tokens = 0
         self.load_progress = 0.0
+        self._deployed_size = 0  # bytes of the model last deployed, for load progress
         self._build()
         self.directory = HostDirectory(
             lambda hosts, e: self.bridge.post(self._hosts_changed, dict(hosts), e),
@@ -426,6 +428,7 @@ class MainWindow(QMainWindow):
         self._working(f"deploying on {len(self.hosts_model.online_addresses()) or 'no'} host(s)…")
 
         size = settings.model.stat().st_size if settings.model.is_file() else 0
+        self._deployed_size = size
         started = time.monotonic()
         self.load_progress = 0.0
 
@@ -558,11 +561,30 @@ class MainWindow(QMainWindow):
         self.status.setText(f"{done.n_tokens} tokens, {rate:.1f} tok/s, stop: {done.stop}")
 
     def _crashed(self, error: Any) -> None:
-        self.banner.setText(f"{error} — press “Deploy” to load again")
         self.send_button.setEnabled(False)
         self.stop_button.setEnabled(False)
         self.stop_button.setText("Stop")
         self.log(f"chat failed: {error}")
+        if not isinstance(error, InferenceCrashed):
+            self.banner.setText(f"{error} — press “Deploy” to load again")
+            return
+        # the model went down with the reply: load it again on the hosts that answer, and
+        # keep the chat; the reply cut short stays in the transcript as it was
+        self.banner.setText(f"{error} — loading the model again…")
+        self._working("loading the model again on the hosts that answer…")
+        started = time.monotonic()
+        size = self._deployed_size
+
+        def progress(fraction: float) -> None:  # engine thread
+            self.bridge.post(self._on_progress, fraction, size, started)
+
+        self._submit(self.chat.recover(error.cause, progress), self._recovered, self._failed)
+
+    def _recovered(self, recovered: Recovered) -> None:
+        self._loaded(recovered.result)
+        self.history = recovered.history
+        self.banner.setText(recovered.line)
+        self.log(recovered.line)
 
     def _stop(self) -> None:
         if self.stop_button.isEnabled():

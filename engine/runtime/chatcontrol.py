@@ -34,6 +34,16 @@ class Replied:
     history: History
 
 
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """The model loaded again after it was lost: what happened in one line, the new load,
+    and the chat it goes on with."""
+
+    line: str
+    result: LoadResult
+    history: History
+
+
 class ChatController:
     """One chat session at a time, for the hosts the window names."""
 
@@ -103,6 +113,17 @@ class ChatController:
                 if update.done is None:
                     on_update(update)
         return Replied(meter.finished(), self._history(session))
+
+    async def recover(
+        self, cause: str, on_progress: Callable[[float], None] | None = None
+    ) -> Recovered:
+        """Load again after the model was lost (ChatSession.recover), on the hosts that
+        answer, keeping the chat."""
+        self._own()
+        session = self._require()
+        line = await session.recover(cause, on_progress)
+        assert session.result is not None
+        return Recovered(line, session.result, self._history(session))
 
     def cancel_reply(self) -> None:
         """Stop the reply under way (a second call kills the inference process)."""

@@ -368,7 +368,8 @@ class ChatSession:
         The history stays; agents whose connection is gone and cannot be reopened are left
         out (the plan then says whether the model still fits on the rest).
         """
-        assert self.settings is not None, "reload needs a session that was opened"
+        if self.settings is None:
+            raise RuntimeFailure("nothing was loaded yet to load again: load a model first")
         await self.child.close()
         self.child = InferenceProcess()
         for tunnel in self.tunnels.values():
@@ -403,6 +404,7 @@ class ChatSession:
     ) -> LoadResult:
         """`open` for a session whose `connect` has run; `on_progress(fraction)` hears the
         load (tensors read and sent to every device)."""
+        self.settings = settings  # what reload and recover load again
         analytic, exact = await self.plan(settings)
         refused = errors(self.verdicts)
         if refused:
