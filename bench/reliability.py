@@ -3,7 +3,10 @@
 Faults (tests/support/faults.py): kill -9 of an RPC worker and of an agent, each during load
 and during generation; the desktop's inference child killed; an agent restarted on the same
 host; the desktop's state dir on a full disk; a network partition (link down, silent drop)
-in network namespaces (root). Load: 100 control clients at once, 10,000 connection attempts
+in network namespaces (root). Healing without the user (heal-*): `corral serve` and an
+openai-SDK client streaming a reply while a worker is killed or stopped (SIGSTOP), an agent
+killed, or a link cut; the client must see an error, then be answered again with nobody
+doing anything. Load: 100 control clients at once, 10,000 connection attempts
 a minute. Soak: continuous chat over two agents with a worker killed every minute.
 Prints docs/RELIABILITY.md's table.
 
@@ -14,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +36,7 @@ from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
 from corral.engine.procs import cap_malloc_arenas
 from tests.support import faults
+from tests.support.agents import inventory
 from tests.support.faults import Trial
 from tests.support.netns import Lan, LanUnavailable
 from tests.support.watch import start_agent
@@ -45,6 +51,10 @@ NAMES = (
     "disk",
     "agent-disk",
     "partition",
+    "heal-worker",
+    "heal-stop",
+    "heal-agent",
+    "heal-link",
     "clients",
     "flood",
     "soak",
@@ -131,6 +141,79 @@ def main() -> int:
         if name in only:
             with tempfile.TemporaryDirectory() as tmp:
                 run(name, _repeat(n, lambda f=on_disk: f(Path(tempfile.mkdtemp(dir=tmp)))))
+    model = default_model_path()
+    if only & {"heal-worker", "heal-stop"}:
+        with LocalAgents(2) as agents:
+            stopped: list[int] = []
+
+            def kill_worker() -> None:
+                os.kill(inventory(agents.addresses[0]).worker.pid, signal.SIGKILL)
+
+            def stop_worker() -> None:
+                stopped.append(inventory(agents.addresses[1]).worker.pid)
+                os.kill(stopped[-1], signal.SIGSTOP)
+
+            def go_on() -> None:  # the agent killed it to start again; in case it did not
+                for pid in stopped:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+
+            heals = {
+                "heal-worker": ("API: worker kill -9", kill_worker, lambda: None),
+                "heal-stop": ("API: worker SIGSTOP", stop_worker, go_on),
+            }
+            for name, (what, inject, restore) in heals.items():
+                if name in only:
+                    run(
+                        name,
+                        _repeat(
+                            n,
+                            lambda what=what, inject=inject, restore=restore: faults.api_heal(
+                                what, faults.local_spawn, agents.addresses, model, inject, restore
+                            ),
+                        ),
+                    )
+    if "heal-agent" in only:
+        with LocalAgents(1) as stays:
+
+            def agent_trial() -> Trial:
+                with LocalAgents(1) as goes:
+                    return faults.api_heal(
+                        "API: agent kill -9",
+                        faults.local_spawn,
+                        [stays.addresses[0], goes.addresses[0]],
+                        model,
+                        lambda: os.kill(goes.procs[0].pid, signal.SIGKILL),
+                    )
+
+            run("heal-agent", _repeat(n, agent_trial))
+    if "heal-link" in only:
+        try:
+            with Lan(3) as lan:
+                for i in (1, 2):
+                    start_agent(lan, i, desktop=3)
+                time.sleep(1)
+                on_lan = [f"{lan.address(1)}:7340", f"{lan.address(2)}:7340"]
+
+                def in_host_3(argv: list[str], **kw: Any) -> subprocess.Popen[str]:
+                    return lan.spawn(3, argv, **kw)
+
+                run(
+                    "heal-link",
+                    _repeat(
+                        n,
+                        lambda: faults.api_heal(
+                            "API: link down",
+                            in_host_3,
+                            on_lan,
+                            model,
+                            lambda: lan.link(2, False),
+                            lambda: lan.link(2, True),
+                        ),
+                    ),
+                )
+        except LanUnavailable as exc:
+            print(f"heal-link: skipped ({exc})")
     if "partition" in only:
         try:
             with Lan(3) as lan:

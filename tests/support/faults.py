@@ -710,3 +710,88 @@ async def soak(
         "end": med([sum(s[2]) for s in end]),
     }
     return out
+
+
+# ------------------------------------------------------------ healing without the user
+
+_REPO = Path(__file__).resolve().parents[2]
+Spawn = Callable[..., "subprocess.Popen[str]"]
+
+
+def local_spawn(argv: list[str], **kw: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(argv, **kw)
+
+
+def _serve_args(model: Path, agents: list[str]) -> list[str]:
+    args = [sys.executable, "-m", "corral.engine.cli", "serve", str(model), "--port", "0"]
+    args += ["--ctx", "2048"]
+    for a in agents:
+        args += ["--agent", a]
+    return args
+
+
+def api_heal(
+    name: str,
+    spawn: Spawn,
+    agents: list[str],
+    model: Path,
+    inject: Callable[[], None],
+    restore: Callable[[], None] = lambda: None,
+) -> Trial:
+    """`corral serve` over `agents`, an openai-SDK client streaming a long reply
+    (tests/support/heal_client.py); `inject` once the reply streams. The client must see an
+    error (never a reply cut short that looks whole), and a short request must be answered
+    again with nobody doing anything: detect_s = fault → the SDK's error, recover_s = fault
+    → answered again."""
+    serve = spawn(
+        _serve_args(model, agents),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client: subprocess.Popen[str] | None = None
+    problems: list[str] = []
+    events: dict[str, dict[str, Any]] = {}
+    t0 = 0.0
+    try:
+        assert serve.stdout is not None
+        line = serve.stdout.readline()
+        if not line.startswith("serving"):
+            serve.kill()
+            raise TrialFailed(f"serve did not start: {line} {serve.communicate()[1][-500:]}")
+        client = spawn(
+            [sys.executable, "-m", "tests.support.heal_client", line.split()[-1]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=_REPO,
+        )
+        assert client.stdout is not None
+        first = json.loads(client.stdout.readline() or "{}")
+        if first.get("event") != "streaming":
+            raise TrialFailed(f"the reply did not stream: {first}")
+        t0 = time.monotonic()
+        inject()
+        out, _ = client.communicate(timeout=240)
+        for raw in out.splitlines():
+            event = json.loads(raw)
+            events[event["event"]] = event
+    except subprocess.TimeoutExpired:
+        problems.append("the client hung")
+    finally:
+        restore()
+        for proc in (client, serve):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    if "error" not in events:
+        problems.append("the client saw no error: a reply cut short looked complete")
+    if "usable" not in events:
+        problems.append(f"not answered again: {events.get('unusable', {}).get('message', '')}")
+    detect = events["error"]["t"] - t0 if "error" in events else None
+    usable = events["usable"]["t"] - t0 if "usable" in events else None
+    return Trial(name, not problems, detect, usable, "; ".join(problems))
