@@ -222,6 +222,38 @@ def test_1000_strangers_are_served_nothing_and_closed_fast(
     asyncio.run(paired_still_served())
 
 
+def test_a_silent_session_of_the_same_desktop_gives_way_to_its_new_connection(
+    two_agents: LocalAgents,
+) -> None:
+    """A link that comes back: this desktop's old session still holds the workers in the
+    agent's eyes, but it has missed its pings. While it pings, a second session of the same
+    desktop is refused (named as such); once it has been silent for 3 s, the new connection
+    takes the workers at once instead of waiting out the 8 s lease timeout."""
+    address = two_agents.addresses[1]
+
+    async def run() -> None:
+        old = AgentClient(address)
+        await old.connect()
+        await old.start_rpc(threads=1)
+        new = AgentClient(address)
+        await new.connect()
+        with pytest.raises(AgentRequestFailed, match="another Corral session on that desktop"):
+            await new.start_rpc(threads=1)
+        assert old._keepalive is not None
+        old._keepalive.cancel()  # the old session goes silent, its connection stays open
+        await asyncio.sleep(3.5)
+        state = await new.start_rpc(threads=1)
+        assert state.state == "running"
+        tunnel = new.open_tunnel()
+        loop = asyncio.get_running_loop()
+        assert (await loop.run_in_executor(None, tunnel.probe, 5.0))[0] == 7
+        tunnel.close()
+        await new.close()
+        await old.close()
+
+    asyncio.run(run())
+
+
 def test_a_second_desktop_gets_in_use_by_name_until_the_first_lets_go(
     two_agents: LocalAgents, tmp_path: Path
 ) -> None:
