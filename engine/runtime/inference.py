@@ -8,7 +8,7 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 
 from corral.engine.aio import within
@@ -49,6 +49,7 @@ from .errors import InferenceCrashed, InferenceError, InferenceTimeout, ReplySta
 from .stall import StallWatch
 
 R = TypeVar("R", bound=Message)
+R2 = TypeVar("R2")
 
 _READY_TIMEOUT = 60.0
 # How long a cancelled or abandoned reply may take to stop before the child is killed. The
@@ -56,6 +57,10 @@ _READY_TIMEOUT = 60.0
 # answering checks for nothing, and only this ends the wait.
 STOP_GRACE = 15.0
 _LOG_TAIL = 4000
+# A load or dry run with no frame for this long is stuck (a worker stopped answering): the
+# load reports progress per tensor sent; what follows it (the cache, the graph, a warm-up
+# decode) takes seconds even on large models over slow links.
+LOAD_STALL = 120.0
 
 
 class InferenceProcess:
@@ -158,7 +163,7 @@ class InferenceProcess:
         to workers included)."""
         self._send(Load(params))
         while True:
-            frame = await self._next()
+            frame = await self._stalling(self._next(LOAD_STALL), LOAD_STALL, "the load")
             if not isinstance(frame, Progress):
                 return _as(Loaded, frame)
             if on_progress is not None:
@@ -167,12 +172,27 @@ class InferenceProcess:
     async def dry_run(self, params: LoadParams) -> DryRunReport:
         """llama.cpp's simulated allocation for these load params (nothing is allocated)."""
         self._send(DryRun(params))
-        return await self._expect(DryRunReport)
+        return _as(
+            DryRunReport, await self._stalling(self._next(LOAD_STALL), LOAD_STALL, "the dry run")
+        )
 
     async def capabilities(self, device: str, asked: list[CapabilityQuestion]) -> list[bool]:
         """Ask one of the desktop's own devices (see engine.ggml.capabilities)."""
         self._send(Capabilities(device, tuple(asked)))
         return list((await self._expect(Answers)).answers)
+
+    async def _stalling(self, step: Awaitable[R2], bound: float, what: str) -> R2:
+        """`step`, or ReplyStalled after `bound` s without a frame: llama.cpp waiting on a
+        worker that stopped answering (during a load, a dry run) waits forever; the child
+        is killed."""
+        try:
+            return await step
+        except InferenceTimeout:
+            self.kill()
+            raise ReplyStalled(
+                f"{what} made no progress for {bound:.0f} s, so the inference process was killed",
+                bound,
+            ) from None
 
     async def generate(
         self, request: Generate, watch: StallWatch | None = None

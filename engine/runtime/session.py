@@ -341,7 +341,12 @@ class ChatSession:
         ]
         if errors(self.verdicts):
             return analytic, analytic
-        dry = await self.child.dry_run(settings.load_params(self.endpoints, analytic.tensor_split))
+        try:
+            dry = await self.child.dry_run(
+                settings.load_params(self.endpoints, analytic.tensor_split)
+            )
+        except ReplyStalled as stall:  # a worker stopped answering llama.cpp's questions
+            raise await self._stalled(stall, "the dry run") from None
         wrong = layer_map_matches(analytic, dry.log.layers)
         if wrong:  # the planner and llama.cpp disagree: trust llama.cpp, say so loudly
             self._warn("plan differs from llama.cpp: " + "; ".join(wrong[:3]))
@@ -416,6 +421,8 @@ class ChatSession:
             )
         except InferenceCrashed as crash:  # a worker or agent died while tensors went out
             raise await self.explain(crash) from None
+        except ReplyStalled as stall:  # a worker stopped answering while tensors went out
+            raise await self._stalled(stall, "the load") from None
         kernels = loaded.cpu_kernels
         if kernels.degraded:
             self._warn(f"CPU kernels: {kernels.summary}; `corral doctor` says more")
@@ -545,14 +552,12 @@ class ChatSession:
                 async for frame in frames:
                     yield frame
         except ReplyStalled as stall:
-            why = await self._why_stuck()
             if self._stop_timer is not None:  # the user had asked it to stop: no fault
+                why = await self._why_stuck()
                 raise InferenceCrashed(
                     f"the reply did not stop after the cancel; {stall}: {why}", "killed", []
                 ) from None
-            stuck = why.split(": load the model again")[0] if why.startswith("the RPC") else ""
-            cause = f"the reply stalled for {stall.after:.0f} s" + (f" ({stuck})" if stuck else "")
-            raise InferenceCrashed(f"{stall}: {why}", "killed", [], cause) from None
+            raise await self._stalled(stall, "the reply") from None
         except InferenceCrashed as crash:
             if self._stopped_by_kill:
                 raise InferenceCrashed(
@@ -585,6 +590,14 @@ class ChatSession:
             )
         else:
             self._stop_now("a second cancel killed the inference process at once")
+
+    async def _stalled(self, stall: ReplyStalled, what: str) -> InferenceCrashed:
+        """A reply, load or dry run that stopped moving (its child killed), as a crash that
+        names the worker it waited on, where its agent can tell."""
+        why = await self._why_stuck()
+        stuck = why.split(": load the model again")[0] if why.startswith("the RPC") else ""
+        cause = f"{what} stalled for {stall.after:.0f} s" + (f" ({stuck})" if stuck else "")
+        return InferenceCrashed(f"{stall}: {why}", "killed", [], cause)
 
     async def _why_stuck(self) -> str:
         """Which worker a reply that would not stop was waiting on, as its agent sees it."""

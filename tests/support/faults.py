@@ -432,11 +432,13 @@ def _marked() -> list[str]:
 def partition(lan: Any, mode: str, model: Path, desktop: int = 3) -> Trial:
     """`corral chat` in host 3 over the agents of hosts 1 and 2; host 2 is cut off mid-reply
     ("link down": its interface goes down; "silent drop": frames vanish, the link stays up).
-    detect_s: cut → the chat exits naming host 2; recover_s: link back → a chat answers."""
+    The chat must name host 2 (detect_s: cut → that `crash` event), load the model again on
+    host 1 alone by itself and answer (a `recovered` event leaving host 2 out, then `done`);
+    recover_s: link back → a chat over both answers."""
     agents = [f"{lan.address(1)}:7340", f"{lan.address(2)}:7340"]
     proc = lan.spawn(
         desktop,
-        chat_args(model, agents, long=True),
+        [*chat_args(model, agents, long=True), "--max-tokens", "300"],  # the last wins
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -451,20 +453,32 @@ def partition(lan: Any, mode: str, model: Path, desktop: int = 3) -> Trial:
     cut(True)
     t0 = time.monotonic()
     problems = []
+    detect = None
+    events: dict[str, Any] = {}
     try:
-        out, err = proc.communicate(timeout=30)
-        detect = time.monotonic() - t0
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event["type"] == "crash" and detect is None:
+                detect = time.monotonic() - t0
+            events[event["type"]] = event
+            if event["type"] in ("done", "error") or time.monotonic() - t0 > 90:
+                break
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        detect = None
-        problems.append("the chat hung for 30 s after the partition")
+        problems.append("the chat hung after the partition")
     finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate()
         cut(False)
-    lines = out.strip().splitlines()
-    last = json.loads(lines[-1]) if lines else {}
-    if proc.returncode != 1 or last.get("type") != "error" or lan.address(2) not in str(last):
-        problems.append(f"exit {proc.returncode}, last: {str(last)[-300:]} {err.strip()[-300:]}")
+    crash = str(events.get("crash", {}).get("message", ""))
+    if lan.address(2) not in crash:
+        problems.append(f"no crash naming host 2: {str(events)[-300:]} {err.strip()[-300:]}")
+    recovered = str(events.get("recovered", {}).get("message", ""))
+    if f"without {lan.address(2)}" not in recovered or "done" not in events:
+        problems.append(f"not answered on host 1 alone: {recovered} {str(events)[-300:]}")
+    if proc.returncode != 0:
+        problems.append(f"exit {proc.returncode}: {err.strip()[-300:]}")
     t1 = time.monotonic()
     while True:
         again = subprocess.run(
