@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
-from tests.support.agents import inventory, start_long_chat
+from tests.support.agents import inventory, start_long_chat, stop
 
 
 def _until(chat: subprocess.Popen[str], kind: str) -> float:
@@ -45,12 +45,7 @@ def one_round(agents: LocalAgents) -> tuple[float, float, float]:
         noticed = _until(chat, "crash") - killed
         healed = _until(chat, "recovered") - killed
     finally:
-        chat.send_signal(signal.SIGINT)
-        try:
-            chat.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            chat.kill()
-            chat.communicate()
+        stop(chat, signal.SIGINT, timeout=60)
     while True:
         now = inventory(victim).worker
         if now.state == "running" and now.pid not in (0, before.pid):

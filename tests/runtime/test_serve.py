@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from corral.engine.localagents import LocalAgents
-from tests.support.agents import inventory
+from tests.support.agents import inventory, stop
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +48,7 @@ def server(smollm2: Path) -> Iterator[str]:
             assert line.startswith("serving"), line + (proc.stderr.read() if proc.stderr else "")
             yield line.split()[-1]
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 _LONG = "Write the numbers from 1 to 1000 separated by commas."  # SmolLM2: 1500 tokens and on
@@ -174,18 +169,6 @@ def _serve(model: Path, agents: list[str], *flags: str) -> tuple[subprocess.Pope
     return proc, line.split()[-1]
 
 
-def _stop(proc: subprocess.Popen[str]) -> str:
-    """SIGTERM, and serve's stderr (its log of what happened to the model)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return err
-
-
 def _long_stream(client: openai.OpenAI) -> Iterator[str]:
     stream = client.chat.completions.create(
         model="m",
@@ -213,7 +196,7 @@ def test_a_worker_killed_mid_stream_is_an_error_and_serve_heals(smollm2: Path) -
             text, _ = _colour(client)  # waits for the reload, then answers
             assert text.strip()
         finally:
-            err = _stop(proc)
+            _, err = stop(proc)
     assert "lost the model" in err and "reloaded over" in err, err[-3000:]
     assert "Traceback" not in err
 
@@ -228,7 +211,7 @@ def test_serve_stopped_mid_stream_ends_the_stream_with_an_error(smollm2: Path) -
                     if i == 3:
                         proc.send_signal(signal.SIGTERM)
         finally:
-            err = _stop(proc)
+            _, err = stop(proc)
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
 
 
@@ -260,7 +243,7 @@ def test_the_queue_the_deadline_and_a_client_that_gives_up(smollm2: Path) -> Non
                     pass
             waiting.join(timeout=60)
         finally:
-            err = _stop(proc)
+            _, err = stop(proc)
     assert "a client left before its reply: the reply is stopped" in err, err[-3000:]
 
 

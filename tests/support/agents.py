@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,18 @@ def start_long_chat(model: Path, agents: list[str]) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def stop(
+    proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 20
+) -> tuple[str, str]:
+    """Signal a `corral` process (SIGTERM: serve's shutdown; SIGINT: a chat's Ctrl-C), wait
+    for it, kill it if it does not end in `timeout` s; its remaining (stdout, stderr)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return out or "", err or ""

@@ -30,7 +30,7 @@ from corral.engine.runtime.childproto import Done, Token
 from corral.engine.runtime.errors import RuntimeFailure
 from corral.engine.runtime.session import ChatSession, LoadSettings
 from corral.engine.security.desktop import desktop_dir
-from tests.support.agents import LONG_PROMPT, chat_args
+from tests.support.agents import LONG_PROMPT, chat_args, stop
 
 
 @dataclass
@@ -795,13 +795,8 @@ def api_heal(
     finally:
         restore()
         for proc in (client, serve):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if proc is not None:
+                stop(proc)
     if "error" not in events:
         problems.append("the client saw no error: a reply cut short looked complete")
     if "usable" not in events:
