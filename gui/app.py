@@ -23,7 +23,6 @@ from PySide6.QtGui import (
     QGuiApplication,
     QKeySequence,
     QShortcut,
-    QTextCursor,
 )
 from PySide6.QtWidgets import (
     QApplication,
@@ -37,12 +36,13 @@ from PySide6.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QMainWindow,
+    QMessageBox,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QSpinBox,
     QSplitter,
     QTableView,
-    QTextBrowser,
     QVBoxLayout,
     QWidget,
 )
@@ -52,7 +52,13 @@ from corral.discovery import Hosts, Inventoried
 from corral.engine.model import default_model_path
 from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
-from corral.engine.runtime.chatcontrol import ChatController, History, Recovered, Replied
+from corral.engine.runtime.chatcontrol import (
+    ChatController,
+    History,
+    Recovered,
+    Replied,
+    WouldUnload,
+)
 from corral.engine.runtime.childproto import Shift
 from corral.engine.runtime.errors import InferenceCrashed
 from corral.engine.runtime.hosts import HostDirectory
@@ -62,10 +68,21 @@ from corral.engine.runtime.session import LoadResult, LoadSettings
 from .bridge import Bridge
 from .engine_thread import EngineThread
 from .models import HostsModel, VramDelegate
-from .plan import DeviceBars, LayerMap, SettingsForm
+from .plan import DeviceBars, LayerMap, SettingsForm, window_words
 from .plots import LivePlot
+from .transcript import Transcript
 
 T = TypeVar("T")
+
+DEFAULT_MAX_REPLY = 1024
+CONTINUE = "Continue from where you stopped."
+FIRST_RUN = (
+    "<b>No hosts yet.</b> On each machine with a GPU, in a checkout of Corral, run "
+    "<code>sudo packaging/install-worker.sh</code>: it starts the agent and prints a pairing "
+    "code (<code>corral-agent pair</code> prints a new one). Hosts on this network appear "
+    "here by themselves; add others by address below, select one, press Pair… and type "
+    "its code. Until then, Deploy runs the model on this computer's CPU."
+)
 
 
 class MainWindow(QMainWindow):
@@ -84,8 +101,8 @@ class MainWindow(QMainWindow):
         self._replan = False
         self.verdicts: list[Any] = []
         self._shifts = 0
-        self.messages: list[tuple[str, str]] = []
-        self.max_tokens = 256
+        self.running: tuple[LoadSettings, tuple[str, ...]] | None = None  # what is loaded
+        self.loaded_at = ""
         self._reply_tokens = 0
         self.load_progress = 0.0
         self._deployed_size = 0  # bytes of the model last deployed, for load progress
@@ -107,19 +124,29 @@ class MainWindow(QMainWindow):
         self.hosts_view = QTableView()
         self.hosts_view.setModel(self.hosts_model)
         self.hosts_view.setItemDelegateForColumn(4, VramDelegate(self.hosts_view))
+        self.hosts_view.setTabKeyNavigation(False)  # Tab leaves the table; arrows move in it
         header = self.hosts_view.horizontalHeader()
-        # sized when hosts come and go, not on every live update (measuring every cell of
-        # every row at each inventory stalled the window with 16 hosts)
+        # sized when hosts come and go or change status, not on every live update
+        # (measuring every cell of every row at each inventory stalled the window with 16)
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         header.setStretchLastSection(True)
         self.hosts_model.modelReset.connect(self.hosts_view.resizeColumnsToContents)
+        self.hosts_model.reshaped.connect(self.hosts_view.resizeColumnsToContents)
         self.hosts_view.verticalHeader().setVisible(False)
         self.hosts_view.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
         self.hosts_view.setSelectionMode(QTableView.SelectionMode.SingleSelection)
+        self.hosts_view.selectionModel().selectionChanged.connect(self._host_buttons)
+        self.hosts_model.modelReset.connect(self._host_buttons)
+        self.hosts_model.dataChanged.connect(self._host_buttons)
         lv.addWidget(self.hosts_view)
+        self.first_run = QLabel(FIRST_RUN)
+        self.first_run.setWordWrap(True)
+        self.first_run.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        lv.addWidget(self.first_run)
         add_row = QHBoxLayout()
         self.add_edit = QLineEdit()
         self.add_edit.setPlaceholderText("HOST:PORT of an agent mDNS cannot see")
+        self.add_edit.returnPressed.connect(self._add_host)
         self.add_button = QPushButton("Add host")
         self.add_button.clicked.connect(self._add_host)
         add_row.addWidget(self.add_edit)
@@ -131,29 +158,50 @@ class MainWindow(QMainWindow):
             "Pair with the selected host: type the code `corral-agent pair` prints there"
         )
         self.pair_button.clicked.connect(self._pair)
-        self.unpair_button = QPushButton("Unpair")
+        self.unpair_button = QPushButton("Unpair…")
         self.unpair_button.clicked.connect(self._unpair)
         pair_row.addWidget(self.pair_button)
         pair_row.addWidget(self.unpair_button)
         pair_row.addStretch(1)
         lv.addLayout(pair_row)
+        self.pair_note = QLabel("")  # pairing's outcome, beside the buttons that asked
+        self.pair_note.setWordWrap(True)
+        lv.addWidget(self.pair_note)
         lv.addWidget(QLabel("Saved chats (double-click to continue one)"))
         self.chats = QListWidget()
         self.chats.setMaximumHeight(120)
         self.chats.itemDoubleClicked.connect(self._open_chat)
+        self.chats.itemActivated.connect(self._open_chat)  # Enter, for the keyboard
         lv.addWidget(self.chats)
         self._refresh_chats()
         lv.addWidget(QLabel("Events"))
         self.events = QPlainTextEdit()
         self.events.setReadOnly(True)
         self.events.setMaximumBlockCount(500)
+        self.events.setTabChangesFocus(True)
         lv.addWidget(self.events)
 
+        # the right side: what runs (a bar), the plan (its settings and drawing), the chat;
+        # plan and chat share a splitter so either can have the room
         right = QWidget()
         rv = QVBoxLayout(right)
+        state_row = QHBoxLayout()
+        self.state_label = QLabel("")
+        self.state_label.setWordWrap(True)
+        self.unload_button = QPushButton("Unload…")
+        self.unload_button.setToolTip("Unload the model from every host (asks first)")
+        self.unload_button.clicked.connect(self._unload)
+        state_row.addWidget(self.state_label, 1)
+        state_row.addWidget(self.unload_button)
+        rv.addLayout(state_row)
+
+        plan_area = QWidget()
+        pv = QVBoxLayout(plan_area)
+        pv.setContentsMargins(0, 0, 0, 0)
         model_row = QHBoxLayout()
         self.model_edit = QLineEdit(str(default_model_path()))
         self.model_edit.setToolTip("A GGUF file: type, pick with …, or drop one on the window")
+        self.model_edit.textChanged.connect(self._show_state)
         recent = QSettings("Corral", "Corral").value("models/recent") or []
         self._recent = QStringListModel([str(p) for p in recent])
         completer = QCompleter(self._recent, self)
@@ -161,21 +209,26 @@ class MainWindow(QMainWindow):
         self.model_edit.setCompleter(completer)
         self.setAcceptDrops(True)
         browse = QPushButton("…")
+        browse.setToolTip("Pick a GGUF file")
         browse.clicked.connect(self._pick_model)
-        model_row.addWidget(QLabel("Model"))
+        model_label = QLabel("&Model")
+        model_label.setBuddy(self.model_edit)
+        model_row.addWidget(model_label)
         model_row.addWidget(self.model_edit, 1)
         model_row.addWidget(browse)
-        rv.addLayout(model_row)
+        pv.addLayout(model_row)
         plan_row = QHBoxLayout()
         self.settings_form = SettingsForm()
         self.settings_form.changed.connect(self._settings_changed)
         plan_row.addWidget(self.settings_form, 2)
         buttons = QVBoxLayout()
         self.plan_button = QPushButton("Plan on online hosts")
-        self.plan_button.setToolTip("Start the workers, check the settings, and show the plan")
+        self.plan_button.setToolTip(
+            "Start the workers, check the settings, and show the plan (Ctrl+P)"
+        )
         self.plan_button.clicked.connect(self._plan)
         self.load_button = QPushButton("Deploy")
-        self.load_button.setToolTip("Load the model as planned")
+        self.load_button.setToolTip("Load the model as planned (Ctrl+D)")
         self.load_button.clicked.connect(self._load)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -187,35 +240,41 @@ class MainWindow(QMainWindow):
             buttons.addWidget(w)
         buttons.addStretch(1)
         plan_row.addLayout(buttons, 1)
-        rv.addLayout(plan_row)
+        pv.addLayout(plan_row)
         self.banner = QLabel("")
         self.banner.setWordWrap(True)
         self.banner.setStyleSheet("color: #b00020;")
-        rv.addWidget(self.banner)
+        pv.addWidget(self.banner)
         self.layer_map = LayerMap()
         self.layer_map.counts_chosen.connect(self.settings_form.set_counts)
-        rv.addWidget(self.layer_map)
+        pv.addWidget(self.layer_map)
         self.device_bars = DeviceBars()
-        rv.addWidget(self.device_bars)
+        pv.addWidget(self.device_bars)
         self.plan_text = QPlainTextEdit()
         self.plan_text.setReadOnly(True)
-        self.plan_text.setMaximumHeight(110)
-        rv.addWidget(self.plan_text)
-        self.transcript = QTextBrowser()
-        self.transcript.setOpenExternalLinks(True)
-        rv.addWidget(self.transcript, 1)
+        self.plan_text.setTabChangesFocus(True)
+        self.plan_text.setMinimumHeight(40)
+        pv.addWidget(self.plan_text, 1)
+
+        chat_area = QWidget()
+        cv = QVBoxLayout(chat_area)
+        cv.setContentsMargins(0, 0, 0, 0)
+        self.transcript = Transcript()
+        self.transcript.setTabChangesFocus(True)
+        cv.addWidget(self.transcript, 1)
         plots = QHBoxLayout()
-        self.speed_plot = LivePlot("tokens/s", "")
+        self.speed_plot = LivePlot("tokens/s", "", gap=30.0)
         self.vram_plot = LivePlot("memory used", "%", fixed_max=100.0)
         plots.addWidget(self.speed_plot)
         plots.addWidget(self.vram_plot)
-        rv.addLayout(plots)
+        cv.addLayout(plots)
         self.kv_bar = QProgressBar()
-        self.kv_bar.setFormat("KV cache %p%")
-        rv.addWidget(self.kv_bar)
+        self.kv_bar.setFormat("KV cache: nothing loaded")
+        self.kv_bar.setValue(0)
+        cv.addWidget(self.kv_bar)
         send_row = QHBoxLayout()
         self.input = QLineEdit()
-        self.input.setPlaceholderText("Message (Enter to send)")
+        self.input.setPlaceholderText("Message (Enter to send; Ctrl+L comes here)")
         self.input.returnPressed.connect(self._send)
         self.send_button = QPushButton("Send")
         self.send_button.clicked.connect(self._send)
@@ -225,34 +284,64 @@ class MainWindow(QMainWindow):
         self.stop_button = QPushButton("Stop")
         self.stop_button.setEnabled(False)
         self.stop_button.clicked.connect(self._stop)
+        self.continue_button = QPushButton("Continue")
+        self.continue_button.setToolTip("The reply stopped at its length: ask for the rest")
+        self.continue_button.setEnabled(False)
+        self.continue_button.clicked.connect(self._continue)
         self.regen_button = QPushButton("Regenerate")
         self.regen_button.setEnabled(False)
         self.regen_button.clicked.connect(self._regenerate)
         self.copy_button = QPushButton("Copy")
+        self.copy_button.setToolTip("Copy the last reply (each message has its own copy link)")
         self.copy_button.clicked.connect(self._copy)
         self.save_button = QPushButton("Save…")
         self.save_button.clicked.connect(self._save_chat)
         self.new_button = QPushButton("New chat")
         self.new_button.clicked.connect(self._new_chat)
+        send_row.addWidget(self.stop_button)
+        actions = QHBoxLayout()
         for b in (
-            self.stop_button,
+            self.continue_button,
             self.regen_button,
             self.copy_button,
             self.save_button,
             self.new_button,
         ):
-            send_row.addWidget(b)
-        rv.addLayout(send_row)
+            actions.addWidget(b)
+        actions.addStretch(1)
+        self.max_reply = QSpinBox()
+        self.max_reply.setRange(1, 1 << 16)
+        self.max_reply.setValue(DEFAULT_MAX_REPLY)
+        self.max_reply.setSuffix(" tokens")
+        self.max_reply.setToolTip("The longest reply; Continue asks for more")
+        reply_label = QLabel("Longest &reply")
+        reply_label.setBuddy(self.max_reply)
+        actions.addWidget(reply_label)
+        actions.addWidget(self.max_reply)
+        cv.addLayout(send_row)
+        cv.addLayout(actions)
+
+        self.work_split = QSplitter(Qt.Orientation.Vertical)
+        self.work_split.addWidget(plan_area)
+        self.work_split.addWidget(chat_area)
+        self.work_split.setStretchFactor(0, 1)
+        self.work_split.setStretchFactor(1, 2)
+        self.work_split.setChildrenCollapsible(False)
+        rv.addWidget(self.work_split, 1)
         QShortcut(QKeySequence("Ctrl+Return"), self, self._send)
         QShortcut(QKeySequence("Escape"), self, self._stop)
         QShortcut(QKeySequence("Ctrl+N"), self, self._new_chat)
+        QShortcut(QKeySequence("Ctrl+P"), self, self._plan_if_idle)
+        QShortcut(QKeySequence("Ctrl+D"), self, self._load_if_idle)
+        QShortcut(QKeySequence("Ctrl+L"), self, self.input.setFocus)
         self.status = QLabel("Hosts running corral-agent appear on the left.")
+        self.status.setWordWrap(True)
         rv.addWidget(self.status)
 
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(left)
         self.splitter.addWidget(right)
-        self.splitter.setSizes([620, 740])
+        self.splitter.setSizes([560, 800])
         self.setCentralWidget(self.splitter)
         # where the user left the window (geometry, splitter), per user (QSettings)
         state = QSettings("Corral", "Corral")
@@ -262,6 +351,9 @@ class MainWindow(QMainWindow):
         split_state = state.value("window/splitter")
         if split_state is not None:
             self.splitter.restoreState(split_state)  # type: ignore[arg-type]
+        self.model_edit.setFocus()
+        self._host_buttons()
+        self._show_state()
 
     # ------------------------------------------------------------------ hosts
 
@@ -291,10 +383,18 @@ class MainWindow(QMainWindow):
         unpaired = [h for h in self.hosts_model.hosts if h.status == "unpaired"]
         return unpaired[0] if len(unpaired) == 1 else None
 
+    def _host_buttons(self) -> None:
+        """Pair… for a host not paired yet, Unpair… for one that is; the first-run help
+        while there are no hosts at all."""
+        host = self.selected_host()
+        self.pair_button.setEnabled(host is not None and host.status == "unpaired")
+        self.unpair_button.setEnabled(host is not None and host.status != "unpaired")
+        self.first_run.setVisible(not self.hosts_model.hosts)
+
     def _pair(self) -> None:
         host = self.selected_host()
         if host is None:
-            self.banner.setText("Select the host to pair with first.")
+            self.pair_note.setText("Select the host to pair with first.")
             return
         code, ok = QInputDialog.getText(
             self,
@@ -304,26 +404,142 @@ class MainWindow(QMainWindow):
         )
         if not ok or not code.strip():
             return
-        self.status.setText(f"pairing with {host.address}…")
+        self.pair_note.setText(f"pairing with {host.address}…")
+        self.pair_note.setStyleSheet("")
+
+        def failed(e: BaseException) -> None:
+            self.pair_note.setStyleSheet("color: #b00020;")
+            self.pair_note.setText(str(e))
+
         self.bridge.deliver(
             self.engine.submit(self.directory.pair(host.key, code.strip())),
-            lambda name: (self.banner.setText(""), self.status.setText(f"paired with {name}")),
-            lambda e: (self.banner.setText(str(e)), self.status.setText("")),
+            lambda name: self.pair_note.setText(f"paired with {name}"),
+            failed,
         )
+
+    def _serves_model(self, host: Any) -> str:
+        """The layers of the loaded model on `host`, in words ("" when none)."""
+        if self.result is None or self.running is None or host.address not in self.running[1]:
+            return ""
+        mine = [p for p in self.result.placements if host.address in p.host and p.layers]
+        return ", ".join(p.describe() for p in mine) or "part of the loaded model"
 
     def _unpair(self) -> None:
         host = self.selected_host()
         if host is None:
-            self.banner.setText("Select the host to unpair first.")
+            self.pair_note.setText("Select the host to unpair first.")
             return
+        name = host.hostname or host.address
+        serves = self._serves_model(host)
+        ask = f"Unpair {name}? This desktop forgets its key; pairing again needs a new code."
+        if serves:
+            ask += f"\n\nIt holds {serves}: the model is unloaded first."
+        if not self._confirm("Unpair host", ask):
+            return
+
+        async def unpair() -> None:
+            if serves:
+                await self.chat.unload()
+            await self.directory.unpair(host.key)
+
+        if serves:
+            self._unloaded(f"{name} was unpaired")
         self.bridge.deliver(
-            self.engine.submit(self.directory.unpair(host.key)),
-            lambda _r: self.status.setText(f"unpaired {host.hostname or host.address}"),
-            lambda e: self.banner.setText(str(e)),
+            self.engine.submit(unpair()),
+            lambda _r: self.pair_note.setText(f"unpaired {name}"),
+            lambda e: self.pair_note.setText(str(e)),
         )
+
+    def _confirm(self, title: str, text: str) -> bool:
+        answer = QMessageBox.question(
+            self,
+            title,
+            text,
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Cancel,
+        )
+        return answer == QMessageBox.StandardButton.Yes
 
     def hosts(self) -> Hosts:
         return {h.key: h for h in self.hosts_model.hosts}
+
+    # ------------------------------------------------------------------ what runs
+
+    def _draft_differs(self) -> list[str]:
+        """How the settings and hosts in the window differ from what is loaded, in words."""
+        if self.running is None:
+            return []
+        ran, hosts = self.running
+        try:
+            now = self._current()
+        except ValueError:
+            return ["the layers"]
+        out = []
+        if now.model != ran.model:
+            out.append(f"model {now.model.name}")
+        for what, a, b in (
+            ("context", now.n_ctx, ran.n_ctx),
+            ("K cache", now.type_k, ran.type_k),
+            ("V cache", now.type_v, ran.type_v),
+            ("flash attention", now.flash_attn, ran.flash_attn),
+            ("strategy", now.strategy, ran.strategy),
+            ("layers", now.layers, ran.layers),
+        ):
+            if a != b:
+                shown = ("on" if a else "off") if isinstance(a, bool) else (a or "by strategy")
+                out.append(f"{what} {shown}")
+        if tuple(self.hosts_model.online_addresses()) != hosts:
+            out.append(f"{len(self.hosts_model.online_addresses())} online host(s)")
+        return out
+
+    def _show_state(self) -> None:
+        """The bar at the top: what is loaded, and whether the plan below is a draft."""
+        if self.result is None or self.running is None:
+            where = len(self.hosts_model.online_addresses())
+            on = f"{where} online host(s)" if where else "this computer's CPU"
+            self.state_label.setText(f"<b>Nothing loaded.</b> Deploy loads the model on {on}.")
+            self.load_button.setText("Deploy")
+            self.unload_button.setEnabled(False)
+            return
+        ran, hosts = self.running
+        where = f"{len(hosts)} host(s)" if hosts else "this computer"
+        text = (
+            f"<b>Running</b> {ran.model.name} · context {self.result.n_ctx} · {where} · "
+            f"loaded {self.loaded_at}"
+        )
+        draft = self._draft_differs()
+        if draft:
+            text += (
+                f"<br><span style='color:#a05a00'>The plan below is a draft, not applied "
+                f"({', '.join(draft)}): Apply loads it.</span>"
+            )
+        self.state_label.setText(text)
+        self.load_button.setText("Apply" if draft else "Deploy")
+        self.unload_button.setEnabled(not self._busy())
+
+    def _busy(self) -> bool:
+        return self.cancel_button.isEnabled() or self.stop_button.isEnabled()
+
+    def _unload(self) -> None:
+        if self.result is None or self._busy():
+            return
+        if not self._confirm("Unload the model", "Unload the model from every host?"):
+            return
+        self._submit(self.chat.unload(), lambda _r: None, self._failed)
+        self._unloaded("you unloaded it")
+
+    def _unloaded(self, why: str) -> None:
+        """Nothing is loaded any more: say so everywhere, and why."""
+        self.result = None
+        self.running = None
+        self.send_button.setEnabled(False)
+        self.regen_button.setEnabled(False)
+        self.continue_button.setEnabled(False)
+        self.kv_bar.setValue(0)
+        self.kv_bar.setFormat("KV cache: nothing loaded")
+        self.status.setText(f"unloaded: {why}")
+        self.log(f"model unloaded: {why}")
+        self._show_state()
 
     # ------------------------------------------------------------------ load and chat
 
@@ -355,15 +571,26 @@ class MainWindow(QMainWindow):
         self.plan_button.setEnabled(False)
         self.load_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
+        self.unload_button.setEnabled(False)
 
     def _idle(self) -> None:
         self.busy.setRange(0, 1)
         self.busy.setTextVisible(False)
         self.plan_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        self._show_state()
+
+    def _plan_if_idle(self) -> None:
+        if self.plan_button.isEnabled():
+            self._plan()
+
+    def _load_if_idle(self) -> None:
+        if self.load_button.isEnabled():
+            self._load()
 
     def _settings_changed(self) -> None:
         """The plan follows the settings (once there is one to follow)."""
+        self._show_state()
         if self.plan is None:
             return
         if self.plan_button.isEnabled():
@@ -385,7 +612,7 @@ class MainWindow(QMainWindow):
         self._working("planning…")
 
         addresses = self.hosts_model.online_addresses()
-        self._submit(self.chat.plan(addresses, settings), self._planned, self._failed)
+        self._submit(self.chat.plan(addresses, settings), self._planned, self._not_planned)
 
     def _planned(self, got: Any) -> None:
         plan, verdicts = got
@@ -396,15 +623,25 @@ class MainWindow(QMainWindow):
         self.device_bars.set_plan(plan)
         rest = self.settings_form.show_verdicts(verdicts)
         errors = [v for v in verdicts if v.level == "error"]
-        self.banner.setText("\n".join(str(v) for v in rest if v.level == "error"))
+        self.banner.setText("\n".join(window_words(str(v)) for v in rest if v.level == "error"))
         lines = [self.layer_map.describe()]
-        lines += [f"warning: {v}" for v in rest if v.level != "error"]
+        lines += [f"warning: {window_words(str(v))}" for v in rest if v.level != "error"]
         self.plan_text.setPlainText("\n".join(x for x in lines if x))
         self.load_button.setEnabled(not errors)
         self.status.setText(
             "refused: fix the settings marked in red" if errors else "planned: ready to deploy"
         )
         self._replan_if_asked()
+
+    def _not_planned(self, error: BaseException) -> None:
+        if isinstance(error, WouldUnload):  # the loaded model stays; say what Apply does
+            self._idle()
+            self.load_button.setEnabled(True)
+            self.plan_text.setPlainText(f"Not planned: {error}.")
+            self.status.setText("the loaded model stays loaded")
+            self._replan_if_asked()
+            return
+        self._failed(error)
 
     def _cancel(self) -> None:
         """Stop the plan or deploy under way: what this window submitted is cancelled where
@@ -413,11 +650,9 @@ class MainWindow(QMainWindow):
         for future in list(self._submitted):
             future.cancel()
         self.engine.submit(self.chat.close())
-        self.result = None
         self._idle()
         self.load_button.setEnabled(True)
-        self.send_button.setEnabled(False)
-        self.status.setText("cancelled: nothing is loaded; press Deploy to load")
+        self._unloaded("cancelled; press Deploy to load")
 
     def _load(self) -> None:
         try:
@@ -425,7 +660,16 @@ class MainWindow(QMainWindow):
         except ValueError as exc:
             self.banner.setText(str(exc))
             return
-        self._working(f"deploying on {len(self.hosts_model.online_addresses()) or 'no'} host(s)…")
+        hosts = tuple(self.hosts_model.online_addresses())
+        if self.result is not None and self.running is not None and self.running[1] != hosts:
+            gone = [h for h in self.running[1] if h not in hosts]
+            if gone and not self._confirm(
+                "Apply the plan",
+                f"The model is loaded on {', '.join(gone)}, which the new plan leaves out. "
+                "Unload it there and load the plan?",
+            ):
+                return
+        self._working(f"deploying on {len(hosts) or 'no'} host(s)…")
 
         size = settings.model.stat().st_size if settings.model.is_file() else 0
         self._deployed_size = size
@@ -436,9 +680,11 @@ class MainWindow(QMainWindow):
             self.bridge.post(self._on_progress, fraction, size, started)
 
         # a model already loaded (or crashed) is replaced by a fresh session
-        addresses, fresh = self.hosts_model.online_addresses(), self.result is not None
+        fresh = self.result is not None
         self._submit(
-            self.chat.load(addresses, settings, fresh, progress), self._loaded, self._failed
+            self.chat.load(hosts, settings, fresh, progress),
+            lambda result: self._loaded(result, (settings, hosts)),
+            self._load_failed,
         )
 
     def _on_progress(self, fraction: float, size: int, started: float) -> None:
@@ -456,11 +702,14 @@ class MainWindow(QMainWindow):
         )
         self.status.setText(f"loading: {self.busy.format()}")
 
-    def _loaded(self, result: Any) -> None:
-        self._idle()
+    def _loaded(self, result: Any, running: tuple[LoadSettings, tuple[str, ...]]) -> None:
         self.result = result
+        self.running = running
+        self.loaded_at = time.strftime("%H:%M")
+        self._idle()
         self.load_button.setEnabled(True)
         self.send_button.setEnabled(True)
+        self.regen_button.setEnabled(bool(self.history))
         if result.plan is not None:
             self.plan = result.plan
             self.layer_map.set_plan(result.plan)
@@ -475,13 +724,25 @@ class MainWindow(QMainWindow):
             lines.append(result.cpu_note())
         lines += [f"warning: {w}" for w in result.warnings]
         self.plan_text.setPlainText("\n".join(lines))
+        # a new load, a new cache: the gauge starts over (the chat goes on, read again)
+        self._shifts = 0
+        self.kv_bar.setValue(0)
+        self.kv_bar.setFormat(f"KV cache %p% (0/{result.n_ctx} cells)")
         self.status.setText(f"loaded in {result.load_s:.1f} s")
+        self._show_state()
+        self.input.setFocus()
+
+    def _load_failed(self, error: BaseException) -> None:
+        """A load that failed left nothing loaded (the session it replaced is closed)."""
+        if self.result is not None:
+            self._unloaded("the new load failed")
+        self._failed(error)
 
     def _failed(self, error: Any) -> None:
         self._idle()
         self.load_button.setEnabled(True)
         self.send_button.setEnabled(self.result is not None)
-        self.banner.setText(str(error))
+        self.banner.setText(window_words(str(error)))
         self.status.setText("")
 
     def _send(self, text: str = "") -> None:
@@ -491,23 +752,20 @@ class MainWindow(QMainWindow):
         self.input.clear()
         self.send_button.setEnabled(False)
         self.regen_button.setEnabled(False)
+        self.continue_button.setEnabled(False)
         self.stop_button.setEnabled(True)
-        self.messages.append(("you", text))
-        self.messages.append(("assistant", ""))
-        self._render()
+        self.unload_button.setEnabled(False)
+        self.transcript.add("user", text)
+        self.transcript.start_reply()
         bridge = self.bridge
 
         def on_update(update: ReplyUpdate) -> None:  # engine thread
             bridge.post(self._on_update, update)
 
         self._reply_tokens = 0
-        self._submit(self.chat.ask(text, self.max_tokens, on_update), self._replied, self._crashed)
-
-    def _render(self) -> None:
-        """The whole chat as Markdown (a reply is re-rendered when it is complete)."""
-        parts = [f"**{who}:** {text}" for who, text in self.messages]
-        self.transcript.setMarkdown("\n\n".join(parts))
-        self.transcript.moveCursor(QTextCursor.MoveOperation.End)
+        self._submit(
+            self.chat.ask(text, self.max_reply.value(), on_update), self._replied, self._crashed
+        )
 
     def _on_update(self, update: ReplyUpdate) -> None:
         """One token or context shift of the reply under way (kvstatus.ReplyMeter's)."""
@@ -518,12 +776,7 @@ class MainWindow(QMainWindow):
         self._on_kv(update.kv)
 
     def _on_token(self, text: str, rate: float) -> None:
-        who, sofar = self.messages[-1]
-        self.messages[-1] = (who, sofar + text)
-        cursor = self.transcript.textCursor()
-        cursor.movePosition(QTextCursor.MoveOperation.End)
-        cursor.insertText(text)
-        self.transcript.setTextCursor(cursor)
+        self.transcript.append(text)
         self._reply_tokens += 1
         if self._reply_tokens % 8 == 0 and rate > 0:
             self.speed_plot.add("chat", rate)
@@ -533,16 +786,17 @@ class MainWindow(QMainWindow):
         per_device = ", ".join(
             f"{name} {used / 2**20:.1f} MiB" for name, used in status.device_bytes.items()
         )
+        shifts = f"{self._shifts} context shift" + ("s" if self._shifts > 1 else "")
         self.kv_bar.setFormat(
             f"KV cache %p% ({status.used}/{status.n_ctx} cells"
             + (f"; {per_device}" if per_device else "")
-            + (f"; {self._shifts} context shifts" if self._shifts else "")
+            + (f"; {shifts}" if self._shifts else "")
             + ")"
         )
 
     def _on_shift(self, frame: Shift) -> None:
         self._shifts += 1
-        self.messages.append(("context shift", f"dropped {frame.n_discard} tokens"))
+        self.transcript.shift(frame.n_discard)
         self.log(f"context shift: dropped {frame.n_discard} tokens to keep going")
 
     def _replied(self, replied: Replied) -> None:
@@ -551,25 +805,35 @@ class MainWindow(QMainWindow):
         self.regen_button.setEnabled(True)
         self.stop_button.setEnabled(False)
         self.stop_button.setText("Stop")
-        reply = [i for i, (who, _) in enumerate(self.messages) if who == "assistant"]
-        if reply:
-            self.messages[reply[-1]] = ("assistant", done.content)
-        self._render()
+        cut = {"length": "stopped at the longest reply: Continue asks for more"}
+        note = cut.get(done.stop, "")
+        if done.stop == "cancelled":
+            note = "interrupted: you stopped it"
+        self.transcript.finish(done.content, note)
+        self.continue_button.setEnabled(done.stop == "length")
         rate = done.n_tokens / done.gen_s if done.gen_s else 0.0
         if rate:
             self.speed_plot.add("chat", rate)
         self.status.setText(f"{done.n_tokens} tokens, {rate:.1f} tok/s, stop: {done.stop}")
+        self._show_state()
+
+    def _continue(self) -> None:
+        if self.continue_button.isEnabled():
+            self._send(CONTINUE)
 
     def _crashed(self, error: Any) -> None:
         self.send_button.setEnabled(False)
         self.stop_button.setEnabled(False)
         self.stop_button.setText("Stop")
         self.log(f"chat failed: {error}")
+        self.transcript.interrupt(str(error).split(":")[0])
         if not isinstance(error, InferenceCrashed):
-            self.banner.setText(f"{error} — press “Deploy” to load again")
+            self.banner.setText(f"{window_words(str(error))} — press Deploy to load again")
+            self.send_button.setEnabled(self.result is not None)
+            self._show_state()
             return
         # the model went down with the reply: load it again on the hosts that answer, and
-        # keep the chat; the reply cut short stays in the transcript as it was
+        # keep the chat; the reply cut short stays in the transcript, marked
         self.banner.setText(f"{error} — loading the model again…")
         self._working("loading the model again on the hosts that answer…")
         started = time.monotonic()
@@ -578,10 +842,14 @@ class MainWindow(QMainWindow):
         def progress(fraction: float) -> None:  # engine thread
             self.bridge.post(self._on_progress, fraction, size, started)
 
-        self._submit(self.chat.recover(error.cause, progress), self._recovered, self._failed)
+        self._submit(self.chat.recover(error.cause, progress), self._recovered, self._load_failed)
 
     def _recovered(self, recovered: Recovered) -> None:
-        self._loaded(recovered.result)
+        assert self.running is not None
+        ran, before = self.running
+        placed = [p.host for p in recovered.result.placements if p.layers]
+        hosts = tuple(a for a in before if any(a in where for where in placed))
+        self._loaded(recovered.result, (ran, hosts))
         self.history = recovered.history
         self.banner.setText(recovered.line)
         self.log(recovered.line)
@@ -599,8 +867,7 @@ class MainWindow(QMainWindow):
         self._submit(self.chat.take_back(), self._answer_again, self._not_regenerated)
 
     def _answer_again(self, text: str) -> None:
-        last_you = max(i for i, (who, _) in enumerate(self.messages) if who == "you")
-        self.messages = self.messages[:last_you]
+        self.transcript.drop_last_exchange()
         self._send(text)
 
     def _not_regenerated(self, error: BaseException) -> None:  # nothing to take back yet
@@ -608,9 +875,9 @@ class MainWindow(QMainWindow):
         self.regen_button.setEnabled(True)
 
     def _copy(self) -> None:
-        replies = [text for who, text in self.messages if who == "assistant" and text]
-        if replies:
-            QGuiApplication.clipboard().setText(replies[-1])
+        reply = self.transcript.last_reply()
+        if reply:
+            QGuiApplication.clipboard().setText(reply)
             self.status.setText("copied the last reply")
 
     def _new_chat(self) -> None:
@@ -618,11 +885,15 @@ class MainWindow(QMainWindow):
             return  # a reply is streaming: stop it first
         self.history = ()
         self._submit(self.chat.set_history([]), lambda _: None, self._failed)
-        self.messages = []
+        self.transcript.set_messages([])
         self._shifts = 0
-        self._render()
         self.kv_bar.setValue(0)
+        n_ctx = self.result.n_ctx if self.result is not None else 0
+        self.kv_bar.setFormat(
+            f"KV cache: new chat (0/{n_ctx} cells)" if n_ctx else "KV cache: nothing loaded"
+        )
         self.regen_button.setEnabled(False)
+        self.continue_button.setEnabled(False)
         self.status.setText("new chat")
 
     # ------------------------------------------------------------------ saved chats
@@ -646,6 +917,7 @@ class MainWindow(QMainWindow):
         except (history.HistoryError, OSError) as exc:
             self.banner.setText(str(exc))
             return
+        self.banner.setText("")
         self.status.setText(f"saved to {path}")
         self._refresh_chats()
 
@@ -661,10 +933,7 @@ class MainWindow(QMainWindow):
             return
         self.history = tuple(messages)
         self._submit(self.chat.set_history(messages), lambda _: None, self._failed)
-        self.messages = [
-            ("you" if m["role"] == "user" else m["role"], m["content"]) for m in messages
-        ]
-        self._render()
+        self.transcript.set_messages([(m["role"], m["content"]) for m in messages])
         self.status.setText(f"continuing {item.text()}")
 
     # ------------------------------------------------------------------ model files
@@ -695,21 +964,21 @@ class MainWindow(QMainWindow):
     def _hosts_changed(self, hosts: dict[str, Any], event: Any) -> None:
         before = {h.key: h.status for h in self.hosts_model.hosts}
         self.hosts_model.set_hosts(hosts)
+        if {k: h.status for k, h in hosts.items()} != before:
+            self._show_state()
         names = [h.hostname for h in hosts.values()]
+        series: dict[str, list[tuple[str, float]]] = {}
         for key, h in hosts.items():
             # the address too when two hosts share a hostname
             name = h.hostname if h.hostname and names.count(h.hostname) == 1 else h.address
             if before.get(key) != h.status:
                 self.log(f"{name}: {h.status}" + (f" ({h.reason})" if h.reason else ""))
-            inv = h.inventory
-            if inv is None or not isinstance(event, Inventoried) or event.key != key:
-                continue
-            for g in inv.gpus:
-                if g.memory_total:
-                    used = 100.0 * (g.memory_total - g.memory_free) / g.memory_total
-                    self.vram_plot.add(f"{name}/GPU{g.index}", used)
-            if not inv.gpus and inv.ram_total:
-                self.vram_plot.add(f"{name} RAM", 100.0 * (1 - inv.ram_free / inv.ram_total))
+            series[key] = memory_series(name, h)
+        # a host gone or renamed takes its lines with it; only a fresh inventory adds points
+        self.vram_plot.keep({label for lines in series.values() for label, _ in lines})
+        if isinstance(event, Inventoried) and event.key in series:
+            for label, used in series[event.key]:
+                self.vram_plot.add(label, used)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -731,6 +1000,21 @@ class MainWindow(QMainWindow):
             pass
         self.engine.stop()
         super().closeEvent(event)
+
+
+def memory_series(name: str, h: Any) -> list[tuple[str, float]]:
+    """(plot label, % used) per GPU of a host's last inventory, or its RAM without GPUs."""
+    inv = h.inventory
+    if inv is None or h.status != "online":
+        return []
+    lines = [
+        (f"{name}/GPU{g.index}", 100.0 * (g.memory_total - g.memory_free) / g.memory_total)
+        for g in inv.gpus
+        if g.memory_total
+    ]
+    if not inv.gpus and inv.ram_total:
+        lines.append((f"{name} RAM", 100.0 * (1 - inv.ram_free / inv.ram_total)))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

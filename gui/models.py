@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt, Signal
 from PySide6.QtGui import QColor, QPainter
 from PySide6.QtWidgets import QStyledItemDelegate, QStyleOptionViewItem
 
@@ -16,6 +16,8 @@ Index = QModelIndex | QPersistentModelIndex
 
 
 class HostsModel(QAbstractTableModel):
+    reshaped = Signal()  # a row's status or first inventory came: its texts changed length
+
     def __init__(self) -> None:
         super().__init__()
         self.hosts: list[Host] = []
@@ -35,6 +37,8 @@ class HostsModel(QAbstractTableModel):
         for row, (a, b) in enumerate(zip(old, new, strict=True)):
             if a is not b and a != b:
                 self.dataChanged.emit(self.index(row, 0), self.index(row, last))
+        if [_shape(h) for h in old] != [_shape(h) for h in new]:
+            self.reshaped.emit()
 
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
         return 0 if parent.isValid() else len(self.hosts)
@@ -70,11 +74,18 @@ class HostsModel(QAbstractTableModel):
         return [h.address for h in self.hosts if h.status == "online"]
 
 
+def _shape(h: Host) -> tuple[str, bool, str]:
+    """What decides the length of a row's texts (live figures aside)."""
+    return (h.status, h.inventory is None, h.reason)
+
+
 def gpus_text(h: Host) -> str:
     inv = h.inventory
     if inv is not None:
         return f"{len(inv.gpus)} × {inv.gpus[0].name}" if inv.gpus else "none"
-    return str(h.hints.gpu_count) if h.hints else "?"
+    if h.hints is None:
+        return "?"
+    return str(h.hints.gpu_count) if h.hints.gpu_count else "none"
 
 
 def memory_text(h: Host) -> str:
@@ -91,7 +102,11 @@ def memory_text(h: Host) -> str:
         return f"VRAM {used / GiB:.1f}{mine}/{total / GiB:.1f} GiB used, {util}% busy, {temp} °C"
     if inv is not None:
         return f"CPU only; RAM {inv.ram_free / GiB:.1f}/{inv.ram_total / GiB:.1f} GiB free"
-    return f"{h.hints.vram_total / GiB:.1f} GiB VRAM" if h.hints else "?"
+    if h.hints is None:
+        return "?"
+    if not h.hints.gpu_count:  # what it announces; its RAM shows once paired
+        return "CPU only"
+    return f"{h.hints.vram_total / GiB:.1f} GiB VRAM"
 
 
 class VramDelegate(QStyledItemDelegate):

@@ -28,9 +28,11 @@ class LivePlot(QWidget):
         fixed_max: float = 0.0,
         max_series: int = 8,
         fps: int = 4,
+        gap: float = 0.0,
     ) -> None:
         super().__init__()
         self.title, self.unit, self.window, self.fixed_max = title, unit, window, fixed_max
+        self.gap = gap  # points further apart than this (s) are not joined: separate runs
         self.max_series = max_series
         self.series: dict[str, collections.deque[tuple[float, float]]] = {}
         self._dirty = False
@@ -47,6 +49,25 @@ class LivePlot(QWidget):
         points = self.series.setdefault(name, collections.deque(maxlen=1200))
         points.append((time.monotonic() if at is None else at, value))
         self._dirty = True
+
+    def keep(self, names: set[str]) -> None:
+        """Drop the series not named (a host gone or renamed takes its line with it)."""
+        for name in [n for n in self.series if n not in names]:
+            del self.series[name]
+            self._dirty = True
+
+    def runs(self, name: str, now: float) -> list[list[tuple[float, float]]]:
+        """The series' points in the window, split where they are more than `gap` s apart."""
+        out: list[list[tuple[float, float]]] = []
+        last = None
+        for t, v in self.series.get(name, ()):
+            if now - t > self.window:
+                continue
+            if not out or (self.gap and last is not None and t - last > self.gap):
+                out.append([])
+            out[-1].append((t, v))
+            last = t
+        return out
 
     def latest(self, name: str) -> float | None:
         points = self.series.get(name)
@@ -74,17 +95,17 @@ class LivePlot(QWidget):
         for i, name in enumerate(shown):
             pts = self.series[name]
             p.setPen(QPen(QColor(PALETTE[i % len(PALETTE)]), 1.6))
-            line = QPolygonF(
-                [
-                    QPointF(
-                        area.right() - (now - t) / self.window * area.width(),
-                        area.bottom() - min(v, top) / top * area.height(),
-                    )
-                    for t, v in pts
-                    if now - t <= self.window
-                ]
-            )
-            p.drawPolyline(line)
+            for run in self.runs(name, now):
+                line = QPolygonF(
+                    [
+                        QPointF(
+                            area.right() - (now - t) / self.window * area.width(),
+                            area.bottom() - min(v, top) / top * area.height(),
+                        )
+                        for t, v in run
+                    ]
+                )
+                p.drawPolyline(line)
             label.append(f"{name} {pts[-1][1]:.1f}{self.unit}")
         hidden = len(self.series) - len(shown)
         if hidden > 0:

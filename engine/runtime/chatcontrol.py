@@ -44,11 +44,22 @@ class Recovered:
     history: History
 
 
+class WouldUnload(RuntimeFailure):
+    """Planning on these hosts needs a host that serves the loaded model: its worker answers
+    one session at a time, so the plan would unload the model. Nothing was unloaded."""
+
+
 class ChatController:
-    """One chat session at a time, for the hosts the window names."""
+    """One chat session at a time, for the hosts the window names.
+
+    A loaded model is never unloaded as a side effect: planning on other hosts uses a draft
+    session of its own (adopted by the next load on those hosts), and a plan that would need
+    a host serving the loaded model is refused with WouldUnload. Only `load` (Deploy,
+    Apply) and `unload` end a loaded model."""
 
     def __init__(self) -> None:
-        self._session: ChatSession | None = None
+        self._session: ChatSession | None = None  # the loaded model's (or the one loading)
+        self._draft: ChatSession | None = None  # plans on other hosts, nothing loaded
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _own(self) -> None:
@@ -58,21 +69,62 @@ class ChatController:
             self._loop = loop
         assert loop is self._loop, "ChatController is used from the engine's loop only"
 
+    @staticmethod
+    def _sound(session: ChatSession | None, addresses: Sequence[str]) -> bool:
+        """`session` is for exactly these hosts, and still has their workers."""
+        return (
+            session is not None
+            and [c.address for c in session.clients] == list(addresses)
+            and bool(session.workers or not addresses)
+            and not any(c.closed_reason for c in session.clients)
+        )
+
+    def _serving(self) -> ChatSession | None:
+        """The session whose model is loaded, if one is."""
+        session = self._session
+        return session if session is not None and session.result is not None else None
+
+    async def _drafting(self, addresses: Sequence[str]) -> ChatSession:
+        """A session on these hosts for plans only, while another one serves the model."""
+        if self._sound(self._draft, addresses):
+            assert self._draft is not None
+            return self._draft
+        await self._close_draft()
+        serving = self._serving()
+        assert serving is not None
+        shared = [c.name for c in serving.clients if c.address in addresses]
+        if shared:
+            raise WouldUnload(
+                f"{', '.join(shared)} serves the loaded model, and a worker answers one "
+                "session at a time: planning there would unload it. Deploy (or Apply) to "
+                "replace the loaded model, or Unload it first"
+            )
+        draft = self._draft = ChatSession(list(addresses))
+        await draft.connect()
+        return draft
+
+    async def _close_draft(self) -> None:
+        draft, self._draft = self._draft, None
+        if draft is not None:
+            await draft.close()
+
     async def _connected(self, addresses: Sequence[str], fresh: bool) -> ChatSession:
-        """The session for these hosts: reused while they are the same and sound, else a new
-        one (which starts their workers and takes their leases)."""
+        """The session to load on these hosts: the current one while it is for the same
+        hosts, sound and nothing is loaded in it (or not `fresh`); a draft planned on these
+        hosts; else a new one (which starts their workers and takes their leases). The
+        model loaded before is unloaded first."""
         old = self._session
-        if (
-            not fresh
-            and old is not None
-            and [c.address for c in old.clients] == list(addresses)
-            and old.workers
-            and not any(c.closed_reason for c in old.clients)
-        ):
+        if not fresh and self._sound(old, addresses):
+            assert old is not None
             return old
         self._session = None
         if old is not None:
             await old.close()
+        if self._sound(self._draft, addresses):
+            session, self._draft = self._draft, None
+            assert session is not None
+            return session
+        await self._close_draft()
         session = ChatSession(list(addresses))
         self._session = session  # closed by close() even if connecting fails half-way
         await session.connect()
@@ -81,9 +133,17 @@ class ChatController:
     async def plan(
         self, addresses: Sequence[str], settings: LoadSettings
     ) -> tuple[Plan, list[Verdict]]:
-        """The exact plan for these hosts and settings, and the checks' verdicts."""
+        """The exact plan for these hosts and settings, and the checks' verdicts; planned in
+        the loaded model's session when it is for these hosts, else in a draft (WouldUnload
+        when a host serves the loaded model)."""
         self._own()
-        session = await self._connected(addresses, fresh=False)
+        if self._serving() is None:
+            session = await self._connected(addresses, fresh=False)
+        elif self._sound(self._session, addresses):
+            assert self._session is not None
+            session = self._session
+        else:
+            session = await self._drafting(addresses)
         _, exact = await session.plan(settings)
         return exact, list(session.verdicts)
 
@@ -94,10 +154,22 @@ class ChatController:
         fresh: bool,
         on_progress: Callable[[float], None] | None = None,
     ) -> LoadResult:
-        """Load the model on these hosts (a fresh session when one was loaded before)."""
+        """Load the model on these hosts (a fresh session when one was loaded before); the
+        chat goes on: the history of the model it replaces is the new one's."""
         self._own()
+        carried = list(self._session.history) if self._session is not None else []
         session = await self._connected(addresses, fresh)
-        return await session.open_after_connect(settings, on_progress=on_progress)
+        self._session = session
+        result = await session.open_after_connect(settings, on_progress=on_progress)
+        session.history = carried
+        return result
+
+    async def unload(self) -> None:
+        """Unload the model: its session closes (the hosts' workers are free again)."""
+        self._own()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def ask(
         self, text: str, max_tokens: int, on_update: Callable[[ReplyUpdate], None]
@@ -148,6 +220,7 @@ class ChatController:
 
     async def close(self) -> None:
         self._own()
+        await self._close_draft()
         session, self._session = self._session, None
         if session is not None:
             await session.close()

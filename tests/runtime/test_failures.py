@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 
 from corral.engine.localagents import LocalAgents
+from corral.engine.runtime import inference
 from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.runtime.childproto import Done
+from corral.engine.runtime.errors import InferenceCrashed
+from corral.engine.runtime.session import ChatSession, LoadSettings
 from tests.conftest import corral
 from tests.support.agents import inventory, start_long_chat
 
@@ -146,6 +150,53 @@ def test_a_worker_stopped_before_the_load_is_restarted_by_its_agent(
     assert json.loads(done.stdout.strip().splitlines()[-1])["type"] == "done"
     assert inventory(address).worker.pid != pid
     assert "Traceback" not in done.stderr
+
+
+def test_a_worker_stopped_during_the_load_ends_the_load_and_the_session_heals(
+    smollm2: Path, fresh_agents: LocalAgents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGSTOP of a worker while the weights go out: llama.cpp would wait on it forever.
+    With no load progress for LOAD_STALL s the load is ended, the stopped worker named,
+    and recover() loads again on the worker its agent restarted. (LOAD_STALL is 120 s in
+    use; 6 s here, so the test does not wait two minutes.)"""
+    monkeypatch.setattr(inference, "LOAD_STALL", 6.0)
+    stuck = fresh_agents.addresses[1]
+    asyncio.run(_start_worker(stuck))
+    pid = inventory(stuck).worker.pid
+
+    def stop_at_first_progress(fraction: float) -> None:
+        if 0 < fraction < 1 and not stopped:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(time.monotonic())
+
+    stopped: list[float] = []
+
+    async def run() -> tuple[str, str, float]:
+        session = ChatSession(fresh_agents.addresses)
+        try:
+            with pytest.raises(InferenceCrashed) as crash:
+                await session.open(LoadSettings(model=smollm2, n_ctx=512), stop_at_first_progress)
+            ended_after = time.monotonic() - stopped[0]
+            said = await session.recover(crash.value.cause)
+            async for frame in session.ask("Hi", max_tokens=4):
+                last = frame
+            assert isinstance(last, Done), last
+            return str(crash.value), said, ended_after
+        finally:
+            await session.close()
+
+    try:
+        message, said, ended_after = asyncio.run(run())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert stopped, "the load reported no progress before it ended"
+    assert "the load made no progress for 6 s" in message, message
+    assert stuck in message and "is stopped by a signal" in message, message
+    assert said.startswith("the load stalled for 6 s"), said
+    assert "reloaded over " in said, said
+    assert inventory(stuck).worker.pid != pid  # the stopped one was replaced
+    print(f"the load ended {ended_after:.1f} s after SIGSTOP; {said}")
 
 
 async def _start_worker(address: str) -> None:
