@@ -164,8 +164,8 @@ def main() -> int:
             app.processEvents()
             time.sleep(0.001)
         updates = sim.result()
+        win._stop()  # once: a second press would kill the inference process
         while win.stop_button.isEnabled():
-            win._stop()
             app.processEvents()
             time.sleep(0.01)
         win.close()
