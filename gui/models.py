@@ -60,23 +60,33 @@ class HostsModel(QAbstractTableModel):
         if not index.isValid() or role != Qt.ItemDataRole.DisplayRole:
             return None
         h = self.hosts[index.row()]
+        busy = in_use_by(h)
         values = (
-            "not paired" if h.status == "unpaired" else h.status,
+            "not paired" if h.status == "unpaired" else ("in use" if busy else h.status),
             h.hostname or h.name.split("._corral")[0],
             h.address,
             gpus_text(h),
             memory_text(h),
-            h.reason or ("added by address" if h.manual and not h.advertised else ""),
+            h.reason
+            or (f"in use by {busy}: free when that session ends" if busy else "")
+            or ("added by address" if h.manual and not h.advertised else ""),
         )
         return values[index.column()]
 
     def online_addresses(self) -> list[str]:
-        return [h.address for h in self.hosts if h.status == "online"]
+        """Hosts a plan can use: online, and not in use by another desktop."""
+        return [h.address for h in self.hosts if h.status == "online" and not in_use_by(h)]
 
 
-def _shape(h: Host) -> tuple[str, bool, str]:
+def in_use_by(h: Host) -> str:
+    """The other desktop whose session holds this host's workers, as its last inventory
+    says ("" when none, or not known)."""
+    return h.inventory.in_use_by if h.inventory is not None and h.status == "online" else ""
+
+
+def _shape(h: Host) -> tuple[str, bool, str, str]:
     """What decides the length of a row's texts (live figures aside)."""
-    return (h.status, h.inventory is None, h.reason)
+    return (h.status, h.inventory is None, h.reason, in_use_by(h))
 
 
 def gpus_text(h: Host) -> str:

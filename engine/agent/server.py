@@ -519,7 +519,7 @@ class AgentServer:
         return Pong(req=msg.req)
 
     async def _on_inventory(self, msg: InventoryRequest, conn: _Conn, local_host: str) -> Message:
-        return await self._inventory(msg.req, local_host)
+        return await self._inventory(msg.req, local_host, conn)
 
     async def _on_start_rpc(self, msg: StartRpc, conn: _Conn, local_host: str) -> Message:
         refused = self._in_use(conn, msg.req)
@@ -730,8 +730,13 @@ class AgentServer:
             req=msg.req, device=msg.device, answers=tuple(cache[k] for k in keys)
         )
 
-    async def _inventory(self, req: int, local_host: str) -> Inventory:
+    async def _inventory(self, req: int, local_host: str, asker: _Conn | None = None) -> Inventory:
+        """This host's inventory; `asker` is told when another desktop holds the workers
+        (its own sessions, on other connections, are its business)."""
         loop = asyncio.get_running_loop()
+        holder = self._lease
+        other = holder is not None and holder.peer is not None and asker is not None
+        other = other and (asker.peer is None or asker.peer.fingerprint != holder.peer.fingerprint)  # type: ignore[union-attr]
         pid = self.supervisor.state.pid
         pids = frozenset({pid}) if pid else frozenset()
         gpus, nvml = await loop.run_in_executor(None, inventory.read_gpus, pids)
@@ -750,6 +755,7 @@ class AgentServer:
             devices=await self._shared_devices(),
             worker=replace_host(self.supervisor.state, local_host),
             system_info=str(probe.build.get("system_info", "")),
+            in_use_by=holder.name if other and holder is not None else "",
         )
 
     # ------------------------------------------------------------------ events

@@ -200,6 +200,7 @@ class Inventory(Message):
     devices: tuple[DeviceInfo, ...] = ()
     worker: WorkerState = field(default_factory=WorkerState)
     system_info: str = ""  # llama.cpp's feature line (e.g. CUDA FA_QUANTS, CPU AVX2)
+    in_use_by: str = ""  # another desktop whose session holds the workers ("" if none)
 
 
 @_register(8)

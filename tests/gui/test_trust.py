@@ -3,9 +3,11 @@ reproduced against real agents or a real local load, offscreen)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from PySide6.QtWidgets import QApplication, QInputDialog, QMessageBox
 from pytestqt.qtbot import QtBot
 
 from corral.engine.localagents import LocalAgents
+from corral.engine.runtime.agent_client import AgentClient
+from corral.engine.security.desktop import DesktopKeys
 from corral.gui.app import CONTINUE, MainWindow
 from corral.gui.plots import LivePlot
 
@@ -446,3 +450,49 @@ def test_small_things_people_trip_on(
     win.unload_button.click()
     assert win.result is None and "Nothing loaded" in win.state_label.text()
     assert not win.send_button.isEnabled()
+
+
+def test_a_host_another_desktop_is_using_says_so_before_any_plan(
+    qtbot: QtBot, tmp_path: Path
+) -> None:
+    """Defect 12: a host whose workers another desktop holds showed "online" until Plan
+    failed; now its row says "in use" and by whom, and plans leave it out until it is
+    free."""
+    with LocalAgents(1) as agents:
+        other = DesktopKeys(tmp_path / "other")
+        agents.pair_with(other)
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            async def run() -> None:
+                client = AgentClient(agents.addresses[0], keys=other)
+                await client.connect()
+                await client.start_rpc(threads=1)
+                held.set()
+                while not release.is_set():
+                    await asyncio.sleep(0.1)
+                await client.stop_rpc()
+                await client.close()
+
+            asyncio.run(run())
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert held.wait(30), "the other desktop could not take the workers"
+        win = MainWindow(browse=False, agents=tuple(agents.addresses))
+        qtbot.addWidget(win)
+        try:
+            model = win.hosts_model
+            qtbot.waitUntil(
+                lambda: model.rowCount() == 1 and model.data(model.index(0, 0)) == "in use"
+            )
+            assert other.identity.name in model.data(model.index(0, 5))
+            assert model.online_addresses() == []
+            release.set()
+            holder.join(30)
+            qtbot.waitUntil(lambda: model.online_addresses() == agents.addresses, timeout=20000)
+            assert model.data(model.index(0, 0)) == "online"
+        finally:
+            release.set()
+            holder.join(30)
+            win.close()
