@@ -64,30 +64,46 @@ def test_this_host_runs_every_type_on_both_paths() -> None:
     assert stored.stat().st_mode & 0o077 == 0  # the user's own
 
 
+def _genuine_failures() -> set[str]:
+    """Weight types whose extra-buffer kernels fail on this host by themselves (an AMX VM
+    whose kernels die with SIGILL): a fault injected there cannot be told from them."""
+    return {r.wtype for r in run_selftest().failures()}
+
+
 @pytest.mark.parametrize(
     ("mode", "signame", "victim"), [("segv", "SIGSEGV", "q4_0"), ("sigill", "SIGILL", "q4_k_s")]
 )
 def test_a_fast_kernel_that_crashes_turns_the_extra_buffers_off(
     mode: str, signame: str, victim: str
 ) -> None:
+    genuine = _genuine_failures()
     verdict = run_selftest(child=(*FAULTY, mode, victim))
     bad = verdict.failures()
-    assert [(r.wtype, r.path, r.outcome, r.detail) for r in bad] == [
-        (victim, EXTRA, CRASHED, f"killed by {signame}")
-    ]
     assert not verdict.extra_buffers
-    # the types after the crash ran too, in a new child
-    assert all(r.outcome == OK for r in verdict.results if r.wtype != victim)
     assert len(verdict.results) == 2 * len(WEIGHT_TYPES)
-    assert f"{victim} killed by {signame}" in verdict.summary()
     assert verdict.summary().endswith("turned off")
+    if genuine:  # this host's own extra kernels fail too (an AMX VM): the victim is among them
+        assert any(r.wtype == victim and r.outcome == CRASHED for r in bad), bad
+        assert {r.wtype for r in bad} >= genuine
+    else:
+        assert [(r.wtype, r.path, r.outcome, r.detail) for r in bad] == [
+            (victim, EXTRA, CRASHED, f"killed by {signame}")
+        ]
+        # the types after the crash ran too, in a new child
+        assert all(r.outcome == OK for r in verdict.results if r.wtype != victim)
+        assert f"{victim} killed by {signame}" in verdict.summary()
     # every load on this host follows the cached verdict from now on
     assert extra_buffers_setting() == CpuKernels(False, verdict.summary(), degraded=True)
 
 
 def test_a_fast_kernel_that_answers_wrong_turns_them_off() -> None:
+    genuine = _genuine_failures()
     verdict = run_selftest(child=(*FAULTY, "wrong", "q8_0"))
-    [bad] = verdict.failures()
+    if "q8_0" in genuine:  # this host's own q8_0 kernel fails first: it stays off
+        assert not verdict.extra_buffers
+        assert any(r.wtype == "q8_0" for r in verdict.failures())
+        return
+    [bad] = [r for r in verdict.failures() if r.wtype not in genuine]
     assert (bad.wtype, bad.path, bad.outcome) == ("q8_0", EXTRA, WRONG)
     assert "off the plain kernels'" in bad.detail and bad.off_plain is not None
     assert bad.off_plain > 0.5  # reversed logits: nothing like the model's
@@ -229,7 +245,8 @@ def test_a_local_chat_follows_the_verdict(q4_0_model: Path) -> None:
     assert done["cpu_kernels"] == {"verdict": failed.summary(), "buffers": []}
     human = corral("chat", str(q4_0_model), "--prompt", "hello", "--max-tokens", "2")
     assert "warning: CPU kernels: llama.cpp's extra CPU buffers" in human.stderr
-    assert "q4_0 killed by SIGSEGV): turned off; `corral doctor` says more" in human.stderr
+    assert "): turned off; `corral doctor` says more" in human.stderr
+    assert "q4_0 killed by SIG" in human.stderr  # SIGSEGV, or this host's own SIGILL
 
 
 def test_a_native_crash_of_the_inference_process_points_at_the_doctor(q4_0_model: Path) -> None:
