@@ -32,6 +32,7 @@ class Host:
     reason: str = ""  # why offline, in words
     hints: AgentHints | None = None
     inventory: Inventory | None = None  # the latest, while online (live VRAM and the rest)
+    fingerprint: str = ""  # the certificate an unpaired agent showed (to check when pairing)
     since: float = 0.0  # when status last changed (time.monotonic())
 
     @property
@@ -79,11 +80,13 @@ class Offline:
 
 @dataclass(frozen=True, slots=True)
 class Unpaired:
-    """The host answers, but it and this desktop have not paired (or one side unpaired)."""
+    """The host answers, but it and this desktop have not paired (or one side unpaired);
+    `fingerprint`: the certificate it showed, where the connection got that far."""
 
     key: str
     reason: str
     at: float
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,7 @@ def apply(hosts: Hosts, event: Event) -> dict[str, Host]:
                 status=status,
                 inventory=None if status == "unpaired" else host.inventory,
                 reason=event.reason,
+                fingerprint=event.fingerprint if isinstance(event, Unpaired) else host.fingerprint,
                 since=event.at if changed else host.since,
             )
     return out

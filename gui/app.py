@@ -64,6 +64,7 @@ from corral.engine.runtime.errors import InferenceCrashed
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import KvStatus, ReplyUpdate
 from corral.engine.runtime.session import LoadResult, LoadSettings
+from corral.engine.security.identity import short
 
 from .bridge import Bridge
 from .engine_thread import EngineThread
@@ -396,11 +397,17 @@ class MainWindow(QMainWindow):
         if host is None:
             self.pair_note.setText("Select the host to pair with first.")
             return
+        seen = (
+            f"\n\nIts certificate here: {short(host.fingerprint)}; the agent printed its own "
+            "as “identity …” when it started. Pairing checks them against each other too."
+            if host.fingerprint
+            else ""
+        )
         code, ok = QInputDialog.getText(
             self,
             "Pair with a host",
             f"Pairing code shown by {host.hostname or host.address}\n"
-            "(run `corral-agent pair` there for a new one):",
+            f"(run `corral-agent pair` there for a new one){seen}",
         )
         if not ok or not code.strip():
             return

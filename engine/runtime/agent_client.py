@@ -198,7 +198,8 @@ class AgentClient:
             if peer is None:
                 raise NotPaired(
                     f"this desktop has not paired with the agent at {self.address} "
-                    f"(certificate {short(fp)}): {_pair_command(self.address)}"
+                    f"(certificate {short(fp)}): {_pair_command(self.address)}",
+                    fp,
                 )
             theirs = await self._exchange_hello(conn, timeout)
         except BaseException:

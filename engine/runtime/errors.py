@@ -12,7 +12,12 @@ class AgentUnreachable(RuntimeFailure):
 
 
 class NotPaired(AgentUnreachable):
-    """The agent and this desktop have not paired (or one side unpaired the other)."""
+    """The agent and this desktop have not paired (or one side unpaired the other);
+    `fingerprint` is the agent's certificate as this desktop saw it, when it got that far."""
+
+    def __init__(self, message: str, fingerprint: str = "") -> None:
+        super().__init__(message)
+        self.fingerprint = fingerprint
 
 
 class PairingFailed(RuntimeFailure):

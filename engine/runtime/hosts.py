@@ -68,7 +68,7 @@ class _Heartbeat:
             client, failure = await self._connect(host)
             if client is None:
                 if isinstance(failure, NotPaired):
-                    d.emit(Unpaired(self.key, str(failure), time.monotonic()))
+                    d.emit(Unpaired(self.key, str(failure), time.monotonic(), failure.fingerprint))
                     await asyncio.sleep(d.retry * 3)  # until someone pairs: no hurry
                 else:
                     d.emit(Offline(self.key, str(failure or "no address"), time.monotonic()))

@@ -12,6 +12,7 @@ from PySide6.QtCore import Qt
 from pytestqt.qtbot import QtBot
 
 from corral.engine.localagents import LocalAgents
+from corral.engine.security.identity import load_or_create, short
 from corral.gui.app import MainWindow
 
 
@@ -90,10 +91,19 @@ def test_an_unpaired_host_is_paired_from_the_window(
             qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["unpaired"], timeout=20000)
             assert model.data(model.index(0, 0)) == "not paired"
             assert "corral pair" in model.data(model.index(0, 5))
-            # a wrong code: a banner that says so, still not paired
-            monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: ("0000-0000", True))
+            # a wrong code: a banner that says so, still not paired; the dialog shows the
+            # certificate this desktop saw, which the agent's own printout can be held to
+            asked: list[str] = []
+
+            def wrong(_parent: object, _title: str, text: str, *_a: object) -> tuple[str, bool]:
+                asked.append(text)
+                return "0000-0000", True
+
+            monkeypatch.setattr(QInputDialog, "getText", wrong)
             code = agents.issue_code(0)
             win.pair_button.click()
+            theirs = load_or_create(agents.state_dir(0) / "identity", "agent").fingerprint
+            assert f"Its certificate here: {short(theirs)}" in asked[0], asked
             qtbot.waitUntil(lambda: "code is wrong" in win.pair_note.text(), timeout=20000)
             monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: (code, True))
             win.pair_button.click()
