@@ -4,9 +4,12 @@ reproduced against real agents or a real local load, offscreen)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -496,3 +499,53 @@ def test_a_host_another_desktop_is_using_says_so_before_any_plan(
             release.set()
             holder.join(30)
             win.close()
+
+
+_AT_2X = r"""
+import json, sys, time
+from PySide6.QtWidgets import QApplication
+app = QApplication([])
+from corral.gui.app import MainWindow
+win = MainWindow(browse=False)
+win.resize(1280, 720)
+win.show()
+win.model_edit.setText(sys.argv[1])
+win.settings_form.type_v.setCurrentText("q4_0")  # refused without flash attention
+win.plan_button.click()
+deadline = time.monotonic() + 120
+while "refused" not in win.status.text() and time.monotonic() < deadline:
+    app.processEvents()
+    time.sleep(0.02)
+for _ in range(20):
+    app.processEvents()
+labels = [win.banner, win.state_label, win.status, *win.settings_form.messages.values()]
+cut = [
+    l.text()[:60] for l in labels
+    if l.isVisible() and l.text() and l.height() < l.heightForWidth(l.width()) - 1
+]
+print(json.dumps({
+    "ratio": win.devicePixelRatio(), "status": win.status.text(), "cut": cut,
+    "transcript": win.transcript.height(),
+    "fix": win.settings_form.fix_buttons["cache-type-v"].isVisible(),
+}))
+win.close()
+"""
+
+
+def test_the_layout_holds_at_twice_the_scale(smollm2: Path) -> None:
+    """Defect 8 at QT_SCALE_FACTOR=2 (1280×720 logical, a window of its own process: the
+    factor is read once per process): a refused plan's messages are whole and the chat
+    keeps room."""
+    env = {**os.environ, "QT_SCALE_FACTOR": "2", "QT_QPA_PLATFORM": "offscreen"}
+    done = subprocess.run(
+        [sys.executable, "-c", _AT_2X, str(smollm2)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["ratio"] == 2.0 and "refused" in seen["status"], seen
+    assert seen["cut"] == [] and seen["fix"], seen
+    assert seen["transcript"] >= 150, seen
