@@ -69,7 +69,7 @@ from corral.engine.security.identity import short
 from .bridge import Bridge
 from .engine_thread import EngineThread
 from .models import HostsModel, VramDelegate
-from .plan import DeviceBars, LayerMap, SettingsForm, window_words
+from .plan import DeviceBars, LayerMap, SettingsForm, TopologyView, window_words
 from .plots import LivePlot
 from .transcript import Transcript
 
@@ -251,6 +251,8 @@ class MainWindow(QMainWindow):
         pv.addWidget(self.layer_map)
         self.device_bars = DeviceBars()
         pv.addWidget(self.device_bars)
+        self.topology = TopologyView()
+        pv.addWidget(self.topology)
         self.plan_text = QPlainTextEdit()
         self.plan_text.setReadOnly(True)
         self.plan_text.setTabChangesFocus(True)
@@ -628,10 +630,11 @@ class MainWindow(QMainWindow):
         self.verdicts = verdicts
         self.layer_map.set_plan(plan)
         self.device_bars.set_plan(plan)
+        self.topology.set_plan(plan)
         rest = self.settings_form.show_verdicts(verdicts)
         errors = [v for v in verdicts if v.level == "error"]
         self.banner.setText("\n".join(window_words(str(v)) for v in rest if v.level == "error"))
-        lines = [self.layer_map.describe()]
+        lines = [self.layer_map.describe(), self.topology.describe()]
         lines += [f"warning: {window_words(str(v))}" for v in rest if v.level != "error"]
         self.plan_text.setPlainText("\n".join(x for x in lines if x))
         self.load_button.setEnabled(not errors)
@@ -721,6 +724,7 @@ class MainWindow(QMainWindow):
             self.plan = result.plan
             self.layer_map.set_plan(result.plan)
             self.device_bars.set_plan(result.plan)
+            self.topology.set_plan(result.plan)
         lines = [p.describe() for p in result.placements]
         if result.comparison is not None:
             lines += [

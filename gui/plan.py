@@ -5,6 +5,7 @@ Pure painting over the engine's `Plan` (corral.engine.planner); nothing here com
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -277,6 +278,117 @@ def _paint_mark(p: QPainter, rect: QRectF, color: QColor, mark: str) -> None:
         p.fillRect(rect, QBrush(color.darker(120), Qt.BrushStyle.BDiagPattern))
     else:
         p.fillRect(rect, color.lighter(175))
+
+
+def token_path(plan: Plan) -> list[tuple[str, str, str]]:
+    """The stops a token makes through the plan, in order: (where, what runs there, host
+    key). It starts on this computer (the token's embedding), runs each device's layers in
+    turn, and ends on this computer with the logits (after the output layer, wherever it
+    runs)."""
+    n = len(plan.layer_device) - 1  # the output layer's index
+    stops = [("this computer", "embedding", "")]
+    start = 0
+    for i in range(1, n + 2):
+        if i <= n and plan.layer_device[i] == plan.layer_device[start]:
+            continue
+        dev = plan.layer_device[start]
+        last = i - 1
+        layers = f"layer {start}" if last == start else f"layers {start}–{last}"
+        if last == n:
+            layers = layers.replace(f"–{n}", f"–{n - 1} + output") if last > start else "output"
+        if dev < 0:
+            stops.append(("this computer", layers, ""))
+        else:
+            d = plan.devices[dev]
+            stops.append((device_label(plan, dev), layers, d.host))
+        start = i
+    stops.append(("this computer", "logits, sampling", ""))
+    # runs on this computer next to each other are one stop
+    merged: list[tuple[str, str, str]] = []
+    for stop in stops:
+        if merged and merged[-1][2] == stop[2] == "" and merged[-1][0] == stop[0]:
+            merged[-1] = (stop[0], f"{merged[-1][1]}, {stop[1]}", "")
+        else:
+            merged.append(stop)
+    return merged
+
+
+def network_hops(path: list[tuple[str, str, str]]) -> int:
+    """Hops between two hosts (each one a round trip on the network per token)."""
+    return sum(1 for a, b in itertools.pairwise(path) if a[2] != b[2])
+
+
+class TopologyView(QWidget):
+    """The hosts a token passes through, in order, and the network hops between them: a
+    box per stop in its device's color, an arrow per hop (bold where it crosses the
+    network)."""
+
+    HEIGHT = 54
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plan: Plan | None = None
+        self.path: list[tuple[str, str, str]] = []
+        self.setMinimumHeight(self.HEIGHT)
+
+    def set_plan(self, plan: Plan | None) -> None:
+        self.plan = plan
+        self.path = token_path(plan) if plan is not None else []
+        self.setToolTip(self.describe())
+        self.setAccessibleDescription(self.describe())
+        self.update()
+
+    def describe(self) -> str:
+        if not self.path:
+            return ""
+        hops = network_hops(self.path)
+        route = " → ".join(f"{where} ({what})" for where, what, _ in self.path)
+        return f"a token: {route}; {hops} network hop{'s' if hops != 1 else ''} per token"
+
+    def sizeHint(self) -> QSize:
+        return QSize(400, self.HEIGHT)
+
+    def paintEvent(self, event: QPaintEvent) -> None:
+        if self.plan is None or not self.path:
+            return
+        p = QPainter(self)
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        n = len(self.path)
+        gap = 26.0
+        box_w = max(60.0, (self.width() - gap * (n - 1)) / n)
+        text = self.palette().text().color()
+        names = {device_label(self.plan, i): i for i in range(len(self.plan.devices))}
+        for k, (where, what, host) in enumerate(self.path):
+            x = k * (box_w + gap)
+            rect = QRectF(x, 2, box_w, self.HEIGHT - 4)
+            color = device_color(names.get(where, HOST))
+            p.fillRect(rect, color.lighter(160))
+            p.setPen(QPen(color, 2))
+            p.drawRect(rect)
+            p.setPen(text)
+            metrics = p.fontMetrics()
+            top = metrics.elidedText(where, Qt.TextElideMode.ElideMiddle, int(box_w - 6))
+            low = metrics.elidedText(what, Qt.TextElideMode.ElideRight, int(box_w - 6))
+            p.drawText(
+                rect.adjusted(3, 2, -3, -rect.height() / 2), Qt.AlignmentFlag.AlignCenter, top
+            )
+            p.drawText(
+                rect.adjusted(3, rect.height() / 2, -3, -2), Qt.AlignmentFlag.AlignCenter, low
+            )
+            if k + 1 < n:
+                crosses = host != self.path[k + 1][2]
+                y = self.HEIGHT / 2
+                p.setPen(
+                    QPen(
+                        text,
+                        2.5 if crosses else 1,
+                        Qt.PenStyle.SolidLine if crosses else Qt.PenStyle.DashLine,
+                    )
+                )
+                p.drawLine(int(x + box_w + 2), int(y), int(x + box_w + gap - 4), int(y))
+                p.drawLine(int(x + box_w + gap - 9), int(y - 4), int(x + box_w + gap - 4), int(y))
+                p.drawLine(int(x + box_w + gap - 9), int(y + 4), int(x + box_w + gap - 4), int(y))
+        p.end()
 
 
 class SettingsForm(QWidget):

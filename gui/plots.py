@@ -6,7 +6,7 @@ import collections
 import time
 
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt, QTimer
-from PySide6.QtGui import QColor, QPainter, QPaintEvent, QPen, QPolygonF
+from PySide6.QtGui import QColor, QFontMetrics, QPainter, QPaintEvent, QPen, QPolygonF
 from PySide6.QtWidgets import QWidget
 
 from .plan import PALETTE
@@ -69,6 +69,23 @@ class LivePlot(QWidget):
             last = t
         return out
 
+    @staticmethod
+    def legend(parts: list[str], hidden: int, metrics: QFontMetrics, width: int) -> list[str]:
+        """The title and as many series as fit in `width`, then how many more there are
+        (a legend that overflowed showed half a name)."""
+        out = parts[:1]
+        for k, part in enumerate(parts[1:], start=1):
+            rest = len(parts) - k - 1 + hidden
+            tail = f"(+{rest} more)" if rest else ""
+            trial = "   ".join([*out, part, tail]).strip()
+            if metrics.horizontalAdvance(trial) > width:
+                hidden += len(parts) - k
+                break
+            out.append(part)
+        if hidden > 0:
+            out.append(f"(+{hidden} more)")
+        return out
+
     def latest(self, name: str) -> float | None:
         points = self.series.get(name)
         return points[-1][1] if points else None
@@ -107,9 +124,7 @@ class LivePlot(QWidget):
                 )
                 p.drawPolyline(line)
             label.append(f"{name} {pts[-1][1]:.1f}{self.unit}")
-        hidden = len(self.series) - len(shown)
-        if hidden > 0:
-            label.append(f"(+{hidden} more)")
+        label = self.legend(label, len(self.series) - len(shown), p.fontMetrics(), self.width() - 8)
         p.setPen(self.palette().text().color())
         p.drawText(
             QRectF(4, 0, self.width() - 8, 16), Qt.AlignmentFlag.AlignLeft, "   ".join(label)

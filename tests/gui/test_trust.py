@@ -421,6 +421,12 @@ def test_plots_drop_a_host_that_left_and_do_not_join_runs_apart(
     for t in (0.0, 1.0, 2.0, 200.0, 201.0):
         plot.add("chat", 10.0, at=t)
     assert [len(r) for r in plot.runs("chat", now=202.0)] == [3, 2]
+    # a legend too long for the plot names what fits and counts the rest
+    metrics = plot.fontMetrics()
+    parts = ["memory used", "127.0.0.1:38331 RAM 3.6%", "127.0.0.1:39481 RAM 3.1%"]
+    narrow = metrics.horizontalAdvance("   ".join(parts[:2]) + "   (+1 more)") + 2
+    assert LivePlot.legend(parts, 0, metrics, narrow) == [*parts[:2], "(+1 more)"]
+    assert LivePlot.legend(parts, 0, metrics, 10_000) == parts
 
 
 def test_small_things_people_trip_on(
@@ -549,3 +555,40 @@ def test_the_layout_holds_at_twice_the_scale(smollm2: Path) -> None:
     assert seen["ratio"] == 2.0 and "refused" in seen["status"], seen
     assert seen["cut"] == [] and seen["fix"], seen
     assert seen["transcript"] >= 150, seen
+
+
+def test_the_topology_shows_the_hops_a_token_takes(
+    window_on_two: MainWindow, qtbot: QtBot, smollm2: Path
+) -> None:
+    """What to build, "a topology view": over two agents, a token goes from this computer
+    through each host's layers in order and back for its logits: three network hops."""
+    win = window_on_two
+    win.model_edit.setText(str(smollm2))
+    win.plan_button.click()
+    qtbot.waitUntil(lambda: "planned" in win.status.text(), timeout=LOAD)
+    path = win.topology.path
+    assert [p[0].split(" on ")[0] for p in path] == [
+        "this computer",
+        "RPC0",
+        "RPC1",
+        "this computer",
+    ], path
+    assert path[1][1].startswith("layers 0–") and path[2][1].endswith("+ output"), path
+    described = win.topology.describe()
+    assert described.endswith("3 network hops per token"), described
+    assert described in win.plan_text.toPlainText()
+    image = win.topology.grab().toImage()
+    assert image.width() > 0 and win.topology.isVisible()
+
+
+@pytest.fixture()
+def window_on_two(qtbot: QtBot) -> Iterator[MainWindow]:
+    with LocalAgents(2) as agents:
+        win = MainWindow(browse=False, agents=tuple(agents.addresses))
+        qtbot.addWidget(win)
+        win.show()
+        try:
+            qtbot.waitUntil(lambda: len(win.hosts_model.online_addresses()) == 2, timeout=30000)
+            yield win
+        finally:
+            win.close()
