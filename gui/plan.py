@@ -323,7 +323,7 @@ class TopologyView(QWidget):
     box per stop in its device's color, an arrow per hop (bold where it crosses the
     network)."""
 
-    HEIGHT = 54
+    HEIGHT = 44
 
     def __init__(self) -> None:
         super().__init__()

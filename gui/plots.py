@@ -40,7 +40,7 @@ class LivePlot(QWidget):
         self._timer.setInterval(1000 // fps)
         self._timer.timeout.connect(self._repaint_if_dirty)
         self._timer.start()
-        self.setMinimumHeight(70)
+        self.setMinimumHeight(56)
 
     def sizeHint(self) -> QSize:
         return QSize(300, 80)

@@ -148,10 +148,12 @@ def test_a_context_shift_is_a_divider_inside_the_reply(
     win = alone
     win.max_reply.setValue(400)
     _deploy(win, qtbot, smollm2, ctx=256)
-    story = "Tell me a long story about a lighthouse keeper and the sea. " * 8
+    # a prompt of ~200 of the 256 cells: a few dozen tokens of reply fill the rest
+    story = "Tell me a long story about a lighthouse keeper and the sea. " * 14
     win.input.setText(story)
     win.send_button.click()
-    qtbot.waitUntil(lambda: win._shifts >= 1, timeout=LOAD)
+    qtbot.waitUntil(lambda: win._shifts >= 1 or not win.stop_button.isEnabled(), timeout=LOAD)
+    assert win._shifts >= 1, f"the reply ended before the context filled: {win.status.text()}"
     streaming = win.transcript.blocks[-1]
     qtbot.waitUntil(
         lambda: len(re.findall(r"[A-Za-z]{4,}", str(streaming.parts[-1]))) >= 3, timeout=LOAD
@@ -261,7 +263,7 @@ def test_the_keyboard_reaches_everything(
         qtbot.addWidget(win)
         win.show()
         qtbot.waitExposed(win)
-        QApplication.setActiveWindow(win)
+        win.activateWindow()
         try:
             win.max_reply.setValue(4)
             assert win.focusWidget() is win.model_edit
