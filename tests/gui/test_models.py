@@ -40,3 +40,20 @@ def test_gpu_host_shows_live_vram_load_and_temperature() -> None:
 
 def test_before_the_first_inventory_the_announcement_is_shown() -> None:
     assert memory_text(Host("k", "x", (), 1)) == "?"
+
+
+def test_a_cpu_only_host_announced_before_pairing_says_so() -> None:
+    """Not "GPUs 0, 0.0 GiB VRAM": what the announcement says, in words."""
+    from corral.discovery.txt import AgentHints
+
+    hints = AgentHints("a" * 32, "0.1", "1.0", gpu_count=0, vram_total=0, port=7340)
+    host = Host("k", "cpu-box", ("10.0.0.3",), 7340, status="unpaired", hints=hints)
+    assert (gpus_text(host), memory_text(host)) == ("none", "CPU only")
+    gpu = Host(
+        "k",
+        "gpu-b",
+        ("10.0.0.4",),
+        7340,
+        hints=AgentHints("b" * 32, "0.1", "1.0", 2, 48 * GiB, 7340),
+    )
+    assert (gpus_text(gpu), memory_text(gpu)) == ("2", "48.0 GiB VRAM")
