@@ -332,6 +332,8 @@ class _Engine:
         else:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(req.top_k))
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(req.top_p, 1))
+            if req.min_p > 0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(req.min_p, 1))
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(req.temp))
             seed = req.seed
             L.llama_sampler_chain_add(

@@ -113,6 +113,7 @@ class Generate(Message):
     temp: float = 0.0  # 0: greedy
     top_k: int = 40
     top_p: float = 0.95
+    min_p: float = 0.0  # 0: off
     seed: int = -1  # -1: random
     ignore_eos: bool = False  # fixed-length runs for benchmarks
     n_keep: int = -1  # tokens a context shift keeps; -1: the system prompt

@@ -24,7 +24,8 @@ from typing import Any
 
 from corral.engine.aio import within
 
-from .errors import InferenceCrashed, RuntimeFailure
+from .errors import InferenceCrashed, InferenceError, RuntimeFailure
+from .openai_api import ApiError, ChatRequest, StopWatch, chat_request
 from .session import ChatSession
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ _REASONS = {
 }
 QUEUE = 32  # requests that may wait for the model at once; more get 429
 DEADLINE = 600.0  # seconds a request may wait and run in all
+HEAD_WAIT = 0.5  # a stream's head waits this long for the prompt to be accepted
 _RECOVER_AGAIN = 10.0  # a model that could not be loaded again is retried this often at most
 
 
@@ -52,15 +54,6 @@ class _HttpError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
-
-
-def _text(content: Any) -> str:
-    """OpenAI content: a string, or a list of parts of which we take the text ones."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    raise _HttpError(400, "message content must be a string or a list of text parts")
 
 
 class ApiServer:
@@ -126,6 +119,8 @@ class ApiServer:
             await self._json(
                 writer, exc.status, {"error": {"message": exc.message, "type": exc.kind}}
             )
+        except ApiError as exc:  # a field refused, named (openai_api)
+            await self._json(writer, exc.status, exc.body())
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:  # shutting down: say so where nothing was sent yet
@@ -163,7 +158,16 @@ class ApiServer:
             if ":" in line:
                 k, v = line.split(":", 1)
                 headers[k.strip().lower()] = v.strip()
-        length = int(headers.get("content-length", "0") or 0)
+        raw = headers.get("content-length", "0") or "0"
+        if not raw.isdigit():
+            raise _HttpError(400, f"Content-Length {raw!r}: give the body's size in bytes")
+        if headers.get("transfer-encoding", "").lower() not in ("", "identity"):
+            raise _HttpError(
+                400,
+                f"Transfer-Encoding {headers['transfer-encoding']!r}: send the body with a "
+                "Content-Length",
+            )
+        length = int(raw)
         if length > _MAX_BODY:
             raise _HttpError(413, f"request body over {_MAX_BODY} bytes")
         body = await reader.readexactly(length) if length else b""
@@ -225,25 +229,7 @@ class ApiServer:
         writer: asyncio.StreamWriter,
         answered: list[bool],
     ) -> None:
-        messages = req.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _HttpError(400, "messages must be a non-empty list")
-        chat = []
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise _HttpError(400, "each message needs a role: system, user or assistant")
-            chat.append({"role": m["role"], "content": _text(m.get("content", ""))})
-        limit = req.get("max_completion_tokens", req.get("max_tokens", 256))
-        temp = req.get("temperature", 1.0)
-        seed = req.get("seed", -1)
-        if not isinstance(limit, int) or limit <= 0 or not isinstance(temp, int | float):
-            raise _HttpError(400, "max_tokens must be a positive integer, temperature a number")
-        sampling = {
-            "max_tokens": limit,
-            "temp": float(temp),
-            "seed": seed if isinstance(seed, int) else -1,
-            "top_p": float(req.get("top_p", 0.95) or 0.95),
-        }
+        asked = chat_request(req, self.model_id)  # ApiError (a 400 naming the field)
         ident = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
         if self._waiting >= self.queue:
@@ -261,10 +247,10 @@ class ApiServer:
                     self._waiting -= 1
                     queued = False
                     await self._ready()
-                    if req.get("stream"):
-                        await self._stream(chat, sampling, writer, ident, created, answered)
+                    if asked.stream:
+                        await self._stream(asked, writer, ident, created, answered)
                     else:
-                        await self._whole(chat, sampling, reader, writer, ident, created)
+                        await self._whole(asked, reader, writer, ident, created)
         except TimeoutError:
             if answered[0]:
                 return  # the stream said so in an error event
@@ -311,20 +297,23 @@ class ApiServer:
 
     async def _whole(
         self,
-        chat: list[dict[str, str]],
-        sampling: dict[str, Any],
+        asked: ChatRequest,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         ident: str,
         created: int,
     ) -> None:
         """A reply sent whole; stopped when the client hangs up before it is ready."""
+        watch = StopWatch(asked.stop)
+        text: list[str] = []
 
         async def generate() -> Any:
             meter = self.session.reply_meter()
-            async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
+            async with contextlib.aclosing(self._frames(asked)) as frames:
                 async for frame in frames:
-                    meter.feed(frame)
+                    update = meter.feed(frame)
+                    text.append(self._watched(watch, update.text))
+            text.append(watch.flush())
             return meter.finished()
 
         reply = asyncio.ensure_future(generate())
@@ -352,6 +341,11 @@ class ApiServer:
         except InferenceCrashed as crash:
             self._lost(crash)
             raise
+        except InferenceError as exc:
+            refused = _too_long(exc)
+            if refused is not None:
+                raise refused from None
+            raise
         await self._json(
             writer,
             200,
@@ -363,8 +357,8 @@ class ApiServer:
                 "choices": [
                     {
                         "index": 0,
-                        "finish_reason": _finish(done.stop),
-                        "message": {"role": "assistant", "content": done.content},
+                        "finish_reason": "stop" if watch.stopped else _finish(done.stop),
+                        "message": {"role": "assistant", "content": "".join(text)},
                     }
                 ],
                 "usage": {
@@ -377,48 +371,64 @@ class ApiServer:
 
     async def _stream(
         self,
-        chat: list[dict[str, str]],
-        sampling: dict[str, Any],
+        asked: ChatRequest,
         writer: asyncio.StreamWriter,
         ident: str,
         created: int,
         answered: list[bool],
     ) -> None:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
-        )
-        answered[0] = True
+        def head() -> None:
+            """The stream's head, once: at its first event, HEAD_WAIT s after the model
+            took the request, or at a failure, whichever comes first (a prompt too long for
+            the context, refused as soon as it is tokenized, is a 400 instead)."""
+            if answered[0]:
+                return
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+            )
+            answered[0] = True
+            writer.write(chunk({"role": "assistant", "content": ""}))
 
-        def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
-            obj = {
+        def chunk(
+            delta: dict[str, str] | None, finish: str | None = None, usage: Any = None
+        ) -> bytes:
+            obj: dict[str, Any] = {
                 "id": ident,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": self.model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": []
+                if delta is None
+                else [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
+            if asked.include_usage:  # null on every chunk but the last, as OpenAI sends it
+                obj["usage"] = usage
             return f"data: {json.dumps(obj)}\n\n".encode()
 
         async def fail(message: str) -> None:
             """An error event (the OpenAI SDKs raise it) and the end of the stream: no
             finish_reason, no [DONE]."""
+            head()
             writer.write(f"data: {json.dumps(_error(message))}\n\n".encode())
             with contextlib.suppress(Exception):
                 await within(writer.drain(), 2)
 
-        writer.write(chunk({"role": "assistant", "content": ""}))
-        stop, meter = "stop", self.session.reply_meter()
+        stop, meter, watch = "stop", self.session.reply_meter(), StopWatch(asked.stop)
+        timer = asyncio.get_running_loop().call_later(HEAD_WAIT, head)
         try:
             # closed on the way out: a client that hangs up has the rest of its reply stopped
-            async with contextlib.aclosing(self.session.complete(chat, **sampling)) as frames:
+            async with contextlib.aclosing(self._frames(asked)) as frames:
                 async for frame in frames:
+                    head()
                     update = meter.feed(frame)
-                    if update.text:
-                        writer.write(chunk({"content": update.text}))
-                        await writer.drain()
+                    text = self._watched(watch, update.text)
                     if update.stop is not None:
-                        stop = _finish(update.stop)
+                        text += watch.flush()
+                        stop = "stop" if watch.stopped else _finish(update.stop)
+                    if text:
+                        writer.write(chunk({"content": text}))
+                        await writer.drain()
         except asyncio.CancelledError:
             await fail(
                 "corral serve is shutting down"
@@ -432,10 +442,48 @@ class ApiServer:
             self._lost(crash)
             return
         except RuntimeFailure as exc:
+            refused = None if answered[0] else _too_long(exc)
+            if refused is not None:
+                raise refused from None
             await fail(f"the reply was cut short: {exc}")
             return
-        writer.write(chunk({}, stop) + b"data: [DONE]\n\n")
+        finally:
+            timer.cancel()
+        head()
+        writer.write(chunk({}, stop))
+        if asked.include_usage:
+            done = meter.finished()
+            usage = {
+                "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.n_tokens,
+                "total_tokens": done.prompt_tokens + done.n_tokens,
+            }
+            writer.write(chunk(None, usage=usage))
+        writer.write(b"data: [DONE]\n\n")
         await writer.drain()
+
+    def _frames(self, asked: ChatRequest) -> Any:
+        return self.session.complete(list(asked.messages), **asked.sampling)
+
+    def _watched(self, watch: StopWatch, text: str) -> str:
+        """`text` less what a stop string holds back; at a stop string the reply is
+        stopped (its last events are still read, for the summary)."""
+        if not text:
+            return ""
+        stopped = watch.stopped
+        out = watch.feed(text)
+        if watch.stopped and not stopped:
+            self.session.cancel()
+        return out
+
+
+def _too_long(exc: RuntimeFailure) -> ApiError | None:
+    """The child's refusal of a prompt longer than the context, as OpenAI's 400 (a 503
+    made the SDKs retry what can never succeed)."""
+    if isinstance(exc, InferenceError) and str(exc).startswith("the prompt is "):
+        text = str(exc).replace("load with a larger --ctx", "load the model with a larger --ctx")
+        return ApiError(400, text, "messages", "context_length_exceeded")
+    return None
 
 
 def _error(message: str, kind: str = "server_error") -> dict[str, Any]:

@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -20,33 +18,15 @@ import openai
 import pytest
 
 from corral.engine.localagents import LocalAgents
-from tests.support.agents import inventory, stop
+from tests.support.agents import inventory, start_serve, stop
 
 
 @pytest.fixture(scope="module")
 def server(smollm2: Path) -> Iterator[str]:
     with LocalAgents(2) as agents:
-        args = [
-            sys.executable,
-            "-m",
-            "corral.engine.cli",
-            "serve",
-            str(smollm2),
-            "--port",
-            "0",
-            "--api-key",
-            "sekret",
-            "--ctx",
-            "2048",
-        ]
-        for a in agents.addresses:
-            args += ["--agent", a]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc, url = start_serve(smollm2, agents.addresses, "--api-key", "sekret")
         try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert line.startswith("serving"), line + (proc.stderr.read() if proc.stderr else "")
-            yield line.split()[-1]
+            yield url
         finally:
             stop(proc)
 
@@ -155,23 +135,9 @@ def test_a_client_that_leaves_mid_stream_costs_the_next_nothing(server: str) -> 
 # ---------------------------------------------------------------- faults and limits
 
 
-def _serve(model: Path, agents: list[str], *flags: str) -> tuple[subprocess.Popen[str], str]:
-    args = [sys.executable, "-m", "corral.engine.cli", "serve", str(model), "--port", "0"]
-    args += ["--ctx", "2048", *flags]
-    for a in agents:
-        args += ["--agent", a]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("serving"):
-        proc.kill()
-        raise AssertionError(line + (proc.stderr.read() if proc.stderr else ""))
-    return proc, line.split()[-1]
-
-
 def _long_stream(client: openai.OpenAI) -> Iterator[str]:
     stream = client.chat.completions.create(
-        model="m",
+        model="SmolLM2-135M-Instruct.Q4_1",
         stream=True,
         max_tokens=1500,
         temperature=0,
@@ -185,7 +151,7 @@ def test_a_worker_killed_mid_stream_is_an_error_and_serve_heals(smollm2: Path) -
     """The SDK raises (an error event, not a short reply that looks complete), and the next
     request is answered: serve loaded the model again on its own."""
     with LocalAgents(2) as agents:
-        proc, url = _serve(smollm2, agents.addresses)
+        proc, url = start_serve(smollm2, agents.addresses)
         try:
             client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
             parts = _long_stream(client)
@@ -203,13 +169,14 @@ def test_a_worker_killed_mid_stream_is_an_error_and_serve_heals(smollm2: Path) -
 
 def test_serve_stopped_mid_stream_ends_the_stream_with_an_error(smollm2: Path) -> None:
     with LocalAgents(1) as agents:
-        proc, url = _serve(smollm2, agents.addresses)
+        proc, url = start_serve(smollm2, agents.addresses)
         try:
             client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
             with pytest.raises(openai.APIError, match="shutting down"):
                 for i, _ in enumerate(_long_stream(client)):
                     if i == 3:
                         proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)  # it ends by itself (a second SIGTERM would find it half-gone)
         finally:
             _, err = stop(proc)
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
@@ -217,14 +184,14 @@ def test_serve_stopped_mid_stream_ends_the_stream_with_an_error(smollm2: Path) -
 
 def test_the_queue_the_deadline_and_a_client_that_gives_up(smollm2: Path) -> None:
     with LocalAgents(1) as agents:
-        proc, url = _serve(smollm2, agents.addresses, "--queue", "1", "--deadline", "3")
+        proc, url = start_serve(smollm2, agents.addresses, "--queue", "1", "--deadline", "3")
         try:
             client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
             # a whole (not streamed) reply whose client gives up after 1 s is stopped
             impatient = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=1)
             with pytest.raises(openai.APITimeoutError):
                 impatient.chat.completions.create(
-                    model="m",
+                    model="SmolLM2-135M-Instruct.Q4_1",
                     max_tokens=1500,
                     temperature=0,
                     messages=[{"role": "user", "content": _LONG}],

@@ -53,6 +53,22 @@ def start_long_chat(model: Path, agents: list[str]) -> subprocess.Popen[str]:
     )
 
 
+def start_serve(model: Path, agents: list[str], *flags: str) -> tuple[subprocess.Popen[str], str]:
+    """`corral serve MODEL` over these agents on a free port (context 2048 unless `flags`
+    say otherwise): the process and its /v1 URL, once it serves."""
+    args = [sys.executable, "-m", "corral.engine.cli", "serve", str(model), "--port", "0"]
+    args += ["--ctx", "2048", *flags]
+    for a in agents:
+        args += ["--agent", a]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("serving"):
+        proc.kill()
+        raise AssertionError(line + (proc.stderr.read() if proc.stderr else ""))
+    return proc, line.split()[-1]
+
+
 def stop(
     proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 20
 ) -> tuple[str, str]:

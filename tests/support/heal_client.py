@@ -30,9 +30,10 @@ def say(event: str, **extra: object) -> None:
 def main() -> int:
     url = sys.argv[1]
     client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id  # the one served: another name is a 404
     try:
         stream = client.chat.completions.create(
-            model="m",
+            model=model,
             stream=True,
             max_tokens=1500,
             temperature=0,
@@ -48,7 +49,7 @@ def main() -> int:
     while time.monotonic() - start < USABLE_WITHIN:
         try:
             reply = client.chat.completions.create(
-                model="m",
+                model=model,
                 max_tokens=4,
                 temperature=0,
                 messages=[{"role": "user", "content": "Hello!"}],

@@ -1,0 +1,210 @@
+"""`corral serve` and the fields an OpenAI client sends: each is honoured or refused with a
+400 that names it, never answered as if it had not been sent (the official openai SDK
+against a model split over two real agents)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from corral.engine.localagents import LocalAgents
+from corral.engine.runtime.openai_api import ApiError, StopWatch, chat_request
+from tests.support.agents import start_serve, stop
+
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+COUNT = [{"role": "user", "content": "Count from one to twenty in words, separated by commas."}]
+
+
+@pytest.fixture(scope="module")
+def client(smollm2: Path) -> Iterator[openai.OpenAI]:
+    with LocalAgents(2) as agents:
+        proc, url = start_serve(smollm2, agents.addresses, "--api-key", "k", "--ctx", "512")
+        try:
+            yield openai.OpenAI(base_url=url, api_key="k", max_retries=0)
+        finally:
+            stop(proc)
+
+
+def _ask(client: openai.OpenAI, **fields: Any) -> Any:
+    fields.setdefault("model", MODEL)
+    fields.setdefault("messages", COUNT)
+    fields.setdefault("max_tokens", 48)
+    return client.chat.completions.create(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+            "tools",
+        ),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": "x"}, "top_p"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+        ({"extra_body": {"mirostat": 2}}, "mirostat"),
+        (
+            {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]},
+            "messages[0]",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:,"}}],
+                    }
+                ]
+            },
+            "messages[0].content[0]",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_a_field_not_built_is_refused_by_name(
+    client: openai.OpenAI, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        _ask(client, **fields)
+    assert str(refused.value.message).startswith("Error code: 400"), refused.value.message
+    body = refused.value.body
+    assert isinstance(body, dict) and body["param"] == param, body
+    assert body["message"].startswith(f"{param}: "), body
+
+
+def test_another_model_name_is_a_404_naming_the_served_one(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        _ask(client, model="gpt-4o")
+    assert MODEL in str(missing.value) and missing.value.code == "model_not_found"
+
+
+def test_stop_strings_end_the_reply_before_them_across_tokens(client: openai.OpenAI) -> None:
+    """Greedy, so every request here gives the same reply (each reuses the same cached
+    prompt: see test_serve.py on float sums); a stop string that spans two streamed
+    chunks ends both kinds of reply just before it, with finish_reason stop."""
+    _ask(client, temperature=0)  # caches the prompt
+    chunks = [
+        c.choices[0].delta.content or ""
+        for c in _ask(client, temperature=0, stream=True)
+        if c.choices
+    ]
+    text = "".join(chunks)
+    k = next(i for i in range(len(chunks) // 2, len(chunks) - 1) if len(chunks[i]) >= 2)
+    mark = chunks[k][-2:] + chunks[k + 1][:2]  # across a token boundary
+    assert len(mark) >= 3, chunks
+    before = text[: text.index(mark)]
+    streamed = list(_ask(client, temperature=0, stream=True, stop=[mark, "never said"]))
+    got = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert got == before, (got, before, mark)
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    whole = _ask(client, temperature=0, stop=mark)
+    assert whole.choices[0].message.content == before
+    assert whole.choices[0].finish_reason == "stop"
+
+
+def test_usage_comes_last_in_a_stream_when_asked(client: openai.OpenAI) -> None:
+    chunks = list(_ask(client, stream=True, max_tokens=8, stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert 0 < last.usage.completion_tokens <= 8 and last.usage.prompt_tokens > 10
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_top_p_zero_leaves_one_choice_at_any_temperature(client: openai.OpenAI) -> None:
+    """top_p 0 was read as 0.95 (`or 0.95`): three replies at temperature 1 differed."""
+    _ask(client, temperature=1.0, top_p=0)  # caches the prompt
+    replies = {_ask(client, temperature=1.0, top_p=0).choices[0].message.content for _ in range(3)}
+    assert len(replies) == 1, replies
+
+
+def test_developer_role_text_parts_min_p_top_k_and_seed_are_honoured(
+    client: openai.OpenAI,
+) -> None:
+    reply = _ask(
+        client,
+        messages=[
+            {"role": "developer", "content": "Answer in one word."},
+            {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
+        ],
+        max_tokens=8,
+        extra_body={"min_p": 0.05, "top_k": 20},
+        seed=7,
+        user="someone",
+    )
+    assert reply.choices[0].message.content
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_not_a_retry(client: openai.OpenAI) -> None:
+    """A 503 made the SDK retry what can never fit; 400 with context_length_exceeded."""
+    long = [{"role": "user", "content": "lighthouse " * 700}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            reply = _ask(client, messages=long, stream=stream)
+            if stream:
+                list(reply)
+        body = refused.value.body
+        assert isinstance(body, dict) and body["code"] == "context_length_exceeded", body
+        assert "the context 512" in body["message"]
+
+
+def test_a_body_without_a_usable_length_is_a_400(client: openai.OpenAI) -> None:
+    host, port = str(client.base_url).removeprefix("http://").split("/")[0].split(":")
+    for header in (b"Content-Length: abc", b"Content-Length: -5", b"Transfer-Encoding: chunked"):
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                + header
+                + b"\r\n\r\n"
+            )
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert b"Traceback" not in answer
+
+
+# ------------------------------------------------------------------ pure
+
+
+def test_stop_watch_holds_back_only_what_may_begin_a_stop() -> None:
+    watch = StopWatch(("END",))
+    assert watch.feed("one, tw") == "one, tw"
+    assert watch.feed("o E") == "o "  # "E" may begin END
+    assert watch.feed("ast") == "East"
+    assert watch.feed(" and EN") == " and "
+    assert watch.feed("D more") == "" and watch.stopped
+    assert watch.feed("ignored") == "" and watch.flush() == ""
+    done = StopWatch(("END",))
+    assert done.feed("a tail E") == "a tail " and done.flush() == "E"
+
+
+def test_requests_are_checked_field_by_field() -> None:
+    ok = chat_request(
+        {"model": "m", "messages": [{"role": "developer", "content": "x"}], "top_p": 0},
+        "m",
+    )
+    assert ok.messages[0]["role"] == "system" and ok.sampling["top_p"] == 0.0
+    for bad, param in (
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "x", "name": "a"}]}, "messages[0].name"),
+        ({"messages": COUNT, "stop": ["a"] * 5}, "stop"),
+        ({"messages": COUNT, "max_tokens": 0}, "max_tokens"),
+        ({"messages": COUNT, "seed": 1.5}, "seed"),
+        ({"messages": COUNT, "store": True}, "store"),
+    ):
+        with pytest.raises(ApiError) as refused:
+            chat_request(bad, "m")
+        assert refused.value.param == param and refused.value.status == 400
+        assert json.dumps(refused.value.body())  # OpenAI's error shape, serializable
