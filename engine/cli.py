@@ -380,7 +380,9 @@ async def _serve(opts: argparse.Namespace, out: _Out) -> int:
         result = await session.open(_load_settings(opts, model))
         for line in describe_load(result, model):
             out.info(line)
-        api = ApiServer(session, model.stem, opts.api_key or None, opts.queue, opts.deadline)
+        api = ApiServer(
+            session, model.stem, opts.api_key or None, opts.queue, opts.deadline, tuple(opts.cors)
+        )
         try:
             port = await api.start(opts.host, opts.port)
         except OSError as exc:
@@ -892,6 +894,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         help="seconds a request may wait and generate in all; then it ends with an error "
         "(default 600)",
+    )
+    serve.add_argument(
+        "--cors",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages at ORIGIN (e.g. http://localhost:3000; * for any) call the API "
+        "from a browser; without it, requests that carry an Origin are refused (403)",
     )
     _planning_flags(serve)
 

@@ -1,6 +1,9 @@
 """An OpenAI-compatible HTTP endpoint for the loaded model, for other tools.
 
-`GET /v1/models`, `POST /v1/chat/completions` (streamed as server-sent events, or whole).
+`GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions` (streamed as
+server-sent events, or whole; every field honoured or refused by name: openai_api),
+`GET /metrics` (Prometheus text) and `GET /health` (no key: for supervisors). Web pages may
+call it only from the origins `--cors` names.
 Plain asyncio on the engine's loop; one generation at a time (the model has one KV cache);
 bound to 127.0.0.1 unless told otherwise; an optional API key (Bearer).
 
@@ -15,7 +18,9 @@ that hangs up has its reply stopped; at most `queue` requests wait, and none run
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import json
 import logging
 import secrets
@@ -34,6 +39,7 @@ _MAX_HEAD = 64 * 1024
 _MAX_BODY = 4 * 1024 * 1024  # a long chat history, not a file upload
 _REASONS = {
     200: "OK",
+    403: "Forbidden",
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",
@@ -44,6 +50,7 @@ _REASONS = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
+_PATHS = ("/v1/models", "/v1/chat/completions", "/metrics")
 QUEUE = 32  # requests that may wait for the model at once; more get 429
 DEADLINE = 600.0  # seconds a request may wait and run in all
 HEAD_WAIT = 0.5  # a stream's head waits this long for the prompt to be accepted
@@ -64,11 +71,13 @@ class ApiServer:
         api_key: str | None = None,
         queue: int = QUEUE,
         deadline: float = DEADLINE,
+        cors: tuple[str, ...] = (),
     ):
         self.session = session
         self.model_id = model_id
         self.api_key = api_key
         self.queue, self.deadline = queue, deadline
+        self.cors = cors  # browser origins allowed ("*": any); none by default
         self._lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
         self._waiting = 0
@@ -78,6 +87,7 @@ class ApiServer:
         self._broken_at = 0.0
         self._healing: asyncio.Task[None] | None = None
         self.events: list[str] = []  # what happened to the model, one line each (and logged)
+        self.counts: collections.Counter[str] = collections.Counter()  # for /metrics
 
     async def start(self, host: str = "127.0.0.1", port: int = 8080) -> int:
         self._server = await asyncio.start_server(self._serve, host, port)
@@ -114,6 +124,9 @@ class ApiServer:
         answered = [False]  # a response (or a stream's head) has been written
         try:
             method, path, headers, body = await self._read_request(reader)
+            if self._browser(method, headers):
+                await self._preflight(writer)
+                return
             await self._route(method, path, headers, body, reader, writer, answered)
         except _HttpError as exc:
             await self._json(
@@ -189,9 +202,37 @@ class ApiServer:
         writer: asyncio.StreamWriter,
         answered: list[bool],
     ) -> None:
+        if path == "/health":  # for load balancers and supervisors: no key needed
+            if method != "GET":
+                raise _HttpError(405, "use GET")
+            ok = not self._broken and self.session.result is not None
+            why = self._broken or ("" if ok else "the model is being loaded again")
+            await self._json(
+                writer,
+                200 if ok else 503,
+                {"status": "ok" if ok else "error"} | ({"message": why} if why else {}),
+            )
+            return
         if not self._authorized(headers):
             raise _HttpError(401, "missing or wrong API key", "authentication_error")
-        if path == "/v1/models":
+        self.counts[f'requests_total{{path="{path if path in _PATHS else "other"}"}}'] += 1
+        if path == "/metrics":
+            if method != "GET":
+                raise _HttpError(405, "use GET")
+            await self._text(writer, self.metrics())
+        elif path == f"/v1/models/{self.model_id}":
+            if method != "GET":
+                raise _HttpError(405, "use GET")
+            await self._json(writer, 200, self._model())
+        elif path.startswith("/v1/models/"):
+            raise ApiError(
+                404,
+                f"model {path.removeprefix('/v1/models/')!r} is not served here; this server "
+                f"serves {self.model_id!r}",
+                "model",
+                "model_not_found",
+            )
+        elif path == "/v1/models":
             if method != "GET":
                 raise _HttpError(405, "use GET")
             await self._json(
@@ -199,9 +240,7 @@ class ApiServer:
                 200,
                 {
                     "object": "list",
-                    "data": [
-                        {"id": self.model_id, "object": "model", "created": 0, "owned_by": "corral"}
-                    ],
+                    "data": [self._model()],
                 },
             )
         elif path == "/v1/chat/completions":
@@ -211,11 +250,79 @@ class ApiServer:
         else:
             raise _HttpError(404, f"no route {path}")
 
+    def _browser(self, method: str, headers: dict[str, str]) -> bool:
+        """A request from a web page (it sends Origin): allowed only from the origins
+        `--cors` names, since any page the user opens could otherwise use (and read) a
+        local API without a key. True for a preflight to answer."""
+        origin = headers.get("origin", "")
+        if not origin:
+            return False
+        if origin not in self.cors and "*" not in self.cors:
+            raise _HttpError(
+                403,
+                f"requests from web pages at {origin} are not allowed: start corral serve "
+                f"with --cors {origin}",
+                "permission_error",
+            )
+        _ORIGIN.set(origin)
+        return method == "OPTIONS"
+
+    async def _preflight(self, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 204 No Content\r\n"
+            + _cors_headers()
+            + b"Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
+            b"Access-Control-Allow-Headers: Authorization, Content-Type\r\n"
+            b"Access-Control-Max-Age: 600\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+
+    def _model(self) -> dict[str, Any]:
+        return {"id": self.model_id, "object": "model", "created": 0, "owned_by": "corral"}
+
+    def metrics(self) -> str:
+        """Prometheus text: requests, tokens, the queue, the model's state, the KV cache."""
+        result = self.session.result
+        gauges = {
+            "requests_waiting": self._waiting,
+            "queue_limit": self.queue,
+            "model_loaded": int(result is not None and not self._broken),
+            "context_size": result.n_ctx if result is not None else 0,
+            "reloads_total": len(self.events),
+        }
+        lines = []
+        for name, value in sorted({**dict(self.counts), **gauges}.items()):
+            base = name.split("{")[0]
+            kind = "counter" if base.endswith("_total") else "gauge"
+            lines.append(f"# TYPE corral_{base} {kind}")
+            lines.append(f"corral_{name} {value}")
+        return "\n".join(dict.fromkeys(lines)) + "\n"
+
+    async def _text(self, writer: asyncio.StreamWriter, text: str) -> None:
+        data = text.encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+            + _cors_headers()
+            + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+            + data
+        )
+        await writer.drain()
+
+    def _count(self, done: Any) -> None:
+        """A finished reply's tokens, for /metrics."""
+        self.counts["prompt_tokens_total"] += done.prompt_tokens
+        self.counts["completion_tokens_total"] += done.n_tokens
+        self.counts["replies_total"] += 1
+
     async def _json(self, writer: asyncio.StreamWriter, status: int, obj: Any) -> None:
+        if status >= 400:
+            self.counts[f'errors_total{{status="{status}"}}'] += 1
         data = json.dumps(obj).encode()
         writer.write(
             f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: application/json"
-            f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+            f"\r\n".encode()
+            + _cors_headers()
+            + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
             + data
         )
         await writer.drain()
@@ -338,6 +445,7 @@ class ApiServer:
                     await reply
         try:
             done = reply.result()
+            self._count(done)
         except InferenceCrashed as crash:
             self._lost(crash)
             raise
@@ -385,7 +493,8 @@ class ApiServer:
                 return
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+                + _cors_headers()
+                + b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
             )
             answered[0] = True
             writer.write(chunk({"role": "assistant", "content": ""}))
@@ -451,6 +560,7 @@ class ApiServer:
             timer.cancel()
         head()
         writer.write(chunk({}, stop))
+        self._count(meter.finished())
         if asked.include_usage:
             done = meter.finished()
             usage = {
@@ -475,6 +585,18 @@ class ApiServer:
         if watch.stopped and not stopped:
             self.session.cancel()
         return out
+
+
+_ORIGIN: contextvars.ContextVar[str] = contextvars.ContextVar("origin", default="")
+
+
+def _cors_headers() -> bytes:
+    """The CORS headers for this request's allowed Origin (each connection is a task with
+    its own context), or none."""
+    origin = _ORIGIN.get()
+    if not origin:
+        return b""
+    return f"Access-Control-Allow-Origin: {origin}\r\nVary: Origin\r\n".encode()
 
 
 def _too_long(exc: RuntimeFailure) -> ApiError | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,78 @@ def test_a_body_without_a_usable_length_is_a_400(client: openai.OpenAI) -> None:
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
         assert b"Traceback" not in answer
+
+
+def test_health_metrics_and_one_model(client: openai.OpenAI) -> None:
+    """/health (no key: for supervisors), /v1/models/{id}, and /metrics in Prometheus text
+    counting what the tests above asked (replies, tokens, the 400s)."""
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+    with urllib.request.urlopen(root + "/health", timeout=10) as answer:
+        assert json.loads(answer.read()) == {"status": "ok"}
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(root + "/metrics", timeout=10)
+    assert refused.value.code == 401
+    asked = urllib.request.Request(root + "/metrics", headers={"Authorization": "Bearer k"})
+    with urllib.request.urlopen(asked, timeout=10) as answer:
+        assert answer.headers["Content-Type"].startswith("text/plain")
+        text = answer.read().decode()
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["corral_model_loaded"] == 1 and values["corral_context_size"] == 512
+    assert values["corral_replies_total"] >= 5 and values["corral_completion_tokens_total"] > 0
+    assert values['corral_errors_total{status="400"}'] >= 13  # the refusals above
+    assert "# TYPE corral_errors_total counter" in text
+
+
+def _raw(url: str, method: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=body or None, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as answer:
+            return answer.status, answer.headers
+    except urllib.error.HTTPError as failed:
+        return failed.code, json.loads(failed.read() or b"{}")
+
+
+def test_browsers_only_from_origins_named_with_cors(client: openai.OpenAI, smollm2: Path) -> None:
+    """A web page's request (it sends Origin) is refused unless --cors names its origin:
+    any page the user opens could otherwise use a local API that has no key. With --cors,
+    the preflight (which carries no key) is answered, and replies carry the header."""
+    url = str(client.base_url).rstrip("/") + "/chat/completions"
+    page = {"Origin": "http://localhost:3000", "Authorization": "Bearer k"}
+    status, said = _raw(url, "POST", page, b"{}")
+    assert status == 403 and "--cors http://localhost:3000" in said["error"]["message"]
+    with LocalAgents(1) as agents:
+        proc, served = start_serve(smollm2, agents.addresses, "--cors", "http://localhost:3000")
+        try:
+            status, headers = _raw(
+                served + "/chat/completions",
+                "OPTIONS",
+                {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"},
+            )
+            assert status == 204, headers
+            assert headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+            assert "Authorization" in headers["Access-Control-Allow-Headers"]
+            body = json.dumps({"model": MODEL, "messages": COUNT, "max_tokens": 2}).encode()
+            status, headers = _raw(
+                served + "/chat/completions",
+                "POST",
+                {"Origin": "http://localhost:3000", "Content-Type": "application/json"},
+                body,
+            )
+            assert status == 200 and headers["Access-Control-Allow-Origin"] == (
+                "http://localhost:3000"
+            )
+            status, said = _raw(served + "/models", "GET", {"Origin": "http://evil.example"})
+            assert status == 403, said
+        finally:
+            stop(proc)
 
 
 # ------------------------------------------------------------------ pure
