@@ -805,7 +805,9 @@ def _planning_flags(p: argparse.ArgumentParser) -> None:
         "--strategy",
         choices=list(STRATEGIES),
         default="balanced",
-        help="fewest: fewest hosts that fit; balanced: by free memory; speed: by device speed",
+        help="fewest: fewest hosts that fit; balanced: by free memory; speed: by device "
+        "speed, which is not measured yet: every device gets the same share, and the plan "
+        "says so",
     )
     p.add_argument(
         "--layers",

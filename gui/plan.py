@@ -526,6 +526,10 @@ class SettingsForm(QWidget):
                 kind = match.group(1)
                 label = f"Use a {kind} {which.upper()} cache"
                 out.append((label, lambda b=box, t=kind: b.setCurrentText(t)))
+        if "--strategy balanced" in advice and self.strategy.currentText() != "balanced":
+            out.append(
+                ("Use the balanced strategy", lambda: self.strategy.setCurrentText("balanced"))
+            )
         match = re.search(r"--ctx (\d+)", advice)
         if match:
             n = int(match.group(1))
@@ -552,6 +556,8 @@ def window_words(text: str) -> str:
         ("a smaller --reserve", "more free memory"),
         ("--reserve", "the memory kept free"),
         ("--swa-cache", "the sliding-window cache"),
+        ("--strategy balanced", "the balanced strategy"),
+        ("--strategy speed", "the speed strategy"),
     ):
         text = text.replace(flag, words)
     return text

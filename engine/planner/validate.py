@@ -201,5 +201,26 @@ def check_plan(plan: Plan, tips: Sequence[str] = ()) -> list[Verdict]:
     return [Verdict("error", *plan.where(i), "memory", why, fix) for i, why in plan.short()]
 
 
+def check_strategy(plan: Plan) -> list[Verdict]:
+    """A warning when the speed strategy has no speeds to go by: nothing measures a
+    device's speed yet, so every device counts 1.0 and gets the same share of layers,
+    whatever its memory (balanced splits by free memory)."""
+    if plan.strategy != "speed" or not plan.devices:
+        return []
+    if any(d.speed != 1.0 for d in plan.devices):
+        return []
+    return [
+        Verdict(
+            "warning",
+            "",
+            "",
+            "--strategy speed",
+            "no device speeds are measured yet, so speed gives every device the same share "
+            "of layers, whatever its memory",
+            "use --strategy balanced (by free memory), or --layers to choose the counts",
+        )
+    ]
+
+
 def errors(verdicts: Sequence[Verdict]) -> list[Verdict]:
     return [v for v in verdicts if v.level == "error"]

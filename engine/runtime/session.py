@@ -43,6 +43,7 @@ from corral.engine.planner.validate import (
     check_cache,
     check_context,
     check_plan,
+    check_strategy,
     errors,
     questions,
 )
@@ -338,6 +339,7 @@ class ChatSession:
         self.verdicts = [
             *check_cache(spec, analytic.settings, facts),
             *check_context(spec, analytic.settings),
+            *check_strategy(analytic),
         ]
         if errors(self.verdicts):
             return analytic, analytic

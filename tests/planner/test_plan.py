@@ -224,3 +224,21 @@ def test_the_estimate_for_the_processs_own_gpu_matches_llama_cpp(ctx_fa: tuple[i
     # the same device as an RPC worker is laid out as a split: another estimate
     rpc = make_plan(dense, [dataclasses.replace(gpu, name="RPC0", endpoint="h:1")], s)
     assert rpc.host.compute != plan.host.compute
+
+
+def test_the_speed_strategy_without_measured_speeds_says_so() -> None:
+    """Nothing measures device speeds yet: every device counts 1.0, so speed splits the
+    layers evenly whatever the memory, and the plan carries a warning naming the flag."""
+    from corral.engine.planner.validate import check_strategy
+
+    devices = (
+        Device("RPC0", "a", "a:1", 24 * GiB, 24 * GiB),
+        Device("RPC1", "b", "b:1", 8 * GiB, 8 * GiB),
+    )
+    even = make_plan(spec(), devices, strategy="speed")
+    [warning] = check_strategy(even)
+    assert warning.level == "warning" and warning.setting == "--strategy speed"
+    assert warning.message.startswith("no device speeds are measured yet")
+    assert check_strategy(make_plan(spec(), devices, strategy="balanced")) == []
+    fast = tuple(dataclasses.replace(d, speed=2.0) if d.host == "a" else d for d in devices)
+    assert check_strategy(make_plan(spec(), fast, strategy="speed")) == []

@@ -283,3 +283,17 @@ def test_a_device_holding_only_the_output_layer_is_planned_exactly(
         two_agents.addresses, LoadSettings(model=model, n_ctx=512, layers=(4, 1))
     )
     assert result.plan is not None and result.plan.layers_of(1) == [4]
+
+
+def test_the_speed_strategy_says_it_has_no_speeds_yet(
+    smollm2: Path, two_agents: LocalAgents
+) -> None:
+    """`--strategy speed` did what balanced did, silently; until speeds are measured it
+    says what it does instead (an even share per device) and how to choose otherwise."""
+    done = corral("plan", str(smollm2), *_agents(two_agents), "--strategy", "speed")
+    assert done.returncode == 0, done.stderr
+    said = done.stdout + done.stderr
+    assert "no device speeds are measured yet" in said, said
+    assert "--strategy balanced" in said
+    quiet = corral("plan", str(smollm2), *_agents(two_agents))
+    assert "no device speeds" not in quiet.stdout + quiet.stderr
