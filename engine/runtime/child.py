@@ -30,6 +30,7 @@ from corral.engine.protocol import FrameDecoder, Message, ProtocolError, encode_
 
 from .childproto import (
     CHILD_MESSAGES,
+    PROMPT_TOO_LONG,
     Answers,
     Cancel,
     Capabilities,
@@ -393,7 +394,8 @@ class _Engine:
         if len(prompt) >= self.n_ctx:
             raise _Refused(
                 f"the prompt is {len(prompt)} tokens, the context {self.n_ctx}: "
-                "start a new chat or load with a larger --ctx"
+                "start a new chat or load with a larger --ctx",
+                PROMPT_TOO_LONG,
             )
         # Reuse the cached prefix of the previous turn; decode at least one token for logits.
         keep = 0
@@ -492,7 +494,12 @@ class _Engine:
 
 
 class _Refused(Exception):
-    """A request this child cannot serve; reported to the parent, the child lives on."""
+    """A request this child cannot serve; reported to the parent, the child lives on.
+    `reason`: Failed.reason, for a refusal the parent tells apart."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -540,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
                 engine.generate(req)
             else:
                 raise _Refused(f"{type(req).__name__} is not a request")
-        except (_Refused, GgmlError, UnknownCacheType) as exc:
+        except _Refused as exc:
+            chan.send(Failed(str(exc), exc.reason))
+        except (GgmlError, UnknownCacheType) as exc:
             chan.send(Failed(str(exc)))
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" etc.
             hint = ""

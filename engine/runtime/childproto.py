@@ -76,6 +76,8 @@ class TokenItem:
     kv_used: int  # cells of the KV cache in use after this token
 
 
+PROMPT_TOO_LONG = "prompt_too_long"  # Failed.reason: the prompt does not fit the context
+
 # ----------------------------------------------------------------- desktop → child
 
 
@@ -222,9 +224,11 @@ class Done(Message):
 @_register(28)
 @dataclass(frozen=True, slots=True)
 class Failed(Message):
-    """The request failed; the child lives on (a crash closes the channel instead)."""
+    """The request failed; the child lives on (a crash closes the channel instead).
+    `reason`: a failure the parent acts on by kind ("prompt_too_long"), else ""."""
 
     message: str
+    reason: str = ""
 
 
 # ----------------------------------------------------------------- what generate() yields

@@ -58,6 +58,10 @@ class InferenceError(RuntimeFailure):
     """The inference child refused a request (bad model file, context full, ...)."""
 
 
+class PromptTooLong(InferenceError):
+    """The prompt does not fit the loaded context (nothing was generated)."""
+
+
 class InferenceTimeout(InferenceError):
     """The inference child said nothing for longer than the caller would wait."""
 

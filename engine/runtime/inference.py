@@ -26,6 +26,7 @@ from corral.engine.security.tunnel import shim_env
 
 from .childproto import (
     CHILD_MESSAGES,
+    PROMPT_TOO_LONG,
     Answers,
     Cancel,
     Capabilities,
@@ -45,7 +46,13 @@ from .childproto import (
     Token,
     Tokens,
 )
-from .errors import InferenceCrashed, InferenceError, InferenceTimeout, ReplyStalled
+from .errors import (
+    InferenceCrashed,
+    InferenceError,
+    InferenceTimeout,
+    PromptTooLong,
+    ReplyStalled,
+)
 from .stall import StallWatch
 
 R = TypeVar("R", bound=Message)
@@ -144,6 +151,8 @@ class InferenceProcess:
         if frame is None:
             raise await self._crashed()
         if isinstance(frame, Failed):
+            if frame.reason == PROMPT_TOO_LONG:
+                raise PromptTooLong(frame.message)
             raise InferenceError(frame.message)
         return frame
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from corral.engine.aio import within
 
-from .errors import InferenceCrashed, InferenceError, RuntimeFailure
+from .childproto import Done
+from .errors import InferenceCrashed, PromptTooLong, RuntimeFailure
 from .openai_api import ApiError, ChatRequest, StopWatch, chat_request
 from .session import ChatSession
 
@@ -39,8 +40,9 @@ _MAX_HEAD = 64 * 1024
 _MAX_BODY = 4 * 1024 * 1024  # a long chat history, not a file upload
 _REASONS = {
     200: "OK",
-    403: "Forbidden",
+    204: "No Content",
     400: "Bad Request",
+    403: "Forbidden",
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -219,7 +221,9 @@ class ApiServer:
         if path == "/metrics":
             if method != "GET":
                 raise _HttpError(405, "use GET")
-            await self._text(writer, self.metrics())
+            await _respond(
+                writer, 200, self.metrics().encode(), b"Content-Type: text/plain; version=0.0.4\r\n"
+            )
         elif path == f"/v1/models/{self.model_id}":
             if method != "GET":
                 raise _HttpError(405, "use GET")
@@ -268,20 +272,20 @@ class ApiServer:
         return method == "OPTIONS"
 
     async def _preflight(self, writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            b"HTTP/1.1 204 No Content\r\n"
-            + _cors_headers()
-            + b"Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
+        await _respond(
+            writer,
+            204,
+            b"",
+            b"Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
             b"Access-Control-Allow-Headers: Authorization, Content-Type\r\n"
-            b"Access-Control-Max-Age: 600\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            b"Access-Control-Max-Age: 600\r\n",
         )
-        await writer.drain()
 
     def _model(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": 0, "owned_by": "corral"}
 
     def metrics(self) -> str:
-        """Prometheus text: requests, tokens, the queue, the model's state, the KV cache."""
+        """Prometheus text: requests, replies, tokens, errors, the queue, the model's state."""
         result = self.session.result
         gauges = {
             "requests_waiting": self._waiting,
@@ -298,16 +302,6 @@ class ApiServer:
             lines.append(f"corral_{name} {value}")
         return "\n".join(dict.fromkeys(lines)) + "\n"
 
-    async def _text(self, writer: asyncio.StreamWriter, text: str) -> None:
-        data = text.encode()
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-            + _cors_headers()
-            + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
-            + data
-        )
-        await writer.drain()
-
     def _count(self, done: Any) -> None:
         """A finished reply's tokens, for /metrics."""
         self.counts["prompt_tokens_total"] += done.prompt_tokens
@@ -317,15 +311,7 @@ class ApiServer:
     async def _json(self, writer: asyncio.StreamWriter, status: int, obj: Any) -> None:
         if status >= 400:
             self.counts[f'errors_total{{status="{status}"}}'] += 1
-        data = json.dumps(obj).encode()
-        writer.write(
-            f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: application/json"
-            f"\r\n".encode()
-            + _cors_headers()
-            + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
-            + data
-        )
-        await writer.drain()
+        await _respond(writer, status, json.dumps(obj).encode(), _JSON)
 
     # ------------------------------------------------------------------ chat
 
@@ -449,11 +435,8 @@ class ApiServer:
         except InferenceCrashed as crash:
             self._lost(crash)
             raise
-        except InferenceError as exc:
-            refused = _too_long(exc)
-            if refused is not None:
-                raise refused from None
-            raise
+        except PromptTooLong as exc:
+            raise _too_long(exc) from None
         await self._json(
             writer,
             200,
@@ -469,11 +452,7 @@ class ApiServer:
                         "message": {"role": "assistant", "content": "".join(text)},
                     }
                 ],
-                "usage": {
-                    "prompt_tokens": done.prompt_tokens,
-                    "completion_tokens": done.n_tokens,
-                    "total_tokens": done.prompt_tokens + done.n_tokens,
-                },
+                "usage": _usage(done),
             },
         )
 
@@ -551,24 +530,18 @@ class ApiServer:
             self._lost(crash)
             return
         except RuntimeFailure as exc:
-            refused = None if answered[0] else _too_long(exc)
-            if refused is not None:
-                raise refused from None
+            if isinstance(exc, PromptTooLong) and not answered[0]:
+                raise _too_long(exc) from None
             await fail(f"the reply was cut short: {exc}")
             return
         finally:
             timer.cancel()
         head()
         writer.write(chunk({}, stop))
-        self._count(meter.finished())
+        done = meter.finished()
+        self._count(done)
         if asked.include_usage:
-            done = meter.finished()
-            usage = {
-                "prompt_tokens": done.prompt_tokens,
-                "completion_tokens": done.n_tokens,
-                "total_tokens": done.prompt_tokens + done.n_tokens,
-            }
-            writer.write(chunk(None, usage=usage))
+            writer.write(chunk(None, usage=_usage(done)))
         writer.write(b"data: [DONE]\n\n")
         await writer.drain()
 
@@ -588,6 +561,19 @@ class ApiServer:
 
 
 _ORIGIN: contextvars.ContextVar[str] = contextvars.ContextVar("origin", default="")
+_JSON = b"Content-Type: application/json\r\n"
+
+
+async def _respond(writer: asyncio.StreamWriter, status: int, data: bytes, headers: bytes) -> None:
+    """A whole response: the status line, `headers`, this request's CORS headers, the body."""
+    writer.write(
+        f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n".encode()
+        + headers
+        + _cors_headers()
+        + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+        + data
+    )
+    await writer.drain()
 
 
 def _cors_headers() -> bytes:
@@ -599,13 +585,19 @@ def _cors_headers() -> bytes:
     return f"Access-Control-Allow-Origin: {origin}\r\nVary: Origin\r\n".encode()
 
 
-def _too_long(exc: RuntimeFailure) -> ApiError | None:
+def _too_long(exc: PromptTooLong) -> ApiError:
     """The child's refusal of a prompt longer than the context, as OpenAI's 400 (a 503
     made the SDKs retry what can never succeed)."""
-    if isinstance(exc, InferenceError) and str(exc).startswith("the prompt is "):
-        text = str(exc).replace("load with a larger --ctx", "load the model with a larger --ctx")
-        return ApiError(400, text, "messages", "context_length_exceeded")
-    return None
+    text = str(exc).replace("load with a larger --ctx", "load the model with a larger --ctx")
+    return ApiError(400, text, "messages", "context_length_exceeded")
+
+
+def _usage(done: Done) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.n_tokens,
+        "total_tokens": done.prompt_tokens + done.n_tokens,
+    }
 
 
 def _error(message: str, kind: str = "server_error") -> dict[str, Any]:
