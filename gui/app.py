@@ -740,7 +740,6 @@ class MainWindow(QMainWindow):
         self.kv_bar.setValue(0)
         self.kv_bar.setFormat(f"KV cache %p% (0/{result.n_ctx} cells)")
         self.status.setText(f"loaded in {result.load_s:.1f} s")
-        self._show_state()
         self.input.setFocus()
 
     def _load_failed(self, error: BaseException) -> None:

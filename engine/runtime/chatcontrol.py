@@ -123,6 +123,7 @@ class ChatController:
         if self._sound(self._draft, addresses):
             session, self._draft = self._draft, None
             assert session is not None
+            self._session = session
             return session
         await self._close_draft()
         session = ChatSession(list(addresses))
@@ -159,7 +160,6 @@ class ChatController:
         self._own()
         carried = list(self._session.history) if self._session is not None else []
         session = await self._connected(addresses, fresh)
-        self._session = session
         result = await session.open_after_connect(settings, on_progress=on_progress)
         session.history = carried
         return result
