@@ -25,6 +25,7 @@ from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.security.desktop import DesktopKeys
 from corral.gui.app import CONTINUE, MainWindow
 from corral.gui.plots import LivePlot
+from tests.gui.window import open_window
 
 LOAD = 120_000  # ms: a load on a busy 2-core machine
 
@@ -32,14 +33,8 @@ LOAD = 120_000  # ms: a load on a busy 2-core machine
 @pytest.fixture()
 def alone(qtbot: QtBot) -> Iterator[MainWindow]:
     """The window with no hosts: Deploy runs on this computer's CPU."""
-    win = MainWindow(browse=False)
-    qtbot.addWidget(win)
-    win.show()
-    qtbot.waitExposed(win)
-    try:
+    with open_window(qtbot) as win:
         yield win
-    finally:
-        win.close()
 
 
 def _yes(monkeypatch: pytest.MonkeyPatch, answer: bool = True) -> list[str]:
@@ -75,41 +70,36 @@ def test_planning_on_a_host_paired_later_keeps_the_loaded_model(
     """Defect 1: deploy with no hosts, pair one, Plan, Send: the model loaded on this
     computer answers (the plan on the new host is a draft of its own), and nothing is
     unloaded without a word."""
-    with LocalAgents(1, pair=False) as agents:
-        win = MainWindow(browse=False, agents=tuple(agents.addresses))
-        qtbot.addWidget(win)
-        try:
-            win.max_reply.setValue(4)
-            qtbot.waitUntil(lambda: [h.status for h in win.hosts_model.hosts] == ["unpaired"])
-            # Deploy with no host online: this computer
-            win.model_edit.setText(str(smollm2))
-            win.settings_form.ctx.setValue(512)
-            win.load_button.click()
-            qtbot.waitUntil(win.send_button.isEnabled, timeout=LOAD)
-            assert "this computer" in win.state_label.text()
-            code = agents.issue_code(0)
-            monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: (code, True))
-            win.hosts_view.selectRow(0)
-            win.pair_button.click()
-            qtbot.waitUntil(lambda: win.hosts_model.online_addresses() == agents.addresses)
-            win.plan_button.click()
-            qtbot.waitUntil(lambda: "planned" in win.status.text(), timeout=LOAD)
-            assert {d.host for d in win.layer_map.plan.devices if d.host} == {
-                agents.addresses[0]
-            } or "RPC0" in win.layer_map.describe()
-            assert "draft" in win.state_label.text() and win.load_button.text() == "Apply"
-            assert win.send_button.isEnabled()
-            _ask(win, qtbot, "Hi")
-            assert "no model is loaded" not in win.banner.text()
-            assert win.transcript.last_reply()
-            # the V cache changed: the plan follows as a draft, the model stays loaded
-            win.settings_form.type_v.setCurrentText("q8_0")
-            win.settings_form.flash.setChecked(True)
-            qtbot.waitUntil(lambda: "planned" in win.status.text(), timeout=LOAD)
-            assert win.send_button.isEnabled() and win.result is not None
-            _ask(win, qtbot, "Again")
-        finally:
-            win.close()
+    with LocalAgents(1, pair=False) as agents, open_window(qtbot, agents.addresses) as win:
+        win.max_reply.setValue(4)
+        qtbot.waitUntil(lambda: [h.status for h in win.hosts_model.hosts] == ["unpaired"])
+        # Deploy with no host online: this computer
+        win.model_edit.setText(str(smollm2))
+        win.settings_form.ctx.setValue(512)
+        win.load_button.click()
+        qtbot.waitUntil(win.send_button.isEnabled, timeout=LOAD)
+        assert "this computer" in win.state_label.text()
+        code = agents.issue_code(0)
+        monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: (code, True))
+        win.hosts_view.selectRow(0)
+        win.pair_button.click()
+        qtbot.waitUntil(lambda: win.hosts_model.online_addresses() == agents.addresses)
+        win.plan_button.click()
+        qtbot.waitUntil(lambda: "planned" in win.status.text(), timeout=LOAD)
+        assert {d.host for d in win.layer_map.plan.devices if d.host} == {
+            agents.addresses[0]
+        } or "RPC0" in win.layer_map.describe()
+        assert "draft" in win.state_label.text() and win.load_button.text() == "Apply"
+        assert win.send_button.isEnabled()
+        _ask(win, qtbot, "Hi")
+        assert "no model is loaded" not in win.banner.text()
+        assert win.transcript.last_reply()
+        # the V cache changed: the plan follows as a draft, the model stays loaded
+        win.settings_form.type_v.setCurrentText("q8_0")
+        win.settings_form.flash.setChecked(True)
+        qtbot.waitUntil(lambda: "planned" in win.status.text(), timeout=LOAD)
+        assert win.send_button.isEnabled() and win.result is not None
+        _ask(win, qtbot, "Again")
 
 
 def test_a_setting_changed_after_deploy_is_a_draft_until_applied(
@@ -231,26 +221,21 @@ def test_unpair_asks_and_unloads_the_model_it_holds_first(
 ) -> None:
     """Defect 6: Unpair asks, naming the layers the host holds; Cancel keeps everything;
     Yes unloads the model first and says so, so nothing later blames the host."""
-    with LocalAgents(1) as agents:
-        win = MainWindow(browse=False, agents=tuple(agents.addresses))
-        qtbot.addWidget(win)
-        try:
-            qtbot.waitUntil(lambda: win.hosts_model.online_addresses() == agents.addresses)
-            _deploy(win, qtbot, smollm2, ctx=512)
-            win.hosts_view.selectRow(0)
-            asked = _yes(monkeypatch, answer=False)
-            win.unpair_button.click()
-            assert asked and "layers" in asked[0] and "unloaded first" in asked[0], asked
-            assert win.result is not None and win.hosts_model.hosts[0].status == "online"
-            asked = _yes(monkeypatch)
-            win.unpair_button.click()
-            qtbot.waitUntil(lambda: win.hosts_model.hosts[0].status == "unpaired")
-            assert win.result is None and not win.send_button.isEnabled()
-            assert "was unpaired" in win.status.text()
-            assert "Nothing loaded" in win.state_label.text()
-            assert "SIGABRT" not in win.banner.text() and "lost agent" not in win.banner.text()
-        finally:
-            win.close()
+    with LocalAgents(1) as agents, open_window(qtbot, agents.addresses) as win:
+        qtbot.waitUntil(lambda: win.hosts_model.online_addresses() == agents.addresses)
+        _deploy(win, qtbot, smollm2, ctx=512)
+        win.hosts_view.selectRow(0)
+        asked = _yes(monkeypatch, answer=False)
+        win.unpair_button.click()
+        assert asked and "layers" in asked[0] and "unloaded first" in asked[0], asked
+        assert win.result is not None and win.hosts_model.hosts[0].status == "online"
+        asked = _yes(monkeypatch)
+        win.unpair_button.click()
+        qtbot.waitUntil(lambda: win.hosts_model.hosts[0].status == "unpaired")
+        assert win.result is None and not win.send_button.isEnabled()
+        assert "was unpaired" in win.status.text()
+        assert "Nothing loaded" in win.state_label.text()
+        assert "SIGABRT" not in win.banner.text() and "lost agent" not in win.banner.text()
 
 
 def test_the_keyboard_reaches_everything(
@@ -258,53 +243,46 @@ def test_the_keyboard_reaches_everything(
 ) -> None:
     """Defect 7: from launch to a chat reply with keys only; Tab leaves the hosts table;
     Enter in HOST:PORT adds the host; the layer map moves a boundary with the arrows."""
-    with LocalAgents(2) as agents:
-        win = MainWindow(browse=False)
-        qtbot.addWidget(win)
-        win.show()
-        qtbot.waitExposed(win)
+    with LocalAgents(2) as agents, open_window(qtbot) as win:
         win.activateWindow()
-        try:
-            win.max_reply.setValue(4)
-            assert win.focusWidget() is win.model_edit
-            win.model_edit.selectAll()
-            qtbot.keyClicks(win.model_edit, str(smollm2))
-            popup = win.model_edit.completer().popup()
-            if popup.isVisible():  # recent models offered: Escape closes the list
-                qtbot.keyClick(popup, Qt.Key.Key_Escape)
-            assert win.model_edit.text() == str(smollm2)
-            # add both hosts by address, with Enter
-            for address in agents.addresses:
-                win.add_edit.setFocus()
-                qtbot.keyClicks(win.add_edit, address)
-                qtbot.keyClick(win.add_edit, Qt.Key.Key_Return)
-                qtbot.waitUntil(lambda: win.add_edit.text() == "")  # added: the field clears
-            qtbot.waitUntil(lambda: len(win.hosts_model.online_addresses()) == 2, timeout=30000)
-            # Tab leaves the table instead of cycling through its cells
-            win.hosts_view.setFocus()
-            qtbot.keyClick(win.hosts_view, Qt.Key.Key_Tab)
-            assert win.focusWidget() is not win.hosts_view
-            # Ctrl+P plans; the layer map takes the arrows
-            qtbot.keyClick(win, Qt.Key.Key_P, Qt.KeyboardModifier.ControlModifier)
-            qtbot.waitUntil(lambda: "planned" in win.status.text(), timeout=LOAD)
-            before = win.layer_map.counts()
-            win.layer_map.setFocus()
-            qtbot.keyClick(win.layer_map, Qt.Key.Key_Left)
-            assert win.settings_form.layers.text() == f"{before[0] - 1},{before[1] + 1}"
-            qtbot.waitUntil(
-                lambda: win.layer_map.counts() == [before[0] - 1, before[1] + 1], timeout=LOAD
-            )
-            qtbot.waitUntil(win.load_button.isEnabled, timeout=LOAD)
-            # Ctrl+D deploys; the message field has the focus once loaded; Enter sends
-            qtbot.keyClick(win, Qt.Key.Key_D, Qt.KeyboardModifier.ControlModifier)
-            qtbot.waitUntil(win.send_button.isEnabled, timeout=LOAD)
-            assert win.focusWidget() is win.input
-            qtbot.keyClicks(win.input, "Hi")
-            qtbot.keyClick(win.input, Qt.Key.Key_Return)
-            qtbot.waitUntil(lambda: "tok/s" in win.status.text(), timeout=LOAD)
-            assert win.transcript.last_reply()
-        finally:
-            win.close()
+        win.max_reply.setValue(4)
+        assert win.focusWidget() is win.model_edit
+        win.model_edit.selectAll()
+        qtbot.keyClicks(win.model_edit, str(smollm2))
+        popup = win.model_edit.completer().popup()
+        if popup.isVisible():  # recent models offered: Escape closes the list
+            qtbot.keyClick(popup, Qt.Key.Key_Escape)
+        assert win.model_edit.text() == str(smollm2)
+        # add both hosts by address, with Enter
+        for address in agents.addresses:
+            win.add_edit.setFocus()
+            qtbot.keyClicks(win.add_edit, address)
+            qtbot.keyClick(win.add_edit, Qt.Key.Key_Return)
+            qtbot.waitUntil(lambda: win.add_edit.text() == "")  # added: the field clears
+        qtbot.waitUntil(lambda: len(win.hosts_model.online_addresses()) == 2, timeout=30000)
+        # Tab leaves the table instead of cycling through its cells
+        win.hosts_view.setFocus()
+        qtbot.keyClick(win.hosts_view, Qt.Key.Key_Tab)
+        assert win.focusWidget() is not win.hosts_view
+        # Ctrl+P plans; the layer map takes the arrows
+        qtbot.keyClick(win, Qt.Key.Key_P, Qt.KeyboardModifier.ControlModifier)
+        qtbot.waitUntil(lambda: "planned" in win.status.text(), timeout=LOAD)
+        before = win.layer_map.counts()
+        win.layer_map.setFocus()
+        qtbot.keyClick(win.layer_map, Qt.Key.Key_Left)
+        assert win.settings_form.layers.text() == f"{before[0] - 1},{before[1] + 1}"
+        qtbot.waitUntil(
+            lambda: win.layer_map.counts() == [before[0] - 1, before[1] + 1], timeout=LOAD
+        )
+        qtbot.waitUntil(win.load_button.isEnabled, timeout=LOAD)
+        # Ctrl+D deploys; the message field has the focus once loaded; Enter sends
+        qtbot.keyClick(win, Qt.Key.Key_D, Qt.KeyboardModifier.ControlModifier)
+        qtbot.waitUntil(win.send_button.isEnabled, timeout=LOAD)
+        assert win.focusWidget() is win.input
+        qtbot.keyClicks(win.input, "Hi")
+        qtbot.keyClick(win.input, Qt.Key.Key_Return)
+        qtbot.waitUntil(lambda: "tok/s" in win.status.text(), timeout=LOAD)
+        assert win.transcript.last_reply()
 
 
 def test_texts_fit_and_the_chat_keeps_room_at_1280_by_720(
@@ -338,26 +316,20 @@ def test_a_host_whose_status_changes_gets_its_columns_resized(
     qtbot: QtBot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Defect 8: "CPU only; RAM :" clipped after a host went from not paired to online."""
-    with LocalAgents(1, pair=False) as agents:
-        win = MainWindow(browse=False, agents=tuple(agents.addresses))
-        qtbot.addWidget(win)
-        win.show()
-        try:
-            model, view = win.hosts_model, win.hosts_view
-            qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["unpaired"])
-            assert model.data(model.index(0, 4)) in ("CPU only", "?") or "VRAM" in model.data(
-                model.index(0, 4)
-            )
-            code = agents.issue_code(0)
-            monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: (code, True))
-            win.hosts_view.selectRow(0)
-            win.pair_button.click()
-            qtbot.waitUntil(lambda: model.hosts and model.hosts[0].inventory is not None)
-            QApplication.processEvents()
-            for column in range(model.columnCount() - 1):  # the last one stretches
-                assert view.columnWidth(column) >= view.sizeHintForColumn(column), column
-        finally:
-            win.close()
+    with LocalAgents(1, pair=False) as agents, open_window(qtbot, agents.addresses) as win:
+        model, view = win.hosts_model, win.hosts_view
+        qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["unpaired"])
+        assert model.data(model.index(0, 4)) in ("CPU only", "?") or "VRAM" in model.data(
+            model.index(0, 4)
+        )
+        code = agents.issue_code(0)
+        monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: (code, True))
+        win.hosts_view.selectRow(0)
+        win.pair_button.click()
+        qtbot.waitUntil(lambda: model.hosts and model.hosts[0].inventory is not None)
+        QApplication.processEvents()
+        for column in range(model.columnCount() - 1):  # the last one stretches
+            assert view.columnWidth(column) >= view.sizeHintForColumn(column), column
 
 
 def test_an_error_is_shown_once_in_the_windows_words_with_its_fix(
@@ -410,15 +382,10 @@ def test_plots_drop_a_host_that_left_and_do_not_join_runs_apart(
 ) -> None:
     """Defect 11: a host gone takes its memory line with it; tokens/s of two replies minutes
     apart are two runs, not one line."""
-    with LocalAgents(2) as agents:
-        win = MainWindow(browse=False, agents=tuple(agents.addresses))
-        qtbot.addWidget(win)
-        try:
-            qtbot.waitUntil(lambda: len(win.vram_plot.series) == 2, timeout=30000)
-            os.kill(agents.procs[1].pid, signal.SIGKILL)
-            qtbot.waitUntil(lambda: len(win.vram_plot.series) == 1, timeout=30000)
-        finally:
-            win.close()
+    with LocalAgents(2) as agents, open_window(qtbot, agents.addresses) as win:
+        qtbot.waitUntil(lambda: len(win.vram_plot.series) == 2, timeout=30000)
+        os.kill(agents.procs[1].pid, signal.SIGKILL)
+        qtbot.waitUntil(lambda: len(win.vram_plot.series) == 1, timeout=30000)
     plot = LivePlot("tokens/s", "", gap=30.0)
     for t in (0.0, 1.0, 2.0, 200.0, 201.0):
         plot.add("chat", 10.0, at=t)
@@ -490,23 +457,21 @@ def test_a_host_another_desktop_is_using_says_so_before_any_plan(
         holder = threading.Thread(target=hold)
         holder.start()
         assert held.wait(30), "the other desktop could not take the workers"
-        win = MainWindow(browse=False, agents=tuple(agents.addresses))
-        qtbot.addWidget(win)
         try:
-            model = win.hosts_model
-            qtbot.waitUntil(
-                lambda: model.rowCount() == 1 and model.data(model.index(0, 0)) == "in use"
-            )
-            assert other.identity.name in model.data(model.index(0, 5))
-            assert model.online_addresses() == []
-            release.set()
-            holder.join(30)
-            qtbot.waitUntil(lambda: model.online_addresses() == agents.addresses, timeout=20000)
-            assert model.data(model.index(0, 0)) == "online"
+            with open_window(qtbot, agents.addresses) as win:
+                model = win.hosts_model
+                qtbot.waitUntil(
+                    lambda: model.rowCount() == 1 and model.data(model.index(0, 0)) == "in use"
+                )
+                assert other.identity.name in model.data(model.index(0, 5))
+                assert model.online_addresses() == []
+                release.set()
+                holder.join(30)
+                qtbot.waitUntil(lambda: model.online_addresses() == agents.addresses, timeout=20000)
+                assert model.data(model.index(0, 0)) == "online"
         finally:
             release.set()
             holder.join(30)
-            win.close()
 
 
 _AT_2X = r"""
@@ -585,12 +550,6 @@ def test_the_topology_shows_the_hops_a_token_takes(
 
 @pytest.fixture()
 def window_on_two(qtbot: QtBot) -> Iterator[MainWindow]:
-    with LocalAgents(2) as agents:
-        win = MainWindow(browse=False, agents=tuple(agents.addresses))
-        qtbot.addWidget(win)
-        win.show()
-        try:
-            qtbot.waitUntil(lambda: len(win.hosts_model.online_addresses()) == 2, timeout=30000)
-            yield win
-        finally:
-            win.close()
+    with LocalAgents(2) as agents, open_window(qtbot, agents.addresses) as win:
+        qtbot.waitUntil(lambda: len(win.hosts_model.online_addresses()) == 2, timeout=30000)
+        yield win

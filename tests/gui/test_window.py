@@ -14,20 +14,14 @@ from pytestqt.qtbot import QtBot
 from corral.engine.localagents import LocalAgents
 from corral.engine.security.identity import load_or_create, short
 from corral.gui.app import MainWindow
+from tests.gui.window import open_window
 
 
 @pytest.fixture()
 def window(qtbot: QtBot) -> Iterator[MainWindow]:
-    with LocalAgents(2) as agents:
-        win = MainWindow(browse=False, agents=tuple(agents.addresses))
+    with LocalAgents(2) as agents, open_window(qtbot, agents.addresses) as win:
         win.agents = agents  # type: ignore[attr-defined]
-        qtbot.addWidget(win)
-        win.show()
-        qtbot.waitExposed(win)
-        try:
-            yield win
-        finally:
-            win.close()
+        yield win
 
 
 def test_hosts_load_chat_kv_and_a_killed_agent(
@@ -84,40 +78,35 @@ def test_an_unpaired_host_is_paired_from_the_window(
 ) -> None:
     from PySide6.QtWidgets import QInputDialog, QMessageBox
 
-    with LocalAgents(1, pair=False) as agents:
-        win = MainWindow(browse=False, agents=tuple(agents.addresses))
-        qtbot.addWidget(win)
-        try:
-            model = win.hosts_model
-            qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["unpaired"], timeout=20000)
-            assert model.data(model.index(0, 0)) == "not paired"
-            assert "corral pair" in model.data(model.index(0, 5))
-            # a wrong code: a banner that says so, still not paired; the dialog shows the
-            # certificate this desktop saw, which the agent's own printout can be held to
-            asked: list[str] = []
+    with LocalAgents(1, pair=False) as agents, open_window(qtbot, agents.addresses) as win:
+        model = win.hosts_model
+        qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["unpaired"], timeout=20000)
+        assert model.data(model.index(0, 0)) == "not paired"
+        assert "corral pair" in model.data(model.index(0, 5))
+        # a wrong code: a banner that says so, still not paired; the dialog shows the
+        # certificate this desktop saw, which the agent's own printout can be held to
+        asked: list[str] = []
 
-            def wrong(_parent: object, _title: str, text: str, *_a: object) -> tuple[str, bool]:
-                asked.append(text)
-                return "0000-0000", True
+        def wrong(_parent: object, _title: str, text: str, *_a: object) -> tuple[str, bool]:
+            asked.append(text)
+            return "0000-0000", True
 
-            monkeypatch.setattr(QInputDialog, "getText", wrong)
-            code = agents.issue_code(0)
-            win.pair_button.click()
-            theirs = load_or_create(agents.state_dir(0) / "identity", "agent").fingerprint
-            assert f"Its certificate here: {short(theirs)}" in asked[0], asked
-            qtbot.waitUntil(lambda: "code is wrong" in win.pair_note.text(), timeout=20000)
-            monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: (code, True))
-            win.pair_button.click()
-            qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["online"], timeout=20000)
-            qtbot.waitUntil(lambda: "paired with" in win.pair_note.text(), timeout=5000)
-            win.hosts_view.selectRow(0)
-            assert not win.pair_button.isEnabled()  # it is paired: Unpair… is what applies
-            yes = QMessageBox.StandardButton.Yes
-            monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: yes)
-            win.unpair_button.click()
-            qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["unpaired"], timeout=20000)
-        finally:
-            win.close()
+        monkeypatch.setattr(QInputDialog, "getText", wrong)
+        code = agents.issue_code(0)
+        win.pair_button.click()
+        theirs = load_or_create(agents.state_dir(0) / "identity", "agent").fingerprint
+        assert f"Its certificate here: {short(theirs)}" in asked[0], asked
+        qtbot.waitUntil(lambda: "code is wrong" in win.pair_note.text(), timeout=20000)
+        monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: (code, True))
+        win.pair_button.click()
+        qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["online"], timeout=20000)
+        qtbot.waitUntil(lambda: "paired with" in win.pair_note.text(), timeout=5000)
+        win.hosts_view.selectRow(0)
+        assert not win.pair_button.isEnabled()  # it is paired: Unpair… is what applies
+        yes = QMessageBox.StandardButton.Yes
+        monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: yes)
+        win.unpair_button.click()
+        qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["unpaired"], timeout=20000)
 
 
 def _plan_on_both(window: MainWindow, qtbot: QtBot, model: Path) -> None:
