@@ -53,6 +53,7 @@ class Settings:
     flash_attn: bool = False
     reserve: int = 256 * MiB  # kept free on every device (driver, fragmentation, others)
     swa_full: bool = True  # sliding-window layers keep the whole context (llama.cpp's default)
+    n_seq: int = 1  # sequences decoded together (slots), each with its own n_ctx / n_seq cells
 
     @property
     def n_ctx_padded(self) -> int:
@@ -195,25 +196,37 @@ def compute_bytes(
         return ub * _own_gpu_per_token(spec, layers, s, host)
     blocks = [spec.layers[il] for il in layers if il < spec.n_layer]
     ctx = _mask_cells(spec, s, blocks if blocks else spec.layers)
-    gqa = _kv_share(spec)
+    kvw = _kv_width(spec)
     mask = 8 if s.flash_attn else 16
     ffn = 12 * _ffn_width(spec)
-    # without flash attention: a query wider than n_embd, and the second cache's write
-    # indices (the host makes them; a device reads them where it holds layers of both caches)
+    # without flash attention the V cache's write indices (one int64 per value: V is stored
+    # transposed) and the K and V rows stay alive through the layer: 32 bytes per K/V value
+    # (per cache, where the host makes both caches' indices); a query wider than n_embd widens
+    # the attention stage
+    idx = 0 if s.flash_attn else 32 * kvw
     wide = 0 if s.flash_attn else 4 * max(0, _q_width(spec) - e)
-    second = 0 if s.flash_attn else 32 * _kv_width(spec) * (_caches(spec) - 1)
+    second = 0 if s.flash_attn else 32 * kvw * (_caches(spec) - 1)
     if host:
-        per = mask * ctx + (20 + (0 if s.flash_attn else 32 * gqa)) * e + wide + second
+        per = mask * ctx + 20 * e + idx + second
     else:
         per = 0
     if blocks:
         n_head = max(layer.n_head for layer in blocks)
+        iswa = _caches(spec) == 2
         if s.flash_attn:
-            stage = mask * ctx + max(ffn + 28 * e, 40 * e)
+            # the FFN stage: 3 x ffn_width floats and 24 x n_embd; on the device that holds
+            # layer 0 (every device of a sliding-window model) the allocator keeps 4 x n_embd
+            # more beside an FFN wider than 2 x n_embd, 8 x n_embd beside one of 4 x n_embd
+            step = _ffn_step(spec) if iswa or 0 in layers else 0
+            stage = mask * ctx + max(ffn + 24 * e + step, 40 * e)
         else:
             scored = max(swa_cells(spec, s) if b.is_swa else s.n_ctx_padded for b in blocks)
-            stage = mask * ctx + max(4 * n_head * scored + (32 + 36 * gqa) * e, ffn + 32 * e)
-            stage += wide + (second if len({b.is_swa for b in blocks}) == 2 else 0)
+            # the device that holds layer 0 keeps the embeddings it was sent alive through
+            # the first attention (4 x n_embd more than a device further down the chain)
+            attn = 4 * n_head * scored + (32 if 0 in layers else 28) * e
+            stage = mask * ctx + idx + max(attn + (0 if iswa else 2 * wide), ffn + 24 * e)
+            stage += wide if iswa else 0
+            stage += second if len({b.is_swa for b in blocks}) == 2 else 0
         per = max(per, stage)
     if spec.n_layer in layers:
         # fitted on dry runs, less the 16 x n_embd per token that llama.cpp's dry run expects
@@ -236,6 +249,16 @@ def _mask_cells(spec: ModelSpec, s: Settings, blocks: Sequence[LayerSpec]) -> in
 
 def _ffn_width(spec: ModelSpec) -> int:
     return spec.ffn_width or spec.n_ff
+
+
+def _ffn_step(spec: ModelSpec) -> int:
+    """With flash attention, what ggml's allocator keeps beside a dense FFN wider than
+    2 x n_embd (4 x n_embd more; 8 x n_embd from 4 x n_embd on), on the device that holds
+    layer 0: measured on 26 shapes (ffn / n_embd 1.3 to 4), not derived."""
+    ffw, e = _ffn_width(spec), spec.n_embd
+    if spec.n_expert > 1 or ffw <= 2 * e:
+        return 0
+    return 4 * e if ffw < 4 * e else 8 * e
 
 
 def _kv_share(spec: ModelSpec) -> float:
@@ -303,12 +326,16 @@ def _one_device_per_token(spec: ModelSpec, s: Settings) -> int:
     ctx, e = s.n_ctx_padded, spec.n_embd
     cells = _mask_cells(spec, s, spec.layers)
     n_head = max((layer.n_head for layer in spec.layers), default=1)
-    kv_share = _kv_share(spec)
-    ffn = 12 * _ffn_width(spec) + 16 * e
+    kvw = _kv_width(spec)
+    ffn = 12 * _ffn_width(spec) + 12 * e
     if s.flash_attn:
-        stages = [ffn + 2 * cells]
+        stages = [ffn + 2 * cells + _ffn_step(spec)]
     else:
-        stages = [4 * n_head * ctx + 4 * cells + int((20 + 8 * kv_share) * e) + 20, ffn]
+        wide = 8 * max(0, _q_width(spec) - e)
+        stages = [
+            4 * n_head * ctx + 4 * cells + 20 * e + 8 * kvw + wide + 20,
+            ffn + 4 * cells + 8 * kvw,
+        ]
     stages.append(4 * spec.n_vocab + 8 * e)  # the logits
     return max(stages)
 
