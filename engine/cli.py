@@ -227,6 +227,18 @@ def _load_settings(opts: argparse.Namespace, model: Path) -> LoadSettings:
         layers=opts.layers,
         reserve_mib=opts.reserve,
         swa_full=opts.swa_cache == "full",
+        parallel=getattr(opts, "parallel", 1),
+    )
+
+
+def _parallel_flag(parser: argparse.ArgumentParser, default: int) -> None:
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=default,
+        metavar="N",
+        help=f"replies decoded together, one slot each (default {default}); the context is "
+        "shared: each slot holds CTX / N tokens, as llama-server's -np",
     )
 
 
@@ -880,7 +892,9 @@ def build_parser() -> argparse.ArgumentParser:
     _planning_flags(chat)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible API (/v1) for the split model")
-    _model_flags(serve, ctx=4096)  # room for an API client's longer conversations
+    # 4 slots of 4096 tokens: room for an API client's longer conversations, four at once
+    _model_flags(serve, ctx=16384)
+    _parallel_flag(serve, 4)
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="listen port (0: any free one)")
     serve.add_argument("--api-key", default="", help="require 'Authorization: Bearer KEY'")
@@ -909,6 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="where each layer would go and how much memory it needs")
     _model_flags(plan, ctx=DEFAULT_CTX, threads=False)
+    _parallel_flag(plan, 1)
     plan.add_argument("--json", action="store_true")
     _planning_flags(plan)
 

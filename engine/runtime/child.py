@@ -14,6 +14,7 @@ import argparse
 import codecs
 import contextlib
 import ctypes
+import dataclasses
 import faulthandler
 import os
 import queue
@@ -29,6 +30,7 @@ from corral.engine.procs import die_with_parent
 from corral.engine.protocol import FrameDecoder, Message, ProtocolError, encode_frame, to_wire
 
 from .childproto import (
+    BUSY,
     CHILD_MESSAGES,
     PROMPT_TOO_LONG,
     Answers,
@@ -52,6 +54,9 @@ from .childproto import (
 )
 
 _FLUSH_S = 0.03  # at most ~33 token frames a second: smooth to read, cheap to receive
+# while other replies run, a long prompt is read this many tokens a step, so a short
+# request's first token does not wait for all of it (llama-server's slots do the same)
+SHARED_CHUNK = 128
 
 
 class _Channel:
@@ -59,9 +64,9 @@ class _Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        # requests in order; a ProtocolError for a frame that was not one (answered Failed)
+        # requests in order (Cancel too, seen between steps); a ProtocolError for a frame
+        # that was not one (answered Failed)
         self.inbox: queue.Queue[Message | ProtocolError | None] = queue.Queue()
-        self.cancel = threading.Event()
         threading.Thread(target=self._read, name="child-reader", daemon=True).start()
 
     def _read(self) -> None:
@@ -77,14 +82,10 @@ class _Channel:
                     except ProtocolError as exc:
                         self.inbox.put(exc)
                         continue
-                    if isinstance(msg, Cancel):
-                        self.cancel.set()
-                    else:
-                        self.inbox.put(msg)
+                    self.inbox.put(msg)
         except Exception:  # the parent went away or sent garbage: either way we are done
             pass
-        self.cancel.set()  # stop a generation nobody will read
-        self.inbox.put(None)
+        self.inbox.put(None)  # the parent is gone: stop whatever runs
 
     def send(self, msg: Message) -> None:
         self.sock.sendall(encode_frame(to_wire(msg)))
@@ -99,11 +100,18 @@ class _Engine:
         self.L = llama_cpp
         self.chan = chan
         self.llm: Any = None
-        self.tokens: list[int] = []  # what the KV cache holds, in order
         self.registered: list[str] = []  # RPC endpoints this process's ggml knows
-        self.shifts = 0  # context shifts since the model was loaded
         self.swa_full = True  # sliding-window layers keep the whole context (else the window)
         self.n_ctx = 0
+        self.n_ctx_seq = 0  # each slot's share of the context
+        self.n_batch = 0
+        self.slots: list[_Slot] = []  # one per sequence (LoadParams.n_seq)
+        self.jobs: list[_Job] = []  # requests in their slots, in the order they came
+        self.batch: Any = None  # one llama_batch, reused by every step
+        self.vocab: Any = None
+        self.n_vocab = 0
+        self.piece = ctypes.create_string_buffer(256)
+        self.np: Any = None
         self.cpu_kernels: Any = None  # CpuKernels: the self-test's verdict, once asked
 
     # ------------------------------------------------------------------ load
@@ -123,11 +131,25 @@ class _Engine:
         kernels = self._cpu_kernels()
         mark = capture.count
         t0 = time.perf_counter()
-        with self._model_params(kernels.extra_buffers):
+        with self._model_params(kernels.extra_buffers, params.n_seq):
             self._construct(params)
         load_s = time.perf_counter() - t0
-        self.n_ctx = int(self.L.llama_n_ctx(self.llm.ctx))
-        self.tokens = []
+        L, ctx = self.L, self.llm.ctx
+        self.n_ctx = int(L.llama_n_ctx(ctx))
+        self.n_ctx_seq = int(L.llama_n_ctx_seq(ctx))
+        self.n_batch = int(L.llama_n_batch(ctx))
+        self.slots = [_Slot(seq) for seq in range(int(L.llama_n_seq_max(ctx)))]
+        self.jobs = []
+        if self.batch is not None:
+            L.llama_batch_free(self.batch)
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self.vocab = L.llama_model_get_vocab(self.llm.model)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        # numpy only now, after llama.cpp's libraries: imported first, it made CUDA model
+        # loads crash (SIGSEGV) in this process on an H200 (docs/GPU.md)
+        import numpy
+
+        self.np = numpy
         from corral.engine.ggml import parse_load_log
 
         self.chan.send(
@@ -137,6 +159,8 @@ class _Engine:
                 n_vocab=int(self.llm.n_vocab()),
                 load_s=load_s,
                 cpu_kernels=kernels,
+                n_seq=len(self.slots),
+                n_ctx_seq=self.n_ctx_seq,
             )
         )
 
@@ -162,10 +186,12 @@ class _Engine:
         return self.cpu_kernels
 
     @contextlib.contextmanager
-    def _model_params(self, extra_buffers: bool) -> Iterator[None]:
-        """Llama() takes no use_extra_bufts and no progress callback: set both in the model
-        params it starts from. Progress goes out as `progress` frames (tensors read and
-        uploaded to every device, RPC workers included), at most one per percent."""
+    def _model_params(self, extra_buffers: bool, n_seq: int) -> Iterator[None]:
+        """Llama() takes no use_extra_bufts, no progress callback and no n_seq_max: set them
+        in the model and context params it starts from. Progress goes out as `progress`
+        frames (tensors read and uploaded to every device, RPC workers included), at most
+        one per percent. `n_seq` sequences each get their own share of the cache
+        (kv_unified off: n_ctx / n_seq cells a slot, as llama-server's slots)."""
         import llama_cpp.llama_cpp as low
 
         last = [-1]
@@ -189,11 +215,21 @@ class _Engine:
             p.check_tensors = True
             return p
 
+        context_original = low.llama_context_default_params
+
+        def context_params() -> Any:
+            c = context_original()
+            c.n_seq_max = n_seq
+            c.kv_unified = False
+            return c
+
         low.llama_model_default_params = params
+        low.llama_context_default_params = context_params
         try:
             yield
         finally:
             low.llama_model_default_params = original
+            low.llama_context_default_params = context_original
 
     def _construct(self, p: LoadParams) -> None:
         from corral.engine.planner.kvtypes import ggml_type
@@ -250,6 +286,8 @@ class _Engine:
                 else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
             )
             cparams.swa_full = p.swa_full
+            cparams.n_seq_max = p.n_seq
+            cparams.kv_unified = False
             ctx = L.llama_init_from_model(model, cparams)
             if not ctx:
                 raise _Refused(
@@ -297,34 +335,6 @@ class _Engine:
             )
         )
 
-    def _decode(
-        self,
-        tokens: list[int],
-        n_batch: int,
-        stop: threading.Event | None = None,
-        progress: bool = False,
-    ) -> None:
-        """Decode `tokens` in batches of `n_batch`; a set `stop` ends it between batches (a
-        long prompt on slow workers takes a while: a cancel need not wait for all of it).
-        `progress`: a Progress frame after each batch, and Progress(1.0) at the end, so the
-        parent's stall watch sees the prompt move."""
-        L = self.L
-        for i in range(0, len(tokens), n_batch):
-            if stop is not None and stop.is_set():
-                return
-            chunk = tokens[i : i + n_batch]
-            arr = (L.llama_token * len(chunk))(*chunk)
-            rc = L.llama_decode(self.llm.ctx, L.llama_batch_get_one(arr, len(chunk)))
-            if rc != 0:
-                raise _Refused(f"llama_decode returned {rc} (KV cache full or compute failed)")
-            self.tokens.extend(chunk)
-            if progress and i + n_batch < len(tokens):
-                L.llama_synchronize(self.llm.ctx)
-                self.chan.send(Progress((i + len(chunk)) / len(tokens)))
-        if progress:
-            L.llama_synchronize(self.llm.ctx)
-            self.chan.send(Progress(1.0))
-
     def _sampler(self, req: Generate) -> Any:
         L = self.L
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
@@ -345,7 +355,7 @@ class _Engine:
     def _n_keep(self, req: Generate, prompt: list[int]) -> int:
         """Tokens a context shift keeps: --n-keep, or by default the system prompt."""
         if req.n_keep >= 0:
-            return min(req.n_keep, self.n_ctx)
+            return min(req.n_keep, self.n_ctx_seq)
         if req.prompt is not None or not req.messages or req.messages[0].role != "system":
             return 0
         head = self._prompt_tokens(Generate(messages=req.messages[:1]), False)
@@ -354,20 +364,22 @@ class _Engine:
             n += 1
         return n
 
-    def _shift(self, n_keep: int) -> None:
+    def _shift(self, job: _Job) -> None:
         """Drop half of what follows the kept prefix and slide the rest down (llama-server's
-        n_discard), so the chat goes on past n_ctx; works over RPC buffers too."""
-        L = self.L
+        n_discard), so the reply goes on past the slot's context; works over RPC buffers."""
+        L, slot = self.L, job.slot
         mem = L.llama_get_memory(self.llm.ctx)
-        n_past = len(self.tokens)
-        n_discard = (n_past - n_keep) // 2
-        L.llama_memory_seq_rm(mem, 0, n_keep, n_keep + n_discard)
-        L.llama_memory_seq_add(mem, 0, n_keep + n_discard, n_past, -n_discard)
-        del self.tokens[n_keep : n_keep + n_discard]
-        self.shifts += 1
-        self.chan.send(Shift(n_keep, n_discard, self.shifts, len(self.tokens), self.n_ctx))
+        n_past = len(slot.tokens)
+        n_discard = (n_past - job.n_keep) // 2
+        L.llama_memory_seq_rm(mem, slot.seq, job.n_keep, job.n_keep + n_discard)
+        L.llama_memory_seq_add(mem, slot.seq, job.n_keep + n_discard, n_past, -n_discard)
+        del slot.tokens[job.n_keep : job.n_keep + n_discard]
+        slot.shifts += 1
+        self.chan.send(
+            Shift(job.n_keep, n_discard, slot.shifts, len(slot.tokens), self.n_ctx_seq, job.rid)
+        )
 
-    def _reusable(self, keep: int) -> int:
+    def _reusable(self, seq: int, keep: int) -> int:
         """How much of the cached prefix can be kept: with a windowed sliding-window cache,
         the cells the next token attends to (the window before `keep`) may be gone once the
         chat went further; then the prompt is read again from its start (as llama-server
@@ -375,122 +387,271 @@ class _Engine:
         n_swa = int(self.L.llama_model_n_swa(self.llm.model)) if not self.swa_full else 0
         if keep == 0 or n_swa <= 0:
             return keep
-        oldest = int(self.L.llama_memory_seq_pos_min(self.L.llama_get_memory(self.llm.ctx), 0))
+        oldest = int(self.L.llama_memory_seq_pos_min(self.L.llama_get_memory(self.llm.ctx), seq))
         return 0 if oldest > max(0, keep - n_swa) else keep
 
-    def kv_used(self) -> int:
+    def kv_used(self, seq: int) -> int:
         mem = self.L.llama_get_memory(self.llm.ctx)
-        return int(self.L.llama_memory_seq_pos_max(mem, 0)) + 1
+        return int(self.L.llama_memory_seq_pos_max(mem, seq)) + 1
 
-    def generate(self, req: Generate) -> None:
+    # ------------------------------------------------------------------ the scheduler
+
+    def start(self, req: Generate) -> None:
+        """Take a request into a free slot (the one whose cache shares the longest prefix
+        with its prompt, as llama-server picks): its prompt is read in the next steps."""
         if self.llm is None:
             raise _Refused("no model is loaded")
-        L = self.L
-        ctx = self.llm.ctx
-        vocab = L.llama_model_get_vocab(self.llm.model)
-        prompt = self._prompt_tokens(req)
-        n_keep = self._n_keep(req, prompt)
-        can_shift = bool(L.llama_memory_can_shift(L.llama_get_memory(ctx)))
-        if len(prompt) >= self.n_ctx:
+        if any(job.rid == req.rid for job in self.jobs):
+            raise _Refused(f"request {req.rid} is already running")
+        free = [slot for slot in self.slots if slot.job is None]
+        if not free:
             raise _Refused(
-                f"the prompt is {len(prompt)} tokens, the context {self.n_ctx}: "
+                f"all {len(self.slots)} slots are busy (load with a larger --parallel to "
+                "serve more requests at once)",
+                BUSY,
+            )
+        prompt = self._prompt_tokens(req)
+        if len(prompt) >= self.n_ctx_seq:
+            each = " per slot" if len(self.slots) > 1 else ""
+            raise _Refused(
+                f"the prompt is {len(prompt)} tokens, the context {self.n_ctx_seq}{each}: "
                 "start a new chat or load with a larger --ctx",
                 PROMPT_TOO_LONG,
             )
-        # Reuse the cached prefix of the previous turn; decode at least one token for logits.
-        keep = 0
-        limit = min(len(self.tokens), len(prompt) - 1)
-        while keep < limit and self.tokens[keep] == prompt[keep]:
-            keep += 1
-        keep = self._reusable(keep)
-        L.llama_memory_seq_rm(L.llama_get_memory(ctx), 0, keep, -1)
-        del self.tokens[keep:]
-        n_batch = int(L.llama_n_batch(ctx))
-        max_tokens, ignore_eos = req.max_tokens, req.ignore_eos
-        self.chan.cancel.clear()
-        t0 = time.perf_counter()
-        self._decode(prompt[keep:], n_batch, self.chan.cancel, progress=True)
-        t1 = time.perf_counter()
-        sampler = self._sampler(req)
-        # Greedy: the first largest logit, read in place (what llama.cpp's greedy sampler
-        # picks, without building its candidate array: ~40 us a token on a 32k vocabulary,
-        # 1 % of a token on a GPU)
-        greedy = req.temp <= 0
-        n_vocab = int(L.llama_vocab_n_tokens(vocab))
-        # numpy only now, after llama.cpp's libraries: imported first, it made CUDA model
-        # loads crash (SIGSEGV) in this process on an H200 (docs/GPU.md)
-        import numpy as np
+        slot = max(free, key=lambda s: (_common(s.tokens, prompt), -s.used))
+        # reuse the cached prefix; decode at least one token for logits
+        keep = self._reusable(slot.seq, min(_common(slot.tokens, prompt), len(prompt) - 1))
+        L = self.L
+        L.llama_memory_seq_rm(L.llama_get_memory(self.llm.ctx), slot.seq, keep, -1)
+        del slot.tokens[keep:]
+        job = _Job(req, slot, prompt, keep, self._n_keep(req, prompt))
+        job.sampler = self._sampler(req)
+        job.can_shift = bool(L.llama_memory_can_shift(L.llama_get_memory(self.llm.ctx)))
+        slot.job, slot.used = job, time.monotonic()
+        self.jobs.append(job)
 
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        buf = ctypes.create_string_buffer(256)
-        one = (L.llama_token * 1)()  # reused: the per-token path allocates nothing in ctypes
-        pieces: list[str] = []
-        # Tokens go out in small batches: a frame per token wakes the parent for each one,
-        # and on a small machine that wake-up competes with the compute threads.
-        batch: list[TokenItem] = []
-        flushed = 0.0  # the first token is sent at once
-        stop = "length"
-        n_gen = 0
+    def run_step(self) -> None:
+        """A step; whatever goes wrong in it ends the replies in it, never the process."""
         try:
-            while n_gen < max_tokens:
-                if self.chan.cancel.is_set():
-                    stop = "cancelled"
-                    break
-                if greedy:
-                    logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), (n_vocab,))
-                    tok = int(logits.argmax())
-                else:
-                    tok = int(L.llama_sampler_sample(sampler, ctx, -1))
-                if L.llama_vocab_is_eog(vocab, tok) and not ignore_eos:
-                    stop = "eos"
-                    break
-                n = L.llama_token_to_piece(vocab, tok, buf, 256, 0, False)
-                text = utf8.decode(ctypes.string_at(buf, max(n, 0)))
-                if len(self.tokens) >= self.n_ctx:
-                    if not can_shift or len(self.tokens) - n_keep < 2:
-                        stop = "context_full"
-                        break
-                    if batch:
-                        self.chan.send(Tokens(tuple(batch), self.n_ctx))
-                        batch = []
-                    self._shift(n_keep)
-                one[0] = tok
-                if L.llama_decode(ctx, L.llama_batch_get_one(one, 1)) != 0:
-                    raise _Refused("llama_decode failed during generation")
-                self.tokens.append(tok)
-                n_gen += 1
-                pieces.append(text)
-                batch.append(TokenItem(text, tok, len(self.tokens)))
-                now = time.perf_counter()
-                if now - flushed >= _FLUSH_S:
-                    self.chan.send(Tokens(tuple(batch), self.n_ctx))
-                    batch, flushed = [], now
-        finally:
-            L.llama_sampler_free(sampler)
-            if batch:
-                self.chan.send(Tokens(tuple(batch), self.n_ctx))
-        L.llama_synchronize(ctx)
+            self.step()
+        except Exception as exc:  # a bug or llama.cpp refusing: every reply hears why
+            for job in list(self.jobs):
+                job.stop, job.error = "error", f"the reply failed: {exc}"
+                self._finish(job)
+
+    def cancel(self, rid: int) -> None:
+        """Stop a request (every one: rid -1) at its next step."""
+        for job in self.jobs:
+            if rid < 0 or job.rid == rid:
+                job.stop = "cancelled"
+
+    def step(self) -> None:
+        """One llama_decode for every running request: the token each generating one
+        sampled last, and prompt tokens of those still reading theirs (the shortest first;
+        while others run, a long prompt goes in chunks of at most SHARED_CHUNK tokens, so
+        it does not hold them up)."""
+        for job in [j for j in self.jobs if j.stop]:
+            self._finish(job)
+        entries: list[_Entry] = []
+        for job in self.jobs:
+            if job.next_token is None:
+                continue
+            slot = job.slot
+            if len(slot.tokens) >= self.n_ctx_seq:
+                if not job.can_shift or len(slot.tokens) - job.n_keep < 2:
+                    job.stop = "context_full"
+                    continue
+                self._flush(job)
+                self._shift(job)
+            entries.append(_Entry(job, job.next_token, len(slot.tokens), True, False))
+        budget = self.n_batch - len(entries)
+        reading = sorted((j for j in self.jobs if j.pending), key=lambda j: len(j.pending))
+        shared = len(self.jobs) > 1
+        for job in reading:
+            if budget <= 0:
+                break
+            take = min(budget, len(job.pending), SHARED_CHUNK if shared else budget)
+            last = take == len(job.pending)
+            pos = len(job.slot.tokens)
+            entries.extend(
+                _Entry(job, t, pos + i, last and i == take - 1, True)
+                for i, t in enumerate(job.pending[:take])
+            )
+            del job.pending[:take]
+            budget -= take
+        if entries and self._decode(entries):
+            now = time.perf_counter()
+            for i, entry in enumerate(entries):
+                job = entry.job
+                job.slot.tokens.append(entry.token)
+                if entry.prompt:
+                    if entry.logits:  # the prompt is read
+                        job.t1 = now
+                        self.chan.send(Progress(1.0, job.rid))
+                        if job.req.max_tokens <= 0:
+                            job.stop = "length"
+                        else:
+                            self._sample(job, i)
+                    continue
+                self._emit(job, entry.token)
+                if job.n_gen >= job.req.max_tokens:
+                    job.stop = "length"
+                elif not job.stop:
+                    self._sample(job, i)
+            for job in reading:
+                if job.pending:
+                    self.chan.send(Progress(1 - len(job.pending) / len(job.prompt), job.rid))
+        for job in [j for j in self.jobs if j.stop]:
+            self._finish(job)
+
+    def _decode(self, entries: list[_Entry]) -> bool:
+        """One llama_decode of `entries`; False (their requests ended with an error) if it
+        failed."""
+        batch = self.batch
+        batch.n_tokens = len(entries)
+        for i, e in enumerate(entries):
+            batch.token[i] = e.token
+            batch.pos[i] = e.pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = e.job.slot.seq
+            batch.logits[i] = e.logits
+        rc = self.L.llama_decode(self.llm.ctx, batch)
+        if rc == 0:
+            return True
+        for e in entries:
+            e.job.error = f"llama_decode returned {rc} (KV cache full or compute failed)"
+            e.job.stop = "error"
+        return False
+
+    def _sample(self, job: _Job, index: int) -> None:
+        """The next token of `job`, from the logits at batch `index` (decoded and sent in
+        the next step); an end of generation ends the reply."""
+        L, ctx = self.L, self.llm.ctx
+        if job.greedy:
+            # the first largest logit, read in place (what llama.cpp's greedy sampler picks,
+            # without building its candidate array: ~40 us a token on a 32k vocabulary)
+            logits = self.np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, index), (self.n_vocab,))
+            tok = int(logits.argmax())
+        else:
+            tok = int(L.llama_sampler_sample(job.sampler, ctx, index))
+        if L.llama_vocab_is_eog(self.vocab, tok) and not job.req.ignore_eos:
+            job.stop = "eos"
+            return
+        job.next_token = tok
+
+    def _emit(self, job: _Job, tok: int) -> None:
+        """A generated token is in the cache: its text goes out (in batches of ~30 ms)."""
+        n = self.L.llama_token_to_piece(self.vocab, tok, self.piece, 256, 0, False)
+        text = job.utf8.decode(ctypes.string_at(self.piece, max(n, 0)))
+        job.next_token = None
+        job.n_gen += 1
+        job.pieces.append(text)
+        job.batch.append(TokenItem(text, tok, len(job.slot.tokens)))
+        now = time.perf_counter()
+        if now - job.flushed >= _FLUSH_S:
+            self._flush(job)
+            job.flushed = now
+
+    def _flush(self, job: _Job) -> None:
+        if job.batch:
+            self.chan.send(Tokens(tuple(job.batch), self.n_ctx_seq, job.rid, job.slot.seq))
+            job.batch = []
+
+    def _finish(self, job: _Job) -> None:
+        """Send what is left of `job`'s reply and its Done (or Failed), free its slot."""
+        L = self.L
+        self.jobs.remove(job)
+        slot = job.slot
+        slot.job = None
+        self.L.llama_sampler_free(job.sampler)
+        if job.stop == "error":
+            L.llama_memory_seq_rm(L.llama_get_memory(self.llm.ctx), slot.seq, 0, -1)
+            slot.tokens.clear()
+            self._flush(job)
+            self.chan.send(Failed(job.error, "", job.rid))
+            return
+        self._flush(job)
+        L.llama_synchronize(self.llm.ctx)
         t2 = time.perf_counter()
-        tail = utf8.decode(b"", final=True)
+        tail = job.utf8.decode(b"", final=True)
         if tail:
-            pieces.append(tail)
+            job.pieces.append(tail)
+        t1 = job.t1 or t2
         self.chan.send(
             Done(
-                content="".join(pieces),
-                stop=stop,
-                n_tokens=n_gen,
-                prompt_tokens=len(prompt),
-                cached_tokens=keep,
-                shifts=self.shifts,
-                n_keep=n_keep,
-                kv_head=tuple(self.tokens[:n_keep]),
-                kv_pos_min=int(L.llama_memory_seq_pos_min(L.llama_get_memory(ctx), 0)),
-                kv_used=self.kv_used(),
-                n_ctx=self.n_ctx,
-                prompt_s=t1 - t0,
+                content="".join(job.pieces),
+                stop=job.stop,
+                n_tokens=job.n_gen,
+                prompt_tokens=len(job.prompt),
+                cached_tokens=job.keep,
+                shifts=slot.shifts,
+                n_keep=job.n_keep,
+                kv_head=tuple(slot.tokens[: job.n_keep]),
+                kv_pos_min=int(
+                    L.llama_memory_seq_pos_min(L.llama_get_memory(self.llm.ctx), slot.seq)
+                ),
+                kv_used=self.kv_used(slot.seq),
+                n_ctx=self.n_ctx_seq,
+                prompt_s=t1 - job.t0,
                 gen_s=t2 - t1,
+                rid=job.rid,
+                slot=slot.seq,
             )
         )
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One sequence of the context: its cells of the KV cache and what they hold."""
+
+    seq: int
+    tokens: list[int] = dataclasses.field(default_factory=list)  # what the cache holds
+    used: float = 0.0  # when a request last took it
+    shifts: int = 0  # context shifts since the model was loaded
+    job: _Job | None = None
+
+
+class _Job:
+    """A request in its slot: the prompt still to read, the reply so far."""
+
+    def __init__(self, req: Generate, slot: _Slot, prompt: list[int], keep: int, n_keep: int):
+        self.req, self.rid, self.slot, self.prompt = req, req.rid, slot, prompt
+        self.keep, self.n_keep = keep, n_keep
+        self.pending = prompt[keep:]  # prompt tokens not yet in the cache
+        self.next_token: int | None = None  # sampled, to decode in the next step
+        self.greedy = req.temp <= 0
+        self.sampler: Any = None
+        self.can_shift = False
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pieces: list[str] = []
+        # tokens go out in small batches: a frame per token wakes the parent for each one,
+        # and on a small machine that wake-up competes with the compute threads
+        self.batch: list[TokenItem] = []
+        self.flushed = 0.0  # the first token is sent at once
+        self.n_gen = 0
+        self.stop = ""  # why it ended, once it has
+        self.error = ""
+        self.t0, self.t1 = time.perf_counter(), 0.0
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    """One token of a step's batch."""
+
+    job: _Job
+    token: int
+    pos: int
+    logits: bool  # its logits are read (a generated token; a prompt's last)
+    prompt: bool  # a prompt token (else the token the request sampled last)
 
 
 class _Refused(Exception):
@@ -522,11 +683,26 @@ def main(argv: list[str] | None = None) -> int:
     from corral.engine.ggml import list_devices
 
     chan.send(Ready(build=build_info(), pid=os.getpid(), devices=tuple(list_devices())))
+    later: list[Message | ProtocolError] = []  # other requests wait for the replies to end
     while True:
-        req = chan.inbox.get()
+        if engine.jobs:  # take every request that came, then one step for all replies
+            try:
+                req = chan.inbox.get_nowait()
+            except queue.Empty:
+                engine.run_step()
+                continue
+        else:
+            req = later.pop(0) if later else chan.inbox.get()
         if req is None or isinstance(req, Exit):
             return 0
+        if isinstance(req, Cancel):
+            engine.cancel(req.rid)
+            continue
+        if engine.jobs and not isinstance(req, Generate | ProtocolError):
+            later.append(req)
+            continue
         mark = capture.count
+        rid = req.rid if isinstance(req, Generate) else -1
         try:
             if isinstance(req, ProtocolError):
                 raise _Refused(f"malformed request: {req}")
@@ -544,13 +720,13 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 chan.send(Answers(tuple(ask(req.device, qs))))
             elif isinstance(req, Generate):
-                engine.generate(req)
+                engine.start(req)
             else:
                 raise _Refused(f"{type(req).__name__} is not a request")
         except _Refused as exc:
-            chan.send(Failed(str(exc), exc.reason))
+            chan.send(Failed(str(exc), exc.reason, rid))
         except (GgmlError, UnknownCacheType) as exc:
-            chan.send(Failed(str(exc)))
+            chan.send(Failed(str(exc), "", rid))
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" etc.
             hint = ""
             if isinstance(req, Load):
@@ -558,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
                     ": the file may be truncated or damaged (download it again), or use a "
                     "model architecture this llama.cpp build supports"
                 )
-            chan.send(Failed(f"{exc}{hint}"))
+            chan.send(Failed(f"{exc}{hint}", "", rid))
 
 
 def load_failure(lines: list[str]) -> str:

@@ -10,10 +10,13 @@ in a handler.
                       Done · Failed
 
 Every request gets exactly one final reply: Load → Progress* then Loaded; DryRun →
-DryRunReport; Capabilities → Answers; Generate → (Tokens | Shift)* then Done; any of them →
-Failed instead. Cancel ends a Generate early (its Done says "cancelled"); Exit ends the
-child. Defaults live in one place: `engine.runtime.session.LoadSettings` makes LoadParams,
-whose fields the child takes as they are (n_ctx already padded to 256).
+DryRunReport; Capabilities → Answers; Generate → (Progress | Tokens | Shift)* then Done; any
+of them → Failed instead. Several Generates may run at once, one per slot (LoadParams.n_seq):
+each carries a number (rid) that every frame of its reply repeats, and the child decodes them
+together, a token of each per step. Cancel ends a Generate early (its Done says
+"cancelled"); Exit ends the child. Other requests wait until no reply runs. Defaults live
+in one place: `engine.runtime.session.LoadSettings` makes LoadParams, whose fields the child
+takes as they are (n_ctx already padded to 256).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class LoadParams:
     type_v: str
     flash_attn: bool
     swa_full: bool
+    n_seq: int  # sequences (slots) decoded together, each with n_ctx / n_seq cells
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,7 @@ class TokenItem:
 
 
 PROMPT_TOO_LONG = "prompt_too_long"  # Failed.reason: the prompt does not fit the context
+BUSY = "busy"  # Failed.reason: every slot holds a reply
 
 # ----------------------------------------------------------------- desktop → child
 
@@ -119,6 +124,7 @@ class Generate(Message):
     seed: int = -1  # -1: random
     ignore_eos: bool = False  # fixed-length runs for benchmarks
     n_keep: int = -1  # tokens a context shift keeps; -1: the system prompt
+    rid: int = 0  # the request's number: every frame of its reply carries it
 
     @classmethod
     def chat(cls, messages: Sequence[Mapping[str, str]], **sampling: Any) -> Generate:
@@ -130,7 +136,7 @@ class Generate(Message):
 @_register(5)
 @dataclass(frozen=True, slots=True)
 class Cancel(Message):
-    pass
+    rid: int = -1  # the request to stop; -1: every one
 
 
 @_register(6)
@@ -154,6 +160,7 @@ class Ready(Message):
 @dataclass(frozen=True, slots=True)
 class Progress(Message):
     fraction: float
+    rid: int = -1  # a reply's prompt being read; -1: a load
 
 
 @_register(22)
@@ -164,6 +171,8 @@ class Loaded(Message):
     n_vocab: int
     load_s: float
     cpu_kernels: CpuKernels
+    n_seq: int = 1  # slots: replies decoded together
+    n_ctx_seq: int = 0  # cells of the cache each slot holds
 
 
 @_register(23)
@@ -188,7 +197,9 @@ class Tokens(Message):
     """Tokens in a batch of at most ~30 ms (a frame per token costs the compute threads)."""
 
     items: tuple[TokenItem, ...]
-    n_ctx: int
+    n_ctx: int  # the slot's cells
+    rid: int = 0
+    slot: int = 0
 
 
 @_register(26)
@@ -201,6 +212,7 @@ class Shift(Message):
     shifts: int  # since the model was loaded
     kv_used: int
     n_ctx: int
+    rid: int = 0
 
 
 @_register(27)
@@ -219,6 +231,8 @@ class Done(Message):
     n_ctx: int
     prompt_s: float
     gen_s: float
+    rid: int = 0
+    slot: int = 0
 
 
 @_register(28)
@@ -229,6 +243,7 @@ class Failed(Message):
 
     message: str
     reason: str = ""
+    rid: int = -1  # the request it ends; -1: the operation under way (a load, ...)
 
 
 # ----------------------------------------------------------------- what generate() yields
@@ -241,7 +256,8 @@ class Token:
     text: str
     id: int
     kv_used: int
-    n_ctx: int
+    n_ctx: int  # the slot's cells
+    slot: int = 0
 
 
 Event = Token | Shift | Done

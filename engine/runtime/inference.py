@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import os
 import socket
 import sys
@@ -71,12 +72,17 @@ LOAD_STALL = 120.0
 
 
 class InferenceProcess:
-    """One child process holding llama.cpp; one operation at a time."""
+    """One child process holding llama.cpp: one load, dry run or question at a time; while a
+    model is loaded, up to `slots` replies at once (each frame of a reply carries its
+    request's number, and goes to that reply's queue)."""
 
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.log: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL)
         self._frames: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._replies: dict[int, asyncio.Queue[Message | None]] = {}  # by request number
+        self._rid = 0
+        self.slots = 1  # replies the loaded model decodes together
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dead: InferenceCrashed | None = None
@@ -118,10 +124,19 @@ class InferenceProcess:
                 frame = await read_frame(reader)
                 if frame is None:
                     break
-                self._frames.put_nowait(CHILD_MESSAGES.from_wire(frame))
+                msg = CHILD_MESSAGES.from_wire(frame)
+                rid = getattr(msg, "rid", -1)
+                if rid > 0:  # a reply's frame; one for a reply already abandoned is dropped
+                    reply = self._replies.get(rid)
+                    if reply is not None:
+                        reply.put_nowait(msg)
+                else:
+                    self._frames.put_nowait(msg)
         except (ProtocolError, OSError):
             pass  # garbage from the child ends the channel: it is treated as a crash
         self._frames.put_nowait(None)
+        for reply in self._replies.values():
+            reply.put_nowait(None)
 
     async def _crashed(self) -> InferenceCrashed:
         if self._dead is None:
@@ -139,11 +154,13 @@ class InferenceProcess:
             self._dead = InferenceCrashed(message, how, tail)
         return self._dead
 
-    async def _next(self, timeout: float | None = None) -> Message:
+    async def _next(
+        self, timeout: float | None = None, frames: asyncio.Queue[Message | None] | None = None
+    ) -> Message:
         if self._dead is not None:
             raise self._dead
         try:
-            frame = await within(self._frames.get(), timeout)
+            frame = await within((frames or self._frames).get(), timeout)
         except TimeoutError:
             raise InferenceTimeout(
                 f"the inference process did not answer within {timeout:.0f} s"
@@ -174,7 +191,9 @@ class InferenceProcess:
         while True:
             frame = await self._stalling(self._next(LOAD_STALL), LOAD_STALL, "the load")
             if not isinstance(frame, Progress):
-                return _as(Loaded, frame)
+                loaded = _as(Loaded, frame)
+                self.slots = loaded.n_seq
+                return loaded
             if on_progress is not None:
                 on_progress(frame.fraction)
 
@@ -207,16 +226,19 @@ class InferenceProcess:
         self, request: Generate, watch: StallWatch | None = None
     ) -> AsyncGenerator[Event, None]:
         """Yield a Token per token (with the KV cells in use), a Shift per context shift,
-        then Done.
+        then Done. Up to `slots` run at once; each gets its own number here.
 
         `watch`: no frame for `watch.bound()` s (the prompt read in batches, tokens, shifts
         all count) is a stall: the child is killed, since llama.cpp waiting on a worker that
         stopped answering looks at no cancel, and ReplyStalled says after how long.
 
         Close it (`contextlib.aclosing`) rather than drop it: a consumer that leaves early
-        has the rest of the reply stopped and read here, or the next operation would read
-        it as its own."""
-        self._send(request)
+        has the rest of the reply stopped (and its frames dropped)."""
+        self._rid += 1
+        rid = self._rid
+        frames: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._replies[rid] = frames
+        self._send(dataclasses.replace(request, rid=rid))
         if watch is not None:
             watch.begin()
         ended = False
@@ -224,7 +246,7 @@ class InferenceProcess:
             while True:
                 bound = watch.bound() if watch is not None else None
                 try:
-                    frame = await self._next(bound)
+                    frame = await self._next(bound, frames)
                 except InferenceTimeout:
                     ended = True
                     assert watch is not None and bound is not None
@@ -247,28 +269,29 @@ class InferenceProcess:
                     return
         finally:
             if not ended:
-                await self._abandon()
+                await self._abandon(rid, frames)
+            self._replies.pop(rid, None)
 
     @staticmethod
     def _events(frame: Message) -> list[Event]:
         if isinstance(frame, Tokens):
-            return [Token(t.text, t.id, t.kv_used, frame.n_ctx) for t in frame.items]
+            return [Token(t.text, t.id, t.kv_used, frame.n_ctx, frame.slot) for t in frame.items]
         if isinstance(frame, Shift | Done):
             return [frame]
         if isinstance(frame, Progress):  # the prompt being read: for the stall watch only
             return []
         raise InferenceError(f"the inference process said {type(frame).__name__} mid-reply")
 
-    async def _abandon(self) -> None:
-        """A generation's consumer left before `done`: stop the reply and read its frames to
-        the end, so the child and this side agree again; kill the child if it will not stop
-        (llama.cpp waiting on a worker that stopped answering)."""
+    async def _abandon(self, rid: int, frames: asyncio.Queue[Message | None]) -> None:
+        """A reply's consumer left before `done`: stop the reply and read its frames to the
+        end, so its slot is free before the next request wants it; kill the child if it
+        will not stop (llama.cpp waiting on a worker that stopped answering)."""
         if self._dead is not None or self.proc is None or self.proc.returncode is not None:
             return
-        self.cancel()
+        self.cancel(rid)
         try:
             async with asyncio.timeout(STOP_GRACE):
-                while not isinstance(await self._next(), Done):
+                while not isinstance(await self._next(None, frames), Done):
                     pass
         except (InferenceError, InferenceCrashed):
             pass  # it ended with an error (in step again) or died
@@ -284,9 +307,10 @@ class InferenceProcess:
             self.proc.kill()
         return True
 
-    def cancel(self) -> None:
+    def cancel(self, rid: int = -1) -> None:
+        """Stop reply `rid` at its next step (-1: every reply)."""
         if self._dead is None and self._writer is not None and not self._writer.is_closing():
-            self._writer.write(encode_frame(to_wire(Cancel())))
+            self._writer.write(encode_frame(to_wire(Cancel(rid))))
 
     async def close(self) -> None:
         """Ask the child to exit; kill it if it does not within 3 s."""

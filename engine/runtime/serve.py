@@ -4,8 +4,10 @@
 server-sent events, or whole; every field honoured or refused by name: openai_api),
 `GET /metrics` (Prometheus text) and `GET /health` (no key: for supervisors). Web pages may
 call it only from the origins `--cors` names.
-Plain asyncio on the engine's loop; one generation at a time (the model has one KV cache);
-bound to 127.0.0.1 unless told otherwise; an optional API key (Bearer).
+Plain asyncio on the engine's loop; up to the model's slots (`--parallel`) replies at once,
+decoded together (a token of each per llama.cpp step, each slot with its own share of the
+KV cache), later requests wait in a queue; bound to 127.0.0.1 unless told otherwise; an
+optional API key (Bearer).
 
 A reply never ends looking complete when it is not: a failure after the stream began is an
 OpenAI-style error event (`data: {"error": …}`, which the SDKs raise) and the stream ends
@@ -29,7 +31,7 @@ from typing import Any
 
 from corral.engine.aio import within
 
-from .childproto import Done
+from .childproto import Done, Token
 from .errors import InferenceCrashed, PromptTooLong, RuntimeFailure
 from .openai_api import ApiError, ChatRequest, StopWatch, chat_request
 from .session import ChatSession
@@ -80,7 +82,14 @@ class ApiServer:
         self.api_key = api_key
         self.queue, self.deadline = queue, deadline
         self.cors = cors  # browser origins allowed ("*": any); none by default
-        self._lock = asyncio.Lock()
+        # a reply holds one of the model's slots; healing the model holds them all
+        self._slots = asyncio.Semaphore(max(1, session.slots))
+        self._n_slots = max(1, session.slots)
+        self._healthy = asyncio.Event()  # clear while the model is being loaded again
+        self._healthy.set()
+        self._ready_lock = asyncio.Lock()  # one request at a time retries a lost model
+        self._running = 0  # replies holding a slot
+        self._slot_kv: dict[int, tuple[int, int]] = {}  # slot: (cells in use, its cells)
         self._server: asyncio.Server | None = None
         self._waiting = 0
         self._handlers: set[asyncio.Task[None]] = set()
@@ -293,7 +302,12 @@ class ApiServer:
             "model_loaded": int(result is not None and not self._broken),
             "context_size": result.n_ctx if result is not None else 0,
             "reloads_total": len(self.events),
+            "slots": self._n_slots,
+            "replies_running": self._running,
         }
+        for slot, (used, cells) in sorted(self._slot_kv.items()):
+            gauges[f'slot_kv_used{{slot="{slot}"}}'] = used
+            gauges[f'slot_kv_cells{{slot="{slot}"}}'] = cells
         lines = []
         for name, value in sorted({**dict(self.counts), **gauges}.items()):
             base = name.split("{")[0]
@@ -336,14 +350,20 @@ class ApiServer:
         queued = True
         try:
             async with asyncio.timeout(self.deadline):
-                async with self._lock:
-                    self._waiting -= 1
-                    queued = False
-                    await self._ready()
+                await self._take_slot()
+                self._waiting -= 1
+                queued = False
+                self._running += 1
+                try:
+                    async with self._ready_lock:
+                        await self._ready()
                     if asked.stream:
                         await self._stream(asked, writer, ident, created, answered)
                     else:
                         await self._whole(asked, reader, writer, ident, created)
+                finally:
+                    self._running -= 1
+                    self._slots.release()
         except TimeoutError:
             if answered[0]:
                 return  # the stream said so in an error event
@@ -358,7 +378,7 @@ class ApiServer:
                 self._waiting -= 1
 
     async def _ready(self) -> None:
-        """Under the lock: a model that was lost and could not be loaded again is tried
+        """Under _ready_lock: a model that was lost and could not be loaded again is tried
         again (at most every _RECOVER_AGAIN s); RuntimeFailure says why it is not there."""
         if not self._broken:
             return
@@ -371,22 +391,40 @@ class ApiServer:
             raise RuntimeFailure(self._broken) from None
         self._broken = ""
 
+    async def _take_slot(self) -> None:
+        """One of the model's slots, once the model is not being loaded again."""
+        while True:
+            await self._healthy.wait()
+            await self._slots.acquire()
+            if self._healthy.is_set():
+                return
+            self._slots.release()
+
     def _lost(self, crash: InferenceCrashed) -> None:
-        """The model went down with a request: load it again while later requests wait."""
+        """The model went down with a request: load it again while later requests wait
+        (the other replies it took down heard the crash too: one reload heals them all)."""
         self._say(f"lost the model: {crash}")
+        if self._closing or (self._healing is not None and not self._healing.done()):
+            return
+        self._healthy.clear()  # no reply starts until the model is back
 
         async def heal() -> None:
-            async with self._lock:
-                try:
-                    self._say(await self.session.recover(crash.cause))
-                    self._broken = ""
-                except RuntimeFailure as exc:
-                    self._broken = f"the model is not loaded: {exc}"
-                    self._broken_at = time.monotonic()
-                    self._say(self._broken)
+            # every slot: the replies that were running when it died end first
+            for _ in range(self._n_slots):
+                await self._slots.acquire()
+            try:
+                self._say(await self.session.recover(crash.cause))
+                self._broken = ""
+            except RuntimeFailure as exc:
+                self._broken = f"the model is not loaded: {exc}"
+                self._broken_at = time.monotonic()
+                self._say(self._broken)
+            finally:
+                for _ in range(self._n_slots):
+                    self._slots.release()
+                self._healthy.set()
 
-        if not self._closing:
-            self._healing = asyncio.get_running_loop().create_task(heal())
+        self._healing = asyncio.get_running_loop().create_task(heal())
 
     async def _whole(
         self,
@@ -545,8 +583,15 @@ class ApiServer:
         writer.write(b"data: [DONE]\n\n")
         await writer.drain()
 
-    def _frames(self, asked: ChatRequest) -> Any:
-        return self.session.complete(list(asked.messages), **asked.sampling)
+    async def _frames(self, asked: ChatRequest) -> Any:
+        """The reply's events; each slot's cache use is kept for /metrics."""
+        async with contextlib.aclosing(
+            self.session.complete(list(asked.messages), **asked.sampling)
+        ) as frames:
+            async for frame in frames:
+                if isinstance(frame, Token | Done):
+                    self._slot_kv[frame.slot] = (frame.kv_used, frame.n_ctx)
+                yield frame
 
     def _watched(self, watch: StopWatch, text: str) -> str:
         """`text` less what a stop string holds back; at a stop string the reply is

@@ -42,6 +42,7 @@ from corral.engine.planner.validate import (
     check_builds,
     check_cache,
     check_context,
+    check_parallel,
     check_plan,
     check_strategy,
     errors,
@@ -100,6 +101,7 @@ class LoadSettings:
     layers: tuple[int, ...] | None = None  # manual layer counts per device
     reserve_mib: int = 256
     swa_full: bool = True  # sliding-window layers: whole context (True) or the window
+    parallel: int = 1  # replies decoded together, each slot with n_ctx / parallel cells
 
     def plan_settings(self) -> Settings:
         return Settings(
@@ -111,6 +113,7 @@ class LoadSettings:
             flash_attn=self.flash_attn,
             reserve=self.reserve_mib * MiB,
             swa_full=self.swa_full,
+            n_seq=self.parallel,
         )
 
     def load_params(
@@ -132,6 +135,7 @@ class LoadSettings:
             type_v=self.type_v,
             flash_attn=self.flash_attn,
             swa_full=self.swa_full,
+            n_seq=self.parallel,
         )
 
 
@@ -215,7 +219,7 @@ class ChatSession:
         self._event_arrived = asyncio.Event()
         self._stop_timer: asyncio.TimerHandle | None = None
         self._stopped_by_kill = ""  # why the child was killed to stop a reply
-        self._replying = False
+        self._replying = 0  # replies under way (up to the loaded model's slots)
         self.stall = StallWatch()  # the pace of this load's replies
 
     def _client(self, address: str) -> AgentClient:
@@ -340,6 +344,7 @@ class ChatSession:
             *check_cache(spec, analytic.settings, facts),
             *check_context(spec, analytic.settings),
             *check_strategy(analytic),
+            *check_parallel(analytic.settings),
         ]
         if errors(self.verdicts):
             return analytic, analytic
@@ -546,11 +551,13 @@ class ChatSession:
     ) -> AsyncGenerator[Event, None]:
         """Stream a reply to these messages (the history is the caller's: the HTTP API).
         A consumer that may leave early closes it (`contextlib.aclosing`): the rest of the
-        reply is then stopped before the next one starts."""
+        reply is then stopped and its slot freed. Up to `slots` run at once."""
         request = Generate.chat(messages, **sampling)
-        self._replying = True
+        # a reply beside others keeps its own pace (they share the steps), from this load's
+        watch = self.stall if not self._replying else self.stall.fork()
+        self._replying += 1
         try:
-            async with contextlib.aclosing(self.child.generate(request, self.stall)) as frames:
+            async with contextlib.aclosing(self.child.generate(request, watch)) as frames:
                 async for frame in frames:
                     yield frame
         except ReplyStalled as stall:
@@ -569,14 +576,20 @@ class ChatSession:
                 ) from None
             raise await self.explain(crash) from None
         finally:
-            self._replying = False
-            if self._stop_timer is not None:
-                self._stop_timer.cancel()
-            self._stop_timer = None
-            self._stopped_by_kill = ""
+            self._replying -= 1
+            if not self._replying:
+                if self._stop_timer is not None:
+                    self._stop_timer.cancel()
+                self._stop_timer = None
+                self._stopped_by_kill = ""
+
+    @property
+    def slots(self) -> int:
+        """Replies the loaded model decodes together (LoadSettings.parallel)."""
+        return self.child.slots
 
     def cancel(self) -> None:
-        """Stop the reply being generated: at its next token, or, when it has not stopped
+        """Stop the replies being generated: at their next token, or, when one has not stopped
         STOP_GRACE s later or on a second cancel, by killing the inference process (llama.cpp
         blocked on a worker that stopped answering never looks at a cancel). Call it on the
         engine's loop; without a reply under way it does nothing."""

@@ -32,6 +32,14 @@ class StallWatch:
         self._last = time.monotonic()
         self._next = "prompt"
 
+    def fork(self) -> StallWatch:
+        """A watch for a reply that runs beside another: the pace timed so far, its own
+        clock."""
+        other = StallWatch()
+        for kind, steps in self._steps.items():
+            other._steps[kind].extend(steps)
+        return other
+
     def begin(self) -> None:
         """A reply starts: the prompt comes first."""
         self._last, self._next = time.monotonic(), "prompt"

@@ -54,10 +54,10 @@ def start_long_chat(model: Path, agents: list[str]) -> subprocess.Popen[str]:
 
 
 def start_serve(model: Path, agents: list[str], *flags: str) -> tuple[subprocess.Popen[str], str]:
-    """`corral serve MODEL` over these agents on a free port (context 2048 unless `flags`
-    say otherwise): the process and its /v1 URL, once it serves."""
+    """`corral serve MODEL` over these agents on a free port (context 2048 and one slot
+    unless `flags` say otherwise): the process and its /v1 URL, once it serves."""
     args = [sys.executable, "-m", "corral.engine.cli", "serve", str(model), "--port", "0"]
-    args += ["--ctx", "2048", *flags]
+    args += ["--ctx", "2048", "--parallel", "1", *flags]
     for a in agents:
         args += ["--agent", a]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
