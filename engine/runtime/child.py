@@ -30,6 +30,7 @@ from corral.engine.procs import die_with_parent
 from corral.engine.protocol import FrameDecoder, Message, ProtocolError, encode_frame, to_wire
 
 from .childproto import (
+    BAD_FIELD,
     BUSY,
     CHILD_MESSAGES,
     PROMPT_TOO_LONG,
@@ -336,8 +337,43 @@ class _Engine:
         )
 
     def _sampler(self, req: Generate) -> Any:
+        """llama.cpp's sampler chain for a request: the JSON grammar, the penalties and the
+        logit bias first, then greedy or top-k, top-p, min-p, temperature and a seeded
+        draw. _Refused (naming the field) for what llama.cpp cannot build."""
         L = self.L
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        try:
+            if req.json_schema:
+                L.llama_sampler_chain_add(chain, self._grammar(req.json_schema))
+            if req.presence_penalty or req.frequency_penalty:
+                L.llama_sampler_chain_add(
+                    chain,
+                    L.llama_sampler_init_penalties(
+                        self.n_vocab,
+                        req.penalty_last_n,
+                        1.0,
+                        req.frequency_penalty,
+                        req.presence_penalty,
+                    ),
+                )
+            if req.logit_bias:
+                bad = [t for t, _ in req.logit_bias if not 0 <= t < self.n_vocab]
+                if bad:
+                    raise _Refused(
+                        f"logit_bias: token {bad[0]} is not in this model's vocabulary "
+                        f"(0 to {self.n_vocab - 1})",
+                        BAD_FIELD + "logit_bias",
+                    )
+                biases = (L.llama_logit_bias * len(req.logit_bias))(
+                    *(L.llama_logit_bias(t, b) for t, b in req.logit_bias)
+                )
+                L.llama_sampler_chain_add(
+                    chain,
+                    L.llama_sampler_init_logit_bias(self.n_vocab, len(req.logit_bias), biases),
+                )
+        except BaseException:
+            L.llama_sampler_free(chain)
+            raise
         if req.temp <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:
@@ -351,6 +387,48 @@ class _Engine:
                 chain, L.llama_sampler_init_dist(seed if seed >= 0 else 0xFFFFFFFF)
             )
         return chain
+
+    def _grammar(self, schema: str) -> Any:
+        """A grammar sampler that lets through only JSON valid against `schema` ("*": any
+        JSON object), by llama.cpp's grammar engine (GBNF from llama-cpp-python's JSON
+        schema converter)."""
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        try:
+            gbnf = json_schema_to_gbnf('{"type": "object"}' if schema == "*" else schema)
+        except Exception as exc:  # the converter raises plain errors for what it lacks
+            raise _Refused(
+                f"response_format.json_schema: this schema cannot be turned into a grammar ({exc})",
+                BAD_FIELD + "response_format",
+            ) from None
+        sampler = self.L.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
+        if not sampler:
+            raise _Refused(
+                "response_format.json_schema: llama.cpp could not parse the grammar made "
+                "from this schema",
+                BAD_FIELD + "response_format",
+            )
+        return sampler
+
+    def _logprobs(self, job: _Job, index: int, tok: int) -> None:
+        """The chosen token's log-probability and the `logprobs` most likely tokens', from
+        the model's own distribution (the raw logits at batch `index`, before sampling)."""
+        np = self.np
+        raw = self.L.llama_get_logits_ith(self.llm.ctx, index)
+        shifted = np.ctypeslib.as_array(raw, (self.n_vocab,)).astype(np.float64)
+        shifted -= shifted.max()
+        logz = float(np.log(np.exp(shifted).sum()))
+        job.logprob = float(shifted[tok] - logz)
+        job.top = ()
+        k = min(job.req.logprobs, self.n_vocab - 1)
+        if k > 0:
+            best = np.argpartition(-shifted, k)[:k]
+            best = best[np.argsort(-shifted[best])]
+            job.top = tuple((int(t), self._piece(int(t)), float(shifted[t] - logz)) for t in best)
+
+    def _piece(self, tok: int) -> str:
+        n = self.L.llama_token_to_piece(self.vocab, tok, self.piece, 256, 0, False)
+        return ctypes.string_at(self.piece, max(n, 0)).decode("utf-8", errors="replace")
 
     def _n_keep(self, req: Generate, prompt: list[int]) -> int:
         """Tokens a context shift keeps: --n-keep, or by default the system prompt."""
@@ -458,7 +536,11 @@ class _Engine:
                 continue
             slot = job.slot
             if len(slot.tokens) >= self.n_ctx_seq:
-                if not job.can_shift or len(slot.tokens) - job.n_keep < 2:
+                if (
+                    not job.req.context_shift
+                    or not job.can_shift
+                    or len(slot.tokens) - job.n_keep < 2
+                ):
                     job.stop = "context_full"
                     continue
                 self._flush(job)
@@ -537,6 +619,8 @@ class _Engine:
         if L.llama_vocab_is_eog(self.vocab, tok) and not job.req.ignore_eos:
             job.stop = "eos"
             return
+        if job.req.logprobs >= 0:
+            self._logprobs(job, index, tok)
         job.next_token = tok
 
     def _emit(self, job: _Job, tok: int) -> None:
@@ -546,7 +630,7 @@ class _Engine:
         job.next_token = None
         job.n_gen += 1
         job.pieces.append(text)
-        job.batch.append(TokenItem(text, tok, len(job.slot.tokens)))
+        job.batch.append(TokenItem(text, tok, len(job.slot.tokens), job.logprob, job.top))
         now = time.perf_counter()
         if now - job.flushed >= _FLUSH_S:
             self._flush(job)
@@ -619,7 +703,12 @@ class _Job:
         self.keep, self.n_keep = keep, n_keep
         self.pending = prompt[keep:]  # prompt tokens not yet in the cache
         self.next_token: int | None = None  # sampled, to decode in the next step
-        self.greedy = req.temp <= 0
+        # greedy by reading the logits in place, where no sampler would change them
+        self.greedy = req.temp <= 0 and not (
+            req.json_schema or req.logit_bias or req.presence_penalty or req.frequency_penalty
+        )
+        self.logprob: float = 0.0  # of the token sampled last (Generate.logprobs)
+        self.top: tuple[tuple[int, str, float], ...] = ()
         self.sampler: Any = None
         self.can_shift = False
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -720,7 +809,12 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 chan.send(Answers(tuple(ask(req.device, qs))))
             elif isinstance(req, Generate):
-                engine.start(req)
+                try:
+                    engine.start(req)
+                except _Refused:
+                    raise
+                except Exception as exc:  # a bug, or llama.cpp refusing: this request only
+                    raise _Refused(f"the request failed: {type(exc).__name__}: {exc}") from None
             else:
                 raise _Refused(f"{type(req).__name__} is not a request")
         except _Refused as exc:

@@ -78,9 +78,12 @@ class TokenItem:
     text: str
     id: int
     kv_used: int  # cells of the KV cache in use after this token
+    logprob: float = 0.0  # when asked (Generate.logprobs): log-probability of this token
+    top: tuple[tuple[int, str, float], ...] = ()  # the most likely tokens: (id, text, logprob)
 
 
 PROMPT_TOO_LONG = "prompt_too_long"  # Failed.reason: the prompt does not fit the context
+BAD_FIELD = "bad_field:"  # Failed.reason prefix: a request field the child cannot honour
 BUSY = "busy"  # Failed.reason: every slot holds a reply
 
 # ----------------------------------------------------------------- desktop → child
@@ -124,6 +127,13 @@ class Generate(Message):
     seed: int = -1  # -1: random
     ignore_eos: bool = False  # fixed-length runs for benchmarks
     n_keep: int = -1  # tokens a context shift keeps; -1: the system prompt
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once a token has appeared
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token appeared
+    penalty_last_n: int = 64  # how far back the penalties look
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); -100: never
+    json_schema: str = ""  # the reply is JSON that validates against it ("*": any object)
+    logprobs: int = -1  # -1: none; else the chosen token's and this many others' log-probs
+    context_shift: bool = True  # at a full context drop older cells and go on; else stop
     rid: int = 0  # the request's number: every frame of its reply carries it
 
     @classmethod
@@ -258,6 +268,8 @@ class Token:
     kv_used: int
     n_ctx: int  # the slot's cells
     slot: int = 0
+    logprob: float = 0.0
+    top: tuple[tuple[int, str, float], ...] = ()
 
 
 Event = Token | Shift | Done

@@ -72,3 +72,12 @@ class ReplyStalled(InferenceError):
     def __init__(self, message: str, after: float) -> None:
         super().__init__(message)
         self.after = after
+
+
+class FieldRefused(InferenceError):
+    """A request field the model cannot honour as sent (a JSON schema its grammar cannot
+    express, ...): `param` names it, for a 400 that says which."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param

@@ -26,6 +26,7 @@ from corral.engine.protocol import (
 from corral.engine.security.tunnel import shim_env
 
 from .childproto import (
+    BAD_FIELD,
     CHILD_MESSAGES,
     PROMPT_TOO_LONG,
     Answers,
@@ -48,6 +49,7 @@ from .childproto import (
     Tokens,
 )
 from .errors import (
+    FieldRefused,
     InferenceCrashed,
     InferenceError,
     InferenceTimeout,
@@ -170,6 +172,8 @@ class InferenceProcess:
         if isinstance(frame, Failed):
             if frame.reason == PROMPT_TOO_LONG:
                 raise PromptTooLong(frame.message)
+            if frame.reason.startswith(BAD_FIELD):
+                raise FieldRefused(frame.message, frame.reason.removeprefix(BAD_FIELD))
             raise InferenceError(frame.message)
         return frame
 
@@ -275,7 +279,10 @@ class InferenceProcess:
     @staticmethod
     def _events(frame: Message) -> list[Event]:
         if isinstance(frame, Tokens):
-            return [Token(t.text, t.id, t.kv_used, frame.n_ctx, frame.slot) for t in frame.items]
+            return [
+                Token(t.text, t.id, t.kv_used, frame.n_ctx, frame.slot, t.logprob, t.top)
+                for t in frame.items
+            ]
         if isinstance(frame, Shift | Done):
             return [frame]
         if isinstance(frame, Progress):  # the prompt being read: for the stall watch only

@@ -5,43 +5,33 @@ request is never answered as if part of it had not been sent. Pure (no I/O): `co
 parses each body with `chat_request` and streams or returns what it asked for; `StopWatch`
 applies `stop` strings to a reply as it streams, across token boundaries.
 
-Honoured: messages (system, developer as system, user, assistant; text content or text
-parts), model (must be the one served), max_tokens / max_completion_tokens, temperature,
-top_p, top_k, min_p, seed, stop, n (1), stream, stream_options.include_usage, and the
-metadata that does not change a reply (user, metadata, store false, service_tier auto).
-Refused until built (issue #24 tracks them): n above 1, logprobs, logit_bias,
-presence/frequency penalties, response_format other than text, tools and tool messages,
-image or audio parts.
+Honoured: messages (system, developer as system, user, assistant with or without
+tool_calls, tool; text content or text parts), model (must be the one served), max_tokens /
+max_completion_tokens, temperature, top_p, top_k, min_p, seed, stop, n (the choices one
+after another, choice i with seed + i), stream, stream_options.include_usage,
+presence_penalty and frequency_penalty (llama.cpp's penalties sampler), logit_bias (token
+ids; -100 bans), logprobs and top_logprobs (the model's own distribution), response_format
+json_object and json_schema (llama.cpp's grammar sampler: the reply always parses), tools
+and tool_choice (openai_tools), llama-server's ignore_eos, and the metadata that does not
+change a reply (user, metadata, store false, service_tier auto). Refused by name: image or
+audio parts and outputs, the old functions/function_call, and any field not known.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ApiError(Exception):
-    """A request the API refuses: the HTTP status, the message, the field it concerns."""
-
-    def __init__(self, status: int, message: str, param: str = "", code: str = "") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {
-            "error": {
-                "message": self.message,
-                "type": kind,
-                "param": self.param or None,
-                "code": self.code or None,
-            }
-        }
-
+from .openai_errors import ApiError, refuse
+from .openai_tools import Tools, assistant_calls, tools_for, with_tools_system
 
 MAX_STOPS = 4  # as OpenAI's API allows
+MAX_N = 8  # choices a request: each is one more reply, read one after another
+MAX_TOP_LOGPROBS = 20  # as OpenAI's
+MAX_BIAS = 300  # logit_bias entries, as OpenAI's
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,17 +41,21 @@ class ChatRequest:
     include_usage: bool = False
     stop: tuple[str, ...] = ()
     sampling: Mapping[str, Any] = field(default_factory=dict)  # childproto.Generate fields
+    n: int = 1  # choices
+    logprobs: bool = False
+    tools: Tools | None = None  # the reply is parsed into tool_calls
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_NOT_YET = "not supported by corral serve yet"
+_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 # fields that do not change a reply, accepted as they are (what OpenAI does with them is
 # account-side: abuse monitoring, stored completions, billing tiers)
 _METADATA = ("user", "metadata")
-
-
-def _refuse(param: str, why: str) -> ApiError:
-    return ApiError(400, f"{param}: {why}", param)
 
 
 def _number(req: Mapping[str, Any], key: str, lo: float, hi: float) -> float | None:
@@ -69,9 +63,9 @@ def _number(req: Mapping[str, Any], key: str, lo: float, hi: float) -> float | N
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _refuse(key, f"must be a number from {lo:g} to {hi:g}, not {value!r}")
+        raise refuse(key, f"must be a number from {lo:g} to {hi:g}, not {value!r}")
     if not lo <= value <= hi:
-        raise _refuse(key, f"must be from {lo:g} to {hi:g}, not {value!r}")
+        raise refuse(key, f"must be from {lo:g} to {hi:g}, not {value!r}")
     return float(value)
 
 
@@ -80,7 +74,7 @@ def _integer(req: Mapping[str, Any], key: str, lo: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise _refuse(key, f"must be a whole number of at least {lo}, not {value!r}")
+        raise refuse(key, f"must be a whole number of at least {lo}, not {value!r}")
     return value
 
 
@@ -91,12 +85,12 @@ def _content(i: int, content: Any) -> str:
     if content is None:
         return ""
     if not isinstance(content, list):
-        raise _refuse(f"messages[{i}].content", "must be a string or a list of content parts")
+        raise refuse(f"messages[{i}].content", "must be a string or a list of content parts")
     texts = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or not isinstance(part.get("text"), str):
-            raise _refuse(
+            raise refuse(
                 f"messages[{i}].content[{k}]",
                 f"content part type {kind!r}: this model reads text only"
                 if isinstance(kind, str)
@@ -108,34 +102,87 @@ def _content(i: int, content: Any) -> str:
 
 def _messages(raw: Any) -> tuple[Mapping[str, str], ...]:
     if not isinstance(raw, list) or not raw:
-        raise _refuse("messages", "must be a non-empty list of {role, content}")
+        raise refuse("messages", "must be a non-empty list of {role, content}")
     out = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
-            raise _refuse(f"messages[{i}]", "must be an object with a role and content")
+            raise refuse(f"messages[{i}]", "must be an object with a role and content")
         role = m.get("role")
-        if role == "tool" or "tool_calls" in m or "function_call" in m:
-            raise _refuse(f"messages[{i}]", f"tool calls and tool messages are {_NOT_YET}")
-        if role not in _ROLES:
-            raise _refuse(
-                f"messages[{i}].role",
-                f"{role!r}: use system, developer, user or assistant",
+        if "function_call" in m or role == "function":
+            raise refuse(
+                f"messages[{i}]", "function_call is OpenAI's old form: use tool_calls and tool"
             )
-        extra = sorted(set(m) - {"role", "content", "name"})
+        if role not in _ROLES:
+            raise refuse(
+                f"messages[{i}].role",
+                f"{role!r}: use system, developer, user, assistant or tool",
+            )
+        known = {"role", "content", "name"}
+        known |= {"tool_calls", "refusal"} if role == "assistant" else set()
+        known |= {"tool_call_id"} if role == "tool" else set()
+        extra = sorted(set(m) - known)
         if extra:
-            raise _refuse(f"messages[{i}].{extra[0]}", f"{_NOT_YET} in a message")
+            raise refuse(f"messages[{i}].{extra[0]}", f"not part of a {role} message")
         if "name" in m:
-            raise _refuse(
+            raise refuse(
                 f"messages[{i}].name",
                 "participant names are not part of the "
                 "model's chat template here; put the name in the content",
             )
-        out.append({"role": _ROLES[role], "content": _content(i, m.get("content"))})
+        content = _content(i, m.get("content"))
+        if role == "assistant" and m.get("tool_calls"):
+            # shown to the model in the form it is asked to call tools in (openai_tools)
+            content = assistant_calls(i, m["tool_calls"])
+        out.append({"role": _ROLES[role], "content": content})
     return tuple(out)
 
 
 def chat_request(req: Mapping[str, Any], model_id: str) -> ChatRequest:
     """The request, checked; ApiError names the first field refused."""
+    _model(req, model_id)
+    messages = _messages(req.get("messages"))
+    limit = _integer(req, "max_completion_tokens", 1)
+    if limit is None:
+        limit = _integer(req, "max_tokens", 1)
+    n = _integer(req, "n", 1) or 1
+    if n > MAX_N:
+        raise refuse("n", f"at most {MAX_N} choices a request")
+    stream = _flag(req, "stream")
+    options = req.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise refuse("stream_options", "only with stream: true")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise refuse("stream_options", "only include_usage is known")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise refuse("stream_options.include_usage", "must be true or false")
+    stop = _stops(req.get("stop"))
+    _unsupported(req)
+    sampling = _sampling(req, limit)
+    logprobs = _flag(req, "logprobs")
+    top = _integer(req, "top_logprobs", 0)
+    if top is not None:
+        if not logprobs:
+            raise refuse("top_logprobs", "only with logprobs: true")
+        if top > MAX_TOP_LOGPROBS:
+            raise refuse("top_logprobs", f"at most {MAX_TOP_LOGPROBS}")
+    if logprobs:
+        sampling["logprobs"] = top or 0
+    tools = tools_for(req)
+    schema = _response_format(req.get("response_format"))
+    if tools is not None:
+        if schema:
+            raise refuse("response_format", "not with tools: the tools' form is JSON already")
+        messages = with_tools_system(messages, tools)
+        schema = json.dumps(tools.schema)
+    if schema:
+        sampling["json_schema"] = schema
+    return ChatRequest(messages, stream, include_usage, stop, sampling, n, logprobs, tools)
+
+
+def _model(req: Mapping[str, Any], model_id: str) -> None:
     model = req.get("model")
     if model is not None and model != model_id:
         raise ApiError(
@@ -144,42 +191,72 @@ def chat_request(req: Mapping[str, Any], model_id: str) -> ChatRequest:
             "model",
             "model_not_found",
         )
-    messages = _messages(req.get("messages"))
-    limit = _integer(req, "max_completion_tokens", 1)
-    if limit is None:
-        limit = _integer(req, "max_tokens", 1)
+
+
+def _flag(req: Mapping[str, Any], key: str) -> bool:
+    value = req.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise refuse(key, f"must be true or false, not {value!r}")
+    return value
+
+
+def _sampling(req: Mapping[str, Any], limit: int | None) -> dict[str, Any]:
+    """The fields that choose tokens, as childproto.Generate's."""
     temp = _number(req, "temperature", 0.0, 2.0)
-    top_p = _number(req, "top_p", 0.0, 1.0)
-    min_p = _number(req, "min_p", 0.0, 1.0)
-    top_k = _integer(req, "top_k", 0)
-    seed = req.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _refuse("seed", f"must be a whole number, not {seed!r}")
-    n = _integer(req, "n", 1)
-    if n is not None and n > 1:
-        raise _refuse("n", f"{n} choices: one choice per request here; send {n} requests")
-    stream = req.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _refuse("stream", f"must be true or false, not {stream!r}")
-    options = req.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise _refuse("stream_options", "only with stream: true")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise _refuse("stream_options", "only include_usage is known")
-        include_usage = options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise _refuse("stream_options.include_usage", "must be true or false")
-    stop = _stops(req.get("stop"))
-    _unsupported(req)
     sampling: dict[str, Any] = {"temp": 1.0 if temp is None else temp}
     if limit is not None:
         sampling["max_tokens"] = limit
-    for key, value in (("top_p", top_p), ("min_p", min_p), ("top_k", top_k), ("seed", seed)):
+    seed = req.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise refuse("seed", f"must be a whole number, not {seed!r}")
+    for key, value in (
+        ("top_p", _number(req, "top_p", 0.0, 1.0)),
+        ("min_p", _number(req, "min_p", 0.0, 1.0)),
+        ("top_k", _integer(req, "top_k", 0)),
+        ("seed", seed),
+        ("presence_penalty", _number(req, "presence_penalty", -2.0, 2.0)),
+        ("frequency_penalty", _number(req, "frequency_penalty", -2.0, 2.0)),
+    ):
         if value is not None:
             sampling[key] = value
-    return ChatRequest(messages, stream, include_usage, stop, sampling)
+    if _flag(req, "ignore_eos"):  # llama-server's: fixed-length replies, for benchmarks
+        sampling["ignore_eos"] = True
+    bias = req.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict) or len(bias) > MAX_BIAS:
+            raise refuse("logit_bias", f"a map of up to {MAX_BIAS} token ids to -100..100")
+        pairs = []
+        for token, value in bias.items():
+            if not str(token).isdigit():
+                raise refuse("logit_bias", f"{token!r} is not a token id")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise refuse("logit_bias", f"the bias of {token} must be a number")
+            if not -100 <= value <= 100:
+                raise refuse("logit_bias", f"the bias of {token} must be from -100 to 100")
+            # -100 bans the token outright, as OpenAI's does in effect
+            pairs.append((int(token), float("-inf") if value <= -100 else float(value)))
+        sampling["logit_bias"] = tuple(pairs)
+    return sampling
+
+
+def _response_format(raw: Any) -> str:
+    """The JSON schema the reply must keep ("*": any object; "": free text)."""
+    if raw is None:
+        return ""
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "text":
+        return ""
+    if kind == "json_object":
+        return "*"
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise refuse("response_format.json_schema", "needs {name, schema: {...}}")
+        return json.dumps(schema)
+    raise refuse("response_format", "is {type: text}, {type: json_object} or {type: json_schema}")
 
 
 def _stops(raw: Any) -> tuple[str, ...]:
@@ -191,45 +268,45 @@ def _stops(raw: Any) -> tuple[str, ...]:
         or len(stops) > MAX_STOPS
         or not all(isinstance(s, str) and s for s in stops)
     ):
-        raise _refuse("stop", f"a non-empty string, or a list of up to {MAX_STOPS} of them")
+        raise refuse("stop", f"a non-empty string, or a list of up to {MAX_STOPS} of them")
     return tuple(stops)
 
 
 _KNOWN = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-    "top_k", "min_p", "seed", "n", "stream", "stream_options", "stop", *_METADATA,
+    "top_k", "min_p", "seed", "n", "stream", "stream_options", "stop", "presence_penalty",
+    "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format",
+    "tools", "tool_choice", "parallel_tool_calls", "ignore_eos", *_METADATA,
 }  # fmt: skip
 
 
 def _unsupported(req: Mapping[str, Any]) -> None:
-    """Fields that would change the reply and are not built yet (refused unless they ask
-    for the default), and fields this server does not know."""
+    """Fields refused unless they ask for the default, and fields this server does not
+    know."""
     defaults: dict[str, Any] = {
-        "logprobs": (False, None),
-        "top_logprobs": (None, 0),
-        "logit_bias": (None, {}),
-        "presence_penalty": (None, 0, 0.0),
-        "frequency_penalty": (None, 0, 0.0),
-        "tools": (None, []),
-        "tool_choice": (None, "none"),
-        "parallel_tool_calls": (None, True, False),
         "functions": (None, []),
         "function_call": (None, "none"),
         "store": (None, False),
         "service_tier": (None, "auto", "default"),
-        "response_format": (None, {"type": "text"}),
+        "modalities": (None, ["text"]),
+        "audio": (None,),
+        "prediction": (None,),
+        "web_search_options": (None,),
     }
     for key, allowed in defaults.items():
         if key in req and req[key] not in allowed:
             what = {
                 "store": "corral serve keeps no completions (store: false)",
                 "service_tier": "there is one tier here (auto)",
-                "response_format": "only {'type': 'text'}: a JSON format is " + _NOT_YET,
-            }.get(key, _NOT_YET)
-            raise _refuse(key, what)
+                "functions": "OpenAI's old form: use tools",
+                "function_call": "OpenAI's old form: use tool_choice",
+                "modalities": "this model writes text only",
+                "audio": "this model writes text only",
+            }.get(key, "not available from a local model")
+            raise refuse(key, what)
     unknown = sorted(set(req) - _KNOWN - set(defaults))
     if unknown:
-        raise _refuse(unknown[0], "not a field corral serve knows; leave it out")
+        raise refuse(unknown[0], "not a field corral serve knows; leave it out")
 
 
 class StopWatch:

@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import dataclasses
 import json
 import logging
 import secrets
@@ -32,8 +33,9 @@ from typing import Any
 from corral.engine.aio import within
 
 from .childproto import Done, Token
-from .errors import InferenceCrashed, PromptTooLong, RuntimeFailure
+from .errors import FieldRefused, InferenceCrashed, PromptTooLong, RuntimeFailure
 from .openai_api import ApiError, ChatRequest, StopWatch, chat_request
+from .openai_tools import parse_reply
 from .session import ChatSession
 
 log = logging.getLogger(__name__)
@@ -434,18 +436,24 @@ class ApiServer:
         ident: str,
         created: int,
     ) -> None:
-        """A reply sent whole; stopped when the client hangs up before it is ready."""
-        watch = StopWatch(asked.stop)
-        text: list[str] = []
+        """A reply sent whole (its `n` choices one after another); stopped when the client
+        hangs up before it is ready."""
+        choices: list[_Choice] = []
 
-        async def generate() -> Any:
-            meter = self.session.reply_meter()
-            async with contextlib.aclosing(self._frames(asked)) as frames:
-                async for frame in frames:
-                    update = meter.feed(frame)
-                    text.append(self._watched(watch, update.text))
-            text.append(watch.flush())
-            return meter.finished()
+        async def generate() -> None:
+            for i in range(asked.n):
+                choice = _Choice(StopWatch(asked.stop))
+                meter = self.session.reply_meter()
+                async with contextlib.aclosing(self._frames(asked, i)) as frames:
+                    async for frame in frames:
+                        update = meter.feed(frame)
+                        choice.text.append(self._watched(choice.watch, update.text))
+                        if asked.logprobs and isinstance(frame, Token):
+                            choice.logprobs.append(_logprob(frame))
+                choice.text.append(choice.watch.flush())
+                choice.done = meter.finished()
+                self._count(choice.done)
+                choices.append(choice)
 
         reply = asyncio.ensure_future(generate())
         hangup = asyncio.ensure_future(reader.read(1))  # b"": the client went away
@@ -468,13 +476,15 @@ class ApiServer:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reply
         try:
-            done = reply.result()
-            self._count(done)
+            reply.result()
         except InferenceCrashed as crash:
             self._lost(crash)
             raise
         except PromptTooLong as exc:
             raise _too_long(exc) from None
+        except FieldRefused as exc:
+            raise ApiError(400, str(exc), exc.param) from None
+        usage = _usage_of([c.done for c in choices if c.done is not None])
         await self._json(
             writer,
             200,
@@ -483,14 +493,8 @@ class ApiServer:
                 "object": "chat.completion",
                 "created": created,
                 "model": self.model_id,
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop" if watch.stopped else _finish(done.stop),
-                        "message": {"role": "assistant", "content": "".join(text)},
-                    }
-                ],
-                "usage": _usage(done),
+                "choices": [c.message(i, asked) for i, c in enumerate(choices)],
+                "usage": usage,
             },
         )
 
@@ -514,19 +518,25 @@ class ApiServer:
                 + b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
             )
             answered[0] = True
-            writer.write(chunk({"role": "assistant", "content": ""}))
+            for i in range(asked.n):
+                writer.write(chunk({"role": "assistant", "content": ""}, index=i))
 
         def chunk(
-            delta: dict[str, str] | None, finish: str | None = None, usage: Any = None
+            delta: dict[str, Any] | None,
+            finish: str | None = None,
+            usage: Any = None,
+            index: int = 0,
+            logprobs: Any = None,
         ) -> bytes:
+            choice = {"index": index, "delta": delta, "finish_reason": finish}
+            if asked.logprobs:
+                choice["logprobs"] = logprobs
             obj: dict[str, Any] = {
                 "id": ident,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": self.model_id,
-                "choices": []
-                if delta is None
-                else [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": [] if delta is None else [choice],
             }
             if asked.include_usage:  # null on every chunk but the last, as OpenAI sends it
                 obj["usage"] = usage
@@ -540,21 +550,44 @@ class ApiServer:
             with contextlib.suppress(Exception):
                 await within(writer.drain(), 2)
 
-        stop, meter, watch = "stop", self.session.reply_meter(), StopWatch(asked.stop)
+        stops: list[str] = []
+        dones: list[Done] = []
         timer = asyncio.get_running_loop().call_later(HEAD_WAIT, head)
         try:
-            # closed on the way out: a client that hangs up has the rest of its reply stopped
-            async with contextlib.aclosing(self._frames(asked)) as frames:
-                async for frame in frames:
+            for i in range(asked.n):
+                stop, meter, watch = "stop", self.session.reply_meter(), StopWatch(asked.stop)
+                said: list[str] = []  # with tools: the JSON, parsed once it is whole
+                # closed on the way out: a client that hangs up has the rest stopped
+                async with contextlib.aclosing(self._frames(asked, i)) as frames:
+                    async for frame in frames:
+                        head()
+                        update = meter.feed(frame)
+                        text = self._watched(watch, update.text)
+                        if update.stop is not None:
+                            text += watch.flush()
+                            stop = "stop" if watch.stopped else _finish(update.stop)
+                        probs = None
+                        if asked.logprobs and isinstance(frame, Token):
+                            probs = {"content": [_logprob(frame)]}
+                        if asked.tools is not None:
+                            said.append(text)
+                        elif text or probs:
+                            writer.write(chunk({"content": text}, index=i, logprobs=probs))
+                            await writer.drain()
+                if asked.tools is not None:
+                    content, calls = parse_reply("".join(said))
+                    if calls:
+                        stop = "tool_calls"
+                        delta: dict[str, Any] = {
+                            "tool_calls": [dict(call, index=k) for k, call in enumerate(calls)]
+                        }
+                    else:
+                        delta = {"content": content or ""}
                     head()
-                    update = meter.feed(frame)
-                    text = self._watched(watch, update.text)
-                    if update.stop is not None:
-                        text += watch.flush()
-                        stop = "stop" if watch.stopped else _finish(update.stop)
-                    if text:
-                        writer.write(chunk({"content": text}))
-                        await writer.drain()
+                    writer.write(chunk(delta, index=i))
+                stops.append(stop)
+                dones.append(meter.finished())
+                self._count(dones[-1])
         except asyncio.CancelledError:
             await fail(
                 "corral serve is shutting down"
@@ -567,6 +600,11 @@ class ApiServer:
             await fail(f"the reply was cut short: {crash}; the model is being loaded again")
             self._lost(crash)
             return
+        except FieldRefused as exc:
+            if not answered[0]:
+                raise ApiError(400, str(exc), exc.param) from None
+            await fail(str(exc))
+            return
         except RuntimeFailure as exc:
             if isinstance(exc, PromptTooLong) and not answered[0]:
                 raise _too_long(exc) from None
@@ -575,18 +613,22 @@ class ApiServer:
         finally:
             timer.cancel()
         head()
-        writer.write(chunk({}, stop))
-        done = meter.finished()
-        self._count(done)
+        for i, stop in enumerate(stops):
+            writer.write(chunk({}, stop, index=i))
         if asked.include_usage:
-            writer.write(chunk(None, usage=_usage(done)))
+            writer.write(chunk(None, usage=_usage_of(dones)))
         writer.write(b"data: [DONE]\n\n")
         await writer.drain()
 
-    async def _frames(self, asked: ChatRequest) -> Any:
-        """The reply's events; each slot's cache use is kept for /metrics."""
+    async def _frames(self, asked: ChatRequest, choice: int = 0) -> Any:
+        """The reply's events (choice `choice` of `n`: its own seed, where one was given);
+        each slot's cache use is kept for /metrics. An API reply never shifts the context:
+        at a full slot it ends with finish_reason "length" (the client keeps the history)."""
+        sampling = dict(asked.sampling, context_shift=False)
+        if choice and "seed" in sampling:
+            sampling["seed"] += choice
         async with contextlib.aclosing(
-            self.session.complete(list(asked.messages), **asked.sampling)
+            self.session.complete(list(asked.messages), **sampling)
         ) as frames:
             async for frame in frames:
                 if isinstance(frame, Token | Done):
@@ -638,11 +680,58 @@ def _too_long(exc: PromptTooLong) -> ApiError:
 
 
 def _usage(done: Done) -> dict[str, int]:
+    return _usage_of([done])
+
+
+def _usage_of(dones: list[Done]) -> dict[str, int]:
+    """Tokens of a request's choices: the prompt counted once, as OpenAI does."""
+    prompt = dones[0].prompt_tokens if dones else 0
+    completion = sum(d.n_tokens for d in dones)
     return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.n_tokens,
-        "total_tokens": done.prompt_tokens + done.n_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
+
+
+def _logprob(token: Token) -> dict[str, Any]:
+    """One token's entry in OpenAI's logprobs.content."""
+
+    def entry(text: str, value: float) -> dict[str, Any]:
+        return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+    return {
+        **entry(token.text, token.logprob),
+        "top_logprobs": [entry(text, value) for _, text, value in token.top],
+    }
+
+
+@dataclasses.dataclass
+class _Choice:
+    """One choice of a whole reply as it is generated."""
+
+    watch: StopWatch
+    text: list[str] = dataclasses.field(default_factory=list)
+    logprobs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    done: Done | None = None
+
+    def message(self, index: int, asked: ChatRequest) -> dict[str, Any]:
+        assert self.done is not None
+        content: str | None = "".join(self.text)
+        finish = "stop" if self.watch.stopped else _finish(self.done.stop)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if asked.tools is not None:
+            content, calls = parse_reply(content or "")
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = calls
+                finish = "tool_calls"
+        return {
+            "index": index,
+            "finish_reason": finish,
+            "message": message,
+            "logprobs": {"content": self.logprobs} if asked.logprobs else None,
+        }
 
 
 def _error(message: str, kind: str = "server_error") -> dict[str, Any]:

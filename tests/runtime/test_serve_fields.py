@@ -21,6 +21,18 @@ from tests.support.agents import start_serve, stop
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 COUNT = [{"role": "user", "content": "Count from one to twenty in words, separated by commas."}]
+_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,23 +55,32 @@ def _ask(client: openai.OpenAI, **fields: Any) -> Any:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
-        ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"n": 9}, "n"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logit_bias": {"x": 5}}, "logit_bias"),
+        ({"logit_bias": {"1": 101}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
         (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-            "tools",
+            {"response_format": {"type": "json_schema", "json_schema": {}}},
+            "response_format.json_schema",
         ),
+        ({"tool_choice": "required"}, "tool_choice"),  # no tools
+        (
+            {"tools": [_WEATHER], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice",
+        ),
+        ({"tools": [{"type": "function"}]}, "tools[0]"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
         ({"temperature": -1}, "temperature"),
         ({"top_p": "x"}, "top_p"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
         ({"extra_body": {"mirostat": 2}}, "mirostat"),
         (
-            {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]},
-            "messages[0]",
+            {"messages": [{"role": "user", "content": "hi", "tool_call_id": "c1"}]},
+            "messages[0].tool_call_id",
         ),
         (
             {
@@ -75,7 +96,7 @@ def _ask(client: openai.OpenAI, **fields: Any) -> Any:
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
-def test_a_field_not_built_is_refused_by_name(
+def test_a_field_it_cannot_honour_is_refused_by_name(
     client: openai.OpenAI, fields: dict[str, Any], param: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
@@ -282,3 +303,155 @@ def test_requests_are_checked_field_by_field() -> None:
             chat_request(bad, "m")
         assert refused.value.param == param and refused.value.status == 400
         assert json.dumps(refused.value.body())  # OpenAI's error shape, serializable
+
+
+def test_n_choices_each_a_reply_and_usage_counts_them_all(client: openai.OpenAI) -> None:
+    reply = _ask(
+        client, n=3, temperature=1.0, seed=11, max_tokens=12, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(c.message.content for c in reply.choices)
+    # the prompt counted once, each choice's tokens added
+    assert reply.usage is not None and reply.usage.completion_tokens == 36
+    assert len({c.message.content for c in reply.choices}) > 1  # seeds 11, 12, 13
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=COUNT, max_tokens=6, n=2, stream=True, temperature=1.0
+    )
+    seen = {c.choices[0].index for c in streamed if c.choices}
+    assert seen == {0, 1}
+
+
+def test_logprobs_are_the_models_own_and_the_greedy_token_is_the_top_one(
+    client: openai.OpenAI,
+) -> None:
+    reply = _ask(client, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
+    assert reply.choices[0].logprobs is not None
+    tokens = reply.choices[0].logprobs.content or []
+    assert len(tokens) == reply.usage.completion_tokens == 6
+    assert "".join(t.token for t in tokens) == reply.choices[0].message.content
+    for t in tokens:
+        tops = [x.logprob for x in t.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and t.logprob <= 0
+        # greedy: the token chosen is the most likely one
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=COUNT, max_tokens=4, temperature=0, logprobs=True, stream=True
+    )
+    entries = [
+        e
+        for c in streamed
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content or []
+    ]
+    assert [e.token for e in entries] == [t.token for t in tokens[:4]]
+
+
+def test_logit_bias_and_penalties_change_the_tokens_chosen(client: openai.OpenAI) -> None:
+    import llama_cpp  # the test's own tokenizer, to name a token id as a client would
+
+    plain = _ask(client, temperature=0, max_tokens=8)
+    vocab = llama_cpp.Llama(str(_model_path()), vocab_only=True, verbose=False)
+    banana = vocab.tokenize(b" banana", add_bos=False)[0]
+    forced = _ask(client, temperature=0, max_tokens=8, logit_bias={str(banana): 100})
+    assert forced.choices[0].message.content.count("banana") == 8
+    first = vocab.tokenize(plain.choices[0].message.content.encode(), add_bos=False)[0]
+    banned = _ask(client, temperature=0, max_tokens=8, logit_bias={str(first): -100})
+    assert vocab.tokenize(banned.choices[0].message.content.encode(), add_bos=False)[0] != first
+    # a long greedy reply repeats itself; a frequency penalty makes its words more varied
+    loop = {"messages": [{"role": "user", "content": "Say yes yes yes yes yes."}]}
+    same = _ask(client, temperature=0, max_tokens=60, extra_body={"ignore_eos": True}, **loop)
+    varied = _ask(
+        client,
+        temperature=0,
+        max_tokens=60,
+        frequency_penalty=2.0,
+        presence_penalty=1.0,
+        extra_body={"ignore_eos": True},
+        **loop,
+    )
+    words = same.choices[0].message.content.split()
+    other = varied.choices[0].message.content.split()
+    assert len(set(other)) / len(other) > len(set(words)) / len(words)
+
+
+def test_json_schema_replies_parse_and_validate(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        # bounded, so that even a sampled reply ends within max_tokens (a reply cut short
+        # by max_tokens is not whole JSON: its finish_reason says "length")
+        "properties": {
+            "name": {"type": "string", "maxLength": 16},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    ask = [{"role": "user", "content": "Describe a person."}]
+    for temperature in (0.0, 1.0):
+        reply = _ask(
+            client,
+            messages=ask,
+            temperature=temperature,
+            max_tokens=80,
+            response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+        )
+        assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+        person = json.loads(reply.choices[0].message.content)
+        assert set(person) == {"name", "age"} and len(person["name"]) <= 16
+        assert isinstance(person["age"], int) and 0 <= person["age"] <= 150
+    anything = _ask(
+        client,
+        messages=[{"role": "user", "content": 'Reply with {"ok": true} and nothing else.'}],
+        temperature=0,
+        max_tokens=200,
+        response_format={"type": "json_object"},
+    )
+    assert anything.choices[0].finish_reason == "stop", anything.choices[0].message.content
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_a_tool_call_round_trip(client: openai.OpenAI) -> None:
+    ask: list[Any] = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    called = _ask(
+        client, messages=ask, temperature=0, max_tokens=60, tools=[_WEATHER], tool_choice="required"
+    )
+    choice = called.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = (choice.message.tool_calls or [])[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    # the result goes back as a tool message; the answer is text
+    ask += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
+    ]
+    answer = _ask(
+        client, messages=ask, temperature=0, max_tokens=30, tools=[_WEATHER], tool_choice="none"
+    )
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    # streamed, the call comes as one tool_calls delta
+    streamed = client.chat.completions.create(
+        model=MODEL,
+        messages=ask[:1],
+        max_tokens=60,
+        temperature=0,
+        tools=[_WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        stream=True,
+    )
+    chunks = [c.choices[0] for c in streamed if c.choices]
+    calls = [d.delta.tool_calls for d in chunks if d.delta.tool_calls]
+    assert calls and calls[0][0].function.name == "get_weather"
+    assert chunks[-1].finish_reason == "tool_calls"
+
+
+def test_a_reply_that_fills_its_slot_ends_with_length_not_a_shift(client: openai.OpenAI) -> None:
+    reply = _ask(client, max_tokens=1000, temperature=0, extra_body={"ignore_eos": True})
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.total_tokens == 512  # the whole context
+
+
+def _model_path() -> Path:
+    from corral.engine.model import default_model_path
+
+    return default_model_path()
