@@ -40,6 +40,8 @@ from .childproto import (
     Done,
     DryRun,
     DryRunReport,
+    Embed,
+    Embeddings,
     Exit,
     Failed,
     Generate,
@@ -508,6 +510,53 @@ class _Engine:
         slot.job, slot.used = job, time.monotonic()
         self.jobs.append(job)
 
+    def embed(self, req: Embed) -> None:
+        """Embeddings of `req.texts`, in the least used free slot (its cached prompt is
+        dropped): the model's own pooling where it has one, else the mean of the token
+        vectors of its last layer; each normalized to length 1."""
+        if self.llm is None:
+            raise _Refused("no model is loaded")
+        L, ctx, np = self.L, self.llm.ctx, self.np
+        slot = min(self.slots, key=lambda s: len(s.tokens))
+        pooled = int(L.llama_pooling_type(ctx)) not in (0, -1)  # NONE, UNSPECIFIED
+        n_embd = int(L.llama_model_n_embd(self.llm.model))
+        mem = L.llama_get_memory(ctx)
+        vectors, n_tokens = [], 0
+        L.llama_set_embeddings(ctx, True)
+        try:
+            for i, text in enumerate(req.texts):
+                tokens = list(self.llm.tokenize(text.encode(), add_bos=True, special=False))
+                limit = int(L.llama_n_ubatch(ctx)) if pooled else self.n_ctx_seq
+                if not tokens or len(tokens) > limit:
+                    raise _Refused(
+                        f"input[{i}]: {len(tokens)} tokens; this model embeds 1 to {limit}",
+                        BAD_FIELD + "input",
+                    )
+                L.llama_memory_seq_rm(mem, slot.seq, 0, -1)
+                slot.tokens.clear()
+                total = np.zeros(n_embd, dtype=np.float64)
+                for start in range(0, len(tokens), self.n_batch):
+                    chunk = tokens[start : start + self.n_batch]
+                    entries = [
+                        _Entry(_NO_JOB, t, start + k, True, True) for k, t in enumerate(chunk)
+                    ]
+                    self._decode(entries, slot.seq)
+                    if not pooled:
+                        for k in range(len(chunk)):
+                            row = L.llama_get_embeddings_ith(ctx, k)
+                            total += np.ctypeslib.as_array(row, (n_embd,))
+                if pooled:
+                    total = np.ctypeslib.as_array(
+                        L.llama_get_embeddings_seq(ctx, slot.seq), (n_embd,)
+                    ).astype(np.float64)
+                norm = float(np.linalg.norm(total)) or 1.0
+                vectors.append(tuple(float(x) for x in total / norm))
+                n_tokens += len(tokens)
+        finally:
+            L.llama_memory_seq_rm(mem, slot.seq, 0, -1)
+            L.llama_set_embeddings(ctx, False)
+        self.chan.send(Embeddings(tuple(vectors), n_tokens, req.rid))
+
     def run_step(self) -> None:
         """A step; whatever goes wrong in it ends the replies in it, never the process."""
         try:
@@ -586,20 +635,22 @@ class _Engine:
         for job in [j for j in self.jobs if j.stop]:
             self._finish(job)
 
-    def _decode(self, entries: list[_Entry]) -> bool:
-        """One llama_decode of `entries`; False (their requests ended with an error) if it
-        failed."""
+    def _decode(self, entries: list[_Entry], seq: int = -1) -> bool:
+        """One llama_decode of `entries` (in their jobs' slots, or all in sequence `seq`);
+        False (their requests ended with an error) if it failed."""
         batch = self.batch
         batch.n_tokens = len(entries)
         for i, e in enumerate(entries):
             batch.token[i] = e.token
             batch.pos[i] = e.pos
             batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = e.job.slot.seq
+            batch.seq_id[i][0] = e.job.slot.seq if seq < 0 else seq
             batch.logits[i] = e.logits
         rc = self.L.llama_decode(self.llm.ctx, batch)
         if rc == 0:
             return True
+        if seq >= 0:
+            raise _Refused(f"llama_decode returned {rc} while embedding")
         for e in entries:
             e.job.error = f"llama_decode returned {rc} (KV cache full or compute failed)"
             e.job.stop = "error"
@@ -732,6 +783,9 @@ def _common(a: list[int], b: list[int]) -> int:
     return n
 
 
+_NO_JOB: Any = None  # an embedding's tokens belong to no reply
+
+
 @dataclasses.dataclass(slots=True)
 class _Entry:
     """One token of a step's batch."""
@@ -791,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
             later.append(req)
             continue
         mark = capture.count
-        rid = req.rid if isinstance(req, Generate) else -1
+        rid = req.rid if isinstance(req, Generate | Embed) else -1
         try:
             if isinstance(req, ProtocolError):
                 raise _Refused(f"malformed request: {req}")
@@ -808,20 +862,23 @@ def main(argv: list[str] | None = None) -> int:
                     for q in req.questions
                 ]
                 chan.send(Answers(tuple(ask(req.device, qs))))
+            elif isinstance(req, Embed):
+                engine.embed(req)
             elif isinstance(req, Generate):
-                try:
-                    engine.start(req)
-                except _Refused:
-                    raise
-                except Exception as exc:  # a bug, or llama.cpp refusing: this request only
-                    raise _Refused(f"the request failed: {type(exc).__name__}: {exc}") from None
+                engine.start(req)
             else:
                 raise _Refused(f"{type(req).__name__} is not a request")
         except _Refused as exc:
             chan.send(Failed(str(exc), exc.reason, rid))
         except (GgmlError, UnknownCacheType) as exc:
             chan.send(Failed(str(exc), "", rid))
-        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" etc.
+        except Exception as exc:
+            if rid < 0 and not isinstance(exc, ValueError):
+                raise
+            if rid >= 0:  # a bug, or llama.cpp refusing: this request fails, not the process
+                chan.send(Failed(f"the request failed: {type(exc).__name__}: {exc}", "", rid))
+                continue
+            # llama-cpp-python's "Failed to load model from file" etc.
             hint = ""
             if isinstance(req, Load):
                 hint = load_failure(capture.since(mark)) or (

@@ -5,18 +5,18 @@ are (``[type, {fields}]`` in msgpack frames over a socketpair), validated on dec
 field of the wrong type is a ProtocolError on the side that reads it, never a KeyError deep
 in a handler.
 
-    desktop → child   Load · DryRun · Capabilities · Generate · Cancel · Exit
+    desktop → child   Load · DryRun · Capabilities · Generate · Cancel · Exit · Embed
     child → desktop   Ready · Progress · Loaded · DryRunReport · Answers · Tokens · Shift ·
-                      Done · Failed
+                      Done · Failed · Embeddings
 
 Every request gets exactly one final reply: Load → Progress* then Loaded; DryRun →
 DryRunReport; Capabilities → Answers; Generate → (Progress | Tokens | Shift)* then Done; any
 of them → Failed instead. Several Generates may run at once, one per slot (LoadParams.n_seq):
 each carries a number (rid) that every frame of its reply repeats, and the child decodes them
 together, a token of each per step. Cancel ends a Generate early (its Done says
-"cancelled"); Exit ends the child. Other requests wait until no reply runs. Defaults live
-in one place: `engine.runtime.session.LoadSettings` makes LoadParams, whose fields the child
-takes as they are (n_ctx already padded to 256).
+"cancelled"); Embed → Embeddings; Exit ends the child. Other requests wait until no reply
+runs. Defaults live in one place: `engine.runtime.session.LoadSettings` makes LoadParams,
+whose fields the child takes as they are (n_ctx already padded to 256).
 """
 
 from __future__ import annotations
@@ -155,6 +155,16 @@ class Exit(Message):
     pass
 
 
+@_register(7)
+@dataclass(frozen=True, slots=True)
+class Embed(Message):
+    """Embeddings of texts by the loaded model (its pooling, or the mean of its last
+    layer's token vectors), each normalized to length 1; runs when no reply does."""
+
+    texts: tuple[str, ...]
+    rid: int = 0
+
+
 # ----------------------------------------------------------------- child → desktop
 
 
@@ -254,6 +264,14 @@ class Failed(Message):
     message: str
     reason: str = ""
     rid: int = -1  # the request it ends; -1: the operation under way (a load, ...)
+
+
+@_register(29)
+@dataclass(frozen=True, slots=True)
+class Embeddings(Message):
+    vectors: tuple[tuple[float, ...], ...]
+    n_tokens: int  # the texts' tokens, all together
+    rid: int = 0
 
 
 # ----------------------------------------------------------------- what generate() yields

@@ -35,6 +35,8 @@ from .childproto import (
     Done,
     DryRun,
     DryRunReport,
+    Embed,
+    Embeddings,
     Event,
     Exit,
     Failed,
@@ -274,6 +276,18 @@ class InferenceProcess:
         finally:
             if not ended:
                 await self._abandon(rid, frames)
+            self._replies.pop(rid, None)
+
+    async def embed(self, texts: list[str]) -> Embeddings:
+        """Embeddings of `texts` by the loaded model (they wait for running replies)."""
+        self._rid += 1
+        rid = self._rid
+        frames: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._replies[rid] = frames
+        try:
+            self._send(Embed(tuple(texts), rid))
+            return _as(Embeddings, await self._next(None, frames))
+        finally:
             self._replies.pop(rid, None)
 
     @staticmethod

@@ -44,6 +44,8 @@ class ChatRequest:
     n: int = 1  # choices
     logprobs: bool = False
     tools: Tools | None = None  # the reply is parsed into tool_calls
+    prompt: str | None = None  # /v1/completions: a raw prompt, no chat template
+    echo: bool = False  # /v1/completions: the prompt comes back before the reply
 
 
 _ROLES = {
@@ -345,3 +347,99 @@ class StopWatch:
         """The reply ended on its own: what was held is sent."""
         out, self.held = ("" if self.stopped else self.held), ""
         return out
+
+
+def completion_request(req: Mapping[str, Any], model_id: str) -> ChatRequest:
+    """A legacy /v1/completions request (a raw prompt, no chat template), checked."""
+    _model(req, model_id)
+    raw = req.get("prompt")
+    if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
+        raw = raw[0]
+    if not isinstance(raw, str) or not raw:
+        raise refuse(
+            "prompt",
+            "a non-empty string (or a list of one); token arrays and several prompts: send "
+            "one request each",
+        )
+    for key, allowed in (("suffix", (None, "")), ("best_of", (None, 1))):
+        if req.get(key) not in allowed:
+            raise refuse(key, "not available here (fill-in-the-middle, server-side best-of)")
+    unknown = sorted(set(req) - _COMPLETION_FIELDS)
+    if unknown:
+        raise refuse(unknown[0], "not a field of /v1/completions corral serve knows")
+    limit = _integer(req, "max_tokens", 1)
+    n = _integer(req, "n", 1) or 1
+    if n > MAX_N:
+        raise refuse("n", f"at most {MAX_N} choices a request")
+    stream = _flag(req, "stream")
+    options = req.get("stream_options")
+    if options is not None and (
+        not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
+    ):
+        raise refuse("stream_options", "only {include_usage} and only with stream: true")
+    include_usage = bool(options and options.get("include_usage"))
+    # OpenAI's default for the legacy endpoint: 16 tokens
+    sampling = _sampling(req, 16 if limit is None else limit)
+    top = _integer(req, "logprobs", 0)
+    if top is not None:
+        if top > MAX_LEGACY_LOGPROBS:
+            raise refuse("logprobs", f"at most {MAX_LEGACY_LOGPROBS}")
+        sampling["logprobs"] = top
+    echo = _flag(req, "echo")
+    return ChatRequest(
+        (),
+        stream,
+        include_usage,
+        _stops(req.get("stop")),
+        sampling,
+        n,
+        top is not None,
+        None,
+        prompt=raw,
+        echo=echo,
+    )
+
+
+MAX_LEGACY_LOGPROBS = 5  # as OpenAI's /v1/completions
+_COMPLETION_FIELDS = {
+    "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n",
+    "stream", "stream_options", "logprobs", "echo", "stop", "presence_penalty",
+    "frequency_penalty", "best_of", "logit_bias", "seed", "ignore_eos", *_METADATA,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    texts: tuple[str, ...]
+    base64: bool = False  # encoding_format "base64": little-endian float32, base64
+
+
+MAX_INPUTS = 256  # texts an embeddings request may carry
+
+
+def embedding_request(req: Mapping[str, Any], model_id: str, n_embd: int) -> EmbeddingRequest:
+    """A /v1/embeddings request, checked (`n_embd`: the model's vector size)."""
+    _model(req, model_id)
+    raw = req.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if (
+        not isinstance(texts, list)
+        or not texts
+        or len(texts) > MAX_INPUTS
+        or not all(isinstance(t, str) and t for t in texts)
+    ):
+        raise refuse(
+            "input",
+            f"a non-empty string or a list of up to {MAX_INPUTS} of them (token arrays: send "
+            "the text)",
+        )
+    encoding = req.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise refuse("encoding_format", "is float or base64")
+    dims = req.get("dimensions")
+    if dims is not None and dims != n_embd:
+        raise refuse("dimensions", f"this model's vectors have {n_embd}; leave it out")
+    unknown = sorted(set(req) - {"model", "input", "encoding_format", "dimensions", "user"})
+    if unknown:
+        raise refuse(unknown[0], "not a field of /v1/embeddings corral serve knows")
+    return EmbeddingRequest(tuple(texts), encoding == "base64")

@@ -20,6 +20,7 @@ that hangs up has its reply stopped; at most `queue` requests wait, and none run
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import contextvars
@@ -27,6 +28,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import struct
 import time
 from typing import Any
 
@@ -34,7 +36,14 @@ from corral.engine.aio import within
 
 from .childproto import Done, Token
 from .errors import FieldRefused, InferenceCrashed, PromptTooLong, RuntimeFailure
-from .openai_api import ApiError, ChatRequest, StopWatch, chat_request
+from .openai_api import (
+    ApiError,
+    ChatRequest,
+    StopWatch,
+    chat_request,
+    completion_request,
+    embedding_request,
+)
 from .openai_tools import parse_reply
 from .session import ChatSession
 
@@ -56,7 +65,7 @@ _REASONS = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
-_PATHS = ("/v1/models", "/v1/chat/completions", "/metrics")
+_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/metrics")
 QUEUE = 32  # requests that may wait for the model at once; more get 429
 DEADLINE = 600.0  # seconds a request may wait and run in all
 HEAD_WAIT = 0.5  # a stream's head waits this long for the prompt to be accepted
@@ -261,7 +270,17 @@ class ApiServer:
         elif path == "/v1/chat/completions":
             if method != "POST":
                 raise _HttpError(405, "use POST")
-            await self._chat(json_body(body), reader, writer, answered)
+            # ApiError: a 400 naming the field
+            await self._chat(chat_request(json_body(body), self.model_id), reader, writer, answered)
+        elif path == "/v1/embeddings":
+            if method != "POST":
+                raise _HttpError(405, "use POST")
+            await self._embeddings(json_body(body), writer)
+        elif path == "/v1/completions":
+            if method != "POST":
+                raise _HttpError(405, "use POST")
+            asked = completion_request(json_body(body), self.model_id)
+            await self._chat(asked, reader, writer, answered)
         else:
             raise _HttpError(404, f"no route {path}")
 
@@ -333,13 +352,14 @@ class ApiServer:
 
     async def _chat(
         self,
-        req: dict[str, Any],
+        asked: ChatRequest,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         answered: list[bool],
     ) -> None:
-        asked = chat_request(req, self.model_id)  # ApiError (a 400 naming the field)
-        ident = f"chatcmpl-{secrets.token_hex(12)}"
+        """A chat or text completion: queued for a slot, then streamed or sent whole."""
+        prefix = "cmpl" if asked.prompt is not None else "chatcmpl"
+        ident = f"{prefix}-{secrets.token_hex(12)}"
         created = int(time.time())
         if self._waiting >= self.queue:
             raise _HttpError(
@@ -392,6 +412,32 @@ class ApiServer:
             self._broken, self._broken_at = f"the model is not loaded: {exc}", time.monotonic()
             raise RuntimeFailure(self._broken) from None
         self._broken = ""
+
+    async def _embeddings(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        """Vectors of the texts, by the served model (mean of its last layer, or its own
+        pooling), each of length 1; they wait for a slot like a reply."""
+        spec = self.session.spec
+        asked = embedding_request(req, self.model_id, spec.n_embd if spec else 0)
+        await self._take_slot()
+        try:
+            async with self._ready_lock:
+                await self._ready()
+            try:
+                got = await self.session.embed(list(asked.texts))
+            except FieldRefused as exc:
+                raise ApiError(400, str(exc), exc.param) from None
+        finally:
+            self._slots.release()
+        data = []
+        for i, vector in enumerate(got.vectors):
+            value: Any = list(vector)
+            if asked.base64:
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        usage = {"prompt_tokens": got.n_tokens, "total_tokens": got.n_tokens}
+        await self._json(
+            writer, 200, {"object": "list", "data": data, "model": self.model_id, "usage": usage}
+        )
 
     async def _take_slot(self) -> None:
         """One of the model's slots, once the model is not being loaded again."""
@@ -485,15 +531,19 @@ class ApiServer:
         except FieldRefused as exc:
             raise ApiError(400, str(exc), exc.param) from None
         usage = _usage_of([c.done for c in choices if c.done is not None])
+        text = asked.prompt is not None
         await self._json(
             writer,
             200,
             {
                 "id": ident,
-                "object": "chat.completion",
+                "object": "text_completion" if text else "chat.completion",
                 "created": created,
                 "model": self.model_id,
-                "choices": [c.message(i, asked) for i, c in enumerate(choices)],
+                "choices": [
+                    c.text_choice(i, asked) if text else c.message(i, asked)
+                    for i, c in enumerate(choices)
+                ],
                 "usage": usage,
             },
         )
@@ -506,6 +556,8 @@ class ApiServer:
         created: int,
         answered: list[bool],
     ) -> None:
+        text_kind = asked.prompt is not None
+
         def head() -> None:
             """The stream's head, once: at its first event, HEAD_WAIT s after the model
             took the request, or at a failure, whichever comes first (a prompt too long for
@@ -519,7 +571,10 @@ class ApiServer:
             )
             answered[0] = True
             for i in range(asked.n):
-                writer.write(chunk({"role": "assistant", "content": ""}, index=i))
+                if not text_kind:
+                    writer.write(chunk({"role": "assistant", "content": ""}, index=i))
+                elif asked.echo:
+                    writer.write(chunk({"content": asked.prompt or ""}, index=i))
 
         def chunk(
             delta: dict[str, Any] | None,
@@ -528,12 +583,20 @@ class ApiServer:
             index: int = 0,
             logprobs: Any = None,
         ) -> bytes:
-            choice = {"index": index, "delta": delta, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
             if asked.logprobs:
                 choice["logprobs"] = logprobs
+            if text_kind and delta is not None:  # /v1/completions' chunk: text, legacy logprobs
+                entries = (logprobs or {}).get("content", [])
+                choice = {
+                    "text": delta.get("content", ""),
+                    "index": index,
+                    "logprobs": _legacy_logprobs(entries) if asked.logprobs else None,
+                    "finish_reason": finish,
+                }
             obj: dict[str, Any] = {
                 "id": ident,
-                "object": "chat.completion.chunk",
+                "object": "text_completion" if text_kind else "chat.completion.chunk",
                 "created": created,
                 "model": self.model_id,
                 "choices": [] if delta is None else [choice],
@@ -627,6 +690,8 @@ class ApiServer:
         sampling = dict(asked.sampling, context_shift=False)
         if choice and "seed" in sampling:
             sampling["seed"] += choice
+        if asked.prompt is not None:
+            sampling["prompt"] = asked.prompt
         async with contextlib.aclosing(
             self.session.complete(list(asked.messages), **sampling)
         ) as frames:
@@ -694,6 +759,20 @@ def _usage_of(dones: list[Done]) -> dict[str, int]:
     }
 
 
+def _legacy_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    """/v1/completions' logprobs: parallel lists, and the text offset of each token."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
 def _logprob(token: Token) -> dict[str, Any]:
     """One token's entry in OpenAI's logprobs.content."""
 
@@ -731,6 +810,17 @@ class _Choice:
             "finish_reason": finish,
             "message": message,
             "logprobs": {"content": self.logprobs} if asked.logprobs else None,
+        }
+
+    def text_choice(self, index: int, asked: ChatRequest) -> dict[str, Any]:
+        """The choice as /v1/completions gives it (legacy logprobs)."""
+        assert self.done is not None and asked.prompt is not None
+        head = asked.prompt if asked.echo else ""
+        return {
+            "text": head + "".join(self.text),
+            "index": index,
+            "logprobs": _legacy_logprobs(self.logprobs, len(head)) if asked.logprobs else None,
+            "finish_reason": "stop" if self.watch.stopped else _finish(self.done.stop),
         }
 
 

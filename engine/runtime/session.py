@@ -52,7 +52,7 @@ from corral.engine.protocol import AgentEvent, CapabilityQuestion, Inventory, Wo
 from corral.engine.security.tunnel import TUNNEL_HOST, DesktopTunnel
 
 from .agent_client import AgentClient
-from .childproto import Done, Event, Generate, Loaded, LoadParams
+from .childproto import Done, Embeddings, Event, Generate, Loaded, LoadParams
 from .errors import (
     AgentUnreachable,
     InferenceCrashed,
@@ -551,8 +551,14 @@ class ChatSession:
     ) -> AsyncGenerator[Event, None]:
         """Stream a reply to these messages (the history is the caller's: the HTTP API).
         A consumer that may leave early closes it (`contextlib.aclosing`): the rest of the
-        reply is then stopped and its slot freed. Up to `slots` run at once."""
-        request = Generate.chat(messages, **sampling)
+        reply is then stopped and its slot freed. Up to `slots` run at once. `prompt` in
+        `sampling`: a raw prompt instead of the messages (no chat template)."""
+        prompt = sampling.pop("prompt", None)
+        request = (
+            Generate(prompt=prompt, **sampling)
+            if prompt is not None
+            else Generate.chat(messages, **sampling)
+        )
         # a reply beside others keeps its own pace (they share the steps), from this load's
         watch = self.stall if not self._replying else self.stall.fork()
         self._replying += 1
@@ -582,6 +588,13 @@ class ChatSession:
                     self._stop_timer.cancel()
                 self._stop_timer = None
                 self._stopped_by_kill = ""
+
+    async def embed(self, texts: list[str]) -> Embeddings:
+        """Embeddings of `texts` by the loaded model, each of length 1."""
+        try:
+            return await self.child.embed(texts)
+        except InferenceCrashed as crash:
+            raise await self.explain(crash) from None
 
     @property
     def slots(self) -> int:

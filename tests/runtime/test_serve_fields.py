@@ -455,3 +455,42 @@ def _model_path() -> Path:
     from corral.engine.model import default_model_path
 
     return default_model_path()
+
+
+def test_text_completions_with_echo_logprobs_and_a_stream(client: openai.OpenAI) -> None:
+    prompt = "The capital of France is"
+    done = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2, echo=True
+    )
+    choice = done.choices[0]
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    assert done.object == "text_completion" and done.usage.completion_tokens == 6
+    probs = choice.logprobs
+    assert probs is not None and len(probs.tokens) == 6 and len(probs.top_logprobs) == 6
+    assert probs.text_offset[0] == len(prompt)  # offsets count the echoed prompt
+    assert all(len(top) == 2 for top in probs.top_logprobs)
+    assert prompt + "".join(probs.tokens) == choice.text
+    streamed = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True
+    )
+    assert prompt + "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model=MODEL, prompt=prompt, suffix=" end", max_tokens=4)
+
+
+def test_embeddings_by_the_served_model(client: openai.OpenAI) -> None:
+    texts = ["The cat sat on the mat.", "A cat was sitting on a rug.", "Tax forms are due."]
+    got = client.embeddings.create(model=MODEL, input=texts)
+    vectors = [d.embedding for d in got.data]
+    assert [d.index for d in got.data] == [0, 1, 2] and got.usage.prompt_tokens > 0
+
+    def dot(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert all(abs(dot(v, v) - 1) < 1e-6 for v in vectors)  # each of length 1
+    # the two sentences about a cat are closer to each other than to the third
+    assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model=MODEL, input="x", dimensions=8)
+    # a chat goes on after it
+    assert _ask(client, max_tokens=4).choices[0].message.content
