@@ -177,16 +177,19 @@ def check_cache(spec: ModelSpec, s: Settings, devices: Sequence[DeviceFacts]) ->
 
 
 def check_context(spec: ModelSpec, s: Settings) -> list[Verdict]:
-    if spec.n_ctx_train and s.n_ctx > spec.n_ctx_train:
+    """A context (each slot's, with --parallel) longer than the model was trained for."""
+    each = s.n_ctx // max(1, s.n_seq)
+    if spec.n_ctx_train and each > spec.n_ctx_train:
         return [
             Verdict(
                 "warning",
                 "",
                 "",
                 f"--ctx {s.n_ctx}",
-                f"longer than the model was trained for ({spec.n_ctx_train}); "
-                "output degrades past it",
-                f"use --ctx {spec.n_ctx_train} or less",
+                f"longer than the model was trained for ({spec.n_ctx_train})"
+                + (f" in each of the {s.n_seq} slots" if s.n_seq > 1 else "")
+                + "; output degrades past it",
+                f"use --ctx {spec.n_ctx_train * max(1, s.n_seq)} or less",
             )
         ]
     return []

@@ -57,9 +57,14 @@ from .childproto import (
 )
 
 _FLUSH_S = 0.03  # at most ~33 token frames a second: smooth to read, cheap to receive
-# while other replies run, a long prompt is read this many tokens a step, so a short
-# request's first token does not wait for all of it (llama-server's slots do the same)
-SHARED_CHUNK = 128
+# A long prompt is read in chunks that take about STEP_FACTOR generated-token steps, at
+# least MIN_CHUNK tokens (SHARED_CHUNK before any step was timed), so a request that comes
+# while it is read gets its first token soon; a prompt of at most SHORT_PROMPT tokens that
+# has just come is read first, whole.
+STEP_FACTOR = 1.0
+MIN_CHUNK = 64
+SHARED_CHUNK = 256
+SHORT_PROMPT = 256
 
 
 class _Channel:
@@ -115,6 +120,8 @@ class _Engine:
         self.n_vocab = 0
         self.piece = ctypes.create_string_buffer(256)
         self.np: Any = None
+        self.token_step = 0.0  # seconds a step of one generated token takes (recent)
+        self.prompt_rate = 0.0  # prompt tokens a second (recent)
         self.cpu_kernels: Any = None  # CpuKernels: the self-test's verdict, once asked
 
     # ------------------------------------------------------------------ load
@@ -574,34 +581,25 @@ class _Engine:
 
     def step(self) -> None:
         """One llama_decode for every running request: the token each generating one
-        sampled last, and prompt tokens of those still reading theirs (the shortest first;
-        while others run, a long prompt goes in chunks of at most SHARED_CHUNK tokens, so
-        it does not hold them up)."""
+        sampled last, and prompt tokens of those still reading theirs. A short prompt that
+        has just come goes first, alone with the generating tokens; a long prompt is read
+        in chunks sized to take about STEP_FACTOR token steps, so a request that comes
+        while it is read waits for little of it (time to first token under load)."""
         for job in [j for j in self.jobs if j.stop]:
             self._finish(job)
-        entries: list[_Entry] = []
-        for job in self.jobs:
-            if job.next_token is None:
-                continue
-            slot = job.slot
-            if len(slot.tokens) >= self.n_ctx_seq:
-                if (
-                    not job.req.context_shift
-                    or not job.can_shift
-                    or len(slot.tokens) - job.n_keep < 2
-                ):
-                    job.stop = "context_full"
-                    continue
-                self._flush(job)
-                self._shift(job)
-            entries.append(_Entry(job, job.next_token, len(slot.tokens), True, False))
+        entries = [
+            _Entry(job, job.next_token, len(job.slot.tokens), True, False)
+            for job in self.jobs
+            if job.next_token is not None
+        ]
         budget = self.n_batch - len(entries)
         reading = sorted((j for j in self.jobs if j.pending), key=lambda j: len(j.pending))
-        shared = len(self.jobs) > 1
-        for job in reading:
+        fresh = [j for j in reading if j.read == 0 and len(j.pending) <= SHORT_PROMPT]
+        chunk = self._chunk()
+        for job in fresh or reading:
             if budget <= 0:
                 break
-            take = min(budget, len(job.pending), SHARED_CHUNK if shared else budget)
+            take = min(budget, len(job.pending), len(job.pending) if job in fresh else chunk)
             last = take == len(job.pending)
             pos = len(job.slot.tokens)
             entries.extend(
@@ -609,7 +607,9 @@ class _Engine:
                 for i, t in enumerate(job.pending[:take])
             )
             del job.pending[:take]
+            job.read += take
             budget -= take
+        t0 = time.perf_counter()
         if entries and self._decode(entries):
             now = time.perf_counter()
             for i, entry in enumerate(entries):
@@ -619,21 +619,43 @@ class _Engine:
                     if entry.logits:  # the prompt is read
                         job.t1 = now
                         self.chan.send(Progress(1.0, job.rid))
-                        if job.req.max_tokens <= 0:
-                            job.stop = "length"
-                        else:
+                        if job.req.max_tokens > 0:
                             self._sample(job, i)
+                        else:
+                            job.stop = "length"
                     continue
-                self._emit(job, entry.token)
+                job.next_token = None
                 if job.n_gen >= job.req.max_tokens:
                     job.stop = "length"
                 elif not job.stop:
                     self._sample(job, i)
+            self._timed(entries, time.perf_counter() - t0)
             for job in reading:
                 if job.pending:
-                    self.chan.send(Progress(1 - len(job.pending) / len(job.prompt), job.rid))
+                    self.chan.send(Progress(job.read / len(job.prompt), job.rid))
         for job in [j for j in self.jobs if j.stop]:
             self._finish(job)
+
+    def _timed(self, entries: list[_Entry], seconds: float) -> None:
+        """Pace of recent steps: a step of one generated token (what a request alone
+        waits for a token), and prompt tokens a second (steps with a chunk of at least
+        64)."""
+        prompt = sum(e.prompt for e in entries)
+        if len(entries) == 1 and prompt == 0:
+            self.token_step = (
+                seconds if not self.token_step else 0.8 * self.token_step + 0.2 * seconds
+            )
+        elif prompt >= 64:
+            rate = prompt / seconds
+            self.prompt_rate = rate if not self.prompt_rate else 0.8 * self.prompt_rate + 0.2 * rate
+
+    def _chunk(self) -> int:
+        """Prompt tokens a step may read for one long prompt: about STEP_FACTOR token steps'
+        worth, at least MIN_CHUNK (a GPU reads small chunks slowly), at most n_batch."""
+        if not (self.token_step and self.prompt_rate):
+            return max(MIN_CHUNK, min(self.n_batch, SHARED_CHUNK))
+        fits = int(self.prompt_rate * STEP_FACTOR * self.token_step)
+        return max(MIN_CHUNK, min(self.n_batch, fits))
 
     def _decode(self, entries: list[_Entry], seq: int = -1) -> bool:
         """One llama_decode of `entries` (in their jobs' slots, or all in sequence `seq`);
@@ -657,9 +679,17 @@ class _Engine:
         return False
 
     def _sample(self, job: _Job, index: int) -> None:
-        """The next token of `job`, from the logits at batch `index` (decoded and sent in
-        the next step); an end of generation ends the reply."""
+        """The next token of `job`, from the logits at batch `index`: sent at once, decoded
+        into the cache in the next step. An end of generation ends the reply; a full slot
+        shifts (drops older cells) or, where that is off, ends it."""
         L, ctx = self.L, self.llm.ctx
+        slot = job.slot
+        if len(slot.tokens) >= self.n_ctx_seq:
+            if not job.req.context_shift or not job.can_shift or len(slot.tokens) - job.n_keep < 2:
+                job.stop = "context_full"
+                return
+            self._flush(job)
+            self._shift(job)
         if job.greedy:
             # the first largest logit, read in place (what llama.cpp's greedy sampler picks,
             # without building its candidate array: ~40 us a token on a 32k vocabulary)
@@ -673,15 +703,16 @@ class _Engine:
         if job.req.logprobs >= 0:
             self._logprobs(job, index, tok)
         job.next_token = tok
+        self._emit(job, tok)
 
     def _emit(self, job: _Job, tok: int) -> None:
         """A generated token is in the cache: its text goes out (in batches of ~30 ms)."""
         n = self.L.llama_token_to_piece(self.vocab, tok, self.piece, 256, 0, False)
         text = job.utf8.decode(ctypes.string_at(self.piece, max(n, 0)))
-        job.next_token = None
         job.n_gen += 1
         job.pieces.append(text)
-        job.batch.append(TokenItem(text, tok, len(job.slot.tokens), job.logprob, job.top))
+        # its cell counts as in use: the next step writes it (the reply's last token too)
+        job.batch.append(TokenItem(text, tok, len(job.slot.tokens) + 1, job.logprob, job.top))
         now = time.perf_counter()
         if now - job.flushed >= _FLUSH_S:
             self._flush(job)
@@ -753,6 +784,7 @@ class _Job:
         self.req, self.rid, self.slot, self.prompt = req, req.rid, slot, prompt
         self.keep, self.n_keep = keep, n_keep
         self.pending = prompt[keep:]  # prompt tokens not yet in the cache
+        self.read = 0  # of them, read so far
         self.next_token: int | None = None  # sampled, to decode in the next step
         # greedy by reading the logits in place, where no sampler would change them
         self.greedy = req.temp <= 0 and not (

@@ -16,14 +16,17 @@ LLB=/tmp/llb        # the cmake build; tools in $LLB/bin
 SRC=/tmp/llama_cpp_python-0.3.36
 . packaging/gpu/install.sh
 [ -d $SRC ] || tar xzf .devsrc/llsrc.tgz -C /tmp
+# BUILD_SERVER=1: llama-server too (bench/serve.py compares with it)
+SERVER=OFF; TARGETS=""
+if [ -n "${BUILD_SERVER:-}" ]; then SERVER=ON; TARGETS=llama-server; fi
 if [ ! -f /tmp/build.done ] && [ ! -f /tmp/build.started ]; then
   touch /tmp/build.started
   G=""; command -v ninja >/dev/null && G="-G Ninja"
   setsid nohup bash -c "cmake -S $SRC/vendor/llama.cpp -B $LLB $G -DCMAKE_BUILD_TYPE=Release \
       -DBUILD_SHARED_LIBS=ON -DGGML_RPC=ON -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
       -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-      -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF > /tmp/build.log 2>&1 \
-    && cmake --build $LLB -j 32 --target llama llama-bench llama-quantize ggml-rpc-server \
+      -DLLAMA_BUILD_SERVER=$SERVER -DLLAMA_BUILD_APP=OFF > /tmp/build.log 2>&1 \
+    && cmake --build $LLB -j 32 --target llama llama-bench llama-quantize ggml-rpc-server $TARGETS \
       >> /tmp/build.log 2>&1; echo \$? > /tmp/build.done" >/dev/null 2>&1 < /dev/null &
 fi
 if [ ! -f /tmp/models.done ] && [ ! -f /tmp/models.started ]; then
