@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -147,7 +148,9 @@ async def one_stream(url: str, model: str, content: str, tokens: int) -> tuple[f
         data = await reader.read(65536)
         if not data:
             break
-        if not first and b'"content": "' in data.replace(b'"content": ""', b""):
+        # the first text: "content" with a non-empty string (spaced as json.dumps writes
+        # it, or compact as llama-server does)
+        if not first and re.search(rb'"content": ?"[^"]', data):
             first = time.monotonic()
         seen = seen[-64:] + data
     end = time.monotonic()
@@ -173,7 +176,9 @@ def aggregate(url: str, model: str, clients: int, tokens: int) -> float:
     return asyncio.run(run())
 
 
-def ttft_under_long_prompt(url: str, model: str, rounds: int) -> tuple[float, float, float]:
+def ttft_under_long_prompt(
+    url: str, model: str, rounds: int, words: int = _LONG_WORDS
+) -> tuple[float, float, float]:
     """Median time to first token of a short request, idle and while a long prompt is read,
     and of the long prompt alone (what reading it in chunks costs)."""
 
@@ -183,7 +188,7 @@ def ttft_under_long_prompt(url: str, model: str, rounds: int) -> tuple[float, fl
     def long_prompt() -> str:
         # a new one each time: a prompt seen before is read from a slot's cache instead
         nonce = time.monotonic_ns()
-        return f"Document {nonce}. Summarize: " + " ".join(f"w{i}" for i in range(_LONG_WORDS))
+        return f"Document {nonce}. Summarize: " + " ".join(f"w{i}" for i in range(words))
 
     async def run() -> tuple[list[float], list[float]]:
         idle, busy = [], []
@@ -215,6 +220,13 @@ def main() -> int:
     parser.add_argument("--llama-server", default="")
     parser.add_argument("--rpc-server", default="")
     parser.add_argument("--flash-attn", choices=("on", "off"), default="off")
+    parser.add_argument(
+        "--long-words",
+        type=int,
+        default=_LONG_WORDS,
+        help="the long prompt's words (~4 tokens each)",
+    )
+    parser.add_argument("--only-ttft", action="store_true", help="skip the throughput rounds")
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
     name = opts.model.stem
@@ -245,14 +257,14 @@ def main() -> int:
         try:
             for url in servers.values():  # warm-up: the first reply pays one-time costs
                 aggregate(url, name, 1, 8)
-            for r in range(opts.rounds):
+            for r in range(0 if opts.only_ttft else opts.rounds):
                 for label, url in servers.items():
                     for k in results[label]:
                         rate = aggregate(url, name, k, opts.tokens)
                         results[label][k].append(rate)
                         print(f"round {r} {label} clients {k}: {rate:.1f} tok/s", flush=True)
             for label, url in servers.items():
-                ttft[label] = ttft_under_long_prompt(url, name, opts.rounds)
+                ttft[label] = ttft_under_long_prompt(url, name, opts.rounds, opts.long_words)
         finally:
             for p in procs:
                 p.terminate()
@@ -270,7 +282,7 @@ def main() -> int:
     print("|---|" + "---|" * (len(CLIENTS) + 4))
     summary = {}
     for label, by_k in results.items():
-        med = {k: statistics.median(v) for k, v in by_k.items()}
+        med = {k: statistics.median(v) for k, v in by_k.items() if v}
         ratio = med[4] / med[1] if 4 in med and 1 in med else float("nan")
         idle, busy, alone = ttft.get(label, (float("nan"),) * 3)
         cells = " | ".join(f"{med[k]:.1f}" if k in med else "-" for k in CLIENTS)

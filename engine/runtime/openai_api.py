@@ -6,7 +6,8 @@ parses each body with `chat_request` and streams or returns what it asked for; `
 applies `stop` strings to a reply as it streams, across token boundaries.
 
 Honoured: messages (system, developer as system, user, assistant with or without
-tool_calls, tool; text content or text parts), model (must be the one served), max_tokens /
+tool_calls, tool; text content or text parts; a participant name as "name: " before the
+text, since chat templates have no field for it), model (must be the one served), max_tokens /
 max_completion_tokens, temperature, top_p, top_k, min_p, seed, stop, n (the choices one
 after another, choice i with seed + i), stream, stream_options.include_usage,
 presence_penalty and frequency_penalty (llama.cpp's penalties sampler), logit_bias (token
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .openai_errors import ApiError, refuse
-from .openai_tools import Tools, assistant_calls, tools_for, with_tools_system
+from .openai_tools import Tools, assistant_calls, tools_for, with_system_note, with_tools_system
 
 MAX_STOPS = 4  # as OpenAI's API allows
 MAX_N = 8  # choices a request: each is one more reply, read one after another
@@ -125,13 +126,12 @@ def _messages(raw: Any) -> tuple[Mapping[str, str], ...]:
         extra = sorted(set(m) - known)
         if extra:
             raise refuse(f"messages[{i}].{extra[0]}", f"not part of a {role} message")
-        if "name" in m:
-            raise refuse(
-                f"messages[{i}].name",
-                "participant names are not part of the "
-                "model's chat template here; put the name in the content",
-            )
+        name = m.get("name")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise refuse(f"messages[{i}].name", "must be a non-empty string")
         content = _content(i, m.get("content"))
+        if name:  # chat templates have no field for it: the model reads it before the text
+            content = f"{name.strip()}: {content}"
         if role == "assistant" and m.get("tool_calls"):
             # shown to the model in the form it is asked to call tools in (openai_tools)
             content = assistant_calls(i, m["tool_calls"])
@@ -179,6 +179,11 @@ def chat_request(req: Mapping[str, Any], model_id: str) -> ChatRequest:
             raise refuse("response_format", "not with tools: the tools' form is JSON already")
         messages = with_tools_system(messages, tools)
         schema = json.dumps(tools.schema)
+    elif schema:
+        # the grammar holds the reply to the schema; the model is also told it, or a small
+        # one fills the first string it opens until max_tokens
+        what = "a JSON object" if schema == "*" else f"JSON that matches this schema: {schema}"
+        messages = with_system_note(messages, f"Reply with {what}")
     if schema:
         sampling["json_schema"] = schema
     return ChatRequest(messages, stream, include_usage, stop, sampling, n, logprobs, tools)

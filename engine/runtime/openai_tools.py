@@ -23,6 +23,8 @@ from typing import Any
 
 from .openai_errors import refuse
 
+MAX_CALLS = 4  # tool calls one reply may make at once
+
 
 @dataclass(frozen=True, slots=True)
 class Tools:
@@ -83,10 +85,10 @@ def tools_for(req: Mapping[str, Any]) -> Tools | None:
     call = {
         "type": "array",
         "minItems": 1,
+        # bounded: a small model otherwise repeats the same call until max_tokens
+        "maxItems": MAX_CALLS if parallel else 1,
         "items": {"anyOf": [_call_schema(f) for f in allowed]},
     }
-    if not parallel:
-        call["maxItems"] = 1
     calling = {"type": "object", "properties": {"tool_calls": call}, "required": ["tool_calls"]}
     answering = {
         "type": "object",
@@ -133,39 +135,71 @@ def assistant_calls(i: int, calls: Any) -> str:
 
 
 def parse_reply(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, tool_calls) of a reply held to the tools' JSON form; a reply cut short
-    (not JSON) comes back as content."""
+    """(content, tool_calls) of a reply held to the tools' JSON form. The same call twice
+    is one call; a reply cut short by max_tokens keeps the calls it completed (none: the
+    text comes back as content)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
-        return text, []
+        obj = {"tool_calls": _complete_calls(text)} if '"tool_calls"' in text else None
+        if not obj or not obj["tool_calls"]:
+            return text, []
     if isinstance(obj, dict) and isinstance(obj.get("tool_calls"), list):
-        calls = [
-            {
-                "id": f"call_{secrets.token_hex(12)}",
-                "type": "function",
-                "function": {
-                    "name": str(c.get("name", "")),
-                    "arguments": json.dumps(c.get("arguments", {}), ensure_ascii=False),
-                },
-            }
-            for c in obj["tool_calls"]
-            if isinstance(c, dict)
-        ]
+        seen: list[tuple[str, str]] = []
+        calls = []
+        for c in obj["tool_calls"]:
+            if not isinstance(c, dict):
+                continue
+            key = (str(c.get("name", "")), json.dumps(c.get("arguments", {}), sort_keys=True))
+            if key in seen:
+                continue
+            seen.append(key)
+            calls.append(
+                {
+                    "id": f"call_{secrets.token_hex(12)}",
+                    "type": "function",
+                    "function": {
+                        "name": key[0],
+                        "arguments": json.dumps(c.get("arguments", {}), ensure_ascii=False),
+                    },
+                }
+            )
         return None, calls
     if isinstance(obj, dict) and isinstance(obj.get("content"), str):
         return obj["content"], []
     return text, []
 
 
+def _complete_calls(text: str) -> list[Any]:
+    """The whole call objects at the start of a tool_calls array that was cut short."""
+    start = text.find("[", text.find('"tool_calls"'))
+    decoder, calls, i = json.JSONDecoder(), [], start + 1
+    while 0 < i < len(text):
+        while i < len(text) and text[i] in " \t\n\r,":
+            i += 1
+        try:
+            call, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break
+        calls.append(call)
+    return calls
+
+
 def with_tools_system(
     messages: Sequence[Mapping[str, str]], tools: Tools
 ) -> tuple[Mapping[str, str], ...]:
-    """The messages with the tools' description in the system message (added first where
-    there is none)."""
+    """The messages with the tools' description in the system message."""
+    return with_system_note(messages, tools.system)
+
+
+def with_system_note(
+    messages: Sequence[Mapping[str, str]], note: str
+) -> tuple[Mapping[str, str], ...]:
+    """The messages with `note` at the end of the system message (added first where there
+    is none)."""
     out = [dict(m) for m in messages]
     if out and out[0]["role"] == "system":
-        out[0]["content"] = f"{out[0]['content']}\n\n{tools.system}"
+        out[0]["content"] = f"{out[0]['content']}\n\n{note}"
     else:
-        out.insert(0, {"role": "system", "content": tools.system})
+        out.insert(0, {"role": "system", "content": note})
     return tuple(out)

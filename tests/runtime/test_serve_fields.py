@@ -291,9 +291,11 @@ def test_requests_are_checked_field_by_field() -> None:
         "m",
     )
     assert ok.messages[0]["role"] == "system" and ok.sampling["top_p"] == 0.0
+    named = chat_request({"messages": [{"role": "user", "content": "hi", "name": "Ada"}]}, "m")
+    assert named.messages[0]["content"] == "Ada: hi"
     for bad, param in (
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "user", "content": "x", "name": "a"}]}, "messages[0].name"),
+        ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name"),
         ({"messages": COUNT, "stop": ["a"] * 5}, "stop"),
         ({"messages": COUNT, "max_tokens": 0}, "max_tokens"),
         ({"messages": COUNT, "seed": 1.5}, "seed"),

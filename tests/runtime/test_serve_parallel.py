@@ -3,16 +3,20 @@ in its own slot of the context, with the official openai client."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
 from corral.engine.localagents import LocalAgents
+from corral.engine.planner.plan import MiB
+from corral.engine.runtime.session import ChatSession, LoadSettings
 from tests.support.agents import start_serve, stop
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
@@ -144,3 +148,27 @@ def test_a_short_request_is_answered_while_a_long_prompt_is_read(smollm2: Path) 
             stop(proc)
     assert quick["times"] and slow["times"]
     assert quick["times"][0] < slow["times"][0]
+
+
+def test_the_plan_for_parallel_slots_is_what_llama_cpp_allocates(smollm2: Path) -> None:
+    """Four slots share the context: the plan (KV per slot, the compute buffer for the
+    batch of four) equals llama.cpp's own report per device and on the host."""
+
+    async def load() -> tuple[Any, int]:
+        session = ChatSession(agents.addresses)
+        try:
+            result = await session.open(LoadSettings(model=smollm2, n_ctx=4096, parallel=4))
+            return result, session.slots
+        finally:
+            await session.close()
+
+    with LocalAgents(2) as agents:
+        result, slots = asyncio.run(load())
+    assert slots == 4
+    comparison = result.comparison
+    assert comparison is not None
+    for name, planned, actual in zip(
+        comparison.names, comparison.planned, comparison.actual, strict=True
+    ):
+        off = abs(planned.total - actual.total)
+        assert off <= max(0.01 * actual.total, 2 * MiB), (name, planned, actual)
