@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from PySide6.QtCore import QSettings, QStringListModel, Qt
+from PySide6.QtCore import QSettings, QStringListModel, Qt, QTimer
 from PySide6.QtGui import (
     QCloseEvent,
     QDragEnterEvent,
@@ -26,6 +26,7 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import (
     QApplication,
+    QCheckBox,
     QCompleter,
     QFileDialog,
     QHBoxLayout,
@@ -103,6 +104,7 @@ class MainWindow(QMainWindow):
         self.verdicts: list[Any] = []
         self._shifts = 0
         self.running: tuple[LoadSettings, tuple[str, ...]] | None = None  # what is loaded
+        self._api_url = ""  # where the API beside the chat serves, while it does
         self.loaded_at = ""
         self._reply_tokens = 0
         self.load_progress = 0.0
@@ -302,6 +304,27 @@ class MainWindow(QMainWindow):
         self.new_button = QPushButton("New chat")
         self.new_button.clicked.connect(self._new_chat)
         send_row.addWidget(self.stop_button)
+        # the loaded model served to other tools beside this chat (a slot each)
+        api_row = QHBoxLayout()
+        self.api_box = QCheckBox("Serve an &API, port")
+        self.api_box.setToolTip(
+            "An OpenAI-compatible API (corral serve's) on 127.0.0.1, for other tools, beside "
+            "this chat: its replies take the model's other slots (set Slots to 2 or more "
+            "before Deploy)"
+        )
+        self.api_port = QSpinBox()
+        self.api_port.setRange(0, 65535)
+        self.api_port.setValue(8080)
+        self.api_port.setToolTip("0: any free port")
+        self.api_state = QLabel("")
+        self.api_state.setWordWrap(True)
+        api_row.addWidget(self.api_box)
+        api_row.addWidget(self.api_port)
+        api_row.addWidget(self.api_state, 1)
+        self.api_box.toggled.connect(self._toggle_api)
+        self.api_timer = QTimer(self)
+        self.api_timer.setInterval(1000)
+        self.api_timer.timeout.connect(self._poll_api)
         actions = QHBoxLayout()
         for b in (
             self.continue_button,
@@ -312,6 +335,7 @@ class MainWindow(QMainWindow):
         ):
             actions.addWidget(b)
         actions.addStretch(1)
+        actions.addLayout(api_row)  # the API beside the chat: on the same line, for room
         self.max_reply = QSpinBox()
         self.max_reply.setRange(1, 1 << 16)
         self.max_reply.setValue(DEFAULT_MAX_REPLY)
@@ -493,6 +517,7 @@ class MainWindow(QMainWindow):
             ("flash attention", now.flash_attn, ran.flash_attn),
             ("strategy", now.strategy, ran.strategy),
             ("layers", now.layers, ran.layers),
+            ("slots", now.parallel, ran.parallel),
         ):
             if a != b:
                 shown = ("on" if a else "off") if isinstance(a, bool) else (a or "by strategy")
@@ -539,6 +564,8 @@ class MainWindow(QMainWindow):
 
     def _unloaded(self, why: str) -> None:
         """Nothing is loaded any more: say so everywhere, and why."""
+        if self.api_box.isChecked():
+            self._api_off("stopped: the model was unloaded")
         self.result = None
         self.running = None
         self.send_button.setEnabled(False)
@@ -713,6 +740,8 @@ class MainWindow(QMainWindow):
         self.status.setText(f"loading: {self.busy.format()}")
 
     def _loaded(self, result: Any, running: tuple[LoadSettings, tuple[str, ...]]) -> None:
+        if self.api_box.isChecked():  # the load stopped it: it served the model replaced
+            self._api_off("stopped: another model was deployed; tick it again to serve this one")
         self.result = result
         self.running = running
         self.loaded_at = time.strftime("%H:%M")
@@ -863,6 +892,52 @@ class MainWindow(QMainWindow):
         self.history = recovered.history
         self.banner.setText(recovered.line)
         self.log(recovered.line)
+
+    # ------------------------------------------------------------------ the API
+
+    def _toggle_api(self, on: bool) -> None:
+        if not on:
+            self.api_timer.stop()
+            self.api_state.setText("")
+            self._submit(self.chat.stop_api(), lambda _r: None, self._failed)
+            return
+        if self.result is None:
+            self._api_off("deploy a model first")
+            return
+        self.api_state.setText("starting…")
+        self._submit(
+            self.chat.start_api(self.api_port.value()), self._api_started, self._api_failed
+        )
+
+    def _api_started(self, url: str) -> None:
+        self._api_url = url
+        self.api_state.setText(f"serving at {url}")
+        self.log(f"API: serving the model at {url}")
+        self.api_timer.start()
+
+    def _api_failed(self, error: BaseException) -> None:
+        self._api_off(str(error))
+
+    def _api_off(self, why: str) -> None:
+        """The API is not served (`why`, in the state label): the box unticked, quietly."""
+        self.api_timer.stop()
+        self.api_box.blockSignals(True)
+        self.api_box.setChecked(False)
+        self.api_box.blockSignals(False)
+        self.api_state.setText(why)
+
+    def _poll_api(self) -> None:
+        async def slots() -> dict[int, tuple[int, int]]:
+            return self.chat.api_slots()
+
+        self._submit(slots(), self._show_api_slots, lambda _e: None)
+
+    def _show_api_slots(self, slots: dict[int, tuple[int, int]]) -> None:
+        """Each slot the API's replies used: the cells of the KV cache it holds."""
+        if not self.api_box.isChecked():
+            return
+        used = " · ".join(f"slot {k}: {a}/{b}" for k, (a, b) in sorted(slots.items()))
+        self.api_state.setText(f"serving at {self._api_url}" + (f" — {used}" if used else ""))
 
     def _stop(self) -> None:
         if self.stop_button.isEnabled():

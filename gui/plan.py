@@ -398,7 +398,7 @@ class SettingsForm(QWidget):
 
     def __init__(self) -> None:
         super().__init__()
-        # the settings in a grid of three (label, field) pairs a row, their messages under
+        # the settings in a grid of four (label, field) pairs a row, their messages under
         # it: a form a line per setting left the chat too little room at 1280x720
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
@@ -417,6 +417,13 @@ class SettingsForm(QWidget):
         self.strategy = QComboBox()
         self.strategy.addItems(list(STRATEGIES))
         self.strategy.setCurrentText("balanced")
+        self.slots = QSpinBox()
+        self.slots.setRange(1, 16)
+        self.slots.setValue(1)
+        self.slots.setToolTip(
+            "Replies decoded together, each with Context / Slots tokens of the cache: 2 or "
+            "more to serve an API to other tools beside this chat"
+        )
         self.layers = QLineEdit()
         self.layers.setPlaceholderText("by strategy (or per-device counts: 16,15)")
         self.layers.setToolTip(
@@ -434,9 +441,10 @@ class SettingsForm(QWidget):
                 ("flash-attn", "", self.flash),
                 ("strategy", "&Strategy", self.strategy),
                 ("layers", "La&yers", self.layers),
+                ("parallel", "Sl&ots", self.slots),
             )
         ):
-            row, col = divmod(n, 3)
+            row, col = divmod(n, 4)
             if label:
                 buddy = QLabel(label)
                 buddy.setBuddy(widget)
@@ -461,6 +469,7 @@ class SettingsForm(QWidget):
         self.flash.toggled.connect(self.changed)
         self.strategy.currentTextChanged.connect(self.changed)
         self.layers.editingFinished.connect(self.changed)
+        self.slots.valueChanged.connect(self.changed)
 
     def set_counts(self, counts: list[int]) -> None:
         self.layers.setText(",".join(str(c) for c in counts))
@@ -486,6 +495,7 @@ class SettingsForm(QWidget):
             flash_attn=self.flash.isChecked(),
             strategy=self.strategy.currentText(),
             layers=self.counts(),
+            parallel=self.slots.value(),
         )
 
     def show_verdicts(self, verdicts: list[Verdict]) -> list[Verdict]:
@@ -553,6 +563,7 @@ def window_words(text: str) -> str:
         ("--cache-type-v", "V cache"),
         ("--ctx", "context"),
         ("--layers", "layers"),
+        ("--parallel", "Slots"),
         ("a smaller --reserve", "more free memory"),
         ("--reserve", "the memory kept free"),
         ("--swa-cache", "the sliding-window cache"),

@@ -527,8 +527,8 @@ def known_extra_factors() -> dict[int, float]:
 # as opposed to SIGABRT (llama.cpp's own GGML_ABORT: a lost worker, a refused op) or a kill.
 NATIVE_CRASHES = ("SIGSEGV", "SIGILL", "SIGBUS", "SIGFPE")
 _PHASES = (
-    ("in generate", "while computing a reply"),
-    ("in _decode", "while computing the prompt"),
+    ("in step", "while computing a reply"),  # the child's scheduler: prompts and tokens
+    ("in embed", "while computing embeddings"),
     ("in _construct", "while loading the model"),
     ("in dry_run", "in the dry run of the load"),
     ("in _logits", "in the CPU-kernel self-test"),

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from corral.engine.planner.plan import Plan
 from corral.engine.planner.validate import Verdict
@@ -22,6 +23,9 @@ from .childproto import Done
 from .errors import RuntimeFailure
 from .kvstatus import ReplyUpdate
 from .session import ChatSession, LoadResult, LoadSettings
+
+if TYPE_CHECKING:
+    from .serve import ApiServer
 
 History = tuple[Mapping[str, str], ...]
 
@@ -61,6 +65,7 @@ class ChatController:
         self._session: ChatSession | None = None  # the loaded model's (or the one loading)
         self._draft: ChatSession | None = None  # plans on other hosts, nothing loaded
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._api: ApiServer | None = None  # the API served beside the chat, if asked
 
     def _own(self) -> None:
         """On the engine's loop (also true in a callback it runs), or fail."""
@@ -158,6 +163,7 @@ class ChatController:
         """Load the model on these hosts (a fresh session when one was loaded before); the
         chat goes on: the history of the model it replaces is the new one's."""
         self._own()
+        await self.stop_api()  # it served the model this load replaces
         carried = list(self._session.history) if self._session is not None else []
         session = await self._connected(addresses, fresh)
         result = await session.open_after_connect(settings, on_progress=on_progress)
@@ -167,6 +173,7 @@ class ChatController:
     async def unload(self) -> None:
         """Unload the model: its session closes (the hosts' workers are free again)."""
         self._own()
+        await self.stop_api()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -218,8 +225,46 @@ class ChatController:
         self._session.history = [dict(m) for m in messages]
         return self._history(self._session)
 
+    async def start_api(self, port: int) -> str:
+        """Serve the loaded model to other tools (corral serve's OpenAI-compatible API, on
+        127.0.0.1) beside this chat: its replies take the model's other slots. The URL."""
+        self._own()
+        session = self._require()
+        await self.stop_api()
+        if session.slots < 2:
+            raise RuntimeFailure(
+                "the model has one slot, which this chat uses: set Slots to 2 or more and "
+                "Deploy again to serve an API beside the chat"
+            )
+        from .serve import ApiServer  # the HTTP side, only when asked for
+
+        settings = session.settings
+        model_id = settings.model.stem if settings is not None else "model"
+        api = ApiServer(session, model_id, slots=session.slots - 1)
+        try:
+            bound = await api.start("127.0.0.1", port)
+        except OSError as exc:
+            raise RuntimeFailure(
+                f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}; choose another port"
+            ) from None
+        self._api = api
+        return f"http://127.0.0.1:{bound}/v1"
+
+    async def stop_api(self) -> None:
+        """Stop serving the API (its replies in flight end with an error saying so)."""
+        self._own()
+        api, self._api = self._api, None
+        if api is not None:
+            await api.close()
+
+    def api_slots(self) -> dict[int, tuple[int, int]]:
+        """Each slot the API used: (cells in use, its cells)."""
+        self._own()
+        return dict(self._api.slot_kv) if self._api is not None else {}
+
     async def close(self) -> None:
         self._own()
+        await self.stop_api()
         await self._close_draft()
         session, self._session = self._session, None
         if session is not None:

@@ -229,7 +229,10 @@ class InferenceProcess:
             ) from None
 
     async def generate(
-        self, request: Generate, watch: StallWatch | None = None
+        self,
+        request: Generate,
+        watch: StallWatch | None = None,
+        on_rid: Callable[[int], None] | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Yield a Token per token (with the KV cells in use), a Shift per context shift,
         then Done. Up to `slots` run at once; each gets its own number here.
@@ -245,6 +248,8 @@ class InferenceProcess:
         frames: asyncio.Queue[Message | None] = asyncio.Queue()
         self._replies[rid] = frames
         self._send(dataclasses.replace(request, rid=rid))
+        if on_rid is not None:  # whoever may want to stop this reply alone
+            on_rid(rid)
         if watch is not None:
             watch.begin()
         ended = False

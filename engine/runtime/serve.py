@@ -87,20 +87,23 @@ class ApiServer:
         queue: int = QUEUE,
         deadline: float = DEADLINE,
         cors: tuple[str, ...] = (),
+        slots: int = 0,
     ):
+        """`slots`: replies at once (default: every slot of the loaded model; the window
+        keeps one for its own chat)."""
         self.session = session
         self.model_id = model_id
         self.api_key = api_key
         self.queue, self.deadline = queue, deadline
         self.cors = cors  # browser origins allowed ("*": any); none by default
         # a reply holds one of the model's slots; healing the model holds them all
-        self._slots = asyncio.Semaphore(max(1, session.slots))
-        self._n_slots = max(1, session.slots)
+        self._n_slots = max(1, slots or session.slots)
+        self._slots = asyncio.Semaphore(self._n_slots)
         self._healthy = asyncio.Event()  # clear while the model is being loaded again
         self._healthy.set()
         self._ready_lock = asyncio.Lock()  # one request at a time retries a lost model
         self._running = 0  # replies holding a slot
-        self._slot_kv: dict[int, tuple[int, int]] = {}  # slot: (cells in use, its cells)
+        self.slot_kv: dict[int, tuple[int, int]] = {}  # slot: (cells in use, its cells)
         self._server: asyncio.Server | None = None
         self._waiting = 0
         self._handlers: set[asyncio.Task[None]] = set()
@@ -326,7 +329,7 @@ class ApiServer:
             "slots": self._n_slots,
             "replies_running": self._running,
         }
-        for slot, (used, cells) in sorted(self._slot_kv.items()):
+        for slot, (used, cells) in sorted(self.slot_kv.items()):
             gauges[f'slot_kv_used{{slot="{slot}"}}'] = used
             gauges[f'slot_kv_cells{{slot="{slot}"}}'] = cells
         lines = []
@@ -697,7 +700,7 @@ class ApiServer:
         ) as frames:
             async for frame in frames:
                 if isinstance(frame, Token | Done):
-                    self._slot_kv[frame.slot] = (frame.kv_used, frame.n_ctx)
+                    self.slot_kv[frame.slot] = (frame.kv_used, frame.n_ctx)
                 yield frame
 
     def _watched(self, watch: StopWatch, text: str) -> str:

@@ -220,6 +220,7 @@ class ChatSession:
         self._stop_timer: asyncio.TimerHandle | None = None
         self._stopped_by_kill = ""  # why the child was killed to stop a reply
         self._replying = 0  # replies under way (up to the loaded model's slots)
+        self._chat_rid = -1  # the request number of the reply `ask` streams
         self.stall = StallWatch()  # the pace of this load's replies
 
     def _client(self, address: str) -> AgentClient:
@@ -528,11 +529,23 @@ class ChatSession:
         if system and not self.history:
             self.history = [{"role": "system", "content": system}]
         messages = [*self.history, {"role": "user", "content": text}]
-        async with contextlib.aclosing(self.complete(messages, **sampling)) as frames:
-            async for frame in frames:
-                if isinstance(frame, Done):
-                    self.history = [*messages, {"role": "assistant", "content": frame.content}]
-                yield frame
+
+        def mine(rid: int) -> None:
+            self._chat_rid = rid
+
+        try:
+            async with contextlib.aclosing(
+                self.complete(messages, on_rid=mine, **sampling)
+            ) as frames:
+                async for frame in frames:
+                    if isinstance(frame, Done):
+                        self.history = [
+                            *messages,
+                            {"role": "assistant", "content": frame.content},
+                        ]
+                    yield frame
+        finally:
+            self._chat_rid = -1
 
     def reply_meter(self) -> ReplyMeter:
         """A meter for the next reply, sizing the KV cache per device by the loaded plan."""
@@ -547,7 +560,10 @@ class ChatSession:
         return last_user["content"]
 
     async def complete(
-        self, messages: Sequence[Mapping[str, str]], **sampling: Any
+        self,
+        messages: Sequence[Mapping[str, str]],
+        on_rid: Callable[[int], None] | None = None,
+        **sampling: Any,
     ) -> AsyncGenerator[Event, None]:
         """Stream a reply to these messages (the history is the caller's: the HTTP API).
         A consumer that may leave early closes it (`contextlib.aclosing`): the rest of the
@@ -563,7 +579,7 @@ class ChatSession:
         watch = self.stall if not self._replying else self.stall.fork()
         self._replying += 1
         try:
-            async with contextlib.aclosing(self.child.generate(request, watch)) as frames:
+            async with contextlib.aclosing(self.child.generate(request, watch, on_rid)) as frames:
                 async for frame in frames:
                     yield frame
         except ReplyStalled as stall:
@@ -602,14 +618,15 @@ class ChatSession:
         return self.child.slots
 
     def cancel(self) -> None:
-        """Stop the replies being generated: at their next token, or, when one has not stopped
-        STOP_GRACE s later or on a second cancel, by killing the inference process (llama.cpp
-        blocked on a worker that stopped answering never looks at a cancel). Call it on the
-        engine's loop; without a reply under way it does nothing."""
+        """Stop the chat's reply (`ask`'s; else every reply): at its next token, or, when it
+        has not stopped STOP_GRACE s later or on a second cancel, by killing the inference
+        process (llama.cpp blocked on a worker that stopped answering never looks at a
+        cancel). Call it on the engine's loop; without a reply under way it does nothing."""
         if not self._replying:
             return
         if self._stop_timer is None:
-            self.child.cancel()
+            # the chat's own reply where one runs (replies to the API go on), else every one
+            self.child.cancel(self._chat_rid)
             self._stop_timer = asyncio.get_running_loop().call_later(
                 STOP_GRACE,
                 self._stop_now,

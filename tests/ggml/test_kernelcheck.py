@@ -172,7 +172,9 @@ def test_crash_hints_name_the_kernels_in_play() -> None:
         "load_tensors:          AMX model buffer size =    89.02 MiB",
         "load_tensors:   CPU_Mapped model buffer size =   111.00 MiB",
         "Fatal Python error: Segmentation fault",
-        '  File "/x/corral/engine/runtime/child.py", line 401 in generate',
+        '  File "/x/corral/engine/runtime/child.py", line 512 in _decode',
+        '  File "/x/corral/engine/runtime/child.py", line 470 in step',
+        '  File "/x/corral/engine/runtime/child.py", line 455 in run_step',
         '  File "/x/corral/engine/runtime/child.py", line 600 in main',
     ]
     hint = crash_hint("killed by SIGSEGV", amx_load)
