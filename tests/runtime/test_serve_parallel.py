@@ -172,3 +172,27 @@ def test_the_plan_for_parallel_slots_is_what_llama_cpp_allocates(smollm2: Path) 
     ):
         off = abs(planned.total - actual.total)
         assert off <= max(0.01 * actual.total, 2 * MiB), (name, planned, actual)
+
+
+def test_a_request_that_fails_in_the_model_fails_alone(server: str) -> None:
+    """A schema llama.cpp's grammar cannot be made from is a 400 naming response_format,
+    while another client's reply streams on to its last token."""
+    client = openai.OpenAI(base_url=server, api_key="x", max_retries=0, timeout=300)
+    kept: dict = {}
+    other = threading.Thread(target=_timed_stream, args=(client, _COUNT, 96, kept))
+    other.start()
+    while not kept.get("times"):
+        time.sleep(0.02)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL,
+            max_tokens=8,
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}},
+            },
+        )
+    assert isinstance(refused.value.body, dict) and refused.value.body["param"] == "response_format"
+    other.join(300)
+    assert kept["finish"] == "length" and kept["usage"].completion_tokens == 96
