@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from corral.engine.localagents import LocalAgents
 from corral.engine.model import default_model_path
+from tests.support.agents import start_serve
 
 CLIENTS = (1, 2, 4, 8)
 _LONG_WORDS = 900  # ~3.6k tokens: a long document pasted into a chat
@@ -44,22 +45,15 @@ _LONG_WORDS = 900  # ~3.6k tokens: a long document pasted into a chat
 def start_corral(
     model: Path, agents: list[str], ctx: int, parallel: int, flash_attn: str = "off"
 ) -> tuple[subprocess.Popen[str], str]:
-    args = [sys.executable, "-m", "corral.engine.cli", "serve", str(model), "--port", "0"]
-    args += ["--ctx", str(ctx), "--parallel", str(parallel), "--queue", "64"]
-    args += ["--flash-attn", flash_attn]
-    for a in agents:
-        args += ["--agent", a]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("serving"):
-        proc.kill()
-        raise SystemExit(
-            "corral serve did not start: " + line + (proc.stderr.read() if proc.stderr else "")
-        )
-    threading.Thread(target=proc.stdout.read, daemon=True).start()
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # type: ignore[union-attr]
-    return proc, line.split()[-1]
+    """`corral serve` as the tests start it, its output read on (a long run fills a pipe)."""
+    proc, url = start_serve(
+        model, agents, "--ctx", str(ctx), "--parallel", str(parallel), "--queue", "64",
+        "--flash-attn", flash_attn,
+    )  # fmt: skip
+    for stream in (proc.stdout, proc.stderr):
+        assert stream is not None
+        threading.Thread(target=stream.read, daemon=True).start()
+    return proc, url
 
 
 def free_port() -> int:

@@ -201,30 +201,22 @@ MAX_PARALLEL = 64  # llama.cpp's limit on sequences in one context (LLAMA_MAX_SE
 def check_parallel(s: Settings) -> list[Verdict]:
     """Slots share the context: each holds n_ctx / n_seq cells, at least 256 (llama.cpp's
     padding), and llama.cpp takes at most MAX_PARALLEL sequences."""
+
+    def refused(why: str, fix: str) -> list[Verdict]:
+        return [Verdict("error", "", "", f"--parallel {s.n_seq}", why, fix)]
+
     if not 1 <= s.n_seq <= MAX_PARALLEL:
-        return [
-            Verdict(
-                "error",
-                "",
-                "",
-                f"--parallel {s.n_seq}",
-                f"llama.cpp decodes 1 to {MAX_PARALLEL} sequences together",
-                f"use --parallel 1 to {MAX_PARALLEL}",
-            )
-        ]
+        return refused(
+            f"llama.cpp decodes 1 to {MAX_PARALLEL} sequences together",
+            f"use --parallel 1 to {MAX_PARALLEL}",
+        )
     each = s.n_ctx_padded // s.n_seq
     if each < 256:
-        return [
-            Verdict(
-                "error",
-                "",
-                "",
-                f"--parallel {s.n_seq}",
-                f"each of the {s.n_seq} slots would hold {each} tokens of the "
-                f"{s.n_ctx_padded}-token context (at least 256 each)",
-                f"use --ctx {256 * s.n_seq} or more, or --parallel {max(1, s.n_ctx_padded // 256)}",
-            )
-        ]
+        return refused(
+            f"each of the {s.n_seq} slots would hold {each} tokens of the "
+            f"{s.n_ctx_padded}-token context (at least 256 each)",
+            f"use --ctx {256 * s.n_seq} or more, or --parallel {max(1, s.n_ctx_padded // 256)}",
+        )
     return []
 
 

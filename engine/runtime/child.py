@@ -58,12 +58,12 @@ from .childproto import (
 
 _FLUSH_S = 0.03  # at most ~33 token frames a second: smooth to read, cheap to receive
 # A long prompt is read in chunks that take about STEP_FACTOR generated-token steps, at
-# least MIN_CHUNK tokens (SHARED_CHUNK before any step was timed), so a request that comes
+# least MIN_CHUNK tokens (UNTIMED_CHUNK before any step was timed), so a request that comes
 # while it is read gets its first token soon; a prompt of at most SHORT_PROMPT tokens that
 # has just come is read first, whole.
 STEP_FACTOR = 1.0
 MIN_CHUNK = 64
-SHARED_CHUNK = 256
+UNTIMED_CHUNK = 256
 SHORT_PROMPT = 256
 
 
@@ -433,11 +433,19 @@ class _Engine:
         if k > 0:
             best = np.argpartition(-shifted, k)[:k]
             best = best[np.argsort(-shifted[best])]
-            job.top = tuple((int(t), self._piece(int(t)), float(shifted[t] - logz)) for t in best)
+            job.top = tuple(
+                (
+                    int(t),
+                    self._piece(int(t)).decode("utf-8", errors="replace"),
+                    float(shifted[t] - logz),
+                )
+                for t in best
+            )
 
-    def _piece(self, tok: int) -> str:
+    def _piece(self, tok: int) -> bytes:
+        """A token's text as the vocabulary holds it (bytes: a character may span tokens)."""
         n = self.L.llama_token_to_piece(self.vocab, tok, self.piece, 256, 0, False)
-        return ctypes.string_at(self.piece, max(n, 0)).decode("utf-8", errors="replace")
+        return ctypes.string_at(self.piece, max(n, 0))
 
     def _n_keep(self, req: Generate, prompt: list[int]) -> int:
         """Tokens a context shift keeps: --n-keep, or by default the system prompt."""
@@ -642,19 +650,15 @@ class _Engine:
         64)."""
         prompt = sum(e.prompt for e in entries)
         if len(entries) == 1 and prompt == 0:
-            self.token_step = (
-                seconds if not self.token_step else 0.8 * self.token_step + 0.2 * seconds
-            )
+            self.token_step = _recent(self.token_step, seconds)
         elif prompt >= 64:
-            rate = prompt / seconds
-            self.prompt_rate = rate if not self.prompt_rate else 0.8 * self.prompt_rate + 0.2 * rate
+            self.prompt_rate = _recent(self.prompt_rate, prompt / seconds)
 
     def _chunk(self) -> int:
         """Prompt tokens a step may read for one long prompt: about STEP_FACTOR token steps'
         worth, at least MIN_CHUNK (a GPU reads small chunks slowly), at most n_batch."""
-        if not (self.token_step and self.prompt_rate):
-            return max(MIN_CHUNK, min(self.n_batch, SHARED_CHUNK))
-        fits = int(self.prompt_rate * STEP_FACTOR * self.token_step)
+        timed = self.token_step and self.prompt_rate
+        fits = int(self.prompt_rate * STEP_FACTOR * self.token_step) if timed else UNTIMED_CHUNK
         return max(MIN_CHUNK, min(self.n_batch, fits))
 
     def _decode(self, entries: list[_Entry], seq: int = -1) -> bool:
@@ -706,9 +710,9 @@ class _Engine:
         self._emit(job, tok)
 
     def _emit(self, job: _Job, tok: int) -> None:
-        """A generated token is in the cache: its text goes out (in batches of ~30 ms)."""
-        n = self.L.llama_token_to_piece(self.vocab, tok, self.piece, 256, 0, False)
-        text = job.utf8.decode(ctypes.string_at(self.piece, max(n, 0)))
+        """A token just sampled: its text goes out (in batches of ~30 ms) before the next
+        step writes it to the cache."""
+        text = job.utf8.decode(self._piece(tok))
         job.n_gen += 1
         job.pieces.append(text)
         # its cell counts as in use: the next step writes it (the reply's last token too)
@@ -804,6 +808,11 @@ class _Job:
         self.stop = ""  # why it ended, once it has
         self.error = ""
         self.t0, self.t1 = time.perf_counter(), 0.0
+
+
+def _recent(average: float, value: float) -> float:
+    """An exponential moving average (the first value taken as it is)."""
+    return value if not average else 0.8 * average + 0.2 * value
 
 
 def _common(a: list[int], b: list[int]) -> int:

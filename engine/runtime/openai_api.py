@@ -146,20 +146,7 @@ def chat_request(req: Mapping[str, Any], model_id: str) -> ChatRequest:
     limit = _integer(req, "max_completion_tokens", 1)
     if limit is None:
         limit = _integer(req, "max_tokens", 1)
-    n = _integer(req, "n", 1) or 1
-    if n > MAX_N:
-        raise refuse("n", f"at most {MAX_N} choices a request")
-    stream = _flag(req, "stream")
-    options = req.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise refuse("stream_options", "only with stream: true")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise refuse("stream_options", "only include_usage is known")
-        include_usage = options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise refuse("stream_options.include_usage", "must be true or false")
+    n, stream, include_usage = _choices_and_stream(req)
     stop = _stops(req.get("stop"))
     _unsupported(req)
     sampling = _sampling(req, limit)
@@ -187,6 +174,25 @@ def chat_request(req: Mapping[str, Any], model_id: str) -> ChatRequest:
     if schema:
         sampling["json_schema"] = schema
     return ChatRequest(messages, stream, include_usage, stop, sampling, n, logprobs, tools)
+
+
+def _choices_and_stream(req: Mapping[str, Any]) -> tuple[int, bool, bool]:
+    """(n, stream, stream_options.include_usage), as chat and text completions take them."""
+    n = _integer(req, "n", 1) or 1
+    if n > MAX_N:
+        raise refuse("n", f"at most {MAX_N} choices a request")
+    stream = _flag(req, "stream")
+    options = req.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise refuse("stream_options", "only with stream: true")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise refuse("stream_options", "only include_usage is known")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise refuse("stream_options.include_usage", "must be true or false")
+    return n, stream, include_usage
 
 
 def _model(req: Mapping[str, Any], model_id: str) -> None:
@@ -373,16 +379,7 @@ def completion_request(req: Mapping[str, Any], model_id: str) -> ChatRequest:
     if unknown:
         raise refuse(unknown[0], "not a field of /v1/completions corral serve knows")
     limit = _integer(req, "max_tokens", 1)
-    n = _integer(req, "n", 1) or 1
-    if n > MAX_N:
-        raise refuse("n", f"at most {MAX_N} choices a request")
-    stream = _flag(req, "stream")
-    options = req.get("stream_options")
-    if options is not None and (
-        not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
-    ):
-        raise refuse("stream_options", "only {include_usage} and only with stream: true")
-    include_usage = bool(options and options.get("include_usage"))
+    n, stream, include_usage = _choices_and_stream(req)
     # OpenAI's default for the legacy endpoint: 16 tokens
     sampling = _sampling(req, 16 if limit is None else limit)
     top = _integer(req, "logprobs", 0)
