@@ -44,21 +44,27 @@ def test_the_chat_goes_on_while_the_api_serves_another_client(qtbot: QtBot, smol
         qtbot.waitUntil(lambda: "serving at" in win.api_state.text(), timeout=LOAD)
         url = win.api_state.text().split("serving at ")[1].split(" ")[0]
 
-        api: dict = {}
+        api: dict = {"times": []}
+        chat_done = threading.Event()
 
         def client() -> None:
+            """A long API reply, read until the window's chat has answered (then it hangs
+            up): however fast this machine, it streams all through the chat's reply."""
             c = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=300)
             stream = c.chat.completions.create(
                 model=smollm2.stem,
                 stream=True,
-                max_tokens=96,
+                max_tokens=900,
                 temperature=0,
                 messages=[{"role": "user", "content": "Write the numbers from 1 to 500."}],
                 extra_body={"ignore_eos": True},
             )
-            api["times"] = [
-                time.monotonic() for c in stream if c.choices and c.choices[0].delta.content
-            ]
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    api["times"].append(time.monotonic())
+                if chat_done.is_set():
+                    break
+            stream.close()
 
         other = threading.Thread(target=client)
         other.start()
@@ -76,6 +82,8 @@ def test_the_chat_goes_on_while_the_api_serves_another_client(qtbot: QtBot, smol
         )
         first_text = time.monotonic()
         qtbot.waitUntil(lambda: "tok/s" in win.status.text(), timeout=LOAD)
+        assert "/1024" in win.api_state.text()  # the API's slot, in the window's words
+        chat_done.set()
         other.join(300)
         # the window's reply began while the API's was still streaming: decoded together,
         # not one after the other
@@ -85,7 +93,5 @@ def test_the_chat_goes_on_while_the_api_serves_another_client(qtbot: QtBot, smol
             api["times"][-1],
         )
         assert win.transcript.blocks[-1].text.strip()
-        # the API's slot, in the window's words
-        assert "/1024" in win.api_state.text()
         win.api_box.setChecked(False)
         qtbot.waitUntil(lambda: win.api_state.text() == "", timeout=LOAD)
