@@ -395,6 +395,32 @@ async def _serve(opts: argparse.Namespace, out: _Out) -> int:
         api = ApiServer(
             session, model.stem, opts.api_key or None, opts.queue, opts.deadline, tuple(opts.cors)
         )
+
+        def reply_line(done: Done) -> None:
+            # each finished reply, with every slot's KV use (what llama-server's log shows)
+            rate = done.n_tokens / done.gen_s if done.gen_s > 0 else 0.0
+            out.event(
+                {
+                    "type": "reply",
+                    "slot": done.slot,
+                    "prompt_tokens": done.prompt_tokens,
+                    "cached_tokens": done.cached_tokens,
+                    "completion_tokens": done.n_tokens,
+                    "stop": done.stop,
+                    "tokens_per_s": round(rate, 2),
+                    "slots": [
+                        {"slot": k, "kv_used": used, "kv_cells": cells}
+                        for k, (used, cells) in sorted(api.slot_kv.items())
+                    ],
+                }
+            )
+            out.info(
+                f"reply in slot {done.slot}: {done.prompt_tokens} prompt tokens "
+                f"({done.cached_tokens} cached), {done.n_tokens} generated at {rate:.1f} tok/s, "
+                f"{done.stop} | KV {api.slots_line()}"
+            )
+
+        api.on_reply = reply_line
         try:
             port = await api.start(opts.host, opts.port)
         except OSError as exc:

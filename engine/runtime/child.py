@@ -57,13 +57,16 @@ from .childproto import (
 )
 
 _FLUSH_S = 0.03  # at most ~33 token frames a second: smooth to read, cheap to receive
-# A long prompt is read in chunks that take about STEP_FACTOR generated-token steps, at
-# least MIN_CHUNK tokens (UNTIMED_CHUNK before any step was timed), so a request that comes
-# while it is read gets its first token soon; a prompt of at most SHORT_PROMPT tokens that
-# has just come is read first, whole.
-STEP_FACTOR = 1.0
-MIN_CHUNK = 64
-UNTIMED_CHUNK = 256
+# A long prompt is read in chunks of about CHUNK_STEPS single-token steps' time, so a request
+# that comes while it is read waits about half of one chunk for its turn. The chunk's size
+# follows the time the last chunks took (read after llama_synchronize: a decode over RPC
+# returns before the workers finish), since what a step costs grows with the depth the
+# prompt has reached; it starts at UNTIMED_CHUNK and stays within MIN_CHUNK (below it a step
+# is mostly fixed cost) and n_batch. A prompt of at most SHORT_PROMPT tokens that has just
+# come is read first, whole.
+CHUNK_STEPS = 3.0
+MIN_CHUNK = 32
+UNTIMED_CHUNK = 64
 SHORT_PROMPT = 256
 
 
@@ -121,7 +124,7 @@ class _Engine:
         self.piece = ctypes.create_string_buffer(256)
         self.np: Any = None
         self.token_step = 0.0  # seconds a step of one generated token takes (recent)
-        self.prompt_rate = 0.0  # prompt tokens a second (recent)
+        self.chunk = UNTIMED_CHUNK  # prompt tokens of a long prompt's next chunk
         self.cpu_kernels: Any = None  # CpuKernels: the self-test's verdict, once asked
 
     # ------------------------------------------------------------------ load
@@ -591,7 +594,7 @@ class _Engine:
         """One llama_decode for every running request: the token each generating one
         sampled last, and prompt tokens of those still reading theirs. A short prompt that
         has just come goes first, alone with the generating tokens; a long prompt is read
-        in chunks sized to take about STEP_FACTOR token steps, so a request that comes
+        in chunks sized to take about CHUNK_STEPS token steps, so a request that comes
         while it is read waits for little of it (time to first token under load)."""
         for job in [j for j in self.jobs if j.stop]:
             self._finish(job)
@@ -603,7 +606,7 @@ class _Engine:
         budget = self.n_batch - len(entries)
         reading = sorted((j for j in self.jobs if j.pending), key=lambda j: len(j.pending))
         fresh = [j for j in reading if j.read == 0 and len(j.pending) <= SHORT_PROMPT]
-        chunk = self._chunk()
+        chunk = self.chunk
         for job in fresh or reading:
             if budget <= 0:
                 break
@@ -619,6 +622,8 @@ class _Engine:
             budget -= take
         t0 = time.perf_counter()
         if entries and self._decode(entries):
+            if not any(e.logits for e in entries):
+                self.L.llama_synchronize(self.llm.ctx)  # the step's time, read below
             now = time.perf_counter()
             for i, entry in enumerate(entries):
                 job = entry.job
@@ -637,29 +642,24 @@ class _Engine:
                     job.stop = "length"
                 elif not job.stop:
                     self._sample(job, i)
-            self._timed(entries, time.perf_counter() - t0)
+            self._timed(entries, time.perf_counter() - t0, 0 if fresh else len(reading))
             for job in reading:
                 if job.pending:
                     self.chan.send(Progress(job.read / len(job.prompt), job.rid))
         for job in [j for j in self.jobs if j.stop]:
             self._finish(job)
 
-    def _timed(self, entries: list[_Entry], seconds: float) -> None:
-        """Pace of recent steps: a step of one generated token (what a request alone
-        waits for a token), and prompt tokens a second (steps with a chunk of at least
-        64)."""
-        prompt = sum(e.prompt for e in entries)
-        if len(entries) == 1 and prompt == 0:
+    def _timed(self, entries: list[_Entry], seconds: float, readers: int) -> None:
+        """Pace of recent steps (each read after its results were back): a step of one
+        generated token (what a request alone waits for a token); after a step that read a
+        chunk of each of `readers` long prompts, the next chunks' size, toward CHUNK_STEPS
+        such steps' time (by half the way, in ratio: one stalled step does not halve it)."""
+        if len(entries) == 1 and not entries[0].prompt:
             self.token_step = _recent(self.token_step, seconds)
-        elif prompt >= 64:
-            self.prompt_rate = _recent(self.prompt_rate, prompt / seconds)
-
-    def _chunk(self) -> int:
-        """Prompt tokens a step may read for one long prompt: about STEP_FACTOR token steps'
-        worth, at least MIN_CHUNK (a GPU reads small chunks slowly), at most n_batch."""
-        timed = self.token_step and self.prompt_rate
-        fits = int(self.prompt_rate * STEP_FACTOR * self.token_step) if timed else UNTIMED_CHUNK
-        return max(MIN_CHUNK, min(self.n_batch, fits))
+        elif readers and self.token_step and seconds > 0:
+            read = sum(e.prompt for e in entries)
+            goal = read * CHUNK_STEPS * self.token_step / seconds / readers
+            self.chunk = max(MIN_CHUNK, min(self.n_batch, round((self.chunk * goal) ** 0.5)))
 
     def _decode(self, entries: list[_Entry], seq: int = -1) -> bool:
         """One llama_decode of `entries` (in their jobs' slots, or all in sequence `seq`);

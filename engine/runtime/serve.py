@@ -30,6 +30,7 @@ import logging
 import secrets
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from corral.engine.aio import within
@@ -104,6 +105,7 @@ class ApiServer:
         self._ready_lock = asyncio.Lock()  # one request at a time retries a lost model
         self._running = 0  # replies holding a slot
         self.slot_kv: dict[int, tuple[int, int]] = {}  # slot: (cells in use, its cells)
+        self.busy_slots: set[int] = set()  # slots a reply is being written in
         self._server: asyncio.Server | None = None
         self._waiting = 0
         self._handlers: set[asyncio.Task[None]] = set()
@@ -113,6 +115,9 @@ class ApiServer:
         self._healing: asyncio.Task[None] | None = None
         self.events: list[str] = []  # what happened to the model, one line each (and logged)
         self.counts: collections.Counter[str] = collections.Counter()  # for /metrics
+        # called with each finished reply (after its slot's KV use was noted): the terminal's
+        # per-reply line in corral serve
+        self.on_reply: Callable[[Done], None] | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 8080) -> int:
         self._server = await asyncio.start_server(self._serve, host, port)
@@ -345,6 +350,19 @@ class ApiServer:
         self.counts["prompt_tokens_total"] += done.prompt_tokens
         self.counts["completion_tokens_total"] += done.n_tokens
         self.counts["replies_total"] += 1
+        if self.on_reply is not None:
+            self.on_reply(done)
+
+    def slots_line(self) -> str:
+        """Each slot's KV use, as the terminal shows it: "slot 0 230/4096 · slot 1 idle"."""
+        cells = next(iter(self.slot_kv.values()), (0, 0))[1]
+        busy = set(self.busy_slots)
+        parts = []
+        for slot in range(self.session.slots):
+            used, n = self.slot_kv.get(slot, (0, cells))
+            state = " writing" if slot in busy else ""
+            parts.append(f"slot {slot} {used}/{n}{state}" if n else f"slot {slot} empty")
+        return " · ".join(parts)
 
     async def _json(self, writer: asyncio.StreamWriter, status: int, obj: Any) -> None:
         if status >= 400:
@@ -698,10 +716,19 @@ class ApiServer:
         async with contextlib.aclosing(
             self.session.complete(list(asked.messages), **sampling)
         ) as frames:
-            async for frame in frames:
-                if isinstance(frame, Token | Done):
-                    self.slot_kv[frame.slot] = (frame.kv_used, frame.n_ctx)
-                yield frame
+            slot = -1
+            try:
+                async for frame in frames:
+                    if isinstance(frame, Token | Done):
+                        slot = frame.slot
+                        self.slot_kv[slot] = (frame.kv_used, frame.n_ctx)
+                        if isinstance(frame, Token):
+                            self.busy_slots.add(slot)
+                        else:
+                            self.busy_slots.discard(slot)
+                    yield frame
+            finally:
+                self.busy_slots.discard(slot)
 
     def _watched(self, watch: StopWatch, text: str) -> str:
         """`text` less what a stop string holds back; at a stop string the reply is

@@ -4,6 +4,7 @@ in its own slot of the context, with the official openai client."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 import urllib.request
@@ -145,9 +146,21 @@ def test_a_short_request_is_answered_while_a_long_prompt_is_read(smollm2: Path) 
             _timed_stream(client, "Say hi.", 4, quick)
             reading.join(300)
         finally:
-            stop(proc)
+            _, err = stop(proc)
     assert quick["times"] and slow["times"]
     assert quick["times"][0] < slow["times"][0]
+    # the terminal shows each reply with every slot's KV use: the short one first (the long
+    # prompt was still being read), then the long one, whose slot holds its prompt
+    lines = [line for line in err.splitlines() if line.startswith("reply in slot")]
+    assert len(lines) == 2, err
+    short, long = lines
+    assert "4 generated" in short and "8 generated" in long, lines
+    for line in lines:
+        kv = line.split("| KV ")[1]
+        assert re.fullmatch(r"slot 0 \d+/2048( writing)? · slot 1 \d+/2048( writing)?", kv), kv
+    slot = int(long.split()[3].rstrip(":"))
+    used = int(long.split("| KV ")[1].split(" · ")[slot].split()[2].split("/")[0])
+    assert used > 1500, long
 
 
 def test_the_plan_for_parallel_slots_is_what_llama_cpp_allocates(smollm2: Path) -> None:
