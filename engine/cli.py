@@ -301,6 +301,55 @@ def plan_table(plan: Plan, analytic: Plan | None = None) -> list[str]:
     return lines
 
 
+def speed_lines(session: ChatSession) -> list[str]:
+    """The plan's predicted speed, what bounds it, and what leaving out each host would do."""
+    p, sp = session.prediction, session.speeds
+    if sp is None:
+        return ["speed: not measured for these devices (--strategy speed measures them once)"]
+    lines = []
+    for host, link in sp.links.items():
+        bw = f"{link.bandwidth / 1e6:.0f} MB/s" if link.bandwidth else "bandwidth unknown"
+        lines.append(f"link to {host}: round trip {link.rtt * 1000:.2f} ms, {bw}")
+    for name, dev in sp.devices.items():
+        lines.append(
+            f"{name}: {dev.layer * 1000:.3f} ms a layer, {dev.hop * 1000:.2f} ms a step "
+            f"(prompt: {dev.layer_batch * 1000:.2f} / {dev.hop_batch * 1000:.2f} ms per "
+            f"{dev.batch}-token batch)"
+        )
+    if p is None:
+        return lines
+    prompt = f", prompt {p.prompt_per_s:.0f} tok/s" if p.prompt_per_s else ""
+    lines.append(f"predicted: {p.tokens_per_s:.1f} tokens/s generating{prompt}")
+    parts = ", ".join(f"{s.what} {100 * s.seconds / p.step:.0f} %" for s in p.shares[:4])
+    lines.append(f"a token's time: {parts}")
+    for host, change in session.leave_out:
+        if change is None:
+            lines.append(f"leaving out {host}: the model would not fit")
+        else:
+            lines.append(f"leaving out {host}: {100 * change:+.0f} % tokens/s")
+    return lines
+
+
+def _speed_json(session: ChatSession) -> dict[str, Any] | None:
+    p, sp = session.prediction, session.speeds
+    if sp is None:
+        return None
+    return {
+        "links": {h: dataclasses.asdict(link) for h, link in sp.links.items()},
+        "devices": {n: dataclasses.asdict(d) for n, d in sp.devices.items()},
+        "base_s": sp.base,
+        "predicted": None
+        if p is None
+        else {
+            "tokens_per_s": p.tokens_per_s,
+            "prompt_tokens_per_s": p.prompt_per_s,
+            "step_s": p.step,
+            "shares": [{"what": s.what, "seconds": s.seconds} for s in p.shares],
+        },
+        "leave_out": [{"host": h, "change": c} for h, c in session.leave_out],
+    }
+
+
 def _plan_json(plan: Plan) -> dict[str, Any]:
     return {
         "strategy": plan.strategy,
@@ -351,6 +400,7 @@ async def _plan(opts: argparse.Namespace, out: _Out) -> int:
                     "model": str(model),
                     "exact": _plan_json(exact),
                     "analytic": _plan_json(analytic),
+                    "speed": _speed_json(session),
                     "verdicts": [dataclasses.asdict(v) for v in session.verdicts],
                 }
             ),
@@ -364,6 +414,9 @@ async def _plan(opts: argparse.Namespace, out: _Out) -> int:
         )
         for line in plan_table(exact, analytic):
             print(line)
+        if exact.devices:
+            for line in speed_lines(session):
+                print(line)
         for w in session.warnings:
             print(f"warning: {w}")
         for v in session.verdicts:

@@ -28,6 +28,7 @@ from corral.engine.aio import within
 from corral.engine.hostmem import read_memory
 from corral.engine.protocol import (
     CONTROL,
+    ECHO_MAX,
     PROTOCOL_VERSION,
     UNPAIRED,
     AgentEvent,
@@ -516,6 +517,8 @@ class AgentServer:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{type(msg).__name__} is not a request")
 
     async def _on_ping(self, msg: Ping, conn: _Conn, local_host: str) -> Message:
+        if msg.echo:  # a desktop timing the link: at most ECHO_MAX bytes, whatever it asks
+            return Pong(req=msg.req, pad=bytes(min(max(msg.echo, 0), ECHO_MAX)))
         return Pong(req=msg.req)
 
     async def _on_inventory(self, msg: InventoryRequest, conn: _Conn, local_host: str) -> Message:

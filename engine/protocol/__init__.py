@@ -12,6 +12,7 @@ from .codec import (
 )
 from .errors import ErrorCode, ProtocolError, RemoteError
 from .messages import (
+    ECHO_MAX,
     PROTOCOL_VERSION,
     AgentEvent,
     CapabilityQuestion,
@@ -50,6 +51,7 @@ from .messages import (
 
 __all__ = [
     "CONTROL",
+    "ECHO_MAX",
     "MAX_FRAME",
     "PROTOCOL_VERSION",
     "UNPAIRED",

@@ -169,12 +169,17 @@ class OkReply(Message):
 @dataclass(frozen=True, slots=True)
 class Ping(Message):
     req: int
+    echo: int = 0  # bytes the Pong carries back (at most ECHO_MAX): a link's bandwidth
+
+
+ECHO_MAX = 1 << 20
 
 
 @_register(5)
 @dataclass(frozen=True, slots=True)
 class Pong(Message):
     req: int
+    pad: bytes = b""
 
 
 @_register(6)

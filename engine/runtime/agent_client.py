@@ -403,6 +403,11 @@ class AgentClient:
     async def ping(self) -> None:
         await self.ping_within(5.0)
 
+    async def ping_echo(self, n: int, timeout: float = 30.0) -> int:
+        """A ping whose answer carries `n` bytes back (timing the link): the bytes that came."""
+        reply = await self.request(lambda r: Ping(req=r, echo=n), timeout=timeout)
+        return len(getattr(reply, "pad", b""))
+
     async def ping_within(self, timeout: float) -> None:
         """A heartbeat: AgentUnreachable when no Pong comes back in time."""
         try:

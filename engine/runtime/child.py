@@ -52,6 +52,8 @@ from .childproto import (
     Progress,
     Ready,
     Shift,
+    StepTimes,
+    TimeSteps,
     TokenItem,
     Tokens,
 )
@@ -575,6 +577,43 @@ class _Engine:
             L.llama_set_embeddings(ctx, False)
         self.chan.send(Embeddings(tuple(vectors), n_tokens, req.rid))
 
+    def time_steps(self, req: TimeSteps) -> None:
+        """Median seconds of `req.reps` decodes of each size (slot 0, emptied after): a
+        generated token's step after a 16-token prompt, or a prompt batch from position 0.
+        Each is read after llama_synchronize (a decode over RPC returns before the workers
+        finish)."""
+        if self.llm is None:
+            raise _Refused("no model is loaded")
+        L, ctx = self.L, self.llm.ctx
+        mem = L.llama_get_memory(ctx)
+        if not 0 < req.reps <= 64 or any(not 0 < n <= self.n_batch for n in req.sizes):
+            raise _Refused(f"TimeSteps: sizes 1..{self.n_batch} and 1..64 repetitions")
+        slot = self.slots[0]
+        job = _Job(Generate(), slot, [], 0, 0)
+        tok = min(self.n_vocab - 1, 300)  # an ordinary token of any vocabulary
+        out = []
+        try:
+            for n in req.sizes:
+                times = []
+                for r in range(req.reps):
+                    if n > 1 or r == 0:
+                        L.llama_memory_seq_rm(mem, slot.seq, 0, -1)
+                    if n == 1 and r == 0:  # a short prompt first, untimed
+                        self._decode([_Entry(job, tok, i, i == 15, True) for i in range(16)])
+                        L.llama_synchronize(ctx)
+                    pos = 16 + r if n == 1 else 0
+                    entries = [_Entry(job, tok, pos + i, i == n - 1, True) for i in range(n)]
+                    t0 = time.perf_counter()
+                    if not self._decode(entries):
+                        raise _Refused(f"llama_decode failed while timing {n} tokens")
+                    L.llama_synchronize(ctx)
+                    times.append(time.perf_counter() - t0)
+                out.append(sorted(times)[len(times) // 2])
+        finally:
+            L.llama_memory_seq_rm(mem, slot.seq, 0, -1)
+            slot.tokens.clear()
+        self.chan.send(StepTimes(tuple(out)))
+
     def run_step(self) -> None:
         """A step; whatever goes wrong in it ends the replies in it, never the process."""
         try:
@@ -905,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
                 chan.send(Answers(tuple(ask(req.device, qs))))
             elif isinstance(req, Embed):
                 engine.embed(req)
+            elif isinstance(req, TimeSteps):
+                engine.time_steps(req)
             elif isinstance(req, Generate):
                 engine.start(req)
             else:

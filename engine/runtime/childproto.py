@@ -274,6 +274,25 @@ class Embeddings(Message):
     rid: int = 0
 
 
+@_register(30)
+@dataclass(frozen=True, slots=True)
+class TimeSteps(Message):
+    """Time the loaded model's steps (engine.runtime.speeds' probes): for each size in
+    `sizes`, `reps` decodes of that many tokens (1: a generated token after a short prompt;
+    more: a prompt batch from position 0), each read after its results are back."""
+
+    sizes: tuple[int, ...]
+    reps: int
+
+
+@_register(31)
+@dataclass(frozen=True, slots=True)
+class StepTimes(Message):
+    """The median seconds of each size's decodes, in TimeSteps' order."""
+
+    seconds: tuple[float, ...]
+
+
 # ----------------------------------------------------------------- what generate() yields
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import os
 import socket
 import sys
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from corral.engine.aio import within
@@ -47,6 +47,8 @@ from .childproto import (
     Progress,
     Ready,
     Shift,
+    StepTimes,
+    TimeSteps,
     Token,
     Tokens,
 )
@@ -209,6 +211,12 @@ class InferenceProcess:
         return _as(
             DryRunReport, await self._stalling(self._next(LOAD_STALL), LOAD_STALL, "the dry run")
         )
+
+    async def time_steps(self, sizes: Sequence[int], reps: int) -> list[float]:
+        """Median seconds of decodes of each size on the loaded model (TimeSteps)."""
+        self._send(TimeSteps(tuple(sizes), reps))
+        frame = await self._stalling(self._next(LOAD_STALL), LOAD_STALL, "timing the probe")
+        return list(_as(StepTimes, frame).seconds)
 
     async def capabilities(self, device: str, asked: list[CapabilityQuestion]) -> list[bool]:
         """Ask one of the desktop's own devices (see engine.ggml.capabilities)."""

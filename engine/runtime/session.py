@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import subprocess
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from corral.engine.ggml.probe import RpcProbeError, probe_rpc
 from corral.engine.hostmem import host_available_memory
 from corral.engine.model.spec import ModelError, ModelSpec, read_model_spec
 from corral.engine.planner.plan import (
+    Device,
     MiB,
     Plan,
     PlanError,
@@ -34,6 +36,15 @@ from corral.engine.planner.plan import (
     make_plan,
     pad_ctx,
     what_fits,
+)
+from corral.engine.planner.speed import (
+    DeviceSpeed,
+    Prediction,
+    Speeds,
+    predict,
+    speed_plan,
+    with_speeds,
+    without_each,
 )
 from corral.engine.planner.validate import (
     BuildFacts,
@@ -73,6 +84,18 @@ from .planning import (
     local_gpus,
     served_devices,
     spec_after_dry_run,
+)
+from .speeds import (
+    SpeedCache,
+    base_of,
+    derive,
+    device_key,
+    gather_links,
+    layer_scale,
+    probe_files,
+    probe_key,
+    probe_params,
+    time_device,
 )
 from .stall import StallWatch
 
@@ -222,6 +245,9 @@ class ChatSession:
         self._replying = 0  # replies under way (up to the loaded model's slots)
         self._chat_rid = -1  # the request number of the reply `ask` streams
         self.stall = StallWatch()  # the pace of this load's replies
+        self.speeds: Speeds | None = None  # measured device and link speeds (speed planning)
+        self.prediction: Prediction | None = None  # the exact plan's predicted tokens/s
+        self.leave_out: list[tuple[str, float | None]] = []  # per host: tok/s change without it
 
     def _client(self, address: str) -> AgentClient:
         return AgentClient(address, on_event=self._on_event, on_lost=self._on_lost)
@@ -324,10 +350,28 @@ class ChatSession:
         devices = devices_from_agents(
             [c.name for c in self.clients], self.inventories, self.endpoints, self.local_devices
         )
-        try:
-            analytic = make_plan(
-                spec, devices, settings.plan_settings(), settings.strategy, settings.layers
+        self.speeds, self.prediction, self.leave_out = None, None, []
+        if devices and settings.layers is None:
+            # speed measures what it lacks; the others show a prediction where all is known
+            self.speeds = await self.measure_speeds(
+                spec, devices, settings, settings.strategy == "speed"
             )
+        try:
+            if settings.strategy == "speed" and settings.layers is None and devices:
+                assert self.speeds is not None
+                try:
+                    analytic = speed_plan(
+                        spec,
+                        with_speeds(devices, self.speeds),
+                        settings.plan_settings(),
+                        self.speeds,
+                    )
+                except ValueError:  # nothing fits by the capacity estimate: say so below
+                    analytic = make_plan(spec, devices, settings.plan_settings(), "balanced")
+            else:
+                analytic = make_plan(
+                    spec, devices, settings.plan_settings(), settings.strategy, settings.layers
+                )
         except PlanError as exc:
             raise PlanRefused(str(exc)) from None
         # the desktop's own memory is checked too (what its memory cgroup allows, if less),
@@ -361,7 +405,78 @@ class ChatSession:
         spec = self.spec = spec_after_dry_run(spec, dry)
         exact = exact_plan(analytic, spec, dry)
         self.verdicts += check_plan(exact, what_fits(spec, exact) if not exact.fits else ())
+        if self.speeds is not None:
+            self.prediction = predict(spec, exact, self.speeds)
+            self.leave_out = without_each(spec, exact, exact.settings, self.speeds)
         return analytic, exact
+
+    async def measure_speeds(
+        self, spec: ModelSpec, devices: Sequence[Device], settings: LoadSettings, measure: bool
+    ) -> Speeds | None:
+        """Every device's speed (from speeds.json, or with `measure` timed now on probes of
+        this model's shape) and every host's link (timed now): None where a device is not
+        known and `measure` is off."""
+        cache = SpeedCache()
+        probe = probe_key(spec)
+        threads = settings.n_threads
+        build = self.desktop_build.system_info if self.desktop_build else ""
+        keys = {"": device_key("desktop", "CPU", build, threads, probe)}
+        by_host = {
+            c.name: (c, inv, w)
+            for c, inv, w in zip(self.clients, self.inventories, self.workers, strict=True)
+        }
+        seen: dict[str, int] = {}
+        for d in devices:
+            if d.endpoint:
+                _, inv, worker = by_host[d.host]
+                k = seen[d.host] = seen.get(d.host, -1) + 1
+                keys[d.name] = device_key(
+                    inv.agent_id, f"{k}", inv.system_info, worker.threads, probe
+                )
+            else:
+                keys[d.name] = device_key("desktop", d.name, build, threads, probe)
+        known = {name: cache.get(key) for name, key in keys.items()}
+        missing = [name for name, sp in known.items() if sp is None]
+        if missing and not measure:
+            return None
+        if missing:
+            loop = asyncio.get_running_loop()
+            try:
+                probes = await loop.run_in_executor(None, probe_files, spec, None)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                raise PlanRefused(f"--strategy speed: {exc}") from None
+            scale = await loop.run_in_executor(None, layer_scale, spec, probes[1])
+            names = [d.name for d in devices]
+            eps = self.endpoints
+
+            async def timed(index: int) -> tuple[list[float], list[float]]:
+                return await time_device(
+                    self.child,
+                    probes,
+                    [probe_params(p, eps, index, len(devices), threads) for p in probes],
+                )
+
+            try:
+                base_gen, base_batch = await timed(-1)
+                base = base_of(base_gen, base_batch)
+                cache.put(keys[""], DeviceSpeed(base[0], 0.0, base[1], 0.0, 0))
+                for name in missing:
+                    if name:
+                        gen, batch = await timed(names.index(name))
+                        cache.put(keys[name], derive(spec, scale, gen, batch, base))
+            except InferenceCrashed as crash:
+                raise await self.explain(crash) from None
+            cache.save()
+            known = {name: cache.get(key) for name, key in keys.items()}
+        desk = known[""]
+        assert desk is not None
+        links = await gather_links([c for c, _, _ in by_host.values()])
+        return Speeds(
+            base=desk.hop,
+            devices={name: sp for name, sp in known.items() if name and sp is not None},
+            links=dict(zip(by_host, links, strict=True)),
+            base_batch=desk.hop_batch,
+        )
 
     async def open(
         self, settings: LoadSettings, on_progress: Callable[[float], None] | None = None

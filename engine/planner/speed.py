@@ -1,0 +1,302 @@
+"""Tokens a second of a plan, predicted from measured device and link speeds, and the
+`speed` strategy: the split that fits with the best predicted generation speed.
+
+Pure functions over frozen data. The figures come from engine.runtime.speeds, which times a
+probe (a few layers of the model's own shape and weight type) on every device through its
+real worker and tunnel; docs/PLANNER.md says how.
+
+The model of one step of `n` tokens (n = 1: a generated token; n = a ubatch: prompt reading):
+
+    time = base + sum over devices that hold layers (hop_d + layers_d x layer_d)
+                + the output layer on the last device (its bytes / a layer's bytes x layer_d)
+                + the logits sent back from that device (n_vocab x 4 bytes x n / bandwidth)
+
+`base` is the desktop's own part of a step (llama_decode's bookkeeping, the embeddings,
+sampling); `hop_d` what a device costs a step whatever it holds (the round trips of ggml's
+RPC to its worker: sending the activations in, the graph, reading the result back); `layer_d`
+one layer's time on it. Time is additive along the chain: llama.cpp runs the devices one
+after another for one sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from corral.engine.model.spec import ModelSpec
+
+from .placement import split_for_counts
+from .plan import Device, Plan, Settings, estimate, kv_bytes, weight_bytes
+
+# At most this many devices are searched exhaustively (every subset); beyond, candidate sets
+# are the k best devices by their cost per layer at an even share, for every k.
+EXHAUSTIVE = 12
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpeed:
+    """One device's measured costs, in seconds: per step (`hop`) and per layer (`layer`),
+    for a generated token and for a prompt batch of `batch` tokens."""
+
+    hop: float
+    layer: float
+    hop_batch: float = 0.0
+    layer_batch: float = 0.0
+    batch: int = 0  # prompt tokens per batch the *_batch figures were timed with (0: none)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSpeed:
+    """The desktop's link to a host: round trip (s) and bytes a second (0: not measured, or a
+    local device: no link)."""
+
+    rtt: float = 0.0
+    bandwidth: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Speeds:
+    """What a prediction needs: the desktop's base step time, and per device (by name, as
+    llama.cpp names them: RPC0, CUDA0) its speed and its host's link."""
+
+    base: float
+    devices: dict[str, DeviceSpeed]
+    links: dict[str, LinkSpeed]  # by host name
+    base_batch: float = 0.0
+
+    def knows(self, devices: Sequence[Device]) -> bool:
+        return all(d.name in self.devices for d in devices)
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """One part of a step's predicted time: a device's layers, or a hop to it."""
+
+    what: str  # "RPC0 (host-a): 12 layers" / "hop to host-a"
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    tokens_per_s: float  # generation
+    prompt_per_s: float  # prompt reading (0: not measured)
+    step: float  # seconds per generated token
+    shares: tuple[Share, ...]  # of `step`, largest first
+
+    def bottleneck(self) -> Share | None:
+        return self.shares[0] if self.shares else None
+
+
+def _layer_ratio(spec: ModelSpec) -> float:
+    """The output layer's bytes in units of an average block's: its time on a device, since
+    decoding is bound by reading weights."""
+    blocks = weight_bytes(spec, range(spec.n_layer))
+    per = blocks / spec.n_layer if spec.n_layer else 1.0
+    return weight_bytes(spec, [spec.n_layer]) / per if per else 1.0
+
+
+def _counts(plan: Plan) -> list[int]:
+    counts = [0] * len(plan.devices)
+    for d in plan.layer_device:
+        if d >= 0:
+            counts[d] += 1
+    return counts
+
+
+def step_time(
+    spec: ModelSpec,
+    devices: Sequence[Device],
+    counts: Sequence[int],
+    speeds: Speeds,
+    batch: bool = False,
+) -> tuple[float, list[Share]]:
+    """Seconds of one step (a generated token, or with `batch` a prompt batch) for these
+    layer counts (the output layer counted in the last device's), and its parts."""
+    used = [i for i, c in enumerate(counts) if c > 0]
+    if not used:
+        return 0.0, []
+    ratio = _layer_ratio(spec)
+    last = used[-1]
+    total = speeds.base_batch if batch else speeds.base
+    shares = [Share("this desktop", total)]
+    for i in used:
+        dev, sp = devices[i], speeds.devices[devices[i].name]
+        hop, layer = (sp.hop_batch, sp.layer_batch) if batch else (sp.hop, sp.layer)
+        blocks = counts[i] - (1 if i == last else 0)
+        work = blocks * layer + (ratio * layer if i == last else 0.0)
+        shares.append(Share(f"{dev.name} ({dev.host}): {counts[i]} layers", work))
+        link = speeds.links.get(dev.host, LinkSpeed()) if dev.endpoint else LinkSpeed()
+        back = 0.0
+        if i == last and link.bandwidth > 0:  # the logits come back over the link
+            back = 4.0 * spec.n_vocab * (sp.batch if batch else 1) / link.bandwidth
+        shares.append(Share(f"hop to {dev.host}" if dev.endpoint else f"{dev.name}", hop + back))
+        total += work + hop + back
+    shares.sort(key=lambda s: -s.seconds)
+    return total, shares
+
+
+def predict(spec: ModelSpec, plan: Plan, speeds: Speeds) -> Prediction | None:
+    """The plan's predicted speed, or None where a device it uses was not measured."""
+    counts = _counts(plan)
+    used = [plan.devices[i] for i, c in enumerate(counts) if c > 0]
+    if not used or not speeds.knows(used):
+        return None
+    step, shares = step_time(spec, plan.devices, counts, speeds)
+    prompt = 0.0
+    batch = [speeds.devices[d.name].batch for d in used]
+    if all(batch) and speeds.base_batch:
+        t, _ = step_time(spec, plan.devices, counts, speeds, batch=True)
+        prompt = min(batch) / t if t > 0 else 0.0
+    return Prediction(1.0 / step if step > 0 else 0.0, prompt, step, tuple(shares))
+
+
+# ------------------------------------------------------------------ the search
+
+
+def _capacity(spec: ModelSpec, devices: Sequence[Device], s: Settings) -> list[int]:
+    """Layers each device can hold beside its compute buffer: free memory less the reserve,
+    over an average block's weights and cache (the plan is checked exactly afterwards)."""
+    n = spec.n_layer
+    per = (weight_bytes(spec, range(n)) + kv_bytes(spec, range(n), s)) / max(n, 1)
+    # the compute buffer of a device holding every layer (the estimate's own; the same for
+    # every RPC device, and for every local GPU)
+    compute = {
+        local: estimate(spec, [d], s, "speed", [1.0]).usage[0].compute
+        for local, d in {not d.endpoint: d for d in devices}.items()
+    }
+    out = []
+    for d in devices:
+        room = d.free - s.reserve - compute[not d.endpoint]
+        out.append(max(int(room // per), 0) if per > 0 else n + 1)
+    return out
+
+
+def _fill(
+    n_blocks: int, subset: Sequence[int], layer: Sequence[float], cap: Sequence[int]
+) -> list[int] | None:
+    """Blocks per device of `subset` (each at least one) that minimize the sum of their
+    layer times within the capacities: one each, then the rest to the fastest first."""
+    if len(subset) > n_blocks or sum(cap[i] for i in subset) < n_blocks:
+        return None
+    if any(cap[i] < 1 for i in subset):
+        return None
+    counts = {i: 1 for i in subset}
+    left = n_blocks - len(subset)
+    for i in sorted(subset, key=lambda k: layer[k]):
+        take = min(left, cap[i] - 1)
+        counts[i] += take
+        left -= take
+        if not left:
+            break
+    return [counts.get(i, 0) for i in range(len(layer))]
+
+
+def fastest(
+    spec: ModelSpec, devices: Sequence[Device], s: Settings, speeds: Speeds
+) -> tuple[list[int], float] | None:
+    """Layer counts per device (the output layer in the last used device's) with the least
+    predicted time per generated token among the splits that fit by the capacity estimate,
+    and that time; None when nothing fits or a device was not measured."""
+    if not devices or not speeds.knows(devices):
+        return None
+    n = spec.n_layer
+    layer = [speeds.devices[d.name].layer for d in devices]
+    cap = _capacity(spec, devices, s)
+    out_cap = cap[:]  # the last used device holds the output layer too
+    ratio = _layer_ratio(spec)
+    for i in range(len(devices)):
+        out_cap[i] = max(int(cap[i] - ratio), 0)
+    best: tuple[list[int], float] | None = None
+    for subset in _candidates(devices, speeds, n):
+        last = max(subset)
+        caps = [out_cap[i] if i == last else cap[i] for i in range(len(devices))]
+        counts = _fill(n, subset, layer, caps)
+        if counts is None:
+            continue
+        counts[last] += 1  # the output layer
+        t, _ = step_time(spec, devices, counts, speeds)
+        if best is None or t < best[1]:
+            best = (counts, t)
+    return best
+
+
+def _candidates(devices: Sequence[Device], speeds: Speeds, n: int) -> list[tuple[int, ...]]:
+    idx = range(len(devices))
+    if len(devices) <= EXHAUSTIVE:
+        return [c for k in idx for c in itertools.combinations(idx, k + 1)]
+    out = []
+    for k in range(1, len(devices) + 1):
+        share = max(n // k, 1)
+        by = sorted(
+            idx,
+            key=lambda i: (
+                speeds.devices[devices[i].name].hop + share * speeds.devices[devices[i].name].layer
+            ),
+        )
+        out.append(tuple(sorted(by[:k])))
+    return out
+
+
+def speed_plan(spec: ModelSpec, devices: Sequence[Device], s: Settings, speeds: Speeds) -> Plan:
+    """The fastest split that fits: the search's counts, checked against the exact memory
+    estimate; a device short of memory gives up a layer to the next fastest until it fits.
+    Raises ValueError when no device was measured or nothing fits (the caller says why)."""
+    found = fastest(spec, devices, s, speeds)
+    if found is None:
+        raise ValueError("no split fits by the measured speeds")
+    counts = found[0]
+    layer = [speeds.devices[d.name].layer for d in devices]
+    for _ in range(spec.n_layer + 1):
+        plan = estimate(spec, devices, s, "speed", split_for_counts(counts))
+        short = [i for i, _ in plan.short() if i >= 0 and counts[i] > 1]
+        if not short:
+            return plan
+        i = short[0]
+        room = [k for k in range(len(devices)) if k != i and counts[k] > 0]
+        if not room:
+            return plan
+        counts[i] -= 1
+        counts[min(room, key=lambda k: layer[k])] += 1
+    return plan
+
+
+def without_each(
+    spec: ModelSpec, plan: Plan, s: Settings, speeds: Speeds
+) -> list[tuple[str, float | None]]:
+    """For each host the plan uses: the predicted change in tokens/s of the fastest split
+    without it (-0.3: 30 % slower), or None where the model does not fit without it."""
+    now = predict(spec, plan, speeds)
+    if now is None:
+        return []
+    hosts = dict.fromkeys(d.host for d, c in zip(plan.devices, _counts(plan), strict=True) if c)
+    out: list[tuple[str, float | None]] = []
+    if len(hosts) < 2:
+        return out
+    for host in hosts:
+        rest = [d for d in plan.devices if d.host != host]
+        keep = [i for i, d in enumerate(plan.devices) if d.host != host]
+        found = fastest(spec, rest, s, speeds)
+        if found is None:
+            out.append((host, None))
+            continue
+        counts = [0] * len(plan.devices)
+        for k, c in zip(keep, found[0], strict=True):
+            counts[k] = c
+        trial = estimate(spec, plan.devices, s, "speed", split_for_counts(counts))
+        if not trial.fits:
+            out.append((host, None))
+            continue
+        out.append((host, (1.0 / found[1]) / now.tokens_per_s - 1.0))
+    return out
+
+
+def with_speeds(devices: Sequence[Device], speeds: Speeds) -> list[Device]:
+    """The devices with their relative speed (1 / layer time) filled in, for display."""
+    return [
+        dataclasses.replace(d, speed=1.0 / speeds.devices[d.name].layer)
+        if d.name in speeds.devices and speeds.devices[d.name].layer > 0
+        else d
+        for d in devices
+    ]

@@ -1,0 +1,271 @@
+"""Measuring what decides a split's speed: each device's time per layer and per step, and
+each host's link (docs/PLANNER.md, "Placement by measured speed").
+
+A device is timed on probes: random-weight llama models of the model's own layer shape
+(n_embd, heads, head size, FFN width) at the nearest weight type by bits per weight, with
+1 and 1 + PROBE_EXTRA layers (a 320-token vocabulary, so the output layer costs nothing). Each
+probe is loaded in the inference child with every layer on that one device, through its
+real worker and tunnel, and TimeSteps gives the median time of a generated token's step and
+of a PROBE_BATCH-token prompt batch. The difference of the two probes over PROBE_EXTRA is
+one layer's time (scaled by the model's bytes per layer over the probe's: decoding is bound
+by reading weights); what is left of the 1-layer probe, less the desktop's own part (the
+same probes on its CPU alone), is the device's fixed cost per step: its "hop".
+
+Figures are kept per agent, device, llama.cpp build, worker threads and probe shape in
+speeds.json (the cache dir), and measured again when any of those change. A link (round trip,
+bytes a second through the agent's TLS channel: the path its RPC tunnel takes) is measured
+at every plan: it is quick and changes with the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import platformdirs
+
+from corral.engine.model.spec import ModelSpec, read_model_spec
+from corral.engine.planner.speed import DeviceSpeed, LinkSpeed
+
+from .childproto import LoadParams
+
+PROBE_EXTRA = 3  # layers the second probe has beyond the first
+PROBE_BATCH = 64  # prompt tokens of a timed prompt batch
+PROBE_VOCAB = 320
+GEN_REPS, BATCH_REPS = 9, 3
+ECHO = 1 << 20  # bytes an agent sends back to time the link's bandwidth
+# bits per weight of llama.cpp's file types (k-quants: their usual mix), nearest first
+_BPW = (
+    ("f16", 16.0),
+    ("q8_0", 8.5),
+    ("q6_k", 6.56),
+    ("q5_k_m", 5.7),
+    ("q4_k_m", 4.85),
+    ("q4_0", 4.5),
+    ("q3_k_m", 3.9),
+    ("q2_k", 2.96),
+)
+
+
+def cache_dir() -> Path:
+    override = os.environ.get("CORRAL_SPEEDS_DIR")
+    return Path(override) if override else Path(platformdirs.user_cache_dir("corral")) / "speeds"
+
+
+def _params(spec: ModelSpec) -> float:
+    """Weights of an average block (what a token's decode reads)."""
+    first = spec.layers[0]
+    q = first.n_head * first.head_dim_k
+    kv = 2 * first.n_embd_k_gqa
+    return spec.n_embd * (2 * q + kv) + 3 * spec.n_embd * (spec.ffn_width or spec.n_ff)
+
+
+def probe_shape(spec: ModelSpec) -> tuple[dict[str, int], str]:
+    """The probes' hyper-parameters and weight type for this model."""
+    first = spec.layers[0]
+    per = sum(layer.weight_bytes for layer in spec.layers) / max(spec.n_layer, 1)
+    bpw = 8 * per / max(_params(spec), 1.0)
+    ftype = min(_BPW, key=lambda t: abs(t[1] - bpw))[0]
+    shape = {
+        "n_embd": spec.n_embd,
+        "n_head": first.n_head,
+        "n_head_kv": first.n_head_kv,
+        "head_dim": first.head_dim_k,
+        "n_ff": spec.ffn_width or spec.n_ff,
+    }
+    return shape, ftype
+
+
+def probe_key(spec: ModelSpec) -> str:
+    shape, ftype = probe_shape(spec)
+    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}"
+
+
+def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, Path]:
+    """The two probes for this model's shape, built once (in a child process: llama.cpp's
+    quantizer runs there, never in the desktop's own process)."""
+    directory = directory or cache_dir() / "probes"
+    directory.mkdir(parents=True, exist_ok=True)
+    key = probe_key(spec)
+    paths = (directory / f"{key}-1.gguf", directory / f"{key}-{1 + PROBE_EXTRA}.gguf")
+    for n_layer, path in zip((1, 1 + PROBE_EXTRA), paths, strict=True):
+        if path.exists():
+            continue
+        shape, ftype = probe_shape(spec)
+        code = (
+            "import sys, json, os\n"
+            "from corral.engine.model.synthetic import TinyLlama, write_tiny_llama\n"
+            "from corral.engine.ggml.quantize import quantize\n"
+            "a = json.loads(sys.argv[1])\n"
+            "src = sys.argv[2] + '.f16'\n"
+            "write_tiny_llama(src, TinyLlama(n_layer=a['n_layer'], n_embd=a['n_embd'],"
+            " n_head=a['n_head'], n_head_kv=a['n_head_kv'], head_dim=a['head_dim'],"
+            " n_ff=a['n_ff'], n_vocab=a['n_vocab'], dtype='f16'))\n"
+            "if a['ftype'] == 'f16':\n"
+            "    os.replace(src, sys.argv[2])\n"
+            "else:\n"
+            "    quantize(src, sys.argv[2], a['ftype'])\n"
+            "    os.unlink(src)\n"
+        )
+        args = dict(shape, n_layer=n_layer, n_vocab=PROBE_VOCAB, ftype=ftype)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            part = Path(tmp) / path.name
+            done = subprocess.run(
+                [sys.executable, "-c", code, json.dumps(args), str(part)],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"could not build the speed probe {path.name}: {tail[0]}")
+            os.replace(part, path)
+    return paths
+
+
+class SpeedCache:
+    """speeds.json: measured devices by key (agent, device, build, threads, probe)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or cache_dir() / "speeds.json"
+        self.entries: dict[str, dict[str, float]] = {}
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(self.path.read_text())
+            if isinstance(loaded, dict):
+                self.entries = {
+                    str(k): {str(f): float(x) for f, x in v.items()}
+                    for k, v in loaded.get("devices", {}).items()
+                    if isinstance(v, dict)
+                }
+        self.errors: dict[str, float] = {}
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self.errors = {
+                str(k): float(v) for k, v in json.loads(self.path.read_text())["errors"].items()
+            }
+
+    def get(self, key: str) -> DeviceSpeed | None:
+        found = self.entries.get(key)
+        if not found:
+            return None
+        try:
+            return DeviceSpeed(**{k: (int(v) if k == "batch" else v) for k, v in found.items()})
+        except TypeError:
+            return None
+
+    def put(self, key: str, speed: DeviceSpeed) -> None:
+        self.entries[key] = {k: float(v) for k, v in asdict(speed).items()}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        part = self.path.with_suffix(".part")
+        part.write_text(json.dumps({"devices": self.entries, "errors": self.errors}, indent=1))
+        os.replace(part, self.path)
+
+
+def device_key(agent_id: str, device: str, build: str, threads: int, probe: str) -> str:
+    return f"{agent_id}|{device}|{build}|t{threads}|{probe}"
+
+
+def layer_scale(spec: ModelSpec, probe: Path) -> float:
+    """The model's bytes per block over the probe's: what one layer's time scales by."""
+    mine = sum(layer.weight_bytes for layer in spec.layers) / max(spec.n_layer, 1)
+    theirs = read_model_spec(probe).layers[0].weight_bytes
+    return mine / theirs if theirs else 1.0
+
+
+def probe_params(
+    probe: Path, rpc: Sequence[str], device: int, n_devices: int, threads: int
+) -> LoadParams:
+    """Every layer of the probe on device `device` (-1: the desktop's CPU alone)."""
+    split = tuple(1.0 if i == device else 0.0 for i in range(n_devices))
+    return LoadParams(
+        model=str(probe),
+        rpc=tuple(rpc),
+        n_ctx=256,
+        n_batch=PROBE_BATCH,
+        n_ubatch=PROBE_BATCH,
+        n_threads=threads,
+        n_gpu_layers=0 if device < 0 else -1,
+        tensor_split=split if device >= 0 else (),
+        type_k="f16",
+        type_v="f16",
+        flash_attn=False,
+        swa_full=True,
+        n_seq=1,
+    )
+
+
+async def time_device(
+    child: object, probes: tuple[Path, Path], params: list[LoadParams]
+) -> tuple[list[float], list[float]]:
+    """(generated-token step, prompt-batch step) seconds of each probe, loaded with each of
+    `params` (one per probe)."""
+    gen, batch = [], []
+    for p in params:
+        await child.load(p)  # type: ignore[attr-defined]
+        g, b = await child.time_steps((1, PROBE_BATCH), GEN_REPS)  # type: ignore[attr-defined]
+        gen.append(g)
+        batch.append(b)
+    return gen, batch
+
+
+def derive(
+    spec: ModelSpec,
+    scale: float,
+    gen: Sequence[float],
+    batch: Sequence[float],
+    base: tuple[float, float],
+) -> DeviceSpeed:
+    """A device's speed from its two probes' step times and the desktop's own base (gen,
+    batch): per layer the difference over PROBE_EXTRA (scaled to the model's layers), per
+    step what the 1-layer probe took beyond one layer and the base."""
+    layer = max(gen[1] - gen[0], 0.0) / PROBE_EXTRA
+    layer_b = max(batch[1] - batch[0], 0.0) / PROBE_EXTRA
+    return DeviceSpeed(
+        hop=max(gen[0] - layer - base[0], 0.0),
+        layer=layer * scale,
+        hop_batch=max(batch[0] - layer_b - base[1], 0.0),
+        layer_batch=layer_b * scale,
+        batch=PROBE_BATCH,
+    )
+
+
+def base_of(gen: Sequence[float], batch: Sequence[float]) -> tuple[float, float]:
+    """The desktop's own part of a step (the 1-layer probe on its CPU less one layer)."""
+    return (
+        max(gen[0] - (gen[1] - gen[0]) / PROBE_EXTRA, 0.0),
+        max(batch[0] - (batch[1] - batch[0]) / PROBE_EXTRA, 0.0),
+    )
+
+
+async def link_speed(client: object, n: int = 5) -> LinkSpeed:
+    """Round trip (the median of `n` pings) and bandwidth (ECHO bytes sent back, less a
+    round trip) through the agent's control channel."""
+    rtts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await client.ping_echo(0)  # type: ignore[attr-defined]
+        rtts.append(time.perf_counter() - t0)
+    rtt = sorted(rtts)[n // 2]
+    big = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        got = await client.ping_echo(ECHO)  # type: ignore[attr-defined]
+        big.append(time.perf_counter() - t0)
+        if got != ECHO:  # an agent without echo: bandwidth unknown
+            return LinkSpeed(rtt, 0.0)
+    spent = sorted(big)[1] - rtt
+    return LinkSpeed(rtt, ECHO / spent if spent > 0 else 0.0)
+
+
+async def gather_links(clients: Sequence[object]) -> list[LinkSpeed]:
+    return list(await asyncio.gather(*(link_speed(c) for c in clients)))
