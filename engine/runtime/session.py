@@ -92,6 +92,7 @@ from .speeds import (
     device_key,
     gather_links,
     layer_scale,
+    probe_extra,
     probe_files,
     probe_key,
     probe_params,
@@ -351,7 +352,7 @@ class ChatSession:
             [c.name for c in self.clients], self.inventories, self.endpoints, self.local_devices
         )
         self.speeds, self.prediction, self.leave_out = None, None, []
-        if devices and settings.layers is None:
+        if devices:
             # speed measures what it lacks; the others show a prediction where all is known
             self.speeds = await self.measure_speeds(
                 spec, devices, settings, settings.strategy == "speed"
@@ -458,12 +459,13 @@ class ChatSession:
 
             try:
                 base_gen, base_batch = await timed(-1)
-                base = base_of(base_gen, base_batch)
+                extra = probe_extra(spec)
+                base = base_of(extra, base_gen, base_batch)
                 cache.put(keys[""], DeviceSpeed(base[0], 0.0, base[1], 0.0, 0))
                 for name in missing:
                     if name:
                         gen, batch = await timed(names.index(name))
-                        cache.put(keys[name], derive(spec, scale, gen, batch, base))
+                        cache.put(keys[name], derive(extra, scale, gen, batch, base))
             except InferenceCrashed as crash:
                 raise await self.explain(crash) from None
             cache.save()

@@ -3,12 +3,12 @@ each host's link (docs/PLANNER.md, "Placement by measured speed").
 
 A device is timed on probes: random-weight llama models of the model's own layer shape
 (n_embd, heads, head size, FFN width) at the nearest weight type by bits per weight, with
-1 and 1 + PROBE_EXTRA layers (a 320-token vocabulary, so the output layer costs nothing). Each
-probe is loaded in the inference child with every layer on that one device, through its
-real worker and tunnel, and TimeSteps gives the median time of a generated token's step and
-of a PROBE_BATCH-token prompt batch. The difference of the two probes over PROBE_EXTRA is
-one layer's time (scaled by the model's bytes per layer over the probe's: decoding is bound
-by reading weights); what is left of the 1-layer probe, less the desktop's own part (the
+1 and 1 + `extra` layers (`probe_extra`) and a 320-token vocabulary (so the output layer
+costs nothing). Each probe is loaded in the inference child with every layer on that one
+device, through its real worker and tunnel, and TimeSteps gives the median time of a
+generated token's step and of a PROBE_BATCH-token prompt batch. The difference of the two
+probes over `extra` is one layer's time (scaled by the model's bytes per layer over the
+probe's: decoding is bound by reading weights); what is left of the 1-layer probe, less the desktop's own part (the
 same probes on its CPU alone), is the device's fixed cost per step: its "hop".
 
 Figures are kept per agent, device, llama.cpp build, worker threads and probe shape in
@@ -38,12 +38,31 @@ from corral.engine.planner.speed import DeviceSpeed, LinkSpeed
 
 from .childproto import LoadParams
 
-PROBE_EXTRA = 3  # layers the second probe has beyond the first
+# layers the second probe has beyond the first: enough to read PROBE_BYTES of weights per
+# token (a small model's layer takes microseconds: a few would drown in the noise), 3 to 15
+PROBE_BYTES = 64 << 20
+MIN_EXTRA, MAX_EXTRA = 3, 15
 PROBE_BATCH = 64  # prompt tokens of a timed prompt batch
 PROBE_VOCAB = 320
-GEN_REPS, BATCH_REPS = 9, 3
+REPS = 15  # decodes of each size per probe (the median)
 ECHO = 1 << 20  # bytes an agent sends back to time the link's bandwidth
-# bits per weight of llama.cpp's file types (k-quants: their usual mix), nearest first
+# the probe's weights: the model's most common matrix type (ggml type: llama.cpp file type,
+# quantized "pure", every matrix that type), else the file type nearest in bits per weight
+_OF_TYPE = {
+    1: "f16",
+    2: "q4_0",
+    3: "q4_1",
+    6: "q5_0",
+    7: "q5_1",
+    8: "q8_0",
+    10: "q2_k",
+    11: "q3_k_s",
+    12: "q4_k_s",
+    13: "q5_k_s",
+    14: "q6_k",
+    30: "bf16",
+}
+# bits per weight of llama.cpp's file types (k-quants: their usual mix)
 _BPW = (
     ("f16", 16.0),
     ("q8_0", 8.5),
@@ -74,7 +93,12 @@ def probe_shape(spec: ModelSpec) -> tuple[dict[str, int], str]:
     first = spec.layers[0]
     per = sum(layer.weight_bytes for layer in spec.layers) / max(spec.n_layer, 1)
     bpw = 8 * per / max(_params(spec), 1.0)
-    ftype = min(_BPW, key=lambda t: abs(t[1] - bpw))[0]
+    by_type: dict[int, int] = {}
+    for layer in spec.layers:
+        for kind, n in layer.matmuls:
+            by_type[kind] = by_type.get(kind, 0) + n
+    common = max(by_type, key=lambda k: by_type[k]) if by_type else -1
+    ftype = _OF_TYPE.get(common) or min(_BPW, key=lambda t: abs(t[1] - bpw))[0]
     shape = {
         "n_embd": spec.n_embd,
         "n_head": first.n_head,
@@ -85,9 +109,15 @@ def probe_shape(spec: ModelSpec) -> tuple[dict[str, int], str]:
     return shape, ftype
 
 
+def probe_extra(spec: ModelSpec) -> int:
+    """Layers the second probe has beyond the first (PROBE_BYTES of weights, 3 to 15)."""
+    per = sum(layer.weight_bytes for layer in spec.layers) / max(spec.n_layer, 1)
+    return max(MIN_EXTRA, min(MAX_EXTRA, -(-PROBE_BYTES // max(int(per), 1))))
+
+
 def probe_key(spec: ModelSpec) -> str:
     shape, ftype = probe_shape(spec)
-    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}"
+    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}-x{probe_extra(spec)}"
 
 
 def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, Path]:
@@ -96,8 +126,9 @@ def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, P
     directory = directory or cache_dir() / "probes"
     directory.mkdir(parents=True, exist_ok=True)
     key = probe_key(spec)
-    paths = (directory / f"{key}-1.gguf", directory / f"{key}-{1 + PROBE_EXTRA}.gguf")
-    for n_layer, path in zip((1, 1 + PROBE_EXTRA), paths, strict=True):
+    extra = probe_extra(spec)
+    paths = (directory / f"{key}-1.gguf", directory / f"{key}-{1 + extra}.gguf")
+    for n_layer, path in zip((1, 1 + extra), paths, strict=True):
         if path.exists():
             continue
         shape, ftype = probe_shape(spec)
@@ -113,7 +144,7 @@ def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, P
             "if a['ftype'] == 'f16':\n"
             "    os.replace(src, sys.argv[2])\n"
             "else:\n"
-            "    quantize(src, sys.argv[2], a['ftype'])\n"
+            "    quantize(src, sys.argv[2], a['ftype'], pure=True)\n"
             "    os.unlink(src)\n"
         )
         args = dict(shape, n_layer=n_layer, n_vocab=PROBE_VOCAB, ftype=ftype)
@@ -212,24 +243,24 @@ async def time_device(
     gen, batch = [], []
     for p in params:
         await child.load(p)  # type: ignore[attr-defined]
-        g, b = await child.time_steps((1, PROBE_BATCH), GEN_REPS)  # type: ignore[attr-defined]
+        g, b = await child.time_steps((1, PROBE_BATCH), REPS)  # type: ignore[attr-defined]
         gen.append(g)
         batch.append(b)
     return gen, batch
 
 
 def derive(
-    spec: ModelSpec,
+    extra: int,
     scale: float,
     gen: Sequence[float],
     batch: Sequence[float],
     base: tuple[float, float],
 ) -> DeviceSpeed:
     """A device's speed from its two probes' step times and the desktop's own base (gen,
-    batch): per layer the difference over PROBE_EXTRA (scaled to the model's layers), per
-    step what the 1-layer probe took beyond one layer and the base."""
-    layer = max(gen[1] - gen[0], 0.0) / PROBE_EXTRA
-    layer_b = max(batch[1] - batch[0], 0.0) / PROBE_EXTRA
+    batch): per layer the difference over `extra` (scaled to the model's layers), per step
+    what the 1-layer probe took beyond one layer and the base."""
+    layer = max(gen[1] - gen[0], 0.0) / extra
+    layer_b = max(batch[1] - batch[0], 0.0) / extra
     return DeviceSpeed(
         hop=max(gen[0] - layer - base[0], 0.0),
         layer=layer * scale,
@@ -239,11 +270,11 @@ def derive(
     )
 
 
-def base_of(gen: Sequence[float], batch: Sequence[float]) -> tuple[float, float]:
+def base_of(extra: int, gen: Sequence[float], batch: Sequence[float]) -> tuple[float, float]:
     """The desktop's own part of a step (the 1-layer probe on its CPU less one layer)."""
     return (
-        max(gen[0] - (gen[1] - gen[0]) / PROBE_EXTRA, 0.0),
-        max(batch[0] - (batch[1] - batch[0]) / PROBE_EXTRA, 0.0),
+        max(gen[0] - (gen[1] - gen[0]) / extra, 0.0),
+        max(batch[0] - (batch[1] - batch[0]) / extra, 0.0),
     )
 
 

@@ -1,0 +1,221 @@
+"""Placement by measured speed against measurement: for set-ups of 3-4 real agents whose
+links and workers differ, every split of a sample is loaded and timed, and set beside its
+prediction and the splits `speed` and `balanced` choose.
+
+    .venv/bin/python bench/placement.py [--model M] [--setups a,b,c] [--step 8] [--json F]
+
+Set-ups (each agent a real corral-agent with its RPC worker; links through bench/linkem.py):
+  threads  3 agents, workers with 2, 1 and 1 threads, no delay
+  delays   3 agents, one thread each, links of 0, 1 and 5 ms each way
+  mixed    4 agents, threads 2/1/1/1, links 0 / 1 ms / 5 ms / 0 ms at 50 Mbit/s
+
+For each: the splits are every layer count in steps of --step over the agents (each share 0
+or more, the output layer with the last), plus each one-agent split, plus speed's and
+balanced's choices; each is loaded and generates --tokens tokens --rounds times (the median
+tokens/s). Reported: speed's choice over the best measured split (target >= 0.95), the
+prediction's error on every split (target within 15 %), balanced beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from corral.engine.localagents import LocalAgents
+from corral.engine.model.catalog import default_model_path
+from corral.engine.planner.speed import predict
+from corral.engine.runtime.childproto import Done, Generate
+from corral.engine.runtime.session import ChatSession, LoadSettings
+
+# per agent: worker threads (0: one per core), one-way delay ms, Mbit/s (0: no limit), the
+# devices it shares ("": its default)
+SETUPS = {
+    "threads": [(2, 0.0, 0.0, ""), (1, 0.0, 0.0, ""), (1, 0.0, 0.0, "")],
+    "delays": [(1, 0.0, 0.0, ""), (1, 1.0, 0.0, ""), (1, 5.0, 0.0, "")],
+    "mixed": [(2, 0.0, 0.0, ""), (1, 1.0, 0.0, ""), (1, 5.0, 0.0, ""), (1, 0.0, 50.0, "")],
+    # a GPU host: one agent's worker on the GPU, one on the CPU
+    "gpu-cpu": [(0, 0.0, 0.0, "CUDA0"), (0, 0.0, 0.0, "CPU")],
+}
+
+
+def splits(n_total: int, k: int, step: int) -> list[tuple[int, ...]]:
+    """Layer counts over k devices adding up to n_total, each a multiple of `step` (the last
+    takes the rest), plus every one-device split."""
+    out = set()
+    grid = range(0, n_total + 1, step)
+    for head in itertools.product(grid, repeat=k - 1):
+        rest = n_total - sum(head)
+        if rest >= 0:
+            out.add((*head, rest))
+    for i in range(k):
+        out.add(tuple(n_total if j == i else 0 for j in range(k)))
+    return sorted(out)
+
+
+async def timed(session: ChatSession, tokens: int, rounds: int) -> float:
+    """Median generated tokens a second of `rounds` replies."""
+    rates = []
+    for _ in range(rounds):
+        request = Generate(prompt="Once upon a time", max_tokens=tokens, temp=0.0, ignore_eos=True)
+        done = None
+        async for frame in session.child.generate(request):
+            if isinstance(frame, Done):
+                done = frame
+        assert done is not None and done.gen_s > 0
+        rates.append(done.n_tokens / done.gen_s)
+    return statistics.median(rates)
+
+
+async def run_setup(
+    name: str, model: Path, step: int, tokens: int, rounds: int, log: list[str]
+) -> dict:
+    agents_spec = SETUPS[name]
+    with contextlib.ExitStack() as stack:
+        addresses, relays = [], []
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="corral-place-")))
+        for i, (threads, delay, mbit, device) in enumerate(agents_spec):
+            config = tmp / f"agent{i}.toml"
+            config.write_text(
+                f"rpc_threads = {threads}\n" + (f'devices = ["{device}"]\n' if device else "")
+            )
+            agents = stack.enter_context(LocalAgents(1, extra_args=("--config", str(config))))
+            address = agents.addresses[0]
+            if delay or mbit:
+                relay = subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(Path(__file__).with_name("linkem.py")),
+                        address,
+                        str(delay),
+                        str(mbit),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                relays.append(relay)
+                stack.callback(relay.kill)
+                assert relay.stdout is not None
+                address = relay.stdout.readline().split()[-1]
+            addresses.append(address)
+        session = ChatSession(addresses)
+        try:
+            await session.connect(0)
+            base = LoadSettings(model=model, n_ctx=512)
+            n_total = 0
+            rows = []
+
+            async def measure(settings: LoadSettings, label: str) -> dict:
+                result = await session.open_after_connect(settings)
+                plan = result.plan
+                assert session.spec is not None
+                speeds = session.speeds
+                pred = predict(session.spec, plan, speeds) if speeds else None
+                counts = [len(plan.layers_of(i)) for i in range(len(plan.devices))]
+                rate = await timed(session, tokens, rounds)
+                row = {
+                    "label": label,
+                    "counts": counts,
+                    "measured": rate,
+                    "predicted": pred.tokens_per_s if pred else None,
+                }
+                err = (row["predicted"] / rate - 1) if pred else float("nan")
+                line = f"{name} {label:<9} {counts} measured {rate:6.1f} tok/s, predicted "
+                line += f"{row['predicted'] or 0:6.1f} ({100 * err:+.1f} %)"
+                print(line, flush=True)
+                log.append(line)
+                return row
+
+            chosen = await measure(dataclasses.replace(base, strategy="speed"), "speed")
+            n_total = sum(chosen["counts"])
+            if session.speeds is not None:
+                for dev, sp in session.speeds.devices.items():
+                    print(f"  {dev}: layer {sp.layer * 1e3:.3f} ms, step {sp.hop * 1e3:.3f} ms")
+                for host, link in session.speeds.links.items():
+                    print(f"  {host}: rtt {link.rtt * 1e3:.2f} ms, {link.bandwidth / 1e6:.0f} MB/s")
+            balanced = await measure(base, "balanced")
+            for counts in splits(n_total, len(addresses), step):
+                if counts in (tuple(chosen["counts"]), tuple(balanced["counts"])):
+                    continue
+                rows.append(await measure(dataclasses.replace(base, layers=counts), "split"))
+            every = [chosen, balanced, *rows]
+            best = max(every, key=lambda r: r["measured"])
+            errors = [abs(r["predicted"] / r["measured"] - 1) for r in every if r["predicted"]]
+            return {
+                "setup": name,
+                "agents": [
+                    {"threads": t, "delay_ms": d, "mbit": m, "device": dev}
+                    for t, d, m, dev in agents_spec
+                ],
+                "speeds": dataclasses.asdict(session.speeds) if session.speeds else None,
+                "speed": chosen,
+                "balanced": balanced,
+                "best": best,
+                "speed_vs_best": chosen["measured"] / best["measured"],
+                "balanced_vs_best": balanced["measured"] / best["measured"],
+                "prediction_error_median": statistics.median(errors) if errors else None,
+                "prediction_error_max": max(errors) if errors else None,
+                "within_15": sum(e <= 0.15 for e in errors),
+                "splits": len(every),
+                "rows": every,
+            }
+        finally:
+            await session.close(stop_workers=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=default_model_path())
+    parser.add_argument("--setups", default="threads,delays,mixed")
+    parser.add_argument("--step", type=int, default=8, help="layer-count step of the sample")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--scale", type=int, default=1, help="multiply every worker's threads (a bigger host)"
+    )
+    parser.add_argument(
+        "--cpu-only", action="store_true", help="agents share their CPU only (on a GPU host)"
+    )
+    parser.add_argument("--json", type=Path)
+    opts = parser.parse_args()
+    os.environ.setdefault("CORRAL_SPEEDS_DIR", tempfile.mkdtemp(prefix="corral-speeds-"))
+    log: list[str] = []
+    results = []
+    for name in opts.setups.split(","):
+        SETUPS[name] = [
+            (t * opts.scale, d, m, dev or ("CPU" if opts.cpu_only else ""))
+            for t, d, m, dev in SETUPS[name]
+        ]
+        results.append(
+            asyncio.run(run_setup(name, opts.model, opts.step, opts.tokens, opts.rounds, log))
+        )
+    print()
+    print(
+        "| set-up | splits | speed's choice | its tok/s | best measured | speed / best | "
+        "balanced / best | prediction error median / max | within 15 % |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['setup']} | {r['splits']} | {r['speed']['counts']} | "
+            f"{r['speed']['measured']:.1f} | {r['best']['counts']} {r['best']['measured']:.1f} | "
+            f"{r['speed_vs_best']:.3f} | {r['balanced_vs_best']:.3f} | "
+            f"{100 * (r['prediction_error_median'] or 0):.1f} % / "
+            f"{100 * (r['prediction_error_max'] or 0):.1f} % | {r['within_15']}/{r['splits']} |"
+        )
+    if opts.json:
+        opts.json.write_text(json.dumps({"model": str(opts.model), "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
