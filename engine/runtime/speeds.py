@@ -8,8 +8,9 @@ costs nothing). Each probe is loaded in the inference child with every layer on 
 device, through its real worker and tunnel, and TimeSteps gives the median time of a
 generated token's step and of a PROBE_BATCH-token prompt batch. The difference of the two
 probes over `extra` is one layer's time (scaled by the model's bytes per layer over the
-probe's: decoding is bound by reading weights); what is left of the 1-layer probe, less the desktop's own part (the
-same probes on its CPU alone), is the device's fixed cost per step: its "hop".
+probe's: decoding is bound by reading weights); what is left of the 1-layer probe, less the
+desktop's own part (the same probes on its CPU alone), is the device's fixed cost per step:
+its "hop".
 
 Figures are kept per agent, device, llama.cpp build, worker threads and probe shape in
 speeds.json (the cache dir), and measured again when any of those change. A link (round trip,
