@@ -88,7 +88,11 @@ async def run_setup(
             config.write_text(
                 f"rpc_threads = {threads}\n" + (f'devices = ["{device}"]\n' if device else "")
             )
-            agents = stack.enter_context(LocalAgents(1, extra_args=("--config", str(config))))
+            # the desktop sees no GPU of its own (main); an agent sharing one sees it
+            env = {"CUDA_VISIBLE_DEVICES": "0"} if device.startswith("CUDA") else None
+            agents = stack.enter_context(
+                LocalAgents(1, extra_args=("--config", str(config)), env=env)
+            )
             address = agents.addresses[0]
             if delay or mbit:
                 relay = subprocess.Popen(
@@ -187,6 +191,7 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the agents' devices only (on a GPU host)
     os.environ.setdefault("CORRAL_SPEEDS_DIR", tempfile.mkdtemp(prefix="corral-speeds-"))
     log: list[str] = []
     results = []

@@ -29,7 +29,7 @@ detached quant "$B/llama-quantize /tmp/7b.gguf /tmp/7b-q4_k_m.gguf Q4_K_M 16 \
   && $B/llama-quantize /tmp/big.gguf /tmp/big-q4_k_m.gguf Q4_K_M 16"
 wait_for quant || exit 0
 [ "$(cat /tmp/quant.done)" = 0 ] || { tail -20 /tmp/quant.log; exit 1; }
-detached ttft "python3 bench/serve.py --model /tmp/7b-q4_k_m.gguf --only-ttft --rounds 5 \
+[ -f /tmp/ttft.done ] || detached ttft "python3 bench/serve.py --model /tmp/7b-q4_k_m.gguf --only-ttft --rounds 5 \
   --flash-attn on --json /tmp/ttft7b.json"
 wait_for ttft || exit 0
 tail -3 /tmp/ttft.log
