@@ -43,6 +43,8 @@ SETUPS = {
     "threads": [(2, 0.0, 0.0, ""), (1, 0.0, 0.0, ""), (1, 0.0, 0.0, "")],
     "delays": [(1, 0.0, 0.0, ""), (1, 1.0, 0.0, ""), (1, 5.0, 0.0, "")],
     "mixed": [(2, 0.0, 0.0, ""), (1, 1.0, 0.0, ""), (1, 5.0, 0.0, ""), (1, 0.0, 50.0, "")],
+    # one agent: the probe's figures against the whole model on one device
+    "single": [(2, 0.0, 0.0, "")],
     # a GPU host: one agent's worker on the GPU, one on the CPU
     "gpu-cpu": [(0, 0.0, 0.0, "CUDA0"), (0, 0.0, 0.0, "CPU")],
 }

@@ -212,6 +212,14 @@ async def _reply(session: ChatSession, out: _Out, text: str, opts: argparse.Name
             f"[{done.n_tokens} tokens, {meter.rate:.1f} tok/s, stop: {done.stop}, "
             f"KV {done.kv_used}/{done.n_ctx} cells]"
         )
+    against = session.note_speed(done)
+    if against is not None:
+        measured, predicted = against
+        out.event({"type": "speed", "measured": measured, "predicted": predicted})
+        out.info(
+            f"[generating: measured {measured:.1f} tok/s, predicted {predicted:.1f} "
+            f"({100 * (measured / predicted - 1):+.0f} %)]"
+        )
     return done
 
 
@@ -533,6 +541,8 @@ async def _chat(opts: argparse.Namespace, out: _Out) -> int:
         result = await session.open(_load_settings(opts, model))
         for line in describe_load(result, model):
             out.info(line)
+        if session.prediction is not None:
+            out.info(f"  predicted: {session.prediction.tokens_per_s:.1f} tokens/s generating")
         if opts.prompt is not None:
             try:
                 done = await _reply(session, out, opts.prompt, opts)

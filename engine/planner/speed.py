@@ -146,7 +146,7 @@ def predict(spec: ModelSpec, plan: Plan, speeds: Speeds) -> Prediction | None:
     step, shares = step_time(spec, plan.devices, counts, speeds)
     prompt = 0.0
     batch = [speeds.devices[d.name].batch for d in used]
-    if all(batch) and speeds.base_batch:
+    if all(batch):
         t, _ = step_time(spec, plan.devices, counts, speeds, batch=True)
         prompt = min(batch) / t if t > 0 else 0.0
     return Prediction(1.0 / step if step > 0 else 0.0, prompt, step, tuple(shares))
@@ -241,24 +241,48 @@ def _candidates(devices: Sequence[Device], speeds: Speeds, n: int) -> list[tuple
 
 def speed_plan(spec: ModelSpec, devices: Sequence[Device], s: Settings, speeds: Speeds) -> Plan:
     """The fastest split that fits: the search's counts, checked against the exact memory
-    estimate; a device short of memory gives up a layer to the next fastest until it fits.
-    Raises ValueError when no device was measured or nothing fits (the caller says why)."""
+    estimate (a device short of memory gives up a layer to the next fastest until it fits),
+    then layers moved one at a time from the slowest device in use to a faster one while
+    that still fits (the capacity estimate is a layer or so cautious). Raises ValueError
+    when no device was measured or nothing fits (the caller says why)."""
     found = fastest(spec, devices, s, speeds)
     if found is None:
         raise ValueError("no split fits by the measured speeds")
     counts = found[0]
     layer = [speeds.devices[d.name].layer for d in devices]
+    plan = estimate(spec, devices, s, "speed", split_for_counts(counts))
     for _ in range(spec.n_layer + 1):
-        plan = estimate(spec, devices, s, "speed", split_for_counts(counts))
         short = [i for i, _ in plan.short() if i >= 0 and counts[i] > 1]
         if not short:
-            return plan
+            break
         i = short[0]
         room = [k for k in range(len(devices)) if k != i and counts[k] > 0]
         if not room:
             return plan
         counts[i] -= 1
         counts[min(room, key=lambda k: layer[k])] += 1
+        plan = estimate(spec, devices, s, "speed", split_for_counts(counts))
+    if not plan.fits:
+        return plan
+    best = step_time(spec, devices, counts, speeds)[0]
+    for _ in range(spec.n_layer + 1):
+        used = [k for k in range(len(devices)) if counts[k] > 0]
+        slow = max((k for k in used if counts[k] > 1), key=lambda k: layer[k], default=None)
+        if slow is None:
+            break
+        for fast in sorted((k for k in used if layer[k] < layer[slow]), key=lambda k: layer[k]):
+            trial = counts[:]
+            trial[slow] -= 1
+            trial[fast] += 1
+            t = step_time(spec, devices, trial, speeds)[0]
+            if t >= best:
+                continue
+            moved = estimate(spec, devices, s, "speed", split_for_counts(trial))
+            if moved.fits:
+                counts, plan, best = trial, moved, t
+                break
+        else:
+            break
     return plan
 
 

@@ -249,6 +249,7 @@ class ChatSession:
         self.speeds: Speeds | None = None  # measured device and link speeds (speed planning)
         self.prediction: Prediction | None = None  # the exact plan's predicted tokens/s
         self.leave_out: list[tuple[str, float | None]] = []  # per host: tok/s change without it
+        self._speed_keys: dict[str, str] = {}  # device name: its key in speeds.json
 
     def _client(self, address: str) -> AgentClient:
         return AgentClient(address, on_event=self._on_event, on_lost=self._on_lost)
@@ -411,6 +412,30 @@ class ChatSession:
             self.leave_out = without_each(spec, exact, exact.settings, self.speeds)
         return analytic, exact
 
+    def note_speed(self, done: Done) -> tuple[float, float] | None:
+        """A reply's measured tokens/s beside the loaded plan's prediction, (measured,
+        predicted); the ratio is kept in speeds.json under this placement (devices and
+        their layer counts), so a later plan, or a look at the file, can tell a device or
+        link that got slower. None without a prediction or with too short a reply."""
+        if self.prediction is None or self.result is None or done.gen_s <= 0:
+            return None
+        if done.n_tokens < 8:
+            return None
+        measured = done.n_tokens / done.gen_s  # one decode a token, the last one's too
+        plan = self.result.plan
+        if plan is None:
+            return None
+        key = ";".join(
+            f"{self._speed_keys.get(d.name, d.name)}={len(plan.layers_of(i))}"
+            for i, d in enumerate(plan.devices)
+            if plan.layers_of(i)
+        )
+        cache = SpeedCache()
+        cache.errors[key] = measured / self.prediction.tokens_per_s - 1.0
+        with contextlib.suppress(OSError):
+            cache.save()
+        return measured, self.prediction.tokens_per_s
+
     async def measure_speeds(
         self, spec: ModelSpec, devices: Sequence[Device], settings: LoadSettings, measure: bool
     ) -> Speeds | None:
@@ -436,6 +461,7 @@ class ChatSession:
                 )
             else:
                 keys[d.name] = device_key("desktop", d.name, build, threads, probe)
+        self._speed_keys = keys
         known = {name: cache.get(key) for name, key in keys.items()}
         missing = [name for name, sp in known.items() if sp is None]
         if missing and not measure:

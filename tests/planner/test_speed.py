@@ -1,0 +1,126 @@
+"""The speed model's pure functions: prediction, the search, what leaving a host out does.
+(That the figures hold against real loads is bench/placement.py's and
+tests/runtime/test_speed_plan.py's business.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from corral.engine.planner.placement import split_for_counts
+from corral.engine.planner.plan import Device, MiB, Settings, estimate
+from corral.engine.planner.speed import (
+    DeviceSpeed,
+    LinkSpeed,
+    Speeds,
+    fastest,
+    predict,
+    speed_plan,
+    step_time,
+    without_each,
+)
+from tests.planner.test_plan import GiB, spec
+
+S = Settings(n_ctx=512)
+
+
+def devices(*free_gib: float) -> list[Device]:
+    return [
+        Device(f"RPC{i}", f"host{i}", f"10.0.0.{i}:50052", int(f * GiB), int(f * GiB))
+        for i, f in enumerate(free_gib)
+    ]
+
+
+def speeds(layer_ms: list[float], hop_ms: list[float], rtt_ms: float = 0.2) -> Speeds:
+    return Speeds(
+        base=0.0005,
+        devices={
+            f"RPC{i}": DeviceSpeed(hop=h / 1000, layer=x / 1000)
+            for i, (x, h) in enumerate(zip(layer_ms, hop_ms, strict=True))
+        },
+        links={f"host{i}": LinkSpeed(rtt_ms / 1000, 1e8) for i in range(len(layer_ms))},
+    )
+
+
+def test_a_step_is_the_base_each_used_devices_hop_and_layers_and_the_logits() -> None:
+    m = spec(n_layer=10)
+    devs = devices(8, 8)
+    sp = speeds([1.0, 2.0], [0.5, 0.7])
+    t, shares = step_time(m, devs, [4, 7], sp)  # the output layer with the second device
+    output = 2.0e-3 * 30 / 100  # its bytes over a layer's, at that device's layer time
+    logits = 4 * m.n_vocab / 1e8
+    expected = 0.0005 + 0.5e-3 + 4 * 1e-3 + 0.7e-3 + 6 * 2e-3 + output + logits
+    assert abs(t - expected) < 1e-7  # the output norm's bytes count too
+    assert abs(sum(s.seconds for s in shares) - t) < 1e-9
+    assert shares[0].what.startswith("RPC1")  # the largest share first: the bottleneck
+    # a device that holds nothing costs nothing
+    t1, _ = step_time(m, devs, [11, 0], sp)
+    assert abs(t1 - (0.0005 + 0.5e-3 + 10e-3 + 1e-3 * 0.3 + logits)) < 1e-7
+
+
+def test_speed_puts_every_layer_on_the_fastest_device_that_holds_them() -> None:
+    m = spec(n_layer=10)
+    found = fastest(m, devices(8, 8, 8), S, speeds([3.0, 1.0, 2.0], [0.3, 0.3, 0.3]))
+    assert found is not None and found[0] == [0, 11, 0]
+
+
+def test_speed_fills_the_fast_device_to_its_memory_then_the_next_fastest() -> None:
+    m = spec(n_layer=20, layer_bytes=100 * MiB)
+    # the fast device holds about 6 layers (1 GiB less the reserve and its compute buffer)
+    devs = devices(1, 8, 8)
+    sp = speeds([1.0, 3.0, 2.0], [0.3, 0.3, 0.3])
+    counts, _ = fastest(m, devs, S, sp) or ([], 0.0)
+    assert counts[1] == 0 and counts[0] > 0 and counts[2] > 0 and sum(counts) == 21
+    plan = speed_plan(m, devs, S, sp)
+    assert plan.fits
+    # nothing that fits is faster: every split of the 21 layers over the three, checked
+    best = min(
+        step_time(m, devs, c, sp)[0]
+        for c in itertools.product(range(22), repeat=2)
+        for c in [(*c, 21 - sum(c))]
+        if min(c) >= 0 and estimate(m, devs, S, "x", split_for_counts(c)).fits
+    )
+    got = step_time(m, devs, [len(plan.layers_of(i)) for i in range(3)], sp)[0]
+    assert abs(got - best) < 1e-9
+
+
+def test_a_slow_link_makes_one_device_better_than_two() -> None:
+    m = spec(n_layer=10)
+    devs = devices(8, 8)
+    # the second device is a little faster per layer but costs 10 ms a step to reach
+    sp = speeds([1.0, 0.9], [0.3, 10.0])
+    found = fastest(m, devs, S, sp)
+    assert found is not None and found[0] == [11, 0]
+    # with a fast link it takes every layer
+    found = fastest(m, devs, S, speeds([1.0, 0.9], [0.3, 0.3]))
+    assert found is not None and found[0] == [0, 11]
+
+
+def test_prediction_names_the_bottleneck_and_needs_every_used_device_measured() -> None:
+    m = spec(n_layer=10)
+    devs = devices(8, 8)
+    plan = estimate(m, devs, S, "balanced", split_for_counts([5, 6]))
+    sp = speeds([1.0, 4.0], [0.3, 0.3])
+    p = predict(m, plan, sp)
+    assert p is not None and p.tokens_per_s == 1 / p.step
+    assert p.bottleneck() is not None and p.bottleneck().what.startswith("RPC1")
+    partial = dataclasses.replace(sp, devices={"RPC0": sp.devices["RPC0"]})
+    assert predict(m, plan, partial) is None
+
+
+def test_leaving_out_a_host_says_what_it_would_cost_or_that_it_would_not_fit() -> None:
+    m = spec(n_layer=20, layer_bytes=100 * MiB)
+    devs = devices(1, 8)
+    sp = speeds([1.0, 3.0], [0.3, 0.3])
+    plan = speed_plan(m, devs, S, sp)
+    changes = dict(without_each(m, plan, S, sp))
+    assert changes["host0"] is not None and changes["host0"] < 0  # slower without the fast one
+    assert changes["host1"] is None  # the small one alone cannot hold the model
+
+
+def test_the_search_over_many_devices_samples_candidate_sets() -> None:
+    m = spec(n_layer=40, layer_bytes=10 * MiB)
+    devs = devices(*([2] * 20))
+    sp = speeds([1.0 + i / 10 for i in range(20)], [0.3] * 20)
+    found = fastest(m, devs, S, sp)
+    assert found is not None and found[0][0] == 41  # the fastest holds all

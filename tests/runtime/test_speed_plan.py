@@ -1,0 +1,96 @@
+"""`--strategy speed` over real agents: every device and link is measured through the real
+workers and tunnels, the plan avoids the host behind a slow link, the figures are kept and
+shown beside every plan, and a reply's measured speed is set beside the prediction."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.engine.localagents import LocalAgents
+
+LINKEM = Path(__file__).resolve().parents[2] / "bench" / "linkem.py"
+
+
+@pytest.fixture(scope="module")
+def slow_and_fast() -> Iterator[list[str]]:
+    """Two agents: the first behind a link of 15 ms each way, the second direct."""
+    with LocalAgents(2) as agents:
+        relay = subprocess.Popen(
+            [sys.executable, str(LINKEM), agents.addresses[0], "15", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert relay.stdout is not None
+            slow = relay.stdout.readline().split()[-1]
+            yield [slow, agents.addresses[1]]
+        finally:
+            relay.kill()
+            relay.wait()
+
+
+def _corral(args: list[str], agents: list[str], cache: Path) -> subprocess.CompletedProcess[str]:
+    for a in agents:
+        args += ["--agent", a]
+    return subprocess.run(
+        [sys.executable, "-m", "corral.engine.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, CORRAL_SPEEDS_DIR=str(cache)),
+    )
+
+
+def test_speed_measures_and_avoids_the_slow_link(
+    smollm2: Path, slow_and_fast: list[str], tmp_path: Path
+) -> None:
+    done = _corral(["plan", str(smollm2), "--strategy", "speed", "--json"], slow_and_fast, tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    speed = out["speed"]
+    # the relay's 15 ms each way shows in the round trip measured through the agent
+    rtts = sorted(link["rtt"] for link in speed["links"].values())
+    assert rtts[0] < 0.01 and rtts[1] > 0.025, rtts
+    for dev in ("RPC0", "RPC1"):
+        assert speed["devices"][dev]["layer"] > 0
+    # the slow-link host's step costs its round trips
+    assert speed["devices"]["RPC0"]["hop"] > speed["devices"]["RPC1"]["hop"] + 0.02
+    layers = {d["device"]: d["layers"] for d in out["exact"]["devices"]}
+    assert layers["RPC0"] == [] and len(layers["RPC1"]) == 31, layers
+    predicted = speed["predicted"]
+    assert predicted["tokens_per_s"] > 0 and predicted["prompt_tokens_per_s"] > 0
+    assert predicted["shares"][0]["seconds"] >= predicted["shares"][-1]["seconds"]
+    kept = json.loads((tmp_path / "speeds.json").read_text())["devices"]
+    assert len(kept) == 3  # the two workers and this desktop's own part
+
+    # balanced uses both hosts; its prediction comes from the kept figures (the same ones)
+    done = _corral(["plan", str(smollm2), "--json"], slow_and_fast, tmp_path)
+    assert done.returncode == 0, done.stderr
+    balanced = json.loads(done.stdout)["speed"]
+    assert balanced["devices"] == speed["devices"]
+    assert balanced["predicted"]["tokens_per_s"] < predicted["tokens_per_s"]
+    assert {c["host"] for c in balanced["leave_out"]} == set(speed["links"])
+
+    # in words: the link, the devices, the prediction, what leaving a host out would do
+    done = _corral(["plan", str(smollm2)], slow_and_fast, tmp_path)
+    text = done.stdout
+    assert "round trip" in text and "a layer" in text and "predicted:" in text, text
+    assert "leaving out" in text and "% tokens/s" in text, text
+
+
+def test_a_chat_sets_its_measured_speed_beside_the_prediction(
+    smollm2: Path, slow_and_fast: list[str], tmp_path: Path
+) -> None:
+    args = ["chat", str(smollm2), "--strategy", "speed", "--prompt", "Count to ten.", "--max-tokens"]
+    done = _corral([*args, "24"], slow_and_fast, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "predicted" in done.stderr and "measured" in done.stderr, done.stderr
+    kept = json.loads((tmp_path / "speeds.json").read_text())
+    assert kept["errors"], kept  # measured over predicted, kept for the next plans
