@@ -20,6 +20,7 @@ from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.model import ModelMissing, default_model_path, fetch_default_model
 from corral.engine.planner.kvtypes import KV_TYPES
 from corral.engine.planner.plan import STRATEGIES, MiB, Plan, Usage
+from corral.engine.planner.speed import describe_speed
 from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
 from corral.engine.runtime.agent_client import AgentClient, parse_address
@@ -311,31 +312,7 @@ def plan_table(plan: Plan, analytic: Plan | None = None) -> list[str]:
 
 def speed_lines(session: ChatSession) -> list[str]:
     """The plan's predicted speed, what bounds it, and what leaving out each host would do."""
-    p, sp = session.prediction, session.speeds
-    if sp is None:
-        return ["speed: not measured for these devices (--strategy speed measures them once)"]
-    lines = []
-    for host, link in sp.links.items():
-        bw = f"{link.bandwidth / 1e6:.0f} MB/s" if link.bandwidth else "bandwidth unknown"
-        lines.append(f"link to {host}: round trip {link.rtt * 1000:.2f} ms, {bw}")
-    for name, dev in sp.devices.items():
-        lines.append(
-            f"{name}: {dev.layer * 1000:.3f} ms a layer, {dev.hop * 1000:.2f} ms a step "
-            f"(prompt: {dev.layer_batch * 1000:.2f} / {dev.hop_batch * 1000:.2f} ms per "
-            f"{dev.batch}-token batch)"
-        )
-    if p is None:
-        return lines
-    prompt = f", prompt {p.prompt_per_s:.0f} tok/s" if p.prompt_per_s else ""
-    lines.append(f"predicted: {p.tokens_per_s:.1f} tokens/s generating{prompt}")
-    parts = ", ".join(f"{s.what} {100 * s.seconds / p.step:.0f} %" for s in p.shares[:4])
-    lines.append(f"a token's time: {parts}")
-    for host, change in session.leave_out:
-        if change is None:
-            lines.append(f"leaving out {host}: the model would not fit")
-        else:
-            lines.append(f"leaving out {host}: {100 * change:+.0f} % tokens/s")
-    return lines
+    return describe_speed(session.speeds, session.prediction, session.leave_out)
 
 
 def _speed_json(session: ChatSession) -> dict[str, Any] | None:

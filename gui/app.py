@@ -651,7 +651,7 @@ class MainWindow(QMainWindow):
         self._submit(self.chat.plan(addresses, settings), self._planned, self._not_planned)
 
     def _planned(self, got: Any) -> None:
-        plan, verdicts = got
+        plan, verdicts, speed = got
         self._idle()
         self.plan = plan
         self.verdicts = verdicts
@@ -661,7 +661,7 @@ class MainWindow(QMainWindow):
         rest = self.settings_form.show_verdicts(verdicts)
         errors = [v for v in verdicts if v.level == "error"]
         self.banner.setText("\n".join(window_words(str(v)) for v in rest if v.level == "error"))
-        lines = [self.layer_map.describe(), self.topology.describe()]
+        lines = [self.layer_map.describe(), self.topology.describe(), *speed]
         lines += [f"warning: {window_words(str(v))}" for v in rest if v.level != "error"]
         self.plan_text.setPlainText("\n".join(x for x in lines if x))
         self.load_button.setEnabled(not errors)

@@ -324,3 +324,38 @@ def with_speeds(devices: Sequence[Device], speeds: Speeds) -> list[Device]:
         else d
         for d in devices
     ]
+
+
+def describe_speed(
+    speeds: Speeds | None,
+    prediction: Prediction | None,
+    leave_out: Sequence[tuple[str, float | None]] = (),
+) -> list[str]:
+    """In words, as corral plan and the window show them: each link and device measured,
+    the predicted speed, the largest shares of a token's time, and what leaving out each
+    host would do."""
+    if speeds is None:
+        return ["speed: not measured for these devices (the speed strategy measures them once)"]
+    lines = []
+    for host, link in speeds.links.items():
+        bw = f"{link.bandwidth / 1e6:.0f} MB/s" if link.bandwidth else "bandwidth unknown"
+        lines.append(f"link to {host}: round trip {link.rtt * 1000:.2f} ms, {bw}")
+    for name, dev in speeds.devices.items():
+        lines.append(
+            f"{name}: {dev.layer * 1000:.3f} ms a layer, {dev.hop * 1000:.2f} ms a step "
+            f"(prompt: {dev.layer_batch * 1000:.2f} / {dev.hop_batch * 1000:.2f} ms per "
+            f"{dev.batch}-token batch)"
+        )
+    if prediction is None:
+        return lines
+    p = prediction
+    prompt = f", prompt {p.prompt_per_s:.0f} tok/s" if p.prompt_per_s else ""
+    lines.append(f"predicted: {p.tokens_per_s:.1f} tokens/s generating{prompt}")
+    parts = ", ".join(f"{s.what} {100 * s.seconds / p.step:.0f} %" for s in p.shares[:4])
+    lines.append(f"a token's time: {parts}")
+    for host, change in leave_out:
+        if change is None:
+            lines.append(f"leaving out {host}: the model would not fit")
+        else:
+            lines.append(f"leaving out {host}: {100 * change:+.0f} % tokens/s")
+    return lines

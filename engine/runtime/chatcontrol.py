@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from corral.engine.planner.plan import Plan
+from corral.engine.planner.speed import describe_speed
 from corral.engine.planner.validate import Verdict
 
 from .childproto import Done
@@ -138,8 +139,9 @@ class ChatController:
 
     async def plan(
         self, addresses: Sequence[str], settings: LoadSettings
-    ) -> tuple[Plan, list[Verdict]]:
-        """The exact plan for these hosts and settings, and the checks' verdicts; planned in
+    ) -> tuple[Plan, list[Verdict], list[str]]:
+        """The exact plan for these hosts and settings, the checks' verdicts and the plan's
+        measured speeds and prediction in words (planner.speed.describe_speed); planned in
         the loaded model's session when it is for these hosts, else in a draft (WouldUnload
         when a host serves the loaded model)."""
         self._own()
@@ -151,7 +153,8 @@ class ChatController:
         else:
             session = await self._drafting(addresses)
         _, exact = await session.plan(settings)
-        return exact, list(session.verdicts)
+        speed = describe_speed(session.speeds, session.prediction, session.leave_out)
+        return exact, list(session.verdicts), speed if exact.devices else []
 
     async def load(
         self,

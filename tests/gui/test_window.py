@@ -6,6 +6,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PySide6.QtCore import Qt
@@ -143,6 +144,19 @@ def test_the_plan_shows_follows_settings_and_refuses_what_would_crash(
     assert "planned" in window.plan_text.toPlainText()
     # the CPU kernels the load followed, as the CLI says them
     assert window.result.cpu_kernels and "CPU kernels: " in window.plan_text.toPlainText()
+
+
+def test_the_speed_strategy_measures_and_shows_its_prediction(
+    window: MainWindow, qtbot: QtBot, smollm2: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("CORRAL_SPEEDS_DIR", str(tmp_path))
+    _plan_on_both(window, qtbot, smollm2)
+    assert "not measured" in window.plan_text.toPlainText()  # balanced, nothing kept yet
+    window.settings_form.strategy.setCurrentText("speed")  # the plan follows the setting
+    qtbot.waitUntil(lambda: "predicted:" in window.plan_text.toPlainText(), timeout=120000)
+    text = window.plan_text.toPlainText()
+    assert "ms a layer" in text and "round trip" in text and "a token's time" in text, text
+    assert window.layer_map.plan is not None and window.layer_map.plan.strategy == "speed"
 
 
 def test_dragging_a_boundary_in_the_layer_map_moves_layers(
