@@ -40,6 +40,7 @@ from corral.engine.runtime.session import (
     LoadResult,
     LoadSettings,
 )
+from corral.engine.runtime.speeds import SpeedCache, link_speed
 from corral.engine.security.desktop import desktop_dir, desktop_keys
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.identity import short
@@ -589,6 +590,7 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
         try:
             await c.connect()
             inv = await c.inventory()
+            link = await link_speed(c)
         except RuntimeFailure as exc:
             failures += 1
             out.event({"type": "agent", "address": c.address, "error": str(exc)})
@@ -598,6 +600,12 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
             await c.close()
         hello = c.hello
         assert hello is not None
+        # what speed planning measured on this agent's devices (per model shape), if anything
+        kept = {
+            key.split("|", 1)[1]: speed
+            for key, speed in SpeedCache().entries.items()
+            if key.startswith(inv.agent_id + "|")
+        }
         if out.json:
             from corral.engine.protocol.messages import _encode
 
@@ -607,6 +615,8 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
                     "address": c.address,
                     "hello": _encode(hello),
                     "inventory": _encode(inv),
+                    "link": dataclasses.asdict(link),
+                    "measured": kept,
                 }
             )
             continue
@@ -638,6 +648,14 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
             f"  RPC worker: {w.state}{' at ' + w.endpoint if w.endpoint else ''}"
             f"{', restarts ' + str(w.restarts) if w.restarts else ''}{extra}"
         )
+        bw = f"{link.bandwidth / 1e6:.0f} MB/s" if link.bandwidth else "bandwidth unknown"
+        print(f"  link from this desktop: round trip {link.rtt * 1000:.2f} ms, {bw}")
+        for key, sp in kept.items():
+            device, _build, threads, shape = key.split("|")
+            print(
+                f"  measured: device {device} ({threads.lstrip('t')} threads), model shape "
+                f"{shape}: {sp['layer'] * 1000:.3f} ms a layer, {sp['hop'] * 1000:.2f} ms a step"
+            )
     return EXIT_FAILURE if failures else 0
 
 

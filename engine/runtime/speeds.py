@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -204,7 +205,10 @@ class SpeedCache:
 
 
 def device_key(agent_id: str, device: str, build: str, threads: int, probe: str) -> str:
-    return f"{agent_id}|{device}|{build}|t{threads}|{probe}"
+    """speeds.json's key: agent, its device's index, a hash of llama.cpp's build line (its
+    features: a rebuilt or updated worker is measured again), threads, probe shape."""
+    built = hashlib.sha256(build.encode()).hexdigest()[:12]
+    return f"{agent_id}|{device}|{built}|t{threads}|{probe}"
 
 
 def layer_scale(spec: ModelSpec, probe: Path) -> float:

@@ -84,6 +84,12 @@ def test_speed_measures_and_avoids_the_slow_link(
     assert "round trip" in text and "a layer" in text and "predicted:" in text, text
     assert "leaving out" in text and "% tokens/s" in text, text
 
+    # corral agents: each agent's link, and what was measured on its devices
+    done = _corral(["agents"], slow_and_fast, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("link from this desktop: round trip") == 2, done.stdout
+    assert done.stdout.count("measured: device 0") == 2, done.stdout
+
 
 def test_a_chat_sets_its_measured_speed_beside_the_prediction(
     smollm2: Path, slow_and_fast: list[str], tmp_path: Path
