@@ -285,15 +285,14 @@ def test_a_device_holding_only_the_output_layer_is_planned_exactly(
     assert result.plan is not None and result.plan.layers_of(1) == [4]
 
 
-def test_the_speed_strategy_says_it_has_no_speeds_yet(
-    smollm2: Path, two_agents: LocalAgents
+def test_the_speed_strategy_measures_instead_of_an_even_share(
+    smollm2: Path, two_agents: LocalAgents, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`--strategy speed` did what balanced did, silently; until speeds are measured it
-    says what it does instead (an even share per device) and how to choose otherwise."""
+    """`--strategy speed` once did what balanced did, silently, then gave every device an
+    even share with a warning; now it measures and predicts (tests/runtime/test_speed_plan.py
+    shows the choice it makes)."""
+    monkeypatch.setenv("CORRAL_SPEEDS_DIR", str(tmp_path))
     done = corral("plan", str(smollm2), *_agents(two_agents), "--strategy", "speed")
     assert done.returncode == 0, done.stderr
     said = done.stdout + done.stderr
-    assert "no device speeds are measured yet" in said, said
-    assert "--strategy balanced" in said
-    quiet = corral("plan", str(smollm2), *_agents(two_agents))
-    assert "no device speeds" not in quiet.stdout + quiet.stderr
+    assert "no device speeds" not in said and "predicted:" in said, said

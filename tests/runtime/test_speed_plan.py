@@ -94,8 +94,8 @@ def test_speed_measures_and_avoids_the_slow_link(
 def test_a_chat_sets_its_measured_speed_beside_the_prediction(
     smollm2: Path, slow_and_fast: list[str], tmp_path: Path
 ) -> None:
-    args = ["chat", str(smollm2), "--strategy", "speed", "--prompt", "Count to ten.", "--max-tokens"]
-    done = _corral([*args, "24"], slow_and_fast, tmp_path)
+    args = ["chat", str(smollm2), "--strategy", "speed", "--prompt", "Count to ten."]
+    done = _corral([*args, "--max-tokens", "24"], slow_and_fast, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "predicted" in done.stderr and "measured" in done.stderr, done.stderr
     kept = json.loads((tmp_path / "speeds.json").read_text())
