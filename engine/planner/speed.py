@@ -45,6 +45,10 @@ class DeviceSpeed:
     hop_batch: float = 0.0
     layer_batch: float = 0.0
     batch: int = 0  # prompt tokens per batch the *_batch figures were timed with (0: none)
+    # the output layer on this device with its logits sent back to the desktop, per step (0:
+    # not measured: estimated from its bytes and the link's bandwidth)
+    output: float = 0.0
+    output_batch: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +129,17 @@ def step_time(
         dev, sp = devices[i], speeds.devices[devices[i].name]
         hop, layer = (sp.hop_batch, sp.layer_batch) if batch else (sp.hop, sp.layer)
         blocks = counts[i] - (1 if i == last else 0)
-        work = blocks * layer + (ratio * layer if i == last else 0.0)
+        measured = sp.output_batch if batch else sp.output
+        output = 0.0
+        if i == last:
+            output = measured if measured > 0 else ratio * layer
+        work = blocks * layer + output
         shares.append(Share(f"{dev.name} ({dev.host}): {counts[i]} layers", work))
         link = speeds.links.get(dev.host, LinkSpeed()) if dev.endpoint else LinkSpeed()
         back = 0.0
-        if i == last and link.bandwidth > 0:  # the logits come back over the link
-            back = 4.0 * spec.n_vocab * (sp.batch if batch else 1) / link.bandwidth
+        if i == last and link.bandwidth > 0 and measured <= 0:
+            # the logits come back over the link (measured with the output layer, if it was)
+            back = 4.0 * spec.n_vocab / link.bandwidth
         shares.append(Share(f"hop to {dev.host}" if dev.endpoint else f"{dev.name}", hop + back))
         total += work + hop + back
     shares.sort(key=lambda s: -s.seconds)

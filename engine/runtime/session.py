@@ -472,15 +472,15 @@ class ChatSession:
                 probes = await loop.run_in_executor(None, probe_files, spec, None)
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 raise PlanRefused(f"--strategy speed: {exc}") from None
-            scale = await loop.run_in_executor(None, layer_scale, spec, probes[1])
+            scale = await loop.run_in_executor(None, layer_scale, spec, probes)
             names = [d.name for d in devices]
             eps = self.endpoints
 
             async def timed(index: int) -> tuple[list[float], list[float]]:
+                # the desktop's own base needs no vocabulary probe
+                used = probes if index >= 0 else probes[:2]
                 return await time_device(
-                    self.child,
-                    probes,
-                    [probe_params(p, eps, index, len(devices), threads) for p in probes],
+                    self.child, [probe_params(p, eps, index, len(devices), threads) for p in used]
                 )
 
             try:

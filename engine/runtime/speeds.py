@@ -119,18 +119,24 @@ def probe_extra(spec: ModelSpec) -> int:
 
 def probe_key(spec: ModelSpec) -> str:
     shape, ftype = probe_shape(spec)
-    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}-x{probe_extra(spec)}"
+    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}-x{probe_extra(spec)}-v2"
 
 
-def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, Path]:
-    """The two probes for this model's shape, built once (in a child process: llama.cpp's
-    quantizer runs there, never in the desktop's own process)."""
+def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, Path, Path]:
+    """The probes for this model's shape, built once (in a child process: llama.cpp's
+    quantizer runs there, never in the desktop's own process): 1 layer, 1 + extra layers,
+    and 1 layer with the model's own vocabulary (its output layer and logits)."""
     directory = directory or cache_dir() / "probes"
     directory.mkdir(parents=True, exist_ok=True)
     key = probe_key(spec)
     extra = probe_extra(spec)
-    paths = (directory / f"{key}-1.gguf", directory / f"{key}-{1 + extra}.gguf")
-    for n_layer, path in zip((1, 1 + extra), paths, strict=True):
+    paths = (
+        directory / f"{key}-1.gguf",
+        directory / f"{key}-{1 + extra}.gguf",
+        directory / f"{key}-1-v{spec.n_vocab}.gguf",
+    )
+    vocabs = (PROBE_VOCAB, PROBE_VOCAB, max(spec.n_vocab, PROBE_VOCAB))
+    for n_layer, n_vocab, path in zip((1, 1 + extra, 1), vocabs, paths, strict=True):
         if path.exists():
             continue
         shape, ftype = probe_shape(spec)
@@ -142,14 +148,14 @@ def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, P
             "src = sys.argv[2] + '.f16'\n"
             "write_tiny_llama(src, TinyLlama(n_layer=a['n_layer'], n_embd=a['n_embd'],"
             " n_head=a['n_head'], n_head_kv=a['n_head_kv'], head_dim=a['head_dim'],"
-            " n_ff=a['n_ff'], n_vocab=a['n_vocab'], dtype='f16'))\n"
+            " n_ff=a['n_ff'], n_vocab=a['n_vocab'], tied_embeddings=False, dtype='f16'))\n"
             "if a['ftype'] == 'f16':\n"
             "    os.replace(src, sys.argv[2])\n"
             "else:\n"
             "    quantize(src, sys.argv[2], a['ftype'], pure=True)\n"
             "    os.unlink(src)\n"
         )
-        args = dict(shape, n_layer=n_layer, n_vocab=PROBE_VOCAB, ftype=ftype)
+        args = dict(shape, n_layer=n_layer, n_vocab=n_vocab, ftype=ftype)
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             part = Path(tmp) / path.name
             done = subprocess.run(
@@ -211,11 +217,13 @@ def device_key(agent_id: str, device: str, build: str, threads: int, probe: str)
     return f"{agent_id}|{device}|{built}|t{threads}|{probe}"
 
 
-def layer_scale(spec: ModelSpec, probe: Path) -> float:
-    """The model's bytes per block over the probe's: what one layer's time scales by."""
+def layer_scale(spec: ModelSpec, probes: Sequence[Path]) -> tuple[float, float]:
+    """The model's bytes per block over the probe's, and its output matrix's over the
+    vocabulary probe's: what a layer's time, and the output layer's compute, scale by."""
     mine = sum(layer.weight_bytes for layer in spec.layers) / max(spec.n_layer, 1)
-    theirs = read_model_spec(probe).layers[0].weight_bytes
-    return mine / theirs if theirs else 1.0
+    theirs = read_model_spec(probes[1]).layers[0].weight_bytes
+    out = read_model_spec(probes[2]).output_bytes
+    return (mine / theirs if theirs else 1.0), (spec.output_bytes / out if out else 1.0)
 
 
 def probe_params(
@@ -241,7 +249,7 @@ def probe_params(
 
 
 async def time_device(
-    child: object, probes: tuple[Path, Path], params: list[LoadParams]
+    child: object, params: Sequence[LoadParams]
 ) -> tuple[list[float], list[float]]:
     """(generated-token step, prompt-batch step) seconds of each probe, loaded with each of
     `params` (one per probe): the probes are timed twice, in turn, and each keeps its faster
@@ -259,26 +267,32 @@ async def time_device(
 
 def derive(
     extra: int,
-    scale: float,
+    scale: tuple[float, float],
     gen: Sequence[float],
     batch: Sequence[float],
     base: tuple[float, float],
 ) -> DeviceSpeed:
-    """A device's speed from its two probes' step times and the desktop's own base (gen,
-    batch): per layer the difference over `extra` (scaled to the model's layers), per step
-    what the 1-layer probe took beyond one layer and the base."""
+    """A device's speed from its probes' step times (1 layer, 1 + `extra`, 1 with the
+    model's vocabulary) and the desktop's own base (gen, batch): per layer the difference
+    of the first two over `extra`, per step what the 1-layer probe took beyond one layer and
+    the base, the output layer what the vocabulary probe took beyond the 1-layer one (its
+    logits come back through the real tunnel); each scaled by the model's bytes over the
+    probe's (`scale`: blocks, output)."""
     layer = max(gen[1] - gen[0], 0.0) / extra
     layer_b = max(batch[1] - batch[0], 0.0) / extra
     return DeviceSpeed(
         hop=max(gen[0] - layer - base[0], 0.0),
-        layer=layer * scale,
+        layer=layer * scale[0],
         hop_batch=max(batch[0] - layer_b - base[1], 0.0),
-        layer_batch=layer_b * scale,
+        layer_batch=layer_b * scale[0],
         batch=PROBE_BATCH,
+        output=max(gen[2] - gen[0], 0.0) * scale[1] if len(gen) > 2 else 0.0,
+        output_batch=max(batch[2] - batch[0], 0.0) * scale[1] if len(batch) > 2 else 0.0,
     )
 
 
 def base_of(extra: int, gen: Sequence[float], batch: Sequence[float]) -> tuple[float, float]:
+    # the first two probes' figures: the vocabulary probe is not timed on the desktop
     """The desktop's own part of a step (the 1-layer probe on its CPU less one layer)."""
     return (
         max(gen[0] - (gen[1] - gen[0]) / extra, 0.0),
