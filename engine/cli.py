@@ -236,6 +236,7 @@ def _load_settings(opts: argparse.Namespace, model: Path) -> LoadSettings:
         strategy=opts.strategy,
         layers=opts.layers,
         reserve_mib=opts.reserve,
+        remeasure=getattr(opts, "remeasure", False),
         swa_full=opts.swa_cache == "full",
         parallel=getattr(opts, "parallel", 1),
     )
@@ -901,9 +902,16 @@ def _planning_flags(p: argparse.ArgumentParser) -> None:
         "--strategy",
         choices=list(STRATEGIES),
         default="balanced",
-        help="fewest: fewest hosts that fit; balanced: by free memory; speed: by device "
-        "speed, which is not measured yet: every device gets the same share, and the plan "
-        "says so",
+        help="fewest: fewest hosts that fit; balanced: by free memory; speed: the split "
+        "that fits with the best predicted tokens/s, from each device and link timed on "
+        "probes of this model's shape (once per device, build and shape: kept in "
+        "speeds.json)",
+    )
+    p.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="time every device again for this plan instead of using what speeds.json "
+        "kept (a device or link that got slower; corral doctor says when one did)",
     )
     p.add_argument(
         "--layers",

@@ -214,9 +214,15 @@ async def desktop_checks(wait: float) -> list[Check]:
     try:
         local = await local_build()
         cert = keys.root / "identity" / "cert.pem"
-        checks = [*build_checks(local), nvml_check(), relay_check(), clock_check(cert)]
+        checks = [
+            *build_checks(local),
+            nvml_check(),
+            relay_check(),
+            clock_check(cert),
+            speed_check(),
+        ]
         if not local.error:
-            checks.insert(len(checks) - 3, await kernel_check("corral doctor"))
+            checks.insert(len(checks) - 4, await kernel_check("corral doctor"))
         peers = keys.pins.peers()
         results = await asyncio.gather(*(agent_checks(p, local) for p in peers))
         hellos = [h for _, h in results if h is not None]
@@ -235,6 +241,32 @@ async def desktop_checks(wait: float) -> list[Check]:
     finally:
         await browser.close()
     return checks
+
+
+def speed_check() -> Check:
+    """Whether a split ran slower than its prediction the last time a reply was measured on
+    it (corral chat keeps measured / predicted per placement in speeds.json)."""
+    from corral.engine.runtime.speeds import SpeedCache, slower_than_predicted
+
+    cache = SpeedCache()
+    if not cache.errors:
+        return Check("speed predictions", PASS, "no reply measured against a prediction yet")
+    slow = slower_than_predicted(cache)
+    if not slow:
+        return Check(
+            "speed predictions",
+            PASS,
+            f"{len(cache.errors)} split(s) ran within 15 % of their prediction, or faster",
+        )
+    said = "; ".join(f"{where} ({100 * err:+.0f} %)" for where, err in slow[:3])
+    return Check(
+        "speed predictions",
+        WARN,
+        f"{len(slow)} split(s) ran more than 15 % slower than predicted at their last reply: "
+        f"{said}. A device or link is slower than when it was measured",
+        "plan again with fresh measurements: corral plan MODEL --strategy speed --remeasure "
+        "--agent HOST:PORT …",
+    )
 
 
 def run_desktop_doctor(opts: argparse.Namespace) -> int:

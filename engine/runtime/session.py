@@ -126,6 +126,7 @@ class LoadSettings:
     reserve_mib: int = 256
     swa_full: bool = True  # sliding-window layers: whole context (True) or the window
     parallel: int = 1  # replies decoded together, each slot with n_ctx / parallel cells
+    remeasure: bool = False  # time every device again (speed planning), not from speeds.json
 
     def plan_settings(self) -> Settings:
         return Settings(
@@ -356,7 +357,7 @@ class ChatSession:
         if devices:
             # speed measures what it lacks; the others show a prediction where all is known
             self.speeds = await self.measure_speeds(
-                spec, devices, settings, settings.strategy == "speed"
+                spec, devices, settings, settings.strategy == "speed" or settings.remeasure
             )
         try:
             if settings.strategy == "speed" and settings.layers is None and devices:
@@ -462,7 +463,7 @@ class ChatSession:
             else:
                 keys[d.name] = device_key("desktop", d.name, build, threads, probe)
         self._speed_keys = keys
-        known = {name: cache.get(key) for name, key in keys.items()}
+        known = {name: None if settings.remeasure else cache.get(key) for name, key in keys.items()}
         missing = [name for name, sp in known.items() if sp is None]
         if missing and not measure:
             return None
@@ -562,6 +563,8 @@ class ChatSession:
         load (tensors read and sent to every device)."""
         self.settings = settings  # what reload and recover load again
         analytic, exact = await self.plan(settings)
+        if settings.remeasure:  # measured now: a reload after a crash need not again
+            self.settings = dataclasses.replace(settings, remeasure=False)
         refused = errors(self.verdicts)
         if refused:
             raise PlanRefused("refused before loading: " + "; ".join(str(v) for v in refused))

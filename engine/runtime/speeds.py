@@ -322,3 +322,24 @@ async def link_speed(client: object, n: int = 5) -> LinkSpeed:
 
 async def gather_links(clients: Sequence[object]) -> list[LinkSpeed]:
     return list(await asyncio.gather(*(link_speed(c) for c in clients)))
+
+
+def describe_placement(key: str) -> str:
+    """A placement as speeds.json keys it, in words: "agent 1a2b3c4d device 0: 31 layers"."""
+    parts = []
+    for one in key.split(";"):
+        device, _, count = one.rpartition("=")
+        fields = device.split("|")
+        if len(fields) < 2:
+            parts.append(one)
+            continue
+        who = "this desktop" if fields[0] == "desktop" else f"agent {fields[0][:8]}"
+        parts.append(f"{who} device {fields[1]}: {count} layers")
+    return ", ".join(parts)
+
+
+def slower_than_predicted(cache: SpeedCache, margin: float = 0.15) -> list[tuple[str, float]]:
+    """Placements whose last measured reply ran more than `margin` slower than predicted:
+    (placement in words, measured / predicted - 1), the slowest first."""
+    slow = [(describe_placement(k), v) for k, v in cache.errors.items() if v < -margin]
+    return sorted(slow, key=lambda kv: kv[1])

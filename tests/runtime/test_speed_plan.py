@@ -100,3 +100,24 @@ def test_a_chat_sets_its_measured_speed_beside_the_prediction(
     assert "predicted" in done.stderr and "measured" in done.stderr, done.stderr
     kept = json.loads((tmp_path / "speeds.json").read_text())
     assert kept["errors"], kept  # measured over predicted, kept for the next plans
+
+    # corral doctor reads it: this split within 15 % (or faster) passes; one that ran much
+    # slower than predicted (as this one is made to look) is a warning that says what to do
+    def speed_check() -> dict:
+        done = _corral(["doctor", "--json", "--wait", "0"], [], tmp_path)
+        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        return next(c for c in lines if c.get("name") == "speed predictions")
+
+    (placement,) = kept["errors"]
+    kept["errors"][placement] = -0.4
+    (tmp_path / "speeds.json").write_text(json.dumps(kept))
+    check = speed_check()
+    assert check["status"] == "warn" and "-40 %" in check["detail"], check
+    assert "--remeasure" in check["fix"] and "31 layers" in check["detail"], check
+
+    # --remeasure times every device again instead of using what was kept
+    before = kept["devices"]
+    done = _corral(["plan", str(smollm2), "--remeasure", "--json"], slow_and_fast, tmp_path)
+    assert done.returncode == 0, done.stderr
+    after = json.loads((tmp_path / "speeds.json").read_text())["devices"]
+    assert after.keys() == before.keys() and after != before
