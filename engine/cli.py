@@ -314,7 +314,9 @@ def plan_table(plan: Plan, analytic: Plan | None = None) -> list[str]:
 
 def speed_lines(session: ChatSession) -> list[str]:
     """The plan's predicted speed, what bounds it, and what leaving out each host would do."""
-    return describe_speed(session.speeds, session.prediction, session.leave_out)
+    return describe_speed(
+        session.speeds, session.prediction, session.leave_out, session.measured_before
+    )
 
 
 def _speed_json(session: ChatSession) -> dict[str, Any] | None:
@@ -334,6 +336,7 @@ def _speed_json(session: ChatSession) -> dict[str, Any] | None:
             "shares": [{"what": s.what, "seconds": s.seconds} for s in p.shares],
         },
         "leave_out": [{"host": h, "change": c} for h, c in session.leave_out],
+        "measured_before": session.measured_before,
     }
 
 

@@ -339,10 +339,11 @@ def describe_speed(
     speeds: Speeds | None,
     prediction: Prediction | None,
     leave_out: Sequence[tuple[str, float | None]] = (),
+    measured_before: float | None = None,
 ) -> list[str]:
     """In words, as corral plan and the window show them: each link and device measured,
-    the predicted speed, the largest shares of a token's time, and what leaving out each
-    host would do."""
+    the predicted speed (and, for a split a reply was measured on before, what it ran at),
+    the largest shares of a token's time, and what leaving out each host would do."""
     if speeds is None:
         return ["speed: not measured for these devices (the speed strategy measures them once)"]
     lines = []
@@ -360,6 +361,12 @@ def describe_speed(
     p = prediction
     prompt = f", prompt {p.prompt_per_s:.0f} tok/s" if p.prompt_per_s else ""
     lines.append(f"predicted: {p.tokens_per_s:.1f} tokens/s generating{prompt}")
+    if measured_before is not None:
+        ran = p.tokens_per_s * (1 + measured_before)
+        lines.append(
+            f"this split's last measured reply: {ran:.1f} tokens/s "
+            f"({100 * measured_before:+.0f} % from the prediction)"
+        )
     parts = ", ".join(f"{s.what} {100 * s.seconds / p.step:.0f} %" for s in p.shares[:4])
     lines.append(f"a token's time: {parts}")
     for host, change in leave_out:

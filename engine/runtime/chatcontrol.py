@@ -153,7 +153,9 @@ class ChatController:
         else:
             session = await self._drafting(addresses)
         _, exact = await session.plan(settings)
-        speed = describe_speed(session.speeds, session.prediction, session.leave_out)
+        speed = describe_speed(
+            session.speeds, session.prediction, session.leave_out, session.measured_before
+        )
         return exact, list(session.verdicts), speed if exact.devices else []
 
     async def load(

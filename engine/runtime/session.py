@@ -251,6 +251,8 @@ class ChatSession:
         self.prediction: Prediction | None = None  # the exact plan's predicted tokens/s
         self.leave_out: list[tuple[str, float | None]] = []  # per host: tok/s change without it
         self._speed_keys: dict[str, str] = {}  # device name: its key in speeds.json
+        # measured / predicted - 1 of this plan's split at its last measured reply (if any)
+        self.measured_before: float | None = None
 
     def _client(self, address: str) -> AgentClient:
         return AgentClient(address, on_event=self._on_event, on_lost=self._on_lost)
@@ -354,6 +356,7 @@ class ChatSession:
             [c.name for c in self.clients], self.inventories, self.endpoints, self.local_devices
         )
         self.speeds, self.prediction, self.leave_out = None, None, []
+        self.measured_before = None
         if devices:
             # speed measures what it lacks; the others show a prediction where all is known
             self.speeds = await self.measure_speeds(
@@ -411,7 +414,17 @@ class ChatSession:
         if self.speeds is not None:
             self.prediction = predict(spec, exact, self.speeds)
             self.leave_out = without_each(spec, exact, exact.settings, self.speeds)
+            self.measured_before = SpeedCache().errors.get(self._placement(exact))
         return analytic, exact
+
+    def _placement(self, plan: Plan) -> str:
+        """A split as speeds.json keys its measured/predicted ratio: each device's key and
+        its layer count."""
+        return ";".join(
+            f"{self._speed_keys.get(d.name, d.name)}={len(plan.layers_of(i))}"
+            for i, d in enumerate(plan.devices)
+            if plan.layers_of(i)
+        )
 
     def note_speed(self, done: Done) -> tuple[float, float] | None:
         """A reply's measured tokens/s beside the loaded plan's prediction, (measured,
@@ -426,13 +439,8 @@ class ChatSession:
         plan = self.result.plan
         if plan is None:
             return None
-        key = ";".join(
-            f"{self._speed_keys.get(d.name, d.name)}={len(plan.layers_of(i))}"
-            for i, d in enumerate(plan.devices)
-            if plan.layers_of(i)
-        )
         cache = SpeedCache()
-        cache.errors[key] = measured / self.prediction.tokens_per_s - 1.0
+        cache.errors[self._placement(plan)] = measured / self.prediction.tokens_per_s - 1.0
         with contextlib.suppress(OSError):
             cache.save()
         return measured, self.prediction.tokens_per_s

@@ -108,7 +108,12 @@ def test_a_chat_sets_its_measured_speed_beside_the_prediction(
         lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         return next(c for c in lines if c.get("name") == "speed predictions")
 
+    # the next plan of the same split shows what its last reply ran at
+    done = _corral(["plan", str(smollm2), "--strategy", "speed", "--json"], slow_and_fast, tmp_path)
+    assert done.returncode == 0, done.stderr
     (placement,) = kept["errors"]
+    assert json.loads(done.stdout)["speed"]["measured_before"] == kept["errors"][placement]
+
     kept["errors"][placement] = -0.4
     (tmp_path / "speeds.json").write_text(json.dumps(kept))
     check = speed_check()
