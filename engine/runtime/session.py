@@ -492,6 +492,7 @@ class ChatSession:
                     self.child, [probe_params(p, eps, index, len(devices), threads) for p in used]
                 )
 
+            where = "this desktop's CPU"
             try:
                 base_gen, base_batch = await timed(-1)
                 extra = probe_extra(spec)
@@ -499,10 +500,18 @@ class ChatSession:
                 cache.put(keys[""], DeviceSpeed(base[0], 0.0, base[1], 0.0, 0))
                 for name in missing:
                     if name:
+                        where = f"{name} ({devices[names.index(name)].host})"
                         gen, batch = await timed(names.index(name))
                         cache.put(keys[name], derive(extra, scale, gen, batch, base))
             except InferenceCrashed as crash:
                 raise await self.explain(crash) from None
+            except ReplyStalled as stall:
+                raise await self._stalled(stall, f"timing {where}") from None
+            except RuntimeFailure as exc:  # a probe that would not load there (its memory)
+                raise PlanRefused(
+                    f"--strategy speed could not time {where} on its probe: {exc}; plan with "
+                    "--strategy balanced, or free memory there"
+                ) from None
             cache.save()
             known = {name: cache.get(key) for name, key in keys.items()}
         desk = known[""]
