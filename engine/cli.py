@@ -40,7 +40,7 @@ from corral.engine.runtime.session import (
     LoadResult,
     LoadSettings,
 )
-from corral.engine.runtime.speeds import SpeedCache, link_speed
+from corral.engine.runtime.speeds import SpeedCache, link_speed, split_device_key
 from corral.engine.security.desktop import desktop_dir, desktop_keys
 from corral.engine.security.files import SecurityFileError
 from corral.engine.security.identity import short
@@ -606,9 +606,9 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
         assert hello is not None
         # what speed planning measured on this agent's devices (per model shape), if anything
         kept = {
-            key.split("|", 1)[1]: speed
+            key: speed
             for key, speed in SpeedCache().entries.items()
-            if key.startswith(inv.agent_id + "|")
+            if (split_device_key(key) or ("",))[0] == inv.agent_id
         }
         if out.json:
             from corral.engine.protocol.messages import _encode
@@ -620,7 +620,7 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
                     "hello": _encode(hello),
                     "inventory": _encode(inv),
                     "link": dataclasses.asdict(link),
-                    "measured": kept,
+                    "measured": {key.split("|", 1)[1]: sp for key, sp in kept.items()},
                 }
             )
             continue
@@ -655,9 +655,9 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
         bw = f"{link.bandwidth / 1e6:.0f} MB/s" if link.bandwidth else "bandwidth unknown"
         print(f"  link from this desktop: round trip {link.rtt * 1000:.2f} ms, {bw}")
         for key, sp in kept.items():
-            device, _build, threads, shape = key.split("|")
+            _, device, _, threads, shape = split_device_key(key) or ("",) * 5
             print(
-                f"  measured: device {device} ({threads.lstrip('t')} threads), model shape "
+                f"  measured: device {device} ({threads} threads), model shape "
                 f"{shape}: {sp['layer'] * 1000:.3f} ms a layer, {sp['hop'] * 1000:.2f} ms a step"
             )
     return EXIT_FAILURE if failures else 0

@@ -354,13 +354,13 @@ class ApiServer:
             self.on_reply(done)
 
     def slots_line(self) -> str:
-        """Each slot's KV use, as the terminal shows it: "slot 0 230/4096 · slot 1 idle"."""
+        """Each slot's KV use, as the terminal shows it: "slot 0 230/4096 writing · slot 1
+        37/4096" ("writing": a reply is coming from it)."""
         cells = next(iter(self.slot_kv.values()), (0, 0))[1]
-        busy = set(self.busy_slots)
         parts = []
         for slot in range(self.session.slots):
             used, n = self.slot_kv.get(slot, (0, cells))
-            state = " writing" if slot in busy else ""
+            state = " writing" if slot in self.busy_slots else ""
             parts.append(f"slot {slot} {used}/{n}{state}" if n else f"slot {slot} empty")
         return " · ".join(parts)
 

@@ -2,15 +2,16 @@
 each host's link (docs/PLANNER.md, "Placement by measured speed").
 
 A device is timed on probes: random-weight llama models of the model's own layer shape
-(n_embd, heads, head size, FFN width) at the nearest weight type by bits per weight, with
-1 and 1 + `extra` layers (`probe_extra`) and a 320-token vocabulary (so the output layer
-costs nothing). Each probe is loaded in the inference child with every layer on that one
-device, through its real worker and tunnel, and TimeSteps gives the median time of a
-generated token's step and of a PROBE_BATCH-token prompt batch. The difference of the two
-probes over `extra` is one layer's time (scaled by the model's bytes per layer over the
-probe's: decoding is bound by reading weights); what is left of the 1-layer probe, less the
-desktop's own part (the same probes on its CPU alone), is the device's fixed cost per step:
-its "hop".
+(n_embd, heads, head size, FFN width) in its most common matrix type (else the file type
+nearest in bits per weight), with 1 and 1 + `extra` layers (`probe_extra`) and a 320-token
+vocabulary, and a third with 1 layer and the model's own vocabulary. Each probe is loaded in
+the inference child with every layer on that one device, through its real worker and
+tunnel, and TimeSteps gives the median time of a generated token's step and of a
+PROBE_BATCH-token prompt batch. The difference of the first two probes over `extra` is one
+layer's time (scaled by the model's bytes per layer over the probe's: decoding is bound by
+reading weights); what is left of the 1-layer probe, less the desktop's own part (the same
+probes on its CPU alone), is the device's fixed cost per step: its "hop"; what the
+vocabulary probe takes beyond the 1-layer one is the output layer with its logits.
 
 Figures are kept per agent, device, llama.cpp build, worker threads and probe shape in
 speeds.json (the cache dir), and measured again when any of those change. A link (round trip,
@@ -82,6 +83,11 @@ def cache_dir() -> Path:
     return Path(override) if override else Path(platformdirs.user_cache_dir("corral")) / "speeds"
 
 
+def _block_bytes(spec: ModelSpec) -> float:
+    """Weight bytes of an average block."""
+    return sum(layer.weight_bytes for layer in spec.layers) / max(spec.n_layer, 1)
+
+
 def _params(spec: ModelSpec) -> float:
     """Weights of an average block (what a token's decode reads)."""
     first = spec.layers[0]
@@ -93,8 +99,7 @@ def _params(spec: ModelSpec) -> float:
 def probe_shape(spec: ModelSpec) -> tuple[dict[str, int], str]:
     """The probes' hyper-parameters and weight type for this model."""
     first = spec.layers[0]
-    per = sum(layer.weight_bytes for layer in spec.layers) / max(spec.n_layer, 1)
-    bpw = 8 * per / max(_params(spec), 1.0)
+    bpw = 8 * _block_bytes(spec) / max(_params(spec), 1.0)
     by_type: dict[int, int] = {}
     for layer in spec.layers:
         for kind, n in layer.matmuls:
@@ -113,8 +118,7 @@ def probe_shape(spec: ModelSpec) -> tuple[dict[str, int], str]:
 
 def probe_extra(spec: ModelSpec) -> int:
     """Layers the second probe has beyond the first (PROBE_BYTES of weights, 3 to 15)."""
-    per = sum(layer.weight_bytes for layer in spec.layers) / max(spec.n_layer, 1)
-    return max(MIN_EXTRA, min(MAX_EXTRA, -(-PROBE_BYTES // max(int(per), 1))))
+    return max(MIN_EXTRA, min(MAX_EXTRA, -(-PROBE_BYTES // max(int(_block_bytes(spec)), 1))))
 
 
 def probe_key(spec: ModelSpec) -> str:
@@ -136,10 +140,10 @@ def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, P
         directory / f"{key}-1-v{spec.n_vocab}.gguf",
     )
     vocabs = (PROBE_VOCAB, PROBE_VOCAB, max(spec.n_vocab, PROBE_VOCAB))
+    shape, ftype = probe_shape(spec)
     for n_layer, n_vocab, path in zip((1, 1 + extra, 1), vocabs, paths, strict=True):
         if path.exists():
             continue
-        shape, ftype = probe_shape(spec)
         code = (
             "import sys, json, os\n"
             "from corral.engine.model.synthetic import TinyLlama, write_tiny_llama\n"
@@ -177,19 +181,15 @@ class SpeedCache:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or cache_dir() / "speeds.json"
         self.entries: dict[str, dict[str, float]] = {}
-        with contextlib.suppress(OSError, ValueError):
-            loaded = json.loads(self.path.read_text())
-            if isinstance(loaded, dict):
-                self.entries = {
-                    str(k): {str(f): float(x) for f, x in v.items()}
-                    for k, v in loaded.get("devices", {}).items()
-                    if isinstance(v, dict)
-                }
         self.errors: dict[str, float] = {}
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            self.errors = {
-                str(k): float(v) for k, v in json.loads(self.path.read_text())["errors"].items()
+        # read once; a file that is not what save() writes counts as empty (measured again)
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            loaded = json.loads(self.path.read_text())
+            self.entries = {
+                str(k): {str(f): float(x) for f, x in v.items()}
+                for k, v in loaded.get("devices", {}).items()
             }
+            self.errors = {str(k): float(v) for k, v in loaded.get("errors", {}).items()}
 
     def get(self, key: str) -> DeviceSpeed | None:
         found = self.entries.get(key)
@@ -210,6 +210,15 @@ class SpeedCache:
         os.replace(part, self.path)
 
 
+def split_device_key(key: str) -> tuple[str, str, str, str, str] | None:
+    """(agent, device, build hash, threads, probe shape) of a device_key; None if not one."""
+    fields = key.split("|")
+    if len(fields) != 5:
+        return None
+    agent, device, built, threads, probe = fields
+    return agent, device, built, threads.removeprefix("t"), probe
+
+
 def device_key(agent_id: str, device: str, build: str, threads: int, probe: str) -> str:
     """speeds.json's key: agent, its device's index, a hash of llama.cpp's build line (its
     features: a rebuilt or updated worker is measured again), threads, probe shape."""
@@ -220,7 +229,7 @@ def device_key(agent_id: str, device: str, build: str, threads: int, probe: str)
 def layer_scale(spec: ModelSpec, probes: Sequence[Path]) -> tuple[float, float]:
     """The model's bytes per block over the probe's, and its output matrix's over the
     vocabulary probe's: what a layer's time, and the output layer's compute, scale by."""
-    mine = sum(layer.weight_bytes for layer in spec.layers) / max(spec.n_layer, 1)
+    mine = _block_bytes(spec)
     theirs = read_model_spec(probes[1]).layers[0].weight_bytes
     out = read_model_spec(probes[2]).output_bytes
     return (mine / theirs if theirs else 1.0), (spec.output_bytes / out if out else 1.0)
@@ -292,8 +301,8 @@ def derive(
 
 
 def base_of(extra: int, gen: Sequence[float], batch: Sequence[float]) -> tuple[float, float]:
-    # the first two probes' figures: the vocabulary probe is not timed on the desktop
-    """The desktop's own part of a step (the 1-layer probe on its CPU less one layer)."""
+    """The desktop's own part of a step (the 1-layer probe on its CPU less one layer; the
+    vocabulary probe is not timed there)."""
     return (
         max(gen[0] - (gen[1] - gen[0]) / extra, 0.0),
         max(batch[0] - (batch[1] - batch[0]) / extra, 0.0),
@@ -329,8 +338,8 @@ def describe_placement(key: str) -> str:
     parts = []
     for one in key.split(";"):
         device, _, count = one.rpartition("=")
-        fields = device.split("|")
-        if len(fields) < 2:
+        fields = split_device_key(device)
+        if fields is None:
             parts.append(one)
             continue
         who = "this desktop" if fields[0] == "desktop" else f"agent {fields[0][:8]}"

@@ -126,3 +126,20 @@ def test_a_chat_sets_its_measured_speed_beside_the_prediction(
     assert done.returncode == 0, done.stderr
     after = json.loads((tmp_path / "speeds.json").read_text())["devices"]
     assert after.keys() == before.keys() and after != before
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['{"devices": [1, 2]}', '{"devices": {"a|0|b|t1|p": {"layer": null}}}', "not json", "[]"],
+)
+def test_a_damaged_speeds_file_counts_as_empty(body: str, tmp_path: Path) -> None:
+    """speeds.json is a cache: a file that is not what Corral writes is measured again,
+    never a crash of the plan."""
+    from corral.engine.runtime.speeds import SpeedCache
+
+    (tmp_path / "speeds.json").write_text(body)
+    cache = SpeedCache(tmp_path / "speeds.json")
+    assert cache.entries == {} and cache.errors == {}
+    cache.errors["x"] = -0.5
+    cache.save()  # and it is written whole again
+    assert SpeedCache(tmp_path / "speeds.json").errors == {"x": -0.5}
