@@ -410,11 +410,19 @@ class _Engine:
 
         try:
             gbnf = json_schema_to_gbnf('{"type": "object"}' if schema == "*" else schema)
+            ignored = [] if schema == "*" else _ignored_keywords(schema, json_schema_to_gbnf)
         except Exception as exc:  # the converter raises plain errors for what it lacks
             raise _Refused(
                 f"response_format.json_schema: this schema cannot be turned into a grammar ({exc})",
                 BAD_FIELD + "response_format",
             ) from None
+        if ignored:  # the reply could break them: refused, never silently not held
+            raise _Refused(
+                f"response_format.json_schema: {', '.join(ignored)} cannot be held by the "
+                "grammar (llama-cpp-python's schema converter ignores them): remove them, "
+                "or check that part of the reply yourself",
+                BAD_FIELD + "response_format",
+            )
         sampler = self.L.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
         if not sampler:
             raise _Refused(
@@ -847,6 +855,84 @@ class _Job:
         self.stop = ""  # why it ended, once it has
         self.error = ""
         self.t0, self.t1 = time.perf_counter(), 0.0
+
+
+# JSON Schema's validation keywords (annotations such as title or description constrain
+# nothing); one whose removal leaves the converter's grammar the same is not held by it
+_VALIDATION = frozenset(
+    {
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "format",
+        "minItems",
+        "maxItems",
+        "uniqueItems",
+        "contains",
+        "minContains",
+        "maxContains",
+        "minProperties",
+        "maxProperties",
+        "dependentRequired",
+        "dependentSchemas",
+        "propertyNames",
+        "not",
+        "if",
+        "then",
+        "else",
+    }
+)
+# keywords whose value maps names to schemas (the names are not keywords)
+_BY_NAME = frozenset(
+    {
+        "properties",
+        "patternProperties",
+        "$defs",
+        "definitions",
+        "dependentSchemas",
+    }
+)
+
+
+def _ignored_keywords(schema: str, convert: Any) -> list[str]:
+    """Validation keywords of `schema` (JSON text) that `convert` (JSON schema to GBNF)
+    ignores, as paths ("properties.age.maximum"): each is taken out in turn and the grammar
+    compared with the whole schema's."""
+    import json
+
+    root = json.loads(schema)
+    whole = convert(schema)
+    found: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{path}[{i}]")
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in list(node.items()):
+            where = f"{path}.{key}" if path else key
+            if key in _VALIDATION:
+                kept = list(node.items())
+                del node[key]
+                if convert(json.dumps(root)) == whole:
+                    found.append(where)
+                node.clear()
+                node.update(kept)
+            if key in _BY_NAME and isinstance(value, dict):
+                for name, sub in value.items():
+                    walk(sub, f"{where}.{name}")
+            elif isinstance(value, dict | list):
+                walk(value, where)
+
+    walk(root, "")
+    return found
 
 
 def _recent(average: float, value: float) -> float:
