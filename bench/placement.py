@@ -33,9 +33,18 @@ from pathlib import Path
 
 from corral.engine.localagents import LocalAgents
 from corral.engine.model.catalog import default_model_path
+from corral.engine.model.spec import read_model_spec
 from corral.engine.planner.speed import predict
 from corral.engine.runtime.childproto import Done, Generate
 from corral.engine.runtime.session import ChatSession, LoadSettings
+from corral.engine.runtime.speeds import (
+    PROBE_BATCH,
+    PROBE_VOCAB,
+    cache_dir,
+    probe_key,
+    probe_params,
+    write_probe,
+)
 
 # per agent: worker threads (0: one per core), one-way delay ms, Mbit/s (0: no limit), the
 # devices it shares ("": its default)
@@ -78,41 +87,109 @@ async def timed(session: ChatSession, tokens: int, rounds: int) -> float:
     return statistics.median(rates)
 
 
+def start_agents(stack: contextlib.ExitStack, agents_spec: list) -> list[str]:
+    """Real agents of a set-up (each its own LocalAgents, slowed through linkem.py where it
+    has a delay or a rate), stopped with `stack`: their addresses."""
+    addresses = []
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="corral-place-")))
+    for i, (threads, delay, mbit, device) in enumerate(agents_spec):
+        config = tmp / f"agent{i}.toml"
+        config.write_text(
+            f"rpc_threads = {threads}\n" + (f'devices = ["{device}"]\n' if device else "")
+        )
+        # the desktop sees no GPU of its own (main); an agent sharing one sees it
+        env = {"CUDA_VISIBLE_DEVICES": "0"} if device.startswith("CUDA") else None
+        agents = stack.enter_context(LocalAgents(1, extra_args=("--config", str(config)), env=env))
+        address = agents.addresses[0]
+        if delay or mbit:
+            relay = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("linkem.py")),
+                    address,
+                    *(str(delay), str(mbit)),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            stack.callback(relay.kill)
+            assert relay.stdout is not None
+            address = relay.stdout.readline().split()[-1]
+        addresses.append(address)
+    return addresses
+
+
+async def run_curve(name: str, model: Path, layers: list[int], tokens: int, log: list[str]):
+    """Each device's step time on probes of `layers` layers and on the whole model alone,
+    with the desktop's child at one thread per core and at one thread: whether a layer's
+    time is the same at every probe size and the same as in the model."""
+    spec = read_model_spec(model)
+    out: dict = {"setup": name, "model": str(model), "devices": []}
+    with contextlib.ExitStack() as stack:
+        addresses = start_agents(stack, SETUPS[name])
+        session = ChatSession(addresses)
+        try:
+            await session.connect(0)
+            first = await session.open_after_connect(LoadSettings(model=model, n_ctx=512))
+            n_dev = len(first.plan.devices)
+            n_total = sum(len(first.plan.layers_of(i)) for i in range(n_dev))
+            probes = {}
+            for n in layers:
+                path = Path(cache_dir()) / "curve" / f"{probe_key(spec)}-{n}.gguf"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if not path.exists():
+                    write_probe(spec, n, PROBE_VOCAB, path)
+                probes[n] = path
+            for i in range(n_dev):
+                if not first.plan.devices[i].endpoint:
+                    continue
+                row: dict = {"device": first.plan.devices[i].name, "probe": {}, "model": {}}
+                for child_threads in (0, 1):
+                    eps = session.endpoints
+                    times = {}
+                    for n, path in probes.items():
+                        best = float("inf")
+                        for _ in range(2):
+                            await session.child.load(
+                                probe_params(path, eps, i, n_dev, child_threads)
+                            )
+                            g, _b = await session.child.time_steps((1, PROBE_BATCH), 15)
+                            best = min(best, g)
+                        times[n] = best
+                    counts = tuple(n_total if j == i else 0 for j in range(n_dev))
+                    await session.open_after_connect(
+                        LoadSettings(model=model, n_ctx=512, layers=counts, n_threads=child_threads)
+                    )
+                    g, _b = await session.child.time_steps((1, PROBE_BATCH), 15)
+                    rate = await timed(session, tokens, 3)
+                    row["probe"][child_threads] = times
+                    row["model"][child_threads] = {"step_s": g, "tok_s": rate}
+                    sizes = sorted(times)
+                    slopes = [
+                        f"{a}->{b}: {1e3 * (times[b] - times[a]) / (b - a):.3f}"
+                        for a, b in itertools.pairwise(sizes)
+                    ]
+                    line = (
+                        f"{name} {row['device']} child threads {child_threads or 'all'}: "
+                        + ", ".join(f"{n} layers {1e3 * t:.2f} ms" for n, t in times.items())
+                        + f" | ms/layer {', '.join(slopes)} | model {spec.n_layer} layers: "
+                        f"step {1e3 * g:.2f} ms ({1e3 * g / spec.n_layer:.3f} ms/layer), "
+                        f"generating {rate:.1f} tok/s"
+                    )
+                    print(line, flush=True)
+                    log.append(line)
+                out["devices"].append(row)
+        finally:
+            await session.close(stop_workers=True)
+    return out
+
+
 async def run_setup(
     name: str, model: Path, step: int, tokens: int, rounds: int, log: list[str]
 ) -> dict:
     agents_spec = SETUPS[name]
     with contextlib.ExitStack() as stack:
-        addresses, relays = [], []
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="corral-place-")))
-        for i, (threads, delay, mbit, device) in enumerate(agents_spec):
-            config = tmp / f"agent{i}.toml"
-            config.write_text(
-                f"rpc_threads = {threads}\n" + (f'devices = ["{device}"]\n' if device else "")
-            )
-            # the desktop sees no GPU of its own (main); an agent sharing one sees it
-            env = {"CUDA_VISIBLE_DEVICES": "0"} if device.startswith("CUDA") else None
-            agents = stack.enter_context(
-                LocalAgents(1, extra_args=("--config", str(config)), env=env)
-            )
-            address = agents.addresses[0]
-            if delay or mbit:
-                relay = subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(Path(__file__).with_name("linkem.py")),
-                        address,
-                        str(delay),
-                        str(mbit),
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                relays.append(relay)
-                stack.callback(relay.kill)
-                assert relay.stdout is not None
-                address = relay.stdout.readline().split()[-1]
-            addresses.append(address)
+        addresses = start_agents(stack, agents_spec)
         session = ChatSession(addresses)
         try:
             await session.connect(0)
@@ -194,6 +271,11 @@ def main() -> int:
     parser.add_argument(
         "--cpu-only", action="store_true", help="agents share their CPU only (on a GPU host)"
     )
+    parser.add_argument(
+        "--curve",
+        help="instead: each device's step on probes of these layer counts (e.g. 1,2,4,8) and "
+        "on the whole model, child at all threads and at one",
+    )
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the agents' devices only (on a GPU host)
@@ -205,9 +287,17 @@ def main() -> int:
             (t * opts.scale, d, m, dev or ("CPU" if opts.cpu_only else ""))
             for t, d, m, dev in SETUPS[name]
         ]
+        if opts.curve:
+            layers = [int(n) for n in opts.curve.split(",")]
+            results.append(asyncio.run(run_curve(name, opts.model, layers, opts.tokens, log)))
+            continue
         results.append(
             asyncio.run(run_setup(name, opts.model, opts.step, opts.tokens, opts.rounds, log))
         )
+    if opts.curve:
+        if opts.json:
+            opts.json.write_text(json.dumps(results, indent=1))
+        return 0
     print()
     print(
         "| set-up | splits | speed's choice | its tok/s | best measured | speed / best | "

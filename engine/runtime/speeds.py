@@ -140,39 +140,44 @@ def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, P
         directory / f"{key}-1-v{spec.n_vocab}.gguf",
     )
     vocabs = (PROBE_VOCAB, PROBE_VOCAB, max(spec.n_vocab, PROBE_VOCAB))
-    shape, ftype = probe_shape(spec)
     for n_layer, n_vocab, path in zip((1, 1 + extra, 1), vocabs, paths, strict=True):
-        if path.exists():
-            continue
-        code = (
-            "import sys, json, os\n"
-            "from corral.engine.model.synthetic import TinyLlama, write_tiny_llama\n"
-            "from corral.engine.ggml.quantize import quantize\n"
-            "a = json.loads(sys.argv[1])\n"
-            "src = sys.argv[2] + '.f16'\n"
-            "write_tiny_llama(src, TinyLlama(n_layer=a['n_layer'], n_embd=a['n_embd'],"
-            " n_head=a['n_head'], n_head_kv=a['n_head_kv'], head_dim=a['head_dim'],"
-            " n_ff=a['n_ff'], n_vocab=a['n_vocab'], tied_embeddings=False, dtype='f16'))\n"
-            "if a['ftype'] == 'f16':\n"
-            "    os.replace(src, sys.argv[2])\n"
-            "else:\n"
-            "    quantize(src, sys.argv[2], a['ftype'], pure=True)\n"
-            "    os.unlink(src)\n"
-        )
-        args = dict(shape, n_layer=n_layer, n_vocab=n_vocab, ftype=ftype)
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            part = Path(tmp) / path.name
-            done = subprocess.run(
-                [sys.executable, "-c", code, json.dumps(args), str(part)],
-                capture_output=True,
-                text=True,
-                timeout=1800,
-            )
-            if done.returncode != 0:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise RuntimeError(f"could not build the speed probe {path.name}: {tail[0]}")
-            os.replace(part, path)
+        if not path.exists():
+            write_probe(spec, n_layer, n_vocab, path)
     return paths
+
+
+def write_probe(spec: ModelSpec, n_layer: int, n_vocab: int, path: Path) -> None:
+    """A probe of this model's shape with `n_layer` layers and `n_vocab` tokens at `path`
+    (built in a child process: llama.cpp's quantizer runs there)."""
+    shape, ftype = probe_shape(spec)
+    code = (
+        "import sys, json, os\n"
+        "from corral.engine.model.synthetic import TinyLlama, write_tiny_llama\n"
+        "from corral.engine.ggml.quantize import quantize\n"
+        "a = json.loads(sys.argv[1])\n"
+        "src = sys.argv[2] + '.f16'\n"
+        "write_tiny_llama(src, TinyLlama(n_layer=a['n_layer'], n_embd=a['n_embd'],"
+        " n_head=a['n_head'], n_head_kv=a['n_head_kv'], head_dim=a['head_dim'],"
+        " n_ff=a['n_ff'], n_vocab=a['n_vocab'], tied_embeddings=False, dtype='f16'))\n"
+        "if a['ftype'] == 'f16':\n"
+        "    os.replace(src, sys.argv[2])\n"
+        "else:\n"
+        "    quantize(src, sys.argv[2], a['ftype'], pure=True)\n"
+        "    os.unlink(src)\n"
+    )
+    args = dict(shape, n_layer=n_layer, n_vocab=n_vocab, ftype=ftype)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        part = Path(tmp) / path.name
+        done = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(args), str(part)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"could not build the speed probe {path.name}: {tail[0]}")
+        os.replace(part, path)
 
 
 class SpeedCache:
