@@ -651,8 +651,9 @@ class MainWindow(QMainWindow):
         self._submit(self.chat.plan(addresses, settings), self._planned, self._not_planned)
 
     def _planned(self, got: Any) -> None:
-        plan, verdicts, speed = got
+        plan, verdicts, speed, host_speeds = got
         self._idle()
+        self.hosts_model.set_speeds(host_speeds)
         self.plan = plan
         self.verdicts = verdicts
         self.layer_map.set_plan(plan)

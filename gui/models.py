@@ -10,7 +10,7 @@ from PySide6.QtWidgets import QStyledItemDelegate, QStyleOptionViewItem
 
 from corral.discovery import Host
 
-_COLUMNS = ("Status", "Host", "Address", "GPUs", "Memory (live)", "Note")
+_COLUMNS = ("Status", "Host", "Address", "GPUs", "Memory (live)", "Speed (measured)", "Note")
 GiB = 1 << 30
 Index = QModelIndex | QPersistentModelIndex
 
@@ -21,6 +21,7 @@ class HostsModel(QAbstractTableModel):
     def __init__(self) -> None:
         super().__init__()
         self.hosts: list[Host] = []
+        self.speeds: dict[str, str] = {}  # by address: what the last plan measured there
 
     def set_hosts(self, hosts: dict[str, Host]) -> None:
         """Show `hosts`. The usual update (same hosts, fresher inventories, once a second per
@@ -38,6 +39,15 @@ class HostsModel(QAbstractTableModel):
             if a is not b and a != b:
                 self.dataChanged.emit(self.index(row, 0), self.index(row, last))
         if [_shape(h) for h in old] != [_shape(h) for h in new]:
+            self.reshaped.emit()
+
+    def set_speeds(self, speeds: dict[str, str]) -> None:
+        """Each host's link and device figures from the last plan (planner.speed.host_summary),
+        by address; a host the plan did not measure keeps what was shown before."""
+        self.speeds.update({a: t for a, t in speeds.items() if t})
+        if self.hosts:
+            column = _COLUMNS.index("Speed (measured)")
+            self.dataChanged.emit(self.index(0, column), self.index(len(self.hosts) - 1, column))
             self.reshaped.emit()
 
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
@@ -67,6 +77,7 @@ class HostsModel(QAbstractTableModel):
             h.address,
             gpus_text(h),
             memory_text(h),
+            self.speeds.get(h.address, ""),
             h.reason
             or (f"in use by {busy}: free when that session ends" if busy else "")
             or ("added by address" if h.manual and not h.advertised else ""),

@@ -335,6 +335,23 @@ def with_speeds(devices: Sequence[Device], speeds: Speeds) -> list[Device]:
     ]
 
 
+def host_summary(speeds: Speeds | None, devices: Sequence[Device], host: str) -> str:
+    """One host's measured figures in a few words, as the window's hosts table shows them:
+    its link, then each of its devices' time per layer ("" when nothing was measured)."""
+    if speeds is None:
+        return ""
+    parts = []
+    link = speeds.links.get(host)
+    if link is not None:
+        bw = f", {link.bandwidth / 1e6:.0f} MB/s" if link.bandwidth else ""
+        parts.append(f"round trip {link.rtt * 1000:.2f} ms{bw}")
+    for d in devices:
+        sp = speeds.devices.get(d.name)
+        if d.host == host and sp is not None:
+            parts.append(f"{d.name} {sp.layer * 1000:.3f} ms a layer")
+    return " · ".join(parts)
+
+
 def describe_speed(
     speeds: Speeds | None,
     prediction: Prediction | None,

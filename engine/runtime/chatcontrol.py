@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from corral.engine.planner.plan import Plan
-from corral.engine.planner.speed import describe_speed
+from corral.engine.planner.speed import describe_speed, host_summary
 from corral.engine.planner.validate import Verdict
 
 from .childproto import Done
@@ -139,9 +139,10 @@ class ChatController:
 
     async def plan(
         self, addresses: Sequence[str], settings: LoadSettings
-    ) -> tuple[Plan, list[Verdict], list[str]]:
-        """The exact plan for these hosts and settings, the checks' verdicts and the plan's
-        measured speeds and prediction in words (planner.speed.describe_speed); planned in
+    ) -> tuple[Plan, list[Verdict], list[str], dict[str, str]]:
+        """The exact plan for these hosts and settings, the checks' verdicts, the plan's
+        measured speeds and prediction in words (planner.speed.describe_speed) and each
+        host's measured figures by address (planner.speed.host_summary); planned in
         the loaded model's session when it is for these hosts, else in a draft (WouldUnload
         when a host serves the loaded model)."""
         self._own()
@@ -156,7 +157,10 @@ class ChatController:
         speed = describe_speed(
             session.speeds, session.prediction, session.leave_out, session.measured_before
         )
-        return exact, list(session.verdicts), speed if exact.devices else []
+        hosts = {
+            c.address: host_summary(session.speeds, exact.devices, c.name) for c in session.clients
+        }
+        return exact, list(session.verdicts), speed if exact.devices else [], hosts
 
     async def load(
         self,

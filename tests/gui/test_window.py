@@ -157,6 +157,13 @@ def test_the_speed_strategy_measures_and_shows_its_prediction(
     text = window.plan_text.toPlainText()
     assert "ms a layer" in text and "round trip" in text and "a token's time" in text, text
     assert window.layer_map.plan is not None and window.layer_map.plan.strategy == "speed"
+    # the hosts table shows each host's link and, where the plan put a device, its layer time
+    model = window.hosts_model
+    column = [model.headerData(c, Qt.Orientation.Horizontal) for c in range(model.columnCount())]
+    at = column.index("Speed (measured)")
+    cells = [model.data(model.index(r, at)) for r in range(model.rowCount())]
+    assert len(cells) == 2 and all("round trip" in c for c in cells), cells
+    assert any("ms a layer" in c for c in cells), cells
 
 
 def test_dragging_a_boundary_in_the_layer_map_moves_layers(
