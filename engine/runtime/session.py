@@ -504,7 +504,11 @@ class ChatSession:
                         gen, batch = await timed(names.index(name))
                         cache.put(keys[name], derive(extra, scale, gen, batch, base))
             except InferenceCrashed as crash:
-                raise await self.explain(crash) from None
+                raise await self.explain(
+                    crash,
+                    "the speed strategy's probe on it",
+                    "plan again, or plan with --strategy balanced",
+                ) from None
             except ReplyStalled as stall:
                 raise await self._stalled(stall, f"timing {where}") from None
             except RuntimeFailure as exc:  # a probe that would not load there (its memory)
@@ -838,16 +842,19 @@ class ChatSession:
         self._events.append((time.monotonic(), client, event))
         self._event_arrived.set()
 
-    async def explain(self, crash: InferenceCrashed) -> RuntimeFailure:
-        """Turn a dead child into a message naming the host whose worker failed, if one did."""
+    async def explain(
+        self, crash: InferenceCrashed, lost: str = "the model", again: str = "load the model again"
+    ) -> RuntimeFailure:
+        """Turn a dead child into a message naming the host whose worker failed, if one did;
+        `lost` is what went down with it, `again` what to do once the agent restarted it."""
         since = time.monotonic() - 10
         deadline = time.monotonic() + _CRASH_EVENT_WAIT
         while True:
             crashed = [
                 (c, e) for t, c, e in self._events if t >= since and e.kind in ("crashed", "failed")
             ]
-            lost = [c for c in self.clients if c.closed_reason]
-            if crashed or lost or time.monotonic() >= deadline:
+            gone = [c for c in self.clients if c.closed_reason]
+            if crashed or gone or time.monotonic() >= deadline:
                 break
             self._event_arrived.clear()
             try:
@@ -859,17 +866,17 @@ class ChatSession:
             client, event = crashed[-1]
             cause = f"the RPC worker on {client.name} died ({event.worker.last_exit})"
             msg = (
-                f"the RPC worker on {client.name} died ({event.worker.last_exit}) and took the "
-                f"model down ({crash.exit_text}); the agent is restarting it: load the model again"
+                f"the RPC worker on {client.name} died ({event.worker.last_exit}) and took "
+                f"{lost} down ({crash.exit_text}); the agent is restarting it: {again}"
             )
             hint = crash_hint(event.worker.last_exit, [], doctor="corral-agent doctor")
             if hint:  # a native crash in the worker: that host's kernels, not the link
                 msg += f". On {client.name}, {hint}"
-        elif lost:
-            cause = f"lost agent {lost[0].name} ({lost[0].closed_reason})"
+        elif gone:
+            cause = f"lost agent {gone[0].name} ({gone[0].closed_reason})"
             msg = (
-                f"lost agent {lost[0].name} ({lost[0].closed_reason}) and the model with it "
-                f"({crash.exit_text}): check that host, then load again"
+                f"lost agent {gone[0].name} ({gone[0].closed_reason}) and {lost} with it "
+                f"({crash.exit_text}): check that host, then {again}"
             )
         else:
             msg = f"{crash} — llama.cpp's last lines: " + " | ".join(crash.log_tail[-4:])

@@ -19,7 +19,7 @@ from corral.engine.localagents import LocalAgents
 from corral.engine.runtime import inference
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.runtime.childproto import Done
-from corral.engine.runtime.errors import InferenceCrashed
+from corral.engine.runtime.errors import InferenceCrashed, RuntimeFailure
 from corral.engine.runtime.session import ChatSession, LoadSettings
 from tests.conftest import corral
 from tests.support.agents import inventory, start_long_chat
@@ -268,3 +268,62 @@ def test_ctrl_c_ends_a_reply_stuck_on_a_stopped_worker(
     assert "is stopped by a signal" in last["message"] and stuck in last["message"], last
     assert "Traceback" not in err
     print(f"{presses} Ctrl-C: the chat ended {stopped_after:.1f} s after the first")
+
+
+def test_a_worker_killed_while_speed_times_it_is_named_and_the_plan_heals(
+    smollm2: Path, fresh_agents: LocalAgents, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """kill -9 of a worker while `--strategy speed` times its device on a probe: the plan
+    is refused naming that host and how the worker ended, nothing is kept for it, and the
+    same plan again (the agent has restarted its worker) measures it and succeeds."""
+    from corral.engine.runtime import speeds
+
+    monkeypatch.setenv("CORRAL_SPEEDS_DIR", str(tmp_path))
+    victim = fresh_agents.addresses[1]
+    asyncio.run(_start_worker(victim))
+    pid = inventory(victim).worker.pid
+    real = speeds.time_device
+    killed: list[int] = []
+
+    async def kill_then_time(child: object, params: list) -> tuple[list[float], list[float]]:
+        split = params[0].tensor_split
+        if not killed and len(split) == 2 and split[1] == 1.0:  # the victim's device
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return await real(child, params)
+
+    monkeypatch.setattr(speeds, "time_device", kill_then_time)
+    monkeypatch.setattr("corral.engine.runtime.session.time_device", kill_then_time)
+
+    settings = LoadSettings(model=smollm2, n_ctx=512, strategy="speed")
+
+    async def first() -> str:
+        session = ChatSession(fresh_agents.addresses)
+        try:
+            await session.connect(0)
+            with pytest.raises(RuntimeFailure) as refused:
+                await session.plan(settings)
+            return str(refused.value)
+        finally:
+            await session.close()
+
+    async def again() -> int:
+        session = ChatSession(fresh_agents.addresses)
+        try:
+            await session.connect(0)
+            _, plan = await session.plan(settings)
+            assert session.speeds is not None and session.prediction is not None
+            return len(plan.devices)
+        finally:
+            await session.close()
+
+    message = asyncio.run(first())
+    assert not (tmp_path / "speeds.json").exists()  # nothing kept from the failed timing
+    n_devices = asyncio.run(again())
+    assert killed, "the victim's device was never timed"
+    assert victim in message and "SIGKILL" in message, message
+    assert "speed" in message, message
+    assert n_devices == 2
+    kept = json.loads((tmp_path / "speeds.json").read_text())["devices"]
+    assert len(kept) == 3, kept  # the desktop and both devices, measured the second time
+    print(f"refused: {message}")
