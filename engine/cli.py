@@ -20,7 +20,7 @@ from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.model import ModelMissing, default_model_path, fetch_default_model
 from corral.engine.planner.kvtypes import KV_TYPES
 from corral.engine.planner.plan import STRATEGIES, MiB, Plan, Usage
-from corral.engine.planner.speed import describe_speed
+from corral.engine.planner.speed import describe_speed, layer_bytes
 from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
 from corral.engine.runtime.agent_client import AgentClient, parse_address
@@ -315,7 +315,11 @@ def plan_table(plan: Plan, analytic: Plan | None = None) -> list[str]:
 def speed_lines(session: ChatSession) -> list[str]:
     """The plan's predicted speed, what bounds it, and what leaving out each host would do."""
     return describe_speed(
-        session.speeds, session.prediction, session.leave_out, session.measured_before
+        session.speeds,
+        session.prediction,
+        session.leave_out,
+        session.measured_before,
+        layer_bytes(session.spec) if session.spec else 0.0,
     )
 
 
@@ -323,9 +327,16 @@ def _speed_json(session: ChatSession) -> dict[str, Any] | None:
     p, sp = session.prediction, session.speeds
     if sp is None:
         return None
+    per_layer = layer_bytes(session.spec) if session.spec else 0.0
     return {
         "links": {h: dataclasses.asdict(link) for h, link in sp.links.items()},
-        "devices": {n: dataclasses.asdict(d) for n, d in sp.devices.items()},
+        "devices": {
+            n: dict(
+                dataclasses.asdict(d),
+                weights_read_per_s=per_layer / d.layer if d.layer > 0 else None,
+            )
+            for n, d in sp.devices.items()
+        },
         "base_s": sp.base,
         "predicted": None
         if p is None

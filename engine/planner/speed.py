@@ -335,6 +335,11 @@ def with_speeds(devices: Sequence[Device], speeds: Speeds) -> list[Device]:
     ]
 
 
+def layer_bytes(spec: ModelSpec) -> float:
+    """An average block's weight bytes: what a generated token reads per layer."""
+    return weight_bytes(spec, range(spec.n_layer)) / spec.n_layer if spec.n_layer else 0.0
+
+
 def host_summary(speeds: Speeds | None, devices: Sequence[Device], host: str) -> str:
     """One host's measured figures in a few words, as the window's hosts table shows them:
     its link, then each of its devices' time per layer ("" when nothing was measured)."""
@@ -357,8 +362,11 @@ def describe_speed(
     prediction: Prediction | None,
     leave_out: Sequence[tuple[str, float | None]] = (),
     measured_before: float | None = None,
+    layer_bytes: float = 0.0,
 ) -> list[str]:
-    """In words, as corral plan and the window show them: each link and device measured,
+    """In words, as corral plan and the window show them: each link and device measured
+    (with `layer_bytes`, a layer's weights, the rate it reads them at: a figure to hold
+    against the device's memory bandwidth),
     the predicted speed (and, for a split a reply was measured on before, what it ran at),
     the largest shares of a token's time, and what leaving out each host would do."""
     if speeds is None:
@@ -368,8 +376,13 @@ def describe_speed(
         bw = f"{link.bandwidth / 1e6:.0f} MB/s" if link.bandwidth else "bandwidth unknown"
         lines.append(f"link to {host}: round trip {link.rtt * 1000:.2f} ms, {bw}")
     for name, dev in speeds.devices.items():
+        rate = (
+            f" (weights read at {layer_bytes / dev.layer / 1e9:.0f} GB/s)"
+            if (layer_bytes and dev.layer > 0)
+            else ""
+        )
         lines.append(
-            f"{name}: {dev.layer * 1000:.3f} ms a layer, {dev.hop * 1000:.2f} ms a step "
+            f"{name}: {dev.layer * 1000:.3f} ms a layer{rate}, {dev.hop * 1000:.2f} ms a step "
             f"(prompt: {dev.layer_batch * 1000:.2f} / {dev.hop_batch * 1000:.2f} ms per "
             f"{dev.batch}-token batch)"
         )

@@ -60,6 +60,8 @@ def test_speed_measures_and_avoids_the_slow_link(
     assert rtts[0] < 0.01 and rtts[1] > 0.025, rtts
     for dev in ("RPC0", "RPC1"):
         assert speed["devices"][dev]["layer"] > 0
+        # the rate its layers' weights are read at: to hold against its memory bandwidth
+        assert speed["devices"][dev]["weights_read_per_s"] > 1e6
     # the slow-link host's step costs its round trips
     assert speed["devices"]["RPC0"]["hop"] > speed["devices"]["RPC1"]["hop"] + 0.02
     layers = {d["device"]: d["layers"] for d in out["exact"]["devices"]}
@@ -82,6 +84,7 @@ def test_speed_measures_and_avoids_the_slow_link(
     done = _corral(["plan", str(smollm2)], slow_and_fast, tmp_path)
     text = done.stdout
     assert "round trip" in text and "a layer" in text and "predicted:" in text, text
+    assert text.count("GB/s)") == 2, text  # each device's weights read at
     assert "leaving out" in text and "% tokens/s" in text, text
 
     # corral agents: each agent's link, and what was measured on its devices
