@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from corral.engine.model.spec import ModelSpec
@@ -248,12 +248,21 @@ def _candidates(devices: Sequence[Device], speeds: Speeds, n: int) -> list[tuple
     return out
 
 
-def speed_plan(spec: ModelSpec, devices: Sequence[Device], s: Settings, speeds: Speeds) -> Plan:
+def speed_plan(
+    spec: ModelSpec,
+    devices: Sequence[Device],
+    s: Settings,
+    speeds: Speeds,
+    measured: Mapping[tuple[int, ...], float] | None = None,
+) -> Plan:
     """The fastest split that fits: the search's counts, checked against the exact memory
     estimate (a device short of memory gives up a layer to the next fastest until it fits),
     then layers moved one at a time from the slowest device in use to a faster one while
-    that still fits (the capacity estimate is a layer or so cautious). Raises ValueError
-    when no device was measured or nothing fits (the caller says why)."""
+    that still fits (the capacity estimate is a layer or so cautious). `measured`: splits a
+    reply was timed on before (layer counts per device → seconds a step measured); one that
+    ran faster than the choice (as measured, where it was, else as predicted) and fits is
+    taken instead: a measurement beats a prediction. Raises ValueError when no device was
+    measured or nothing fits (the caller says why)."""
     found = fastest(spec, devices, s, speeds)
     if found is None:
         raise ValueError("no split fits by the measured speeds")
@@ -292,6 +301,32 @@ def speed_plan(spec: ModelSpec, devices: Sequence[Device], s: Settings, speeds: 
                 break
         else:
             break
+    return _measured_faster(spec, devices, s, plan, counts, best, measured or {})
+
+
+def _measured_faster(
+    spec: ModelSpec,
+    devices: Sequence[Device],
+    s: Settings,
+    plan: Plan,
+    counts: Sequence[int],
+    best: float,
+    measured: Mapping[tuple[int, ...], float],
+) -> Plan:
+    """The plan of the fastest split measured before that beats `counts` (its measured
+    step where it has one, else `best`, its prediction) and fits; else `plan`."""
+    mine = measured.get(tuple(counts), best)
+    for known, step in sorted(measured.items(), key=lambda kv: kv[1]):
+        if step >= mine:
+            break
+        if len(known) != len(devices) or sum(known) != sum(counts):
+            continue
+        try:
+            trial = estimate(spec, devices, s, "speed", split_for_counts(known))
+        except ValueError:
+            continue
+        if trial.fits:
+            return trial
     return plan
 
 

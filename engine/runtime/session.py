@@ -43,6 +43,7 @@ from corral.engine.planner.speed import (
     Speeds,
     predict,
     speed_plan,
+    step_time,
     with_speeds,
     without_each,
 )
@@ -371,6 +372,7 @@ class ChatSession:
                         with_speeds(devices, self.speeds),
                         settings.plan_settings(),
                         self.speeds,
+                        self._measured_splits(spec, devices, self.speeds),
                     )
                 except ValueError:  # nothing fits by the capacity estimate: say so below
                     analytic = make_plan(spec, devices, settings.plan_settings(), "balanced")
@@ -416,6 +418,29 @@ class ChatSession:
             self.leave_out = without_each(spec, exact, exact.settings, self.speeds)
             self.measured_before = SpeedCache().errors.get(self._placement(exact))
         return analytic, exact
+
+    def _measured_splits(
+        self, spec: ModelSpec, devices: Sequence[Device], speeds: Speeds
+    ) -> dict[tuple[int, ...], float]:
+        """Splits of these devices a reply was timed on before (speeds.json's kept ratios):
+        layer counts per device → the seconds a step measured (its prediction now over
+        measured / predicted)."""
+        names = {key: name for name, key in self._speed_keys.items() if name}
+        index = {d.name: i for i, d in enumerate(devices)}
+        out: dict[tuple[int, ...], float] = {}
+        for placement, ratio in SpeedCache().errors.items():
+            counts = [0] * len(devices)
+            for one in placement.split(";"):
+                key, _, n = one.rpartition("=")
+                name = names.get(key)
+                if name is None or name not in index or not n.isdigit():
+                    break
+                counts[index[name]] = int(n)
+            else:
+                if ratio > -1 and any(counts):
+                    step, _ = step_time(spec, devices, counts, speeds)
+                    out[tuple(counts)] = step / (1 + ratio)
+        return out
 
     def _placement(self, plan: Plan) -> str:
         """A split as speeds.json keys its measured/predicted ratio: each device's key and

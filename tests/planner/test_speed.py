@@ -124,3 +124,26 @@ def test_the_search_over_many_devices_samples_candidate_sets() -> None:
     sp = speeds([1.0 + i / 10 for i in range(20)], [0.3] * 20)
     found = fastest(m, devs, S, sp)
     assert found is not None and found[0][0] == 41  # the fastest holds all
+
+
+def test_a_split_measured_faster_than_the_prediction_is_taken() -> None:
+    """A split a reply was timed on before beats a prediction: where the measured step of
+    another split that fits is shorter than the chosen one's (as measured, or else as
+    predicted), speed takes it; a measured split that is slower changes nothing."""
+    m = spec(n_layer=10)
+    devs = devices(8, 8)
+    sp = speeds([1.0, 1.5], [0.5, 0.5])
+    plain = speed_plan(m, devs, S, sp)
+    chosen = tuple(len(plain.layers_of(i)) for i in range(2))
+    assert chosen == (11, 0)
+    predicted = step_time(m, devs, list(chosen), sp)[0]
+    # the chosen split ran at a third of its prediction; the other device alone ran fine
+    measured = {chosen: 3 * predicted, (0, 11): 1.2 * predicted}
+    steered = speed_plan(m, devs, S, sp, measured)
+    assert [len(steered.layers_of(i)) for i in range(2)] == [0, 11]
+    # measured slower than the prediction of the choice: the choice stays
+    assert speed_plan(m, devs, S, sp, {(0, 11): 2 * predicted}).tensor_split == plain.tensor_split
+    # a measured split that does not fit (device 1 has room for nothing) is not taken
+    small = devices(8, 0.01)
+    kept = speed_plan(m, small, S, sp, {chosen: 3 * predicted, (0, 11): predicted / 2})
+    assert [len(kept.layers_of(i)) for i in range(2)] == [11, 0]

@@ -117,6 +117,23 @@ def test_a_chat_sets_its_measured_speed_beside_the_prediction(
     (placement,) = kept["errors"]
     assert json.loads(done.stdout)["speed"]["measured_before"] == kept["errors"][placement]
 
+    # a split measured faster than speed's choice is taken over the prediction: here the
+    # choice is made to look as if it ran at a twentieth of its prediction, and balanced's
+    # split as if it ran as predicted
+    done = _corral(["plan", str(smollm2), "--json"], slow_and_fast, tmp_path)
+    counts = {d["device"]: len(d["layers"]) for d in json.loads(done.stdout)["exact"]["devices"]}
+    mine = placement.split("=")[0]  # the direct agent's device, which holds every layer
+    other = next(k for k in kept["devices"] if not k.startswith("desktop|") and k != mine)
+    balanced = f"{other}={counts['RPC0']};{mine}={counts['RPC1']}"
+    (tmp_path / "speeds.json").write_text(
+        json.dumps(dict(kept, errors={placement: -0.95, balanced: 0.0}))
+    )
+    done = _corral(["plan", str(smollm2), "--strategy", "speed", "--json"], slow_and_fast, tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert {d["device"]: len(d["layers"]) for d in out["exact"]["devices"]} == counts, out
+    assert out["speed"]["measured_before"] == 0.0
+
     kept["errors"][placement] = -0.4
     (tmp_path / "speeds.json").write_text(json.dumps(kept))
     check = speed_check()
