@@ -93,9 +93,9 @@ from .speeds import (
     device_key,
     gather_links,
     layer_scale,
-    probe_extra,
     probe_files,
     probe_key,
+    probe_layers,
     probe_params,
     time_device,
 )
@@ -520,14 +520,14 @@ class ChatSession:
             where = "this desktop's CPU"
             try:
                 base_gen, base_batch = await timed(-1)
-                extra = probe_extra(spec)
-                base = base_of(extra, base_gen, base_batch)
+                layers = probe_layers(spec)
+                base = base_of(layers, base_gen, base_batch)
                 cache.put(keys[""], DeviceSpeed(base[0], 0.0, base[1], 0.0, 0))
                 for name in missing:
                     if name:
                         where = f"{name} ({devices[names.index(name)].host})"
                         gen, batch = await timed(names.index(name))
-                        cache.put(keys[name], derive(extra, scale, gen, batch, base))
+                        cache.put(keys[name], derive(layers, scale, gen, batch, base))
             except InferenceCrashed as crash:
                 raise await self.explain(
                     crash,

@@ -3,15 +3,19 @@ each host's link (docs/PLANNER.md, "Placement by measured speed").
 
 A device is timed on probes: random-weight llama models of the model's own layer shape
 (n_embd, heads, head size, FFN width) in its most common matrix type (else the file type
-nearest in bits per weight), with 1 and 1 + `extra` layers (`probe_extra`) and a 320-token
-vocabulary, and a third with 1 layer and the model's own vocabulary. Each probe is loaded in
-the inference child with every layer on that one device, through its real worker and
-tunnel, and TimeSteps gives the median time of a generated token's step and of a
-PROBE_BATCH-token prompt batch. The difference of the first two probes over `extra` is one
-layer's time (scaled by the model's bytes per layer over the probe's: decoding is bound by
-reading weights); what is left of the 1-layer probe, less the desktop's own part (the same
-probes on its CPU alone), is the device's fixed cost per step: its "hop"; what the
-vocabulary probe takes beyond the 1-layer one is the output layer with its logits.
+nearest in bits per weight), with `small` and `large` layers (`probe_layers`) and a
+320-token vocabulary, and a third with `small` layers and the model's own vocabulary. The
+large probe reads as many weights a token as the model does, up to PROBE_BYTES, and the
+small one half as many: both work from memory as the model does, not from a cache (on a
+CPU with a few hundred MiB of last-level cache a 1-layer probe ran twice as fast a layer as
+the model did). Each probe is loaded in the inference child with every layer on that one
+device, through its real worker and tunnel, and TimeSteps gives the median time of a
+generated token's step and of a PROBE_BATCH-token prompt batch. The difference of the
+first two probes over their difference in layers is one layer's time (scaled by the model's
+bytes per layer over the probe's: decoding is bound by reading weights); what is left of
+the small probe, less the desktop's own part (the same probes on its CPU alone), is the
+device's fixed cost per step: its "hop"; what the vocabulary probe takes beyond the small
+one is the output layer with its logits.
 
 Figures are kept per agent, device, llama.cpp build, worker threads and probe shape in
 speeds.json (the cache dir), and measured again when any of those change. A link (round trip,
@@ -41,10 +45,9 @@ from corral.engine.planner.speed import DeviceSpeed, LinkSpeed
 
 from .childproto import LoadParams
 
-# layers the second probe has beyond the first: enough to read PROBE_BYTES of weights per
-# token (a small model's layer takes microseconds: a few would drown in the noise), 3 to 15
-PROBE_BYTES = 64 << 20
-MIN_EXTRA, MAX_EXTRA = 3, 15
+# weights a token of the large probe reads, at most (the model's own blocks, if fewer): past
+# a CPU's last-level cache, as the model's layers are; the small probe has half its layers
+PROBE_BYTES = 512 << 20
 PROBE_BATCH = 64  # prompt tokens of a timed prompt batch
 PROBE_VOCAB = 320
 REPS = 15  # decodes of each size per probe (the median)
@@ -116,31 +119,36 @@ def probe_shape(spec: ModelSpec) -> tuple[dict[str, int], str]:
     return shape, ftype
 
 
-def probe_extra(spec: ModelSpec) -> int:
-    """Layers the second probe has beyond the first (PROBE_BYTES of weights, 3 to 15)."""
-    return max(MIN_EXTRA, min(MAX_EXTRA, -(-PROBE_BYTES // max(int(_block_bytes(spec)), 1))))
+def probe_layers(spec: ModelSpec) -> tuple[int, int]:
+    """Layers of the small and the large probe: the large reads the model's own blocks' bytes
+    a token, at most PROBE_BYTES (at least 2 layers); the small half as many layers."""
+    fill = -(-PROBE_BYTES // max(int(_block_bytes(spec)), 1))
+    large = max(2, min(spec.n_layer, fill))
+    return max(1, large // 2), large
 
 
 def probe_key(spec: ModelSpec) -> str:
     shape, ftype = probe_shape(spec)
-    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}-x{probe_extra(spec)}-v2"
+    small, large = probe_layers(spec)
+    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}-{small}x{large}-v3"
 
 
 def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, Path, Path]:
     """The probes for this model's shape, built once (in a child process: llama.cpp's
-    quantizer runs there, never in the desktop's own process): 1 layer, 1 + extra layers,
-    and 1 layer with the model's own vocabulary (its output layer and logits)."""
+    quantizer runs there, never in the desktop's own process): the small and the large
+    (`probe_layers`), and the small with the model's own vocabulary (its output layer and
+    logits)."""
     directory = directory or cache_dir() / "probes"
     directory.mkdir(parents=True, exist_ok=True)
     key = probe_key(spec)
-    extra = probe_extra(spec)
+    small, large = probe_layers(spec)
     paths = (
-        directory / f"{key}-1.gguf",
-        directory / f"{key}-{1 + extra}.gguf",
-        directory / f"{key}-1-v{spec.n_vocab}.gguf",
+        directory / f"{key}-{small}.gguf",
+        directory / f"{key}-{large}.gguf",
+        directory / f"{key}-{small}-v{spec.n_vocab}.gguf",
     )
     vocabs = (PROBE_VOCAB, PROBE_VOCAB, max(spec.n_vocab, PROBE_VOCAB))
-    for n_layer, n_vocab, path in zip((1, 1 + extra, 1), vocabs, paths, strict=True):
+    for n_layer, n_vocab, path in zip((small, large, small), vocabs, paths, strict=True):
         if not path.exists():
             write_probe(spec, n_layer, n_vocab, path)
     return paths
@@ -280,24 +288,26 @@ async def time_device(
 
 
 def derive(
-    extra: int,
+    layers: tuple[int, int],
     scale: tuple[float, float],
     gen: Sequence[float],
     batch: Sequence[float],
     base: tuple[float, float],
 ) -> DeviceSpeed:
-    """A device's speed from its probes' step times (1 layer, 1 + `extra`, 1 with the
-    model's vocabulary) and the desktop's own base (gen, batch): per layer the difference
-    of the first two over `extra`, per step what the 1-layer probe took beyond one layer and
-    the base, the output layer what the vocabulary probe took beyond the 1-layer one (its
-    logits come back through the real tunnel); each scaled by the model's bytes over the
-    probe's (`scale`: blocks, output)."""
-    layer = max(gen[1] - gen[0], 0.0) / extra
-    layer_b = max(batch[1] - batch[0], 0.0) / extra
+    """A device's speed from its probes' step times (the small probe, the large, the small
+    with the model's vocabulary; `layers`: the small's and the large's layer counts) and the
+    desktop's own base (gen, batch): per layer the difference of the first two over their
+    difference in layers, per step what the small probe took beyond its layers and the base,
+    the output layer what the vocabulary probe took beyond the small one (its logits come
+    back through the real tunnel); each scaled by the model's bytes over the probe's
+    (`scale`: blocks, output)."""
+    small, large = layers
+    layer = max(gen[1] - gen[0], 0.0) / (large - small)
+    layer_b = max(batch[1] - batch[0], 0.0) / (large - small)
     return DeviceSpeed(
-        hop=max(gen[0] - layer - base[0], 0.0),
+        hop=max(gen[0] - small * layer - base[0], 0.0),
         layer=layer * scale[0],
-        hop_batch=max(batch[0] - layer_b - base[1], 0.0),
+        hop_batch=max(batch[0] - small * layer_b - base[1], 0.0),
         layer_batch=layer_b * scale[0],
         batch=PROBE_BATCH,
         output=max(gen[2] - gen[0], 0.0) * scale[1] if len(gen) > 2 else 0.0,
@@ -305,12 +315,15 @@ def derive(
     )
 
 
-def base_of(extra: int, gen: Sequence[float], batch: Sequence[float]) -> tuple[float, float]:
-    """The desktop's own part of a step (the 1-layer probe on its CPU less one layer; the
+def base_of(
+    layers: tuple[int, int], gen: Sequence[float], batch: Sequence[float]
+) -> tuple[float, float]:
+    """The desktop's own part of a step (the small probe on its CPU less its layers; the
     vocabulary probe is not timed there)."""
+    small, large = layers
     return (
-        max(gen[0] - (gen[1] - gen[0]) / extra, 0.0),
-        max(batch[0] - (batch[1] - batch[0]) / extra, 0.0),
+        max(gen[0] - small * (gen[1] - gen[0]) / (large - small), 0.0),
+        max(batch[0] - small * (batch[1] - batch[0]) / (large - small), 0.0),
     )
 
 
