@@ -3,19 +3,20 @@ each host's link (docs/PLANNER.md, "Placement by measured speed").
 
 A device is timed on probes: random-weight llama models of the model's own layer shape
 (n_embd, heads, head size, FFN width) in its most common matrix type (else the file type
-nearest in bits per weight), with `small` and `large` layers (`probe_layers`) and a
-320-token vocabulary, and a third with `small` layers and the model's own vocabulary. The
+nearest in bits per weight), with 1, `small` and `large` layers (`probe_layers`) and a
+320-token vocabulary, and a fourth with `small` layers and the model's own vocabulary. The
 large probe reads as many weights a token as the model does, up to PROBE_BYTES, and the
 small one half as many: both work from memory as the model does, not from a cache (on a
 CPU with a few hundred MiB of last-level cache a 1-layer probe ran twice as fast a layer as
 the model did). Each probe is loaded in the inference child with every layer on that one
 device, through its real worker and tunnel, and TimeSteps gives the median time of a
 generated token's step and of a PROBE_BATCH-token prompt batch. The difference of the
-first two probes over their difference in layers is one layer's time (scaled by the model's
-bytes per layer over the probe's: decoding is bound by reading weights); what is left of
-the small probe, less the desktop's own part (the same probes on its CPU alone), is the
-device's fixed cost per step: its "hop"; what the vocabulary probe takes beyond the small
-one is the output layer with its logits.
+small and the large probe over their difference in layers is one layer's time (scaled by
+the model's bytes per layer over the probe's: decoding is bound by reading weights); what
+is left of the 1-layer probe, less one layer and the desktop's own part (the same probes on
+its CPU alone), is the device's fixed cost per step: its "hop" (from the small probe it
+would carry the slope's error times its layers); what the vocabulary probe takes beyond
+the small one is the output layer with its logits.
 
 Figures are kept per agent, device, llama.cpp build, worker threads and probe shape in
 speeds.json (the cache dir), and measured again when any of those change. A link (round trip,
@@ -130,25 +131,25 @@ def probe_layers(spec: ModelSpec) -> tuple[int, int]:
 def probe_key(spec: ModelSpec) -> str:
     shape, ftype = probe_shape(spec)
     small, large = probe_layers(spec)
-    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}-{small}x{large}-v3"
+    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}-{small}x{large}-v4"
 
 
-def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, Path, Path]:
+def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, ...]:
     """The probes for this model's shape, built once (in a child process: llama.cpp's
-    quantizer runs there, never in the desktop's own process): the small and the large
-    (`probe_layers`), and the small with the model's own vocabulary (its output layer and
-    logits)."""
+    quantizer runs there, never in the desktop's own process): 1 layer, the small and the
+    large (`probe_layers`), and the small with the model's own vocabulary (its output layer
+    and logits)."""
     directory = directory or cache_dir() / "probes"
     directory.mkdir(parents=True, exist_ok=True)
     key = probe_key(spec)
     small, large = probe_layers(spec)
-    paths = (
-        directory / f"{key}-{small}.gguf",
-        directory / f"{key}-{large}.gguf",
-        directory / f"{key}-{small}-v{spec.n_vocab}.gguf",
+    counts = (1, small, large, small)
+    vocabs = (PROBE_VOCAB, PROBE_VOCAB, PROBE_VOCAB, max(spec.n_vocab, PROBE_VOCAB))
+    paths = tuple(
+        directory / (f"{key}-{n}.gguf" if v == PROBE_VOCAB else f"{key}-{n}-v{v}.gguf")
+        for n, v in zip(counts, vocabs, strict=True)
     )
-    vocabs = (PROBE_VOCAB, PROBE_VOCAB, max(spec.n_vocab, PROBE_VOCAB))
-    for n_layer, n_vocab, path in zip((small, large, small), vocabs, paths, strict=True):
+    for n_layer, n_vocab, path in zip(counts, vocabs, paths, strict=True):
         if not path.exists():
             write_probe(spec, n_layer, n_vocab, path)
     return paths
@@ -244,7 +245,7 @@ def layer_scale(spec: ModelSpec, probes: Sequence[Path]) -> tuple[float, float]:
     vocabulary probe's: what a layer's time, and the output layer's compute, scale by."""
     mine = _block_bytes(spec)
     theirs = read_model_spec(probes[1]).layers[0].weight_bytes
-    out = read_model_spec(probes[2]).output_bytes
+    out = read_model_spec(probes[3]).output_bytes
     return (mine / theirs if theirs else 1.0), (spec.output_bytes / out if out else 1.0)
 
 
@@ -274,17 +275,19 @@ async def time_device(
     child: object, params: Sequence[LoadParams]
 ) -> tuple[list[float], list[float]]:
     """(generated-token step, prompt-batch step) seconds of each probe, loaded with each of
-    `params` (one per probe): the probes are timed twice, in turn, and each keeps its faster
-    median (a worker still settling after a load, or busy with something else for a moment,
-    once made the bigger probe look faster than the smaller)."""
-    gen = [float("inf")] * len(params)
-    batch = [float("inf")] * len(params)
+    `params` (one per probe; the same probe twice is timed once): the probes are timed
+    twice, in turn, and each keeps its faster median (a worker still settling after a load,
+    or busy with something else for a moment, once made the bigger probe look faster than
+    the smaller)."""
+    distinct = list(dict.fromkeys(params))
+    gen = {p: float("inf") for p in distinct}
+    batch = {p: float("inf") for p in distinct}
     for _ in range(2):
-        for i, p in enumerate(params):
+        for p in distinct:
             await child.load(p)  # type: ignore[attr-defined]
             g, b = await child.time_steps((1, PROBE_BATCH), REPS)  # type: ignore[attr-defined]
-            gen[i], batch[i] = min(gen[i], g), min(batch[i], b)
-    return gen, batch
+            gen[p], batch[p] = min(gen[p], g), min(batch[p], b)
+    return [gen[p] for p in params], [batch[p] for p in params]
 
 
 def derive(
@@ -294,36 +297,36 @@ def derive(
     batch: Sequence[float],
     base: tuple[float, float],
 ) -> DeviceSpeed:
-    """A device's speed from its probes' step times (the small probe, the large, the small
-    with the model's vocabulary; `layers`: the small's and the large's layer counts) and the
-    desktop's own base (gen, batch): per layer the difference of the first two over their
-    difference in layers, per step what the small probe took beyond its layers and the base,
-    the output layer what the vocabulary probe took beyond the small one (its logits come
-    back through the real tunnel); each scaled by the model's bytes over the probe's
-    (`scale`: blocks, output)."""
+    """A device's speed from its probes' step times (1 layer, the small probe, the large,
+    the small with the model's vocabulary; `layers`: the small's and the large's layer
+    counts) and the desktop's own base (gen, batch): per layer the difference of the small
+    and the large over their difference in layers, per step what the 1-layer probe took
+    beyond a layer and the base, the output layer what the vocabulary probe took beyond the
+    small one (its logits come back through the real tunnel); each scaled by the model's
+    bytes over the probe's (`scale`: blocks, output)."""
     small, large = layers
-    layer = max(gen[1] - gen[0], 0.0) / (large - small)
-    layer_b = max(batch[1] - batch[0], 0.0) / (large - small)
+    layer = max(gen[2] - gen[1], 0.0) / (large - small)
+    layer_b = max(batch[2] - batch[1], 0.0) / (large - small)
     return DeviceSpeed(
-        hop=max(gen[0] - small * layer - base[0], 0.0),
+        hop=max(gen[0] - layer - base[0], 0.0),
         layer=layer * scale[0],
-        hop_batch=max(batch[0] - small * layer_b - base[1], 0.0),
+        hop_batch=max(batch[0] - layer_b - base[1], 0.0),
         layer_batch=layer_b * scale[0],
         batch=PROBE_BATCH,
-        output=max(gen[2] - gen[0], 0.0) * scale[1] if len(gen) > 2 else 0.0,
-        output_batch=max(batch[2] - batch[0], 0.0) * scale[1] if len(batch) > 2 else 0.0,
+        output=max(gen[3] - gen[1], 0.0) * scale[1] if len(gen) > 3 else 0.0,
+        output_batch=max(batch[3] - batch[1], 0.0) * scale[1] if len(batch) > 3 else 0.0,
     )
 
 
 def base_of(
     layers: tuple[int, int], gen: Sequence[float], batch: Sequence[float]
 ) -> tuple[float, float]:
-    """The desktop's own part of a step (the small probe on its CPU less its layers; the
-    vocabulary probe is not timed there)."""
+    """The desktop's own part of a step: the 1-layer probe on its CPU less a layer (the
+    slope of the small and the large probe); the vocabulary probe is not timed there."""
     small, large = layers
     return (
-        max(gen[0] - small * (gen[1] - gen[0]) / (large - small), 0.0),
-        max(batch[0] - small * (batch[1] - batch[0]) / (large - small), 0.0),
+        max(gen[0] - (gen[2] - gen[1]) / (large - small), 0.0),
+        max(batch[0] - (batch[2] - batch[1]) / (large - small), 0.0),
     )
 
 
