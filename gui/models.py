@@ -13,6 +13,8 @@ from corral.discovery import Host
 _COLUMNS = ("Status", "Host", "Address", "GPUs", "Memory (live)", "Speed (measured)", "Note")
 GiB = 1 << 30
 Index = QModelIndex | QPersistentModelIndex
+NOTE = _COLUMNS.index("Note")
+SPEED = _COLUMNS.index("Speed (measured)")
 
 
 class HostsModel(QAbstractTableModel):
@@ -46,8 +48,8 @@ class HostsModel(QAbstractTableModel):
         by address; a host the plan did not measure keeps what was shown before."""
         self.speeds.update({a: t for a, t in speeds.items() if t})
         if self.hosts:
-            column = _COLUMNS.index("Speed (measured)")
-            self.dataChanged.emit(self.index(0, column), self.index(len(self.hosts) - 1, column))
+            last = len(self.hosts) - 1
+            self.dataChanged.emit(self.index(0, SPEED), self.index(last, SPEED))
             self.reshaped.emit()
 
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008

@@ -24,6 +24,7 @@ from corral.engine.localagents import LocalAgents
 from corral.engine.runtime.agent_client import AgentClient
 from corral.engine.security.desktop import DesktopKeys
 from corral.gui.app import CONTINUE, MainWindow
+from corral.gui.models import NOTE
 from corral.gui.plots import LivePlot
 from tests.gui.window import open_window
 
@@ -463,7 +464,7 @@ def test_a_host_another_desktop_is_using_says_so_before_any_plan(
                 qtbot.waitUntil(
                     lambda: model.rowCount() == 1 and model.data(model.index(0, 0)) == "in use"
                 )
-                assert other.identity.name in model.data(model.index(0, 5))
+                assert other.identity.name in model.data(model.index(0, NOTE))
                 assert model.online_addresses() == []
                 release.set()
                 holder.join(30)

@@ -15,6 +15,7 @@ from pytestqt.qtbot import QtBot
 from corral.engine.localagents import LocalAgents
 from corral.engine.security.identity import load_or_create, short
 from corral.gui.app import MainWindow
+from corral.gui.models import NOTE, SPEED
 from tests.gui.window import open_window
 
 
@@ -83,7 +84,7 @@ def test_an_unpaired_host_is_paired_from_the_window(
         model = win.hosts_model
         qtbot.waitUntil(lambda: [h.status for h in model.hosts] == ["unpaired"], timeout=20000)
         assert model.data(model.index(0, 0)) == "not paired"
-        assert "corral pair" in model.data(model.index(0, 5))
+        assert "corral pair" in model.data(model.index(0, NOTE))
         # a wrong code: a banner that says so, still not paired; the dialog shows the
         # certificate this desktop saw, which the agent's own printout can be held to
         asked: list[str] = []
@@ -159,9 +160,8 @@ def test_the_speed_strategy_measures_and_shows_its_prediction(
     assert window.layer_map.plan is not None and window.layer_map.plan.strategy == "speed"
     # the hosts table shows each host's link and, where the plan put a device, its layer time
     model = window.hosts_model
-    column = [model.headerData(c, Qt.Orientation.Horizontal) for c in range(model.columnCount())]
-    at = column.index("Speed (measured)")
-    cells = [model.data(model.index(r, at)) for r in range(model.rowCount())]
+    assert model.headerData(SPEED, Qt.Orientation.Horizontal) == "Speed (measured)"
+    cells = [model.data(model.index(r, SPEED)) for r in range(model.rowCount())]
     assert len(cells) == 2 and all("round trip" in c for c in cells), cells
     assert any("ms a layer" in c for c in cells), cells
 
