@@ -58,10 +58,9 @@ from corral.engine.runtime.chatcontrol import (
     History,
     Recovered,
     Replied,
-    WouldUnload,
 )
 from corral.engine.runtime.childproto import Shift
-from corral.engine.runtime.errors import InferenceCrashed
+from corral.engine.runtime.errors import InferenceCrashed, WouldUnload
 from corral.engine.runtime.hosts import HostDirectory
 from corral.engine.runtime.kvstatus import KvStatus, ReplyUpdate
 from corral.engine.runtime.session import LoadResult, LoadSettings

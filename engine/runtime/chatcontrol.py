@@ -21,7 +21,7 @@ from corral.engine.planner.speed import describe_speed, host_summary, layer_byte
 from corral.engine.planner.validate import Verdict
 
 from .childproto import Done
-from .errors import RuntimeFailure
+from .errors import RuntimeFailure, WouldUnload
 from .kvstatus import ReplyUpdate
 from .session import ChatSession, LoadResult, LoadSettings
 
@@ -47,11 +47,6 @@ class Recovered:
     line: str
     result: LoadResult
     history: History
-
-
-class WouldUnload(RuntimeFailure):
-    """Planning on these hosts needs a host that serves the loaded model: its worker answers
-    one session at a time, so the plan would unload the model. Nothing was unloaded."""
 
 
 class ChatController:

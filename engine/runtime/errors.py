@@ -44,6 +44,11 @@ class PlanRefused(RuntimeFailure):
     """The plan would not fit (or cannot be made); nothing was loaded."""
 
 
+class WouldUnload(RuntimeFailure):
+    """Planning would unload the loaded model (a host serving it answers one session at a
+    time, or timing its devices runs probes in its place). Nothing was unloaded."""
+
+
 class InferenceCrashed(RuntimeFailure):
     """The inference child died (llama.cpp aborted, was killed, or ran out of memory)."""
 

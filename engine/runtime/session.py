@@ -73,6 +73,7 @@ from .errors import (
     ReplyStalled,
     RuntimeFailure,
     WorkerUnavailable,
+    WouldUnload,
 )
 from .inference import STOP_GRACE, InferenceProcess
 from .kvstatus import ReplyMeter
@@ -232,6 +233,7 @@ class ChatSession:
         self.history: list[dict[str, str]] = []
         self.workers: list[WorkerState] = []
         self.result: LoadResult | None = None
+        self._replacing = False  # open() is under way: the loaded model goes anyway
         self._events: list[tuple[float, AgentClient, AgentEvent]] = []
         self.local_devices: list[GgmlDevice] = []
         self.inventories: list[Inventory] = []
@@ -500,7 +502,15 @@ class ChatSession:
         missing = [name for name, sp in known.items() if sp is None]
         if missing and not measure:
             return None
+        if missing and self.result is not None and not self._replacing:
+            said = ", ".join(n or "this desktop's CPU" for n in missing)
+            raise WouldUnload(
+                f"--strategy speed would time {said} on probes, which run in the loaded "
+                "model's place: planning would unload it. Deploy (or Apply) to measure and "
+                "load the new plan, or Unload first"
+            )
         if missing:
+            self.result = None  # the probes take the loaded model's place in the child
             loop = asyncio.get_running_loop()
             try:
                 probes = await loop.run_in_executor(None, probe_files, spec, None)
@@ -608,7 +618,11 @@ class ChatSession:
         """`open` for a session whose `connect` has run; `on_progress(fraction)` hears the
         load (tensors read and sent to every device)."""
         self.settings = settings  # what reload and recover load again
-        analytic, exact = await self.plan(settings)
+        self._replacing = True
+        try:
+            analytic, exact = await self.plan(settings)
+        finally:
+            self._replacing = False
         if settings.remeasure:  # measured now: a reload after a crash need not again
             self.settings = dataclasses.replace(settings, remeasure=False)
         refused = errors(self.verdicts)

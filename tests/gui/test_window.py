@@ -166,6 +166,28 @@ def test_the_speed_strategy_measures_and_shows_its_prediction(
     assert any("ms a layer" in c for c in cells), cells
 
 
+def test_choosing_speed_with_a_model_loaded_keeps_the_model(
+    window: MainWindow, qtbot: QtBot, smollm2: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Timing the devices would run probes in the loaded model's place: the plan says so
+    and the model stays (the chat answers); Apply measures and loads."""
+    monkeypatch.setenv("CORRAL_SPEEDS_DIR", str(tmp_path))
+    _plan_on_both(window, qtbot, smollm2)
+    window.load_button.click()
+    qtbot.waitUntil(window.send_button.isEnabled, timeout=60000)
+    window.settings_form.strategy.setCurrentText("speed")
+    qtbot.waitUntil(lambda: "would unload" in window.plan_text.toPlainText(), timeout=60000)
+    assert window.status.text() == "the loaded model stays loaded"
+    assert window.load_button.isEnabled()
+    window.max_reply.setValue(4)
+    window.input.setText("Hello")
+    window.send_button.click()
+    qtbot.waitUntil(lambda: "tok/s" in window.status.text(), timeout=60000)
+    window.load_button.click()  # Apply: measures the devices, then loads speed's plan
+    qtbot.waitUntil(lambda: (tmp_path / "speeds.json").exists(), timeout=120000)
+    qtbot.waitUntil(window.send_button.isEnabled, timeout=120000)
+
+
 def test_dragging_a_boundary_in_the_layer_map_moves_layers(
     window: MainWindow, qtbot: QtBot, smollm2: Path
 ) -> None:

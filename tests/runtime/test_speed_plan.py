@@ -163,3 +163,56 @@ def test_a_damaged_speeds_file_counts_as_empty(body: str, tmp_path: Path) -> Non
     cache.errors["x"] = -0.5
     cache.save()  # and it is written whole again
     assert SpeedCache(tmp_path / "speeds.json").errors == {"x": -0.5}
+
+
+def test_a_speed_plan_never_unloads_the_loaded_model(
+    smollm2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Timing devices runs probes in the inference child, in the loaded model's place. A
+    plan (the window's preview) that would do so with a model loaded is refused with
+    WouldUnload naming the devices, and the chat goes on with the model; a deploy with
+    speed measures and loads. (Before, the probe silently took the model's place and the
+    chat went on with random weights.)"""
+    import asyncio
+    import dataclasses
+
+    from corral.engine.runtime.childproto import Done
+    from corral.engine.runtime.errors import WouldUnload
+    from corral.engine.runtime.session import ChatSession, LoadSettings
+
+    monkeypatch.setenv("CORRAL_SPEEDS_DIR", str(tmp_path))
+
+    async def reply(session: ChatSession) -> Done:
+        session.history = []
+        done = None
+        async for frame in session.ask("Name a colour.", max_tokens=6):
+            if isinstance(frame, Done):
+                done = frame
+        assert done is not None
+        return done
+
+    async def run(addresses: list[str]) -> tuple[str, Done, Done, Done, bool]:
+        session = ChatSession(addresses)
+        try:
+            await session.connect(0)
+            base = LoadSettings(model=smollm2, n_ctx=1024)
+            await session.open_after_connect(base)
+            before = await reply(session)
+            with pytest.raises(WouldUnload) as refused:
+                await session.plan(dataclasses.replace(base, strategy="speed"))
+            after = await reply(session)
+            await session.open_after_connect(dataclasses.replace(base, strategy="speed"))
+            deployed = await reply(session)
+            return str(refused.value), before, after, deployed, session.prediction is not None
+        finally:
+            await session.close()
+
+    with LocalAgents(2) as agents:
+        message, before, after, deployed, predicted = asyncio.run(run(agents.addresses))
+    assert "RPC0" in message and "RPC1" in message and "unload" in message, message
+    assert "Deploy" in message, message
+    # the probes load with a 256-cell context: these replies came from the 1024-cell model
+    assert before.n_ctx == after.n_ctx == deployed.n_ctx == 1024
+    assert after.n_tokens > 0 and predicted
+    # measured by the deploy only: the desktop and both devices
+    assert len(json.loads((tmp_path / "speeds.json").read_text())["devices"]) == 3
