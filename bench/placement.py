@@ -122,7 +122,9 @@ def start_agents(stack: contextlib.ExitStack, agents_spec: list) -> list[str]:
 async def run_curve(name: str, model: Path, layers: list[int], tokens: int, log: list[str]):
     """Each device's step time on probes of `layers` layers and on the whole model alone,
     with the desktop's child at one thread per core and at one thread: whether a layer's
-    time is the same at every probe size and the same as in the model."""
+    time is the same at every probe size and the same as in the model. Every probe is timed
+    before the model is loaded, as a deploy with speed does (a probe loaded in place of a
+    model once aborted the child on the H100 host)."""
     spec = read_model_spec(model)
     out: dict = {"setup": name, "model": str(model), "devices": []}
     with contextlib.ExitStack() as stack:
@@ -130,9 +132,9 @@ async def run_curve(name: str, model: Path, layers: list[int], tokens: int, log:
         session = ChatSession(addresses)
         try:
             await session.connect(0)
-            first = await session.open_after_connect(LoadSettings(model=model, n_ctx=512))
-            n_dev = len(first.plan.devices)
-            n_total = sum(len(first.plan.layers_of(i)) for i in range(n_dev))
+            _, plan = await session.plan(LoadSettings(model=model, n_ctx=512))
+            n_dev = len(plan.devices)
+            n_total = sum(len(plan.layers_of(i)) for i in range(n_dev))
             probes = {}
             for n in layers:
                 path = Path(cache_dir()) / "curve" / f"{probe_key(spec)}-{n}.gguf"
@@ -140,45 +142,44 @@ async def run_curve(name: str, model: Path, layers: list[int], tokens: int, log:
                 if not path.exists():
                     write_probe(spec, n, PROBE_VOCAB, path)
                 probes[n] = path
-            for i in range(n_dev):
-                if not first.plan.devices[i].endpoint:
-                    continue
-                row: dict = {"device": first.plan.devices[i].name, "probe": {}, "model": {}}
-                for child_threads in (0, 1):
-                    eps = session.endpoints
-                    times = {}
-                    for n, path in probes.items():
-                        best = float("inf")
-                        for _ in range(2):
-                            await session.child.load(
-                                probe_params(path, eps, i, n_dev, child_threads)
-                            )
-                            g, _b = await session.child.time_steps((1, PROBE_BATCH), 15)
-                            best = min(best, g)
-                        times[n] = best
-                    counts = tuple(n_total if j == i else 0 for j in range(n_dev))
-                    await session.open_after_connect(
-                        LoadSettings(model=model, n_ctx=512, layers=counts, n_threads=child_threads)
-                    )
-                    g, _b = await session.child.time_steps((1, PROBE_BATCH), 15)
-                    rate = await timed(session, tokens, 3)
-                    row["probe"][child_threads] = times
-                    row["model"][child_threads] = {"step_s": g, "tok_s": rate}
-                    sizes = sorted(times)
-                    slopes = [
-                        f"{a}->{b}: {1e3 * (times[b] - times[a]) / (b - a):.3f}"
-                        for a, b in itertools.pairwise(sizes)
-                    ]
-                    line = (
-                        f"{name} {row['device']} child threads {child_threads or 'all'}: "
-                        + ", ".join(f"{n} layers {1e3 * t:.2f} ms" for n, t in times.items())
-                        + f" | ms/layer {', '.join(slopes)} | model {spec.n_layer} layers: "
-                        f"step {1e3 * g:.2f} ms ({1e3 * g / spec.n_layer:.3f} ms/layer), "
-                        f"generating {rate:.1f} tok/s"
-                    )
-                    print(line, flush=True)
-                    log.append(line)
-                out["devices"].append(row)
+            used = [i for i in range(n_dev) if plan.devices[i].endpoint]
+            rows = {i: {"device": plan.devices[i].name, "probe": {}, "model": {}} for i in used}
+            for i, child_threads in itertools.product(used, (0, 1)):
+                times = {}
+                for n, path in probes.items():
+                    best = float("inf")
+                    for _ in range(2):
+                        params = probe_params(path, session.endpoints, i, n_dev, child_threads)
+                        await session.child.load(params)
+                        g, _b = await session.child.time_steps((1, PROBE_BATCH), 15)
+                        best = min(best, g)
+                    times[n] = best
+                rows[i]["probe"][child_threads] = times
+            for i, child_threads in itertools.product(used, (0, 1)):
+                row = rows[i]
+                counts = tuple(n_total if j == i else 0 for j in range(n_dev))
+                await session.open_after_connect(
+                    LoadSettings(model=model, n_ctx=512, layers=counts, n_threads=child_threads)
+                )
+                g, _b = await session.child.time_steps((1, PROBE_BATCH), 15)
+                rate = await timed(session, tokens, 3)
+                row["model"][child_threads] = {"step_s": g, "tok_s": rate}
+                times = row["probe"][child_threads]
+                sizes = sorted(times)
+                slopes = [
+                    f"{a}->{b}: {1e3 * (times[b] - times[a]) / (b - a):.3f}"
+                    for a, b in itertools.pairwise(sizes)
+                ]
+                line = (
+                    f"{name} {row['device']} child threads {child_threads or 'all'}: "
+                    + ", ".join(f"{n} layers {1e3 * t:.2f} ms" for n, t in times.items())
+                    + f" | ms/layer {', '.join(slopes)} | model {spec.n_layer} layers: "
+                    f"step {1e3 * g:.2f} ms ({1e3 * g / spec.n_layer:.3f} ms/layer), "
+                    f"generating {rate:.1f} tok/s"
+                )
+                print(line, flush=True)
+                log.append(line)
+            out["devices"] = list(rows.values())
         finally:
             await session.close(stop_workers=True)
     return out
