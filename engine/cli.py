@@ -20,7 +20,7 @@ from corral.engine.ggml.loadlog import compact_ranges
 from corral.engine.model import ModelMissing, default_model_path, fetch_default_model
 from corral.engine.planner.kvtypes import KV_TYPES
 from corral.engine.planner.plan import STRATEGIES, MiB, Plan, Usage
-from corral.engine.planner.speed import describe_speed, layer_bytes
+from corral.engine.planner.speed import layer_bytes
 from corral.engine.procs import cap_malloc_arenas
 from corral.engine.runtime import history
 from corral.engine.runtime.agent_client import AgentClient, parse_address
@@ -312,17 +312,6 @@ def plan_table(plan: Plan, analytic: Plan | None = None) -> list[str]:
     return lines
 
 
-def speed_lines(session: ChatSession) -> list[str]:
-    """The plan's predicted speed, what bounds it, and what leaving out each host would do."""
-    return describe_speed(
-        session.speeds,
-        session.prediction,
-        session.leave_out,
-        session.measured_before,
-        layer_bytes(session.spec) if session.spec else 0.0,
-    )
-
-
 def _speed_json(session: ChatSession) -> dict[str, Any] | None:
     p, sp = session.prediction, session.speeds
     if sp is None:
@@ -416,7 +405,7 @@ async def _plan(opts: argparse.Namespace, out: _Out) -> int:
         for line in plan_table(exact, analytic):
             print(line)
         if exact.devices:
-            for line in speed_lines(session):
+            for line in session.speed_lines():
                 print(line)
         for w in session.warnings:
             print(f"warning: {w}")

@@ -96,8 +96,7 @@ class Prediction:
 def _layer_ratio(spec: ModelSpec) -> float:
     """The output layer's bytes in units of an average block's: its time on a device, since
     decoding is bound by reading weights."""
-    blocks = weight_bytes(spec, range(spec.n_layer))
-    per = blocks / spec.n_layer if spec.n_layer else 1.0
+    per = layer_bytes(spec) if spec.n_layer else 1.0
     return weight_bytes(spec, [spec.n_layer]) / per if per else 1.0
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from corral.engine.planner.plan import Plan
-from corral.engine.planner.speed import describe_speed, host_summary, layer_bytes
+from corral.engine.planner.speed import host_summary
 from corral.engine.planner.validate import Verdict
 
 from .childproto import Done
@@ -149,13 +149,7 @@ class ChatController:
         else:
             session = await self._drafting(addresses)
         _, exact = await session.plan(settings)
-        speed = describe_speed(
-            session.speeds,
-            session.prediction,
-            session.leave_out,
-            session.measured_before,
-            layer_bytes(session.spec) if session.spec else 0.0,
-        )
+        speed = session.speed_lines()
         hosts = {
             c.address: host_summary(session.speeds, exact.devices, c.name) for c in session.clients
         }

@@ -41,6 +41,8 @@ from corral.engine.planner.speed import (
     DeviceSpeed,
     Prediction,
     Speeds,
+    describe_speed,
+    layer_bytes,
     predict,
     speed_plan,
     step_time,
@@ -254,6 +256,7 @@ class ChatSession:
         self.prediction: Prediction | None = None  # the exact plan's predicted tokens/s
         self.leave_out: list[tuple[str, float | None]] = []  # per host: tok/s change without it
         self._speed_keys: dict[str, str] = {}  # device name: its key in speeds.json
+        self._speed_cache: SpeedCache | None = None  # speeds.json as this plan read it
         # measured / predicted - 1 of this plan's split at its last measured reply (if any)
         self.measured_before: float | None = None
 
@@ -418,8 +421,20 @@ class ChatSession:
         if self.speeds is not None:
             self.prediction = predict(spec, exact, self.speeds)
             self.leave_out = without_each(spec, exact, exact.settings, self.speeds)
-            self.measured_before = SpeedCache().errors.get(self._placement(exact))
+            assert self._speed_cache is not None  # read by measure_speeds
+            self.measured_before = self._speed_cache.errors.get(self._placement(exact))
         return analytic, exact
+
+    def speed_lines(self) -> list[str]:
+        """The plan's measured speeds and prediction in words (planner.speed.describe_speed),
+        as corral plan and the window show them."""
+        return describe_speed(
+            self.speeds,
+            self.prediction,
+            self.leave_out,
+            self.measured_before,
+            layer_bytes(self.spec) if self.spec else 0.0,
+        )
 
     def _measured_splits(
         self, spec: ModelSpec, devices: Sequence[Device], speeds: Speeds
@@ -430,7 +445,8 @@ class ChatSession:
         names = {key: name for name, key in self._speed_keys.items() if name}
         index = {d.name: i for i, d in enumerate(devices)}
         out: dict[tuple[int, ...], float] = {}
-        for placement, ratio in SpeedCache().errors.items():
+        assert self._speed_cache is not None  # read by measure_speeds
+        for placement, ratio in self._speed_cache.errors.items():
             counts = [0] * len(devices)
             for one in placement.split(";"):
                 key, _, n = one.rpartition("=")
@@ -478,7 +494,7 @@ class ChatSession:
         """Every device's speed (from speeds.json, or with `measure` timed now on probes of
         this model's shape) and every host's link (timed now): None where a device is not
         known and `measure` is off."""
-        cache = SpeedCache()
+        cache = self._speed_cache = SpeedCache()
         probe = probe_key(spec)
         threads = settings.n_threads
         build = self.desktop_build.system_info if self.desktop_build else ""

@@ -42,7 +42,7 @@ from pathlib import Path
 import platformdirs
 
 from corral.engine.model.spec import ModelSpec, read_model_spec
-from corral.engine.planner.speed import DeviceSpeed, LinkSpeed
+from corral.engine.planner.speed import DeviceSpeed, LinkSpeed, layer_bytes
 
 from .childproto import LoadParams
 
@@ -87,11 +87,6 @@ def cache_dir() -> Path:
     return Path(override) if override else Path(platformdirs.user_cache_dir("corral")) / "speeds"
 
 
-def _block_bytes(spec: ModelSpec) -> float:
-    """Weight bytes of an average block."""
-    return sum(layer.weight_bytes for layer in spec.layers) / max(spec.n_layer, 1)
-
-
 def _params(spec: ModelSpec) -> float:
     """Weights of an average block (what a token's decode reads)."""
     first = spec.layers[0]
@@ -103,7 +98,7 @@ def _params(spec: ModelSpec) -> float:
 def probe_shape(spec: ModelSpec) -> tuple[dict[str, int], str]:
     """The probes' hyper-parameters and weight type for this model."""
     first = spec.layers[0]
-    bpw = 8 * _block_bytes(spec) / max(_params(spec), 1.0)
+    bpw = 8 * layer_bytes(spec) / max(_params(spec), 1.0)
     by_type: dict[int, int] = {}
     for layer in spec.layers:
         for kind, n in layer.matmuls:
@@ -123,7 +118,7 @@ def probe_shape(spec: ModelSpec) -> tuple[dict[str, int], str]:
 def probe_layers(spec: ModelSpec) -> tuple[int, int]:
     """Layers of the small and the large probe: the large reads the model's own blocks' bytes
     a token, at most PROBE_BYTES (at least 2 layers); the small half as many layers."""
-    fill = -(-PROBE_BYTES // max(int(_block_bytes(spec)), 1))
+    fill = -(-PROBE_BYTES // max(int(layer_bytes(spec)), 1))
     large = max(2, min(spec.n_layer, fill))
     return max(1, large // 2), large
 
@@ -243,7 +238,7 @@ def device_key(agent_id: str, device: str, build: str, threads: int, probe: str)
 def layer_scale(spec: ModelSpec, probes: Sequence[Path]) -> tuple[float, float]:
     """The model's bytes per block over the probe's, and its output matrix's over the
     vocabulary probe's: what a layer's time, and the output layer's compute, scale by."""
-    mine = _block_bytes(spec)
+    mine = layer_bytes(spec)
     theirs = read_model_spec(probes[1]).layers[0].weight_bytes
     out = read_model_spec(probes[3]).output_bytes
     return (mine / theirs if theirs else 1.0), (spec.output_bytes / out if out else 1.0)
