@@ -36,6 +36,7 @@ from corral.engine.model.catalog import default_model_path
 from corral.engine.model.spec import read_model_spec
 from corral.engine.planner.speed import predict
 from corral.engine.runtime.childproto import Done, Generate
+from corral.engine.runtime.errors import InferenceCrashed
 from corral.engine.runtime.session import ChatSession, LoadSettings
 from corral.engine.runtime.speeds import (
     PROBE_BATCH,
@@ -281,6 +282,14 @@ def main() -> int:
     opts = parser.parse_args()
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the agents' devices only (on a GPU host)
     os.environ.setdefault("CORRAL_SPEEDS_DIR", tempfile.mkdtemp(prefix="corral-speeds-"))
+    try:
+        return run_all(opts)
+    except InferenceCrashed as crash:  # what llama.cpp said before it aborted
+        print("\n".join(["the inference child's last lines:", *crash.log_tail]), file=sys.stderr)
+        raise
+
+
+def run_all(opts: argparse.Namespace) -> int:
     log: list[str] = []
     results = []
     for name in opts.setups.split(","):

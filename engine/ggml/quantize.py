@@ -4,6 +4,7 @@ model shapes this way)."""
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from pathlib import Path
 
 from ._lib import load
@@ -29,10 +30,18 @@ FTYPES = {
 
 
 def quantize(
-    src: str | Path, dst: str | Path, ftype: str, threads: int = 0, pure: bool = False
+    src: str | Path,
+    dst: str | Path,
+    ftype: str,
+    threads: int = 0,
+    pure: bool = False,
+    types: Sequence[tuple[str, int]] = (),
+    output_type: int = -1,
 ) -> Path:
     """Write dst as src quantized to ftype (one of FTYPES). `pure` gives every 2-D tensor
-    that type (llama.cpp otherwise keeps the embeddings and output in a wider one)."""
+    that type (llama.cpp otherwise keeps the embeddings and output in a wider one); `types`
+    gives the tensors whose names a regular expression finds their own ggml type (the first
+    that matches), and `output_type` (a ggml type, -1: none) output.weight's."""
     if ftype not in FTYPES:
         raise GgmlError(f"unknown quantization {ftype!r}; use one of {', '.join(FTYPES)}")
     llama = load().llama
@@ -40,6 +49,13 @@ def quantize(
     params.ftype = FTYPES[ftype]
     params.nthread = threads
     params.pure = pure
+    if output_type >= 0:
+        params.output_tensor_type = output_type
+    if types:  # llama.cpp reads them up to the entry whose pattern is NULL
+        table = (llama.llama_model_tensor_override * (len(types) + 1))()
+        for entry, (pattern, ggml_type) in zip(table, types, strict=False):
+            entry.pattern, entry.type = pattern.encode(), ggml_type
+        params.tt_overrides = table
     rc = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise GgmlError(f"llama.cpp could not quantize {src} to {ftype} (code {rc})")

@@ -33,6 +33,9 @@ class LayerSpec:
     # (ggml type, bytes) of each 2-D weight: the matmuls llama.cpp may copy into an extra CPU
     # buffer (AMX, CPU_REPACK) when the layer stays on the host
     matmuls: tuple[tuple[int, int], ...] = ()
+    # (name within the block, ggml type) of each 2-D weight ("ffn_down.weight", Q6_K): what
+    # the speed probes copy, since a device may read one type much faster than another
+    weight_types: tuple[tuple[str, int], ...] = ()
 
     @property
     def n_embd_k_gqa(self) -> int:
@@ -176,6 +179,7 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
 
     layer_bytes = [0] * n_layer
     matmuls: list[list[tuple[int, int]]] = [[] for _ in range(n_layer)]
+    weight_types: list[list[tuple[str, int]]] = [[] for _ in range(n_layer)]
     routed = [False] * n_layer  # layers with a router: experts
     token_embd = output = output_norm = other = 0
     embd_type = output_type = -1
@@ -191,6 +195,7 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
             routed[il] |= t.name.startswith(f"blk.{il}.ffn_gate_inp.")
             if len(t.shape) == 2 and t.name.endswith(".weight"):
                 matmuls[il].append((int(t.type), nbytes))
+                weight_types[il].append((t.name[m.end() :], int(t.type)))
         elif t.name == "token_embd.weight":
             token_embd, embd_type = nbytes, int(t.type)
             n_vocab = int(t.shape[-1]) if len(t.shape) > 1 else n_vocab
@@ -218,6 +223,7 @@ def _spec(path: Path, meta: dict[str, Any], tensors: list[Any]) -> ModelSpec:
             dim_v,
             is_swa=is_swa[il],
             matmuls=tuple(matmuls[il]),
+            weight_types=tuple(weight_types[il]),
         )
         for il in range(n_layer)
     )

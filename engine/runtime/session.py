@@ -95,10 +95,9 @@ from .speeds import (
     derive,
     device_key,
     gather_links,
-    layer_scale,
+    probe_bytes,
     probe_files,
     probe_key,
-    probe_layers,
     probe_params,
     time_device,
 )
@@ -532,7 +531,8 @@ class ChatSession:
                 probes = await loop.run_in_executor(None, probe_files, spec, None)
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 raise PlanRefused(f"--strategy speed: {exc}") from None
-            scale = await loop.run_in_executor(None, layer_scale, spec, probes)
+            blocks, out_scale = await loop.run_in_executor(None, probe_bytes, spec, probes)
+            scale = (layer_bytes(spec), out_scale)
             names = [d.name for d in devices]
             eps = self.endpoints
 
@@ -546,14 +546,13 @@ class ChatSession:
             where = "this desktop's CPU"
             try:
                 base_gen, base_batch = await timed(-1)
-                layers = probe_layers(spec)
-                base = base_of(layers, base_gen, base_batch)
+                base = base_of(blocks, base_gen, base_batch)
                 cache.put(keys[""], DeviceSpeed(base[0], 0.0, base[1], 0.0, 0))
                 for name in missing:
                     if name:
                         where = f"{name} ({devices[names.index(name)].host})"
                         gen, batch = await timed(names.index(name))
-                        cache.put(keys[name], derive(layers, scale, gen, batch, base))
+                        cache.put(keys[name], derive(blocks, scale, gen, batch, base))
             except InferenceCrashed as crash:
                 raise await self.explain(
                     crash,

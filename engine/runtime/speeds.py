@@ -2,21 +2,23 @@
 each host's link (docs/PLANNER.md, "Placement by measured speed").
 
 A device is timed on probes: random-weight llama models of the model's own layer shape
-(n_embd, heads, head size, FFN width) in its most common matrix type (else the file type
-nearest in bits per weight), with 1, `small` and `large` layers (`probe_layers`) and a
-320-token vocabulary, and a fourth with `small` layers and the model's own vocabulary. The
+(n_embd, heads, head size, FFN width) and weight types (`probe_types`: the probes' layers
+have the model's layers' types in the model's proportions, and the output its type; a CPU
+read Q6_K several times slower a byte than Q4_K), with
+1, `small` and `large` layers (`probe_layers`) and a 320-token vocabulary, and a fourth
+with `small` layers and the model's own vocabulary. The
 large probe reads as many weights a token as the model does, up to PROBE_BYTES, and the
 small one half as many: both work from memory as the model does, not from a cache (on a
 CPU with a few hundred MiB of last-level cache a 1-layer probe ran twice as fast a layer as
 the model did). Each probe is loaded in the inference child with every layer on that one
 device, through its real worker and tunnel, and TimeSteps gives the median time of a
 generated token's step and of a PROBE_BATCH-token prompt batch. The difference of the
-small and the large probe over their difference in layers is one layer's time (scaled by
-the model's bytes per layer over the probe's: decoding is bound by reading weights); what
-is left of the 1-layer probe, less one layer and the desktop's own part (the same probes on
-its CPU alone), is the device's fixed cost per step: its "hop" (from the small probe it
-would carry the slope's error times its layers); what the vocabulary probe takes beyond
-the small one is the output layer with its logits.
+small and the large probe over their difference in block bytes is the time a byte of
+blocks takes, and one of the model's average blocks its bytes' worth (decoding is bound by
+reading weights); what is left of the 1-layer probe, less its block's bytes' worth and the
+desktop's own part (the same probes on its CPU alone), is the device's fixed cost per step:
+its "hop" (from the small probe it would carry the slope's error times its layers); what
+the vocabulary probe takes beyond the small one is the output layer with its logits.
 
 Figures are kept per agent, device, llama.cpp build, worker threads and probe shape in
 speeds.json (the cache dir), and measured again when any of those change. A link (round trip,
@@ -31,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -53,8 +56,9 @@ PROBE_BATCH = 64  # prompt tokens of a timed prompt batch
 PROBE_VOCAB = 320
 REPS = 15  # decodes of each size per probe (the median)
 ECHO = 1 << 20  # bytes an agent sends back to time the link's bandwidth
-# the probe's weights: the model's most common matrix type (ggml type: llama.cpp file type,
-# quantized "pure", every matrix that type), else the file type nearest in bits per weight
+# the probe's base type: the model's most common matrix type (ggml type: llama.cpp file type,
+# quantized "pure", every matrix that type), else the file type nearest in bits per weight;
+# each weight then takes the model's own type where it is one of these (`probe_types`)
 _OF_TYPE = {
     1: "f16",
     2: "q4_0",
@@ -116,17 +120,57 @@ def probe_shape(spec: ModelSpec) -> tuple[dict[str, int], str]:
 
 
 def probe_layers(spec: ModelSpec) -> tuple[int, int]:
-    """Layers of the small and the large probe: the large reads the model's own blocks' bytes
-    a token, at most PROBE_BYTES (at least 2 layers); the small half as many layers."""
+    """Layers of the small and the large probe: the large reads about the model's own
+    blocks' bytes a token, at most PROBE_BYTES (at least 2 layers), and has twice the
+    small's layers, each of the small's types twice (so their difference reads the small's
+    mix)."""
     fill = -(-PROBE_BYTES // max(int(layer_bytes(spec)), 1))
-    large = max(2, min(spec.n_layer, fill))
-    return max(1, large // 2), large
+    small = max(1, max(2, min(spec.n_layer, fill)) // 2)
+    return small, 2 * small
+
+
+def _mix(spec: ModelSpec, k: int) -> list[tuple[tuple[str, int], ...]]:
+    """k of the model's layers' weight types, in the model's proportions as nearly as k
+    allows (largest remainders): what the small probe's layers take."""
+    kinds: dict[tuple[tuple[str, int], ...], int] = {}
+    for layer in spec.layers:
+        kinds[layer.weight_types] = kinds.get(layer.weight_types, 0) + 1
+    share = {kind: n * k / spec.n_layer for kind, n in kinds.items()}
+    seats = {kind: int(x) for kind, x in share.items()}
+    for kind in sorted(share, key=lambda kd: seats[kd] - share[kd])[: k - sum(seats.values())]:
+        seats[kind] += 1
+    return [kind for kind in kinds for _ in range(seats[kind])]
+
+
+def probe_types(spec: ModelSpec, n_layer: int) -> tuple[tuple[str, int], ...]:
+    """(a regular expression of a tensor's name, ggml type) for each 2-D weight of a probe of
+    `n_layer` layers: the model's mix (`_mix`) over the small probe's layers, a probe twice
+    as long taking each twice, so the probes read what the model reads (llama.cpp's Q4_K_M
+    gives ffn_down and attn_v Q6_K in about half the layers, and a CPU read those far
+    slower). A type the quantizer cannot make without an importance matrix (IQ*) keeps the
+    probe's base type."""
+    small, _ = probe_layers(spec)
+    mix = _mix(spec, small)
+    out = []
+    for j in range(n_layer):
+        for name, ggml_type in mix[min(j * small // n_layer, small - 1)]:
+            if ggml_type in _OF_TYPE:
+                out.append((rf"^blk\.{j}\.{re.escape(name)}$", ggml_type))
+    return tuple(out)
+
+
+def probe_output_type(spec: ModelSpec) -> int:
+    """The ggml type the vocabulary probe's output takes: the model's (its output.weight, or
+    its token embeddings where they are tied), else -1 (the base type)."""
+    return spec.output_type if spec.output_type in _OF_TYPE else -1
 
 
 def probe_key(spec: ModelSpec) -> str:
     shape, ftype = probe_shape(spec)
     small, large = probe_layers(spec)
-    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}-{small}x{large}-v4"
+    types = [probe_types(spec, n) for n in sorted({1, small, large})]
+    mix = hashlib.sha256(repr((types, probe_output_type(spec))).encode()).hexdigest()[:8]
+    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}-{small}x{large}-{mix}-v5"
 
 
 def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, ...]:
@@ -166,10 +210,18 @@ def write_probe(spec: ModelSpec, n_layer: int, n_vocab: int, path: Path) -> None
         "if a['ftype'] == 'f16':\n"
         "    os.replace(src, sys.argv[2])\n"
         "else:\n"
-        "    quantize(src, sys.argv[2], a['ftype'], pure=True)\n"
+        "    quantize(src, sys.argv[2], a['ftype'], pure=True, types=a['types'],"
+        " output_type=a['output_type'])\n"
         "    os.unlink(src)\n"
     )
-    args = dict(shape, n_layer=n_layer, n_vocab=n_vocab, ftype=ftype)
+    args = dict(
+        shape,
+        n_layer=n_layer,
+        n_vocab=n_vocab,
+        ftype=ftype,
+        types=probe_types(spec, n_layer),
+        output_type=probe_output_type(spec),
+    )
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         part = Path(tmp) / path.name
         done = subprocess.run(
@@ -235,13 +287,12 @@ def device_key(agent_id: str, device: str, build: str, threads: int, probe: str)
     return f"{agent_id}|{device}|{built}|t{threads}|{probe}"
 
 
-def layer_scale(spec: ModelSpec, probes: Sequence[Path]) -> tuple[float, float]:
-    """The model's bytes per block over the probe's, and its output matrix's over the
-    vocabulary probe's: what a layer's time, and the output layer's compute, scale by."""
-    mine = layer_bytes(spec)
-    theirs = read_model_spec(probes[1]).layers[0].weight_bytes
+def probe_bytes(spec: ModelSpec, probes: Sequence[Path]) -> tuple[tuple[int, int, int], float]:
+    """The block bytes of the 1-layer, the small and the large probe, and the model's output
+    matrix's bytes over the vocabulary probe's (what the output layer's time scales by)."""
+    blocks = tuple(read_model_spec(p).weight_bytes for p in probes[:3])
     out = read_model_spec(probes[3]).output_bytes
-    return (mine / theirs if theirs else 1.0), (spec.output_bytes / out if out else 1.0)
+    return (blocks[0], blocks[1], blocks[2]), (spec.output_bytes / out if out else 1.0)
 
 
 def probe_params(
@@ -286,42 +337,47 @@ async def time_device(
 
 
 def derive(
-    layers: tuple[int, int],
+    blocks: tuple[int, int, int],
     scale: tuple[float, float],
     gen: Sequence[float],
     batch: Sequence[float],
     base: tuple[float, float],
 ) -> DeviceSpeed:
     """A device's speed from its probes' step times (1 layer, the small probe, the large,
-    the small with the model's vocabulary; `layers`: the small's and the large's layer
-    counts) and the desktop's own base (gen, batch): per layer the difference of the small
-    and the large over their difference in layers, per step what the 1-layer probe took
-    beyond a layer and the base, the output layer what the vocabulary probe took beyond the
-    small one (its logits come back through the real tunnel); each scaled by the model's
-    bytes over the probe's (`scale`: blocks, output)."""
-    small, large = layers
-    layer = max(gen[2] - gen[1], 0.0) / (large - small)
-    layer_b = max(batch[2] - batch[1], 0.0) / (large - small)
+    the small with the model's vocabulary; `blocks`: the block bytes of the first three)
+    and the desktop's own base (gen, batch): a byte of blocks takes the difference of the
+    small and the large probe over their difference in bytes, and a layer the model's
+    average block's bytes of that (`scale`: those bytes, then the output's scale); per step
+    what the 1-layer probe took beyond its block and the base; the output layer what the
+    vocabulary probe took beyond the small one (its logits come back through the real
+    tunnel), scaled by the model's output bytes over the probe's."""
+    per_byte = _per_byte(blocks, gen)
+    per_byte_b = _per_byte(blocks, batch)
     return DeviceSpeed(
-        hop=max(gen[0] - layer - base[0], 0.0),
-        layer=layer * scale[0],
-        hop_batch=max(batch[0] - layer_b - base[1], 0.0),
-        layer_batch=layer_b * scale[0],
+        hop=max(gen[0] - per_byte * blocks[0] - base[0], 0.0),
+        layer=per_byte * scale[0],
+        hop_batch=max(batch[0] - per_byte_b * blocks[0] - base[1], 0.0),
+        layer_batch=per_byte_b * scale[0],
         batch=PROBE_BATCH,
         output=max(gen[3] - gen[1], 0.0) * scale[1] if len(gen) > 3 else 0.0,
         output_batch=max(batch[3] - batch[1], 0.0) * scale[1] if len(batch) > 3 else 0.0,
     )
 
 
+def _per_byte(blocks: tuple[int, int, int], times: Sequence[float]) -> float:
+    """Seconds a byte of blocks: the small and the large probe's difference."""
+    return max(times[2] - times[1], 0.0) / max(blocks[2] - blocks[1], 1)
+
+
 def base_of(
-    layers: tuple[int, int], gen: Sequence[float], batch: Sequence[float]
+    blocks: tuple[int, int, int], gen: Sequence[float], batch: Sequence[float]
 ) -> tuple[float, float]:
-    """The desktop's own part of a step: the 1-layer probe on its CPU less a layer (the
-    slope of the small and the large probe); the vocabulary probe is not timed there."""
-    small, large = layers
+    """The desktop's own part of a step: the 1-layer probe on its CPU less its block's
+    bytes' worth (the slope of the small and the large probe); the vocabulary probe is not
+    timed there."""
     return (
-        max(gen[0] - (gen[2] - gen[1]) / (large - small), 0.0),
-        max(batch[0] - (batch[2] - batch[1]) / (large - small), 0.0),
+        max(gen[0] - _per_byte(blocks, gen) * blocks[0], 0.0),
+        max(batch[0] - _per_byte(blocks, batch) * blocks[0], 0.0),
     )
 
 
