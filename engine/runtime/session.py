@@ -538,7 +538,7 @@ class ChatSession:
 
             async def timed(index: int) -> tuple[list[float], list[float]]:
                 # the desktop's own base needs no vocabulary probe
-                used = probes if index >= 0 else probes[:3]
+                used = probes if index >= 0 else probes[:2]
                 return await time_device(
                     self.child, [probe_params(p, eps, index, len(devices), threads) for p in used]
                 )

@@ -2,23 +2,25 @@
 each host's link (docs/PLANNER.md, "Placement by measured speed").
 
 A device is timed on probes: random-weight llama models of the model's own layer shape
-(n_embd, heads, head size, FFN width) and weight types (`probe_types`: the probes' layers
-have the model's layers' types in the model's proportions, and the output its type; a CPU
-read Q6_K several times slower a byte than Q4_K), with
-1, `small` and `large` layers (`probe_layers`) and a 320-token vocabulary, and a fourth
-with `small` layers and the model's own vocabulary. The
-large probe reads as many weights a token as the model does, up to PROBE_BYTES, and the
-small one half as many: both work from memory as the model does, not from a cache (on a
-CPU with a few hundred MiB of last-level cache a 1-layer probe ran twice as fast a layer as
-the model did). Each probe is loaded in the inference child with every layer on that one
-device, through its real worker and tunnel, and TimeSteps gives the median time of a
-generated token's step and of a PROBE_BATCH-token prompt batch. The difference of the
-small and the large probe over their difference in block bytes is the time a byte of
-blocks takes, and one of the model's average blocks its bytes' worth (decoding is bound by
-reading weights); what is left of the 1-layer probe, less its block's bytes' worth and the
-desktop's own part (the same probes on its CPU alone), is the device's fixed cost per step:
-its "hop" (from the small probe it would carry the slope's error times its layers); what
-the vocabulary probe takes beyond the small one is the output layer with its logits.
+(n_embd, heads, head size, FFN width) and weight types (`probe_types`: the probe's layers
+have the model's layers' types in the model's proportions, and the output its type: a CPU
+read Q6_K several times slower a byte than Q4_K), one of 1 layer and one of `probe_layers`
+(the model's own blocks' bytes, up to PROBE_BYTES) with a 320-token vocabulary, and the
+second again with the model's own vocabulary. Each is loaded in the inference child with
+every layer on that one device, through its real worker and tunnel, and TimeSteps gives the
+median time of a generated token's step and of a PROBE_BATCH-token prompt batch.
+
+The difference of the two probes over their difference in block bytes is the time a byte
+of blocks takes, and one of the model's average blocks takes its bytes' worth (decoding is
+bound by reading weights). The large probe reads what the model reads, so it runs from
+memory where the model does and from a cache where the model does; the 1-layer probe is
+the intercept (its layer may run from a cache: that overstates a layer by at most a
+layer's time over the large probe's layers less one). Probes of other sizes did worse: a
+pair of 1 and 2 layers ran from a 300 MiB cache and called a layer half what the model
+took; a pair of 8 and 16 layers, where the 8 partly ran from a cache, called it 30 % more.
+What is left of the 1-layer probe, less its block's bytes' worth and the desktop's own part
+(the same probes on its CPU alone), is the device's fixed cost per step: its "hop"; what
+the vocabulary probe takes beyond the large one is the output layer with its logits.
 
 Figures are kept per agent, device, llama.cpp build, worker threads and probe shape in
 speeds.json (the cache dir), and measured again when any of those change. A link (round trip,
@@ -49,8 +51,7 @@ from corral.engine.planner.speed import DeviceSpeed, LinkSpeed, layer_bytes
 
 from .childproto import LoadParams
 
-# weights a token of the large probe reads, at most (the model's own blocks, if fewer): past
-# a CPU's last-level cache, as the model's layers are; the small probe has half its layers
+# weights a token of the large probe reads, at most (the model's own blocks, if fewer)
 PROBE_BYTES = 512 << 20
 PROBE_BATCH = 64  # prompt tokens of a timed prompt batch
 PROBE_VOCAB = 320
@@ -119,19 +120,16 @@ def probe_shape(spec: ModelSpec) -> tuple[dict[str, int], str]:
     return shape, ftype
 
 
-def probe_layers(spec: ModelSpec) -> tuple[int, int]:
-    """Layers of the small and the large probe: the large reads about the model's own
-    blocks' bytes a token, at most PROBE_BYTES (at least 2 layers), and has twice the
-    small's layers, each of the small's types twice (so their difference reads the small's
-    mix)."""
+def probe_layers(spec: ModelSpec) -> int:
+    """Layers of the large probe: the model's own, or as many as read PROBE_BYTES of its
+    blocks a token if fewer, and at least 2."""
     fill = -(-PROBE_BYTES // max(int(layer_bytes(spec)), 1))
-    small = max(1, max(2, min(spec.n_layer, fill)) // 2)
-    return small, 2 * small
+    return max(2, min(spec.n_layer, fill))
 
 
 def _mix(spec: ModelSpec, k: int) -> list[tuple[tuple[str, int], ...]]:
     """k of the model's layers' weight types, in the model's proportions as nearly as k
-    allows (largest remainders): what the small probe's layers take."""
+    allows (largest remainders)."""
     kinds: dict[tuple[tuple[str, int], ...], int] = {}
     for layer in spec.layers:
         kinds[layer.weight_types] = kinds.get(layer.weight_types, 0) + 1
@@ -144,16 +142,13 @@ def _mix(spec: ModelSpec, k: int) -> list[tuple[tuple[str, int], ...]]:
 
 def probe_types(spec: ModelSpec, n_layer: int) -> tuple[tuple[str, int], ...]:
     """(a regular expression of a tensor's name, ggml type) for each 2-D weight of a probe of
-    `n_layer` layers: the model's mix (`_mix`) over the small probe's layers, a probe twice
-    as long taking each twice, so the probes read what the model reads (llama.cpp's Q4_K_M
-    gives ffn_down and attn_v Q6_K in about half the layers, and a CPU read those far
-    slower). A type the quantizer cannot make without an importance matrix (IQ*) keeps the
-    probe's base type."""
-    small, _ = probe_layers(spec)
-    mix = _mix(spec, small)
+    `n_layer` layers: the model's mix (`_mix`), so a probe reads what the model reads
+    (llama.cpp's Q4_K_M gives ffn_down and attn_v Q6_K in about half the layers, and a CPU
+    read those far slower). A type the quantizer cannot make without an importance matrix
+    (IQ*) keeps the probe's base type."""
     out = []
-    for j in range(n_layer):
-        for name, ggml_type in mix[min(j * small // n_layer, small - 1)]:
+    for j, kind in enumerate(_mix(spec, n_layer)):
+        for name, ggml_type in kind:
             if ggml_type in _OF_TYPE:
                 out.append((rf"^blk\.{j}\.{re.escape(name)}$", ggml_type))
     return tuple(out)
@@ -167,23 +162,23 @@ def probe_output_type(spec: ModelSpec) -> int:
 
 def probe_key(spec: ModelSpec) -> str:
     shape, ftype = probe_shape(spec)
-    small, large = probe_layers(spec)
-    types = [probe_types(spec, n) for n in sorted({1, small, large})]
+    large = probe_layers(spec)
+    types = [probe_types(spec, n) for n in (1, large)]
     mix = hashlib.sha256(repr((types, probe_output_type(spec))).encode()).hexdigest()[:8]
-    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}-{small}x{large}-{mix}-v5"
+    return "-".join(f"{v}" for v in shape.values()) + f"-{ftype}-{large}-{mix}-v6"
 
 
 def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, ...]:
     """The probes for this model's shape, built once (in a child process: llama.cpp's
-    quantizer runs there, never in the desktop's own process): 1 layer, the small and the
-    large (`probe_layers`), and the small with the model's own vocabulary (its output layer
-    and logits)."""
+    quantizer runs there, never in the desktop's own process): 1 layer, the large
+    (`probe_layers`), and the large with the model's own vocabulary (its output layer and
+    logits)."""
     directory = directory or cache_dir() / "probes"
     directory.mkdir(parents=True, exist_ok=True)
     key = probe_key(spec)
-    small, large = probe_layers(spec)
-    counts = (1, small, large, small)
-    vocabs = (PROBE_VOCAB, PROBE_VOCAB, PROBE_VOCAB, max(spec.n_vocab, PROBE_VOCAB))
+    large = probe_layers(spec)
+    counts = (1, large, large)
+    vocabs = (PROBE_VOCAB, PROBE_VOCAB, max(spec.n_vocab, PROBE_VOCAB))
     paths = tuple(
         directory / (f"{key}-{n}.gguf" if v == PROBE_VOCAB else f"{key}-{n}-v{v}.gguf")
         for n, v in zip(counts, vocabs, strict=True)
@@ -287,12 +282,12 @@ def device_key(agent_id: str, device: str, build: str, threads: int, probe: str)
     return f"{agent_id}|{device}|{built}|t{threads}|{probe}"
 
 
-def probe_bytes(spec: ModelSpec, probes: Sequence[Path]) -> tuple[tuple[int, int, int], float]:
-    """The block bytes of the 1-layer, the small and the large probe, and the model's output
-    matrix's bytes over the vocabulary probe's (what the output layer's time scales by)."""
-    blocks = tuple(read_model_spec(p).weight_bytes for p in probes[:3])
-    out = read_model_spec(probes[3]).output_bytes
-    return (blocks[0], blocks[1], blocks[2]), (spec.output_bytes / out if out else 1.0)
+def probe_bytes(spec: ModelSpec, probes: Sequence[Path]) -> tuple[tuple[int, int], float]:
+    """The block bytes of the 1-layer and the large probe, and the model's output matrix's
+    bytes over the vocabulary probe's (what the output layer's time scales by)."""
+    small, large = (read_model_spec(p).weight_bytes for p in probes[:2])
+    out = read_model_spec(probes[2]).output_bytes
+    return (small, large), (spec.output_bytes / out if out else 1.0)
 
 
 def probe_params(
@@ -337,20 +332,20 @@ async def time_device(
 
 
 def derive(
-    blocks: tuple[int, int, int],
+    blocks: tuple[int, int],
     scale: tuple[float, float],
     gen: Sequence[float],
     batch: Sequence[float],
     base: tuple[float, float],
 ) -> DeviceSpeed:
-    """A device's speed from its probes' step times (1 layer, the small probe, the large,
-    the small with the model's vocabulary; `blocks`: the block bytes of the first three)
-    and the desktop's own base (gen, batch): a byte of blocks takes the difference of the
-    small and the large probe over their difference in bytes, and a layer the model's
-    average block's bytes of that (`scale`: those bytes, then the output's scale); per step
-    what the 1-layer probe took beyond its block and the base; the output layer what the
-    vocabulary probe took beyond the small one (its logits come back through the real
-    tunnel), scaled by the model's output bytes over the probe's."""
+    """A device's speed from its probes' step times (1 layer, the large probe, the large
+    with the model's vocabulary; `blocks`: the block bytes of the first two) and the
+    desktop's own base (gen, batch): a byte of blocks takes the difference of the two probes
+    over their difference in bytes, and a layer the model's average block's bytes of that
+    (`scale`: those bytes, then the output's scale); per step what the 1-layer probe took
+    beyond its block and the base; the output layer what the vocabulary probe took beyond
+    the large one (its logits come back through the real tunnel), scaled by the model's
+    output bytes over the probe's."""
     per_byte = _per_byte(blocks, gen)
     per_byte_b = _per_byte(blocks, batch)
     return DeviceSpeed(
@@ -359,22 +354,21 @@ def derive(
         hop_batch=max(batch[0] - per_byte_b * blocks[0] - base[1], 0.0),
         layer_batch=per_byte_b * scale[0],
         batch=PROBE_BATCH,
-        output=max(gen[3] - gen[1], 0.0) * scale[1] if len(gen) > 3 else 0.0,
-        output_batch=max(batch[3] - batch[1], 0.0) * scale[1] if len(batch) > 3 else 0.0,
+        output=max(gen[2] - gen[1], 0.0) * scale[1] if len(gen) > 2 else 0.0,
+        output_batch=max(batch[2] - batch[1], 0.0) * scale[1] if len(batch) > 2 else 0.0,
     )
 
 
-def _per_byte(blocks: tuple[int, int, int], times: Sequence[float]) -> float:
-    """Seconds a byte of blocks: the small and the large probe's difference."""
-    return max(times[2] - times[1], 0.0) / max(blocks[2] - blocks[1], 1)
+def _per_byte(blocks: tuple[int, int], times: Sequence[float]) -> float:
+    """Seconds a byte of blocks: the two probes' difference over their bytes'."""
+    return max(times[1] - times[0], 0.0) / max(blocks[1] - blocks[0], 1)
 
 
 def base_of(
-    blocks: tuple[int, int, int], gen: Sequence[float], batch: Sequence[float]
+    blocks: tuple[int, int], gen: Sequence[float], batch: Sequence[float]
 ) -> tuple[float, float]:
     """The desktop's own part of a step: the 1-layer probe on its CPU less its block's
-    bytes' worth (the slope of the small and the large probe); the vocabulary probe is not
-    timed there."""
+    bytes' worth (from both probes); the vocabulary probe is not timed there."""
     return (
         max(gen[0] - _per_byte(blocks, gen) * blocks[0], 0.0),
         max(batch[0] - _per_byte(blocks, batch) * blocks[0], 0.0),

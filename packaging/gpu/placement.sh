@@ -4,13 +4,15 @@
 #  1. with TTFT=1 only: bench/serve.py --only-ttft on the random-weight 7.24B llama, Q4_K_M
 #     (corral only): time to first token of a short request while a ~3.6k-token prompt is
 #     read (ttft7b.json)
-#  2. bench/placement.py --curve 1,2,4,8 on it, gpu-cpu set-up: each device's step on probes
-#     of 1, 2, 4 and 8 layers and on the whole model (curve-gpu.json)
-#  3. bench/placement.py's gpu-cpu set-up on it: one agent sharing GPU 0, one its CPU
+#  2. bench/placement.py's gpu-cpu set-up on it: one agent sharing GPU 0, one its CPU
 #     (placement-gpu.json)
-#  4. bench/placement.py's CPU set-ups (threads, delays, mixed; --scale 2 --cpu-only) on the
-#     1.1B "big" at Q4_K_M and on the SmolLM2-shaped random model at Q4_1 (the default
-#     model's type) (placement-big.json, placement-small.json)
+#  3. bench/placement.py's CPU set-ups (threads, delays; --scale 2 --cpu-only) on the
+#     SmolLM2-shaped random model at Q4_1 (the default model's type), then on the 1.1B "big"
+#     at Q4_K_M (placement-small.json, placement-big.json)
+#  4. bench/placement.py --curve 1,2,4,8 on the 7.24B, gpu-cpu set-up: each device's step on
+#     probes of 1, 2, 4 and 8 layers and on the whole model (curve-gpu.json); last, since it
+#     is a diagnosis (and aborted the inference child on the H100 host twice: the bench now
+#     prints the child's last lines)
 #
 #   packaging/gpu/placement.sh [WAIT_S]
 START=$SECONDS
@@ -36,18 +38,18 @@ wait_for quant || exit 0
   --flash-attn on --json /tmp/ttft7b.json"
 if [ -n "${TTFT:-}" ]; then wait_for ttft || exit 0; tail -3 /tmp/ttft.log; fi
 P="python3 bench/placement.py --rounds 3 --tokens 48"
+detached place-gpu "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu --json /tmp/placement-gpu.json"
+WAIT_TAIL=20 wait_for place-gpu || exit 0
+tail -3 /tmp/place-gpu.log
+detached place-small "$P --model /tmp/small-q4_1.gguf --scale 2 --cpu-only --setups threads,delays \
+  --json /tmp/placement-small.json"
+WAIT_TAIL=20 wait_for place-small || exit 0
+tail -6 /tmp/place-small.log
+detached place-big "$P --model /tmp/big-q4_k_m.gguf --scale 2 --cpu-only --step 4 \
+  --setups threads,delays --json /tmp/placement-big.json"
+WAIT_TAIL=20 wait_for place-big || exit 0
+tail -6 /tmp/place-big.log
 detached curve "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu --curve 1,2,4,8 \
   --json /tmp/curve-gpu.json"
 WAIT_TAIL=20 wait_for curve || exit 0
 tail -4 /tmp/curve.log
-detached place-gpu "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu --json /tmp/placement-gpu.json"
-WAIT_TAIL=20 wait_for place-gpu || exit 0
-tail -3 /tmp/place-gpu.log
-detached place-big "$P --model /tmp/big-q4_k_m.gguf --scale 2 --cpu-only --step 4 \
-  --json /tmp/placement-big.json"
-WAIT_TAIL=20 wait_for place-big || exit 0
-tail -6 /tmp/place-big.log
-detached place-small "$P --model /tmp/small-q4_1.gguf --scale 2 --cpu-only \
-  --json /tmp/placement-small.json"
-WAIT_TAIL=20 wait_for place-small || exit 0
-tail -6 /tmp/place-small.log

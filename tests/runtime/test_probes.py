@@ -11,7 +11,13 @@ from pathlib import Path
 from corral.engine.ggml.quantize import quantize
 from corral.engine.model.spec import ModelSpec, read_model_spec
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
-from corral.engine.runtime.speeds import probe_bytes, probe_files, probe_key, probe_layers
+from corral.engine.runtime.speeds import (
+    probe_bytes,
+    probe_files,
+    probe_key,
+    probe_layers,
+    probe_types,
+)
 
 Q4_K, Q6_K = 12, 14  # ggml types
 
@@ -31,25 +37,35 @@ def test_probes_carry_the_models_weight_types_and_output_type(tmp_path: Path) ->
     assert mine[("ffn_down.weight", Q6_K)] and mine[("ffn_down.weight", Q4_K)]
     assert model.output_type == Q6_K
 
-    one, small, large, vocab = (read_model_spec(p) for p in probe_files(model, tmp_path / "p"))
-    n_small, n_large = probe_layers(model)
-    assert (small.n_layer, large.n_layer, vocab.n_layer, one.n_layer) == (
-        n_small,
-        n_large,
-        n_small,
-        1,
-    )
-    # the small probe: the model's proportions (8 layers into n_small, exactly here)
-    scale = model.n_layer // n_small
-    assert {k: n * scale for k, n in _types(small).items()} == dict(mine)
-    # the large: each of the small's layers twice, so their difference reads the same mix
-    assert _types(large) == collections.Counter({k: 2 * n for k, n in _types(small).items()})
-    assert _types(vocab) == _types(small)
+    one, large, vocab = (read_model_spec(p) for p in probe_files(model, tmp_path / "p"))
+    n_large = probe_layers(model)
+    assert (one.n_layer, large.n_layer, vocab.n_layer) == (1, n_large, n_large)
+    # the large probe: the model's proportions (all 8 of its layers' worth, here)
+    assert n_large == model.n_layer and _types(large) == mine
+    assert _types(vocab) == mine
+    # the 1-layer probe: the model's most common layer
+    assert _types(one) in [collections.Counter(layer.weight_types) for layer in model.layers]
     # the output layer is timed in the model's own type, at the model's vocabulary
     assert vocab.output_type == Q6_K and vocab.n_vocab == model.n_vocab
     blocks, out_scale = probe_bytes(model, probe_files(model, tmp_path / "p"))
-    assert blocks[2] - blocks[1] == blocks[1]  # the difference is one small probe's bytes
+    assert blocks == (one.weight_bytes, model.weight_bytes)  # it reads what the model reads
     assert abs(out_scale - 1.0) < 1e-9  # same type, same shape: nothing to scale
+
+
+def test_a_probe_of_fewer_layers_keeps_the_proportions(tmp_path: Path) -> None:
+    """Where the model is larger than the probe, its mix is shared out by largest
+    remainders: Q4_K_M's half of layers with Q6_K ffn_down stays half."""
+    src = write_tiny_llama(
+        tmp_path / "m.gguf",
+        TinyLlama(n_layer=8, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, tied_embeddings=False),
+    )
+    model = read_model_spec(quantize(src, tmp_path / "m-q4_k_m.gguf", "q4_k_m", threads=1))
+    heavy = sum(("ffn_down.weight", Q6_K) in layer.weight_types for layer in model.layers)
+    for n in (2, 4, 6):
+        types = probe_types(model, n)
+        down = [t for p, t in types if "ffn_down" in p]
+        assert len(down) == n
+        assert down.count(Q6_K) == round(heavy * n / model.n_layer)
 
 
 def test_another_mix_is_another_probe(tmp_path: Path) -> None:
