@@ -235,6 +235,7 @@ class ChatSession:
         self.workers: list[WorkerState] = []
         self.result: LoadResult | None = None
         self._replacing = False  # open() is under way: the loaded model goes anyway
+        self._child_had_model = False  # a model (or its dry run) went through this child
         self._events: list[tuple[float, AgentClient, AgentEvent]] = []
         self.local_devices: list[GgmlDevice] = []
         self.inventories: list[Inventory] = []
@@ -406,6 +407,7 @@ class ChatSession:
         if errors(self.verdicts):
             return analytic, analytic
         try:
+            self._child_had_model = True
             dry = await self.child.dry_run(
                 settings.load_params(self.endpoints, analytic.tensor_split)
             )
@@ -526,6 +528,14 @@ class ChatSession:
             )
         if missing:
             self.result = None  # the probes take the loaded model's place in the child
+            if self._child_had_model:
+                # probes in a fresh child: on the H100 host a probe loaded into the child
+                # that had held the 7.24B (loaded, or its dry run) aborted it, twice; probes
+                # loaded into a fresh child never did
+                await self.child.close()
+                self.child = InferenceProcess()
+                await self.child.start()
+                self._child_had_model = False
             loop = asyncio.get_running_loop()
             try:
                 probes = await loop.run_in_executor(None, probe_files, spec, None)
@@ -600,6 +610,7 @@ class ChatSession:
             raise RuntimeFailure("nothing was loaded yet to load again: load a model first")
         await self.child.close()
         self.child = InferenceProcess()
+        self._child_had_model = False
         for tunnel in self.tunnels.values():
             tunnel.close()
         self.tunnels.clear()
@@ -645,6 +656,7 @@ class ChatSession:
             raise PlanRefused("refused before loading: " + "; ".join(str(v) for v in refused))
         self._warn(*(str(v) for v in self.verdicts))
         try:
+            self._child_had_model = True
             loaded = await self.child.load(
                 settings.load_params(self.endpoints, exact.tensor_split), on_progress
             )
