@@ -41,6 +41,7 @@ def read_gpus(corral_pids: frozenset[int] = frozenset()) -> tuple[tuple[GpuInfo,
         return (), f"no NVIDIA driver ({exc})"
     try:
         gpus = []
+        driver = _try(lambda: _text(pynvml.nvmlSystemGetDriverVersion()), "")
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
@@ -63,6 +64,7 @@ def read_gpus(corral_pids: frozenset[int] = frozenset()) -> tuple[tuple[GpuInfo,
                     corral_used=_try(lambda h=h: _used_by(pynvml, h, corral_pids), 0)
                     if corral_pids
                     else 0,
+                    driver=driver,
                 )
             )
         return tuple(gpus), "ok"

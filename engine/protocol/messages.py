@@ -19,7 +19,8 @@ from .errors import ErrorCode, ProtocolError
 # 2.0: control connections are TLS 1.3 with pinned certificates; RPC goes through them.
 # 2.1: OpenTunnel.relay / TunnelOpen: the native relay for RPC bytes (TLS records remain).
 # 2.2: WorkerState.process: a worker that is alive but not running (stopped, stuck in the kernel).
-PROTOCOL_VERSION = (2, 2)
+# 2.3: GpuInfo.driver: the NVIDIA driver's version (a new driver's speeds are measured again).
+PROTOCOL_VERSION = (2, 3)
 
 
 class Message:
@@ -83,6 +84,7 @@ class GpuInfo:
     power_w: float = -1.0
     compute_capability: str = ""  # "9.0" for an H100/H200
     corral_used: int = 0  # bytes held by this agent's RPC worker (the rest of used: others)
+    driver: str = ""  # the NVIDIA driver's version ("580.159.04"), "" where NVML has none
 
 
 @dataclass(frozen=True, slots=True)

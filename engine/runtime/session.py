@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.engine.agent.inventory import read_gpus
 from corral.engine.aio import within
 from corral.engine.ggml.devices import GgmlDevice
 from corral.engine.ggml.kernelcheck import crash_hint, is_extra_buffer, known_extra_factors
@@ -95,6 +96,7 @@ from .speeds import (
     derive,
     device_key,
     gather_links,
+    host_driver,
     probe_bytes,
     probe_files,
     probe_key,
@@ -505,15 +507,24 @@ class ChatSession:
             for c, inv, w in zip(self.clients, self.inventories, self.workers, strict=True)
         }
         seen: dict[str, int] = {}
+        local = ""  # this desktop's GPU driver, read only where it has a GPU in the plan
+        if any(not d.endpoint for d in devices):
+            gpus, _ = await asyncio.get_running_loop().run_in_executor(None, read_gpus)
+            local = host_driver(gpus)
         for d in devices:
             if d.endpoint:
                 _, inv, worker = by_host[d.host]
                 k = seen[d.host] = seen.get(d.host, -1) + 1
                 keys[d.name] = device_key(
-                    inv.agent_id, f"{k}", inv.system_info, worker.threads, probe
+                    inv.agent_id,
+                    f"{k}",
+                    inv.system_info,
+                    worker.threads,
+                    probe,
+                    host_driver(inv.gpus),
                 )
             else:
-                keys[d.name] = device_key("desktop", d.name, build, threads, probe)
+                keys[d.name] = device_key("desktop", d.name, build, threads, probe, local)
         self._speed_keys = keys
         known = {name: None if settings.remeasure else cache.get(key) for name, key in keys.items()}
         missing = [name for name, sp in known.items() if sp is None]

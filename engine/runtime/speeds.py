@@ -48,6 +48,7 @@ import platformdirs
 
 from corral.engine.model.spec import ModelSpec, read_model_spec
 from corral.engine.planner.speed import DeviceSpeed, LinkSpeed, layer_bytes
+from corral.engine.protocol.messages import GpuInfo
 
 from .childproto import LoadParams
 
@@ -275,10 +276,19 @@ def split_device_key(key: str) -> tuple[str, str, str, str, str] | None:
     return agent, device, built, threads.removeprefix("t"), probe
 
 
-def device_key(agent_id: str, device: str, build: str, threads: int, probe: str) -> str:
-    """speeds.json's key: agent, its device's index, a hash of llama.cpp's build line (its
-    features: a rebuilt or updated worker is measured again), threads, probe shape."""
-    built = hashlib.sha256(build.encode()).hexdigest()[:12]
+def host_driver(gpus: Sequence[GpuInfo]) -> str:
+    """The GPU driver versions of a host's GPUs, as device_key takes them ("" for none)."""
+    return ",".join(sorted({g.driver for g in gpus if g.driver}))
+
+
+def device_key(
+    agent_id: str, device: str, build: str, threads: int, probe: str, driver: str = ""
+) -> str:
+    """speeds.json's key: agent, its device's index, a hash of llama.cpp's build line and
+    the host's GPU driver version (a rebuilt or updated worker, or a new driver, is measured
+    again), threads, probe shape."""
+    facts = build + (f"|driver {driver}" if driver else "")
+    built = hashlib.sha256(facts.encode()).hexdigest()[:12]
     return f"{agent_id}|{device}|{built}|t{threads}|{probe}"
 
 

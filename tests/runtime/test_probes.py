@@ -6,12 +6,17 @@ llama.cpp to Q4_K_M (its own mix), and the probes built for it by llama.cpp's qu
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 from pathlib import Path
 
 from corral.engine.ggml.quantize import quantize
 from corral.engine.model.spec import ModelSpec, read_model_spec
 from corral.engine.model.synthetic import TinyLlama, write_tiny_llama
+from corral.engine.protocol import GpuInfo
 from corral.engine.runtime.speeds import (
+    device_key,
+    host_driver,
     probe_bytes,
     probe_files,
     probe_key,
@@ -78,3 +83,15 @@ def test_another_mix_is_another_probe(tmp_path: Path) -> None:
     pure = read_model_spec(quantize(src, tmp_path / "b.gguf", "q4_k_s", threads=1, pure=True))
     assert probe_key(mixed) != probe_key(pure)
     assert probe_key(mixed) == probe_key(read_model_spec(tmp_path / "a.gguf"))
+
+
+def test_a_new_gpu_driver_is_measured_again() -> None:
+    """speeds.json's key holds the host's GPU driver: figures taken under another driver are
+    not reused; a host without one keeps the key it had before drivers were counted."""
+    gpus = (GpuInfo(0, "H100", driver="580.159.04"), GpuInfo(1, "H100", driver="580.159.04"))
+    newer = tuple(dataclasses.replace(g, driver="590.10") for g in gpus)
+    assert host_driver(gpus) == "580.159.04" and host_driver(()) == ""
+    key = functools.partial(device_key, "agent", "0", "CUDA : ARCHS = 900", 0, "probe")
+    assert key(host_driver(gpus)) != key(host_driver(newer))
+    assert key(host_driver(gpus)) == key(host_driver(gpus))
+    assert key("") == device_key("agent", "0", "CUDA : ARCHS = 900", 0, "probe")
