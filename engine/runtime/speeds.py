@@ -3,8 +3,9 @@ each host's link (docs/PLANNER.md, "Placement by measured speed").
 
 A device is timed on probes: random-weight llama models of the model's own layer shape
 (n_embd, heads, head size, FFN width) and weight types (`probe_types`: the probe's layers
-have the model's layers' types in the model's proportions, and the output its type: a CPU
-read Q6_K several times slower a byte than Q4_K), one of 1 layer and one of `probe_layers`
+have the model's layers' types in the model's proportions, and the output its type: on the
+H100 host's CPU worker the model's Q6_K output layer took about five times what a pure-Q4_K
+probe said), one of 1 layer and one of `probe_layers`
 (the model's own blocks' bytes, up to PROBE_BYTES) with a 320-token vocabulary, and the
 second again with the model's own vocabulary. Each is loaded in the inference child with
 every layer on that one device, through its real worker and tunnel, and TimeSteps gives the
@@ -22,10 +23,10 @@ What is left of the 1-layer probe, less its block's bytes' worth and the desktop
 (the same probes on its CPU alone), is the device's fixed cost per step: its "hop"; what
 the vocabulary probe takes beyond the large one is the output layer with its logits.
 
-Figures are kept per agent, device, llama.cpp build, worker threads and probe shape in
-speeds.json (the cache dir), and measured again when any of those change. A link (round trip,
-bytes a second through the agent's TLS channel: the path its RPC tunnel takes) is measured
-at every plan: it is quick and changes with the network.
+Figures are kept per agent, device, llama.cpp build, GPU driver, worker threads and probe
+shape in speeds.json (the cache dir), and measured again when any of those change. A link
+(round trip, bytes a second through the agent's TLS channel: the path its RPC tunnel takes)
+is measured at every plan: it is quick and changes with the network.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def probe_types(spec: ModelSpec, n_layer: int) -> tuple[tuple[str, int], ...]:
     """(a regular expression of a tensor's name, ggml type) for each 2-D weight of a probe of
     `n_layer` layers: the model's mix (`_mix`), so a probe reads what the model reads
     (llama.cpp's Q4_K_M gives ffn_down and attn_v Q6_K in about half the layers, and a CPU
-    read those far slower). A type the quantizer cannot make without an importance matrix
+    may read those slower a byte). A type the quantizer cannot make without an importance matrix
     (IQ*) keeps the probe's base type."""
     out = []
     for j, kind in enumerate(_mix(spec, n_layer)):
