@@ -543,10 +543,8 @@ class ChatSession:
                 # probes in a fresh child: on the H100 host a probe loaded into the child
                 # that had held the 7.24B (loaded, or its dry run) aborted it, twice; probes
                 # loaded into a fresh child never did
-                await self.child.close()
-                self.child = InferenceProcess()
+                await self._new_child()
                 await self.child.start()
-                self._child_had_model = False
             loop = asyncio.get_running_loop()
             try:
                 probes = await loop.run_in_executor(None, probe_files, spec, None)
@@ -619,9 +617,7 @@ class ChatSession:
         """
         if self.settings is None:
             raise RuntimeFailure("nothing was loaded yet to load again: load a model first")
-        await self.child.close()
-        self.child = InferenceProcess()
-        self._child_had_model = False
+        await self._new_child()  # started by open's connect
         for tunnel in self.tunnels.values():
             tunnel.close()
         self.tunnels.clear()
@@ -644,6 +640,12 @@ class ChatSession:
         # growth. One collection per reload (milliseconds, beside a load of seconds).
         gc.collect()
         return await self.open(self.settings, on_progress)
+
+    async def _new_child(self) -> None:
+        """Close the inference child and put an unstarted one in its place."""
+        await self.child.close()
+        self.child = InferenceProcess()
+        self._child_had_model = False
 
     def _warn(self, *texts: str) -> None:
         """Add warnings, each once: a reload plans and loads again, and says nothing twice."""
