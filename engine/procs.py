@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import sys
+from collections.abc import Sequence
 
 _PR_SET_PDEATHSIG = 1
 
@@ -15,6 +17,33 @@ _PR_SET_PDEATHSIG = 1
 # authenticated tunnel. Every process that speaks ggml RPC (the inference child, the agent's
 # worker) runs with ggml's switch for it set: both ends then advertise no RDMA.
 RPC_PROCESS_ENV = {"GGML_RPC_NO_RDMA": "1"}
+
+
+# ggml_abort writes "FILE:LINE: message" (GGML_ASSERT's "…: GGML_ASSERT(x) failed"), then a
+# native backtrace (gdb's, where gdb is installed, else execinfo's), then aborts; Python's
+# faulthandler then lists every thread's frames.
+_GGML_ABORT = re.compile(r"^\S+\.(?:c|cc|cpp|cu|h|hpp|m|mm|metal):\d+: \S")
+_CXX_ABORT = "terminate called after throwing"  # an uncaught C++ exception; "what(): …" next
+
+
+def last_words(lines: Sequence[str], n: int = 12) -> list[str]:
+    """The last `n` lines a process that died wrote before its dump: up to llama.cpp's own
+    abort message where it wrote one (the backtrace after it left out), and never
+    faulthandler's thread list. What a user is shown of a crash."""
+    kept = list(lines)
+    for i, line in enumerate(kept):
+        if line.startswith("Fatal Python error"):
+            kept = kept[:i]
+            break
+    for i in range(len(kept) - 1, -1, -1):
+        line = kept[i]
+        if _GGML_ABORT.match(line):
+            kept = kept[: i + 1]
+            break
+        if line.startswith(_CXX_ABORT):
+            kept = kept[: i + 2]
+            break
+    return [line for line in kept if line.strip()][-n:]
 
 
 def exit_text(returncode: int) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from corral.engine.ggml.kernelcheck import crash_hint
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
-from corral.engine.procs import RPC_PROCESS_ENV, exit_text
+from corral.engine.procs import RPC_PROCESS_ENV, exit_text, last_words
 from corral.engine.protocol import WorkerState
 from corral.engine.security.loopback import available as owners_listed
 from corral.engine.security.loopback import listening_port
@@ -82,15 +82,26 @@ class WorkerStartError(Exception):
     """The worker did not come up; the message carries its exit and last log lines."""
 
 
-def _tail(path: Path, n: int = 15) -> tuple[str, ...]:
+_RUN_MARK = "--- starting worker: "  # written to the log before each start
+
+
+def _tail(path: Path, n: int = 15, raw: bool = False) -> tuple[str, ...]:
+    """The last run's last `n` log lines: as written (`raw`), else what it said before it
+    died (llama.cpp's abort line last, its backtrace left out: procs.last_words)."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
+            f.seek(max(0, f.tell() - 65536))
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return ()
-    return tuple(line for line in lines if line.strip())[-n:]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith(_RUN_MARK):
+            lines = lines[i + 1 :]
+            break
+    if raw:
+        return tuple(line for line in lines if line.strip())[-n:]
+    return tuple(last_words(lines, n))
 
 
 class RpcSupervisor:
@@ -253,7 +264,7 @@ class RpcSupervisor:
             cmd += ["--cache-dir", str(self.cache_dir)]
         self._set("starting")
         with self.log_path.open("ab") as logf:
-            logf.write(f"--- starting worker: {' '.join(cmd[3:])}\n".encode())
+            logf.write(f"{_RUN_MARK}{' '.join(cmd[3:])}\n".encode())
             logf.flush()
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -309,7 +320,7 @@ class RpcSupervisor:
         self._drop_all()
         self._last_exit = exit_text(code)
         self._set("crashed", "crashed", f"the RPC worker died ({self._last_exit})")
-        hint = crash_hint(self._last_exit, _tail(self.log_path, 400), doctor="corral-agent doctor")
+        hint = crash_hint(self._last_exit, _tail(self.log_path, 400, raw=True), doctor="corral-agent doctor")
         log.warning(
             "RPC worker died (%s)%s; restarting", self._last_exit, f" {hint}" if hint else ""
         )

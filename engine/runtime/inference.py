@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from corral.engine.aio import within
 from corral.engine.ggml.kernelcheck import crash_hint
-from corral.engine.procs import RPC_PROCESS_ENV, exit_text
+from corral.engine.procs import RPC_PROCESS_ENV, exit_text, last_words
 from corral.engine.protocol import (
     CapabilityQuestion,
     Message,
@@ -154,7 +154,7 @@ class InferenceProcess:
                 how = "closed its channel but is still running"
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await within(self._tasks[0], 1)  # let the last log lines arrive
-            tail = [line for line in self.log if line.strip()][-12:]
+            tail = last_words(self.log)  # llama.cpp's abort line last, not faulthandler's
             hint = crash_hint(how, list(self.log))  # a native crash: which kernels, what next
             message = f"the inference process died ({how})" + (f" {hint}" if hint else "")
             self._dead = InferenceCrashed(message, how, tail)
