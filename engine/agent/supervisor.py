@@ -320,7 +320,8 @@ class RpcSupervisor:
         self._drop_all()
         self._last_exit = exit_text(code)
         self._set("crashed", "crashed", f"the RPC worker died ({self._last_exit})")
-        hint = crash_hint(self._last_exit, _tail(self.log_path, 400, raw=True), doctor="corral-agent doctor")
+        raw = _tail(self.log_path, 400, raw=True)
+        hint = crash_hint(self._last_exit, raw, doctor="corral-agent doctor")
         log.warning(
             "RPC worker died (%s)%s; restarting", self._last_exit, f" {hint}" if hint else ""
         )
