@@ -18,6 +18,24 @@ _PR_SET_PDEATHSIG = 1
 # worker) runs with ggml's switch for it set: both ends then advertise no RDMA.
 RPC_PROCESS_ENV = {"GGML_RPC_NO_RDMA": "1"}
 
+# ggml's CPU backend runs each graph in one OpenMP parallel region; after it, libgomp's
+# threads spin GOMP_SPINCOUNT times (300,000 by default: milliseconds) before they sleep.
+# In a split, a worker's next graph comes only after the other devices' share of the token,
+# so that spinning takes cores from whatever shares the host: another worker, the desktop,
+# the tunnels (on a 2-core VM, splits over a 2-thread and a 1-thread worker ran 30-50 %
+# slower than predicted; with 30,000 or 1,000 spins in line with the one-worker splits:
+# docs/PLANNER.md). 30,000 spins still cover any wait at a barrier inside a graph
+# (0.1-2 ms, by the CPU's pause). A GOMP_SPINCOUNT or OMP_WAIT_POLICY of the user's own wins.
+OMP_SPIN_DEFAULT = 30_000
+
+
+def omp_env(spin: int | None = None) -> dict[str, str]:
+    """The OpenMP setting for a process that runs ggml's CPU backend: `spin` (else
+    OMP_SPIN_DEFAULT) as GOMP_SPINCOUNT, unless this process's environment sets its own."""
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return {}
+    return {"GOMP_SPINCOUNT": str(OMP_SPIN_DEFAULT if spin is None else spin)}
+
 
 # ggml_abort writes "FILE:LINE: message" (GGML_ASSERT's "…: GGML_ASSERT(x) failed"), then a
 # native backtrace (gdb's, where gdb is installed, else execinfo's), then aborts; Python's

@@ -43,6 +43,7 @@ class WorkerSettings:
     reserve_mib: int = 0  # kept free on every shared device, on top of the desktop's reserve
     reserve_per_device: tuple[tuple[str, int], ...] = ()
     rpc_threads: int = 0  # CPU threads of the RPC worker when the desktop asks for 0
+    rpc_spin: int | None = None  # its OpenMP threads' spins before they sleep (procs.omp_env)
     cache: bool = True
     cache_dir: Path | None = None  # default: <state dir>/tensor-cache
     cache_max_mib: int = DEFAULT_CACHE_MAX_MIB
@@ -174,6 +175,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "devices": _devices,
     "reserve_mib": _reserve,
     "rpc_threads": _count,
+    "rpc_spin": _count,
     "cache": _bool,
     "cache_dir": _dir,
     "cache_max_mib": _count,
@@ -228,6 +230,7 @@ def parse_config(text: str, path: Path) -> AgentConfig:
         reserve_mib=reserve,
         reserve_per_device=per,
         rpc_threads=values.pop("rpc_threads", 0),
+        rpc_spin=values.pop("rpc_spin", None),
         cache=values.pop("cache", True),
         cache_dir=values.pop("cache_dir", None),
         cache_max_mib=values.pop("cache_max_mib", DEFAULT_CACHE_MAX_MIB),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from corral.engine.ggml.kernelcheck import crash_hint
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
-from corral.engine.procs import RPC_PROCESS_ENV, exit_text, last_words
+from corral.engine.procs import RPC_PROCESS_ENV, exit_text, last_words, omp_env
 from corral.engine.protocol import WorkerState
 from corral.engine.security.loopback import available as owners_listed
 from corral.engine.security.loopback import listening_port
@@ -135,11 +135,14 @@ class RpcSupervisor:
         self.log_path = state_dir / "rpc-worker.log"
         self.cache_dir = state_dir / "tensor-cache"
         self._cache_max = 0
+        self._omp = omp_env()
 
     def configure(self, settings: WorkerSettings) -> None:
-        """Where the tensor cache lives and how big it may grow (from the next start)."""
+        """Where the tensor cache lives, how big it may grow, and the worker's OpenMP spin
+        count (from the next start)."""
         self.cache_dir = settings.cache_dir or self._state_dir / "tensor-cache"
         self._cache_max = settings.cache_max_mib * 1024 * 1024
+        self._omp = omp_env(settings.rpc_spin)
 
     # ------------------------------------------------------------------ public
 
@@ -271,7 +274,7 @@ class RpcSupervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
-                env=dict(os.environ, PYTHONUNBUFFERED="1", **RPC_PROCESS_ENV, **shim),
+                env=dict(os.environ, PYTHONUNBUFFERED="1", **RPC_PROCESS_ENV, **self._omp, **shim),
             )
         proc = self._proc
         deadline = time.monotonic() + _READY_TIMEOUT

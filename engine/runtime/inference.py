@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from corral.engine.aio import within
 from corral.engine.ggml.kernelcheck import crash_hint
-from corral.engine.procs import RPC_PROCESS_ENV, exit_text, last_words
+from corral.engine.procs import RPC_PROCESS_ENV, exit_text, last_words, omp_env
 from corral.engine.protocol import (
     CapabilityQuestion,
     Message,
@@ -107,7 +107,9 @@ class InferenceProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=dict(os.environ, PYTHONUNBUFFERED="1", **RPC_PROCESS_ENV, **shim_env()),
+                env=dict(
+                    os.environ, PYTHONUNBUFFERED="1", **RPC_PROCESS_ENV, **omp_env(), **shim_env()
+                ),
             )
         finally:
             theirs.close()

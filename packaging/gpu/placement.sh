@@ -6,13 +6,19 @@
 #     read (ttft7b.json)
 #  2. bench/placement.py's gpu-cpu set-up on it: one agent sharing GPU 0, one its CPU
 #     (placement-gpu.json)
-#  3. bench/placement.py's CPU set-ups (threads, delays; --scale 2 --cpu-only) on the
-#     SmolLM2-shaped random model at Q4_1 (the default model's type), then on the 1.1B "big"
-#     at Q4_K_M (placement-small.json, placement-big.json)
-#  4. bench/placement.py --curve 1,2,4,8 on the 7.24B, gpu-cpu set-up: each device's step on
+#  3. the same two agents with the workers' OpenMP threads spinning libgomp's own 300,000
+#     times before they sleep, not rpc_spin's 30,000 (gpu-cpu-oldspin: as every run before
+#     12-06's rpc_spin), and with the CPU worker leaving two cores to the rest of the host
+#     (gpu-cpu-spare2), splits in steps of 16 (placement-diag.json): the splits that end on
+#     the CPU ran slower than predicted on the H100 host (32/1: +81 %)
+#  4. bench/placement.py's CPU set-ups (threads, delays; --scale 2 --cpu-only) on the
+#     SmolLM2-shaped random model at Q4_1 (the default model's type), three passes, then on
+#     the 1.1B "big" at Q4_K_M (placement-small.json, placement-big.json)
+#  QUICK=1: step 3 alone, on the 1.1B, with gpu-cpu beside it (placement-quick.json)
+#  5. bench/placement.py --curve 1,2,4,8 on the 7.24B, gpu-cpu set-up: each device's step on
 #     probes of 1, 2, 4 and 8 layers and on the whole model (curve-gpu.json); last, since it
-#     is a diagnosis (and aborted the inference child on the H100 host twice: the bench now
-#     prints the child's last lines)
+#     is a diagnosis (and aborted the inference child on the H100 host three times: the
+#     bench prints the child's last lines, now with llama.cpp's abort message)
 #
 #   packaging/gpu/placement.sh [WAIT_S]
 START=$SECONDS
@@ -24,9 +30,23 @@ report() {
   { nproc; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
     lscpu | head -20; tc qdisc add dev lo root netem delay 1ms 2>&1 && tc qdisc del dev lo root
   } > "$OUT/machine.txt" 2>&1
-  cp /tmp/ttft.log /tmp/curve.log /tmp/quant.log /tmp/place-*.log /tmp/*.json "$OUT/" 2>/dev/null
+  # at most 8 files come back: the logs as they are, the json in one archive
+  cp /tmp/curve.log /tmp/place-*.log "$OUT/" 2>/dev/null
+  (cd /tmp && tar czf "$OUT/results.tgz" ttft.log quant.log ./*.json 2>/dev/null)
 }
 trap report EXIT
+if [ -n "${QUICK:-}" ]; then  # step 3 alone, on the 1.1B (a few minutes of device time)
+  export CORRAL_MODELS="small big"
+  . packaging/gpu/setup.sh "$(left)"
+  detached quant "$B/llama-quantize /tmp/big.gguf /tmp/big-q4_k_m.gguf Q4_K_M 16"
+  wait_for quant || exit 0
+  detached place-quick "python3 bench/placement.py --rounds 3 --tokens 48 --passes 2 --step 16 \
+    --model /tmp/big-q4_k_m.gguf --setups gpu-cpu,gpu-cpu-oldspin,gpu-cpu-spare2 \
+    --json /tmp/placement-quick.json"
+  WAIT_TAIL=30 wait_for place-quick || exit 0
+  grep -v WARNING /tmp/place-quick.log | tail -40
+  exit 0
+fi
 export CORRAL_MODELS="small big 7b"
 . packaging/gpu/setup.sh "$(left)"
 detached quant "$B/llama-quantize /tmp/7b.gguf /tmp/7b-q4_k_m.gguf Q4_K_M 16 \
@@ -41,8 +61,12 @@ P="python3 bench/placement.py --rounds 3 --tokens 48"
 detached place-gpu "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu --json /tmp/placement-gpu.json"
 WAIT_TAIL=20 wait_for place-gpu || exit 0
 tail -3 /tmp/place-gpu.log
+detached place-diag "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu-oldspin,gpu-cpu-spare2 \
+  --step 16 --json /tmp/placement-diag.json"
+WAIT_TAIL=20 wait_for place-diag || exit 0
+tail -4 /tmp/place-diag.log
 detached place-small "$P --model /tmp/small-q4_1.gguf --scale 2 --cpu-only --setups threads,delays \
-  --json /tmp/placement-small.json"
+  --passes 3 --json /tmp/placement-small.json"
 WAIT_TAIL=20 wait_for place-small || exit 0
 tail -6 /tmp/place-small.log
 detached place-big "$P --model /tmp/big-q4_k_m.gguf --scale 2 --cpu-only --step 4 \

@@ -19,6 +19,7 @@ import pytest
 from corral.engine.agent.config import ConfigError, WorkerSettings, load_config, parse_config
 from corral.engine.agent.supervisor import prune_cache
 from corral.engine.localagents import LocalAgents
+from corral.engine.procs import OMP_SPIN_DEFAULT
 from corral.engine.protocol import Inventory
 from corral.engine.runtime.agent_client import AgentClient
 from tests.support.agents import inventory
@@ -41,6 +42,7 @@ interfaces = ["eth0", "eth1"]
 devices = ["CUDA0", "CUDA1"]
 reserve_mib = { CUDA0 = 2048, default = 256 }
 rpc_threads = 6
+rpc_spin = 1000
 cache_dir = "/var/cache/corral-agent"
 cache_max_mib = 4096
 state_dir = "/var/lib/corral-agent"
@@ -52,7 +54,7 @@ log_level = "debug"
     assert config.listen == ("10.0.0.5", 7400) and config.advertise is False
     assert config.interfaces == ("eth0", "eth1") and config.log_level == "DEBUG"
     w = config.worker
-    assert w.devices == ("CUDA0", "CUDA1") and w.rpc_threads == 6
+    assert w.devices == ("CUDA0", "CUDA1") and w.rpc_threads == 6 and w.rpc_spin == 1000
     assert w.reserve_bytes("CUDA0") == 2048 << 20 and w.reserve_bytes("CUDA1") == 256 << 20
     assert w.cache_dir == Path("/var/cache/corral-agent") and w.cache_max_mib == 4096
     assert w.shares("CUDA1") and not w.shares("CPU")
@@ -70,6 +72,7 @@ def test_nothing_set_is_the_defaults_and_flags_decide() -> None:
     [
         ('listen = "0.0.0.0:7340"\nrpc_threads = "eight"\n', 2, "rpc_threads must be a whole"),
         ("\n\nrpc_thread = 4\n", 3, "unknown setting 'rpc_thread' (did you mean rpc_threads?)"),
+        ("rpc_spin = 1e3\n", 1, "rpc_spin must be a whole number, 0 or more, not 1000.0"),
         ('listen = "nowhere"\n', 1, "'nowhere' is not HOST:PORT"),
         ("listen = 0.0.0.0:7340\n", 1, "not valid TOML"),
         ('devices = "CUDA0"\n', 1, "devices must be a list of names"),
@@ -185,6 +188,49 @@ def test_an_agent_applies_the_file_flags_win_and_sighup_reloads(tmp_path: Path) 
         agents.procs[0].send_signal(signal.SIGHUP)
         inv = _until(lambda: inventory(address), lambda i: not i.devices)
         assert inv.devices == ()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("line", "env", "spins"),
+    [
+        ("", {}, str(OMP_SPIN_DEFAULT)),  # the default
+        ("rpc_spin = 4321\n", {}, "4321"),  # the file's
+        ("rpc_spin = 4321\n", {"GOMP_SPINCOUNT": "77"}, "77"),  # the agent's own environment
+        ("", {"OMP_WAIT_POLICY": "ACTIVE"}, None),  # the user's policy: no count set
+    ],
+)
+def test_the_worker_gets_the_spin_count_asked_for(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    line: str,
+    env: dict[str, str],
+    spins: str | None,
+) -> None:
+    """The RPC worker's OpenMP threads spin as rpc_spin says (or as the user's own
+    GOMP_SPINCOUNT / OMP_WAIT_POLICY says), read from the running worker's environment."""
+    config = tmp_path / "agent.toml"
+    config.write_text('devices = ["CPU"]\n' + line)
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)  # the agent's environment is env alone
+    with LocalAgents(1, extra_args=("--config", str(config)), env=env) as agents:
+
+        async def worker_env() -> dict[str, str]:
+            client = AgentClient(agents.addresses[0])
+            await client.connect()
+            try:
+                state = await client.start_rpc()
+                raw = Path(f"/proc/{state.pid}/environ").read_bytes()
+                return dict(kv.split("=", 1) for kv in raw.decode().split("\0") if "=" in kv)
+            finally:
+                await client.stop_rpc()
+                await client.close()
+
+        got = asyncio.run(worker_env())
+    if spins is None:
+        assert "GOMP_SPINCOUNT" not in got and got["OMP_WAIT_POLICY"] == "ACTIVE"
+    else:
+        assert got["GOMP_SPINCOUNT"] == spins
 
 
 def _agent(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
