@@ -1,6 +1,7 @@
-"""What a user is shown of a process llama.cpp aborted: ggml's own message, not the native
-backtrace after it nor faulthandler's thread list. The aborts here are ggml's real
-ggml_abort in a real child, with gdb on the path (its backtrace) and without (execinfo's)."""
+"""Processes that run llama.cpp's native code. What a user is shown of one llama.cpp
+aborted: ggml's own message, not the native backtrace after it nor faulthandler's thread
+list (the aborts here are ggml's real ggml_abort in a real child, with gdb on the path, and
+without: execinfo's backtrace). And how long their OpenMP threads spin (procs.omp_env)."""
 
 from __future__ import annotations
 
@@ -101,3 +102,28 @@ def test_a_worker_log_shows_its_last_run_only(tmp_path) -> None:
         f.write(f"{_RUN_MARK}--endpoint 127.0.0.1:50053\nstarting\n{ABORT_LINE}\n#0  0x7f in x\n")
     assert _tail(log) == ("starting", ABORT_LINE)
     assert _tail(log, raw=True)[-1] == "#0  0x7f in x"
+
+
+def test_the_inference_child_spins_as_the_agents_workers_do(monkeypatch) -> None:
+    """The desktop's inference child runs ggml's CPU backend too: it gets rpc_spin's default
+    spin count (procs.omp_env), read from the running child's environment."""
+    import asyncio
+    from pathlib import Path
+
+    from corral.engine.procs import OMP_SPIN_DEFAULT
+    from corral.engine.runtime.inference import InferenceProcess
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+
+    async def child_env() -> dict[str, str]:
+        child = InferenceProcess()
+        try:
+            await child.start()
+            assert child.proc is not None
+            raw = Path(f"/proc/{child.proc.pid}/environ").read_bytes()
+        finally:
+            await child.close()
+        return dict(kv.split("=", 1) for kv in raw.decode().split("\0") if "=" in kv)
+
+    assert asyncio.run(child_env())["GOMP_SPINCOUNT"] == str(OMP_SPIN_DEFAULT)
