@@ -117,6 +117,7 @@ if [ ! -e "$config" ]; then
     echo '# devices = ["CUDA0"]          # share only these (corral-agent doctor lists them)'
     echo '# reserve_mib = { CUDA0 = 2048, default = 256 }   # keep this much free per device'
     echo '# rpc_threads = 8'
+    echo '# rpc_spin = 30000             # OpenMP spins before idle worker threads sleep'
     [ -n "$cache_dir" ] && echo "cache_dir = \"$cache_dir\""
     echo '# cache_max_mib = 10240'
   } > "$config"
