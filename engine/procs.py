@@ -25,16 +25,20 @@ RPC_PROCESS_ENV = {"GGML_RPC_NO_RDMA": "1"}
 # the tunnels (on a 2-core VM, splits over a 2-thread and a 1-thread worker ran 30-50 %
 # slower than predicted; with 30,000 or 1,000 spins in line with the one-worker splits:
 # docs/PLANNER.md). 30,000 spins still cover any wait at a barrier inside a graph
-# (0.1-2 ms, by the CPU's pause). A GOMP_SPINCOUNT or OMP_WAIT_POLICY of the user's own wins.
+# (0.1-2 ms, by the CPU's pause). An agent's rpc_spin wins over the environment (it is about
+# this worker alone); without one, a GOMP_SPINCOUNT or OMP_WAIT_POLICY of the user's own wins.
 OMP_SPIN_DEFAULT = 30_000
 
 
 def omp_env(spin: int | None = None) -> dict[str, str]:
-    """The OpenMP setting for a process that runs ggml's CPU backend: `spin` (else
-    OMP_SPIN_DEFAULT) as GOMP_SPINCOUNT, unless this process's environment sets its own."""
+    """The OpenMP setting for a process that runs ggml's CPU backend: `spin` as
+    GOMP_SPINCOUNT where given; else the environment's own GOMP_SPINCOUNT or OMP_WAIT_POLICY
+    where it sets one; else OMP_SPIN_DEFAULT."""
+    if spin is not None:
+        return {"GOMP_SPINCOUNT": str(spin)}
     if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
         return {}
-    return {"GOMP_SPINCOUNT": str(OMP_SPIN_DEFAULT if spin is None else spin)}
+    return {"GOMP_SPINCOUNT": str(OMP_SPIN_DEFAULT)}
 
 
 # ggml_abort writes "FILE:LINE: message" (GGML_ASSERT's "…: GGML_ASSERT(x) failed"), then a

@@ -196,7 +196,8 @@ def test_an_agent_applies_the_file_flags_win_and_sighup_reloads(tmp_path: Path) 
     [
         ("", {}, str(OMP_SPIN_DEFAULT)),  # the default
         ("rpc_spin = 4321\n", {}, "4321"),  # the file's
-        ("rpc_spin = 4321\n", {"GOMP_SPINCOUNT": "77"}, "77"),  # the agent's own environment
+        ("rpc_spin = 4321\n", {"GOMP_SPINCOUNT": "77"}, "4321"),  # the file's, over the env's
+        ("", {"GOMP_SPINCOUNT": "77"}, "77"),  # the agent's environment, over the default
         ("", {"OMP_WAIT_POLICY": "ACTIVE"}, None),  # the user's policy: no count set
     ],
 )
@@ -207,8 +208,8 @@ def test_the_worker_gets_the_spin_count_asked_for(
     env: dict[str, str],
     spins: str | None,
 ) -> None:
-    """The RPC worker's OpenMP threads spin as rpc_spin says (or as the user's own
-    GOMP_SPINCOUNT / OMP_WAIT_POLICY says), read from the running worker's environment."""
+    """The RPC worker's OpenMP threads spin as rpc_spin says, else as the agent's own
+    GOMP_SPINCOUNT / OMP_WAIT_POLICY says, else 30,000: read from the running worker."""
     config = tmp_path / "agent.toml"
     config.write_text('devices = ["CPU"]\n' + line)
     for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
