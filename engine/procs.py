@@ -18,15 +18,16 @@ _PR_SET_PDEATHSIG = 1
 # worker) runs with ggml's switch for it set: both ends then advertise no RDMA.
 RPC_PROCESS_ENV = {"GGML_RPC_NO_RDMA": "1"}
 
-# ggml's CPU backend runs each graph in one OpenMP parallel region; after it, libgomp's
-# threads spin GOMP_SPINCOUNT times (300,000 by default: milliseconds) before they sleep.
-# In a split, a worker's next graph comes only after the other devices' share of the token,
-# so that spinning takes cores from whatever shares the host: another worker, the desktop,
-# the tunnels (on a 2-core VM, splits over a 2-thread and a 1-thread worker ran 30-50 %
-# slower than predicted; with 30,000 or 1,000 spins in line with the one-worker splits:
-# docs/PLANNER.md). 30,000 spins still cover any wait at a barrier inside a graph
-# (0.1-2 ms, by the CPU's pause). An agent's rpc_spin wins over the environment (it is about
-# this worker alone); without one, a GOMP_SPINCOUNT or OMP_WAIT_POLICY of the user's own wins.
+# ggml's CPU backend runs each graph in one OpenMP parallel region and waits at its barriers
+# through OpenMP; libgomp's threads spin GOMP_SPINCOUNT times (300,000 unless set: 0.2-0.6 ms
+# of a core after each region on the 2-core VM) before they sleep. In a split, a worker's
+# next graph comes only after the other devices' share of the token, so that spinning takes
+# cores from whatever shares the host: another worker, the desktop, the tunnels (on the VM,
+# splits over a 2-thread and 1-thread workers ran 10-14 % faster with 30,000, and their
+# predictions came in line: docs/PLANNER.md, "Cores shared"). 30,000 spins (about 0.1 ms
+# there) left the 2-thread worker's own speed where it was. An agent's rpc_spin wins over
+# the environment (it is about this worker alone); without one, a GOMP_SPINCOUNT or
+# OMP_WAIT_POLICY of the user's own wins.
 OMP_SPIN_DEFAULT = 30_000
 
 
