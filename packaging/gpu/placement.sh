@@ -12,7 +12,7 @@
 #     (gpu-cpu-spare2), splits in steps of 16 (placement-diag.json): the splits that end on
 #     the CPU ran slower than predicted on the H100 host (32/1: +81 %)
 #  4. bench/placement.py's CPU set-ups (threads, delays; --scale 2 --cpu-only) on the
-#     SmolLM2-shaped random model at Q4_1 (the default model's type), three passes, then on
+#     SmolLM2-shaped random model at Q4_1 (the default model's type), two passes, then on
 #     the 1.1B "big" at Q4_K_M (placement-small.json, placement-big.json)
 #  QUICK=1: step 3 alone, on the 1.1B, with gpu-cpu beside it (placement-quick.json)
 #  5. bench/placement.py --curve 1,2,4,8 on the 7.24B, gpu-cpu set-up: each device's step on
@@ -57,7 +57,7 @@ wait_for quant || exit 0
 [ -z "${TTFT:-}" ] || [ -f /tmp/ttft.done ] || detached ttft "python3 bench/serve.py --model /tmp/7b-q4_k_m.gguf --only-ttft --rounds 5 \
   --flash-attn on --json /tmp/ttft7b.json"
 if [ -n "${TTFT:-}" ]; then wait_for ttft || exit 0; tail -3 /tmp/ttft.log; fi
-P="python3 bench/placement.py --rounds 3 --tokens 48"
+P="python3 bench/placement.py --rounds 3 --tokens 48 --passes 1"
 detached place-gpu "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu --json /tmp/placement-gpu.json"
 WAIT_TAIL=20 wait_for place-gpu || exit 0
 tail -3 /tmp/place-gpu.log
@@ -66,7 +66,7 @@ detached place-diag "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu-oldspin,gpu
 WAIT_TAIL=20 wait_for place-diag || exit 0
 tail -4 /tmp/place-diag.log
 detached place-small "$P --model /tmp/small-q4_1.gguf --scale 2 --cpu-only --setups threads,delays \
-  --passes 3 --json /tmp/placement-small.json"
+  --passes 2 --json /tmp/placement-small.json"
 WAIT_TAIL=20 wait_for place-small || exit 0
 tail -6 /tmp/place-small.log
 detached place-big "$P --model /tmp/big-q4_k_m.gguf --scale 2 --cpu-only --step 4 \
