@@ -14,11 +14,14 @@
 #  4. bench/placement.py's CPU set-ups (threads, delays; --scale 2 --cpu-only) on the
 #     SmolLM2-shaped random model at Q4_1 (the default model's type), two passes, then on
 #     the 1.1B "big" at Q4_K_M (placement-small.json, placement-big.json)
-#  QUICK=1: step 3 alone, on the 1.1B, with gpu-cpu beside it (placement-quick.json)
 #  5. bench/placement.py --curve 1,2,4,8 on the 7.24B, gpu-cpu set-up: each device's step on
 #     probes of 1, 2, 4 and 8 layers and on the whole model (curve-gpu.json); last, since it
 #     is a diagnosis (and aborted the inference child on the H100 host three times: the
 #     bench prints the child's last lines, now with llama.cpp's abort message)
+# With QUICK=1: step 3 alone, on the 1.1B, with gpu-cpu beside it (placement-quick.json).
+# Mind the set-up: the llama.cpp build alone took about 5 minutes of a fresh H100 host, so
+# even QUICK needs some 9 minutes of device time (one call of 6 minutes ran out in it).
+# All of it: about 30 minutes, three calls back to back (`placement.sh 570`).
 #
 #   packaging/gpu/placement.sh [WAIT_S]
 START=$SECONDS
