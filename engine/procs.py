@@ -7,7 +7,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 _PR_SET_PDEATHSIG = 1
 
@@ -31,13 +31,14 @@ RPC_PROCESS_ENV = {"GGML_RPC_NO_RDMA": "1"}
 OMP_SPIN_DEFAULT = 30_000
 
 
-def omp_env(spin: int | None = None) -> dict[str, str]:
+def omp_env(spin: int | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The OpenMP setting for a process that runs ggml's CPU backend: `spin` as
-    GOMP_SPINCOUNT where given; else the environment's own GOMP_SPINCOUNT or OMP_WAIT_POLICY
-    where it sets one; else OMP_SPIN_DEFAULT."""
+    GOMP_SPINCOUNT where given; else the environment's (`environ`, default this process's)
+    own GOMP_SPINCOUNT or OMP_WAIT_POLICY where it sets one; else OMP_SPIN_DEFAULT."""
+    env = os.environ if environ is None else environ
     if spin is not None:
         return {"GOMP_SPINCOUNT": str(spin)}
-    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+    if "GOMP_SPINCOUNT" in env or "OMP_WAIT_POLICY" in env:
         return {}
     return {"GOMP_SPINCOUNT": str(OMP_SPIN_DEFAULT)}
 

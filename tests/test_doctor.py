@@ -153,6 +153,23 @@ def test_hosts_without_the_native_relay_are_warned(
     assert worker["tunnel"]["status"] == "warn"
 
 
+def test_the_agent_doctor_says_how_its_worker_threads_spin(tmp_path: Path) -> None:
+    """This llama.cpp is built with OpenMP (`make install`): the agent's doctor names the spin
+    count its worker gets and where it comes from; PASSIVE from the environment is warned."""
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    worker = agent_doctor("--state-dir", str(tmp_path / "a"), env=base)
+    assert worker["CPU threads"]["status"] == "pass"
+    assert "spin 30000 times before they sleep (the default)" in worker["CPU threads"]["detail"]
+    config = tmp_path / "agent.toml"
+    config.write_text("rpc_spin = 500\n")
+    worker = agent_doctor("--config", str(config), "--state-dir", str(tmp_path / "b"), env=base)
+    assert "spin 500 times before they sleep (rpc_spin)" in worker["CPU threads"]["detail"]
+    passive = dict(base, OMP_WAIT_POLICY="passive")
+    worker = agent_doctor("--state-dir", str(tmp_path / "c"), env=passive)
+    assert worker["CPU threads"]["status"] == "warn"
+    assert "rpc_spin" in worker["CPU threads"]["fix"]
+
+
 def test_no_rpc_support_in_the_build(desktop: Path, tmp_path: Path) -> None:
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(without_rpc(tmp_path / "lib")))
     checks = corral_doctor("--wait", "0", env=env)

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,49 @@ LOCAL_USERS = (
     "; without the hand-over an agent's RPC worker listens on a 127.0.0.1 port that other "
     "local users of that host can reach"
 )
+
+
+def spin_check(system_info: str, rpc_spin: int | None, environ: Mapping[str, str]) -> Check:
+    """How long the RPC worker's idle CPU threads spin before they sleep (rpc_spin,
+    docs/OPERATIONS.md), and where that comes from; a setting that cannot act is said."""
+    from corral.engine.procs import omp_env
+
+    if "OPENMP = 1" not in system_info:
+        detail = "this llama.cpp runs its CPU threads in ggml's own pool, not OpenMP"
+        if rpc_spin is not None:
+            return Check(
+                "CPU threads",
+                WARN,
+                f"{detail}: rpc_spin = {rpc_spin} changes nothing here",
+                "remove rpc_spin from the config, or install a llama.cpp built with OpenMP "
+                "(`make install` builds one)",
+            )
+        return Check("CPU threads", PASS, detail)
+    policy = environ.get("OMP_WAIT_POLICY", "")
+    if rpc_spin is None and "GOMP_SPINCOUNT" not in environ and policy:
+        if policy.strip().upper() == "PASSIVE":
+            return Check(
+                "CPU threads",
+                WARN,
+                "OMP_WAIT_POLICY=PASSIVE in the agent's environment: every barrier in a "
+                "graph puts the worker's threads to sleep (a 2-thread worker ran about a third "
+                "slower)",
+                "unset OMP_WAIT_POLICY for the agent, or set rpc_spin (30000) in its config",
+            )
+        return Check("CPU threads", PASS, f"OMP_WAIT_POLICY={policy} from the agent's environment")
+    spins = omp_env(rpc_spin, environ).get("GOMP_SPINCOUNT") or environ["GOMP_SPINCOUNT"]
+    source = (
+        "rpc_spin"
+        if rpc_spin is not None
+        else "GOMP_SPINCOUNT in the agent's environment"
+        if "GOMP_SPINCOUNT" in environ
+        else "the default"
+    )
+    return Check(
+        "CPU threads",
+        PASS,
+        f"the RPC worker's OpenMP threads spin {spins} times before they sleep ({source})",
+    )
 
 
 def relay_check() -> Check:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .checks import (
     nvml_check,
     print_report,
     relay_check,
+    spin_check,
 )
 
 
@@ -80,6 +82,8 @@ async def worker_checks(opts: argparse.Namespace) -> list[Check]:
     checks = [_config_check(opts), *build_checks(local)]
     if not local.error:
         checks.append(await kernel_check("corral-agent doctor"))
+        info = str(local.build.get("system_info", ""))
+        checks.append(spin_check(info, opts.config.worker.rpc_spin, os.environ))
     checks += [nvml_check(), relay_check()]
     checks.append(listen_port_check(host, port, running))
     if mdns is None:

@@ -127,3 +127,17 @@ def test_the_inference_child_spins_as_the_agents_workers_do(monkeypatch) -> None
         return dict(kv.split("=", 1) for kv in raw.decode().split("\0") if "=" in kv)
 
     assert asyncio.run(child_env())["GOMP_SPINCOUNT"] == str(OMP_SPIN_DEFAULT)
+
+
+def test_a_spin_count_without_openmp_is_said_to_do_nothing() -> None:
+    """A llama.cpp built without OpenMP (ggml's own thread pool: a macOS build, say) ignores
+    GOMP_SPINCOUNT: an rpc_spin in the config is warned about, not passed over in silence."""
+    from corral.engine.doctor.checks import spin_check
+
+    no_omp = "CPU : AVX2 = 1 | LLAMAFILE = 1 | REPACK = 1 |"
+    check = spin_check(no_omp, 500, {})
+    assert check.status == "warn" and "rpc_spin = 500 changes nothing here" in check.detail
+    assert spin_check(no_omp, None, {}).status == "pass"
+    omp = "CPU : AVX2 = 1 | OPENMP = 1 | REPACK = 1 |"
+    check = spin_check(omp, None, {"GOMP_SPINCOUNT": "77"})
+    assert "spin 77 times" in check.detail and "environment" in check.detail
