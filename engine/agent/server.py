@@ -545,6 +545,13 @@ class AgentServer:
             return refused
         self._lease = conn
         conn.since = time.time()
+        spin = self.settings.rpc_spin
+        if spin is not None and "OPENMP = 1" not in str((await self._probe()).build):
+            log.warning(  # said, not passed over: `corral-agent doctor` says it too
+                "rpc_spin = %d changes nothing: this llama.cpp runs its CPU threads without "
+                "OpenMP",
+                spin,
+            )
         try:
             threads = msg.threads or self.settings.rpc_threads
             state = await self.supervisor.start(devices, threads, msg.cache and self.settings.cache)
