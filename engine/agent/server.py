@@ -548,8 +548,7 @@ class AgentServer:
         spin = self.settings.rpc_spin
         if spin is not None and "OPENMP = 1" not in str((await self._probe()).build):
             log.warning(  # said, not passed over: `corral-agent doctor` says it too
-                "rpc_spin = %d changes nothing: this llama.cpp runs its CPU threads without "
-                "OpenMP",
+                "rpc_spin = %d changes nothing: this llama.cpp has no OpenMP threads",
                 spin,
             )
         try:
