@@ -197,17 +197,19 @@ def write_probe(spec: ModelSpec, n_layer: int, n_vocab: int, path: Path) -> None
     shape, ftype = probe_shape(spec)
     code = (
         "import sys, json, os\n"
+        "from corral.engine.procs import die_with_parent\n"
+        "die_with_parent()\n"  # a desktop killed mid-build takes its writer with it
         "from corral.engine.model.synthetic import TinyLlama, write_tiny_llama\n"
         "from corral.engine.ggml.quantize import quantize\n"
-        "a = json.loads(sys.argv[1])\n"
-        "src = sys.argv[2] + '.f16'\n"
+        "a = json.loads(sys.stdin.read())\n"  # per-layer types: can outgrow an argument
+        "src = sys.argv[1] + '.f16'\n"
         "write_tiny_llama(src, TinyLlama(n_layer=a['n_layer'], n_embd=a['n_embd'],"
         " n_head=a['n_head'], n_head_kv=a['n_head_kv'], head_dim=a['head_dim'],"
         " n_ff=a['n_ff'], n_vocab=a['n_vocab'], tied_embeddings=False, dtype='f16'))\n"
         "if a['ftype'] == 'f16':\n"
-        "    os.replace(src, sys.argv[2])\n"
+        "    os.replace(src, sys.argv[1])\n"
         "else:\n"
-        "    quantize(src, sys.argv[2], a['ftype'], pure=True, types=a['types'],"
+        "    quantize(src, sys.argv[1], a['ftype'], pure=True, types=a['types'],"
         " output_type=a['output_type'])\n"
         "    os.unlink(src)\n"
     )
@@ -222,7 +224,8 @@ def write_probe(spec: ModelSpec, n_layer: int, n_vocab: int, path: Path) -> None
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         part = Path(tmp) / path.name
         done = subprocess.run(
-            [sys.executable, "-c", code, json.dumps(args), str(part)],
+            [sys.executable, "-c", code, str(part)],
+            input=json.dumps(args),
             capture_output=True,
             text=True,
             timeout=1800,

@@ -6,6 +6,7 @@ llama.cpp to Q4_K_M (its own mix), and the probes built for it by llama.cpp's qu
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 from pathlib import Path
@@ -95,3 +96,56 @@ def test_a_new_gpu_driver_is_measured_again() -> None:
     assert key(host_driver(gpus)) != key(host_driver(newer))
     assert key(host_driver(gpus)) == key(host_driver(gpus))
     assert key("") == device_key("agent", "0", "CUDA : ARCHS = 900", 0, "probe")
+
+
+def test_a_probe_writer_dies_with_the_desktop_that_started_it(
+    smollm2: Path, tmp_path: Path
+) -> None:
+    """A desktop killed while it builds a probe (seconds to minutes of writing and
+    quantizing) leaves no writer behind to finish for nobody. The probe here is 1,200 layers
+    of SmolLM2's shape: a minute or more of work, killed half a second in."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path\n"
+            "from corral.engine.model.spec import read_model_spec\n"
+            "from corral.engine.runtime.speeds import write_probe\n"
+            "spec = read_model_spec(sys.argv[1])\n"
+            "write_probe(spec, 40 * spec.n_layer, spec.n_vocab, Path(sys.argv[2]))\n",
+            str(smollm2),
+            str(tmp_path / "probe.gguf"),
+        ]
+    )
+    try:
+        writer = 0
+        deadline = time.monotonic() + 60
+        while not writer and time.monotonic() < deadline and parent.poll() is None:
+            children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+            with contextlib.suppress(OSError):
+                writer = int((children.read_text().split() or ["0"])[0])
+            time.sleep(0.05)
+        assert writer, "the probe writer never started (or finished at once)"
+        time.sleep(0.5)  # past its die_with_parent
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{writer}").exists() and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):  # a zombie of init's counts as gone
+                if "State:\tZ" in Path(f"/proc/{writer}/status").read_text():
+                    break
+            time.sleep(0.05)
+        alive = Path(f"/proc/{writer}/status")
+        assert not alive.exists() or "State:\tZ" in alive.read_text(), "the writer lived on"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            if writer:
+                os.kill(writer, signal.SIGKILL)
