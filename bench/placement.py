@@ -70,7 +70,7 @@ SETUPS = {
     "gpu-cpu": [(0, 0.0, 0.0, "CUDA0"), (0, 0.0, 0.0, "CPU")],
     # diagnoses of gpu-cpu's splits that end on the CPU (the output layer there ran slower
     # than its probe): the CPU worker leaving two cores to the rest of the host; libgomp's
-    # own spin count (300,000, milliseconds: about a GPU's share of a token) instead of
+    # own spin count (300,000; bench/omp_spin.c says what that costs a CPU) instead of
     # rpc_spin's default
     "gpu-cpu-spare2": [(0, 0.0, 0.0, "CUDA0"), (-2, 0.0, 0.0, "CPU")],
     "gpu-cpu-oldspin": [
