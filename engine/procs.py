@@ -31,6 +31,12 @@ RPC_PROCESS_ENV = {"GGML_RPC_NO_RDMA": "1"}
 OMP_SPIN_DEFAULT = 30_000
 
 
+def uses_openmp(build: object) -> bool:
+    """Whether a llama.cpp build runs its CPU threads through OpenMP (where the spin count
+    acts), from its system info line ("... | OPENMP = 1 | ...") or the build dict holding it."""
+    return "OPENMP = 1" in str(build)
+
+
 def omp_env(spin: int | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The OpenMP setting for a process that runs ggml's CPU backend: `spin` as
     GOMP_SPINCOUNT where given; else the environment's (`environ`, default this process's)

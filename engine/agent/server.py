@@ -26,6 +26,7 @@ import corral
 from corral.discovery import Advertiser, AgentHints
 from corral.engine.aio import within
 from corral.engine.hostmem import read_memory
+from corral.engine.procs import uses_openmp
 from corral.engine.protocol import (
     CONTROL,
     ECHO_MAX,
@@ -546,7 +547,7 @@ class AgentServer:
         self._lease = conn
         conn.since = time.time()
         spin = self.settings.rpc_spin
-        if spin is not None and "OPENMP = 1" not in str((await self._probe()).build):
+        if spin is not None and not uses_openmp((await self._probe()).build):
             log.warning(  # said, not passed over: `corral-agent doctor` says it too
                 "rpc_spin = %d changes nothing: this llama.cpp has no OpenMP threads",
                 spin,

@@ -85,9 +85,9 @@ LOCAL_USERS = (
 def spin_check(system_info: str, rpc_spin: int | None, environ: Mapping[str, str]) -> Check:
     """How long the RPC worker's idle CPU threads spin before they sleep (rpc_spin,
     docs/OPERATIONS.md), and where that comes from; a setting that cannot act is said."""
-    from corral.engine.procs import omp_env
+    from corral.engine.procs import omp_env, uses_openmp
 
-    if "OPENMP = 1" not in system_info:
+    if not uses_openmp(system_info):
         detail = "this llama.cpp runs its CPU threads in ggml's own pool, not OpenMP"
         if rpc_spin is not None:
             return Check(
