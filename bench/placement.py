@@ -15,7 +15,8 @@ or more, the output layer with the last), plus each one-agent split, plus speed'
 balanced's choices; each is loaded and generates --tokens tokens --rounds times (the median
 tokens/s), once in each of --passes passes over all of them, and keeps its fastest pass: a
 moment when a shared machine's neighbours are busy then slows one pass of every split, not
-every round of one (the probes are likewise timed twice in turn, the faster kept).
+every round of one (the probes are likewise timed in turn until they settle, the fastest
+kept).
 Reported: speed's choice over the best measured split (target >= 0.95), the prediction's
 error on every split (target within 15 %), balanced beside them.
 """

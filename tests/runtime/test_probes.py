@@ -149,3 +149,15 @@ def test_a_probe_writer_dies_with_the_desktop_that_started_it(
         with contextlib.suppress(ProcessLookupError, UnboundLocalError):
             if writer:
                 os.kill(writer, signal.SIGKILL)
+
+
+def test_a_probe_is_timed_again_until_its_two_fastest_agree() -> None:
+    """The rule time_device keeps timing by: a probe's two fastest medians (generated and
+    batch) within 10 % of each other; one slow pass out of three does not count against it."""
+    from corral.engine.runtime.speeds import settled
+
+    assert settled([(1.00, 5.0), (1.05, 5.2)])
+    assert not settled([(1.00, 5.0), (1.30, 5.1)])  # generated steps 30 % apart
+    assert not settled([(1.00, 5.0), (1.02, 6.0)])  # batches 20 % apart
+    assert settled([(1.00, 5.0), (3.00, 9.0), (1.04, 5.1)])  # the slow spell left out
+    assert not settled([(1.00, 5.0)])  # one timing settles nothing
