@@ -34,7 +34,7 @@ from typing import Any
 
 import platformdirs
 
-from corral.engine.procs import exit_text
+from corral.engine.procs import exit_text, last_words
 
 from ._lib import installed_lib_dir
 from .buildinfo import OWN_CXX_RUNTIME_FIX, own_cxx_runtimes
@@ -306,11 +306,10 @@ def _run_path(
 
 
 def _error_tail(stderr: str) -> str:
-    """The last line a child that exited with an error wrote: its exception, not
-    faulthandler's list of extension modules (a signal's death says enough on its own)."""
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith(("Extension modules:", "File ", "Fatal "))]
-    return lines[-1][-300:] if lines else ""
+    """The last line a child that exited with an error wrote: its exception, or llama.cpp's
+    abort line, never faulthandler's dump (procs.last_words)."""
+    lines = last_words(stderr.splitlines(), 1)
+    return lines[0].strip()[-300:] if lines else ""
 
 
 def _distance(a: Path, b: Path) -> float:
