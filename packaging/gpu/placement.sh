@@ -11,13 +11,13 @@
 #     12-06's rpc_spin), and with the CPU worker leaving two cores to the rest of the host
 #     (gpu-cpu-spare2), splits in steps of 16 (placement-diag.json): the splits that end on
 #     the CPU ran slower than predicted on the H100 host (32/1: +81 %)
-#  4. bench/placement.py's CPU set-ups (threads, delays; --scale 2 --cpu-only) on the
+#  4. bench/placement.py --curve 1,2,4,8 on the 7.24B, gpu-cpu set-up: each device's step on
+#     probes of 1, 2, 4 and 8 layers and on the whole model (curve-gpu.json); it aborted the
+#     inference child on the H100 host three times: the bench prints the child's last lines,
+#     now with llama.cpp's abort message (before the CPU set-ups, which have host figures)
+#  5. bench/placement.py's CPU set-ups (threads, delays; --scale 2 --cpu-only) on the
 #     SmolLM2-shaped random model at Q4_1 (the default model's type), two passes, then on
 #     the 1.1B "big" at Q4_K_M (placement-small.json, placement-big.json)
-#  5. bench/placement.py --curve 1,2,4,8 on the 7.24B, gpu-cpu set-up: each device's step on
-#     probes of 1, 2, 4 and 8 layers and on the whole model (curve-gpu.json); last, since it
-#     is a diagnosis (and aborted the inference child on the H100 host three times: the
-#     bench prints the child's last lines, now with llama.cpp's abort message)
 # With QUICK=1: step 3 alone, on the 1.1B, with gpu-cpu beside it (placement-quick.json).
 # Mind the set-up: the llama.cpp build alone took about 5 minutes of a fresh H100 host, so
 # even QUICK needs some 9 minutes of device time (one call of 6 minutes ran out in it).
@@ -68,6 +68,10 @@ detached place-diag "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu-oldspin,gpu
   --step 16 --json /tmp/placement-diag.json"
 WAIT_TAIL=20 wait_for place-diag || exit 0
 tail -4 /tmp/place-diag.log
+detached curve "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu --curve 1,2,4,8 \
+  --json /tmp/curve-gpu.json"
+WAIT_TAIL=20 wait_for curve || exit 0
+tail -4 /tmp/curve.log
 detached place-small "$P --model /tmp/small-q4_1.gguf --scale 2 --cpu-only --setups threads,delays \
   --passes 2 --json /tmp/placement-small.json"
 WAIT_TAIL=20 wait_for place-small || exit 0
@@ -76,7 +80,3 @@ detached place-big "$P --model /tmp/big-q4_k_m.gguf --scale 2 --cpu-only --step 
   --setups threads,delays --json /tmp/placement-big.json"
 WAIT_TAIL=20 wait_for place-big || exit 0
 tail -6 /tmp/place-big.log
-detached curve "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu --curve 1,2,4,8 \
-  --json /tmp/curve-gpu.json"
-WAIT_TAIL=20 wait_for curve || exit 0
-tail -4 /tmp/curve.log
