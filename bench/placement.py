@@ -151,8 +151,7 @@ async def run_curve(name: str, model: Path, layers: list[int], tokens: int, log:
     """Each device's step time on probes of `layers` layers and on the whole model alone,
     with the desktop's child at one thread per core and at one thread: whether a layer's
     time is the same at every probe size and the same as in the model. Every probe is timed
-    before the model is loaded, as a deploy with speed does (a probe loaded in place of a
-    model once aborted the child on the H100 host)."""
+    before the model is loaded, as a deploy with speed does."""
     spec = read_model_spec(model)
     out: dict = {"setup": name, "model": str(model), "devices": []}
     with contextlib.ExitStack() as stack:
@@ -167,8 +166,9 @@ async def run_curve(name: str, model: Path, layers: list[int], tokens: int, log:
             for n in layers:
                 path = Path(cache_dir()) / "curve" / f"{probe_key(spec)}-{n}.gguf"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                if not path.exists():
-                    write_probe(spec, n, PROBE_VOCAB, path)
+                if not path.exists():  # off the loop: minutes for the 7.24B's, and a loop
+                    # that stalls past the heartbeat loses its agents (and their tunnels)
+                    await asyncio.to_thread(write_probe, spec, n, PROBE_VOCAB, path)
                 probes[n] = path
             used = [i for i in range(n_dev) if plan.devices[i].endpoint]
             rows = {i: {"device": plan.devices[i].name, "probe": {}, "model": {}} for i in used}

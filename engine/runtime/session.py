@@ -241,6 +241,7 @@ class ChatSession:
         self._events: list[tuple[float, AgentClient, AgentEvent]] = []
         self.local_devices: list[GgmlDevice] = []
         self.inventories: list[Inventory] = []
+        self._worker_threads = 0  # connect's, for a worker started again (_reach_agents)
         self.warnings: tuple[str, ...] = ()
         self.verdicts: list[Verdict] = []
         self.desktop_build: BuildFacts | None = None
@@ -293,24 +294,63 @@ class ChatSession:
             build.rpc_proto,
             build.system_info,
         )
+        self._worker_threads = worker_threads
         # before any worker starts, so a mismatched build is never asked to connect
+        self._check_builds(self.clients)
+        states = await asyncio.gather(
+            *(self._start_worker(c, worker_threads) for c in self.clients)
+        )
+        self.workers = list(states)
+        await self._probe_endpoints(self.clients, self.endpoints)
+        self.inventories = list(await asyncio.gather(*(c.inventory() for c in self.clients)))
+
+    def _check_builds(self, clients: Sequence[AgentClient]) -> None:
+        """PlanRefused where an agent's llama.cpp is not this desktop's."""
+        assert self.desktop_build is not None
         mismatched = check_builds(
             self.desktop_build,
             [
                 BuildFacts(c.name, c.hello.llama_version, c.hello.llama_commit, c.hello.rpc_proto)
-                for c in self.clients
+                for c in clients
                 if c.hello is not None
             ],
         )
         if mismatched:
             self.verdicts = mismatched
             raise PlanRefused("; ".join(str(v) for v in mismatched))
-        states = await asyncio.gather(
-            *(self._start_worker(c, worker_threads) for c in self.clients)
-        )
-        self.workers = list(states)
-        await self._probe_endpoints(self.endpoints)
-        self.inventories = list(await asyncio.gather(*(c.inventory() for c in self.clients)))
+
+    async def _reach_agents(self) -> None:
+        """Before the inference child is handed any worker's endpoint: an agent whose
+        connection ended since (restarted, its host rebooted, heartbeats missed) is
+        connected again, its worker started and a new tunnel opened, with the checks
+        `connect` makes; ggml-rpc aborts the child on an endpoint that refuses ("Failed to
+        connect to 127.0.0.1:PORT"). AgentUnreachable, naming the agent, where it cannot
+        be reached; PlanRefused where it came back with another llama.cpp."""
+        for i, old in enumerate(self.clients):
+            if not old.closed_reason:
+                continue
+            why = old.closed_reason
+            client = self._client(old.address)
+            try:
+                await client.connect()
+                self._check_builds([client])
+                worker = await self._start_worker(client, self._worker_threads)
+                await self._probe_endpoints([client], [worker.endpoint])
+                inventory = await client.inventory()
+            except RuntimeFailure as exc:
+                await client.close()
+                tunnel = self.tunnels.pop(client.address, None)
+                if tunnel is not None:
+                    tunnel.close()
+                if isinstance(exc, PlanRefused):
+                    raise
+                raise AgentUnreachable(
+                    f"lost agent {old.name} ({why}) and cannot reach it again: {exc} (or "
+                    "plan without that host)"
+                ) from None
+            await old.close()
+            self.clients[i], self.workers[i], self.inventories[i] = client, worker, inventory
+            self._warn(f"agent {client.name} was lost ({why}) and is connected again")
 
     @property
     def endpoints(self) -> list[str]:
@@ -360,6 +400,7 @@ class ChatSession:
         except ModelError as exc:
             raise ModelUnreadable(str(exc)) from None
         self.spec = spec
+        await self._reach_agents()
         devices = devices_from_agents(
             [c.name for c in self.clients], self.inventories, self.endpoints, self.local_devices
         )
@@ -540,9 +581,10 @@ class ChatSession:
         if missing:
             self.result = None  # the probes take the loaded model's place in the child
             if self._child_had_model:
-                # probes in a fresh child: on the H100 host a probe loaded into the child
-                # that had held the 7.24B (loaded, or its dry run) aborted it, twice; probes
-                # loaded into a fresh child never did
+                # probes in a fresh child, so the model (or what its dry run left) is gone
+                # for sure. (The H100 host's aborts once blamed on a probe after a model were
+                # the bench's: its loop stalled writing probes, the agents were dropped with
+                # their tunnels, and ggml-rpc "Failed to connect"; _reach_agents now.)
                 await self._new_child()
                 await self.child.start()
             loop = asyncio.get_running_loop()
@@ -668,6 +710,7 @@ class ChatSession:
         if refused:
             raise PlanRefused("refused before loading: " + "; ".join(str(v) for v in refused))
         self._warn(*(str(v) for v in self.verdicts))
+        await self._reach_agents()  # one lost during the dry run
         try:
             self._child_had_model = True
             loaded = await self.child.load(
@@ -724,7 +767,9 @@ class ChatSession:
         self.tunnels[client.address] = tunnel
         return dataclasses.replace(state, endpoint=tunnel.endpoint)
 
-    async def _probe_endpoints(self, endpoints: list[str]) -> None:
+    async def _probe_endpoints(
+        self, clients: Sequence[AgentClient], endpoints: Sequence[str]
+    ) -> None:
         loop = asyncio.get_running_loop()
 
         async def one(client: AgentClient, endpoint: str) -> None:
@@ -738,7 +783,7 @@ class ChatSession:
                 why = tunnel.last_error if tunnel is not None and tunnel.last_error else str(exc)
                 raise WorkerUnavailable(f"the RPC worker of agent {client.name}: {why}") from None
 
-        await asyncio.gather(*(one(c, e) for c, e in zip(self.clients, endpoints, strict=True)))
+        await asyncio.gather(*(one(c, e) for c, e in zip(clients, endpoints, strict=True)))
 
     def _placements(self, loaded: Loaded, warnings: tuple[str, ...]) -> LoadResult:
         by_endpoint = {w.endpoint: c.name for c, w in zip(self.clients, self.workers, strict=True)}
