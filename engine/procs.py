@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import math
 import os
 import re
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 _PR_SET_PDEATHSIG = 1
 
@@ -47,6 +49,89 @@ def omp_env(spin: int | None = None, environ: Mapping[str, str] | None = None) -
     if "GOMP_SPINCOUNT" in env or "OMP_WAIT_POLICY" in env:
         return {}
     return {"GOMP_SPINCOUNT": str(OMP_SPIN_DEFAULT)}
+
+
+def cgroup_cpu_limit(own: str, read: Callable[[str], str | None]) -> float | None:
+    """The CPU time this process's cgroups allow, in cores (None: no limit seen), from
+    `own` (/proc/self/cgroup's text) and `read(path)` (a file's text under /sys/fs/cgroup,
+    None where absent): cgroup v2's cpu.max ("QUOTA PERIOD" or "max PERIOD") and v1's
+    cpu.cfs_quota_us / cpu.cfs_period_us (quota -1: none), on the process's own cgroup and
+    each one above it; the tightest wins."""
+    limits: list[float] = []
+    for line in own.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            base = ""  # v2: one tree
+        elif "cpu" in controllers.split(","):
+            base = "/" + controllers  # v1: the cpu controller's tree ("cpu,cpuacct")
+        else:
+            continue
+        here = path.rstrip("/")
+        while True:
+            folder = f"{base}{here}"
+            if base == "":
+                text = read(f"{folder}/cpu.max")
+                fields = text.split() if text else []
+                if len(fields) == 2 and fields[0] != "max":
+                    with contextlib.suppress(ValueError, ZeroDivisionError):
+                        limits.append(int(fields[0]) / int(fields[1]))
+            else:
+                quota = read(f"{folder}/cpu.cfs_quota_us")
+                period = read(f"{folder}/cpu.cfs_period_us")
+                if quota and period:
+                    with contextlib.suppress(ValueError, ZeroDivisionError):
+                        q = int(quota)
+                        if q > 0:
+                            limits.append(q / int(period))
+            if not here:
+                break
+            here = here.rsplit("/", 1)[0]
+    return min(limits) if limits else None
+
+
+def _read_cgroup_file(path: str) -> str | None:
+    try:
+        with open(f"/sys/fs/cgroup{path}") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a cpuset), no more
+    than its cgroup's CPU quota allows (a container's --cpus), rounded up; os.cpu_count()
+    counts the whole host. A thread of ggml's beyond these waits at every barrier for a
+    core another one holds."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = f.read()
+    except OSError:
+        own = ""
+    limit = cgroup_cpu_limit(own, _read_cgroup_file)
+    if limit is not None:
+        cores = min(cores, max(1, math.ceil(limit - 1e-9)))
+    return max(1, cores)
+
+
+# An RPC worker shares its host: with the agent's tunnel (which must forward the next
+# token's activations at once), often another worker or the desktop. On the H100 host a CPU
+# worker of 16 threads on the 16 cores beside a GPU worker ran its splits 13-46 % slower
+# than its probes said; the same worker at 14 threads ran them within 3 % (all but the
+# 32/1 split), and no slower (docs/PLANNER.md, "GPU and CPU on one host").
+WORKER_SPARE_CORES = 2
+
+
+def default_worker_threads(cores: int) -> int:
+    """An RPC worker's CPU threads when nobody chose: the usable cores, less
+    WORKER_SPARE_CORES where there are 8 or more (a small machine keeps all its cores)."""
+    return cores - WORKER_SPARE_CORES if cores >= 8 else max(1, cores)
 
 
 # ggml_abort writes "FILE:LINE: message" (GGML_ASSERT's "…: GGML_ASSERT(x) failed"), then a

@@ -27,7 +27,14 @@ from pathlib import Path
 
 from corral.engine.ggml.kernelcheck import crash_hint
 from corral.engine.ggml.probe import RpcProbeError, probe_rpc
-from corral.engine.procs import RPC_PROCESS_ENV, exit_text, last_words, omp_env
+from corral.engine.procs import (
+    RPC_PROCESS_ENV,
+    default_worker_threads,
+    exit_text,
+    last_words,
+    omp_env,
+    usable_cores,
+)
 from corral.engine.protocol import WorkerState
 from corral.engine.security.loopback import available as owners_listed
 from corral.engine.security.loopback import listening_port
@@ -152,7 +159,7 @@ class RpcSupervisor:
             state=self._status,
             endpoint=f"{self._tunnel_host}:{self._tunnel_port}" if self._tunnel_port else "",
             devices=self._devices,
-            threads=self._threads,
+            threads=self._threads or default_worker_threads(usable_cores()),
             pid=self._proc.pid if self._proc and self._proc.returncode is None else 0,
             restarts=self._restarts,
             last_exit=self._last_exit,
@@ -257,7 +264,7 @@ class RpcSupervisor:
             "--devices",
             ",".join(self._devices),
             "--threads",
-            str(self._threads),
+            str(self._threads or default_worker_threads(usable_cores())),
         ]
         if self._cache:
             self.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return _capabilities(opts.device, opts.questions)
     if opts.cmd == "serve":
         if opts.threads <= 0:
-            import os
+            from corral.engine.procs import default_worker_threads, usable_cores
 
-            opts.threads = os.cpu_count() or 1
+            opts.threads = default_worker_threads(usable_cores())
         return _serve(opts)
     return _devices()
 

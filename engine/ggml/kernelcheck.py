@@ -34,7 +34,7 @@ from typing import Any
 
 import platformdirs
 
-from corral.engine.procs import exit_text, last_words
+from corral.engine.procs import exit_text, last_words, usable_cores
 
 from ._lib import installed_lib_dir
 from .buildinfo import OWN_CXX_RUNTIME_FIX, own_cxx_runtimes
@@ -409,7 +409,7 @@ def run_selftest(
     crashes on purpose)."""
     key = key or host_key()
     cpu = cpu_fingerprint()[0]
-    threads = threads or max(1, min(4, os.cpu_count() or 1))
+    threads = threads or min(4, usable_cores())
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="corral-kernelcheck-") as tmp:
         work = Path(tmp)

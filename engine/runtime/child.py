@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from corral.engine.procs import die_with_parent
+from corral.engine.procs import die_with_parent, usable_cores
 from corral.engine.protocol import FrameDecoder, Message, ProtocolError, encode_frame, to_wire
 
 from .childproto import (
@@ -249,7 +249,7 @@ class _Engine:
     def _construct(self, p: LoadParams) -> None:
         from corral.engine.planner.kvtypes import ggml_type
 
-        threads = p.n_threads or (os.cpu_count() or 1)
+        threads = p.n_threads or usable_cores()
         self.llm = self.L.Llama(
             model_path=p.model,
             n_gpu_layers=p.n_gpu_layers,

@@ -19,7 +19,7 @@ import pytest
 from corral.engine.agent.config import ConfigError, WorkerSettings, load_config, parse_config
 from corral.engine.agent.supervisor import prune_cache
 from corral.engine.localagents import LocalAgents
-from corral.engine.procs import OMP_SPIN_DEFAULT
+from corral.engine.procs import OMP_SPIN_DEFAULT, cgroup_cpu_limit, default_worker_threads
 from corral.engine.protocol import Inventory
 from corral.engine.runtime.agent_client import AgentClient
 from tests.support.agents import inventory
@@ -301,3 +301,66 @@ def test_the_agent_logs_json_lines_at_its_log_level(tmp_path: Path) -> None:
         proc.stdout.close()
     stopping = _log_entry(tmp_path / "log", lambda e: e["msg"] == "stopping")
     assert stopping["pid"] == proc.pid
+
+
+def test_a_worker_left_to_choose_runs_one_thread_per_usable_core() -> None:
+    """A worker nobody gave a thread count runs on the cores its agent may use (its CPU
+    affinity: taskset, a cpuset), not every core of the host: here an agent pinned to one
+    core starts a 1-thread worker, and says so. Read from the running worker: its command
+    line and the threads it reports."""
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(mine)})  # the agent (and its worker) inherit it
+    try:
+        agents = LocalAgents(1)
+        agents.__enter__()
+    finally:
+        os.sched_setaffinity(0, mine)
+    try:
+
+        async def worker() -> tuple[int, list[str], set[int]]:
+            client = AgentClient(agents.addresses[0])
+            await client.connect()
+            try:
+                state = await client.start_rpc(threads=0)
+                argv = Path(f"/proc/{state.pid}/cmdline").read_bytes().decode().split("\0")
+                return state.threads, argv, os.sched_getaffinity(state.pid)
+            finally:
+                await client.stop_rpc()
+                await client.close()
+
+        threads, argv, cores = asyncio.run(worker())
+    finally:
+        agents.stop()
+    assert cores == {min(mine)}
+    assert argv[argv.index("--threads") + 1] == "1", argv
+    assert threads == 1
+
+
+@pytest.mark.parametrize(
+    ("own", "files", "cores"),
+    [
+        ("0::/a/b\n", {"/cpu.max": "max 100000", "/a/cpu.max": "150000 100000"}, 1.5),
+        ("0::/a\n", {"/a/cpu.max": "max 100000\n"}, None),
+        (
+            "4:cpu,cpuacct:/docker/x\n3:memory:/docker/x\n",
+            {
+                "/cpu,cpuacct/docker/x/cpu.cfs_quota_us": "400000\n",
+                "/cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n",
+                "/cpu,cpuacct/docker/cpu.cfs_quota_us": "-1\n",
+                "/cpu,cpuacct/docker/cpu.cfs_period_us": "100000\n",
+            },
+            4.0,
+        ),
+        ("0::/\n", {"/cpu.max": "garbage"}, None),
+        ("", {}, None),
+    ],
+    ids=["v2-parent", "v2-none", "v1-docker", "v2-unreadable", "no-cgroup"],
+)
+def test_the_cgroup_cpu_limit_is_the_tightest_quota_on_the_way_up(
+    own: str, files: dict[str, str], cores: float | None
+) -> None:
+    assert cgroup_cpu_limit(own, files.get) == cores
+
+
+def test_a_worker_leaves_two_cores_on_a_host_of_eight_or_more() -> None:
+    assert [default_worker_threads(n) for n in (1, 2, 4, 7, 8, 16, 64)] == [1, 2, 4, 7, 6, 14, 62]
