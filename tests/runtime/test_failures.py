@@ -327,3 +327,57 @@ def test_a_worker_killed_while_speed_times_it_is_named_and_the_plan_heals(
     kept = json.loads((tmp_path / "speeds.json").read_text())["devices"]
     assert len(kept) == 3, kept  # the desktop and both devices, measured the second time
     print(f"refused: {message}")
+
+
+async def _until_lost(client: AgentClient, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not client.closed_reason:
+        assert time.monotonic() < deadline, f"agent {client.address} was never seen gone"
+        await asyncio.sleep(0.05)
+
+
+def test_an_agent_lost_after_connect_is_reached_again_before_llama_cpp_is_handed_its_worker(
+    smollm2: Path, fresh_agents: LocalAgents
+) -> None:
+    """An agent that restarted after the desktop connected (its connection, worker and
+    tunnel gone with it): the next plan reaches it again before the inference child is
+    given its endpoint, and says so; ggml-rpc aborts a child on an endpoint that refuses
+    ("Failed to connect to 127.0.0.1:PORT": the H100 host's curve, three times). An agent
+    that stays gone is refused by name, and the child is not touched."""
+    settings = LoadSettings(model=smollm2, n_ctx=512)
+    back = fresh_agents.addresses[1]
+
+    async def go() -> tuple[str, str, str]:
+        session = ChatSession(fresh_agents.addresses)
+        try:
+            await session.connect(0)
+            assert session.child.proc is not None
+            child = session.child.proc.pid
+            lost = session.clients[1]
+            await asyncio.to_thread(fresh_agents.restart, 1)  # off the loop: heartbeats go on
+            await _until_lost(lost)
+            await session.plan(settings)
+            result = await session.open_after_connect(settings)
+            assert session.child.proc.pid == child  # the child was never aborted
+            said = next(w for w in session.warnings if back in w and "again" in w)
+            assert any(back in p.host and p.layers for p in result.placements), result
+            text = ""
+            async for frame in session.ask("Hi", max_tokens=4):
+                if isinstance(frame, Done):
+                    text = frame.content
+            assert text
+            # now for good: the plan is refused by name, before the child hears of it
+            gone = session.clients[1]
+            os.killpg(fresh_agents.procs[1].pid, signal.SIGKILL)
+            await _until_lost(gone)
+            with pytest.raises(RuntimeFailure) as refused:
+                await session.plan(settings)
+            assert session.child.proc.pid == child and session.child.proc.returncode is None
+            return said, str(refused.value), type(refused.value).__name__
+        finally:
+            await session.close()
+
+    said, message, kind = asyncio.run(go())
+    assert back in message and "lost" in message, message
+    assert kind == "AgentUnreachable", kind
+    print(f"reconnected: {said}\nrefused: {message}")
