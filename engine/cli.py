@@ -646,7 +646,8 @@ async def _agents(opts: argparse.Namespace, out: _Out) -> int:
         for d in inv.devices:
             print(f"  ggml {d.name} [{d.type}] {d.description}: {d.memory_free / gib:.1f} GiB free")
         w = inv.worker
-        extra = f", last exit {w.last_exit}" if w.last_exit else ""
+        extra = f", {w.threads} CPU threads" if w.state == "running" and w.threads else ""
+        extra += f", last exit {w.last_exit}" if w.last_exit else ""
         extra += f", but its process is {w.process}" if w.process else ""
         print(
             f"  RPC worker: {w.state}{' at ' + w.endpoint if w.endpoint else ''}"

@@ -122,9 +122,10 @@ def usable_cores() -> int:
 
 # An RPC worker shares its host: with the agent's tunnel (which must forward the next
 # token's activations at once), often another worker or the desktop. On the H100 host a CPU
-# worker of 16 threads on the 16 cores beside a GPU worker ran its splits 13-46 % slower
-# than its probes said; the same worker at 14 threads ran them within 3 % (all but the
-# 32/1 split), and no slower (docs/PLANNER.md, "GPU and CPU on one host").
+# worker of 16 threads on the 16 cores beside a GPU worker ran every split 13-46 % slower
+# than its probes said; at 14 threads the splits with 17 or more of the 33 layers on it came
+# within 3.2 %, and the whole model on it ran faster (14.0 tok/s against 11.9): one run of
+# each, docs/PLANNER.md, "GPU and CPU on one host".
 WORKER_SPARE_CORES = 2
 
 

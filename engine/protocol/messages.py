@@ -217,7 +217,7 @@ class StartRpc(Message):
 
     req: int
     devices: tuple[str, ...] = ()  # empty: every GPU, or the CPU when there is none
-    threads: int = 0  # 0: all cores
+    threads: int = 0  # 0: the agent's rpc_threads, else procs.default_worker_threads
     cache: bool = True  # let the worker keep a tensor cache in the agent's state dir
 
 
