@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,6 +179,7 @@ def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, .
     logits)."""
     directory = directory or cache_dir() / "probes"
     directory.mkdir(parents=True, exist_ok=True)
+    sweep_partial_probes(directory)
     key = probe_key(spec)
     large = probe_layers(spec)
     counts = (1, large, large)
@@ -189,6 +192,34 @@ def probe_files(spec: ModelSpec, directory: Path | None = None) -> tuple[Path, .
         if not path.exists():
             write_probe(spec, n_layer, n_vocab, path)
     return paths
+
+
+# A probe is written in a folder of its own beside its final place, locked (flock) by the
+# desktop writing it; a desktop killed mid-write leaves the folder (for the 7.24B, some 15 GB
+# of f16 source) and, with its process, the lock.
+_PARTIAL = "writing-"
+
+
+def sweep_partial_probes(directory: Path) -> int:
+    """Remove what killed writers left in `directory`: every unlocked _PARTIAL folder (a
+    writer still at work holds its lock; a folder whose lock is not made yet is a writer
+    just starting). Returns how many went."""
+    removed = 0
+    for folder in directory.glob(_PARTIAL + "*"):
+        try:
+            fd = os.open(folder / ".lock", os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a writer holds it
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 def write_probe(spec: ModelSpec, n_layer: int, n_vocab: int, path: Path) -> None:
@@ -221,19 +252,24 @@ def write_probe(spec: ModelSpec, n_layer: int, n_vocab: int, path: Path) -> None
         types=probe_types(spec, n_layer),
         output_type=probe_output_type(spec),
     )
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        part = Path(tmp) / path.name
-        done = subprocess.run(
-            [sys.executable, "-c", code, str(part)],
-            input=json.dumps(args),
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"could not build the speed probe {path.name}: {tail[0]}")
-        os.replace(part, path)
+    with tempfile.TemporaryDirectory(prefix=_PARTIAL, dir=path.parent) as tmp:
+        lock = os.open(os.path.join(tmp, ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held until the probe is in place, or we die
+            part = Path(tmp) / path.name
+            done = subprocess.run(
+                [sys.executable, "-c", code, str(part)],
+                input=json.dumps(args),
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"could not build the speed probe {path.name}: {tail[0]}")
+            os.replace(part, path)
+        finally:
+            os.close(lock)
 
 
 class SpeedCache:

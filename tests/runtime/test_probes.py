@@ -8,7 +8,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import functools
+import os
 from pathlib import Path
 
 from corral.engine.ggml.quantize import quantize
@@ -23,6 +25,7 @@ from corral.engine.runtime.speeds import (
     probe_key,
     probe_layers,
     probe_types,
+    sweep_partial_probes,
 )
 
 Q4_K, Q6_K = 12, 14  # ggml types
@@ -104,7 +107,6 @@ def test_a_probe_writer_dies_with_the_desktop_that_started_it(
     """A desktop killed while it builds a probe (seconds to minutes of writing and
     quantizing) leaves no writer behind to finish for nobody. The probe here is 1,200 layers
     of SmolLM2's shape: a minute or more of work, killed half a second in."""
-    import os
     import signal
     import subprocess
     import sys
@@ -143,6 +145,19 @@ def test_a_probe_writer_dies_with_the_desktop_that_started_it(
             time.sleep(0.05)
         alive = Path(f"/proc/{writer}/status")
         assert not alive.exists() or "State:\tZ" in alive.read_text(), "the writer lived on"
+        # what it wrote so far stays until the next desktop builds probes there, which
+        # removes it; a writer at work (its lock held) is left alone
+        left = list(tmp_path.glob("writing-*"))
+        assert left, "the killed writer's folder was not where it is looked for"
+        busy = tmp_path / "writing-busy"
+        busy.mkdir()
+        held = os.open(busy / ".lock", os.O_CREAT | os.O_RDWR)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            assert sweep_partial_probes(tmp_path) == len(left)
+        finally:
+            os.close(held)
+        assert [p.name for p in tmp_path.glob("writing-*")] == ["writing-busy"]
     finally:
         if parent.poll() is None:
             parent.kill()
