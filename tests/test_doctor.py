@@ -170,6 +170,27 @@ def test_the_agent_doctor_says_how_its_worker_threads_spin(tmp_path: Path) -> No
     assert "rpc_spin" in worker["CPU threads"]["fix"]
 
 
+def test_the_agent_doctor_says_how_many_threads_its_worker_runs(tmp_path: Path) -> None:
+    """The worker's thread count and what it comes from; an rpc_threads above the cores the
+    agent may use (here: one, by its CPU affinity) is warned, with the count to set."""
+    worker = agent_doctor("--state-dir", str(tmp_path / "a"))
+    cores = len(os.sched_getaffinity(0))
+    assert worker["worker threads"]["status"] == "pass"
+    assert f"{cores} usable core" in worker["worker threads"]["detail"]
+    config = tmp_path / "agent.toml"
+    config.write_text("rpc_threads = 2\n")
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(mine)})  # the doctor inherits it
+    try:
+        worker = agent_doctor("--config", str(config), "--state-dir", str(tmp_path / "b"))
+    finally:
+        os.sched_setaffinity(0, mine)
+    check = worker["worker threads"]
+    assert check["status"] == "warn", check
+    assert "rpc_threads = 2" in check["detail"] and "may use 1 usable core of" in check["detail"]
+    assert "set rpc_threads to 1 or less" in check["fix"], check
+
+
 def test_no_rpc_support_in_the_build(desktop: Path, tmp_path: Path) -> None:
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(without_rpc(tmp_path / "lib")))
     checks = corral_doctor("--wait", "0", env=env)

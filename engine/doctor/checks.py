@@ -125,6 +125,34 @@ def spin_check(system_info: str, rpc_spin: int | None, environ: Mapping[str, str
     )
 
 
+def threads_check(rpc_threads: int, cores: int, host_cores: int) -> Check:
+    """How many CPU threads the RPC worker runs (rpc_threads, else the default over the
+    `cores` this agent may use of the host's `host_cores`); more threads than usable cores
+    is warned: the extra ones wait at every barrier for a core."""
+    from corral.engine.procs import WORKER_SPARE_CORES, default_worker_threads
+
+    usable = f"{cores} usable core{'s' if cores != 1 else ''}"
+    allowed = (
+        usable
+        if cores == host_cores
+        else f"{usable} of the host's {host_cores} (CPU affinity or cgroup quota)"
+    )
+    if rpc_threads > cores:
+        return Check(
+            "worker threads",
+            WARN,
+            f"rpc_threads = {rpc_threads}, but this agent may use {allowed}: the threads "
+            "beyond them wait at every barrier of a graph for a core another one holds",
+            f"set rpc_threads to {cores} or less, or leave it out (the default is "
+            f"{default_worker_threads(cores)})",
+        )
+    if rpc_threads:
+        return Check("worker threads", PASS, f"{rpc_threads} (rpc_threads), of {allowed}")
+    threads = default_worker_threads(cores)
+    spare = f", less {WORKER_SPARE_CORES} for the rest of the host" if threads < cores else ""
+    return Check("worker threads", PASS, f"{threads}: {allowed}{spare} (rpc_threads sets them)")
+
+
 def relay_check() -> Check:
     """Which data path this host's tunnels take, and what that leaves open to other local
     users where it is not the hand-over."""

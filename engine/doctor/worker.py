@@ -11,6 +11,7 @@ from pathlib import Path
 import corral
 from corral.discovery.interfaces import usable_local_ips
 from corral.engine.aio import within
+from corral.engine.procs import usable_cores
 
 from .checks import (
     FAIL,
@@ -26,6 +27,7 @@ from .checks import (
     print_report,
     relay_check,
     spin_check,
+    threads_check,
 )
 
 
@@ -84,6 +86,9 @@ async def worker_checks(opts: argparse.Namespace) -> list[Check]:
         checks.append(await kernel_check("corral-agent doctor"))
         info = str(local.build.get("system_info", ""))
         checks.append(spin_check(info, opts.config.worker.rpc_spin, os.environ))
+    checks.append(
+        threads_check(opts.config.worker.rpc_threads, usable_cores(), os.cpu_count() or 1)
+    )
     checks += [nvml_check(), relay_check()]
     checks.append(listen_port_check(host, port, running))
     if mdns is None:
