@@ -26,7 +26,7 @@ import corral
 from corral.discovery import Advertiser, AgentHints
 from corral.engine.aio import within
 from corral.engine.hostmem import read_memory
-from corral.engine.procs import uses_openmp
+from corral.engine.procs import usable_cores, uses_openmp
 from corral.engine.protocol import (
     CONTROL,
     ECHO_MAX,
@@ -552,8 +552,18 @@ class AgentServer:
                 "rpc_spin = %d changes nothing: this llama.cpp has no OpenMP threads",
                 spin,
             )
+        threads = msg.threads or self.settings.rpc_threads
+        cores = usable_cores()
+        if threads > cores:
+            log.warning(  # said, not passed over: `corral-agent doctor` says it too
+                "the RPC worker gets %d threads (%s), but this agent may use %d core%s: "
+                "the threads beyond them wait at every barrier of a graph",
+                threads,
+                "asked by the desktop" if msg.threads else "rpc_threads",
+                cores,
+                "" if cores == 1 else "s",
+            )
         try:
-            threads = msg.threads or self.settings.rpc_threads
             state = await self.supervisor.start(devices, threads, msg.cache and self.settings.cache)
         except WorkerStartError as exc:
             return ErrorReply.of(msg.req, ErrorCode.WORKER_FAILED, str(exc))

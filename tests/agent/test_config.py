@@ -303,37 +303,61 @@ def test_the_agent_logs_json_lines_at_its_log_level(tmp_path: Path) -> None:
     assert stopping["pid"] == proc.pid
 
 
+def _pinned_agent(*extra: str) -> LocalAgents:
+    """One agent started on one core (its CPU affinity, as taskset gives): the agent and
+    its worker inherit it. Stop it with .stop()."""
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(mine)})
+    try:
+        agents = LocalAgents(1, extra_args=extra)
+        agents.__enter__()
+    finally:
+        os.sched_setaffinity(0, mine)
+    return agents
+
+
+async def _worker_threads(address: str) -> tuple[int, list[str], set[int]]:
+    """The threads a started worker reports, its command line and its CPU affinity."""
+    client = AgentClient(address)
+    await client.connect()
+    try:
+        state = await client.start_rpc(threads=0)
+        argv = Path(f"/proc/{state.pid}/cmdline").read_bytes().decode().split("\0")
+        return state.threads, argv, os.sched_getaffinity(state.pid)
+    finally:
+        await client.stop_rpc()
+        await client.close()
+
+
 def test_a_worker_left_to_choose_runs_one_thread_per_usable_core() -> None:
     """A worker nobody gave a thread count runs on the cores its agent may use (its CPU
     affinity: taskset, a cpuset), not every core of the host: here an agent pinned to one
     core starts a 1-thread worker, and says so. Read from the running worker: its command
     line and the threads it reports."""
-    mine = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(mine)})  # the agent (and its worker) inherit it
+    agents = _pinned_agent()
     try:
-        agents = LocalAgents(1)
-        agents.__enter__()
-    finally:
-        os.sched_setaffinity(0, mine)
-    try:
-
-        async def worker() -> tuple[int, list[str], set[int]]:
-            client = AgentClient(agents.addresses[0])
-            await client.connect()
-            try:
-                state = await client.start_rpc(threads=0)
-                argv = Path(f"/proc/{state.pid}/cmdline").read_bytes().decode().split("\0")
-                return state.threads, argv, os.sched_getaffinity(state.pid)
-            finally:
-                await client.stop_rpc()
-                await client.close()
-
-        threads, argv, cores = asyncio.run(worker())
+        threads, argv, cores = asyncio.run(_worker_threads(agents.addresses[0]))
     finally:
         agents.stop()
-    assert cores == {min(mine)}
+    assert len(cores) == 1
     assert argv[argv.index("--threads") + 1] == "1", argv
     assert threads == 1
+
+
+def test_rpc_threads_beyond_the_usable_cores_are_given_and_logged(tmp_path: Path) -> None:
+    """rpc_threads is honoured even above the cores the agent may use, and the agent's log
+    says what that costs (the doctor says it too: tests/test_doctor.py)."""
+    config = tmp_path / "agent.toml"
+    config.write_text("rpc_threads = 2\n")
+    agents = _pinned_agent("--config", str(config))
+    try:
+        threads, argv, _ = asyncio.run(_worker_threads(agents.addresses[0]))
+        log_dir = agents.state_dir(0) / "log"  # LocalAgents' --log-dir
+        said = _log_entry(log_dir, lambda e: "may use 1 core:" in str(e["msg"]))
+    finally:
+        agents.stop()
+    assert threads == 2 and argv[argv.index("--threads") + 1] == "2", argv
+    assert said["level"] == "WARNING" and "2 threads (rpc_threads)" in str(said["msg"]), said
 
 
 @pytest.mark.parametrize(
