@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from corral.engine.model.spec import ModelSpec
 
 from .placement import split_for_counts
-from .plan import Device, Plan, Settings, estimate, kv_bytes, weight_bytes
+from .plan import Device, Plan, Settings, compute_bytes, estimate, kv_bytes, weight_bytes
 
 # At most this many devices are searched exhaustively (every subset); beyond, candidate sets
 # are the k best devices by their cost per layer at an even share, for every k.
@@ -163,22 +163,34 @@ def predict(spec: ModelSpec, plan: Plan, speeds: Speeds) -> Prediction | None:
 # ------------------------------------------------------------------ the search
 
 
-def _capacity(spec: ModelSpec, devices: Sequence[Device], s: Settings) -> list[int]:
-    """Layers each device can hold beside its compute buffer: free memory less the reserve,
-    over an average block's weights and cache (the plan is checked exactly afterwards)."""
+def _capacity(
+    spec: ModelSpec, devices: Sequence[Device], s: Settings
+) -> tuple[list[int], list[int]]:
+    """Layers each device can hold beside its compute buffer, (in the middle, last): free
+    memory less the reserve, over an average block's weights and cache (the plan is checked
+    exactly afterwards). The last device in use also holds the output layer and the logits
+    (n_ubatch x n_vocab floats in its compute buffer: 100 MB for SmolLM2 at 512); one in
+    the middle holds neither, so where memory is tight the middle ones take more."""
     n = spec.n_layer
     per = (weight_bytes(spec, range(n)) + kv_bytes(spec, range(n), s)) / max(n, 1)
-    # the compute buffer of a device holding every layer (the estimate's own; the same for
-    # every RPC device, and for every local GPU)
+    ratio = _layer_ratio(spec)
+    # the compute buffer of a device holding every block (the estimate's own; the same for
+    # every RPC device, and for every local GPU), without and with the output layer
     compute = {
-        local: estimate(spec, [d], s, "speed", [1.0]).usage[0].compute
-        for local, d in {not d.endpoint: d for d in devices}.items()
+        (local, last): compute_bytes(
+            spec, range(n + 1) if last else range(n), s, host=False, own_gpus=local
+        )
+        for local in {not d.endpoint for d in devices}
+        for last in (False, True)
     }
-    out = []
+    middle: list[int] = []
+    end: list[int] = []
     for d in devices:
-        room = d.free - s.reserve - compute[not d.endpoint]
-        out.append(max(int(room // per), 0) if per > 0 else n + 1)
-    return out
+        for last, out in ((False, middle), (True, end)):
+            room = d.free - s.reserve - compute[(not d.endpoint, last)]
+            cap = max(int(room // per), 0) if per > 0 else n + 1
+            out.append(max(int(cap - ratio), 0) if last else cap)
+    return middle, end
 
 
 def _fill(
@@ -211,11 +223,7 @@ def fastest(
         return None
     n = spec.n_layer
     layer = [speeds.devices[d.name].layer for d in devices]
-    cap = _capacity(spec, devices, s)
-    out_cap = cap[:]  # the last used device holds the output layer too
-    ratio = _layer_ratio(spec)
-    for i in range(len(devices)):
-        out_cap[i] = max(int(cap[i] - ratio), 0)
+    cap, out_cap = _capacity(spec, devices, s)  # out_cap: the last used device's
     best: tuple[list[int], float] | None = None
     for subset in _candidates(devices, speeds, n):
         last = max(subset)

@@ -8,7 +8,15 @@ import dataclasses
 import itertools
 
 from corral.engine.planner.placement import split_for_counts
-from corral.engine.planner.plan import Device, MiB, Settings, estimate
+from corral.engine.planner.plan import (
+    Device,
+    MiB,
+    Settings,
+    compute_bytes,
+    estimate,
+    kv_bytes,
+    weight_bytes,
+)
 from corral.engine.planner.speed import (
     DeviceSpeed,
     LinkSpeed,
@@ -147,3 +155,23 @@ def test_a_split_measured_faster_than_the_prediction_is_taken() -> None:
     small = devices(8, 0.01)
     kept = speed_plan(m, small, S, sp, {chosen: 3 * predicted, (0, 11): predicted / 2})
     assert [len(kept.layers_of(i)) for i in range(2)] == [11, 0]
+
+
+def test_a_device_in_the_middle_has_room_for_what_the_logits_take_on_the_last() -> None:
+    """Only the last device in use holds the output layer and the logits (n_ubatch x
+    n_vocab floats in its compute buffer: 96 MiB here). A device in the middle is not
+    charged them, so a split that needs its room is found (it was refused as not fitting)."""
+    m = spec(n_layer=30, layer_bytes=2 * MiB)
+    per = (weight_bytes(m, range(30)) + kv_bytes(m, range(30), S)) / 30
+    c_mid = compute_bytes(m, range(30), S, host=False)
+    c_last = compute_bytes(m, range(31), S, host=False)
+    assert c_last - c_mid > 20 * per  # the logits outweigh 20 layers here
+    mid = int(S.reserve + c_mid + 20 * per)
+    last = int(S.reserve + c_last + m.output_bytes + 14 * per)
+    devs = [
+        Device("RPC0", "host0", "10.0.0.0:50052", mid, mid),
+        Device("RPC1", "host1", "10.0.0.1:50052", last, last),
+    ]
+    plan = speed_plan(m, devs, S, speeds([1.0, 1.0], [0.5, 0.5]))
+    counts = [len(plan.layers_of(i)) for i in range(2)]
+    assert plan.fits and sum(counts) == 31 and min(counts) > 0, counts
