@@ -72,10 +72,11 @@ class ChatController:
 
     @staticmethod
     def _sound(session: ChatSession | None, addresses: Sequence[str]) -> bool:
-        """`session` is for exactly these hosts, and still has their workers."""
+        """`session` is for exactly these hosts (in any order: speed may put them in
+        another), and still has their workers."""
         return (
             session is not None
-            and [c.address for c in session.clients] == list(addresses)
+            and sorted(c.address for c in session.clients) == sorted(addresses)
             and bool(session.workers or not addresses)
             and not any(c.closed_reason for c in session.clients)
         )

@@ -42,6 +42,23 @@ def local_gpus(local: Sequence[GgmlDevice]) -> list[GgmlDevice]:
     return [d for d in local if d.type in ("gpu", "igpu") and not d.name.startswith("RPC")]
 
 
+def names_by_place(before: Sequence[Device], after: Sequence[Device]) -> dict[str, str]:
+    """The same devices in another agent order: each name in `after` → its name in
+    `before` (llama.cpp names RPC devices by position; a device is its host and its place
+    among that host's devices)."""
+
+    def places(devices: Sequence[Device]) -> dict[tuple[str, int], str]:
+        seen: dict[str, int] = {}
+        out = {}
+        for d in devices:
+            k = seen[d.host] = seen.get(d.host, -1) + 1
+            out[(d.host, k)] = d.name
+        return out
+
+    old = places(before)
+    return {name: old[place] for place, name in places(after).items() if place in old}
+
+
 def devices_from_agents(
     names: Sequence[str],
     inventories: Sequence[Inventory],

@@ -87,6 +87,7 @@ from .planning import (
     exact_plan,
     layer_map_matches,
     local_gpus,
+    names_by_place,
     served_devices,
     spec_after_dry_run,
 )
@@ -262,6 +263,9 @@ class ChatSession:
         self._speed_cache: SpeedCache | None = None  # speeds.json as this plan read it
         # measured / predicted - 1 of this plan's split at its last measured reply (if any)
         self.measured_before: float | None = None
+        self.order_note = ""  # where speed put the agents in another order, why
+        # speed's agent orders tried: (hosts in order, predicted tokens/s, layer counts)
+        self.orders: list[tuple[tuple[str, ...], float, tuple[int, ...]]] = []
 
     def _client(self, address: str) -> AgentClient:
         return AgentClient(address, on_event=self._on_event, on_lost=self._on_lost)
@@ -405,6 +409,7 @@ class ChatSession:
             [c.name for c in self.clients], self.inventories, self.endpoints, self.local_devices
         )
         self.speeds, self.prediction, self.leave_out = None, None, []
+        self.order_note, self.orders = "", []
         self.measured_before = None
         if devices:
             # speed measures what it lacks; the others show a prediction where all is known
@@ -414,6 +419,7 @@ class ChatSession:
         try:
             if settings.strategy == "speed" and settings.layers is None and devices:
                 assert self.speeds is not None
+                devices = self._speed_order(spec, devices, settings)
                 try:
                     analytic = speed_plan(
                         spec,
@@ -472,21 +478,99 @@ class ChatSession:
     def speed_lines(self) -> list[str]:
         """The plan's measured speeds and prediction in words (planner.speed.describe_speed),
         as corral plan and the window show them."""
-        return describe_speed(
+        lines = describe_speed(
             self.speeds,
             self.prediction,
             self.leave_out,
             self.measured_before,
             layer_bytes(self.spec) if self.spec else 0.0,
         )
+        return [*lines, self.order_note] if self.order_note else lines
+
+    def _speed_order(
+        self, spec: ModelSpec, devices: list[Device], settings: LoadSettings
+    ) -> list[Device]:
+        """speed's agent order. llama.cpp runs the devices in order and puts the output layer
+        (and the logits' trip back) on the last one in use, so each agent is tried last in
+        turn, the others keeping their order; the order whose speed plan predicts the most
+        tokens/s is taken (ties: as given), and the agents' lists are put in it. A loaded
+        model keeps its order (its kept figures name devices by place). The devices, in the
+        order taken."""
+        speeds = self.speeds
+        assert speeds is not None
+        n = len(self.clients)
+        if n < 2 or (self.result is not None and not self._replacing):
+            return devices
+        tried: list[
+            tuple[float, int, tuple[int, ...], list[Device], Speeds, dict[str, str], Plan]
+        ] = []
+        for rank, last in enumerate([n - 1, *range(n - 1)]):
+            order = (*(i for i in range(n) if i != last), last)
+            devs = devices_from_agents(
+                [self.clients[i].name for i in order],
+                [self.inventories[i] for i in order],
+                [self.workers[i].endpoint for i in order],
+                self.local_devices,
+            )
+            was = names_by_place(devices, devs)
+            sp = dataclasses.replace(
+                speeds,
+                devices={a: speeds.devices[b] for a, b in was.items() if b in speeds.devices},
+            )
+            keys = {"": self._speed_keys[""]}
+            keys.update({a: self._speed_keys[b] for a, b in was.items() if b in self._speed_keys})
+            try:
+                plan = speed_plan(
+                    spec,
+                    with_speeds(devs, sp),
+                    settings.plan_settings(),
+                    sp,
+                    self._measured_splits(spec, devs, sp, keys),
+                )
+            except (ValueError, PlanError):
+                continue
+            found = predict(spec, plan, sp)
+            if found is not None:
+                tried.append((found.tokens_per_s, -rank, order, devs, sp, keys, plan))
+        self.orders = [
+            (
+                tuple(self.clients[i].name for i in t[2]),
+                t[0],
+                tuple(len(t[6].layers_of(i)) for i in range(len(t[3]))),
+            )
+            for t in tried
+        ]
+        if not tried:
+            return devices
+        rate, _, order, devs, sp, keys, _ = max(tried, key=lambda t: (t[0], t[1]))
+        if order != tuple(range(n)):
+            given = next((t[0] for t in tried if t[1] == 0), 0.0)
+            names = ", ".join(c.name for c in self.clients)
+            self.clients = [self.clients[i] for i in order]
+            self.workers = [self.workers[i] for i in order]
+            self.inventories = [self.inventories[i] for i in order]
+            self.speeds, self._speed_keys = sp, keys
+            why = (
+                f"{100 * (rate / given - 1):+.1f} % tokens/s over the order given ({names})"
+                if given > 0
+                else f"the order given ({names}) does not fit"
+            )
+            self.order_note = f"{self.clients[-1].name} goes last, with the output layer: {why}"
+        return devs
 
     def _measured_splits(
-        self, spec: ModelSpec, devices: Sequence[Device], speeds: Speeds
+        self,
+        spec: ModelSpec,
+        devices: Sequence[Device],
+        speeds: Speeds,
+        keys: Mapping[str, str] | None = None,
     ) -> dict[tuple[int, ...], float]:
         """Splits of these devices a reply was timed on before (speeds.json's kept ratios):
         layer counts per device → the seconds a step measured (its prediction now over
-        measured / predicted)."""
-        names = {key: name for name, key in self._speed_keys.items() if name}
+        measured / predicted). `keys`: the devices' speed keys by name, where they are not
+        this session's (another agent order)."""
+        keys = self._speed_keys if keys is None else keys
+        names = {key: name for name, key in keys.items() if name}
         index = {d.name: i for i, d in enumerate(devices)}
         out: dict[tuple[int, ...], float] = {}
         assert self._speed_cache is not None  # read by measure_speeds

@@ -216,3 +216,89 @@ def test_a_speed_plan_never_unloads_the_loaded_model(
     assert after.n_tokens > 0 and predicted
     # measured by the deploy only: the desktop and both devices
     assert len(json.loads((tmp_path / "speeds.json").read_text())["devices"]) == 3
+
+
+def test_speed_puts_the_hosts_in_the_order_that_predicts_fastest_whatever_order_given(
+    smollm2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama.cpp puts the output layer on the last device in use, so the agents' order
+    matters where both hold layers: speed tries each agent last, takes the order whose plan
+    predicts the most tokens/s, and says so. Two real agents (1 and 2 worker threads), each
+    left room (its reserve_mib, reloaded with SIGHUP) for 80 % of what the model needs on
+    one device: listed either way round, the plan ends on the same host; llama.cpp's own
+    layer map agrees with the plan in the order taken, and the model answers."""
+    import asyncio
+    import contextlib
+    import signal
+    import time
+
+    from corral.engine.runtime.childproto import Done
+    from corral.engine.runtime.session import ChatSession, LoadSettings
+    from tests.support.agents import inventory
+
+    monkeypatch.setenv("CORRAL_SPEEDS_DIR", str(tmp_path / "speeds"))
+    mib = 1 << 20
+
+    def cpu_free(address: str) -> int:
+        return next(d.memory_free for d in inventory(address).devices if d.name == "CPU")
+
+    with contextlib.ExitStack() as stack:
+        agents = []
+        for threads in (1, 2):
+            config = tmp_path / f"agent{threads}.toml"
+            config.write_text(f"rpc_threads = {threads}\n")
+            local = stack.enter_context(LocalAgents(1, extra_args=("--config", str(config))))
+            agents.append((local, config, threads))
+        addresses = [local.addresses[0] for local, _, _ in agents]
+
+        async def plan(order: list[str], strategy: str, load: bool = False) -> dict:
+            session = ChatSession(order)
+            try:
+                await session.connect(0)
+                settings = LoadSettings(model=smollm2, n_ctx=512, strategy=strategy)
+                _, exact = await session.plan(settings)
+                used = [i for i in range(len(exact.devices)) if exact.layers_of(i)]
+                out = {
+                    "need": sum(u.total for u in exact.usage),
+                    "hosts": [exact.devices[i].host for i in used],
+                    "orders": {hosts: rate for hosts, rate, _ in session.orders},
+                    "note": session.order_note,
+                    "lines": session.speed_lines(),
+                }
+                if load:
+                    await session.open_after_connect(settings)
+                    out["warnings"] = session.warnings
+                    async for frame in session.ask("Hi", max_tokens=4):
+                        if isinstance(frame, Done):
+                            out["reply"] = frame.content
+                return out
+            finally:
+                await session.close(stop_workers=True)
+
+        whole = asyncio.run(plan(addresses[:1], "balanced"))  # the model on one device
+        room = int(0.8 * whole["need"]) + LoadSettings(model=smollm2).reserve_mib * mib
+        for local, config, threads in agents:
+            address = local.addresses[0]
+            reserve = (cpu_free(address) - room) // mib
+            config.write_text(f"rpc_threads = {threads}\nreserve_mib = {reserve}\n")
+            local.procs[0].send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30  # a safety stop: the agent reloads at once
+            while cpu_free(address) > room + mib:
+                assert time.monotonic() < deadline, "the agent kept its old reserve"
+                time.sleep(0.1)
+        given = asyncio.run(plan(addresses, "speed"))
+        swapped = asyncio.run(plan(addresses[::-1], "speed"))
+        assert len(given["hosts"]) == 2 and len(swapped["hosts"]) == 2, (given, swapped)
+        assert len(given["orders"]) == 2, given["orders"]  # each agent tried last
+        assert given["hosts"][-1] == swapped["hosts"][-1], (given, swapped)
+        best = max(given["orders"], key=given["orders"].get)
+        assert best[-1] == given["hosts"][-1], (best, given)
+        moved = given if given["note"] else swapped
+        assert moved["note"] and moved["hosts"][-1] in moved["note"], (given, swapped)
+        assert moved["note"] in moved["lines"]
+        order = addresses if moved is given else addresses[::-1]
+        loaded = asyncio.run(plan(order, "speed", load=True))
+    assert not [w for w in loaded["warnings"] if "differs from llama.cpp" in w], loaded
+    assert loaded["reply"], loaded
+    assert loaded["hosts"] == moved["hosts"], (loaded, moved)
+    print(f"{moved['note']}; tried {moved['orders']}")
