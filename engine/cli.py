@@ -337,6 +337,12 @@ def _speed_json(session: ChatSession) -> dict[str, Any] | None:
         },
         "leave_out": [{"host": h, "change": c} for h, c in session.leave_out],
         "measured_before": session.measured_before,
+        # speed: each agent tried last (llama.cpp's output layer goes on the last device)
+        "orders": [
+            {"hosts": list(hosts), "tokens_per_s": rate, "layers": list(counts)}
+            for hosts, rate, counts in session.orders
+        ],
+        "order_note": session.order_note,
     }
 
 

@@ -491,11 +491,12 @@ class ChatSession:
         self, spec: ModelSpec, devices: list[Device], settings: LoadSettings
     ) -> list[Device]:
         """speed's agent order. llama.cpp runs the devices in order and puts the output layer
-        (and the logits' trip back) on the last one in use, so each agent is tried last in
-        turn, the others keeping their order; the order whose speed plan predicts the most
-        tokens/s is taken (ties: as given), and the agents' lists are put in it. A loaded
-        model keeps its order (its kept figures name devices by place). The devices, in the
-        order taken."""
+        (and the logits' trip back) on the last one in use, so the agents that hold layers
+        in the order given are tried last in turn (every agent, where nothing fits as
+        given), the others keeping their order; the order whose speed plan predicts the
+        most tokens/s is taken (ties: as given), and the agents' lists are put in it. A
+        loaded model keeps its order (its kept figures name devices by place). The
+        devices, in the order taken."""
         speeds = self.speeds
         assert speeds is not None
         n = len(self.clients)
@@ -504,7 +505,11 @@ class ChatSession:
         tried: list[
             tuple[float, int, tuple[int, ...], list[Device], Speeds, dict[str, str], Plan]
         ] = []
-        for rank, last in enumerate([n - 1, *range(n - 1)]):
+        lasts = [n - 1]  # the agent tried last; more join after the order given (rank 0)
+        rank = -1
+        while rank + 1 < len(lasts):
+            rank += 1
+            last = lasts[rank]
             order = (*(i for i in range(n) if i != last), last)
             devs = devices_from_agents(
                 [self.clients[i].name for i in order],
@@ -519,19 +524,22 @@ class ChatSession:
             )
             keys = {"": self._speed_keys[""]}
             keys.update({a: self._speed_keys[b] for a, b in was.items() if b in self._speed_keys})
+            measured = self._measured_splits(spec, devs, sp, keys)
             try:
                 plan = speed_plan(
-                    spec,
-                    with_speeds(devs, sp),
-                    settings.plan_settings(),
-                    sp,
-                    self._measured_splits(spec, devs, sp, keys),
+                    spec, with_speeds(devs, sp), settings.plan_settings(), sp, measured
                 )
             except (ValueError, PlanError):
-                continue
-            found = predict(spec, plan, sp)
-            if found is not None:
-                tried.append((found.tokens_per_s, -rank, order, devs, sp, keys, plan))
+                plan = None
+            found = predict(spec, plan, sp) if plan is not None else None
+            if plan is not None and found is not None:
+                # a split a reply was timed on counts at its measured step, as in speed_plan
+                step = measured.get(tuple(len(plan.layers_of(i)) for i in range(len(devs))))
+                rate = 1.0 / step if step else found.tokens_per_s
+                tried.append((rate, -rank, order, devs, sp, keys, plan))
+            if rank == 0:  # the others to try last: those that hold layers as given
+                hosts = {devs[i].host for i in range(len(devs)) if plan and plan.layers_of(i)}
+                lasts += [i for i in range(n - 1) if plan is None or self.clients[i].name in hosts]
         self.orders = [
             (
                 tuple(self.clients[i].name for i in t[2]),
@@ -576,11 +584,15 @@ class ChatSession:
         assert self._speed_cache is not None  # read by measure_speeds
         for placement, ratio in self._speed_cache.errors.items():
             counts = [0] * len(devices)
+            place = -1  # a placement names its devices in their order: the same order only
             for one in placement.split(";"):
                 key, _, n = one.rpartition("=")
                 name = names.get(key)
                 if name is None or name not in index or not n.isdigit():
                     break
+                if index[name] <= place:
+                    break
+                place = index[name]
                 counts[index[name]] = int(n)
             else:
                 if ratio > -1 and any(counts):

@@ -71,6 +71,9 @@ def test_speed_measures_and_avoids_the_slow_link(
     assert predicted["shares"][0]["seconds"] >= predicted["shares"][-1]["seconds"]
     kept = json.loads((tmp_path / "speeds.json").read_text())["devices"]
     assert len(kept) == 3  # the two workers and this desktop's own part
+    # only the agents that hold layers in the order given are tried last: the fast one,
+    # already last; the order stays
+    assert len(speed["orders"]) == 1 and not speed["order_note"], speed["orders"]
 
     # balanced uses both hosts; its prediction comes from the kept figures (the same ones)
     done = _corral(["plan", str(smollm2), "--json"], slow_and_fast, tmp_path)
