@@ -132,7 +132,8 @@ class RpcSupervisor:
         self._handover = ""  # the worker shim's Unix socket, when it runs with the shim
         self._want_running = False
         self._devices: tuple[str, ...] = ()
-        self._threads = 0
+        self._threads = 0  # as asked (0: the default)
+        self._running_threads = 0  # what the worker was started with
         self._cache = True
         self._restarts = 0
         self._last_exit = ""
@@ -159,7 +160,7 @@ class RpcSupervisor:
             state=self._status,
             endpoint=f"{self._tunnel_host}:{self._tunnel_port}" if self._tunnel_port else "",
             devices=self._devices,
-            threads=self._threads or default_worker_threads(usable_cores()),
+            threads=self._running_threads or self._threads,
             pid=self._proc.pid if self._proc and self._proc.returncode is None else 0,
             restarts=self._restarts,
             last_exit=self._last_exit,
@@ -182,6 +183,7 @@ class RpcSupervisor:
                 log.warning("RPC worker %s: killed to start again", stuck)
             await self._stop_locked()
             self._devices, self._threads, self._cache = devices, threads, cache
+            self._running_threads = threads or default_worker_threads(usable_cores())
             self._want_running = True
             self._restarts = 0
             if not self._tunnel_port and self._forwarder is not None:
@@ -264,7 +266,7 @@ class RpcSupervisor:
             "--devices",
             ",".join(self._devices),
             "--threads",
-            str(self._threads or default_worker_threads(usable_cores())),
+            str(self._running_threads),
         ]
         if self._cache:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
