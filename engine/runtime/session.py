@@ -419,9 +419,9 @@ class ChatSession:
         try:
             if settings.strategy == "speed" and settings.layers is None and devices:
                 assert self.speeds is not None
-                devices = self._speed_order(spec, devices, settings)
+                devices, chosen = self._speed_order(spec, devices, settings)
                 try:
-                    analytic = speed_plan(
+                    analytic = chosen or speed_plan(
                         spec,
                         with_speeds(devices, self.speeds),
                         settings.plan_settings(),
@@ -489,19 +489,20 @@ class ChatSession:
 
     def _speed_order(
         self, spec: ModelSpec, devices: list[Device], settings: LoadSettings
-    ) -> list[Device]:
+    ) -> tuple[list[Device], Plan | None]:
         """speed's agent order. llama.cpp runs the devices in order and puts the output layer
         (and the logits' trip back) on the last one in use, so the agents that hold layers
         in the order given are tried last in turn (every agent, where nothing fits as
         given), the others keeping their order; the order whose speed plan predicts the
         most tokens/s is taken (ties: as given), and the agents' lists are put in it. A
         loaded model keeps its order (its kept figures name devices by place). The
-        devices, in the order taken."""
+        devices, in the order taken, and speed's plan over them (None where no order was
+        searched or none fits: the caller plans, and says why)."""
         speeds = self.speeds
         assert speeds is not None
         n = len(self.clients)
         if n < 2 or (self.result is not None and not self._replacing):
-            return devices
+            return devices, None
         tried: list[
             tuple[float, int, tuple[int, ...], list[Device], Speeds, dict[str, str], Plan]
         ] = []
@@ -549,8 +550,8 @@ class ChatSession:
             for t in tried
         ]
         if not tried:
-            return devices
-        rate, _, order, devs, sp, keys, _ = max(tried, key=lambda t: (t[0], t[1]))
+            return devices, None
+        rate, _, order, devs, sp, keys, plan = max(tried, key=lambda t: (t[0], t[1]))
         if order != tuple(range(n)):
             given = next((t[0] for t in tried if t[1] == 0), 0.0)
             names = ", ".join(c.name for c in self.clients)
@@ -564,7 +565,7 @@ class ChatSession:
                 else f"the order given ({names}) does not fit"
             )
             self.order_note = f"{self.clients[-1].name} goes last, with the output layer: {why}"
-        return devs
+        return devs, plan
 
     def _measured_splits(
         self,
