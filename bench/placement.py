@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -44,6 +45,7 @@ from corral.engine.runtime.childproto import Done, Generate
 from corral.engine.runtime.errors import InferenceCrashed
 from corral.engine.runtime.session import ChatSession, LoadSettings
 from corral.engine.runtime.speeds import (
+    GEN_REPS,
     PROBE_BATCH,
     PROBE_VOCAB,
     cache_dir,
@@ -234,12 +236,18 @@ async def run_setup(
                 pred = predict(session.spec, plan, speeds) if speeds else None
                 counts = [len(plan.layers_of(i)) for i in range(len(plan.devices))]
                 rate = await timed(session, tokens, rounds)
+                # the same loaded split's bare decode (TimeSteps without generate): what a
+                # reply's token costs beyond it is the scheduler's own step (logits read,
+                # sampled, sent on), which the probes time since 12-06 (before, they timed
+                # bare decodes, and the replies ran 0.2-1.3 ms a token slower on this VM)
+                (step,) = await session.child.time_steps((1,), GEN_REPS)
                 row = {
                     "label": label,
                     "counts": counts,
                     "measured": rate,
                     "passes": [rate],
                     "predicted": pred.tokens_per_s if pred else None,
+                    "decode_alone": 1 / step,
                 }
                 report(row, 1)
                 return row
@@ -248,7 +256,8 @@ async def run_setup(
                 rate, counts, label = row["measured"], row["counts"], row["label"]
                 err = (row["predicted"] / rate - 1) if row["predicted"] else float("nan")
                 line = f"{name} {label:<9} {counts} measured {rate:6.1f} tok/s, predicted "
-                line += f"{row['predicted'] or 0:6.1f} ({100 * err:+.1f} %)"
+                line += f"{row['predicted'] or 0:6.1f} ({100 * err:+.1f} %), a bare decode "
+                line += f"{row['decode_alone']:6.1f}"
                 line += f", pass {n}: {row['passes'][-1]:.1f}" if n > 1 else ""
                 print(line, flush=True)
                 log.append(line)
@@ -276,6 +285,8 @@ async def run_setup(
                     )
                     row["passes"].append(await timed(session, tokens, rounds))
                     row["measured"] = max(row["passes"])
+                    (step,) = await session.child.time_steps((1,), GEN_REPS)
+                    row["decode_alone"] = max(row["decode_alone"], 1 / step)
                     report(row, n)
             best = max(every, key=lambda r: r["measured"])
             errors = [abs(r["predicted"] / r["measured"] - 1) for r in every if r["predicted"]]
@@ -328,6 +339,8 @@ def main() -> int:
     if opts.passes < 1 or opts.rounds < 1:
         parser.error("--passes and --rounds take 1 or more")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the agents' devices only (on a GPU host)
+    logging.basicConfig(format="%(name)s: %(message)s")  # how many passes the probes took
+    logging.getLogger("corral.engine.runtime.speeds").setLevel(logging.INFO)
     os.environ.setdefault("CORRAL_SPEEDS_DIR", tempfile.mkdtemp(prefix="corral-speeds-"))
     try:
         return run_all(opts)

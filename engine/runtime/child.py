@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import dataclasses
 import faulthandler
+import itertools
 import os
 import queue
 import re
@@ -102,6 +103,16 @@ class _Channel:
 
     def send(self, msg: Message) -> None:
         self.sock.sendall(encode_frame(to_wire(msg)))
+
+
+class _Discard(_Channel):
+    """A channel that sends nowhere: the frames of a reply only timed (TimeSteps)."""
+
+    def __init__(self) -> None:  # no socket, no reader
+        pass
+
+    def send(self, msg: Message) -> None:
+        pass
 
 
 class _Engine:
@@ -602,6 +613,9 @@ class _Engine:
         out = []
         try:
             for n in req.sizes:
+                if n == 1 and req.generate:
+                    out.append(self._time_generated(slot, tok, req.reps))
+                    continue
                 times = []
                 for r in range(req.reps):
                     if n > 1 or r == 0:
@@ -621,6 +635,35 @@ class _Engine:
             L.llama_memory_seq_rm(mem, slot.seq, 0, -1)
             slot.tokens.clear()
         self.chan.send(StepTimes(tuple(out)))
+
+    def _time_generated(self, slot: _Slot, tok: int, reps: int) -> float:
+        """Seconds from one step of a greedy reply to the next, `reps` of them after a
+        16-token prompt, through `step` as every reply's tokens go: the time a reply's
+        token takes, its frames discarded (nobody asked for this reply)."""
+        req = Generate(max_tokens=reps + 1, ignore_eos=True, rid=-2)
+        job = _Job(req, slot, [tok] * 16, 0, 0)
+        job.sampler = self._sampler(req)
+        slot.job = job
+        self.jobs.append(job)
+        chan, self.chan = self.chan, _Discard()
+        starts = []
+        try:
+            while job in self.jobs:
+                starts.append(time.perf_counter())
+                self.step()
+        finally:
+            self.chan = chan
+            if job in self.jobs:
+                self.jobs.remove(job)
+                self.L.llama_sampler_free(job.sampler)
+            slot.job = None
+        if job.error:
+            raise _Refused(f"{job.error}, while timing generated tokens")
+        # after the prompt; their mean, as a reply's tokens/s is, less the slowest tenth (a
+        # stall of a moment elsewhere on the host is not this device's speed)
+        gaps = sorted(b - a for a, b in itertools.pairwise(starts[1:]))
+        kept = gaps[: len(gaps) - len(gaps) // 10]
+        return sum(kept) / len(kept)
 
     def run_step(self) -> None:
         """A step; whatever goes wrong in it ends the replies in it, never the process."""

@@ -214,9 +214,12 @@ class InferenceProcess:
             DryRunReport, await self._stalling(self._next(LOAD_STALL), LOAD_STALL, "the dry run")
         )
 
-    async def time_steps(self, sizes: Sequence[int], reps: int) -> list[float]:
-        """Median seconds of decodes of each size on the loaded model (TimeSteps)."""
-        self._send(TimeSteps(tuple(sizes), reps))
+    async def time_steps(
+        self, sizes: Sequence[int], reps: int, generate: bool = False
+    ) -> list[float]:
+        """Median seconds of decodes of each size on the loaded model (TimeSteps; with
+        `generate`, a size of 1 as a reply's tokens)."""
+        self._send(TimeSteps(tuple(sizes), reps, generate))
         frame = await self._stalling(self._next(LOAD_STALL), LOAD_STALL, "timing the probe")
         return list(_as(StepTimes, frame).seconds)
 

@@ -102,6 +102,7 @@ from .speeds import (
     probe_files,
     probe_key,
     probe_params,
+    sensitivity,
     time_device,
 )
 from .stall import StallWatch
@@ -698,7 +699,9 @@ class ChatSession:
                 # the desktop's own base needs no vocabulary probe
                 used = probes if index >= 0 else probes[:2]
                 return await time_device(
-                    self.child, [probe_params(p, eps, index, len(devices), threads) for p in used]
+                    self.child,
+                    [probe_params(p, eps, index, len(devices), threads) for p in used],
+                    sensitivity(blocks, scale, spec.n_layer, len(used)),
                 )
 
             where = "this desktop's CPU"

@@ -6,13 +6,13 @@
 #     read (ttft7b.json)
 #  2. bench/placement.py's gpu-cpu set-up on it: one agent sharing GPU 0, one its CPU
 #     (placement-gpu.json)
-#  3. the same two agents with the workers' OpenMP threads spinning libgomp's own 300,000
-#     times before they sleep, not rpc_spin's 30,000 (gpu-cpu-oldspin: as every run before
+#  3. with DIAG=1 only: the same two agents with the workers' OpenMP threads spinning
+#     libgomp's own 300,000 times before they sleep, not rpc_spin's 30,000 (gpu-cpu-oldspin: as every run before
 #     12-06's rpc_spin), and with the CPU worker leaving two cores to the rest of the host
 #     (gpu-cpu-spare2), splits in steps of 16 (placement-diag.json): the splits that end on
 #     the CPU ran slower than predicted on the H100 host (32/1: +81 %)
-#  4. bench/placement.py --curve 1,2,4,8 on the 7.24B, gpu-cpu set-up: each device's step on
-#     probes of 1, 2, 4 and 8 layers and on the whole model (curve-gpu.json); it aborted the
+#  4. with DIAG=1 only: bench/placement.py --curve 1,2,4,8 on the 7.24B, gpu-cpu set-up:
+#     each device's step on probes of 1, 2, 4 and 8 layers and on the whole model (curve-gpu.json); it aborted the
 #     inference child on the H100 host three times: the bench prints the child's last lines,
 #     now with llama.cpp's abort message (before the CPU set-ups, which have host figures)
 #  5. bench/placement.py's CPU set-ups (threads, delays; --scale 2 --cpu-only) on the
@@ -21,7 +21,8 @@
 # With QUICK=1: step 3 alone, on the 1.1B, with gpu-cpu beside it (placement-quick.json).
 # Mind the set-up: the llama.cpp build alone took about 5 minutes of a fresh H100 host, so
 # even QUICK needs some 9 minutes of device time (one call of 6 minutes ran out in it).
-# All of it: about 30 minutes, three calls back to back (`placement.sh 570`).
+# All of it: about 30 minutes, three calls back to back (`placement.sh 570`); without DIAG
+# (steps 1, 3 and 4 skipped), less.
 #
 #   packaging/gpu/placement.sh [WAIT_S]
 START=$SECONDS
@@ -64,6 +65,7 @@ P="python3 bench/placement.py --rounds 3 --tokens 48 --passes 1"
 detached place-gpu "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu --json /tmp/placement-gpu.json"
 WAIT_TAIL=20 wait_for place-gpu || exit 0
 tail -3 /tmp/place-gpu.log
+if [ -n "${DIAG:-}" ]; then
 detached place-diag "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu-oldspin,gpu-cpu-spare2 \
   --step 16 --json /tmp/placement-diag.json"
 WAIT_TAIL=20 wait_for place-diag || exit 0
@@ -72,6 +74,7 @@ detached curve "$P --model /tmp/7b-q4_k_m.gguf --setups gpu-cpu --curve 1,2,4,8 
   --json /tmp/curve-gpu.json"
 WAIT_TAIL=20 wait_for curve || exit 0
 tail -4 /tmp/curve.log
+fi
 detached place-small "$P --model /tmp/small-q4_1.gguf --scale 2 --cpu-only --setups threads,delays \
   --passes 2 --json /tmp/placement-small.json"
 WAIT_TAIL=20 wait_for place-small || exit 0

@@ -285,12 +285,14 @@ def test_a_worker_killed_while_speed_times_it_is_named_and_the_plan_heals(
     real = speeds.time_device
     killed: list[int] = []
 
-    async def kill_then_time(child: object, params: list) -> tuple[list[float], list[float]]:
+    async def kill_then_time(
+        child: object, params: list, weights: object = None
+    ) -> tuple[list[float], list[float]]:
         split = params[0].tensor_split
         if not killed and len(split) == 2 and split[1] == 1.0:  # the victim's device
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
-        return await real(child, params)
+        return await real(child, params, weights)
 
     monkeypatch.setattr(speeds, "time_device", kill_then_time)
     monkeypatch.setattr("corral.engine.runtime.session.time_device", kill_then_time)
