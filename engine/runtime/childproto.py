@@ -282,7 +282,7 @@ class TimeSteps(Message):
     more: a prompt batch from position 0), each read after its results are back. With
     `generate` a size of 1 is timed as a reply's tokens are made, through the scheduler's
     own step (decode, logits read, sampled, sent on): what a token of a reply costs, where
-    a bare decode left 0.2-1.5 ms a token out."""
+    a bare decode left 0.2-2.8 ms a token out."""
 
     sizes: tuple[int, ...]
     reps: int
@@ -292,7 +292,8 @@ class TimeSteps(Message):
 @_register(31)
 @dataclass(frozen=True, slots=True)
 class StepTimes(Message):
-    """The median seconds of each size's decodes, in TimeSteps' order."""
+    """Seconds of each size's step, in TimeSteps' order: the median of its decodes (of a
+    generated token with `generate`, the mean of a reply's steps)."""
 
     seconds: tuple[float, ...]
 

@@ -217,8 +217,8 @@ class InferenceProcess:
     async def time_steps(
         self, sizes: Sequence[int], reps: int, generate: bool = False
     ) -> list[float]:
-        """Median seconds of decodes of each size on the loaded model (TimeSteps; with
-        `generate`, a size of 1 as a reply's tokens)."""
+        """Seconds of a step of each size on the loaded model (TimeSteps: the median of its
+        decodes; with `generate`, a size of 1 as the mean of a reply's steps)."""
         self._send(TimeSteps(tuple(sizes), reps, generate))
         frame = await self._stalling(self._next(LOAD_STALL), LOAD_STALL, "timing the probe")
         return list(_as(StepTimes, frame).seconds)

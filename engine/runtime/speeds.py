@@ -9,7 +9,9 @@ probe said), one of 1 layer and one of `probe_layers`
 (the model's own blocks' bytes, up to PROBE_BYTES) with a 320-token vocabulary, and the
 second again with the model's own vocabulary. Each is loaded in the inference child with
 every layer on that one device, through its real worker and tunnel, and TimeSteps gives the
-median time of a generated token's step and of a PROBE_BATCH-token prompt batch.
+mean time of a generated token as a reply makes it (the child's own scheduler step) and the
+median of a PROBE_BATCH-token prompt batch; the probes are timed in passes until they settle
+(`settled`), and each keeps the median of its passes (`centre`).
 
 The difference of the two probes over their difference in block bytes is the time a byte
 of blocks takes, and one of the model's average blocks takes its bytes' worth (decoding is
@@ -377,7 +379,8 @@ def sensitivity(
     probes' times (the 1-layer, the large, the vocabulary probe; see `derive`): that step is
     g0 + F (g1 - g0) + S (g2 - g1), F the model's blocks beyond the 1-layer probe's over
     the large probe's beyond it, S the output's scale. F is large where the large probe has
-    a few of many layers (the 7.24B: 5 of 33, F = 8), so its noise counts eightfold."""
+    a few of many layers (the 7.24B: 5 of its 32 blocks, F = 7.75), so their noise counts
+    nearly eightfold."""
     f = (n_layer * scale[0] - blocks[0]) / max(blocks[1] - blocks[0], 1)
     s = scale[1] if n > 2 else 0.0
     return (1 - f, f - s, s)[:n]
@@ -395,7 +398,7 @@ async def time_device(
     on a busy 2-core VM a vocabulary probe timed in a slow spell put a worker's output layer
     at 9 ms, where other runs put it at 1-3; and on an H100 a probe pair whose timings each
     agreed within 10 % left the prediction of all 33 of the 7.24B's layers on the GPU
-    moving from -8 % to +17 % between runs (its layer is their difference, times 8)."""
+    moving from -8 % to +17 % between runs (its layer is their difference, times 7.75)."""
     distinct = list(dict.fromkeys(params))
     runs: dict[LoadParams, list[tuple[float, float]]] = {p: [] for p in distinct}
     for n in range(MAX_PASSES):
@@ -445,10 +448,10 @@ def settled(
     `centre` for a probe's figure and spread): with `weights`, the spreads move the
     prediction those figures make (their weighted sum) by at most SETTLED; without, each
     probe's spread is within SETTLED of its figure."""
+    if any(len(probe) < 2 for probe in timings):
+        return False
     for k in (0, 1):
         fig = [centre([t[k] for t in probe]) for probe in timings]
-        if any(len(probe) < 2 for probe in timings):
-            return False
         if weights is None:
             if any(spread > mid * SETTLED for mid, spread in fig):
                 return False
@@ -474,18 +477,35 @@ def derive(
     (`scale`: those bytes, then the output's scale); per step what the 1-layer probe took
     beyond its block and the base; the output layer what the vocabulary probe took beyond
     the large one (its logits come back through the real tunnel), scaled by the model's
-    output bytes over the probe's."""
-    per_byte = _per_byte(blocks, gen)
-    per_byte_b = _per_byte(blocks, batch)
+    output bytes over the probe's. Where the 1-layer probe took less than its block's worth
+    (its block ran from a cache), see `_line`."""
+    per_byte, hop = _line(blocks, gen, base[0])
+    per_byte_b, hop_b = _line(blocks, batch, base[1])
     return DeviceSpeed(
-        hop=max(gen[0] - per_byte * blocks[0] - base[0], 0.0),
+        hop=hop,
         layer=per_byte * scale[0],
-        hop_batch=max(batch[0] - per_byte_b * blocks[0] - base[1], 0.0),
+        hop_batch=hop_b,
         layer_batch=per_byte_b * scale[0],
         batch=PROBE_BATCH,
         output=max(gen[2] - gen[1], 0.0) * scale[1] if len(gen) > 2 else 0.0,
         output_batch=max(batch[2] - batch[1], 0.0) * scale[1] if len(batch) > 2 else 0.0,
     )
+
+
+def _line(blocks: tuple[int, int], times: Sequence[float], base: float) -> tuple[float, float]:
+    """(seconds a byte of blocks, the hop) from the 1-layer and the large probe's times. Where
+    the 1-layer probe took less than its block's worth beyond the base (its one block ran
+    from a cache: on this VM the 1.1B's 24 MiB block did), the line through the two probes
+    has a negative hop; cut to zero, as it was until the sixth session of 12-06, it charged
+    every split that much too much (all three workers of the 1.1B's set-ups had a hop of 0,
+    and the predictions ran 8-18 % slow). Then the large probe alone, which reads what the
+    model reads, gives the byte's time over the base, and the hop is zero: the whole model on
+    the device is predicted as its large probe took."""
+    per_byte = _per_byte(blocks, times)
+    hop = times[0] - per_byte * blocks[0] - base
+    if hop >= 0:
+        return per_byte, hop
+    return max(times[1] - base, 0.0) / max(blocks[1], 1), 0.0
 
 
 def _per_byte(blocks: tuple[int, int], times: Sequence[float]) -> float:

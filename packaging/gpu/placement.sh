@@ -7,14 +7,15 @@
 #  2. bench/placement.py's gpu-cpu set-up on it: one agent sharing GPU 0, one its CPU
 #     (placement-gpu.json)
 #  3. with DIAG=1 only: the same two agents with the workers' OpenMP threads spinning
-#     libgomp's own 300,000 times before they sleep, not rpc_spin's 30,000 (gpu-cpu-oldspin: as every run before
-#     12-06's rpc_spin), and with the CPU worker leaving two cores to the rest of the host
-#     (gpu-cpu-spare2), splits in steps of 16 (placement-diag.json): the splits that end on
-#     the CPU ran slower than predicted on the H100 host (32/1: +81 %)
+#     libgomp's own 300,000 times before they sleep, not rpc_spin's 30,000 (gpu-cpu-oldspin:
+#     as every run before 12-06's rpc_spin), and with the CPU worker leaving two cores to
+#     the rest of the host (gpu-cpu-spare2), splits in steps of 16 (placement-diag.json):
+#     the splits that end on the CPU ran slower than predicted on the H100 host (32/1: +81 %)
 #  4. with DIAG=1 only: bench/placement.py --curve 1,2,4,8 on the 7.24B, gpu-cpu set-up:
-#     each device's step on probes of 1, 2, 4 and 8 layers and on the whole model (curve-gpu.json); it aborted the
-#     inference child on the H100 host three times: the bench prints the child's last lines,
-#     now with llama.cpp's abort message (before the CPU set-ups, which have host figures)
+#     each device's step on probes of 1, 2, 4 and 8 layers and on the whole model
+#     (curve-gpu.json); it aborted the inference child on the H100 host three times (the
+#     bench's own stalled loop: docs/PLANNER.md, "The curve's abort, explained")
+# Every step's log has each probe's passes (bench/replay_probes.py re-reads them).
 #  5. bench/placement.py's CPU set-ups (threads, delays; --scale 2 --cpu-only) on the
 #     SmolLM2-shaped random model at Q4_1 (the default model's type), two passes, then on
 #     the 1.1B "big" at Q4_K_M (placement-small.json, placement-big.json)

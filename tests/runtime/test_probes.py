@@ -265,8 +265,8 @@ def test_timing_generated_tokens_runs_a_real_reply_and_leaves_nothing_behind(
 def test_the_replay_of_a_runs_probe_timings_gives_back_its_predictions() -> None:
     """bench/replay_probes.py re-reads a placement run's logged probe passes: read as the
     fastest pass (the old rule) they give back the run's own figures, as derive makes them
-    (the probes' bytes recovered from those figures); as the median, they follow the
-    median pass."""
+    (the probes' bytes recovered from those figures; where no hop comes out negative, derive
+    then and now agree); as the median, they follow the median pass."""
     import importlib.util
 
     from corral.engine.runtime.speeds import derive
@@ -296,14 +296,39 @@ def test_the_replay_of_a_runs_probe_timings_gives_back_its_predictions() -> None
         "speeds": {"devices": {"CUDA0": dataclasses.asdict(sp)}},
         "rows": [{"counts": [9]}, {"counts": [3]}],
     }
-    for counts, rate in zip((9, 3), replay.replay(result, runs, replay.fastest), strict=True):
+    rates = replay.replay(result, runs, replay.fastest, False, replay.fastest)
+    assert rates == pytest.approx(replay.replay(result, runs, replay.fastest, True, min))
+    for counts, rate in zip((9, 3), rates, strict=True):
         step = base + sp.hop + (counts - 1) * sp.layer + sp.output
         assert rate == pytest.approx(1 / step)
     mid = [sorted(p)[1] * 1e-3 for p in gpu]  # the median pass of each probe
     d_mid = [sorted(p)[1] * 1e-3 for p in desk]
-    (rate,) = replay.replay({**result, "rows": [{"counts": [9]}]}, runs, replay.median)
+    one = {**result, "rows": [{"counts": [9]}]}
+    (rate,) = replay.replay(one, runs, replay.median, True, replay.fastest)
     b = d_mid[0] - (d_mid[1] - d_mid[0]) / 4
     per = (mid[1] - mid[0]) / 4
     step = b + (mid[0] - per - b) + 8 * per + (mid[2] - mid[1])  # no hop clamped to 0
     assert mid[0] - per - b > 0
     assert rate == pytest.approx(1 / step)
+
+
+def test_a_one_layer_probe_faster_than_its_block_leaves_the_large_probe_to_set_the_layer() -> None:
+    """Where the 1-layer probe took less than a block's worth beyond the base (its block
+    ran from a cache), the line through the two probes has a negative hop. Cut to zero it
+    charged every split that much extra; now the large probe alone gives the layer's time
+    over the base, the hop is zero, and the whole model on the device is predicted as its
+    probes took: the VM's 1.1B worker (1-layer 2.30 ms, 16 layers 66.0 ms, base 0)."""
+    from corral.engine.runtime.speeds import derive
+
+    blocks = (100, 1600)  # the large probe: 16 blocks of the model's average, as the model
+    scale = (100.0, 1.0)
+    gen = [2.30e-3, 66.0e-3, 71.1e-3]
+    sp = derive(blocks, scale, gen, gen, (0.0, 0.0))
+    assert sp.hop == 0.0
+    assert sp.layer == pytest.approx(66.0e-3 / 16)
+    assert sp.hop + 16 * sp.layer + sp.output == pytest.approx(71.1e-3)  # the vocabulary probe
+    # a positive intercept is kept as it was: the line through the two probes
+    gen = [6.0e-3, 66.0e-3, 71.1e-3]
+    sp = derive(blocks, scale, gen, gen, (1.0e-3, 1.0e-3))
+    assert sp.layer == pytest.approx(60.0e-3 / 15)
+    assert sp.hop == pytest.approx(6.0e-3 - 4.0e-3 - 1.0e-3)
