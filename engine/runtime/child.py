@@ -164,6 +164,8 @@ class _Engine:
         self.n_ctx_seq = int(L.llama_n_ctx_seq(ctx))
         self.n_batch = int(L.llama_n_batch(ctx))
         self.slots = [_Slot(seq) for seq in range(int(L.llama_n_seq_max(ctx)))]
+        # the pace of the model before (a speed probe's, timed as a reply) is not this one's
+        self.token_step, self.chunk = 0.0, UNTIMED_CHUNK
         self.jobs = []
         if self.batch is not None:
             L.llama_batch_free(self.batch)
