@@ -80,6 +80,7 @@ def replay(
     names = list(devices)
     desk, per_device = timings[0], timings[1:]
     figures = {}
+    base = None  # the desktop's own part, once (speeds.base_of, the same then and now)
     for name, probes in zip(names, per_device, strict=True):
         sp = devices[name]
         fast = [ran(p) for p in probes]
@@ -88,16 +89,19 @@ def replay(
         # the probes' block bytes in units of 1e-6 of their difference, the 1-layer probe's
         # block taken as one average block
         blocks = (round(q * _UNIT), round((1 + q) * _UNIT))
-        d = [rule(p) for p in desk]
-        base = base_of(blocks, d, d)[0] if now else max(d[0] - (d[1] - d[0]) * q, 0.0)
+        if base is None:
+            d = [rule(p) for p in desk]
+            base = base_of(blocks, d, d)[0]
         figures[name] = (_now if now else _then)(
             blocks, (q * _UNIT, s), [rule(p) for p in probes], base
         )
+    # planner.speed.step_time's sum, which needs the model's spec (its output layer where
+    # none was measured); every device here had its output measured
     rates = []
     for row in result["rows"]:
         counts = row["counts"]
         used = [i for i, c in enumerate(counts) if c > 0]
-        step = base
+        step = base or 0.0
         for i in used:
             f = figures[names[i]]
             blocks = counts[i] - (1 if i == used[-1] else 0)
