@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from corral.engine.agent.inventory import read_gpus
 from corral.engine.aio import within
@@ -115,6 +115,18 @@ _CRASH_EVENT_WAIT = 2.0  # how long to wait for an agent to report the worker th
 DEFAULT_CTX = 2048  # tokens of context when the user names none (`corral serve`: 4096)
 MIN_CTX = 256  # llama.cpp sizes the cache in blocks of 256 cells (planner.plan.pad_ctx)
 MAX_CTX = 1 << 24  # 16M tokens: beyond every released model, and KV counts stay in range
+
+
+class _Order(NamedTuple):
+    """An agent order speed tried (ChatSession._speed_order)."""
+
+    rate: float  # predicted tokens/s (a split timed before: as measured)
+    rank: int  # 0: the order given, then -1, -2, ... (ties keep the earlier)
+    order: tuple[int, ...]  # the agents' indices in this order
+    devices: list[Device]
+    speeds: Speeds  # the figures renamed to this order's device names
+    keys: dict[str, str]  # the speed keys likewise
+    plan: Plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,9 +516,7 @@ class ChatSession:
         n = len(self.clients)
         if n < 2 or (self.result is not None and not self._replacing):
             return devices, None
-        tried: list[
-            tuple[float, int, tuple[int, ...], list[Device], Speeds, dict[str, str], Plan]
-        ] = []
+        tried: list[_Order] = []
         lasts = [n - 1]  # the agent tried last; more join after the order given (rank 0)
         rank = -1
         while rank + 1 < len(lasts):
@@ -538,23 +548,23 @@ class ChatSession:
                 # a split a reply was timed on counts at its measured step, as in speed_plan
                 step = measured.get(tuple(len(plan.layers_of(i)) for i in range(len(devs))))
                 rate = 1.0 / step if step else found.tokens_per_s
-                tried.append((rate, -rank, order, devs, sp, keys, plan))
+                tried.append(_Order(rate, -rank, order, devs, sp, keys, plan))
             if rank == 0:  # the others to try last: those that hold layers as given
                 hosts = {devs[i].host for i in range(len(devs)) if plan and plan.layers_of(i)}
                 lasts += [i for i in range(n - 1) if plan is None or self.clients[i].name in hosts]
         self.orders = [
             (
-                tuple(self.clients[i].name for i in t[2]),
-                t[0],
-                tuple(len(t[6].layers_of(i)) for i in range(len(t[3]))),
+                tuple(self.clients[i].name for i in t.order),
+                t.rate,
+                tuple(len(t.plan.layers_of(i)) for i in range(len(t.devices))),
             )
             for t in tried
         ]
         if not tried:
             return devices, None
-        rate, _, order, devs, sp, keys, plan = max(tried, key=lambda t: (t[0], t[1]))
+        rate, _, order, devs, sp, keys, plan = max(tried, key=lambda t: (t.rate, t.rank))
         if order != tuple(range(n)):
-            given = next((t[0] for t in tried if t[1] == 0), 0.0)
+            given = next((t.rate for t in tried if t.rank == 0), 0.0)
             names = ", ".join(c.name for c in self.clients)
             self.clients = [self.clients[i] for i in order]
             self.workers = [self.workers[i] for i in order]
