@@ -334,6 +334,9 @@ def _speed_json(session: ChatSession) -> dict[str, Any] | None:
             "prompt_tokens_per_s": p.prompt_per_s,
             "step_s": p.step,
             "shares": [{"what": s.what, "seconds": s.seconds} for s in p.shares],
+            # the share of step_s the probes' noise leaves uncertain, and whose counts most
+            "uncertainty": p.uncertainty,
+            "noisiest": p.noisiest,
         },
         "leave_out": [{"host": h, "change": c} for h, c in session.leave_out],
         "measured_before": session.measured_before,

@@ -30,6 +30,9 @@ from corral.engine.model.spec import ModelSpec
 from .placement import split_for_counts
 from .plan import Device, Plan, Settings, compute_bytes, estimate, kv_bytes, weight_bytes
 
+# A prediction the devices' noise leaves more uncertain than this share is flagged in the plan
+NOISY = 0.15
+
 # At most this many devices are searched exhaustively (every subset); beyond, candidate sets
 # are the k best devices by their cost per layer at an even share, for every k.
 EXHAUSTIVE = 12
@@ -49,6 +52,12 @@ class DeviceSpeed:
     # not measured: estimated from its bytes and the link's bandwidth)
     output: float = 0.0
     output_batch: float = 0.0
+    # how far the probes' passes leave a generated token's figures uncertain, in seconds:
+    # per step, per layer and for the output layer (engine.runtime.speeds.derive, from each
+    # probe's spread between passes; 0: not known)
+    noise_hop: float = 0.0
+    noise_layer: float = 0.0
+    noise_output: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,7 @@ class Speeds:
     devices: dict[str, DeviceSpeed]
     links: dict[str, LinkSpeed]  # by host name
     base_batch: float = 0.0
+    base_noise: float = 0.0  # seconds: the desktop's own probes' (see DeviceSpeed.noise_hop)
 
     def knows(self, devices: Sequence[Device]) -> bool:
         return all(d.name in self.devices for d in devices)
@@ -88,6 +98,10 @@ class Prediction:
     prompt_per_s: float  # prompt reading (0: not measured)
     step: float  # seconds per generated token
     shares: tuple[Share, ...]  # of `step`, largest first
+    # the share of `step` the probes' noise leaves uncertain (`uncertainty`), and the
+    # device whose noise counts most in it
+    uncertainty: float = 0.0
+    noisiest: str = ""
 
     def bottleneck(self) -> Share | None:
         return self.shares[0] if self.shares else None
@@ -157,7 +171,34 @@ def predict(spec: ModelSpec, plan: Plan, speeds: Speeds) -> Prediction | None:
     if all(batch):
         t, _ = step_time(spec, plan.devices, counts, speeds, batch=True)
         prompt = min(batch) / t if t > 0 else 0.0
-    return Prediction(1.0 / step if step > 0 else 0.0, prompt, step, tuple(shares))
+    by = uncertainty(spec, plan.devices, counts, speeds)
+    noisiest = max(by, key=lambda d: by[d], default="")
+    return Prediction(
+        1.0 / step if step > 0 else 0.0,
+        prompt,
+        step,
+        tuple(shares),
+        (speeds.base_noise + sum(by.values())) / step if step > 0 else 0.0,
+        noisiest,
+    )
+
+
+def uncertainty(
+    spec: ModelSpec, devices: Sequence[Device], counts: Sequence[int], speeds: Speeds
+) -> dict[str, float]:
+    """Seconds of a generated token's predicted step that each device's probe noise leaves
+    uncertain, by device name (as `step_time` adds the step up: a step's, each block's, and
+    on the last device the output layer's)."""
+    used = [i for i, c in enumerate(counts) if c > 0]
+    out = {}
+    for i in used:
+        sp = speeds.devices[devices[i].name]
+        blocks = counts[i] - (1 if i == used[-1] else 0)
+        u = sp.noise_hop + blocks * sp.noise_layer
+        if i == used[-1]:
+            u += sp.noise_output if sp.output > 0 else _layer_ratio(spec) * sp.noise_layer
+        out[devices[i].name] = u
+    return out
 
 
 # ------------------------------------------------------------------ the search
@@ -432,7 +473,14 @@ def describe_speed(
         return lines
     p = prediction
     prompt = f", prompt {p.prompt_per_s:.0f} tok/s" if p.prompt_per_s else ""
-    lines.append(f"predicted: {p.tokens_per_s:.1f} tokens/s generating{prompt}")
+    within = f" (± {100 * p.uncertainty:.0f} %)" if p.uncertainty >= 0.005 else ""
+    lines.append(f"predicted: {p.tokens_per_s:.1f} tokens/s generating{within}{prompt}")
+    if p.uncertainty > NOISY and p.noisiest in speeds.devices:
+        lines.append(
+            f"uncertain: {p.noisiest}'s probes did not repeat from pass to pass (a busy "
+            f"host?), so this prediction may be off by {100 * p.uncertainty:.0f} %; plan "
+            "again with --remeasure when that host is quiet"
+        )
     if measured_before is not None:
         ran = p.tokens_per_s * (1 + measured_before)
         lines.append(

@@ -93,6 +93,7 @@ from .planning import (
 )
 from .speeds import (
     SpeedCache,
+    base_noise,
     base_of,
     derive,
     device_key,
@@ -705,7 +706,7 @@ class ChatSession:
             names = [d.name for d in devices]
             eps = self.endpoints
 
-            async def timed(index: int) -> tuple[list[float], list[float]]:
+            async def timed(index: int) -> tuple[list[float], list[float], list[float]]:
                 # the desktop's own base needs no vocabulary probe
                 used = probes if index >= 0 else probes[:2]
                 return await time_device(
@@ -716,14 +717,16 @@ class ChatSession:
 
             where = "this desktop's CPU"
             try:
-                base_gen, base_batch = await timed(-1)
+                base_gen, base_batch, base_spread = await timed(-1)
                 base = base_of(blocks, base_gen, base_batch)
-                cache.put(keys[""], DeviceSpeed(base[0], 0.0, base[1], 0.0, 0))
+                desktop = DeviceSpeed(base[0], 0.0, base[1], 0.0, 0)
+                noise = base_noise(blocks, base_spread)
+                cache.put(keys[""], dataclasses.replace(desktop, noise_hop=noise))
                 for name in missing:
                     if name:
                         where = f"{name} ({devices[names.index(name)].host})"
-                        gen, batch = await timed(names.index(name))
-                        cache.put(keys[name], derive(blocks, scale, gen, batch, base))
+                        gen, batch, spread = await timed(names.index(name))
+                        cache.put(keys[name], derive(blocks, scale, gen, batch, base, spread))
             except InferenceCrashed as crash:
                 raise await self.explain(
                     crash,
@@ -747,6 +750,7 @@ class ChatSession:
             devices={name: sp for name, sp in known.items() if name and sp is not None},
             links=dict(zip(by_host, links, strict=True)),
             base_batch=desk.hop_batch,
+            base_noise=desk.noise_hop,
         )
 
     async def open(

@@ -374,26 +374,45 @@ GEN_REPS = 40  # generated-token steps timed per probe and pass (short: a GPU's 
 
 def sensitivity(
     blocks: tuple[int, int], scale: tuple[float, float], n_layer: int, n: int
-) -> tuple[float, ...]:
-    """How the predicted step of the whole model on one device moves with each of its `n`
-    probes' times (the 1-layer, the large, the vocabulary probe; see `derive`): that step is
-    g0 + F (g1 - g0) + S (g2 - g1), F the model's blocks beyond the 1-layer probe's over
-    the large probe's beyond it, S the output's scale. F is large where the large probe has
-    a few of many layers (the 7.24B: 5 of its 32 blocks, F = 7.75), so their noise counts
-    nearly eightfold."""
-    f = (n_layer * scale[0] - blocks[0]) / max(blocks[1] - blocks[0], 1)
+) -> tuple[tuple[float, ...], ...]:
+    """How the predicted steps that use one device move with each of its `n` probes' times
+    (the 1-layer, the large, the vocabulary probe; see `derive`): one weight vector per view
+    a plan takes of the device. k of the model's layers on it take g0 + F (g1 - g0), F = k's
+    blocks beyond the 1-layer probe's over the large probe's beyond it, and as the last
+    device the output layer too, + S (g2 - g1) (S the output's scale). F is large where the
+    large probe has a few of many layers (the 7.24B: 5 of its 32 blocks, F = 7.75), so their
+    noise counts nearly eightfold. The relative move is largest at an end of F's range or
+    where F = 1, so the views are one layer, the whole model and, where it lies between, the
+    large probe's own count (the 1.1B's probe is the whole model: its large probe's weight
+    in the whole model's step, with the output layer, is 0, yet every split's layer is
+    read from it); each with and without the output layer."""
+    span = max(blocks[1] - blocks[0], 1)
+    first = (scale[0] - blocks[0]) / span
+    whole = (n_layer * scale[0] - blocks[0]) / span
+    counts = dict.fromkeys(
+        [first, whole] + ([1.0] if min(first, whole) < 1.0 < max(first, whole) else [])
+    )
     s = scale[1] if n > 2 else 0.0
-    return (1 - f, f - s, s)[:n]
+    views = []
+    for f in counts:
+        views.append((1 - f, f, 0.0)[:n])
+        if s:
+            views.append((1 - f, f - s, s))
+    return tuple(dict.fromkeys(views))
 
 
 async def time_device(
-    child: object, params: Sequence[LoadParams], weights: Sequence[float] | None = None
-) -> tuple[list[float], list[float]]:
-    """(generated-token step, prompt-batch step) seconds of each probe, loaded with each of
-    `params` (one per probe; the same probe twice is timed once): the probes are timed in
-    turn, twice, and again (up to MAX_PASSES) until `settled`; each keeps its `centre`.
-    `weights`: each probe's share in the prediction (`sensitivity`); without them, each
-    probe must settle on its own. A worker still settling after a load, or busy with
+    child: object,
+    params: Sequence[LoadParams],
+    views: Sequence[Sequence[float]] | None = None,
+) -> tuple[list[float], list[float], list[float]]:
+    """(generated-token step, prompt-batch step, the generated steps' spread between passes)
+    seconds of each probe, loaded with each of `params` (one per probe; the same probe twice
+    is timed once): the probes are timed in turn, twice, and again (up to MAX_PASSES) until
+    `settled`; each keeps its `centre`. `views`: the probes' weights in the predictions
+    (`sensitivity`); without them, each probe must settle on its own. A host still noisy
+    after MAX_PASSES leaves its spreads in the figures' noise (`derive`), which the plan
+    shows beside its prediction. A worker still settling after a load, or busy with
     something else for a moment, once made the bigger probe look faster than the smaller;
     on a busy 2-core VM a vocabulary probe timed in a slow spell put a worker's output layer
     at 9 ms, where other runs put it at 1-3; and on an H100 a probe pair whose timings each
@@ -407,7 +426,7 @@ async def time_device(
             (g,) = await child.time_steps((1,), GEN_REPS, True)  # type: ignore[attr-defined]
             (b,) = await child.time_steps((PROBE_BATCH,), REPS)  # type: ignore[attr-defined]
             runs[p].append((g, b))
-        if n >= 1 and settled([runs[p] for p in params], weights):
+        if n >= 1 and settled([runs[p] for p in params], views):
             break
     log.info(
         "probes timed in %d passes, generated-token steps (ms): %s",
@@ -417,9 +436,13 @@ async def time_device(
             for p in distinct
         ),
     )
-    gen = {p: centre([g for g, _ in runs[p]])[0] for p in distinct}
+    gen = {p: centre([g for g, _ in runs[p]]) for p in distinct}
     batch = {p: centre([b for _, b in runs[p]])[0] for p in distinct}
-    return [gen[p] for p in params], [batch[p] for p in params]
+    log.info(
+        "the probes' passes leave a step on the device uncertain by up to %.1f %%",
+        1e2 * noise([runs[p] for p in params], views),
+    )
+    return [gen[p][0] for p in params], [batch[p] for p in params], [gen[p][1] for p in params]
 
 
 def centre(values: Sequence[float]) -> tuple[float, float]:
@@ -441,26 +464,37 @@ def centre(values: Sequence[float]) -> tuple[float, float]:
     return mid, (ordered[-1] - ordered[0]) if n >= 2 else float("inf")
 
 
-def settled(
-    timings: Sequence[Sequence[tuple[float, float]]], weights: Sequence[float] | None = None
-) -> bool:
-    """Whether the probes' (generated, batch) timings, one list per probe, are settled (see
-    `centre` for a probe's figure and spread): with `weights`, the spreads move the
-    prediction those figures make (their weighted sum) by at most SETTLED; without, each
-    probe's spread is within SETTLED of its figure."""
+def noise(
+    timings: Sequence[Sequence[tuple[float, float]]],
+    views: Sequence[Sequence[float]] | None = None,
+    column: int = 0,
+) -> float:
+    """How far the probes' passes leave a prediction from them uncertain, as a share (see
+    `centre` for a probe's figure and spread), from one column of their (generated, batch)
+    timings, one list per probe: with `views` (`sensitivity`), the most any view's step
+    moves with the probes' spreads, over the largest view's step (the whole model on the
+    device: a view of a few layers is a small part of a plan that holds the rest elsewhere,
+    and over its own step one layer with the output layer, the difference of two large
+    probes, would never settle); without, the largest probe's spread over its figure.
+    Infinite before a probe has two passes."""
     if any(len(probe) < 2 for probe in timings):
-        return False
-    for k in (0, 1):
-        fig = [centre([t[k] for t in probe]) for probe in timings]
-        if weights is None:
-            if any(spread > mid * SETTLED for mid, spread in fig):
-                return False
-            continue
-        step = sum(w * mid for w, (mid, _) in zip(weights, fig, strict=True))
-        moved = sum(abs(w) * spread for w, (_, spread) in zip(weights, fig, strict=True))
-        if moved > SETTLED * max(step, min(mid for mid, _ in fig)):
-            return False
-    return True
+        return float("inf")
+    fig = [centre([t[column] for t in probe]) for probe in timings]
+    if views is None:
+        return max(spread / mid if mid > 0 else float("inf") for mid, spread in fig)
+    steps = [sum(x * mid for x, (mid, _) in zip(w, fig, strict=True)) for w in views]
+    moved = [sum(abs(x) * sp for x, (_, sp) in zip(w, fig, strict=True)) for w in views]
+    scale = max(*steps, min(mid for mid, _ in fig))
+    return max(moved) / scale if scale > 0 else float("inf")
+
+
+def settled(
+    timings: Sequence[Sequence[tuple[float, float]]],
+    views: Sequence[Sequence[float]] | None = None,
+) -> bool:
+    """Whether the probes' (generated, batch) timings are settled: both columns' `noise`
+    within SETTLED."""
+    return all(noise(timings, views, k) <= SETTLED for k in (0, 1))
 
 
 def derive(
@@ -469,6 +503,7 @@ def derive(
     gen: Sequence[float],
     batch: Sequence[float],
     base: tuple[float, float],
+    spread: Sequence[float] = (),
 ) -> DeviceSpeed:
     """A device's speed from its probes' step times (1 layer, the large probe, the large
     with the model's vocabulary; `blocks`: the block bytes of the first two) and the
@@ -478,9 +513,21 @@ def derive(
     beyond its block and the base; the output layer what the vocabulary probe took beyond
     the large one (its logits come back through the real tunnel), scaled by the model's
     output bytes over the probe's. Where the 1-layer probe took less than its block's worth
-    (its block ran from a cache), see `_line`."""
+    (its block ran from a cache), see `_line`. `spread`: each probe's generated steps'
+    spread between passes (`centre`), which the same arithmetic carries into the figures'
+    noise (each term's spreads added, a bound: the probes' errors may cancel)."""
     per_byte, hop = _line(blocks, gen, base[0])
     per_byte_b, hop_b = _line(blocks, batch, base[1])
+    noise_hop = noise_layer = noise_output = 0.0
+    if len(spread) >= 2:
+        span = max(blocks[1] - blocks[0], 1)
+        if not _cached(blocks, gen, base[0]):
+            noise_hop = base_noise(blocks, spread)
+            noise_layer = (spread[0] + spread[1]) / span * scale[0]
+        else:  # the large probe alone (_line)
+            noise_layer = spread[1] / max(blocks[1], 1) * scale[0]
+        if len(spread) > 2:
+            noise_output = (spread[1] + spread[2]) * scale[1]
     return DeviceSpeed(
         hop=hop,
         layer=per_byte * scale[0],
@@ -489,6 +536,9 @@ def derive(
         batch=PROBE_BATCH,
         output=max(gen[2] - gen[1], 0.0) * scale[1] if len(gen) > 2 else 0.0,
         output_batch=max(batch[2] - batch[1], 0.0) * scale[1] if len(batch) > 2 else 0.0,
+        noise_hop=noise_hop,
+        noise_layer=noise_layer,
+        noise_output=noise_output,
     )
 
 
@@ -501,16 +551,27 @@ def _line(blocks: tuple[int, int], times: Sequence[float], base: float) -> tuple
     and the predictions ran 8-18 % slow). Then the large probe alone, which reads what the
     model reads, gives the byte's time over the base, and the hop is zero: the whole model on
     the device is predicted as its large probe took."""
-    per_byte = _per_byte(blocks, times)
-    hop = times[0] - per_byte * blocks[0] - base
-    if hop >= 0:
-        return per_byte, hop
+    if not _cached(blocks, times, base):
+        per_byte = _per_byte(blocks, times)
+        return per_byte, times[0] - per_byte * blocks[0] - base
     return max(times[1] - base, 0.0) / max(blocks[1], 1), 0.0
+
+
+def _cached(blocks: tuple[int, int], times: Sequence[float], base: float) -> bool:
+    """Whether the 1-layer probe took less than its block's worth beyond the base (`_line`)."""
+    return times[0] - _per_byte(blocks, times) * blocks[0] - base < 0
 
 
 def _per_byte(blocks: tuple[int, int], times: Sequence[float]) -> float:
     """Seconds a byte of blocks: the two probes' difference over their bytes'."""
     return max(times[1] - times[0], 0.0) / max(blocks[1] - blocks[0], 1)
+
+
+def base_noise(blocks: tuple[int, int], spread: Sequence[float]) -> float:
+    """Seconds the 1-layer and the large probe's spreads leave a step's fixed part (the
+    desktop's base, or a device's hop) uncertain: the 1-layer probe's time less its block's
+    share of their difference (`base_of`), each spread added."""
+    return spread[0] + (spread[0] + spread[1]) * blocks[0] / max(blocks[1] - blocks[0], 1)
 
 
 def base_of(

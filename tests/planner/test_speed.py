@@ -21,6 +21,7 @@ from corral.engine.planner.speed import (
     DeviceSpeed,
     LinkSpeed,
     Speeds,
+    describe_speed,
     fastest,
     predict,
     speed_plan,
@@ -114,6 +115,41 @@ def test_prediction_names_the_bottleneck_and_needs_every_used_device_measured() 
     assert p.bottleneck() is not None and p.bottleneck().what.startswith("RPC1")
     partial = dataclasses.replace(sp, devices={"RPC0": sp.devices["RPC0"]})
     assert predict(m, plan, partial) is None
+
+
+def test_a_prediction_says_how_uncertain_its_probes_left_it_and_whose_probes() -> None:
+    """Each device's probe noise (seconds a step, a layer, the output layer) adds up over the
+    layers the plan gives it; a prediction more uncertain than 15 % says so, naming the
+    device whose noise counts most and what to do, where it once was silently wrong (the
+    H100 host's CPU probes moved 15-35 % between passes)."""
+    m = spec(n_layer=10)
+    devs = devices(8, 8)
+    plan = estimate(m, devs, S, "balanced", split_for_counts([5, 6]))
+    sp = speeds([1.0, 1.0], [0.3, 0.3])
+    out = dataclasses.replace(sp.devices["RPC1"], output=1e-3)  # its output layer measured
+    sp = dataclasses.replace(sp, devices={**sp.devices, "RPC1": out})
+    quiet = predict(m, plan, sp)
+    assert quiet is not None and quiet.uncertainty == 0.0
+    assert not any("uncertain" in line for line in describe_speed(sp, quiet))
+    noisy = dataclasses.replace(
+        sp,
+        devices={
+            "RPC0": dataclasses.replace(sp.devices["RPC0"], noise_hop=1e-4, noise_layer=1e-5),
+            "RPC1": dataclasses.replace(
+                sp.devices["RPC1"], noise_hop=1e-4, noise_layer=0.3e-3, noise_output=2e-4
+            ),
+        },
+        base_noise=1e-4,
+    )
+    p = predict(m, plan, noisy)
+    assert p is not None and p.step == quiet.step  # the figures themselves unchanged
+    # RPC1 holds 5 blocks and the output layer: 0.1 + 5 x 0.3 + 0.2 ms; RPC0 0.1 + 5 x 0.01
+    expected = (0.1 + 0.15 + 0.1 + 1.5 + 0.2) * 1e-3 / p.step
+    assert abs(p.uncertainty - expected) < 1e-9 and p.noisiest == "RPC1"
+    lines = describe_speed(noisy, p)
+    assert f"(± {100 * expected:.0f} %)" in lines[-3], lines  # beside the prediction
+    warned = [line for line in lines if line.startswith("uncertain:")]
+    assert len(warned) == 1 and "RPC1" in warned[0] and "--remeasure" in warned[0], lines
 
 
 def test_leaving_out_a_host_says_what_it_would_cost_or_that_it_would_not_fit() -> None:

@@ -196,29 +196,64 @@ def test_a_probe_is_timed_again_until_its_passes_agree() -> None:
 
 
 def test_probes_settle_by_how_far_they_move_the_prediction() -> None:
-    """With weights, the probes settle when their spreads move the whole model's predicted
-    step by at most 4 %: the 7.24B's shape on a GPU (5 of 33 layers in the large probe)
-    counts the large and the 1-layer probe's noise eightfold, so timings that each agree
-    within 2 % do not settle it, while the same spreads on a probe as large as the model
-    do."""
-    from corral.engine.runtime.speeds import sensitivity, settled
+    """With views (`sensitivity`), the probes settle when their spreads move every view a
+    plan takes of the device (one layer, the whole model, the large probe's count; each
+    with and without the output layer) by at most 4 %: the 7.24B's shape on a GPU (5 of 33
+    layers in the large probe) counts the large and the 1-layer probe's noise eightfold, so
+    timings that each agree within 2 % do not settle it."""
+    from corral.engine.runtime.speeds import noise, sensitivity, settled
 
-    w = sensitivity((100, 500), (100.0, 1.0), 33, 3)
-    assert w == pytest.approx((-7.0, 7.0, 1.0))
+    views = sensitivity((100, 500), (100.0, 1.0), 33, 3)
+    assert (-7.0, 7.0, 1.0) in views  # the whole model with the output layer
+    assert (1.0, 0.0, 0.0) in views and (0.0, 1.0, 0.0) in views  # one layer; the large probe
     small = [(1.00, 9.0), (1.02, 9.1)]
     large = [(1.50, 20.0), (1.53, 20.2)]
     vocab = [(1.60, 21.0), (1.61, 21.1)]
-    # predicted -7 * 1.00 + 7 * 1.50 + 1.60 = 5.1 ms; the spreads move it by
+    # the whole model: -7 * 1.01 + 7 * 1.515 + 1.605 = 5.14 ms, moved by
     # 7 * 0.02 + 7 * 0.03 + 0.01 = 0.36 ms (7 %)
-    assert not settled([small, large, vocab], w)
-    assert settled([small, large, vocab], sensitivity((100, 3300), (100.0, 1.0), 33, 3))
-    # the 1-layer and the large probe steadier: moved by 0.007 + 0.014 + 0.01 (0.6 %)
-    assert settled(
-        [[(1.00, 9.0), (1.001, 9.0)], [(1.50, 20.0), (1.502, 20.0)], vocab],
-        w,
-    )
+    assert noise([small, large, vocab], views) > 0.07
+    assert not settled([small, large, vocab], views)
+    # the 1-layer and the large probe steadier: the whole model moved by 0.007 + 0.014 +
+    # 0.01 (0.6 %); one layer with the output layer by 0.001 + 0.002 + 0.01 (1 %)
+    steady = [[(1.00, 9.0), (1.001, 9.0)], [(1.50, 20.0), (1.502, 20.0)], vocab]
+    assert noise(steady, views) < 0.011 and settled(steady, views)
     # the desktop's base: two probes, no vocabulary
-    assert sensitivity((100, 500), (100.0, 2.0), 33, 2) == pytest.approx((-7.0, 8.0))
+    assert (-7.0, 8.0) in sensitivity((100, 500), (100.0, 2.0), 33, 2)
+
+
+def test_a_large_probe_as_large_as_the_model_settles_too() -> None:
+    """Where the large probe is the whole model (the 1.1B's), the whole model with the
+    output layer weighs only the vocabulary probe, yet every split's layer comes from the
+    large probe: its own spread must settle too (a 63.4 / 68.7 ms pair was once taken)."""
+    from corral.engine.runtime.speeds import sensitivity, settled
+
+    views = sensitivity((100, 1600), (100.0, 1.0), 16, 3)
+    assert (0.0, 0.0, 1.0) in views and (0.0, 1.0, 0.0) in views
+    small = [(5.0, 50.0), (5.05, 50.1)]
+    vocab = [(70.0, 700.0), (70.1, 700.0)]
+    assert not settled([small, [(63.4, 640.0), (68.7, 640.0)], vocab], views)
+    assert settled([small, [(66.0, 640.0), (66.3, 640.0)], vocab], views)
+
+
+def test_a_devices_figures_carry_its_probes_spread_as_their_noise() -> None:
+    """derive's noise: the same arithmetic as the figures, each probe's spread added (a
+    bound). A layer is the two probes' difference over their blocks' bytes, so it carries
+    both spreads; the output layer the vocabulary and the large probe's; where the 1-layer
+    probe ran from a cache, the large probe alone."""
+    from corral.engine.runtime.speeds import base_noise, derive
+
+    blocks, scale = (100, 500), (100.0, 2.0)
+    sp = derive(blocks, scale, [1.0, 3.0, 3.5], [9.0, 20.0, 21.0], (0.2, 1.0), [0.04, 0.08, 0.02])
+    assert sp.layer == pytest.approx(0.5)  # (3.0 - 1.0) / 400 bytes x 100
+    assert sp.noise_layer == pytest.approx(0.12 / 400 * 100)
+    assert sp.noise_hop == pytest.approx(0.04 + 0.12 * 100 / 400)
+    assert sp.noise_hop == pytest.approx(base_noise(blocks, [0.04, 0.08]))
+    assert sp.noise_output == pytest.approx((0.08 + 0.02) * 2.0)
+    # a 1-layer probe faster than its block: the large probe alone, no hop
+    cached = derive(blocks, scale, [0.1, 3.0, 3.5], [9.0, 20.0, 21.0], (0.2, 1.0), [0.04, 0.08])
+    assert cached.hop == 0.0 and cached.noise_hop == 0.0
+    assert cached.noise_layer == pytest.approx(0.08 / 500 * 100)
+    assert derive(blocks, scale, [1.0, 3.0], [9.0, 20.0], (0.2, 1.0)).noise_layer == 0.0
 
 
 def test_timing_generated_tokens_runs_a_real_reply_and_leaves_nothing_behind(

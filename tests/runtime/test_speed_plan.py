@@ -89,6 +89,18 @@ def test_speed_measures_and_avoids_the_slow_link(
     assert "round trip" in text and "a layer" in text and "predicted:" in text, text
     assert text.count("GB/s)") == 2, text  # each device's weights read at
     assert "leaving out" in text and "% tokens/s" in text, text
+    # how far the probes' passes left the figures uncertain: kept with them, and beside
+    # the prediction; a host too noisy to predict is named, with what to do
+    assert predicted["uncertainty"] >= 0 and predicted["noisiest"] in ("RPC0", "RPC1")
+    assert all(speed["devices"][d]["noise_layer"] >= 0 for d in ("RPC0", "RPC1"))
+    kept = json.loads((tmp_path / "speeds.json").read_text())
+    for dev in kept["devices"].values():
+        if dev["layer"] > 0:
+            dev["noise_layer"] = dev["layer"]  # a layer uncertain by its whole time
+    (tmp_path / "speeds.json").write_text(json.dumps(kept))
+    done = _corral(["plan", str(smollm2)], slow_and_fast, tmp_path)
+    warned = [line for line in done.stdout.splitlines() if "uncertain:" in line]
+    assert len(warned) == 1 and "--remeasure" in warned[0], done.stdout
 
     # corral agents: each agent's link, and what was measured on its devices
     done = _corral(["agents"], slow_and_fast, tmp_path)
