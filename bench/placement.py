@@ -272,7 +272,8 @@ async def run_setup(
                 for dev, sp in session.speeds.devices.items():
                     print(
                         f"  {dev}: layer {sp.layer * 1e3:.3f} ms, step {sp.hop * 1e3:.3f} ms, "
-                        f"output {sp.output * 1e3:.3f} ms, noise {100 * sp.noise:.1f} %"
+                        f"output {sp.output * 1e3:.3f} ms, "
+                        f"layer noise {sp.noise_layer * 1e3:.3f} ms"
                     )
                 for host, link in session.speeds.links.items():
                     print(f"  {host}: rtt {link.rtt * 1e3:.2f} ms, {link.bandwidth / 1e6:.0f} MB/s")

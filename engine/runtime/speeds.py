@@ -484,7 +484,7 @@ def noise(
         return max(spread / mid if mid > 0 else float("inf") for mid, spread in fig)
     steps = [sum(x * mid for x, (mid, _) in zip(w, fig, strict=True)) for w in views]
     moved = [sum(abs(x) * sp for x, (_, sp) in zip(w, fig, strict=True)) for w in views]
-    scale = max(*steps, min(mid for mid, _ in fig))
+    scale = max([*steps, min(mid for mid, _ in fig)])
     return max(moved) / scale if scale > 0 else float("inf")
 
 
