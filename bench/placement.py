@@ -241,6 +241,11 @@ async def run_setup(
                 # sampled, sent on), which the probes time since 12-06 (before, they timed
                 # bare decodes, and the replies ran 0.2-1.3 ms a token slower on this VM)
                 (step,) = await session.child.time_steps((1,), GEN_REPS)
+                # and as the probes time theirs (a reply's tokens through the child's step,
+                # its frames dropped): beside the prediction it tells the model from its
+                # probes; beside the reply, a reply's cost beyond the child (its frames to the
+                # desktop's process)
+                (as_probe,) = await session.child.time_steps((1,), GEN_REPS, True)
                 row = {
                     "label": label,
                     "counts": counts,
@@ -251,6 +256,7 @@ async def run_setup(
                     # flags it above NOISY)
                     "uncertainty": pred.uncertainty if pred else None,
                     "decode_alone": 1 / step,
+                    "as_probe": 1 / as_probe,
                 }
                 report(row, 1)
                 return row
@@ -261,7 +267,7 @@ async def run_setup(
                 line = f"{name} {label:<9} {counts} measured {rate:6.1f} tok/s, predicted "
                 line += f"{row['predicted'] or 0:6.1f} ({100 * err:+.1f} %, "
                 line += f"± {100 * (row['uncertainty'] or 0):.1f} %), a bare decode "
-                line += f"{row['decode_alone']:6.1f}"
+                line += f"{row['decode_alone']:6.1f}, timed as a probe {row['as_probe']:6.1f}"
                 line += f", pass {n}: {row['passes'][-1]:.1f}" if n > 1 else ""
                 print(line, flush=True)
                 log.append(line)
@@ -292,6 +298,8 @@ async def run_setup(
                     row["measured"] = max(row["passes"])
                     (step,) = await session.child.time_steps((1,), GEN_REPS)
                     row["decode_alone"] = max(row["decode_alone"], 1 / step)
+                    (as_probe,) = await session.child.time_steps((1,), GEN_REPS, True)
+                    row["as_probe"] = max(row["as_probe"], 1 / as_probe)
                     report(row, n)
             best = max(every, key=lambda r: r["measured"])
             errors = [abs(r["predicted"] / r["measured"] - 1) for r in every if r["predicted"]]

@@ -182,12 +182,31 @@ def test_a_probe_keeps_the_median_of_its_passes_and_one_out_of_line_counts_for_n
     assert centre([3.0])[1] == float("inf")
 
 
+def settled(timings: list, views: tuple | None = None) -> bool:
+    """The probes' rule (speeds.another_pass): both columns' noise within SETTLED."""
+    from corral.engine.runtime.speeds import SETTLED, noise
+
+    return all(noise(timings, views, k) <= SETTLED for k in (0, 1))
+
+
+def test_probes_stop_once_settled_or_once_another_pass_no_longer_narrows_them() -> None:
+    """Two passes at least; then until settled, at most six, and from the third on only
+    while the last pass narrowed the spread: a busy host's probes once ran all six passes
+    and took the window's speed plan past two minutes without getting surer."""
+    from corral.engine.runtime.speeds import MAX_PASSES, another_pass
+
+    assert another_pass([]) and another_pass([0.5])
+    assert not another_pass([0.5, 0.03])  # settled
+    assert another_pass([0.5, 0.2])  # a third pass drops the worst
+    assert another_pass([0.5, 0.2, 0.1])  # narrowing
+    assert not another_pass([0.5, 0.2, 0.25])  # no longer narrowing: the plan says ±
+    assert not another_pass([0.5, 0.4, 0.3, 0.2, 0.1, 0.05][:MAX_PASSES])
+
+
 def test_a_probe_is_timed_again_until_its_passes_agree() -> None:
     """The rule time_device keeps timing by, without weights: each probe's passes
     (generated and batch) within 4 % of their median; one slow pass out of three does not
     count against it."""
-    from corral.engine.runtime.speeds import settled
-
     assert settled([[(1.00, 5.0), (1.03, 5.1)]])
     assert not settled([[(1.00, 5.0), (1.30, 5.1)]])  # generated steps 30 % apart
     assert not settled([[(1.00, 5.0), (1.02, 6.0)]])  # batches 20 % apart
@@ -201,7 +220,7 @@ def test_probes_settle_by_how_far_they_move_the_prediction() -> None:
     with and without the output layer) by at most 4 %: the 7.24B's shape on a GPU (5 of 33
     layers in the large probe) counts the large and the 1-layer probe's noise eightfold, so
     timings that each agree within 2 % do not settle it."""
-    from corral.engine.runtime.speeds import noise, sensitivity, settled
+    from corral.engine.runtime.speeds import noise, sensitivity
 
     views = sensitivity((100, 500), (100.0, 1.0), 33, 3)
     assert (-7.0, 7.0, 1.0) in views  # the whole model with the output layer
@@ -225,7 +244,7 @@ def test_a_large_probe_as_large_as_the_model_settles_too() -> None:
     """Where the large probe is the whole model (the 1.1B's), the whole model with the
     output layer weighs only the vocabulary probe, yet every split's layer comes from the
     large probe: its own spread must settle too (a 63.4 / 68.7 ms pair was once taken)."""
-    from corral.engine.runtime.speeds import sensitivity, settled
+    from corral.engine.runtime.speeds import sensitivity
 
     views = sensitivity((100, 1600), (100.0, 1.0), 16, 3)
     assert (0.0, 0.0, 1.0) in views and (0.0, 1.0, 0.0) in views
