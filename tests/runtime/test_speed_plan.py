@@ -95,8 +95,8 @@ def test_speed_measures_and_avoids_the_slow_link(
     assert all(speed["devices"][d]["noise_layer"] >= 0 for d in ("RPC0", "RPC1"))
     kept = json.loads((tmp_path / "speeds.json").read_text())
     for dev in kept["devices"].values():
-        if dev["layer"] > 0:
-            dev["noise_layer"] = dev["layer"]  # a layer uncertain by its whole time
+        if dev["layer"] > 0:  # a step and a layer each uncertain by their whole time
+            dev["noise_layer"], dev["noise_hop"] = dev["layer"], dev["hop"]
     (tmp_path / "speeds.json").write_text(json.dumps(kept))
     done = _corral(["plan", str(smollm2)], slow_and_fast, tmp_path)
     warned = [line for line in done.stdout.splitlines() if "uncertain:" in line]
