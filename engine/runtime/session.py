@@ -719,9 +719,8 @@ class ChatSession:
             try:
                 base_gen, base_batch, base_spread = await timed(-1)
                 base = base_of(blocks, base_gen, base_batch)
-                desktop = DeviceSpeed(base[0], 0.0, base[1], 0.0, 0)
                 noise = base_noise(blocks, base_spread)
-                cache.put(keys[""], dataclasses.replace(desktop, noise_hop=noise))
+                cache.put(keys[""], DeviceSpeed(base[0], 0.0, base[1], 0.0, 0, noise_hop=noise))
                 for name in missing:
                     if name:
                         where = f"{name} ({devices[names.index(name)].host})"
