@@ -20,6 +20,9 @@
 #     SmolLM2-shaped random model at Q4_1 (the default model's type), two passes, then on
 #     the 1.1B "big" at Q4_K_M (placement-small.json, placement-big.json)
 # With QUICK=1: step 3 alone, on the 1.1B, with gpu-cpu beside it (placement-quick.json).
+# With BIAS=1: step 5's 1.1B `threads` alone (placement-bias.json), whose every split ran
+# 9-25 % slower than predicted on the sixth H100 host: the bench's "timed as a probe" column
+# tells a model slower than its probes from a reply that costs more than a probe's step.
 # Mind the set-up: the llama.cpp build alone took about 5 minutes of a fresh H100 host, so
 # even QUICK needs some 9 minutes of device time (one call of 6 minutes ran out in it).
 # All of it: about 30 minutes, three calls back to back (`placement.sh 570`); without DIAG
@@ -50,6 +53,18 @@ if [ -n "${QUICK:-}" ]; then  # step 3 alone, on the 1.1B (a few minutes of devi
     --json /tmp/placement-quick.json"
   WAIT_TAIL=30 wait_for place-quick || exit 0
   grep -v WARNING /tmp/place-quick.log | tail -40
+  exit 0
+fi
+if [ -n "${BIAS:-}" ]; then
+  export CORRAL_MODELS="small big"
+  . packaging/gpu/setup.sh "$(left)"
+  detached quant "$B/llama-quantize /tmp/big.gguf /tmp/big-q4_k_m.gguf Q4_K_M 16"
+  wait_for quant || exit 0
+  detached place-bias "python3 bench/placement.py --rounds 3 --tokens 48 --passes 1 --step 4 \
+    --model /tmp/big-q4_k_m.gguf --scale 2 --cpu-only --setups threads \
+    --json /tmp/placement-bias.json"
+  WAIT_TAIL=30 wait_for place-bias || exit 0
+  grep -v WARNING /tmp/place-bias.log | tail -40
   exit 0
 fi
 export CORRAL_MODELS="small big 7b"
