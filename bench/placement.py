@@ -302,12 +302,12 @@ async def run_setup(
                     row["as_probe"] = max(row["as_probe"], 1 / as_probe)
                     report(row, n)
             best = max(every, key=lambda r: r["measured"])
-            errors = [abs(r["predicted"] / r["measured"] - 1) for r in every if r["predicted"]]
+            predicted = [r for r in every if r["predicted"]]
+            errors = [abs(r["predicted"] / r["measured"] - 1) for r in predicted]
             # misses beyond 15 % whose plan said it was that uncertain (not silent misses)
             flagged = sum(
-                abs(r["predicted"] / r["measured"] - 1) > 0.15 and r["uncertainty"] > NOISY
-                for r in every
-                if r["predicted"]
+                e > 0.15 and r["uncertainty"] > NOISY
+                for e, r in zip(errors, predicted, strict=True)
             )
             return {
                 "setup": name,

@@ -122,6 +122,14 @@ def _counts(plan: Plan) -> list[int]:
     return counts
 
 
+def _chain(counts: Sequence[int]) -> list[tuple[int, int, bool]]:
+    """The devices a step runs through, in order: (index, its blocks, whether it is the last,
+    which also holds the output layer), for these layer counts (the output layer counted in
+    the last device's)."""
+    used = [i for i, c in enumerate(counts) if c > 0]
+    return [(i, counts[i] - (i == used[-1]), i == used[-1]) for i in used]
+
+
 def step_time(
     spec: ModelSpec,
     devices: Sequence[Device],
@@ -131,26 +139,24 @@ def step_time(
 ) -> tuple[float, list[Share]]:
     """Seconds of one step (a generated token, or with `batch` a prompt batch) for these
     layer counts (the output layer counted in the last device's), and its parts."""
-    used = [i for i, c in enumerate(counts) if c > 0]
-    if not used:
+    chain = _chain(counts)
+    if not chain:
         return 0.0, []
     ratio = _layer_ratio(spec)
-    last = used[-1]
     total = speeds.base_batch if batch else speeds.base
     shares = [Share("this desktop", total)]
-    for i in used:
+    for i, blocks, last in chain:
         dev, sp = devices[i], speeds.devices[devices[i].name]
         hop, layer = (sp.hop_batch, sp.layer_batch) if batch else (sp.hop, sp.layer)
-        blocks = counts[i] - (1 if i == last else 0)
         measured = sp.output_batch if batch else sp.output
         output = 0.0
-        if i == last:
+        if last:
             output = measured if measured > 0 else ratio * layer
         work = blocks * layer + output
         shares.append(Share(f"{dev.name} ({dev.host}): {counts[i]} layers", work))
         link = speeds.links.get(dev.host, LinkSpeed()) if dev.endpoint else LinkSpeed()
         back = 0.0
-        if i == last and link.bandwidth > 0 and measured <= 0:
+        if last and link.bandwidth > 0 and measured <= 0:
             # the logits come back over the link (measured with the output layer, if it was)
             back = 4.0 * spec.n_vocab / link.bandwidth
         shares.append(Share(f"hop to {dev.host}" if dev.endpoint else f"{dev.name}", hop + back))
@@ -189,13 +195,11 @@ def uncertainty(
     """Seconds of a generated token's predicted step that each device's probe noise leaves
     uncertain, by device name (as `step_time` adds the step up: a step's, each block's, and
     on the last device the output layer's)."""
-    used = [i for i, c in enumerate(counts) if c > 0]
     out = {}
-    for i in used:
+    for i, blocks, last in _chain(counts):
         sp = speeds.devices[devices[i].name]
-        blocks = counts[i] - (1 if i == used[-1] else 0)
         u = sp.noise_hop + blocks * sp.noise_layer
-        if i == used[-1]:
+        if last:
             u += sp.noise_output if sp.output > 0 else _layer_ratio(spec) * sp.noise_layer
         out[devices[i].name] = u
     return out

@@ -420,7 +420,8 @@ async def time_device(
     moving from -8 % to +17 % between runs (its layer is their difference, times 7.75)."""
     distinct = list(dict.fromkeys(params))
     runs: dict[LoadParams, list[tuple[float, float]]] = {p: [] for p in distinct}
-    noises: list[float] = []
+    noises: list[float] = []  # each pass's, the larger of both columns' (another_pass)
+    generated = float("inf")  # the generated column's, as the log says it
     while another_pass(noises):
         for p in distinct:
             await child.load(p)  # type: ignore[attr-defined]
@@ -428,7 +429,8 @@ async def time_device(
             (b,) = await child.time_steps((PROBE_BATCH,), REPS)  # type: ignore[attr-defined]
             runs[p].append((g, b))
         timings = [runs[p] for p in params]
-        noises.append(max(noise(timings, views, k) for k in (0, 1)))
+        generated = noise(timings, views, 0)
+        noises.append(max(generated, noise(timings, views, 1)))
     log.info(
         "probes timed in %d passes, generated-token steps (ms): %s",
         len(runs[distinct[0]]),
@@ -441,7 +443,7 @@ async def time_device(
     batch = {p: centre([b for _, b in runs[p]])[0] for p in distinct}
     log.info(
         "the probes' passes leave a step on the device uncertain by up to %.1f %%",
-        1e2 * noise([runs[p] for p in params], views),
+        1e2 * generated,
     )
     return [gen[p][0] for p in params], [batch[p] for p in params], [gen[p][1] for p in params]
 
@@ -523,12 +525,12 @@ def derive(
     (its block ran from a cache), see `_line`. `spread`: each probe's generated steps'
     spread between passes (`centre`), which the same arithmetic carries into the figures'
     noise (each term's spreads added, a bound: the probes' errors may cancel)."""
-    per_byte, hop = _line(blocks, gen, base[0])
-    per_byte_b, hop_b = _line(blocks, batch, base[1])
+    per_byte, hop, cached = _line(blocks, gen, base[0])
+    per_byte_b, hop_b, _ = _line(blocks, batch, base[1])
     noise_hop = noise_layer = noise_output = 0.0
     if len(spread) >= 2:
         span = max(blocks[1] - blocks[0], 1)
-        if not _cached(blocks, gen, base[0]):
+        if not cached:
             noise_hop = base_noise(blocks, spread)
             noise_layer = (spread[0] + spread[1]) / span * scale[0]
         else:  # the large probe alone (_line)
@@ -549,8 +551,11 @@ def derive(
     )
 
 
-def _line(blocks: tuple[int, int], times: Sequence[float], base: float) -> tuple[float, float]:
-    """(seconds a byte of blocks, the hop) from the 1-layer and the large probe's times. Where
+def _line(
+    blocks: tuple[int, int], times: Sequence[float], base: float
+) -> tuple[float, float, bool]:
+    """(seconds a byte of blocks, the hop, whether the large probe alone gave them) from the
+    1-layer and the large probe's times. Where
     the 1-layer probe took less than its block's worth beyond the base (its one block ran
     from a cache: on this VM the 1.1B's 24 MiB block did), the line through the two probes
     has a negative hop; cut to zero, as it was until the sixth session of 12-06, it charged
@@ -558,15 +563,11 @@ def _line(blocks: tuple[int, int], times: Sequence[float], base: float) -> tuple
     and the predictions ran 8-18 % slow). Then the large probe alone, which reads what the
     model reads, gives the byte's time over the base, and the hop is zero: the whole model on
     the device is predicted as its large probe took."""
-    if not _cached(blocks, times, base):
-        per_byte = _per_byte(blocks, times)
-        return per_byte, times[0] - per_byte * blocks[0] - base
-    return max(times[1] - base, 0.0) / max(blocks[1], 1), 0.0
-
-
-def _cached(blocks: tuple[int, int], times: Sequence[float], base: float) -> bool:
-    """Whether the 1-layer probe took less than its block's worth beyond the base (`_line`)."""
-    return times[0] - _per_byte(blocks, times) * blocks[0] - base < 0
+    per_byte = _per_byte(blocks, times)
+    hop = times[0] - per_byte * blocks[0] - base
+    if hop >= 0:
+        return per_byte, hop, False
+    return max(times[1] - base, 0.0) / max(blocks[1], 1), 0.0, True
 
 
 def _per_byte(blocks: tuple[int, int], times: Sequence[float]) -> float:
