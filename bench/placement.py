@@ -283,6 +283,11 @@ async def run_setup(
                     )
                 for host, link in session.speeds.links.items():
                     print(f"  {host}: rtt {link.rtt * 1e3:.2f} ms, {link.bandwidth / 1e6:.0f} MB/s")
+                sp_all = session.speeds
+                print(
+                    f"  passing between devices: {sp_all.switch * 1e3:.3f} ms a step for each "
+                    f"after the first (noise {sp_all.switch_noise * 1e3:.3f} ms)"
+                )
             balanced = await measure(base, "balanced")
             for counts in splits(n_total, len(addresses), step):
                 if counts in (tuple(chosen["counts"]), tuple(balanced["counts"])):

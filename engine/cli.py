@@ -327,6 +327,10 @@ def _speed_json(session: ChatSession) -> dict[str, Any] | None:
             for n, d in sp.devices.items()
         },
         "base_s": sp.base,
+        # what each device after the first costs a step beyond its own figures
+        "switch_s": sp.switch,
+        "switch_batch_s": sp.switch_batch,
+        "switch_noise_s": sp.switch_noise,
         "predicted": None
         if p is None
         else {

@@ -10,12 +10,16 @@ The model of one step of `n` tokens (n = 1: a generated token; n = a ubatch: pro
     time = base + sum over devices that hold layers (hop_d + layers_d x layer_d)
                 + the output layer on the last device (its bytes / a layer's bytes x layer_d)
                 + the logits sent back from that device (n_vocab x 4 bytes x n / bandwidth)
+                + switch x (devices that hold layers - 1)
 
 `base` is the desktop's own part of a step (llama_decode's bookkeeping, the embeddings,
 sampling); `hop_d` what a device costs a step whatever it holds (the round trips of ggml's
 RPC to its worker: sending the activations in, the graph, reading the result back); `layer_d`
-one layer's time on it. Time is additive along the chain: llama.cpp runs the devices one
-after another for one sequence.
+one layer's time on it; `switch` what each device after the first costs a step beyond its
+own hop, measured on a probe split over the devices (on a 16-core host's three CPU workers
+a split over three ran some 3 ms a device slower than its devices' probes added up:
+docs/PLANNER.md, "Passing between devices"). Time is additive along the chain: llama.cpp
+runs the devices one after another for one sequence.
 """
 
 from __future__ import annotations
@@ -79,6 +83,12 @@ class Speeds:
     links: dict[str, LinkSpeed]  # by host name
     base_batch: float = 0.0
     base_noise: float = 0.0  # seconds: the desktop's own probes' (see DeviceSpeed.noise_hop)
+    # seconds a step costs for each device after the first it passes through, beyond the
+    # devices' own figures (a generated token, a prompt batch), and how far the probe's
+    # passes leave it uncertain (0: one device, or not measured)
+    switch: float = 0.0
+    switch_batch: float = 0.0
+    switch_noise: float = 0.0
 
     def knows(self, devices: Sequence[Device]) -> bool:
         return all(d.name in self.devices for d in devices)
@@ -161,6 +171,10 @@ def step_time(
             back = 4.0 * spec.n_vocab / link.bandwidth
         shares.append(Share(f"hop to {dev.host}" if dev.endpoint else f"{dev.name}", hop + back))
         total += work + hop + back
+    switch = (speeds.switch_batch if batch else speeds.switch) * (len(chain) - 1)
+    if switch > 0:
+        shares.append(Share(f"passing between {len(chain)} devices", switch))
+        total += switch
     shares.sort(key=lambda s: -s.seconds)
     return total, shares
 
@@ -179,12 +193,13 @@ def predict(spec: ModelSpec, plan: Plan, speeds: Speeds) -> Prediction | None:
         prompt = min(batch) / t if t > 0 else 0.0
     by = uncertainty(spec, plan.devices, counts, speeds)
     noisiest = max(by, key=lambda d: by[d], default="")
+    noise = speeds.base_noise + sum(by.values()) + speeds.switch_noise * (len(used) - 1)
     return Prediction(
         1.0 / step if step > 0 else 0.0,
         prompt,
         step,
         tuple(shares),
-        (speeds.base_noise + sum(by.values())) / step if step > 0 else 0.0,
+        noise / step if step > 0 else 0.0,
         noisiest,
     )
 
@@ -472,6 +487,11 @@ def describe_speed(
             f"{name}: {dev.layer * 1000:.3f} ms a layer{rate}, {dev.hop * 1000:.2f} ms a step "
             f"(prompt: {dev.layer_batch * 1000:.2f} / {dev.hop_batch * 1000:.2f} ms per "
             f"{dev.batch}-token batch)"
+        )
+    if speeds.switch > 0:
+        lines.append(
+            f"passing between devices: {speeds.switch * 1000:.2f} ms a step for each device "
+            "after the first"
         )
     if prediction is None:
         return lines

@@ -95,6 +95,10 @@ from .speeds import (
     SpeedCache,
     base_noise,
     base_of,
+    chain_counts,
+    chain_key,
+    chain_of,
+    chain_params,
     derive,
     device_key,
     gather_links,
@@ -102,6 +106,7 @@ from .speeds import (
     probe_bytes,
     probe_files,
     probe_key,
+    probe_layers,
     probe_params,
     sensitivity,
     time_device,
@@ -678,16 +683,23 @@ class ChatSession:
         self._speed_keys = keys
         known = {name: None if settings.remeasure else cache.get(key) for name, key in keys.items()}
         missing = [name for name, sp in known.items() if sp is None]
-        if missing and not measure:
+        # what passing between devices costs: the large probe split over the first of them
+        large = probe_layers(spec)
+        chained = list(devices[: min(len(devices), large)]) if len(devices) >= 2 else []
+        ckey = chain_key([keys[d.name] for d in chained]) if chained else ""
+        chain = None if settings.remeasure or not ckey else cache.chains.get(ckey)
+        unchained = bool(ckey) and chain is None
+        if (missing or unchained) and not measure:
             return None
-        if missing and self.result is not None and not self._replacing:
-            said = ", ".join(n or "this desktop's CPU" for n in missing)
+        if (missing or unchained) and self.result is not None and not self._replacing:
+            what = [n or "this desktop's CPU" for n in missing]
+            said = ", ".join(what + (["passing between the devices"] if unchained else []))
             raise WouldUnload(
                 f"--strategy speed would time {said} on probes, which run in the loaded "
                 "model's place: planning would unload it. Deploy (or Apply) to measure and "
                 "load the new plan, or Unload first"
             )
-        if missing:
+        if missing or unchained:
             self.result = None  # the probes take the loaded model's place in the child
             if self._child_had_model:
                 # probes in a fresh child, so the model (or what its dry run left) is gone
@@ -726,6 +738,23 @@ class ChatSession:
                         where = f"{name} ({devices[names.index(name)].host})"
                         gen, batch, spread = await timed(names.index(name))
                         cache.put(keys[name], derive(blocks, scale, gen, batch, base, spread))
+                if unchained:
+                    where = f"{', '.join(d.name for d in chained)} together"
+                    figures = [cache.get(keys[d.name]) for d in chained]
+                    counts = chain_counts(large, len(chained))
+                    load = chain_params(probes[-1], eps, counts, len(devices), threads)
+                    gen, batch, spread = await time_device(self.child, [load])
+                    chain = chain_of(
+                        figures,
+                        counts,
+                        blocks[1] / large / scale[0],
+                        scale[1],
+                        base,
+                        gen[0],
+                        batch[0],
+                        spread[0],
+                    )
+                    cache.chains[ckey] = chain
             except InferenceCrashed as crash:
                 raise await self.explain(
                     crash,
@@ -750,6 +779,9 @@ class ChatSession:
             links=dict(zip(by_host, links, strict=True)),
             base_batch=desk.hop_batch,
             base_noise=desk.noise_hop,
+            switch=chain.switch if chain else 0.0,
+            switch_batch=chain.switch_batch if chain else 0.0,
+            switch_noise=chain.noise if chain else 0.0,
         )
 
     async def open(

@@ -49,10 +49,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import platformdirs
 
 from corral.engine.model.spec import ModelSpec, read_model_spec
+from corral.engine.planner.placement import split_for_counts
 from corral.engine.planner.speed import DeviceSpeed, LinkSpeed, layer_bytes
 from corral.engine.protocol.messages import GpuInfo
 
@@ -277,21 +279,113 @@ def write_probe(spec: ModelSpec, n_layer: int, n_vocab: int, path: Path) -> None
             os.close(lock)
 
 
+class Chain(NamedTuple):
+    """What each device after the first costs a step beyond the devices' own figures
+    (Speeds.switch), in seconds: a generated token, a prompt batch, and how far the probe's
+    passes leave the first uncertain."""
+
+    switch: float
+    switch_batch: float
+    noise: float
+
+
+def chain_key(device_keys: Sequence[str]) -> str:
+    """speeds.json's key of a chain: its devices' keys, in order."""
+    return ";".join(device_keys)
+
+
+def chain_counts(k: int, n: int) -> list[int]:
+    """The large probe's `k` blocks over `n` devices (n <= k), as evenly as can be (the
+    first take the rest), in layers as llama.cpp counts them: the output layer on the last."""
+    counts = [k // n + (1 if i < k % n else 0) for i in range(n)]
+    counts[-1] += 1
+    return counts
+
+
+def switch_cost(
+    hops: Sequence[float],
+    layers: Sequence[float],
+    counts: Sequence[int],
+    output: float,
+    base: float,
+    measured: float,
+) -> float:
+    """Seconds a step of a probe split over several devices (`counts` layers each, the
+    output layer in the last's) took beyond what their own figures add up to (the base,
+    each device's hop and its blocks x `layers` (a probe block's time there), the last's
+    `output`), per device after the first; never below 0 (a split that ran faster than its
+    parts is charged nothing, not credited)."""
+    n = len(counts)
+    blocks = [c - (i == n - 1) for i, c in enumerate(counts)]
+    parts = base + sum(h + b * t for h, t, b in zip(hops, layers, blocks, strict=True))
+    return max(measured - parts - output, 0.0) / max(n - 1, 1)
+
+
+def chain_of(
+    figures: Sequence[DeviceSpeed | None],
+    counts: Sequence[int],
+    block_scale: float,
+    out_scale: float,
+    base: tuple[float, float],
+    gen: float,
+    batch: float,
+    spread: float,
+) -> Chain:
+    """What passing between devices costs, from the vocabulary probe split over them
+    (`counts` each; timed `gen` and `batch`, its generated steps spread `spread` between
+    passes) and the devices' own figures: a probe block takes `block_scale` of a model
+    layer's time there (its bytes over a model layer's), and the model's output layer
+    `out_scale` times the probe's (`probe_bytes`)."""
+    if any(f is None for f in figures):
+        raise ValueError("a device of the chain was not measured")
+    figs = [f for f in figures if f is not None]
+    n = max(len(figs) - 1, 1)
+    return Chain(
+        switch_cost(
+            [f.hop for f in figs],
+            [f.layer * block_scale for f in figs],
+            counts,
+            figs[-1].output / out_scale,
+            base[0],
+            gen,
+        ),
+        switch_cost(
+            [f.hop_batch for f in figs],
+            [f.layer_batch * block_scale for f in figs],
+            counts,
+            figs[-1].output_batch / out_scale,
+            base[1],
+            batch,
+        ),
+        spread / n,
+    )
+
+
 class SpeedCache:
-    """speeds.json: measured devices by key (agent, device, build, threads, probe)."""
+    """speeds.json: measured devices by key (agent, device, build, threads, probe); what
+    passing between devices costs, by the devices' keys in order (`chain_key`); and each
+    split's measured / predicted - 1, by placement."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or cache_dir() / "speeds.json"
         self.entries: dict[str, dict[str, float]] = {}
+        self.chains: dict[str, Chain] = {}
         self.errors: dict[str, float] = {}
-        # read once; a file that is not what save() writes counts as empty (measured again)
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        # read once; a file that is not what save() writes counts as empty (measured again),
+        # and a damaged chains section as no chains (a file from before them has none)
+        damaged = (OSError, ValueError, TypeError, AttributeError, KeyError)
+        with contextlib.suppress(*damaged):
             loaded = json.loads(self.path.read_text())
             self.entries = {
                 str(k): {str(f): float(x) for f, x in v.items()}
                 for k, v in loaded.get("devices", {}).items()
             }
             self.errors = {str(k): float(v) for k, v in loaded.get("errors", {}).items()}
+            with contextlib.suppress(*damaged):
+                self.chains = {
+                    str(k): Chain(*(float(v[f]) for f in Chain._fields))
+                    for k, v in loaded.get("chains", {}).items()
+                }
 
     def get(self, key: str) -> DeviceSpeed | None:
         found = self.entries.get(key)
@@ -308,7 +402,9 @@ class SpeedCache:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         part = self.path.with_suffix(".part")
-        part.write_text(json.dumps({"devices": self.entries, "errors": self.errors}, indent=1))
+        chains = {k: c._asdict() for k, c in self.chains.items()}
+        body = {"devices": self.entries, "chains": chains, "errors": self.errors}
+        part.write_text(json.dumps(body, indent=1))
         os.replace(part, self.path)
 
 
@@ -350,6 +446,20 @@ def probe_params(
 ) -> LoadParams:
     """Every layer of the probe on device `device` (-1: the desktop's CPU alone)."""
     split = tuple(1.0 if i == device else 0.0 for i in range(n_devices))
+    return _probe_load(probe, rpc, split if device >= 0 else (), threads)
+
+
+def chain_params(
+    probe: Path, rpc: Sequence[str], counts: Sequence[int], n_devices: int, threads: int
+) -> LoadParams:
+    """The probe's layers split over the first devices, `counts` each (`chain_counts`)."""
+    split = split_for_counts([*counts, *([0] * (n_devices - len(counts)))])
+    return _probe_load(probe, rpc, tuple(split), threads)
+
+
+def _probe_load(
+    probe: Path, rpc: Sequence[str], split: tuple[float, ...], threads: int
+) -> LoadParams:
     return LoadParams(
         model=str(probe),
         rpc=tuple(rpc),
@@ -357,8 +467,8 @@ def probe_params(
         n_batch=PROBE_BATCH,
         n_ubatch=PROBE_BATCH,
         n_threads=threads,
-        n_gpu_layers=0 if device < 0 else -1,
-        tensor_split=split if device >= 0 else (),
+        n_gpu_layers=-1 if split else 0,
+        tensor_split=split,
         type_k="f16",
         type_v="f16",
         flash_attn=False,

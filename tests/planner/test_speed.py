@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import pytest
+
 from corral.engine.planner.placement import split_for_counts
 from corral.engine.planner.plan import (
     Device,
@@ -211,3 +213,40 @@ def test_a_device_in_the_middle_has_room_for_what_the_logits_take_on_the_last() 
     plan = speed_plan(m, devs, S, speeds([1.0, 1.0], [0.5, 0.5]))
     counts = [len(plan.layers_of(i)) for i in range(2)]
     assert plan.fits and sum(counts) == 31 and min(counts) > 0, counts
+
+
+def test_each_device_after_the_first_costs_its_switch_and_one_device_none() -> None:
+    """Speeds.switch: measured on a probe split over the devices, it charges a step for each
+    device after the first; a plan on one device pays none, so a costly switch keeps the
+    layers together where splitting them saved less."""
+    m = spec(n_layer=10)
+    devs = devices(8, 8, 8)
+    plain = speeds([1.0, 1.0, 1.0], [0.3, 0.3, 0.3])
+    sp = dataclasses.replace(plain, switch=2e-3, switch_batch=5e-3, switch_noise=1e-3)
+    for counts in ([11, 0, 0], [4, 7, 0], [3, 4, 4]):
+        used = sum(c > 0 for c in counts)
+        t0, _ = step_time(m, devs, counts, plain)
+        t, shares = step_time(m, devs, counts, sp)
+        assert t == pytest.approx(t0 + 2e-3 * (used - 1))
+        assert abs(sum(s.seconds for s in shares) - t) < 1e-9
+        assert any(s.what == f"passing between {used} devices" for s in shares) == (used > 1)
+        tb0, _ = step_time(m, devs, counts, plain, batch=True)
+        tb, _ = step_time(m, devs, counts, sp, batch=True)
+        assert tb == pytest.approx(tb0 + 5e-3 * (used - 1))
+        # its noise counts in the prediction's uncertainty, once for each switch
+        plan = estimate(m, devs, S, "x", split_for_counts(counts))
+        p0, p = predict(m, plan, plain), predict(m, plan, sp)
+        assert p0 is not None and p is not None
+        assert p.uncertainty * p.step == pytest.approx(p0.uncertainty * p0.step + 1e-3 * (used - 1))
+    # the fast device holds about 6 of the 20 layers: splitting saves some 12 ms a token,
+    # which a 20 ms switch takes back, and every layer goes on the slower device
+    m = spec(n_layer=20, layer_bytes=100 * MiB)
+    devs = devices(1, 8)
+    two = speeds([1.0, 3.0], [0.3, 0.3])
+    found = fastest(m, devs, S, two)
+    assert found is not None and found[0][0] > 0 and found[0][1] > 0, found
+    found = fastest(m, devs, S, dataclasses.replace(two, switch=20e-3))
+    assert found is not None and found[0] == [0, 21], found
+    lines = describe_speed(sp, None)
+    assert any("passing between devices: 2.00 ms" in line for line in lines), lines
+    assert not any("passing between" in line for line in describe_speed(plain, None))

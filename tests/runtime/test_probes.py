@@ -386,3 +386,49 @@ def test_a_one_layer_probe_faster_than_its_block_leaves_the_large_probe_to_set_t
     sp = derive(blocks, scale, gen, gen, (1.0e-3, 1.0e-3))
     assert sp.layer == pytest.approx(60.0e-3 / 15)
     assert sp.hop == pytest.approx(6.0e-3 - 4.0e-3 - 1.0e-3)
+
+
+def test_passing_between_devices_is_what_a_split_probe_took_beyond_its_parts(
+    tmp_path: Path,
+) -> None:
+    """The chain probe: the large probe's blocks over the devices as evenly as can be (the
+    output layer on the last); what it took beyond the base, each device's hop and blocks,
+    and the last's output layer is charged per device after the first, never credited;
+    speeds.json keeps it beside the devices, and a damaged entry counts as not measured."""
+    from corral.engine.planner.speed import DeviceSpeed
+    from corral.engine.runtime.speeds import (
+        Chain,
+        SpeedCache,
+        chain_counts,
+        chain_key,
+        chain_of,
+        switch_cost,
+    )
+
+    assert chain_counts(16, 3) == [6, 5, 6]  # 16 blocks, the output layer on the last
+    assert chain_counts(5, 5) == [1, 1, 1, 1, 2]
+    assert chain_counts(4, 1) == [5]
+    # base 1 + hops 0.5 + 0.2 + blocks 6 x 1 + 5 x 2 + 5 x 3 + output 4 = 36.7
+    parts = ([0.5, 0.2, 0.0], [1.0, 2.0, 3.0], [6, 5, 6], 4.0, 1.0)
+    assert switch_cost(*parts, 42.7) == pytest.approx(3.0)
+    assert switch_cost(*parts, 30.0) == 0.0  # faster than its parts: no credit
+    # from the devices' figures, whose layer is a model layer's: a probe block is 1/4 of one
+    # here, and the model's output layer twice the probe's
+    figs = [DeviceSpeed(0.5, 4.0, 1.0, 8.0), DeviceSpeed(0.2, 8.0, 0.0, 12.0, output=8.0)]
+    chain = chain_of(figs, [3, 4], 0.25, 2.0, (1.0, 2.0), 15.7, 30.0, 0.4)
+    # 1 + 0.5 + 3 x 1 + 0.2 + 3 x 2 + 8 / 2 = 14.7 (blocks: 3 and 3; the output on the last)
+    assert chain.switch == pytest.approx(1.0)
+    assert chain.switch_batch == pytest.approx(30.0 - (2.0 + 1.0 + 6.0 + 9.0))
+    assert chain.noise == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        chain_of([figs[0], None], [3, 4], 0.25, 2.0, (1.0, 2.0), 1.0, 1.0, 0.0)
+
+    path = tmp_path / "speeds.json"
+    cache = SpeedCache(path)
+    key = chain_key(["a|0|b|t4|p", "c|0|b|t2|p"])
+    cache.chains[key] = Chain(3e-3, 5e-3, 1e-4)
+    cache.save()
+    assert SpeedCache(path).chains == {key: Chain(3e-3, 5e-3, 1e-4)}
+    kept = path.read_text().replace('"switch_batch"', '"other"')
+    path.write_text(kept)
+    assert SpeedCache(path).chains == {}  # damaged: measured again

@@ -71,6 +71,13 @@ def test_speed_measures_and_avoids_the_slow_link(
     assert predicted["shares"][0]["seconds"] >= predicted["shares"][-1]["seconds"]
     kept = json.loads((tmp_path / "speeds.json").read_text())["devices"]
     assert len(kept) == 3  # the two workers and this desktop's own part
+    # what passing from one device to the next costs, beyond their own figures: timed on
+    # the vocabulary probe split over both, kept by their keys in order
+    chains = json.loads((tmp_path / "speeds.json").read_text())["chains"]
+    ((chain, cost),) = chains.items()
+    assert [k.split("|")[0] != "desktop" and k in kept for k in chain.split(";")] == [True] * 2
+    assert cost["switch"] >= 0 and cost["noise"] >= 0
+    assert speed["switch_s"] == cost["switch"] and speed["switch_noise_s"] == cost["noise"]
     # only the agents that hold layers in the order given are tried last: the fast one,
     # already last; the order stays
     assert len(speed["orders"]) == 1 and not speed["order_note"], speed["orders"]
@@ -229,8 +236,9 @@ def test_a_speed_plan_never_unloads_the_loaded_model(
     # the probes load with a 256-cell context: these replies came from the 1024-cell model
     assert before.n_ctx == after.n_ctx == deployed.n_ctx == 1024
     assert after.n_tokens > 0 and predicted
-    # measured by the deploy only: the desktop and both devices
-    assert len(json.loads((tmp_path / "speeds.json").read_text())["devices"]) == 3
+    # measured by the deploy only: the desktop, both devices and passing between them
+    kept = json.loads((tmp_path / "speeds.json").read_text())
+    assert len(kept["devices"]) == 3 and len(kept["chains"]) == 1
 
 
 def test_speed_puts_the_hosts_in_the_order_that_predicts_fastest_whatever_order_given(
