@@ -22,7 +22,8 @@
 # With QUICK=1: step 3 alone, on the 1.1B, with gpu-cpu beside it (placement-quick.json).
 # With BIAS=1: step 5's 1.1B `threads` alone (placement-bias.json), whose every split ran
 # 9-25 % slower than predicted on the sixth H100 host: the bench's "timed as a probe" column
-# tells a model slower than its probes from a reply that costs more than a probe's step.
+# tells a model slower than its probes from a reply that costs more than a probe's step
+# (BIAS_STEP: the layer-count step of its splits, default 4: 18 splits, some 9 minutes).
 # Mind the set-up: the llama.cpp build alone took about 5 minutes of a fresh H100 host, so
 # even QUICK needs some 9 minutes of device time (one call of 6 minutes ran out in it).
 # All of it: about 30 minutes, three calls back to back (`placement.sh 570`); without DIAG
@@ -60,7 +61,7 @@ if [ -n "${BIAS:-}" ]; then
   . packaging/gpu/setup.sh "$(left)"
   detached quant "$B/llama-quantize /tmp/big.gguf /tmp/big-q4_k_m.gguf Q4_K_M 16"
   wait_for quant || exit 0
-  detached place-bias "python3 bench/placement.py --rounds 3 --tokens 48 --passes 1 --step 4 \
+  detached place-bias "python3 bench/placement.py --rounds 3 --tokens 48 --passes 1 --step ${BIAS_STEP:-4} \
     --model /tmp/big-q4_k_m.gguf --scale 2 --cpu-only --setups threads \
     --json /tmp/placement-bias.json"
   WAIT_TAIL=30 wait_for place-bias || exit 0
