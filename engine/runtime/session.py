@@ -683,7 +683,7 @@ class ChatSession:
         self._speed_keys = keys
         known = {name: None if settings.remeasure else cache.get(key) for name, key in keys.items()}
         missing = [name for name, sp in known.items() if sp is None]
-        # what passing between devices costs: the large probe split over the first of them
+        # what passing between devices costs: the vocabulary probe split over the first of them
         large = probe_layers(spec)
         chained = list(devices[: min(len(devices), large)]) if len(devices) >= 2 else []
         ckey = chain_key([keys[d.name] for d in chained]) if chained else ""
