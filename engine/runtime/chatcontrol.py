@@ -62,6 +62,7 @@ class ChatController:
         self._draft: ChatSession | None = None  # plans on other hosts, nothing loaded
         self._loop: asyncio.AbstractEventLoop | None = None
         self._api: ApiServer | None = None  # the API served beside the chat, if asked
+        self._retiring: set[asyncio.Task[None]] = set()  # sessions out of use, closing
 
     def _own(self) -> None:
         """On the engine's loop (also true in a callback it runs), or fail."""
@@ -105,10 +106,22 @@ class ChatController:
         await draft.connect()
         return draft
 
+    async def _retire(self, session: ChatSession | None) -> None:
+        """Close a session taken out of use, on a task of its own that `close` waits for:
+        the window may quit while an Unload (or a load replacing a model) is closing one.
+        Left closing when the loop stopped, its inference child's pipes stayed open, and
+        the interpreter printed "Exception ignored ... Event loop is closed" at exit (CI,
+        12-06: tests/gui/test_trust.py after an unpair's unload)."""
+        if session is None:
+            return
+        task = asyncio.ensure_future(session.close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        await asyncio.shield(task)
+
     async def _close_draft(self) -> None:
         draft, self._draft = self._draft, None
-        if draft is not None:
-            await draft.close()
+        await self._retire(draft)
 
     async def _connected(self, addresses: Sequence[str], fresh: bool) -> ChatSession:
         """The session to load on these hosts: the current one while it is for the same
@@ -120,8 +133,7 @@ class ChatController:
             assert old is not None
             return old
         self._session = None
-        if old is not None:
-            await old.close()
+        await self._retire(old)
         if self._sound(self._draft, addresses):
             session, self._draft = self._draft, None
             assert session is not None
@@ -178,8 +190,7 @@ class ChatController:
         self._own()
         await self.stop_api()
         session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        await self._retire(session)
 
     async def ask(
         self, text: str, max_tokens: int, on_update: Callable[[ReplyUpdate], None]
@@ -270,8 +281,9 @@ class ChatController:
         await self.stop_api()
         await self._close_draft()
         session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        await self._retire(session)
+        # and those an unload or a load was still closing
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
     def _require(self) -> ChatSession:
         if self._session is None:
