@@ -63,6 +63,12 @@ class DeviceSpeed:
     noise_layer: float = 0.0
     noise_output: float = 0.0
 
+    def column(self, batch: bool = False) -> tuple[float, float, float]:
+        """(hop, layer, output) for a generated token, or with `batch` a prompt batch."""
+        if batch:
+            return self.hop_batch, self.layer_batch, self.output_batch
+        return self.hop, self.layer, self.output
+
 
 @dataclass(frozen=True, slots=True)
 class LinkSpeed:
@@ -157,8 +163,7 @@ def step_time(
     shares = [Share("this desktop", total)]
     for i, blocks, last in chain:
         dev, sp = devices[i], speeds.devices[devices[i].name]
-        hop, layer = (sp.hop_batch, sp.layer_batch) if batch else (sp.hop, sp.layer)
-        measured = sp.output_batch if batch else sp.output
+        hop, layer, measured = sp.column(batch)
         output = 0.0
         if last:
             output = measured if measured > 0 else ratio * layer

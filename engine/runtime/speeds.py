@@ -339,25 +339,14 @@ def chain_of(
     if any(f is None for f in figures):
         raise ValueError("a device of the chain was not measured")
     figs = [f for f in figures if f is not None]
-    n = max(len(figs) - 1, 1)
+
+    def cost(column: bool, base: float, measured: float) -> float:
+        cols = [f.column(column) for f in figs]
+        hops, layers = [c[0] for c in cols], [c[1] * block_scale for c in cols]
+        return switch_cost(hops, layers, counts, cols[-1][2] / out_scale, base, measured)
+
     return Chain(
-        switch_cost(
-            [f.hop for f in figs],
-            [f.layer * block_scale for f in figs],
-            counts,
-            figs[-1].output / out_scale,
-            base[0],
-            gen,
-        ),
-        switch_cost(
-            [f.hop_batch for f in figs],
-            [f.layer_batch * block_scale for f in figs],
-            counts,
-            figs[-1].output_batch / out_scale,
-            base[1],
-            batch,
-        ),
-        spread / n,
+        cost(False, base[0], gen), cost(True, base[1], batch), spread / max(len(figs) - 1, 1)
     )
 
 
